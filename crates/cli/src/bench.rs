@@ -1,0 +1,608 @@
+//! `farthing bench`: the ledger core in memory, the durable store, the HTTP API, and memory
+//! per account. Figures go to stdout (and as JSON with `--json`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use farthing_ledger::{
+    AccountId, AccountKind, Amount, Currency, Ledger, Timestamp, Transfer, TransferId, TransferKind,
+};
+use farthing_payments::{
+    Command, FeeSchedule, FundingSource, KeyHash, MerchantId, PayCommand, PayerId, PaymentId,
+    Record, State, TopupId,
+};
+use farthing_store::Journal;
+use farthing_store_embedded::FileJournal;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::loadgen::Connection;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Print the figures as one JSON document.
+    #[arg(long)]
+    json: bool,
+    /// Fewer and shorter rounds: checks that every benchmark runs, not how fast.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these parts (comma-separated: ledger, store, http, memory).
+    #[arg(long, default_value = "ledger,store,http,memory")]
+    only: String,
+    /// Seconds of load per HTTP measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Directory for benchmark data (a fresh subdirectory is made and removed).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// A small, fast generator for benchmark inputs (not for ids or keys).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let parts: Vec<&str> = args.only.split(',').map(str::trim).collect();
+    let root = args
+        .dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("farthing-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&root)?;
+    let mut report = json!({
+        "machine": machine(),
+        "quick": args.quick,
+    });
+    if parts.contains(&"ledger") {
+        let figure = tokio::task::block_in_place(|| ledger_core(args.quick));
+        say(
+            &args,
+            &format!(
+                "ledger core, in memory, 8,190 per batch over 10,000 accounts: {} transfers/s",
+                thousands(figure)
+            ),
+        );
+        report["ledger_core_transfers_per_sec"] = json!(figure);
+    }
+    if parts.contains(&"store") {
+        let mut rows = Vec::new();
+        for (label, accounts) in [("10,000 accounts", 10_000usize), ("10 hot accounts", 10)] {
+            for batch in [1usize, 100, 8_190] {
+                let dir = root.join(format!("store-{accounts}-{batch}"));
+                let figure = tokio::task::block_in_place(|| {
+                    durable_store(&dir, accounts, batch, args.quick)
+                })?;
+                let _ = std::fs::remove_dir_all(&dir);
+                say(
+                    &args,
+                    &format!(
+                        "durable store, batch {batch:>5}, {label}: {} transfers/s",
+                        thousands(figure)
+                    ),
+                );
+                rows.push(
+                    json!({"accounts": accounts, "batch": batch, "transfers_per_sec": figure}),
+                );
+            }
+        }
+        report["durable_store"] = json!(rows);
+    }
+    if parts.contains(&"memory") {
+        let (ledger_bytes, party_bytes) =
+            tokio::task::block_in_place(|| memory_per_account(args.quick));
+        say(
+            &args,
+            &format!(
+                "memory: {ledger_bytes:.0} bytes per ledger account; {party_bytes:.0} bytes per payer with a funded wallet"
+            ),
+        );
+        report["memory_bytes_per_ledger_account"] = json!(ledger_bytes.round());
+        report["memory_bytes_per_payer_with_wallet"] = json!(party_bytes.round());
+    }
+    if parts.contains(&"http") {
+        let http = http(&args, &root).await?;
+        report["http"] = http;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn say(args: &BenchArgs, line: &str) {
+    if args.json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+fn thousands(n: f64) -> String {
+    let n = n.round() as u64;
+    let text = n.to_string();
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i > 0 && (text.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").expect("USD")
+}
+
+/// (a) The pure ledger: posted transfers between funded wallets, 8,190 per batch.
+fn ledger_core(quick: bool) -> f64 {
+    const ACCOUNTS: u64 = 10_000;
+    let batches = if quick { 5 } else { 200 };
+    let mut ledger = Ledger::new();
+    ledger
+        .create_account(AccountId(ACCOUNTS + 1), AccountKind::ExternalFunding, usd())
+        .expect("fresh");
+    let mut funding = Vec::new();
+    for id in 1..=ACCOUNTS {
+        ledger
+            .create_account(AccountId(id), AccountKind::PayerWallet, usd())
+            .expect("fresh");
+        funding.push(Transfer {
+            id: TransferId(u128::from(id) << 64),
+            debit: AccountId(ACCOUNTS + 1),
+            credit: AccountId(id),
+            amount: Amount::from_micros(1_000_000_000_000),
+            kind: TransferKind::Posted,
+            linked: false,
+        });
+    }
+    for chunk in funding.chunks(8_190) {
+        ledger.apply(Timestamp(1), chunk);
+    }
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut next_id: u128 = 1;
+    let prepared: Vec<Vec<Transfer>> = (0..batches)
+        .map(|_| {
+            (0..8_190)
+                .map(|_| {
+                    let debit = 1 + rng.below(ACCOUNTS as usize) as u64;
+                    let mut credit = 1 + rng.below(ACCOUNTS as usize) as u64;
+                    if credit == debit {
+                        credit = debit % ACCOUNTS + 1;
+                    }
+                    next_id += 1;
+                    Transfer {
+                        id: TransferId(next_id),
+                        debit: AccountId(debit),
+                        credit: AccountId(credit),
+                        amount: Amount::from_micros(1 + rng.below(1_000) as u64),
+                        kind: TransferKind::Posted,
+                        linked: false,
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let started = Instant::now();
+    let mut applied = 0usize;
+    for batch in &prepared {
+        let outcomes = ledger.apply(Timestamp(2), batch);
+        applied += outcomes.iter().filter(|o| o.is_ok()).count();
+    }
+    assert_eq!(applied, batches * 8_190, "every benchmark transfer applies");
+    applied as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Payers and merchants with funded wallets and merchant accounts, as journal records.
+fn setup_records(payers: usize, merchants: usize) -> (Vec<Record>, Vec<PayerId>, Vec<MerchantId>) {
+    let now = Timestamp(1_700_000_000_000_000);
+    let mut records = Vec::new();
+    let mut next: u128 = 1;
+    let mut id = || {
+        next += 1;
+        next
+    };
+    let payer_ids: Vec<PayerId> = (0..payers).map(|_| PayerId::from_u128(id())).collect();
+    let merchant_ids: Vec<MerchantId> = (0..merchants)
+        .map(|_| MerchantId::from_u128(id()))
+        .collect();
+    for (n, payer) in payer_ids.iter().enumerate() {
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(&payer.to_u128().to_le_bytes());
+        records.push(Record {
+            now,
+            idempotency: None,
+            command: Command::CreatePayer {
+                id: *payer,
+                name: format!("payer {n}"),
+                key_hash: KeyHash(key),
+            },
+        });
+        records.push(Record {
+            now,
+            idempotency: None,
+            command: Command::Topup {
+                id: TopupId::from_u128(id()),
+                payer: *payer,
+                amount: Amount::from_micros(1_000_000_000_000),
+                currency: usd(),
+                source: FundingSource::Sandbox,
+                transfer_id: TransferId(id()),
+            },
+        });
+    }
+    for (n, merchant) in merchant_ids.iter().enumerate() {
+        let mut key = [1u8; 32];
+        key[..16].copy_from_slice(&merchant.to_u128().to_le_bytes());
+        records.push(Record {
+            now,
+            idempotency: None,
+            command: Command::CreateMerchant {
+                id: *merchant,
+                name: format!("merchant {n}"),
+                key_hash: KeyHash(key),
+                fee: FeeSchedule::ZERO,
+            },
+        });
+        // One payment opens the merchant's account.
+        records.push(Record {
+            now,
+            idempotency: None,
+            command: Command::Pay(PayCommand {
+                id: PaymentId::from_u128(id()),
+                payer: payer_ids[n % payers],
+                merchant: *merchant,
+                amount: Amount::from_micros(1),
+                currency: usd(),
+                description: None,
+                reference: None,
+                transfer_ids: [TransferId(id()), TransferId(id())],
+            }),
+        });
+    }
+    (records, payer_ids, merchant_ids)
+}
+
+/// (b) The durable store: payments (one ledger transfer each, no fee) applied to the state and
+/// appended to the journal with one fdatasync per batch.
+fn durable_store(
+    dir: &std::path::Path,
+    accounts: usize,
+    batch: usize,
+    quick: bool,
+) -> anyhow::Result<f64> {
+    let _ = std::fs::remove_dir_all(dir);
+    let payers = accounts / 2;
+    let merchants = accounts - payers;
+    let (setup, payer_ids, merchant_ids) = setup_records(payers, merchants);
+    let mut journal = FileJournal::open(dir)?;
+    let mut state = State::new();
+    journal.replay(&mut |_| {})?;
+    for chunk in setup.chunks(4_096) {
+        for record in chunk {
+            state.apply(record);
+        }
+        journal.append(chunk)?;
+    }
+    let total = match (batch, quick) {
+        (1, true) => 200,
+        (1, false) => 3_000,
+        (_, true) => 2 * batch,
+        (100, false) => 50_000,
+        (_, false) => 60 * batch,
+    };
+    let mut rng = Rng(0x1234_5678_9ABC_DEF1 ^ batch as u64);
+    let mut next: u128 = 1 << 100;
+    let mut pay = || {
+        next += 3;
+        PayCommand {
+            id: PaymentId::from_u128(next),
+            payer: payer_ids[rng.below(payer_ids.len())],
+            merchant: merchant_ids[rng.below(merchant_ids.len())],
+            amount: Amount::from_micros(1 + rng.below(1_000) as u64),
+            currency: usd(),
+            description: None,
+            reference: None,
+            transfer_ids: [TransferId(next + 1), TransferId(next + 2)],
+        }
+    };
+    let now = Timestamp(1_700_000_001_000_000);
+    let records: Vec<Record> = (0..total / batch)
+        .map(|_| Record {
+            now,
+            idempotency: None,
+            command: if batch == 1 {
+                Command::Pay(pay())
+            } else {
+                Command::PayBatch((0..batch).map(|_| pay()).collect())
+            },
+        })
+        .collect();
+    let started = Instant::now();
+    for record in &records {
+        state.apply(record);
+        journal.append(std::slice::from_ref(record))?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let payments = state.payment_count() - merchants;
+    if payments != records.len() * batch {
+        bail!(
+            "only {payments} of {} benchmark payments applied",
+            records.len() * batch
+        );
+    }
+    Ok(payments as f64 / elapsed)
+}
+
+fn resident_bytes() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    pages * 4096.0
+}
+
+/// (d) Resident memory per ledger account, and per payer with a funded wallet.
+fn memory_per_account(quick: bool) -> (f64, f64) {
+    let count: u64 = if quick { 100_000 } else { 1_000_000 };
+    let before = resident_bytes();
+    let mut ledger = Ledger::new();
+    for id in 1..=count {
+        ledger
+            .create_account(AccountId(id), AccountKind::PayerWallet, usd())
+            .expect("fresh");
+    }
+    let ledger_bytes = (resident_bytes() - before) / count as f64;
+    drop(ledger);
+    let payers = (count / 4) as usize;
+    let (records, _, _) = setup_records(payers, 0);
+    let before = resident_bytes();
+    let mut state = State::new();
+    for record in &records {
+        state.apply(record);
+    }
+    let party_bytes = (resident_bytes() - before) / payers as f64;
+    drop(state);
+    (ledger_bytes, party_bytes)
+}
+
+/// A server in a child process, on a fresh data directory.
+struct Child {
+    process: tokio::process::Child,
+    addr: String,
+}
+
+async fn start_server(dir: &std::path::Path, admin_key: &str) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let mut process = tokio::process::Command::new(exe)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("FARTHING_ADMIN_KEY", admin_key)
+        .env_remove("FARTHING_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = process.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await??
+            .context("the server exited before listening")?;
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Child { process, addr })
+}
+
+async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value> {
+    let dir = root.join("http");
+    let admin = "bench-operator-key-0123456789abcdef0123456789";
+    let mut child = start_server(&dir, admin).await?;
+    let addr = child.addr.clone();
+    let mut setup = Connection::open(&addr).await?;
+    let merchant = setup
+        .request(
+            "POST",
+            "/v1/merchants",
+            admin,
+            Some(br#"{"name":"bench merchant","fee_bps":100}"#),
+        )
+        .await?
+        .json()?;
+    let merchant_id = merchant["id"].as_str().context("merchant id")?.to_string();
+    let mut payers = Vec::new();
+    for n in 0..256 {
+        let payer = setup
+            .request(
+                "POST",
+                "/v1/payers",
+                admin,
+                Some(format!(r#"{{"name":"payer {n}"}}"#).as_bytes()),
+            )
+            .await?
+            .json()?;
+        let id = payer["id"].as_str().context("payer id")?.to_string();
+        let key = payer["api_key"].as_str().context("payer key")?.to_string();
+        let topup = setup
+            .request(
+                "POST",
+                &format!("/v1/payers/{id}/topups"),
+                admin,
+                Some(br#"{"amount":"10000","currency":"USD","source":"sandbox"}"#),
+            )
+            .await?;
+        if topup.status != 201 {
+            bail!("bench top-up failed with {}", topup.status);
+        }
+        payers.push((id, key));
+    }
+    let payers = Arc::new(payers);
+    let seconds = if args.quick { 1 } else { args.seconds };
+    let mut rows = Vec::new();
+    for connections in [1usize, 16, 256] {
+        let body = Arc::new(format!(
+            r#"{{"merchant":"{merchant_id}","amount":"0.0001","currency":"USD","description":"bench"}}"#
+        ));
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for c in 0..connections {
+            let (addr, body, payers) = (addr.clone(), body.clone(), payers.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut conn = Connection::open(&addr).await?;
+                let key = &payers[c % payers.len()].1;
+                let mut latencies: Vec<u32> = Vec::new();
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let response = conn
+                        .request("POST", "/v1/payments", key, Some(body.as_bytes()))
+                        .await?;
+                    if response.status != 201 {
+                        bail!(
+                            "payment answered {}: {}",
+                            response.status,
+                            String::from_utf8_lossy(&response.body)
+                        );
+                    }
+                    latencies.push(sent.elapsed().as_micros() as u32);
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            }));
+        }
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await??);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        latencies.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if latencies.is_empty() {
+                return 0.0;
+            }
+            let index =
+                ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+            f64::from(latencies[index]) / 1000.0
+        };
+        let rate = latencies.len() as f64 / elapsed;
+        say(
+            args,
+            &format!(
+                "HTTP single payments, {connections:>3} connections: {} payments/s, p50 {:.2} ms, p99 {:.2} ms",
+                thousands(rate),
+                pct(0.50),
+                pct(0.99)
+            ),
+        );
+        rows.push(json!({
+            "connections": connections,
+            "payments_per_sec": rate.round(),
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "requests": latencies.len(),
+        }));
+    }
+    // The batch route: full batches of 8,190 from the operator, over two connections.
+    let rounds = if args.quick { 2 } else { 20 };
+    let mut batch_bodies = Vec::new();
+    for round in 0..rounds {
+        let items: Vec<String> = (0..8_190)
+            .map(|n| {
+                let payer = &payers[(n + round) % payers.len()].0;
+                format!(r#"{{"payer":"{payer}","merchant":"{merchant_id}","amount":"0.0001","currency":"USD"}}"#)
+            })
+            .collect();
+        batch_bodies.push(format!(r#"{{"payments":[{}]}}"#, items.join(",")));
+    }
+    let batch_bodies = Arc::new(batch_bodies);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in 0..2 {
+        let (addr, bodies) = (addr.clone(), batch_bodies.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Connection::open(&addr).await?;
+            let mut done = 0usize;
+            for body in bodies.iter().skip(lane).step_by(2) {
+                let response = conn
+                    .request("POST", "/v1/payments/batch", admin, Some(body.as_bytes()))
+                    .await?;
+                if response.status != 200 {
+                    bail!("batch answered {}", response.status);
+                }
+                let results = response.json()?;
+                done += results["results"]
+                    .as_array()
+                    .map(|r| r.iter().filter(|x| x["status"] == "succeeded").count())
+                    .unwrap_or(0);
+            }
+            Ok::<_, anyhow::Error>(done)
+        }));
+    }
+    let mut succeeded = 0;
+    for task in tasks {
+        succeeded += task.await??;
+    }
+    let batch_rate = succeeded as f64 / started.elapsed().as_secs_f64();
+    if succeeded != rounds * 8_190 {
+        bail!(
+            "only {succeeded} of {} batch payments succeeded",
+            rounds * 8_190
+        );
+    }
+    say(
+        args,
+        &format!(
+            "HTTP batch route, 8,190 per request: {} payments/s",
+            thousands(batch_rate)
+        ),
+    );
+    let _ = child.process.start_kill();
+    let _ = child.process.wait().await;
+    Ok(json!({ "single": rows, "batch_payments_per_sec": batch_rate.round() }))
+}

@@ -1,0 +1,175 @@
+//! `farthing`: run the server, try the demo, measure the ledger.
+
+mod bench;
+mod demo;
+mod loadgen;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use farthing_ledger::{Amount, Currency};
+use farthing_payments::{FEE_BPS_MAX, FeeSchedule};
+use farthing_server::{Options, Started};
+use farthing_service::Config;
+
+/// The shortest operator key accepted.
+const ADMIN_KEY_CHARS_MIN: usize = 32;
+
+#[derive(Parser)]
+#[command(
+    name = "farthing",
+    version,
+    about = "Farthing: self-hosted micropayments"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API server.
+    Serve(ServeArgs),
+    /// Run the server with seeded merchants and funded payers, and print keys and curl lines.
+    Demo(DemoArgs),
+    /// Measure the ledger core, the durable store and the HTTP API.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FARTHING_LISTEN", default_value = "127.0.0.1:7402")]
+    listen: String,
+    /// Directory of the embedded store.
+    #[arg(long, env = "FARTHING_DATA_DIR", default_value = "./farthing-data")]
+    data_dir: PathBuf,
+    /// PostgreSQL URL (several servers on one database).
+    #[arg(long, env = "FARTHING_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Fee in basis points for merchants created without one.
+    #[arg(long, env = "FARTHING_DEFAULT_FEE_BPS", default_value_t = 0)]
+    default_fee_bps: u32,
+    /// Fixed fee for merchants created without one, as a decimal amount.
+    #[arg(long, env = "FARTHING_DEFAULT_FEE_FIXED", default_value = "0")]
+    default_fee_fixed: String,
+    /// The largest amount one request may move.
+    #[arg(long, env = "FARTHING_AMOUNT_MAX", default_value = "10000")]
+    amount_max: String,
+    /// Currencies accepted, comma-separated ISO 4217 codes.
+    #[arg(
+        long,
+        env = "FARTHING_CURRENCIES",
+        default_value = "USD,EUR,GBP,KES,NGN,INR,JPY,BRL,ZAR"
+    )]
+    currencies: String,
+    /// Requests per second allowed per API key (bursts of twice that); 0 for no limit.
+    #[arg(long, env = "FARTHING_RATE_LIMIT", default_value_t = 1000)]
+    rate_limit: u32,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+impl ServeArgs {
+    fn options(&self) -> anyhow::Result<Options> {
+        if self.database_url.is_some() {
+            bail!(
+                "the PostgreSQL backend is not available in this build yet; \
+                 run without --database-url / FARTHING_DATABASE_URL to use the embedded store"
+            );
+        }
+        let admin_key = std::env::var("FARTHING_ADMIN_KEY")
+            .ok()
+            .filter(|k| !k.is_empty());
+        if let Some(key) = &admin_key {
+            if key.chars().count() < ADMIN_KEY_CHARS_MIN {
+                bail!("FARTHING_ADMIN_KEY must be at least {ADMIN_KEY_CHARS_MIN} characters");
+            }
+        }
+        if self.default_fee_bps > FEE_BPS_MAX {
+            bail!("--default-fee-bps must be at most {FEE_BPS_MAX}");
+        }
+        let fixed = Amount::parse_decimal(&self.default_fee_fixed)
+            .map_err(|e| anyhow::anyhow!("--default-fee-fixed: {e}"))?;
+        let amount_max = Amount::parse_decimal(&self.amount_max)
+            .map_err(|e| anyhow::anyhow!("--amount-max: {e}"))?;
+        let currencies = self
+            .currencies
+            .split(',')
+            .map(|code| {
+                Currency::parse(code.trim())
+                    .with_context(|| format!("--currencies: {code:?} is not an ISO 4217 code"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Options {
+            listen: self.listen.clone(),
+            data_dir: self.data_dir.clone(),
+            admin_key,
+            config: Config {
+                default_fee: FeeSchedule {
+                    bps: self.default_fee_bps,
+                    fixed,
+                },
+                amount_max,
+                currencies,
+            },
+            rate_limit_per_sec: self.rate_limit,
+        })
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn print_started(started: &Started) {
+    if let Some(key) = &started.generated_admin_key {
+        println!("operator key (shown once; keep it safe): {}", key.expose());
+    }
+    println!(
+        "farthing listening on http://{} ({} journal records replayed)",
+        started.addr, started.records_replayed
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FARTHING_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => {
+                let options = args.options()?;
+                farthing_server::run(options, print_started, shutdown_signal()).await?;
+                Ok(())
+            }
+            Command::Demo(args) => demo::run(args.serve.options()?).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    })
+}

@@ -1,0 +1,517 @@
+//! Accounts, transfers, holds and the batch state machine.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::hash::IdHashBuilder;
+use crate::money::{Amount, Currency};
+
+/// Microseconds since the Unix epoch. Time is an argument of the ledger, never read by it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    pub fn saturating_add_secs(self, secs: u64) -> Timestamp {
+        Timestamp(self.0.saturating_add(secs.saturating_mul(1_000_000)))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct AccountId(pub u64);
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct TransferId(pub u128);
+
+/// What an account is for, which decides the limit its balance must respect.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AccountKind {
+    /// A payer's prepaid wallet: never below zero.
+    PayerWallet,
+    /// A merchant's earnings: never below zero.
+    Merchant,
+    /// The platform's fee income: never below zero.
+    PlatformFees,
+    /// Money outside the ledger (a funding provider, a payout rail). Its balance mirrors what
+    /// came in, so it is negative and has no limit.
+    ExternalFunding,
+}
+
+impl AccountKind {
+    pub fn debits_must_not_exceed_credits(self) -> bool {
+        !matches!(self, AccountKind::ExternalFunding)
+    }
+
+    pub fn to_u8(self) -> u8 {
+        match self {
+            AccountKind::PayerWallet => 1,
+            AccountKind::Merchant => 2,
+            AccountKind::PlatformFees => 3,
+            AccountKind::ExternalFunding => 4,
+        }
+    }
+
+    pub fn from_u8(value: u8) -> Option<AccountKind> {
+        Some(match value {
+            1 => AccountKind::PayerWallet,
+            2 => AccountKind::Merchant,
+            3 => AccountKind::PlatformFees,
+            4 => AccountKind::ExternalFunding,
+            _ => return None,
+        })
+    }
+}
+
+/// An account keeps totals; balances are derived from them, never stored.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Account {
+    pub id: AccountId,
+    pub kind: AccountKind,
+    pub currency: Currency,
+    pub debits_posted: u64,
+    pub credits_posted: u64,
+    pub debits_pending: u64,
+    pub credits_pending: u64,
+}
+
+impl Account {
+    fn new(id: AccountId, kind: AccountKind, currency: Currency) -> Account {
+        Account {
+            id,
+            kind,
+            currency,
+            debits_posted: 0,
+            credits_posted: 0,
+            debits_pending: 0,
+            credits_pending: 0,
+        }
+    }
+
+    /// Posted credits less posted debits.
+    pub fn posted_balance(&self) -> i128 {
+        i128::from(self.credits_posted) - i128::from(self.debits_posted)
+    }
+
+    /// What may still be spent: posted balance less the holds against it.
+    pub fn available(&self) -> i128 {
+        self.posted_balance() - i128::from(self.debits_pending)
+    }
+}
+
+/// What a transfer does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TransferKind {
+    /// Moves money at once.
+    Posted,
+    /// Places a hold: the amount is reserved on both sides until posted, voided or expired.
+    /// `timeout_secs == 0` means the hold never expires.
+    Pending { timeout_secs: u32 },
+    /// Completes a hold, for its whole amount or (with `amount` smaller) part of it; the rest is
+    /// released. The transfer's own accounts must be those of the hold.
+    PostPending { pending_id: TransferId },
+    /// Releases a hold.
+    VoidPending { pending_id: TransferId },
+}
+
+/// One request to move money. Transfers flagged `linked` form a chain with the next one: all
+/// of a chain succeeds or none of it does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Transfer {
+    pub id: TransferId,
+    pub debit: AccountId,
+    pub credit: AccountId,
+    pub amount: Amount,
+    pub kind: TransferKind,
+    pub linked: bool,
+}
+
+/// Why a transfer was not applied, in the order the checks run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TransferRejection {
+    /// Another transfer of its linked chain failed.
+    LinkedEventFailed,
+    /// The batch ended while a linked chain was still open.
+    LinkedEventChainOpen,
+    IdMustNotBeZero,
+    AccountsMustBeDifferent,
+    AmountMustNotBeZero,
+    /// The id was used before with different fields.
+    ExistsWithDifferentFields,
+    DebitAccountNotFound,
+    CreditAccountNotFound,
+    CurrenciesMustMatch,
+    PendingTransferNotFound,
+    PendingTransferAlreadyPosted,
+    PendingTransferAlreadyVoided,
+    PendingTransferExpired,
+    /// A post or void names accounts other than those of its hold.
+    PendingTransferHasDifferentAccounts,
+    ExceedsPendingAmount,
+    /// The debit would take a limited account below zero.
+    ExceedsAvailableBalance,
+    /// A total would exceed `u64::MAX` micro-units.
+    Overflow,
+}
+
+/// Why an account could not be created.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AccountRejection {
+    IdMustNotBeZero,
+    ExistsWithDifferentFields,
+}
+
+/// The state of a hold.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HoldState {
+    Pending,
+    Posted,
+    Voided,
+    Expired,
+}
+
+/// A transfer as recorded: enough to answer a retry and to resolve holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TransferRecord {
+    pub transfer: Transfer,
+    pub timestamp: Timestamp,
+    /// The outcome the id received first; retries return it again.
+    pub outcome: Result<(), TransferRejection>,
+    /// For a `Pending` transfer that was applied: where its hold stands.
+    pub hold: Option<HoldState>,
+    pub expires_at: Option<Timestamp>,
+}
+
+/// The whole ledger: accounts and every transfer id ever seen.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    accounts: HashMap<AccountId, Account, IdHashBuilder>,
+    transfers: HashMap<TransferId, TransferRecord, IdHashBuilder>,
+    /// Holds with a deadline, by deadline. Entries are not removed when a hold resolves early;
+    /// expiry checks the hold's state, so a stale entry is skipped.
+    expiries: BTreeMap<(Timestamp, TransferId), ()>,
+}
+
+/// Undo information for a linked chain in progress.
+#[derive(Default)]
+struct Undo {
+    accounts: Vec<Account>,
+    holds: Vec<(TransferId, HoldState)>,
+    created: Vec<TransferId>,
+}
+
+/// Transfers per batch: the largest batch one `apply` takes.
+pub const TRANSFERS_PER_BATCH_MAX: usize = 8_190;
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    pub fn account(&self, id: AccountId) -> Option<&Account> {
+        self.accounts.get(&id)
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Account> {
+        self.accounts.values()
+    }
+
+    pub fn account_count(&self) -> usize {
+        self.accounts.len()
+    }
+
+    pub fn transfer(&self, id: TransferId) -> Option<&TransferRecord> {
+        self.transfers.get(&id)
+    }
+
+    pub fn transfer_count(&self) -> usize {
+        self.transfers.len()
+    }
+
+    /// Creates an account. Creating the same account again is a no-op that succeeds.
+    pub fn create_account(
+        &mut self,
+        id: AccountId,
+        kind: AccountKind,
+        currency: Currency,
+    ) -> Result<(), AccountRejection> {
+        if id.0 == 0 {
+            return Err(AccountRejection::IdMustNotBeZero);
+        }
+        match self.accounts.get(&id) {
+            Some(existing) if existing.kind == kind && existing.currency == currency => Ok(()),
+            Some(_) => Err(AccountRejection::ExistsWithDifferentFields),
+            None => {
+                self.accounts.insert(id, Account::new(id, kind, currency));
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies a batch in order and returns one outcome per transfer.
+    ///
+    /// Holds whose deadline is at or before `now` expire first. A transfer whose id was seen
+    /// before gets the outcome the id got then (or `ExistsWithDifferentFields`), and changes
+    /// nothing.
+    pub fn apply(
+        &mut self,
+        now: Timestamp,
+        batch: &[Transfer],
+    ) -> Vec<Result<(), TransferRejection>> {
+        assert!(batch.len() <= TRANSFERS_PER_BATCH_MAX, "batch too large");
+        self.expire_holds(now);
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut chain_start: Option<usize> = None;
+        let mut undo = Undo::default();
+        let mut chain_failed = false;
+        for (index, transfer) in batch.iter().enumerate() {
+            if transfer.linked && chain_start.is_none() {
+                chain_start = Some(index);
+                chain_failed = false;
+                undo.accounts.clear();
+                undo.holds.clear();
+                undo.created.clear();
+            }
+            let in_chain = chain_start.is_some();
+            let chain_open_at_end = transfer.linked && index + 1 == batch.len();
+            let outcome = if chain_failed {
+                Err(TransferRejection::LinkedEventFailed)
+            } else if chain_open_at_end {
+                Err(TransferRejection::LinkedEventChainOpen)
+            } else {
+                self.apply_one(now, transfer, if in_chain { Some(&mut undo) } else { None })
+            };
+            if outcome.is_err() && in_chain && !chain_failed {
+                chain_failed = true;
+                let start = chain_start.expect("in a chain");
+                self.roll_back(&mut undo);
+                for earlier in &mut outcomes[start..index] {
+                    *earlier = Err(TransferRejection::LinkedEventFailed);
+                }
+            }
+            outcomes.push(outcome);
+            if !transfer.linked && in_chain {
+                chain_start = None;
+            }
+        }
+        // Record failures so that a failed id stays failed. Transfers that were retries of
+        // known ids are already recorded and keep their first outcome.
+        for (transfer, outcome) in batch.iter().zip(&outcomes) {
+            if let Err(rejection) = outcome {
+                if transfer.id.0 != 0 && *rejection != TransferRejection::ExistsWithDifferentFields
+                {
+                    self.transfers
+                        .entry(transfer.id)
+                        .or_insert_with(|| TransferRecord {
+                            transfer: *transfer,
+                            timestamp: now,
+                            outcome: Err(*rejection),
+                            hold: None,
+                            expires_at: None,
+                        });
+                }
+            }
+        }
+        outcomes
+    }
+
+    fn apply_one(
+        &mut self,
+        now: Timestamp,
+        transfer: &Transfer,
+        undo: Option<&mut Undo>,
+    ) -> Result<(), TransferRejection> {
+        use TransferRejection::*;
+        if transfer.id.0 == 0 {
+            return Err(IdMustNotBeZero);
+        }
+        if let Some(existing) = self.transfers.get(&transfer.id) {
+            return if existing.transfer == *transfer {
+                existing.outcome
+            } else {
+                Err(ExistsWithDifferentFields)
+            };
+        }
+        // Posts and voids take their accounts and amount from the hold.
+        let (debit_id, credit_id, amount, pending) = match transfer.kind {
+            TransferKind::Posted | TransferKind::Pending { .. } => {
+                if transfer.debit == transfer.credit {
+                    return Err(AccountsMustBeDifferent);
+                }
+                if transfer.amount.is_zero() {
+                    return Err(AmountMustNotBeZero);
+                }
+                (
+                    transfer.debit,
+                    transfer.credit,
+                    transfer.amount.micros(),
+                    None,
+                )
+            }
+            TransferKind::PostPending { pending_id } | TransferKind::VoidPending { pending_id } => {
+                let hold = match self.transfers.get(&pending_id) {
+                    Some(record)
+                        if record.outcome.is_ok()
+                            && matches!(record.transfer.kind, TransferKind::Pending { .. }) =>
+                    {
+                        record
+                    }
+                    _ => return Err(PendingTransferNotFound),
+                };
+                match hold.hold {
+                    Some(HoldState::Pending) => {}
+                    Some(HoldState::Posted) => return Err(PendingTransferAlreadyPosted),
+                    Some(HoldState::Voided) => return Err(PendingTransferAlreadyVoided),
+                    Some(HoldState::Expired) | None => return Err(PendingTransferExpired),
+                }
+                if transfer.debit != hold.transfer.debit || transfer.credit != hold.transfer.credit
+                {
+                    return Err(PendingTransferHasDifferentAccounts);
+                }
+                let held = hold.transfer.amount.micros();
+                let amount = match transfer.kind {
+                    TransferKind::PostPending { .. } if transfer.amount.is_zero() => held,
+                    TransferKind::PostPending { .. } => transfer.amount.micros(),
+                    _ => held,
+                };
+                if amount > held {
+                    return Err(ExceedsPendingAmount);
+                }
+                (
+                    hold.transfer.debit,
+                    hold.transfer.credit,
+                    amount,
+                    Some((pending_id, held)),
+                )
+            }
+        };
+        let [debit, credit] = match self.accounts.get_disjoint_mut([&debit_id, &credit_id]) {
+            [Some(debit), Some(credit)] => [debit, credit],
+            [None, _] => return Err(DebitAccountNotFound),
+            [_, None] => return Err(CreditAccountNotFound),
+        };
+        if debit.currency != credit.currency {
+            return Err(CurrenciesMustMatch);
+        }
+        let (new_debit, new_credit) = match (transfer.kind, pending) {
+            (TransferKind::Posted, _) => {
+                let mut d = *debit;
+                let mut c = *credit;
+                d.debits_posted = d.debits_posted.checked_add(amount).ok_or(Overflow)?;
+                c.credits_posted = c.credits_posted.checked_add(amount).ok_or(Overflow)?;
+                (d, c)
+            }
+            (TransferKind::Pending { .. }, _) => {
+                let mut d = *debit;
+                let mut c = *credit;
+                d.debits_pending = d.debits_pending.checked_add(amount).ok_or(Overflow)?;
+                c.credits_pending = c.credits_pending.checked_add(amount).ok_or(Overflow)?;
+                (d, c)
+            }
+            (TransferKind::PostPending { .. }, Some((_, held))) => {
+                let mut d = *debit;
+                let mut c = *credit;
+                d.debits_pending -= held;
+                c.credits_pending -= held;
+                d.debits_posted = d.debits_posted.checked_add(amount).ok_or(Overflow)?;
+                c.credits_posted = c.credits_posted.checked_add(amount).ok_or(Overflow)?;
+                (d, c)
+            }
+            (TransferKind::VoidPending { .. }, Some((_, held))) => {
+                let mut d = *debit;
+                let mut c = *credit;
+                d.debits_pending -= held;
+                c.credits_pending -= held;
+                (d, c)
+            }
+            _ => unreachable!("posts and voids always resolve a hold"),
+        };
+        if new_debit.kind.debits_must_not_exceed_credits() && new_debit.available() < 0 {
+            return Err(ExceedsAvailableBalance);
+        }
+        if let Some(undo) = undo {
+            undo.accounts.push(*debit);
+            undo.accounts.push(*credit);
+            if let Some((pending_id, _)) = pending {
+                undo.holds.push((pending_id, HoldState::Pending));
+            }
+            undo.created.push(transfer.id);
+        }
+        *debit = new_debit;
+        *credit = new_credit;
+        let (hold, expires_at) = match transfer.kind {
+            TransferKind::Pending { timeout_secs } => {
+                let expires_at =
+                    (timeout_secs > 0).then(|| now.saturating_add_secs(u64::from(timeout_secs)));
+                if let Some(deadline) = expires_at {
+                    self.expiries.insert((deadline, transfer.id), ());
+                }
+                (Some(HoldState::Pending), expires_at)
+            }
+            _ => (None, None),
+        };
+        if let Some((pending_id, _)) = pending {
+            let resolved = match transfer.kind {
+                TransferKind::PostPending { .. } => HoldState::Posted,
+                _ => HoldState::Voided,
+            };
+            self.transfers
+                .get_mut(&pending_id)
+                .expect("hold checked above")
+                .hold = Some(resolved);
+        }
+        self.transfers.insert(
+            transfer.id,
+            TransferRecord {
+                transfer: *transfer,
+                timestamp: now,
+                outcome: Ok(()),
+                hold,
+                expires_at,
+            },
+        );
+        Ok(())
+    }
+
+    /// Undoes the applied part of a failed chain, newest first.
+    fn roll_back(&mut self, undo: &mut Undo) {
+        for account in undo.accounts.drain(..).rev() {
+            self.accounts.insert(account.id, account);
+        }
+        for (pending_id, state) in undo.holds.drain(..).rev() {
+            if let Some(record) = self.transfers.get_mut(&pending_id) {
+                record.hold = Some(state);
+            }
+        }
+        // Only what this chain created is removed: a retried id keeps its first record.
+        for id in undo.created.drain(..) {
+            self.transfers.remove(&id);
+        }
+    }
+
+    /// Voids every hold whose deadline is at or before `now`.
+    fn expire_holds(&mut self, now: Timestamp) {
+        while let Some((&(deadline, id), _)) = self.expiries.first_key_value() {
+            if deadline > now {
+                break;
+            }
+            self.expiries.pop_first();
+            let Some(record) = self.transfers.get_mut(&id) else {
+                continue;
+            };
+            if record.hold != Some(HoldState::Pending) || record.expires_at != Some(deadline) {
+                continue;
+            }
+            record.hold = Some(HoldState::Expired);
+            let (debit_id, credit_id, amount) = (
+                record.transfer.debit,
+                record.transfer.credit,
+                record.transfer.amount.micros(),
+            );
+            let [Some(debit), Some(credit)] =
+                self.accounts.get_disjoint_mut([&debit_id, &credit_id])
+            else {
+                panic!("a hold's accounts exist");
+            };
+            debit.debits_pending -= amount;
+            credit.credits_pending -= amount;
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Opaque, prefixed object ids (`pay_…`), parsed at the edge.
+
+use std::fmt;
+
+/// Crockford's base32 alphabet, lowercase: no `i`, `l`, `o` or `u` to misread.
+const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+/// Characters after the prefix: 26 base32 digits hold 128 bits.
+const ID_DIGITS: usize = 26;
+
+fn encode(value: u128) -> String {
+    let mut out = [0u8; ID_DIGITS];
+    let mut v = value;
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(v & 31) as usize];
+        v >>= 5;
+    }
+    String::from_utf8(out.to_vec()).expect("alphabet is ASCII")
+}
+
+fn decode(text: &str) -> Option<u128> {
+    if text.len() != ID_DIGITS {
+        return None;
+    }
+    let mut value: u128 = 0;
+    for (index, byte) in text.bytes().enumerate() {
+        let digit = ALPHABET.iter().position(|&a| a == byte)? as u128;
+        // The first digit carries only 3 of 128 bits.
+        if index == 0 && digit > 7 {
+            return None;
+        }
+        value = (value << 5) | digit;
+    }
+    Some(value)
+}
+
+macro_rules! prefixed_id {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(u128);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+
+            pub fn from_u128(value: u128) -> Self {
+                Self(value)
+            }
+
+            pub fn to_u128(self) -> u128 {
+                self.0
+            }
+
+            /// Parses `prefix_` followed by 26 base32 digits.
+            pub fn parse(text: &str) -> Option<Self> {
+                let rest = text.strip_prefix($prefix)?.strip_prefix('_')?;
+                decode(rest).map(Self)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}_{}", $prefix, encode(self.0))
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(self, f)
+            }
+        }
+    };
+}
+
+prefixed_id!(
+    /// A merchant: `mer_…`.
+    MerchantId,
+    "mer"
+);
+prefixed_id!(
+    /// A payer: `pyr_…`.
+    PayerId,
+    "pyr"
+);
+prefixed_id!(
+    /// A payment: `pay_…`.
+    PaymentId,
+    "pay"
+);
+prefixed_id!(
+    /// A top-up of a payer's wallet: `top_…`.
+    TopupId,
+    "top"
+);
+prefixed_id!(
+    /// A refund of a payment: `ref_…`.
+    RefundId,
+    "ref"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_their_text_form() {
+        for value in [0u128, 1, 42, u128::MAX, u128::MAX / 3] {
+            let id = PaymentId::from_u128(value);
+            let text = id.to_string();
+            assert!(text.starts_with("pay_"));
+            assert_eq!(text.len(), 4 + ID_DIGITS);
+            assert_eq!(PaymentId::parse(&text), Some(id));
+        }
+    }
+
+    #[test]
+    fn ids_with_the_wrong_prefix_or_digits_do_not_parse() {
+        let text = PayerId::from_u128(7).to_string();
+        assert!(MerchantId::parse(&text).is_none());
+        assert!(PayerId::parse("pyr_").is_none());
+        assert!(PayerId::parse("pyr_zzzzzzzzzzzzzzzzzzzzzzzzzz").is_none());
+        assert!(PayerId::parse("pyr_0000000000000000000000000u").is_none());
+        assert!(PayerId::parse(&text.to_uppercase()).is_none());
+    }
+}

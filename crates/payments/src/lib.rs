@@ -1,0 +1,18 @@
+//! Farthing's application state: operators, merchants, payers, top-ups, payments, refunds and
+//! idempotency keys, kept over the ledger.
+//!
+//! Pure like the ledger beneath it: a [`Record`] (a command with its time, ids and idempotency
+//! key already chosen) goes into [`State::apply`], an [`Outcome`] comes out. The journal is a
+//! list of records, so replaying it rebuilds the state exactly. [`codec`] turns records into
+//! bytes and back.
+#![forbid(unsafe_code)]
+#![deny(clippy::float_arithmetic)]
+
+pub mod codec;
+mod ids;
+mod model;
+mod state;
+
+pub use ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
+pub use model::*;
+pub use state::{CurrencyTotals, IdempotencyLookup, Page, State};

@@ -1,0 +1,540 @@
+//! Farthing's use cases over the pure state and a durable journal.
+//!
+//! One writer thread owns every change. Requests from any number of connections queue up;
+//! the writer takes all that are waiting (up to [`RECORDS_PER_COMMIT_MAX`]), applies them to
+//! the in-memory [`State`] in order, appends them to the journal with one `fdatasync`, and
+//! only then answers each. That is group commit: under load, one fsync acknowledges
+//! thousands of payments.
+//!
+//! Reads take a shared lock on the state, then wait until everything they saw is durable,
+//! so no caller ever sees a payment that a crash could take back.
+#![forbid(unsafe_code)]
+
+mod env;
+mod secret;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
+
+use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
+use farthing_payments::*;
+use farthing_store::{Journal, StoreError};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use env::{Clock, Ids, ManualClock, RandomIds, SequentialIds, SystemClock};
+pub use secret::{Secret, fingerprint, hex};
+
+/// Records in one durable commit at most.
+pub const RECORDS_PER_COMMIT_MAX: usize = 8_190;
+/// Payments in one batch request at most.
+pub const PAYMENTS_PER_BATCH_MAX: usize = 8_190;
+/// Requests waiting for the writer at most; senders wait beyond that.
+pub const QUEUE_DEPTH_MAX: usize = 65_536;
+/// How long idempotency keys are kept at least.
+pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 60 * 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("the service is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Settings the operator chooses.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The fee for merchants created without one.
+    pub default_fee: FeeSchedule,
+    /// The largest amount one request may move.
+    pub amount_max: Amount,
+    /// Currencies that may be used.
+    pub currencies: Vec<Currency>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_fee: FeeSchedule::ZERO,
+            amount_max: Amount::from_micros(10_000 * farthing_ledger::MICROS_PER_UNIT),
+            currencies: [
+                "USD", "EUR", "GBP", "KES", "NGN", "INR", "JPY", "BRL", "ZAR",
+            ]
+            .iter()
+            .map(|code| Currency::parse(code).expect("known codes"))
+            .collect(),
+        }
+    }
+}
+
+/// The answer to a command, and whether it was a replay of an earlier request.
+#[derive(Debug)]
+pub struct Executed {
+    pub outcome: Outcome,
+    pub replayed: bool,
+    /// For a created merchant or payer: its API key, shown once.
+    pub api_key: Option<Secret>,
+}
+
+struct Job {
+    command: Command,
+    idempotency: Option<IdempotencyClaim>,
+    reply: oneshot::Sender<Outcome>,
+}
+
+struct Shared {
+    state: RwLock<State>,
+    durable: watch::Receiver<u64>,
+    ids: Arc<dyn Ids>,
+    config: Config,
+    /// API keys of recently created parties, by idempotency key, so that a retried creation
+    /// answers with the same key. Kept in memory only: keys never reach the disk.
+    created_keys: Mutex<HashMap<IdempotencyKey, Secret>>,
+    metrics: Metrics,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub commits: std::sync::atomic::AtomicU64,
+    pub records_committed: std::sync::atomic::AtomicU64,
+    pub commit_micros_total: std::sync::atomic::AtomicU64,
+}
+
+/// A handle to the running service; cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+    submit: mpsc::Sender<Job>,
+    writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// What opening the service found and did.
+pub struct Opened {
+    pub service: Service,
+    /// Records replayed from the journal.
+    pub records_replayed: u64,
+    /// An operator key made because none existed and none was given: print it once.
+    pub generated_operator_key: Option<Secret>,
+}
+
+impl Service {
+    /// Replays `journal`, starts the writer, and makes sure an operator key exists: `operator_key`
+    /// when given (replacing an older one), else a new one when the journal has none.
+    pub async fn open(
+        mut journal: Box<dyn Journal>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn Ids>,
+        operator_key: Option<Secret>,
+    ) -> Result<Opened, ServiceError> {
+        let (state, records_replayed) = tokio::task::block_in_place(|| {
+            let mut state = State::new();
+            let count = journal.replay(&mut |record| {
+                state.apply(&record);
+            })?;
+            Ok::<_, StoreError>((state, count))
+        })?;
+        let (durable_tx, durable_rx) = watch::channel(state.records_applied());
+        let (submit, receive) = mpsc::channel(QUEUE_DEPTH_MAX);
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            durable: durable_rx,
+            ids,
+            config,
+            created_keys: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+        });
+        let writer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("farthing-writer".into())
+                .spawn(move || write_loop(shared, journal, clock, receive, durable_tx))
+                .map_err(StoreError::Io)?
+        };
+        let service = Service {
+            shared,
+            submit,
+            writer: Arc::new(Mutex::new(Some(writer))),
+        };
+        let has_key = service.read_now(|state| state.has_operator_key());
+        let generated_operator_key = match operator_key {
+            Some(key) => {
+                let known = service.read_now(|state| state.principal(&key.hash()))
+                    == Some(Principal::Operator);
+                if !known {
+                    service
+                        .submit(
+                            Command::SetOperatorKey {
+                                key_hash: key.hash(),
+                            },
+                            None,
+                        )
+                        .await?;
+                }
+                None
+            }
+            None if !has_key => {
+                let key = Secret::generate_api_key("op");
+                service
+                    .submit(
+                        Command::SetOperatorKey {
+                            key_hash: key.hash(),
+                        },
+                        None,
+                    )
+                    .await?;
+                Some(key)
+            }
+            None => None,
+        };
+        Ok(Opened {
+            service,
+            records_replayed,
+            generated_operator_key,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Reads the state as it is now, without waiting for durability. Only for facts that
+    /// cannot be taken back, such as which principal owns a key.
+    pub fn read_now<T>(&self, read: impl FnOnce(&State) -> T) -> T {
+        read(&self.state())
+    }
+
+    /// Reads the state, then waits until everything the read saw is durable.
+    pub async fn read<T>(&self, read: impl FnOnce(&State) -> T) -> Result<T, ServiceError> {
+        let (value, seen) = {
+            let state = self.state();
+            (read(&state), state.records_applied())
+        };
+        self.wait_durable(seen).await?;
+        Ok(value)
+    }
+
+    fn state(&self) -> RwLockReadGuard<'_, State> {
+        self.shared
+            .state
+            .read()
+            .expect("the writer never panics holding the lock")
+    }
+
+    async fn wait_durable(&self, seen: u64) -> Result<(), ServiceError> {
+        let mut durable = self.shared.durable.clone();
+        if *durable.borrow() >= seen {
+            return Ok(());
+        }
+        durable
+            .wait_for(|&done| done >= seen)
+            .await
+            .map(|_| ())
+            .map_err(|_| ServiceError::ShuttingDown)
+    }
+
+    /// Who holds `key`.
+    pub fn authenticate(&self, key: &Secret) -> Option<Principal> {
+        self.read_now(|state| state.principal(&key.hash()))
+    }
+
+    pub fn next_id(&self) -> u128 {
+        self.shared.ids.next_id()
+    }
+
+    fn transfer_ids(&self) -> [TransferId; 2] {
+        [TransferId(self.next_id()), TransferId(self.next_id())]
+    }
+
+    /// Applies `command` durably and returns its outcome. With an idempotency claim, a
+    /// completed earlier request with the same key answers instead.
+    pub async fn submit(
+        &self,
+        command: Command,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        if let Some(claim) = &idempotency {
+            let known =
+                self.read(
+                    |state| match state.idempotency_lookup(&claim.key, &claim.fingerprint) {
+                        IdempotencyLookup::New => None,
+                        IdempotencyLookup::Replay(outcome) => Some(outcome.clone()),
+                        IdempotencyLookup::Reused => {
+                            Some(Outcome::Rejected(Rejection::IdempotencyKeyReused))
+                        }
+                    },
+                );
+            if let Some(outcome) = known.await? {
+                return Ok(self.executed(outcome, idempotency.as_ref(), true, None));
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let expected = command_fingerprint(&command);
+        self.submit
+            .send(Job {
+                command,
+                idempotency: idempotency.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| ServiceError::ShuttingDown)?;
+        let outcome = answer.await.map_err(|_| ServiceError::ShuttingDown)?;
+        // The writer may have answered from an earlier request with the same key that was
+        // still in flight when this one checked.
+        let replayed = !outcome_matches(&outcome, expected);
+        Ok(self.executed(outcome, idempotency.as_ref(), replayed, None))
+    }
+
+    fn executed(
+        &self,
+        outcome: Outcome,
+        claim: Option<&IdempotencyClaim>,
+        replayed: bool,
+        api_key: Option<Secret>,
+    ) -> Executed {
+        let api_key = match (&outcome, claim, api_key) {
+            (_, _, Some(key)) => Some(key),
+            (Outcome::MerchantCreated(_) | Outcome::PayerCreated(_), Some(claim), None) => self
+                .shared
+                .created_keys
+                .lock()
+                .expect("key cache lock")
+                .get(&claim.key)
+                .cloned(),
+            _ => None,
+        };
+        Executed {
+            outcome,
+            replayed,
+            api_key,
+        }
+    }
+
+    /// Creates a merchant with a fresh API key.
+    pub async fn create_merchant(
+        &self,
+        name: String,
+        fee: Option<FeeSchedule>,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        let key = Secret::generate_api_key("mer");
+        let command = Command::CreateMerchant {
+            id: MerchantId::from_u128(self.next_id()),
+            name,
+            key_hash: key.hash(),
+            fee: fee.unwrap_or(self.shared.config.default_fee),
+        };
+        self.create_party(command, key, idempotency).await
+    }
+
+    /// Creates a payer with a fresh API key.
+    pub async fn create_payer(
+        &self,
+        name: String,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        let key = Secret::generate_api_key("pyr");
+        let command = Command::CreatePayer {
+            id: PayerId::from_u128(self.next_id()),
+            name,
+            key_hash: key.hash(),
+        };
+        self.create_party(command, key, idempotency).await
+    }
+
+    async fn create_party(
+        &self,
+        command: Command,
+        key: Secret,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        let mut executed = self.submit(command, idempotency.clone()).await?;
+        if !executed.replayed {
+            if let Some(claim) = idempotency {
+                self.shared
+                    .created_keys
+                    .lock()
+                    .expect("key cache lock")
+                    .insert(claim.key, key.clone());
+            }
+            executed.api_key = Some(key);
+        }
+        Ok(executed)
+    }
+
+    pub async fn topup(
+        &self,
+        payer: PayerId,
+        amount: Amount,
+        currency: Currency,
+        source: FundingSource,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        let command = Command::Topup {
+            id: TopupId::from_u128(self.next_id()),
+            payer,
+            amount,
+            currency,
+            source,
+            transfer_id: TransferId(self.next_id()),
+        };
+        self.submit(command, idempotency).await
+    }
+
+    /// A fresh payment command (ids chosen, not yet applied).
+    pub fn pay_command(
+        &self,
+        payer: PayerId,
+        merchant: MerchantId,
+        amount: Amount,
+        currency: Currency,
+        description: Option<String>,
+        reference: Option<String>,
+    ) -> PayCommand {
+        PayCommand {
+            id: PaymentId::from_u128(self.next_id()),
+            payer,
+            merchant,
+            amount,
+            currency,
+            description,
+            reference,
+            transfer_ids: self.transfer_ids(),
+        }
+    }
+
+    pub async fn refund(
+        &self,
+        caller: Principal,
+        payment: PaymentId,
+        amount: Option<Amount>,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        let command = Command::Refund {
+            id: RefundId::from_u128(self.next_id()),
+            payment,
+            amount,
+            caller,
+            transfer_ids: self.transfer_ids(),
+        };
+        self.submit(command, idempotency).await
+    }
+
+    /// Stops taking commands, lets the writer commit what is queued, and waits for it.
+    pub fn shutdown(self) {
+        let Service { submit, writer, .. } = self;
+        drop(submit);
+        if let Some(handle) = writer.lock().expect("writer handle lock").take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The id a command will create, to tell a fresh outcome from a replayed one.
+fn command_fingerprint(command: &Command) -> Option<u128> {
+    Some(match command {
+        Command::CreateMerchant { id, .. } => id.to_u128(),
+        Command::CreatePayer { id, .. } => id.to_u128(),
+        Command::Topup { id, .. } => id.to_u128(),
+        Command::Pay(pay) => pay.id.to_u128(),
+        Command::Refund { id, .. } => id.to_u128(),
+        _ => return None,
+    })
+}
+
+fn outcome_matches(outcome: &Outcome, expected: Option<u128>) -> bool {
+    let made = match outcome {
+        Outcome::MerchantCreated(m) => m.id.to_u128(),
+        Outcome::PayerCreated(p) => p.id.to_u128(),
+        Outcome::ToppedUp(t) => t.id.to_u128(),
+        Outcome::Paid(p) => p.id.to_u128(),
+        Outcome::Refunded(r) => r.id.to_u128(),
+        // Rejections and batches carry no single id: treat as fresh.
+        _ => return true,
+    };
+    expected == Some(made)
+}
+
+/// The writer: gathers waiting jobs, applies them, commits them with one fsync, answers.
+fn write_loop(
+    shared: Arc<Shared>,
+    mut journal: Box<dyn Journal>,
+    clock: Arc<dyn Clock>,
+    mut receive: mpsc::Receiver<Job>,
+    durable: watch::Sender<u64>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut jobs: Vec<Job> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
+    let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
+    let mut outcomes: Vec<Outcome> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
+    let mut last_now = Timestamp(0);
+    let mut next_prune = Timestamp(0);
+    while let Some(first) = receive.blocking_recv() {
+        jobs.push(first);
+        while jobs.len() < RECORDS_PER_COMMIT_MAX {
+            match receive.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = std::time::Instant::now();
+        // Time never goes backwards in the journal, whatever the wall clock does.
+        let now = clock.now().max(last_now);
+        last_now = now;
+        {
+            let mut state = shared.state.write().expect("state lock");
+            if now >= next_prune {
+                let before = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
+                let record = Record {
+                    now,
+                    idempotency: None,
+                    command: Command::PruneIdempotencyKeys { before },
+                };
+                state.apply(&record);
+                records.push(record);
+                next_prune = now.saturating_add_secs(60 * 60);
+            }
+            for job in &mut jobs {
+                let record = Record {
+                    now,
+                    idempotency: job.idempotency.take(),
+                    command: std::mem::replace(
+                        &mut job.command,
+                        Command::PruneIdempotencyKeys {
+                            before: Timestamp(0),
+                        },
+                    ),
+                };
+                outcomes.push(state.apply(&record));
+                records.push(record);
+            }
+        }
+        if let Err(error) = journal.append(&records) {
+            // What is in memory may now differ from what is on disk, and an fsync that failed
+            // cannot be retried safely. Stop before acknowledging anything.
+            tracing::error!(%error, "journal append failed; stopping");
+            std::process::abort();
+        }
+        let applied = shared.state.read().expect("state lock").records_applied();
+        durable.send_replace(applied);
+        shared.metrics.commits.fetch_add(1, Relaxed);
+        shared
+            .metrics
+            .records_committed
+            .fetch_add(records.len() as u64, Relaxed);
+        shared
+            .metrics
+            .commit_micros_total
+            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        records.clear();
+        for (job, outcome) in jobs.drain(..).zip(outcomes.drain(..)) {
+            let _ = job.reply.send(outcome);
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The embedded default store: one append-only journal file in the data directory.
+//!
+//! File layout: an 8-byte magic, then frames. A frame is
+//! `[payload length: u32 LE][CRC-32 of length and payload: u32 LE][payload]`, and a payload is
+//! one record in [`farthing_payments::codec`] form. One [`Journal::append`] is one `write` and
+//! one `fdatasync`, however many records it carries: that is group commit.
+//!
+//! Recovery reads frames until the first one that is short or fails its checksum. Only the
+//! tail can be damaged by a crash (the append that was never acknowledged), so the file is cut
+//! there, made durable, and appends continue.
+//!
+//! ```no_run
+//! use farthing_store::Journal;
+//! let mut journal = farthing_store_embedded::FileJournal::open("./farthing-data".as_ref())?;
+//! let count = journal.replay(&mut |record| { let _ = record; })?;
+//! # Ok::<(), farthing_store::StoreError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use farthing_payments::{Record, codec};
+use farthing_store::{Journal, StoreError};
+
+const MAGIC: &[u8; 8] = b"FARTHJ01";
+const FRAME_HEADER_BYTES: usize = 8;
+/// The largest record: a full batch of payments with long descriptions fits many times over.
+pub const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// The journal's file name inside the data directory.
+pub const JOURNAL_FILE: &str = "journal.farthing";
+const LOCK_FILE: &str = "LOCK";
+
+pub struct FileJournal {
+    file: File,
+    path: PathBuf,
+    /// Bytes of the file that hold whole, verified frames.
+    len: u64,
+    replayed: bool,
+    buffer: Vec<u8>,
+    /// Held for the journal's lifetime: one process per data directory.
+    _lock: File,
+}
+
+impl FileJournal {
+    /// Opens (or creates) the journal in `dir`, taking the directory's lock.
+    pub fn open(dir: &Path) -> Result<FileJournal, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dir.display().to_string()));
+            }
+            Err(TryLockError::Error(error)) => return Err(error.into()),
+        }
+        let path = dir.join(JOURNAL_FILE);
+        let created = !path.exists();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        if created || file.metadata()?.len() == 0 {
+            file.write_all(MAGIC)?;
+            file.sync_all()?;
+            // The new file's directory entry must be durable too.
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(FileJournal {
+            file,
+            path,
+            len: MAGIC.len() as u64,
+            replayed: false,
+            buffer: Vec::with_capacity(1 << 20),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes of verified journal.
+    pub fn len_bytes(&self) -> u64 {
+        self.len
+    }
+}
+
+/// Appends one framed record to `out`.
+fn push_frame(out: &mut Vec<u8>, record: &Record) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    codec::encode(record, out);
+    let payload_len = out.len() - start - FRAME_HEADER_BYTES;
+    assert!(
+        payload_len <= RECORD_BYTES_MAX,
+        "record too large for the journal"
+    );
+    let len_bytes = (payload_len as u32).to_le_bytes();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len_bytes);
+    hasher.update(&out[start + FRAME_HEADER_BYTES..]);
+    out[start..start + 4].copy_from_slice(&len_bytes);
+    out[start + 4..start + 8].copy_from_slice(&hasher.finalize().to_le_bytes());
+}
+
+impl Journal for FileJournal {
+    fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        assert!(self.replayed, "replay the journal before appending to it");
+        self.buffer.clear();
+        for record in records {
+            push_frame(&mut self.buffer, record);
+        }
+        self.file.write_all(&self.buffer)?;
+        self.file.sync_data()?;
+        self.len += self.buffer.len() as u64;
+        if self.buffer.capacity() > 16 << 20 {
+            self.buffer = Vec::with_capacity(1 << 20);
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError> {
+        let mut bytes = Vec::new();
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.read_to_end(&mut bytes)?;
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(StoreError::Corrupt {
+                offset: 0,
+                reason: format!("{} is not a Farthing journal", self.path.display()),
+            });
+        }
+        let mut offset = MAGIC.len();
+        let mut count = 0u64;
+        while offset < bytes.len() {
+            let Some(frame) = read_frame(&bytes[offset..]) else {
+                break;
+            };
+            let record = codec::decode(frame).map_err(|error| StoreError::Corrupt {
+                offset: offset as u64,
+                reason: format!("a checksummed record does not decode: {error}"),
+            })?;
+            visit(record);
+            count += 1;
+            offset += FRAME_HEADER_BYTES + frame.len();
+        }
+        if offset < bytes.len() && damage_is_followed_by_valid_frame(&bytes[offset..]) {
+            // A crash only ever damages the last append; damage with whole records after it is
+            // lost or rotten data, and cutting there would drop acknowledged payments.
+            return Err(StoreError::Corrupt {
+                offset: offset as u64,
+                reason: "a damaged record is followed by valid ones".into(),
+            });
+        }
+        if offset < bytes.len() {
+            tracing::warn!(
+                discarded_bytes = bytes.len() - offset,
+                "cutting an unfinished append from the end of the journal"
+            );
+            self.file.set_len(offset as u64)?;
+            self.file.sync_all()?;
+        }
+        self.file.seek(SeekFrom::Start(offset as u64))?;
+        self.len = offset as u64;
+        self.replayed = true;
+        Ok(count)
+    }
+}
+
+/// Whether a valid frame follows the damaged frame at the start of `bytes`, judging by the
+/// damaged frame's own length field.
+fn damage_is_followed_by_valid_frame(bytes: &[u8]) -> bool {
+    if bytes.len() < FRAME_HEADER_BYTES {
+        return false;
+    }
+    let len = u32::from_le_bytes(bytes[..4].try_into().expect("four bytes")) as usize;
+    let next = FRAME_HEADER_BYTES.saturating_add(len);
+    len <= RECORD_BYTES_MAX && next < bytes.len() && read_frame(&bytes[next..]).is_some()
+}
+
+/// The payload of the frame at the start of `bytes`, if it is whole and its checksum holds.
+fn read_frame(bytes: &[u8]) -> Option<&[u8]> {
+    if bytes.len() < FRAME_HEADER_BYTES {
+        return None;
+    }
+    let len_bytes: [u8; 4] = bytes[..4].try_into().expect("four bytes");
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("four bytes"));
+    if len > RECORD_BYTES_MAX || bytes.len() < FRAME_HEADER_BYTES + len {
+        return None;
+    }
+    let payload = &bytes[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len_bytes);
+    hasher.update(payload);
+    (hasher.finalize() == crc).then_some(payload)
+}

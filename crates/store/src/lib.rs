@@ -1,0 +1,49 @@
+//! Storage ports, in domain types. Backends implement them; the service depends only on them.
+//!
+//! The embedded default keeps Farthing's state in memory and makes it durable as a journal of
+//! [`Record`]s: the state is a pure function of the journal, so appending a record durably is
+//! the whole write path, and replaying the journal is the whole recovery.
+#![forbid(unsafe_code)]
+
+use farthing_payments::Record;
+
+/// A storage failure. A rejection of a payment is never a `StoreError`: those are outcomes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the journal is damaged at byte {offset}: {reason}")]
+    Corrupt { offset: u64, reason: String },
+    #[error("the data directory is in use by another process: {0}")]
+    Locked(String),
+}
+
+/// An append-only, durable list of records.
+pub trait Journal: Send + 'static {
+    /// Appends `records` in order and returns once they are on stable storage (after fsync).
+    /// On error nothing may be assumed durable, and the caller must stop writing.
+    fn append(&mut self, records: &[Record]) -> Result<(), StoreError>;
+
+    /// Feeds every durable record, oldest first, to `visit`, and returns how many there were.
+    fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError>;
+}
+
+/// A journal kept in memory: for tests and benchmarks of the layers above storage.
+#[derive(Default)]
+pub struct MemoryJournal {
+    records: Vec<Record>,
+}
+
+impl Journal for MemoryJournal {
+    fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        self.records.extend_from_slice(records);
+        Ok(())
+    }
+
+    fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError> {
+        for record in &self.records {
+            visit(record.clone());
+        }
+        Ok(self.records.len() as u64)
+    }
+}
