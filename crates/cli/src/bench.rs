@@ -138,7 +138,7 @@ fn thousands(n: f64) -> String {
     let text = n.to_string();
     let mut out = String::new();
     for (i, c) in text.chars().enumerate() {
-        if i > 0 && (text.len() - i) % 3 == 0 {
+        if i > 0 && (text.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -351,11 +351,17 @@ fn durable_store(
         })
         .collect();
     let started = Instant::now();
+    let mut in_apply = Duration::ZERO;
     for record in &records {
+        let t = Instant::now();
         state.apply(record);
+        in_apply += t.elapsed();
         journal.append(std::slice::from_ref(record))?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    if std::env::var_os("FARTHING_BENCH_DEBUG").is_some() {
+        eprintln!("  apply {:.3}s of {elapsed:.3}s", in_apply.as_secs_f64());
+    }
     let payments = state.payment_count() - merchants;
     if payments != records.len() * batch {
         bail!(
@@ -486,6 +492,7 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
     let payers = Arc::new(payers);
     let seconds = if args.quick { 1 } else { args.seconds };
     let mut rows = Vec::new();
+    let mut before = journal_counters(&addr).await?;
     for connections in [1usize, 16, 256] {
         let body = Arc::new(format!(
             r#"{{"merchant":"{merchant_id}","amount":"0.0001","currency":"USD","description":"bench"}}"#
@@ -531,10 +538,15 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
             f64::from(latencies[index]) / 1000.0
         };
         let rate = latencies.len() as f64 / elapsed;
+        let after = journal_counters(&addr).await?;
+        let commits = (after.0 - before.0).max(1.0);
+        let per_commit = (after.1 - before.1) / commits;
+        let commit_ms = (after.2 - before.2) / commits / 1000.0;
+        before = after;
         say(
             args,
             &format!(
-                "HTTP single payments, {connections:>3} connections: {} payments/s, p50 {:.2} ms, p99 {:.2} ms",
+                "HTTP single payments, {connections:>3} connections: {} payments/s, p50 {:.2} ms, p99 {:.2} ms ({per_commit:.1} records per commit, {commit_ms:.2} ms per commit)",
                 thousands(rate),
                 pct(0.50),
                 pct(0.99)
@@ -546,6 +558,8 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
             "p50_ms": pct(0.50),
             "p99_ms": pct(0.99),
             "requests": latencies.len(),
+            "records_per_commit": per_commit,
+            "commit_ms": commit_ms,
         }));
     }
     // The batch route: full batches of 8,190 from the operator, over two connections.
@@ -605,4 +619,21 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
     let _ = child.process.start_kill();
     let _ = child.process.wait().await;
     Ok(json!({ "single": rows, "batch_payments_per_sec": batch_rate.round() }))
+}
+
+/// (commits, records, commit microseconds) from the server's `/metrics`.
+async fn journal_counters(addr: &str) -> anyhow::Result<(f64, f64, f64)> {
+    let mut conn = Connection::open(addr).await?;
+    let response = conn.request("GET", "/metrics", "", None).await?;
+    let text = String::from_utf8(response.body)?;
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("farthing_journal_commits_total"),
+        value("farthing_journal_records_total"),
+        value("farthing_journal_commit_micros_total"),
+    ))
 }

@@ -86,10 +86,10 @@ impl ServeArgs {
         let admin_key = std::env::var("FARTHING_ADMIN_KEY")
             .ok()
             .filter(|k| !k.is_empty());
-        if let Some(key) = &admin_key {
-            if key.chars().count() < ADMIN_KEY_CHARS_MIN {
-                bail!("FARTHING_ADMIN_KEY must be at least {ADMIN_KEY_CHARS_MIN} characters");
-            }
+        if let Some(key) = &admin_key
+            && key.chars().count() < ADMIN_KEY_CHARS_MIN
+        {
+            bail!("FARTHING_ADMIN_KEY must be at least {ADMIN_KEY_CHARS_MIN} characters");
         }
         if self.default_fee_bps > FEE_BPS_MAX {
             bail!("--default-fee-bps must be at most {FEE_BPS_MAX}");

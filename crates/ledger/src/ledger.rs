@@ -183,10 +183,55 @@ pub struct TransferRecord {
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
     accounts: HashMap<AccountId, Account, IdHashBuilder>,
-    transfers: HashMap<TransferId, TransferRecord, IdHashBuilder>,
+    transfers: TransferTable,
     /// Holds with a deadline, by deadline. Entries are not removed when a hold resolves early;
     /// expiry checks the hold's state, so a stale entry is skipped.
     expiries: BTreeMap<(Timestamp, TransferId), ()>,
+}
+
+/// Every transfer record, in the order it was made, with an index by id.
+///
+/// Records live in one growing vector and the map holds positions only: inserting large
+/// records into a hash table touches a random page per insert, which costs more than the
+/// rest of the transfer.
+#[derive(Clone, Debug, Default)]
+struct TransferTable {
+    records: Vec<TransferRecord>,
+    index: HashMap<TransferId, usize, IdHashBuilder>,
+}
+
+impl TransferTable {
+    fn get(&self, id: &TransferId) -> Option<&TransferRecord> {
+        self.index.get(id).map(|&at| &self.records[at])
+    }
+
+    fn get_mut(&mut self, id: &TransferId) -> Option<&mut TransferRecord> {
+        self.index.get(id).map(|&at| &mut self.records[at])
+    }
+
+    fn contains(&self, id: &TransferId) -> bool {
+        self.index.contains_key(id)
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn push(&mut self, record: TransferRecord) {
+        let previous = self.index.insert(record.transfer.id, self.records.len());
+        assert!(previous.is_none(), "a transfer id is recorded once");
+        self.records.push(record);
+    }
+
+    /// Removes the newest record, which must be `id`'s.
+    fn pop(&mut self, id: TransferId) {
+        let record = self.records.pop().expect("a record to remove");
+        assert_eq!(
+            record.transfer.id, id,
+            "rollback removes the newest records, newest first"
+        );
+        self.index.remove(&id);
+    }
 }
 
 /// Undo information for a linked chain in progress.
@@ -248,8 +293,8 @@ impl Ledger {
     /// Applies a batch in order and returns one outcome per transfer.
     ///
     /// Holds whose deadline is at or before `now` expire first. A transfer whose id was seen
-    /// before gets the outcome the id got then (or `ExistsWithDifferentFields`), and changes
-    /// nothing.
+    /// before, in an earlier batch or earlier in this one, gets the outcome the id got then (or
+    /// `ExistsWithDifferentFields`), and changes nothing.
     pub fn apply(
         &mut self,
         now: Timestamp,
@@ -285,31 +330,46 @@ impl Ledger {
                 for earlier in &mut outcomes[start..index] {
                     *earlier = Err(TransferRejection::LinkedEventFailed);
                 }
+                for (earlier, outcome) in batch[start..index].iter().zip(&outcomes[start..index]) {
+                    self.record_failure(now, earlier, *outcome);
+                }
             }
+            // A failure is final as soon as it is known (a chain's members succeed only once
+            // the chain closes), so record it now: a later transfer of this batch with the same
+            // id is then a retry of a failed id, like in any later batch.
+            self.record_failure(now, transfer, outcome);
             outcomes.push(outcome);
             if !transfer.linked && in_chain {
                 chain_start = None;
-            }
-        }
-        // Record failures so that a failed id stays failed. Transfers that were retries of
-        // known ids are already recorded and keep their first outcome.
-        for (transfer, outcome) in batch.iter().zip(&outcomes) {
-            if let Err(rejection) = outcome {
-                if transfer.id.0 != 0 && *rejection != TransferRejection::ExistsWithDifferentFields
-                {
-                    self.transfers
-                        .entry(transfer.id)
-                        .or_insert_with(|| TransferRecord {
-                            transfer: *transfer,
-                            timestamp: now,
-                            outcome: Err(*rejection),
-                            hold: None,
-                            expires_at: None,
-                        });
-                }
+                // The chain is over: what follows is judged on its own.
+                chain_failed = false;
             }
         }
         outcomes
+    }
+
+    /// Records a failed transfer so that its id stays failed. A retry of a known id keeps the
+    /// id's first record; id zero and `ExistsWithDifferentFields` (whose id belongs to another
+    /// transfer) are not recorded.
+    fn record_failure(
+        &mut self,
+        now: Timestamp,
+        transfer: &Transfer,
+        outcome: Result<(), TransferRejection>,
+    ) {
+        if let Err(rejection) = outcome
+            && transfer.id.0 != 0
+            && rejection != TransferRejection::ExistsWithDifferentFields
+            && !self.transfers.contains(&transfer.id)
+        {
+            self.transfers.push(TransferRecord {
+                transfer: *transfer,
+                timestamp: now,
+                outcome: Err(rejection),
+                hold: None,
+                expires_at: None,
+            });
+        }
     }
 
     fn apply_one(
@@ -457,16 +517,13 @@ impl Ledger {
                 .expect("hold checked above")
                 .hold = Some(resolved);
         }
-        self.transfers.insert(
-            transfer.id,
-            TransferRecord {
-                transfer: *transfer,
-                timestamp: now,
-                outcome: Ok(()),
-                hold,
-                expires_at,
-            },
-        );
+        self.transfers.push(TransferRecord {
+            transfer: *transfer,
+            timestamp: now,
+            outcome: Ok(()),
+            hold,
+            expires_at,
+        });
         Ok(())
     }
 
@@ -480,9 +537,10 @@ impl Ledger {
                 record.hold = Some(state);
             }
         }
-        // Only what this chain created is removed: a retried id keeps its first record.
-        for id in undo.created.drain(..) {
-            self.transfers.remove(&id);
+        // Only what this chain created is removed: a retried id keeps its first record. The
+        // chain's records are the newest ones, since a failure ends the chain at once.
+        for id in undo.created.drain(..).rev() {
+            self.transfers.pop(id);
         }
     }
 

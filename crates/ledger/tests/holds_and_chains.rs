@@ -152,12 +152,6 @@ fn accounts(ledger: &Ledger) -> Vec<Account> {
     accounts
 }
 
-fn records(ledger: &Ledger, ids: &[u128]) -> Vec<Option<TransferRecord>> {
-    ids.iter()
-        .map(|&id| ledger.transfer(TransferId(id)).copied())
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Holds
 // ---------------------------------------------------------------------------------------------
@@ -703,10 +697,11 @@ fn a_rejected_chain_that_voided_a_hold_leaves_the_hold_pending() {
     let mut ledger = ledger();
     ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 300, 0)]);
     let before = accounts(&ledger);
+    // With the hold voided the whole START is available, one micro more is not.
     assert_eq!(
         ledger.apply(
             secs(2),
-            &[linked(void(2, 1)), posted(3, WALLET, MERCHANT, START)]
+            &[linked(void(2, 1)), posted(3, WALLET, MERCHANT, START + 1)]
         ),
         vec![Err(LinkedEventFailed), Err(ExceedsAvailableBalance)]
     );
@@ -941,9 +936,11 @@ fn invalid_transfers_are_rejected_with_their_reason_and_change_nothing() {
 #[test]
 fn a_total_that_would_overflow_is_rejected_and_changes_nothing() {
     let mut ledger = ledger();
+    let before = accounts(&ledger);
+    // FUNDING has already paid out START, so its debits cannot take u64::MAX more.
     let huge = posted(1, FUNDING, MERCHANT, u64::MAX);
     assert_eq!(ledger.apply(secs(1), &[huge]), vec![Err(Overflow)]);
-    let before = accounts(&ledger);
+    assert_eq!(accounts(&ledger), before);
     assert_eq!(
         ledger.apply(secs(2), &[posted(2, EUR_FUNDING, EUR_WALLET, u64::MAX)]),
         vec![Ok(())]

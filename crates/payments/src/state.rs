@@ -89,9 +89,12 @@ pub struct State {
     keys: HashMap<KeyHash, Principal>,
     merchants: HashMap<MerchantId, (Merchant, PartyLists), IdHashBuilder>,
     payers: HashMap<PayerId, (Payer, PartyLists), IdHashBuilder>,
-    accounts: HashMap<(Owner, Currency), AccountId>,
-    payments: HashMap<PaymentId, PaymentRow, IdHashBuilder>,
-    payment_order: Vec<PaymentId>,
+    accounts: HashMap<(Owner, Currency), AccountId, IdHashBuilder>,
+    /// Payments in the order they were made. Rows live in one growing vector and the map
+    /// holds only their positions: inserting into a hash table of large rows touches a random
+    /// page per insert, which cost more than all the rest of a payment.
+    payments: Vec<PaymentRow>,
+    payment_index: HashMap<PaymentId, usize, IdHashBuilder>,
     topups: HashMap<TopupId, (Topup, usize), IdHashBuilder>,
     refunds: HashMap<RefundId, (Refund, usize), IdHashBuilder>,
     idempotency: HashMap<IdempotencyKey, IdempotencyRecord>,
@@ -115,9 +118,9 @@ impl State {
             keys: HashMap::new(),
             merchants: HashMap::default(),
             payers: HashMap::default(),
-            accounts: HashMap::new(),
-            payments: HashMap::default(),
-            payment_order: Vec::new(),
+            accounts: HashMap::default(),
+            payments: Vec::new(),
+            payment_index: HashMap::default(),
             topups: HashMap::default(),
             refunds: HashMap::default(),
             idempotency: HashMap::new(),
@@ -145,18 +148,18 @@ impl State {
             }
         }
         let outcome = self.execute(record.now, &record.command);
-        if let Some(claim) = &record.idempotency {
-            if outcome.is_kept_for_idempotency() {
-                self.idempotency.insert(
-                    claim.key.clone(),
-                    IdempotencyRecord {
-                        fingerprint: claim.fingerprint,
-                        outcome: outcome.clone(),
-                    },
-                );
-                self.idempotency_order
-                    .push_back((record.now, claim.key.clone()));
-            }
+        if let Some(claim) = &record.idempotency
+            && outcome.is_kept_for_idempotency()
+        {
+            self.idempotency.insert(
+                claim.key.clone(),
+                IdempotencyRecord {
+                    fingerprint: claim.fingerprint,
+                    outcome: outcome.clone(),
+                },
+            );
+            self.idempotency_order
+                .push_back((record.now, claim.key.clone()));
         }
         outcome
     }
@@ -212,7 +215,7 @@ impl State {
                 transfer_id,
             } => self.topup(now, *id, *payer, *amount, *currency, *source, *transfer_id),
             Command::Pay(pay) => match self.pay(now, pay) {
-                Ok(payment) => Outcome::Paid(payment),
+                Ok(payment) => Outcome::Paid(payment.clone()),
                 Err(rejection) => Outcome::Rejected(rejection),
             },
             Command::PayBatch(items) => Outcome::PaidBatch(
@@ -347,7 +350,7 @@ impl State {
         Outcome::ToppedUp(topup)
     }
 
-    fn pay(&mut self, now: Timestamp, pay: &PayCommand) -> Result<Payment, Rejection> {
+    fn pay(&mut self, now: Timestamp, pay: &PayCommand) -> Result<&Payment, Rejection> {
         let fee_schedule = match self.merchants.get(&pay.merchant) {
             Some((merchant, _)) => merchant.fee,
             None => return Err(Rejection::MerchantNotFound),
@@ -355,7 +358,7 @@ impl State {
         if !self.payers.contains_key(&pay.payer) {
             return Err(Rejection::PayerNotFound);
         }
-        if self.payments.contains_key(&pay.id) {
+        if self.payment_index.contains_key(&pay.id) {
             return Err(Rejection::IdCollision);
         }
         // A payer without a wallet in this currency has nothing to spend.
@@ -408,20 +411,17 @@ impl State {
         let merchant_lists = &mut self.merchants.get_mut(&pay.merchant).expect("checked").1;
         merchant_lists.payments.push(pay.id);
         let positions_merchant = merchant_lists.payments.len() - 1;
-        self.payment_order.push(pay.id);
-        self.payments.insert(
-            pay.id,
-            PaymentRow {
-                payment: payment.clone(),
-                positions: Positions {
-                    all: self.payment_order.len() - 1,
-                    payer: positions_payer,
-                    merchant: positions_merchant,
-                    entry: positions_entry,
-                },
+        self.payment_index.insert(pay.id, self.payments.len());
+        self.payments.push(PaymentRow {
+            payment,
+            positions: Positions {
+                all: self.payments.len(),
+                payer: positions_payer,
+                merchant: positions_merchant,
+                entry: positions_entry,
             },
-        );
-        Ok(payment)
+        });
+        Ok(&self.payments.last().expect("just pushed").payment)
     }
 
     fn refund(
@@ -433,7 +433,7 @@ impl State {
         caller: Principal,
         transfer_ids: [TransferId; 2],
     ) -> Result<Refund, Rejection> {
-        let Some(row) = self.payments.get(&payment_id) else {
+        let Some(row) = self.payment_row(payment_id) else {
             return Err(Rejection::PaymentNotFound);
         };
         let payment = row.payment.clone();
@@ -501,7 +501,8 @@ impl State {
             fee_refunded: fee_back,
             created_at: now,
         };
-        let row = self.payments.get_mut(&payment_id).expect("checked above");
+        let index = self.payment_index[&payment_id];
+        let row = &mut self.payments[index];
         row.payment.amount_refunded = refunded_after;
         row.payment.fee_refunded = fee_after;
         let lists = &mut self.payers.get_mut(&payment.payer).expect("payer exists").1;
@@ -563,7 +564,13 @@ impl State {
     }
 
     pub fn payment(&self, id: PaymentId) -> Option<&Payment> {
-        self.payments.get(&id).map(|row| &row.payment)
+        self.payment_row(id).map(|row| &row.payment)
+    }
+
+    fn payment_row(&self, id: PaymentId) -> Option<&PaymentRow> {
+        self.payment_index
+            .get(&id)
+            .map(|&index| &self.payments[index])
     }
 
     pub fn refund_record(&self, id: RefundId) -> Option<&Refund> {
@@ -610,8 +617,19 @@ impl State {
         limit: usize,
         starting_after: Option<PaymentId>,
     ) -> Option<Page<&Payment>> {
+        if principal == Principal::Operator {
+            let end = match starting_after {
+                None => self.payments.len(),
+                Some(cursor) => self.payment_row(cursor)?.positions.all,
+            };
+            let page = page_backwards(&self.payments[..end], limit);
+            return Some(Page {
+                items: page.items.into_iter().map(|row| &row.payment).collect(),
+                has_more: page.has_more,
+            });
+        }
         let (ids, position_of): (&[PaymentId], fn(&Positions) -> usize) = match principal {
-            Principal::Operator => (&self.payment_order, |p| p.all),
+            Principal::Operator => unreachable!("answered above"),
             Principal::Payer(payer) => (&self.payers.get(&payer)?.1.payments, |p| p.payer),
             Principal::Merchant(merchant) => {
                 (&self.merchants.get(&merchant)?.1.payments, |p| p.merchant)
@@ -620,7 +638,7 @@ impl State {
         let end = match starting_after {
             None => ids.len(),
             Some(cursor) => {
-                let row = self.payments.get(&cursor)?;
+                let row = self.payment_row(cursor)?;
                 if !self.may_see(principal, &row.payment) {
                     return None;
                 }
@@ -632,7 +650,12 @@ impl State {
             items: page
                 .items
                 .into_iter()
-                .map(|id| &self.payments[id].payment)
+                .map(|id| {
+                    &self
+                        .payment_row(*id)
+                        .expect("listed payments exist")
+                        .payment
+                })
                 .collect(),
             has_more: page.has_more,
         })
@@ -659,7 +682,7 @@ impl State {
         let end = match starting_after {
             None => lists.entries.len(),
             Some(EntryObject::Payment(id)) => {
-                let row = self.payments.get(&id)?;
+                let row = self.payment_row(id)?;
                 (row.payment.payer == payer).then_some(row.positions.entry)?
             }
             Some(EntryObject::Topup(id)) => {

@@ -149,6 +149,14 @@ pub struct BatchPayments {
     pub payments: Vec<serde_json::Value>,
 }
 
+/// A batch whose every item is well formed: parsed in one pass. When this fails, the batch is
+/// parsed again item by item so that each bad item gets its own answer.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchPaymentsTyped {
+    pub payments: Vec<BatchItem>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {

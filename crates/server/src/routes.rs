@@ -1,7 +1,7 @@
 //! Route handlers: parse, authorize, call the service, render.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,11 @@ use crate::{App, BATCH_BODY_BYTES_MAX, Caller, REQUEST_BODY_BYTES_MAX, render};
 type ApiResult = Result<Response, ApiError>;
 
 fn json_response(status: StatusCode, value: &Value, replayed: bool) -> Response {
-    let mut response = (status, value.to_string()).into_response();
+    bytes_response(status, value.to_string(), replayed)
+}
+
+fn bytes_response(status: StatusCode, body: String, replayed: bool) -> Response {
+    let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -285,11 +289,11 @@ pub async fn create_payment(
             .pay_command(payer, merchant, amount, currency, description, reference);
     let executed = app.service.submit(Command::Pay(command), claim).await?;
     match executed.outcome {
-        Outcome::Paid(payment) => Ok(json_response(
-            StatusCode::CREATED,
-            &render::payment(&payment),
-            executed.replayed,
-        )),
+        Outcome::Paid(payment) => {
+            let body = serde_json::to_string(&render::payment_view(&payment))
+                .expect("a payment view serializes");
+            Ok(bytes_response(StatusCode::CREATED, body, executed.replayed))
+        }
         Outcome::Rejected(rejection) => Err(ApiError::from_rejection(rejection)),
         other => Err(unexpected(other)),
     }
@@ -305,30 +309,39 @@ pub async fn create_payment_batch(
 ) -> ApiResult {
     caller.require_operator()?;
     let raw = body(raw, BATCH_BODY_BYTES_MAX)?;
-    let request: input::BatchPayments = json_body(&raw)?;
+    let items: Vec<Result<input::BatchItem, ApiError>> =
+        match serde_json::from_slice::<input::BatchPaymentsTyped>(&raw) {
+            Ok(typed) => typed.payments.into_iter().map(Ok).collect(),
+            Err(_) => json_body::<input::BatchPayments>(&raw)?
+                .payments
+                .into_iter()
+                .map(|item| {
+                    serde_json::from_value::<input::BatchItem>(item)
+                        .map_err(|error| ApiError::validation(format!("invalid payment: {error}")))
+                })
+                .collect(),
+        };
     let max = farthing_service::PAYMENTS_PER_BATCH_MAX;
-    if request.payments.is_empty() || request.payments.len() > max {
+    if items.is_empty() || items.len() > max {
         return Err(ApiError::validation(format!(
             "`payments` must hold 1 to {max} payments"
         )));
     }
     let config = app.service.config();
     // Items that fail validation are answered in place; the rest go to the ledger together.
-    let mut slots: Vec<Result<usize, &'static str>> = Vec::with_capacity(request.payments.len());
-    let mut commands = Vec::with_capacity(request.payments.len());
-    for item in request.payments {
-        let parsed = serde_json::from_value::<input::BatchItem>(item)
-            .map_err(|_| ApiError::validation("invalid item"))
-            .and_then(|item| {
-                Ok(app.service.pay_command(
-                    input::payer_id("payer", &item.payer)?,
-                    input::merchant_id("merchant", &item.merchant)?,
-                    input::amount("amount", &item.amount, config)?,
-                    input::currency(&item.currency, config)?,
-                    input::optional_text("description", item.description)?,
-                    input::optional_text("reference", item.reference)?,
-                ))
-            });
+    let mut slots: Vec<Result<usize, &'static str>> = Vec::with_capacity(items.len());
+    let mut commands = Vec::with_capacity(items.len());
+    for item in items {
+        let parsed = item.and_then(|item| {
+            Ok(app.service.pay_command(
+                input::payer_id("payer", &item.payer)?,
+                input::merchant_id("merchant", &item.merchant)?,
+                input::amount("amount", &item.amount, config)?,
+                input::currency(&item.currency, config)?,
+                input::optional_text("description", item.description)?,
+                input::optional_text("reference", item.reference)?,
+            ))
+        });
         match parsed {
             Ok(command) => {
                 slots.push(Ok(commands.len()));
@@ -413,8 +426,10 @@ pub async fn get_payment(
 pub async fn list_payments(
     State(app): State<App>,
     caller: Caller,
-    Query(query): Query<input::ListQuery>,
+    query: Result<Query<input::ListQuery>, QueryRejection>,
 ) -> ApiResult {
+    let Query(query) =
+        query.map_err(|error| ApiError::validation(format!("invalid query string: {error}")))?;
     let limit = query.limit()?;
     let cursor =
         match &query.starting_after {
@@ -491,9 +506,11 @@ pub async fn payer_transactions(
     State(app): State<App>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(query): Query<input::ListQuery>,
+    query: Result<Query<input::ListQuery>, QueryRejection>,
 ) -> ApiResult {
     let payer = payer_in_path(&caller, &id)?;
+    let Query(query) =
+        query.map_err(|error| ApiError::validation(format!("invalid query string: {error}")))?;
     let limit = query.limit()?;
     let cursor = match &query.starting_after {
         None => None,
@@ -510,15 +527,20 @@ pub async fn payer_transactions(
     let page = app
         .service
         .read(|state| {
-            state.payer_entries(payer, limit, cursor).map(|page| {
-                (
-                    page.items.iter().map(render::entry).collect(),
-                    page.has_more,
-                )
-            })
+            if state.payer(payer).is_none() {
+                return Err(ApiError::not_found("payer"));
+            }
+            state
+                .payer_entries(payer, limit, cursor)
+                .map(|page| {
+                    (
+                        page.items.iter().map(render::entry).collect(),
+                        page.has_more,
+                    )
+                })
+                .ok_or_else(|| ApiError::not_found("transaction for `starting_after`"))
         })
-        .await?
-        .ok_or_else(|| ApiError::not_found("payer"))?;
+        .await??;
     Ok(json_response(
         StatusCode::OK,
         &render::list(page.0, page.1),

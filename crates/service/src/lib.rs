@@ -90,7 +90,8 @@ struct Shared {
     config: Config,
     /// API keys of recently created parties, by idempotency key, so that a retried creation
     /// answers with the same key. Kept in memory only: keys never reach the disk.
-    created_keys: Mutex<HashMap<IdempotencyKey, Secret>>,
+    created_keys: Mutex<HashMap<IdempotencyKey, (Timestamp, Secret)>>,
+    clock: Arc<dyn Clock>,
     metrics: Metrics,
 }
 
@@ -144,6 +145,7 @@ impl Service {
             ids,
             config,
             created_keys: Mutex::new(HashMap::new()),
+            clock: clock.clone(),
             metrics: Metrics::default(),
         });
         let writer = {
@@ -306,7 +308,7 @@ impl Service {
                 .lock()
                 .expect("key cache lock")
                 .get(&claim.key)
-                .cloned(),
+                .map(|(_, key)| key.clone()),
             _ => None,
         };
         Executed {
@@ -357,11 +359,12 @@ impl Service {
         let mut executed = self.submit(command, idempotency.clone()).await?;
         if !executed.replayed {
             if let Some(claim) = idempotency {
-                self.shared
-                    .created_keys
-                    .lock()
-                    .expect("key cache lock")
-                    .insert(claim.key, key.clone());
+                let now = self.shared.clock.now();
+                let mut keys = self.shared.created_keys.lock().expect("key cache lock");
+                // Kept as long as the idempotency key itself, then forgotten.
+                let oldest = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
+                keys.retain(|_, (made, _)| *made >= oldest);
+                keys.insert(claim.key, (now, key.clone()));
             }
             executed.api_key = Some(key);
         }
