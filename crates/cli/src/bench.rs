@@ -101,18 +101,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         report["durable_store"] = json!(rows);
+        let dir = root.join("recovery");
+        let (payments, rate, bytes) = tokio::task::block_in_place(|| recovery(&dir, args.quick))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        say(&args, &format!(
+            "recovery: {} payments replayed from a {} MiB journal at {} payments/s ({} bytes per payment on disk)",
+            thousands(payments as f64),
+            bytes >> 20,
+            thousands(rate),
+            bytes / payments.max(1) as u64
+        ));
+        report["recovery"] = json!({"payments": payments, "payments_per_sec": rate.round(), "journal_bytes": bytes});
     }
     if parts.contains(&"memory") {
-        let (ledger_bytes, party_bytes) =
+        let (ledger_bytes, party_bytes, payment_bytes) =
             tokio::task::block_in_place(|| memory_per_account(args.quick));
         say(
             &args,
             &format!(
-                "memory: {ledger_bytes:.0} bytes per ledger account; {party_bytes:.0} bytes per payer with a funded wallet"
+                "memory: {ledger_bytes:.0} bytes per ledger account; {party_bytes:.0} bytes per payer with a funded wallet; {payment_bytes:.0} bytes per payment held"
             ),
         );
         report["memory_bytes_per_ledger_account"] = json!(ledger_bytes.round());
         report["memory_bytes_per_payer_with_wallet"] = json!(party_bytes.round());
+        report["memory_bytes_per_payment"] = json!(payment_bytes.round());
     }
     if parts.contains(&"http") {
         let http = http(&args, &root).await?;
@@ -372,6 +384,52 @@ fn durable_store(
     Ok(payments as f64 / elapsed)
 }
 
+/// Recovery: how fast a journal replays into a fresh state, in payments per second.
+fn recovery(dir: &std::path::Path, quick: bool) -> anyhow::Result<(usize, f64, u64)> {
+    let _ = std::fs::remove_dir_all(dir);
+    let (setup, payer_ids, merchant_ids) = setup_records(5_000, 5_000);
+    let batches = if quick { 4 } else { 120 };
+    {
+        let mut journal = FileJournal::open(dir)?;
+        journal.replay(&mut |_| {})?;
+        journal.append(&setup)?;
+        let mut rng = Rng(77);
+        let mut next: u128 = 1 << 100;
+        for _ in 0..batches {
+            let items = (0..8_190)
+                .map(|_| {
+                    next += 3;
+                    PayCommand {
+                        id: PaymentId::from_u128(next),
+                        payer: payer_ids[rng.below(payer_ids.len())],
+                        merchant: merchant_ids[rng.below(merchant_ids.len())],
+                        amount: Amount::from_micros(1 + rng.below(1_000) as u64),
+                        currency: usd(),
+                        description: None,
+                        reference: None,
+                        transfer_ids: [TransferId(next + 1), TransferId(next + 2)],
+                    }
+                })
+                .collect();
+            journal.append(&[Record {
+                now: Timestamp(1_700_000_001_000_000),
+                idempotency: None,
+                command: Command::PayBatch(items),
+            }])?;
+        }
+    }
+    let bytes = std::fs::metadata(dir.join(farthing_store_embedded::JOURNAL_FILE))?.len();
+    let started = Instant::now();
+    let mut journal = FileJournal::open(dir)?;
+    let mut state = State::new();
+    journal.replay(&mut |record| {
+        state.apply(&record);
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let payments = state.payment_count();
+    Ok((payments, payments as f64 / elapsed, bytes))
+}
+
 fn resident_bytes() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: f64 = statm
@@ -383,7 +441,7 @@ fn resident_bytes() -> f64 {
 }
 
 /// (d) Resident memory per ledger account, and per payer with a funded wallet.
-fn memory_per_account(quick: bool) -> (f64, f64) {
+fn memory_per_account(quick: bool) -> (f64, f64, f64) {
     let count: u64 = if quick { 100_000 } else { 1_000_000 };
     let before = resident_bytes();
     let mut ledger = Ledger::new();
@@ -403,7 +461,44 @@ fn memory_per_account(quick: bool) -> (f64, f64) {
     }
     let party_bytes = (resident_bytes() - before) / payers as f64;
     drop(state);
-    (ledger_bytes, party_bytes)
+    drop(records);
+    // Payments: each keeps its row, its index entries, its ledger transfer and a statement line.
+    let (setup, payer_ids, merchant_ids) = setup_records(1_000, 1_000);
+    let mut state = State::new();
+    for record in &setup {
+        state.apply(record);
+    }
+    let payments = if quick { 100_000 } else { 1_000_000 };
+    let mut rng = Rng(99);
+    let records: Vec<Record> = (0..payments / 1_000)
+        .map(|batch| Record {
+            now: Timestamp(1_700_000_001_000_000),
+            idempotency: None,
+            command: Command::PayBatch(
+                (0..1_000u128)
+                    .map(|n| {
+                        let id = (1u128 << 100) + 3 * (batch as u128 * 1_000 + n);
+                        PayCommand {
+                            id: PaymentId::from_u128(id),
+                            payer: payer_ids[rng.below(payer_ids.len())],
+                            merchant: merchant_ids[rng.below(merchant_ids.len())],
+                            amount: Amount::from_micros(1),
+                            currency: usd(),
+                            description: None,
+                            reference: None,
+                            transfer_ids: [TransferId(id + 1), TransferId(id + 2)],
+                        }
+                    })
+                    .collect(),
+            ),
+        })
+        .collect();
+    let before = resident_bytes();
+    for record in &records {
+        state.apply(record);
+    }
+    let payment_bytes = (resident_bytes() - before) / payments as f64;
+    (ledger_bytes, party_bytes, payment_bytes)
 }
 
 /// A server in a child process, on a fresh data directory.
