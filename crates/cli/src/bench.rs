@@ -104,14 +104,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let dir = root.join("recovery");
         let (payments, rate, bytes) = tokio::task::block_in_place(|| recovery(&dir, args.quick))?;
         let _ = std::fs::remove_dir_all(&dir);
-        say(&args, &format!(
-            "recovery: {} payments replayed from a {} MiB journal at {} payments/s ({} bytes per payment on disk)",
-            thousands(payments as f64),
-            bytes >> 20,
-            thousands(rate),
-            bytes / payments.max(1) as u64
-        ));
-        report["recovery"] = json!({"payments": payments, "payments_per_sec": rate.round(), "journal_bytes": bytes});
+        say(
+            &args,
+            &format!(
+                "recovery: {} payments replayed from a {} MiB journal at {} payments/s ({} bytes per payment on disk)",
+                thousands(payments as f64),
+                bytes >> 20,
+                thousands(rate),
+                bytes / payments.max(1) as u64
+            ),
+        );
+        report["recovery"] =
+            json!({"payments": payments, "payments_per_sec": rate.round(), "journal_bytes": bytes});
     }
     if parts.contains(&"memory") {
         let (ledger_bytes, party_bytes, payment_bytes) =

@@ -7,15 +7,27 @@ const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 /// Characters after the prefix: 26 base32 digits hold 128 bits.
 const ID_DIGITS: usize = 26;
 
-fn encode(value: u128) -> String {
+fn encode(value: u128) -> [u8; ID_DIGITS] {
     let mut out = [0u8; ID_DIGITS];
     let mut v = value;
     for slot in out.iter_mut().rev() {
         *slot = ALPHABET[(v & 31) as usize];
         v >>= 5;
     }
-    String::from_utf8(out.to_vec()).expect("alphabet is ASCII")
+    out
 }
+
+/// Each byte's digit value, or `INVALID`.
+const INVALID: u8 = 0xFF;
+const DIGIT_OF: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut digit = 0;
+    while digit < 32 {
+        table[ALPHABET[digit] as usize] = digit as u8;
+        digit += 1;
+    }
+    table
+};
 
 fn decode(text: &str) -> Option<u128> {
     if text.len() != ID_DIGITS {
@@ -23,7 +35,11 @@ fn decode(text: &str) -> Option<u128> {
     }
     let mut value: u128 = 0;
     for (index, byte) in text.bytes().enumerate() {
-        let digit = ALPHABET.iter().position(|&a| a == byte)? as u128;
+        let digit = DIGIT_OF[usize::from(byte)];
+        if digit == INVALID {
+            return None;
+        }
+        let digit = u128::from(digit);
         // The first digit carries only 3 of 128 bits.
         if index == 0 && digit > 7 {
             return None;
@@ -59,7 +75,10 @@ macro_rules! prefixed_id {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}_{}", $prefix, encode(self.0))
+                let digits = encode(self.0);
+                f.write_str($prefix)?;
+                f.write_str("_")?;
+                f.write_str(std::str::from_utf8(&digits).expect("alphabet is ASCII"))
             }
         }
 

@@ -376,10 +376,8 @@ impl State {
             [(wallet, merchant_account, net), (wallet, fees_account, fee)],
             pay.transfer_ids,
         );
-        for outcome in self.ledger.apply(now, &legs) {
-            if let Err(rejection) = outcome {
-                return Err(ledger_rejection(rejection));
-            }
+        if let Some(rejection) = chain_failure(&self.ledger.apply(now, &legs)) {
+            return Err(ledger_rejection(rejection));
         }
         let balance_after = self.posted_balance(wallet);
         let payment = Payment {
@@ -481,14 +479,12 @@ impl State {
             ],
             transfer_ids,
         );
-        for outcome in self.ledger.apply(now, &legs) {
-            match outcome {
-                Ok(()) => {}
-                Err(TransferRejection::ExceedsAvailableBalance) => {
-                    return Err(Rejection::MerchantBalanceInsufficient);
-                }
-                Err(rejection) => return Err(ledger_rejection(rejection)),
+        match chain_failure(&self.ledger.apply(now, &legs)) {
+            None => {}
+            Some(TransferRejection::ExceedsAvailableBalance) => {
+                return Err(Rejection::MerchantBalanceInsufficient);
             }
+            Some(rejection) => return Err(ledger_rejection(rejection)),
         }
         let balance_after = self.posted_balance(wallet);
         let refund = Refund {
@@ -760,6 +756,20 @@ fn legs(parts: [(AccountId, AccountId, Amount); 2], ids: [TransferId; 2]) -> Vec
         .expect("a positive amount leaves at least one leg")
         .linked = false;
     transfers
+}
+
+/// Why a linked chain of legs failed, if it did: the failing leg's own rejection. Its partners
+/// only report `LinkedEventFailed`, and may come first (a payment whose merchant leg fits but
+/// whose fee leg does not).
+fn chain_failure(outcomes: &[Result<(), TransferRejection>]) -> Option<TransferRejection> {
+    let mut failures = outcomes.iter().filter_map(|outcome| outcome.err());
+    let first = failures.next()?;
+    Some(
+        std::iter::once(first)
+            .chain(failures)
+            .find(|rejection| *rejection != TransferRejection::LinkedEventFailed)
+            .unwrap_or(first),
+    )
 }
 
 fn ledger_rejection(rejection: TransferRejection) -> Rejection {

@@ -1,5 +1,7 @@
 //! Route handlers: parse, authorize, call the service, render.
 
+use std::fmt::Write as _;
+
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -374,7 +376,7 @@ pub async fn create_payment_batch(
             Ok(position) => match outcomes[*position] {
                 BatchItemOutcome::Succeeded(id) => {
                     out.push_str("{\"id\":\"");
-                    out.push_str(&id.to_string());
+                    let _ = write!(out, "{id}");
                     out.push_str("\",\"status\":\"succeeded\"}");
                 }
                 BatchItemOutcome::Failed(rejection) => {

@@ -1,6 +1,5 @@
 //! Time and ids, injected so that tests and simulations can choose them.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,26 +45,22 @@ pub trait Ids: Send + Sync + 'static {
     fn next_id(&self) -> u128;
 }
 
-/// Random 128-bit ids from a fast generator seeded by the OS. Ids are not secrets
-/// (authorization guards every object), so speed matters more than unpredictability.
-pub struct RandomIds(Mutex<Xoshiro>);
+/// Random 128-bit ids from a fast generator per thread, seeded by the OS. Ids are not secrets
+/// (authorization guards every object), so speed matters more than unpredictability; a
+/// generator per thread keeps request handlers from contending on a lock.
+#[derive(Default)]
+pub struct RandomIds;
 
-impl Default for RandomIds {
-    fn default() -> Self {
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).expect("the OS random source works");
-        let mut words = [0u64; 4];
-        for (word, chunk) in words.iter_mut().zip(seed.chunks(8)) {
-            *word = u64::from_le_bytes(chunk.try_into().expect("eight bytes")) | 1;
-        }
-        RandomIds(Mutex::new(Xoshiro(words)))
-    }
+thread_local! {
+    static GENERATOR: std::cell::RefCell<Xoshiro> = std::cell::RefCell::new(Xoshiro::from_os());
 }
 
 impl Ids for RandomIds {
     fn next_id(&self) -> u128 {
-        let mut rng = self.0.lock().expect("id generator lock");
-        (u128::from(rng.next()) << 64) | u128::from(rng.next())
+        GENERATOR.with(|generator| {
+            let mut rng = generator.borrow_mut();
+            (u128::from(rng.next()) << 64) | u128::from(rng.next())
+        })
     }
 }
 
@@ -88,6 +83,16 @@ impl Ids for SequentialIds {
 struct Xoshiro([u64; 4]);
 
 impl Xoshiro {
+    fn from_os() -> Xoshiro {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).expect("the OS random source works");
+        let mut words = [0u64; 4];
+        for (word, chunk) in words.iter_mut().zip(seed.chunks(8)) {
+            *word = u64::from_le_bytes(chunk.try_into().expect("eight bytes")) | 1;
+        }
+        Xoshiro(words)
+    }
+
     fn next(&mut self) -> u64 {
         let s = &mut self.0;
         let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
