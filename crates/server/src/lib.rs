@@ -169,7 +169,7 @@ pub async fn run(
         Box::new(journal),
         options.config,
         Arc::new(SystemClock),
-        Arc::new(RandomIds::default()),
+        Arc::new(RandomIds),
         admin_key,
     )
     .await?;
