@@ -101,6 +101,8 @@ pub struct State {
     /// Keys in the order they were made, for pruning.
     idempotency_order: VecDeque<(Timestamp, IdempotencyKey)>,
     records_applied: u64,
+    /// The latest time of any record applied.
+    last_time: Timestamp,
 }
 
 impl Default for State {
@@ -126,6 +128,7 @@ impl State {
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             records_applied: 0,
+            last_time: Timestamp(0),
         }
     }
 
@@ -134,10 +137,16 @@ impl State {
         self.records_applied
     }
 
+    /// The latest time of any record applied: new records should not be older.
+    pub fn last_time(&self) -> Timestamp {
+        self.last_time
+    }
+
     /// Applies one record. Deterministic: the same records in the same order give the same
     /// state and the same outcomes.
     pub fn apply(&mut self, record: &Record) -> Outcome {
         self.records_applied += 1;
+        self.last_time = self.last_time.max(record.now);
         if let Some(claim) = &record.idempotency {
             match self.idempotency_lookup(&claim.key, &claim.fingerprint) {
                 IdempotencyLookup::New => {}

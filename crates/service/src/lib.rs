@@ -88,9 +88,9 @@ struct Shared {
     durable: watch::Receiver<u64>,
     ids: Arc<dyn Ids>,
     config: Config,
-    /// API keys of recently created parties, by idempotency key, so that a retried creation
-    /// answers with the same key. Kept in memory only: keys never reach the disk.
-    created_keys: Mutex<HashMap<IdempotencyKey, (Timestamp, Secret)>>,
+    /// API keys of recently created parties, by party id, so that a retried creation answers
+    /// with the same key. Kept in memory only: keys never reach the disk.
+    created_keys: Mutex<HashMap<u128, (Timestamp, Secret)>>,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
 }
@@ -302,13 +302,15 @@ impl Service {
     ) -> Executed {
         let api_key = match (&outcome, claim, api_key) {
             (_, _, Some(key)) => Some(key),
-            (Outcome::MerchantCreated(_) | Outcome::PayerCreated(_), Some(claim), None) => self
-                .shared
-                .created_keys
-                .lock()
-                .expect("key cache lock")
-                .get(&claim.key)
-                .map(|(_, key)| key.clone()),
+            (Outcome::MerchantCreated(_) | Outcome::PayerCreated(_), Some(_), None) => {
+                let party = created_party(&outcome).expect("a creation");
+                self.shared
+                    .created_keys
+                    .lock()
+                    .expect("key cache lock")
+                    .get(&party)
+                    .map(|(_, key)| key.clone())
+            }
             _ => None,
         };
         Executed {
@@ -356,16 +358,27 @@ impl Service {
         key: Secret,
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<Executed, ServiceError> {
+        let party = command_fingerprint(&command).expect("a creation names its party");
+        if idempotency.is_some() {
+            // Cached before the command runs: a concurrent request with the same idempotency
+            // key can be answered with this party (as a replay) before this request is.
+            let now = self.shared.clock.now();
+            let mut keys = self.shared.created_keys.lock().expect("key cache lock");
+            // Kept as long as the idempotency key itself, then forgotten.
+            let oldest = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
+            keys.retain(|_, (made, _)| *made >= oldest);
+            keys.insert(party, (now, key.clone()));
+        }
         let mut executed = self.submit(command, idempotency.clone()).await?;
+        if created_party(&executed.outcome) != Some(party) && idempotency.is_some() {
+            // Replayed or refused: this party was never made.
+            self.shared
+                .created_keys
+                .lock()
+                .expect("key cache lock")
+                .remove(&party);
+        }
         if !executed.replayed {
-            if let Some(claim) = idempotency {
-                let now = self.shared.clock.now();
-                let mut keys = self.shared.created_keys.lock().expect("key cache lock");
-                // Kept as long as the idempotency key itself, then forgotten.
-                let oldest = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
-                keys.retain(|_, (made, _)| *made >= oldest);
-                keys.insert(claim.key, (now, key.clone()));
-            }
             executed.api_key = Some(key);
         }
         Ok(executed)
@@ -451,6 +464,15 @@ fn command_fingerprint(command: &Command) -> Option<u128> {
     })
 }
 
+/// The id of the merchant or payer an outcome made.
+fn created_party(outcome: &Outcome) -> Option<u128> {
+    match outcome {
+        Outcome::MerchantCreated(merchant) => Some(merchant.id.to_u128()),
+        Outcome::PayerCreated(payer) => Some(payer.id.to_u128()),
+        _ => None,
+    }
+}
+
 fn outcome_matches(outcome: &Outcome, expected: Option<u128>) -> bool {
     let made = match outcome {
         Outcome::MerchantCreated(m) => m.id.to_u128(),
@@ -476,7 +498,8 @@ fn write_loop(
     let mut jobs: Vec<Job> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
-    let mut last_now = Timestamp(0);
+    // Time never goes backwards in the journal, even across a restart on a clock that did.
+    let mut last_now = shared.state.read().expect("state lock").last_time();
     let mut next_prune = Timestamp(0);
     while let Some(first) = receive.blocking_recv() {
         jobs.push(first);
