@@ -77,6 +77,13 @@ pub struct Executed {
     pub api_key: Option<Secret>,
 }
 
+/// What the writer's queue carries.
+enum Message {
+    Job(Job),
+    /// Commit what is queued, then stop.
+    Stop,
+}
+
 struct Job {
     command: Command,
     idempotency: Option<IdempotencyClaim>,
@@ -107,7 +114,7 @@ pub struct Metrics {
 #[derive(Clone)]
 pub struct Service {
     shared: Arc<Shared>,
-    submit: mpsc::Sender<Job>,
+    submit: mpsc::Sender<Message>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -279,11 +286,11 @@ impl Service {
         let (reply, answer) = oneshot::channel();
         let expected = command_fingerprint(&command);
         self.submit
-            .send(Job {
+            .send(Message::Job(Job {
                 command,
                 idempotency: idempotency.clone(),
                 reply,
-            })
+            }))
             .await
             .map_err(|_| ServiceError::ShuttingDown)?;
         let outcome = answer.await.map_err(|_| ServiceError::ShuttingDown)?;
@@ -443,9 +450,17 @@ impl Service {
     }
 
     /// Stops taking commands, lets the writer commit what is queued, and waits for it.
+    /// Other handles may still be alive (a demo, a test): they get `ShuttingDown` afterwards.
     pub fn shutdown(self) {
         let Service { submit, writer, .. } = self;
-        drop(submit);
+        loop {
+            match submit.try_send(Message::Stop) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => break,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
         if let Some(handle) = writer.lock().expect("writer handle lock").take() {
             let _ = handle.join();
         }
@@ -491,7 +506,7 @@ fn write_loop(
     shared: Arc<Shared>,
     mut journal: Box<dyn Journal>,
     clock: Arc<dyn Clock>,
-    mut receive: mpsc::Receiver<Job>,
+    mut receive: mpsc::Receiver<Message>,
     durable: watch::Sender<u64>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -502,12 +517,21 @@ fn write_loop(
     let mut last_now = shared.state.read().expect("state lock").last_time();
     let mut next_prune = Timestamp(0);
     while let Some(first) = receive.blocking_recv() {
-        jobs.push(first);
+        // After a stop, the queue refuses new jobs but still yields those already in it, so
+        // everything accepted before the stop is committed and answered.
+        match first {
+            Message::Job(job) => jobs.push(job),
+            Message::Stop => receive.close(),
+        }
         while jobs.len() < RECORDS_PER_COMMIT_MAX {
             match receive.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(Message::Job(job)) => jobs.push(job),
+                Ok(Message::Stop) => receive.close(),
                 Err(_) => break,
             }
+        }
+        if jobs.is_empty() {
+            continue;
         }
         let started = std::time::Instant::now();
         // Time never goes backwards in the journal, whatever the wall clock does.
