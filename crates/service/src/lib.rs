@@ -78,6 +78,8 @@ pub struct Executed {
 }
 
 /// What the writer's queue carries.
+// `Stop` is sent once per process; boxing every job instead would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Job(Job),
     /// Commit what is queued, then stop.
