@@ -104,7 +104,11 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
     );
     println!("API description: {base}/openapi.json   Metrics: {base}/metrics");
     println!("Press Ctrl-C to stop.");
-    server.await??;
+    let result = server.await;
+    drop(service);
+    // The demo's data is made for one run only.
+    let _ = std::fs::remove_dir_all(&dir);
+    result??;
     Ok(())
 }
 
