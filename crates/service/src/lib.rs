@@ -161,7 +161,19 @@ impl Service {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("farthing-writer".into())
-                .spawn(move || write_loop(shared, journal, clock, receive, durable_tx))
+                .spawn(move || {
+                    // A panic here means a broken invariant while applying records: the state
+                    // in memory can no longer be trusted, but the journal still can. Stopping
+                    // the process (and replaying on restart) beats serving from a poisoned
+                    // lock. Nothing that was not yet durable was acknowledged.
+                    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        write_loop(shared, journal, clock, receive, durable_tx)
+                    }));
+                    if applied.is_err() {
+                        tracing::error!("the writer panicked; stopping the process");
+                        std::process::abort();
+                    }
+                })
                 .map_err(StoreError::Io)?
         };
         let service = Service {
