@@ -123,7 +123,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         say(
             &args,
             &format!(
-                "memory: {ledger_bytes:.0} bytes per ledger account; {party_bytes:.0} bytes per payer with a funded wallet; {payment_bytes:.0} bytes per payment held"
+                "memory (heap): {ledger_bytes:.0} bytes per ledger account; {party_bytes:.0} bytes per payer with a funded wallet; {payment_bytes:.0} bytes per payment held"
             ),
         );
         report["memory_bytes_per_ledger_account"] = json!(ledger_bytes.round());
@@ -434,36 +434,28 @@ fn recovery(dir: &std::path::Path, quick: bool) -> anyhow::Result<(usize, f64, u
     Ok((payments, payments as f64 / elapsed, bytes))
 }
 
-fn resident_bytes() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0.0);
-    pages * 4096.0
-}
-
 /// (d) Resident memory per ledger account, and per payer with a funded wallet.
 fn memory_per_account(quick: bool) -> (f64, f64, f64) {
     let count: u64 = if quick { 100_000 } else { 1_000_000 };
-    let before = resident_bytes();
-    let mut ledger = Ledger::new();
-    for id in 1..=count {
+    let (ledger, ledger_bytes) = crate::alloc::heap_bytes_of(|| {
+        let mut ledger = Ledger::new();
+        for id in 1..=count {
+            ledger
+                .create_account(AccountId(id), AccountKind::PayerWallet, usd())
+                .expect("fresh");
+        }
         ledger
-            .create_account(AccountId(id), AccountKind::PayerWallet, usd())
-            .expect("fresh");
-    }
-    let ledger_bytes = (resident_bytes() - before) / count as f64;
+    });
     drop(ledger);
     let payers = (count / 4) as usize;
     let (records, _, _) = setup_records(payers, 0);
-    let before = resident_bytes();
-    let mut state = State::new();
-    for record in &records {
-        state.apply(record);
-    }
-    let party_bytes = (resident_bytes() - before) / payers as f64;
+    let (state, party_bytes) = crate::alloc::heap_bytes_of(|| {
+        let mut state = State::new();
+        for record in &records {
+            state.apply(record);
+        }
+        state
+    });
     drop(state);
     drop(records);
     // Payments: each keeps its row, its index entries, its ledger transfer and a statement line.
@@ -497,12 +489,16 @@ fn memory_per_account(quick: bool) -> (f64, f64, f64) {
             ),
         })
         .collect();
-    let before = resident_bytes();
-    for record in &records {
-        state.apply(record);
-    }
-    let payment_bytes = (resident_bytes() - before) / payments as f64;
-    (ledger_bytes, party_bytes, payment_bytes)
+    let ((), payment_bytes) = crate::alloc::heap_bytes_of(|| {
+        for record in &records {
+            state.apply(record);
+        }
+    });
+    (
+        ledger_bytes as f64 / count as f64,
+        party_bytes as f64 / payers as f64,
+        payment_bytes as f64 / payments as f64,
+    )
 }
 
 /// A server in a child process, on a fresh data directory.

@@ -1,5 +1,6 @@
 //! `farthing`: run the server, try the demo, measure the ledger.
 
+mod alloc;
 mod bench;
 mod demo;
 mod loadgen;
@@ -12,6 +13,9 @@ use farthing_ledger::{Amount, Currency};
 use farthing_payments::{FEE_BPS_MAX, FeeSchedule};
 use farthing_server::{Options, Started};
 use farthing_service::Config;
+
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 /// The shortest operator key accepted.
 const ADMIN_KEY_CHARS_MIN: usize = 32;

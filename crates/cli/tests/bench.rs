@@ -1,0 +1,61 @@
+//! `farthing bench` reports every figure the benchmarks promise. A quick run checks that each
+//! benchmark runs end to end and measures something; how fast is BENCHMARKS.md's business.
+
+use std::process::Command;
+
+#[test]
+fn a_quick_bench_reports_every_figure_as_a_positive_number() {
+    let dir = std::env::temp_dir().join(format!("farthing-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_farthing"))
+        .args(["bench", "--quick", "--json", "--seconds", "1", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("run farthing bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("bench --json prints one JSON document");
+    let positive = |value: &serde_json::Value, what: &str| {
+        let number = value
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what} is missing: {report}"));
+        assert!(number > 0.0, "{what} is {number}");
+    };
+    positive(&report["ledger_core_transfers_per_sec"], "ledger core");
+    let store = report["durable_store"]
+        .as_array()
+        .expect("durable store rows");
+    for accounts in [10_000, 10] {
+        for batch in [1, 100, 8_190] {
+            let row = store
+                .iter()
+                .find(|row| row["accounts"] == accounts && row["batch"] == batch)
+                .unwrap_or_else(|| {
+                    panic!("no durable store row for {accounts} accounts, batch {batch}")
+                });
+            positive(&row["transfers_per_sec"], "durable store");
+        }
+    }
+    positive(&report["recovery"]["payments_per_sec"], "recovery");
+    positive(
+        &report["memory_bytes_per_ledger_account"],
+        "memory per account",
+    );
+    positive(&report["memory_bytes_per_payment"], "memory per payment");
+    let single = report["http"]["single"].as_array().expect("HTTP rows");
+    for connections in [1, 16, 256] {
+        let row = single
+            .iter()
+            .find(|row| row["connections"] == connections)
+            .unwrap_or_else(|| panic!("no HTTP row for {connections} connections"));
+        positive(&row["payments_per_sec"], "HTTP payments/s");
+        positive(&row["p50_ms"], "p50");
+        positive(&row["p99_ms"], "p99");
+    }
+    positive(&report["http"]["batch_payments_per_sec"], "batch route");
+}
