@@ -9,7 +9,10 @@ use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 
 /// The first byte of every encoded record.
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
+/// Version 1 wrote a refund's amount as a bare `u64` with 0 for "the rest", which cannot say
+/// `Some(0)` (a refund of nothing, refused): replayed, it became a full refund. Still read.
+const FORMAT_VERSION_1: u8 = 1;
 
 /// Why bytes are not a record.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -108,7 +111,13 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             w.u8(7);
             w.u128(id.to_u128());
             w.u128(payment.to_u128());
-            w.u64(amount.map_or(0, Amount::micros));
+            match amount {
+                None => w.u8(0),
+                Some(amount) => {
+                    w.u8(1);
+                    w.u64(amount.micros());
+                }
+            }
             w.principal(*caller);
             w.u128(transfer_ids[0].0);
             w.u128(transfer_ids[1].0);
@@ -124,7 +133,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
         return Err(DecodeError::UnknownVersion(version));
     }
     let now = Timestamp(r.u64()?);
@@ -183,9 +192,17 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         7 => Command::Refund {
             id: RefundId::from_u128(r.u128()?),
             payment: PaymentId::from_u128(r.u128()?),
-            amount: match r.u64()? {
-                0 => None,
-                micros => Some(Amount::from_micros(micros)),
+            amount: if version == FORMAT_VERSION_1 {
+                match r.u64()? {
+                    0 => None,
+                    micros => Some(Amount::from_micros(micros)),
+                }
+            } else {
+                match r.u8()? {
+                    0 => None,
+                    1 => Some(Amount::from_micros(r.u64()?)),
+                    tag => return Err(DecodeError::UnknownTag(tag)),
+                }
             },
             caller: r.principal()?,
             transfer_ids: [TransferId(r.u128()?), TransferId(r.u128()?)],

@@ -174,15 +174,13 @@ impl Journal for FileJournal {
     }
 }
 
-/// Whether a valid frame follows the damaged frame at the start of `bytes`, judging by the
-/// damaged frame's own length field.
+/// Whether a valid frame (checksummed, and a record) starts anywhere after the damaged frame
+/// at the start of `bytes`. The damaged frame's own length field is not trusted to find the
+/// next frame: the damage may be in it.
 fn damage_is_followed_by_valid_frame(bytes: &[u8]) -> bool {
-    if bytes.len() < FRAME_HEADER_BYTES {
-        return false;
-    }
-    let len = u32::from_le_bytes(bytes[..4].try_into().expect("four bytes")) as usize;
-    let next = FRAME_HEADER_BYTES.saturating_add(len);
-    len <= RECORD_BYTES_MAX && next < bytes.len() && read_frame(&bytes[next..]).is_some()
+    (1..bytes.len()).any(|start| {
+        read_frame(&bytes[start..]).is_some_and(|payload| codec::decode(payload).is_ok())
+    })
 }
 
 /// The payload of the frame at the start of `bytes`, if it is whole and its checksum holds.

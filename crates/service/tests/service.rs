@@ -1,0 +1,717 @@
+//! The service over a real file journal: group commit, restart, idempotent creation, and reads
+//! that never show what a crash could take back.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use farthing_ledger::{Amount, Currency, MICROS_PER_UNIT, Timestamp};
+use farthing_payments::*;
+use farthing_service::*;
+use farthing_store::{Journal, StoreError};
+use farthing_store_embedded::FileJournal;
+
+const EPOCH: u64 = 1_700_000_000_000_000;
+
+/// A fresh directory under the system's temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let unique = format!(
+            "farthing-service-{name}-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_nanos()
+        );
+        let path = std::env::temp_dir().join(unique);
+        std::fs::create_dir_all(&path).expect("a temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").expect("known")
+}
+
+fn eur() -> Currency {
+    Currency::parse("EUR").expect("known")
+}
+
+fn units(n: u64) -> Amount {
+    Amount::from_micros(n * MICROS_PER_UNIT)
+}
+
+fn manual_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(Timestamp(EPOCH)))
+}
+
+async fn open_with(
+    journal: Box<dyn Journal>,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn Ids>,
+    operator_key: Option<Secret>,
+) -> Opened {
+    match Service::open(journal, Config::default(), clock, ids, operator_key).await {
+        Ok(opened) => opened,
+        Err(error) => panic!("the service opens: {error}"),
+    }
+}
+
+async fn open(dir: &TempDir, clock: Arc<dyn Clock>, operator_key: Option<Secret>) -> Opened {
+    let journal = FileJournal::open(dir.path()).expect("the journal opens");
+    open_with(Box::new(journal), clock, Arc::new(RandomIds), operator_key).await
+}
+
+/// Stops the service and waits for its writer (which blocks), off the async workers.
+async fn shutdown(service: Service) {
+    tokio::task::spawn_blocking(move || service.shutdown())
+        .await
+        .expect("shutdown finishes");
+}
+
+fn claim(principal: Principal, key: &str, body: &str) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key: IdempotencyKey {
+            principal,
+            key: key.to_string(),
+        },
+        fingerprint: fingerprint(&[b"POST", b"/v1/test", body.as_bytes()]),
+    }
+}
+
+async fn create_payer(service: &Service, name: &str) -> (PayerId, Secret) {
+    let executed = service
+        .create_payer(name.to_string(), None)
+        .await
+        .expect("submits");
+    match executed.outcome {
+        Outcome::PayerCreated(payer) => (payer.id, executed.api_key.expect("a new key")),
+        other => panic!("expected a payer, got {other:?}"),
+    }
+}
+
+async fn create_merchant(
+    service: &Service,
+    name: &str,
+    fee: Option<FeeSchedule>,
+) -> (MerchantId, Secret) {
+    let executed = service
+        .create_merchant(name.to_string(), fee, None)
+        .await
+        .expect("submits");
+    match executed.outcome {
+        Outcome::MerchantCreated(merchant) => (merchant.id, executed.api_key.expect("a new key")),
+        other => panic!("expected a merchant, got {other:?}"),
+    }
+}
+
+async fn topup(service: &Service, payer: PayerId, amount: Amount, currency: Currency) {
+    let executed = service
+        .topup(payer, amount, currency, FundingSource::Sandbox, None)
+        .await
+        .expect("submits");
+    assert!(
+        matches!(executed.outcome, Outcome::ToppedUp(_)),
+        "{:?}",
+        executed.outcome
+    );
+}
+
+async fn pay(
+    service: &Service,
+    payer: PayerId,
+    merchant: MerchantId,
+    amount: Amount,
+    currency: Currency,
+) -> Outcome {
+    let command = service.pay_command(payer, merchant, amount, currency, None, None);
+    service
+        .submit(Command::Pay(command), None)
+        .await
+        .expect("submits")
+        .outcome
+}
+
+fn paid(outcome: Outcome) -> Payment {
+    match outcome {
+        Outcome::Paid(payment) => payment,
+        other => panic!("expected a payment, got {other:?}"),
+    }
+}
+
+fn operator_payment_ids(state: &State) -> Vec<PaymentId> {
+    state
+        .list_payments(Principal::Operator, usize::MAX, None)
+        .expect("the operator sees all")
+        .items
+        .iter()
+        .map(|p| p.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_payments_all_succeed_in_fewer_commits_than_payments() {
+    const PAYMENTS: u64 = 200;
+    let dir = TempDir::new("group-commit");
+    let clock = manual_clock();
+    let journal = FileJournal::open(dir.path()).expect("opens");
+    let opened = open_with(
+        Box::new(journal),
+        clock,
+        Arc::new(SequentialIds::new(1)),
+        None,
+    )
+    .await;
+    let service = opened.service;
+    let (payer, _) = create_payer(&service, "payer").await;
+    let (merchant, _) = create_merchant(&service, "shop", None).await;
+    topup(&service, payer, units(1_000), usd()).await;
+
+    let metrics = service.metrics();
+    let commits_before = metrics.commits.load(Ordering::SeqCst);
+    let records_before = metrics.records_committed.load(Ordering::SeqCst);
+    let applied_before = service.read_now(|state| state.records_applied());
+    let barrier = Arc::new(tokio::sync::Barrier::new(PAYMENTS as usize));
+    let tasks: Vec<_> = (0..PAYMENTS)
+        .map(|i| {
+            let service = service.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let amount = Amount::from_micros(1_000 + i);
+                (amount, pay(&service, payer, merchant, amount, usd()).await)
+            })
+        })
+        .collect();
+    let mut spent = 0;
+    for task in tasks {
+        let (amount, outcome) = task.await.expect("the task finishes");
+        let payment = paid(outcome);
+        assert_eq!(payment.amount, amount);
+        spent += i128::from(amount.micros());
+    }
+
+    let commits = metrics.commits.load(Ordering::SeqCst) - commits_before;
+    let records = metrics.records_committed.load(Ordering::SeqCst) - records_before;
+    let applied = service.read_now(|state| state.records_applied()) - applied_before;
+    assert!(commits >= 1);
+    assert!(
+        commits < PAYMENTS,
+        "{PAYMENTS} payments took {commits} commits: nothing was grouped"
+    );
+    // The clock did not move, so no pruning record joined them: one record per payment.
+    assert_eq!(records, PAYMENTS);
+    assert_eq!(applied, PAYMENTS);
+    let (count, balance) = service
+        .read(|state| {
+            (
+                state.payment_count(),
+                state.payer_balances(payer).expect("known")[0].1,
+            )
+        })
+        .await
+        .expect("reads");
+    assert_eq!(count, PAYMENTS as usize);
+    assert_eq!(
+        balance,
+        i128::from(units(1_000).micros()) - spent,
+        "every payment moved its money once"
+    );
+    shutdown(service).await;
+}
+
+/// Everything a caller can see about some parties.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    records_applied: u64,
+    counts: (usize, usize, usize, usize),
+    payer_balances: Vec<Option<Vec<(Currency, i128)>>>,
+    merchant_balances: Vec<Option<Vec<(Currency, i128)>>>,
+    payments: Vec<Vec<Payment>>,
+    statements: Vec<Vec<Entry>>,
+    totals: Vec<CurrencyTotals>,
+}
+
+fn snapshot(state: &State, payers: &[PayerId], merchants: &[MerchantId]) -> Snapshot {
+    let list = |principal| -> Vec<Payment> {
+        state
+            .list_payments(principal, usize::MAX, None)
+            .expect("a known principal")
+            .items
+            .into_iter()
+            .cloned()
+            .collect()
+    };
+    let mut principals = vec![Principal::Operator];
+    principals.extend(payers.iter().map(|p| Principal::Payer(*p)));
+    principals.extend(merchants.iter().map(|m| Principal::Merchant(*m)));
+    Snapshot {
+        records_applied: state.records_applied(),
+        counts: (
+            state.payer_count(),
+            state.merchant_count(),
+            state.payment_count(),
+            state.ledger_transfer_count(),
+        ),
+        payer_balances: payers.iter().map(|p| state.payer_balances(*p)).collect(),
+        merchant_balances: merchants
+            .iter()
+            .map(|m| state.merchant_balances(*m))
+            .collect(),
+        payments: principals.into_iter().map(list).collect(),
+        statements: payers
+            .iter()
+            .map(|p| {
+                state
+                    .payer_entries(*p, usize::MAX, None)
+                    .expect("a known payer")
+                    .items
+            })
+            .collect(),
+        totals: state.currency_totals(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replays_to_the_same_state_and_the_operator_key_given_still_works() {
+    let dir = TempDir::new("restart");
+    let operator = Secret::new("fk_op_restart-test-operator-key".to_string());
+    let opened = open(&dir, Arc::new(SystemClock), Some(operator.clone())).await;
+    assert!(
+        opened.generated_operator_key.is_none(),
+        "a key was given, none is made"
+    );
+    let service = opened.service;
+    assert_eq!(service.authenticate(&operator), Some(Principal::Operator));
+
+    let (alice, alice_key) = create_payer(&service, "Alice").await;
+    let (bob, _) = create_payer(&service, "Bob").await;
+    let fee = FeeSchedule {
+        bps: 290,
+        fixed: Amount::from_micros(30_000),
+    };
+    let (cafe, cafe_key) = create_merchant(&service, "Café", Some(fee)).await;
+    let (books, _) = create_merchant(&service, "Books", None).await;
+    topup(&service, alice, units(100), usd()).await;
+    topup(&service, alice, units(20), eur()).await;
+    topup(&service, bob, units(5), usd()).await;
+    let declined = service
+        .topup(bob, units(5), usd(), FundingSource::SandboxDecline, None)
+        .await
+        .expect("submits");
+    assert_eq!(
+        declined.outcome,
+        Outcome::Rejected(Rejection::FundingDeclined)
+    );
+    let coffee = paid(pay(&service, alice, cafe, units(3), usd()).await);
+    paid(pay(&service, alice, books, units(12), eur()).await);
+    paid(pay(&service, bob, cafe, units(4), usd()).await);
+    assert_eq!(
+        pay(&service, bob, books, units(50), usd()).await,
+        Outcome::Rejected(Rejection::InsufficientFunds)
+    );
+    let batch = vec![
+        service.pay_command(alice, books, units(1), usd(), Some("📚".into()), None),
+        service.pay_command(alice, cafe, units(1_000), usd(), None, None),
+    ];
+    let executed = service
+        .submit(Command::PayBatch(batch), None)
+        .await
+        .expect("submits");
+    assert!(matches!(executed.outcome, Outcome::PaidBatch(_)));
+    let partial = service
+        .refund(Principal::Merchant(cafe), coffee.id, Some(units(1)), None)
+        .await
+        .expect("submits");
+    assert!(matches!(partial.outcome, Outcome::Refunded(_)));
+    let rest = service
+        .refund(Principal::Operator, coffee.id, None, None)
+        .await
+        .expect("submits");
+    assert!(matches!(rest.outcome, Outcome::Refunded(_)));
+    let order = claim(Principal::Payer(alice), "order-7", "{\"amount\":\"2\"}");
+    let command = service.pay_command(alice, cafe, units(2), usd(), None, None);
+    let first = service
+        .submit(Command::Pay(command), Some(order.clone()))
+        .await
+        .expect("submits");
+    let first = paid(first.outcome);
+
+    let payers = [alice, bob];
+    let merchants = [cafe, books];
+    let before = service
+        .read(|state| snapshot(state, &payers, &merchants))
+        .await
+        .expect("reads");
+    shutdown(service).await;
+
+    let reopened = open(&dir, Arc::new(SystemClock), None).await;
+    assert!(
+        reopened.generated_operator_key.is_none(),
+        "an operator key exists, none is made"
+    );
+    assert_eq!(reopened.records_replayed, before.records_applied);
+    let service = reopened.service;
+    let after = service
+        .read(|state| snapshot(state, &payers, &merchants))
+        .await
+        .expect("reads");
+    assert_eq!(after, before);
+    assert_eq!(service.authenticate(&operator), Some(Principal::Operator));
+    assert_eq!(
+        service.authenticate(&alice_key),
+        Some(Principal::Payer(alice))
+    );
+    assert_eq!(
+        service.authenticate(&cafe_key),
+        Some(Principal::Merchant(cafe))
+    );
+    // The idempotency key survived too: the retry answers with the first payment.
+    let command = service.pay_command(alice, cafe, units(2), usd(), None, None);
+    let retry = service
+        .submit(Command::Pay(command), Some(order))
+        .await
+        .expect("submits");
+    assert!(retry.replayed);
+    assert_eq!(paid(retry.outcome), first);
+    shutdown(service).await;
+
+    // A new key given at open replaces the old one.
+    let replacement = Secret::new("fk_op_restart-test-replacement".to_string());
+    let reopened = open(&dir, Arc::new(SystemClock), Some(replacement.clone())).await;
+    assert!(reopened.generated_operator_key.is_none());
+    let service = reopened.service;
+    assert_eq!(
+        service.authenticate(&replacement),
+        Some(Principal::Operator)
+    );
+    assert_eq!(service.authenticate(&operator), None);
+    shutdown(service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_key_is_generated_only_when_the_journal_has_none() {
+    let dir = TempDir::new("generated-key");
+    let opened = open(&dir, manual_clock(), None).await;
+    let generated = opened
+        .generated_operator_key
+        .expect("a new journal gets a key");
+    let service = opened.service;
+    assert_eq!(service.authenticate(&generated), Some(Principal::Operator));
+    shutdown(service).await;
+
+    for _ in 0..2 {
+        let reopened = open(&dir, manual_clock(), None).await;
+        assert!(reopened.generated_operator_key.is_none());
+        let service = reopened.service;
+        assert_eq!(service.authenticate(&generated), Some(Principal::Operator));
+        shutdown(service).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_creation_answers_with_the_same_api_key_and_another_body_is_refused() {
+    let dir = TempDir::new("creation-retry");
+    let opened = open(&dir, manual_clock(), None).await;
+    let service = opened.service;
+
+    let shop = claim(Principal::Operator, "create-shop", "{\"name\":\"Shop\"}");
+    let first = service
+        .create_merchant("Shop".into(), None, Some(shop.clone()))
+        .await
+        .expect("submits");
+    assert!(!first.replayed);
+    let Outcome::MerchantCreated(merchant) = &first.outcome else {
+        panic!("expected a merchant, got {:?}", first.outcome)
+    };
+    let key = first.api_key.clone().expect("a new merchant's key");
+    assert_eq!(
+        service.authenticate(&key),
+        Some(Principal::Merchant(merchant.id))
+    );
+    let retry = service
+        .create_merchant("Shop".into(), None, Some(shop.clone()))
+        .await
+        .expect("submits");
+    assert!(retry.replayed);
+    assert_eq!(retry.outcome, first.outcome);
+    assert_eq!(retry.api_key, Some(key));
+    let other_body = IdempotencyClaim {
+        fingerprint: fingerprint(&[b"POST", b"/v1/test", b"{\"name\":\"Other\"}"]),
+        ..shop
+    };
+    let refused = service
+        .create_merchant("Other".into(), None, Some(other_body))
+        .await
+        .expect("submits");
+    assert_eq!(
+        refused.outcome,
+        Outcome::Rejected(Rejection::IdempotencyKeyReused)
+    );
+    assert_eq!(refused.api_key, None, "nothing was made, so no key");
+    assert_eq!(service.read_now(|state| state.merchant_count()), 1);
+
+    // Payers, retried concurrently: one payer, one key, one fresh answer.
+    let payer_claim = claim(Principal::Operator, "create-payer", "{\"name\":\"Pat\"}");
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let service = service.clone();
+            let payer_claim = payer_claim.clone();
+            tokio::spawn(async move {
+                service
+                    .create_payer("Pat".into(), Some(payer_claim))
+                    .await
+                    .expect("submits")
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("the task finishes"));
+    }
+    let Outcome::PayerCreated(payer) = &answers[0].outcome else {
+        panic!("expected a payer, got {:?}", answers[0].outcome)
+    };
+    let payer_key = answers[0].api_key.clone().expect("a key");
+    for answer in &answers {
+        assert_eq!(&answer.outcome, &answers[0].outcome);
+        assert_eq!(answer.api_key.as_ref(), Some(&payer_key));
+    }
+    assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
+    assert_eq!(service.read_now(|state| state.payer_count()), 1);
+    assert_eq!(
+        service.authenticate(&payer_key),
+        Some(Principal::Payer(payer.id))
+    );
+    let refused = service
+        .create_payer(
+            "Sam".into(),
+            Some(IdempotencyClaim {
+                fingerprint: [0; 32],
+                ..payer_claim
+            }),
+        )
+        .await
+        .expect("submits");
+    assert_eq!(
+        refused.outcome,
+        Outcome::Rejected(Rejection::IdempotencyKeyReused)
+    );
+    shutdown(service).await;
+}
+
+/// A journal whose appends, once the switch is thrown, never reach the disk: the writer blocks
+/// in them (an fsync that does not finish) until released, as a machine about to lose power.
+struct LosingJournal {
+    inner: FileJournal,
+    gate: Arc<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    losing: AtomicBool,
+    blocked: AtomicBool,
+    released: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Gate {
+    fn release(&self) {
+        *self.released.lock().expect("gate lock") = true;
+        self.wake.notify_all();
+    }
+}
+
+impl Journal for LosingJournal {
+    fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        if !self.gate.losing.load(Ordering::SeqCst) {
+            return self.inner.append(records);
+        }
+        self.gate.blocked.store(true, Ordering::SeqCst);
+        let mut released = self.gate.released.lock().expect("gate lock");
+        while !*released {
+            released = self.gate.wake.wait(released).expect("gate lock");
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError> {
+        self.inner.replay(visit)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_never_shows_a_payment_before_it_is_durable() {
+    let dir = TempDir::new("durable-reads");
+    let gate = Arc::new(Gate::default());
+    let journal = LosingJournal {
+        inner: FileJournal::open(dir.path()).expect("opens"),
+        gate: gate.clone(),
+    };
+    let opened = open_with(
+        Box::new(journal),
+        manual_clock(),
+        Arc::new(SequentialIds::new(1)),
+        None,
+    )
+    .await;
+    let service = opened.service;
+    let (payer, _) = create_payer(&service, "payer").await;
+    let (merchant, _) = create_merchant(&service, "shop", None).await;
+    topup(&service, payer, units(1_000), usd()).await;
+
+    // Readers run throughout and keep what they saw, until the "crash".
+    let crashed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let reads_before_crash = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (service, crashed, stop, seen, reads) = (
+                service.clone(),
+                crashed.clone(),
+                stop.clone(),
+                seen.clone(),
+                reads_before_crash.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(ids) = service.read(operator_payment_ids).await else {
+                        break;
+                    };
+                    if !crashed.load(Ordering::SeqCst) {
+                        seen.lock().expect("seen lock").extend(ids);
+                        reads.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+
+    // Payments that are acknowledged, hence durable.
+    let acknowledged: Vec<_> = (0..150)
+        .map(|i| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                paid(
+                    pay(
+                        &service,
+                        payer,
+                        merchant,
+                        Amount::from_micros(1_000 + i),
+                        usd(),
+                    )
+                    .await,
+                )
+                .id
+            })
+        })
+        .collect();
+    let mut durable = HashSet::new();
+    for task in acknowledged {
+        durable.insert(task.await.expect("the task finishes"));
+    }
+
+    // Let the readers see some of them before going on, however busy the machine is.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen.lock().expect("seen lock").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the readers never read"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    // Payments whose commit never reaches the disk.
+    gate.losing.store(true, Ordering::SeqCst);
+    let lost: Vec<_> = (0..50)
+        .map(|i| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                pay(
+                    &service,
+                    payer,
+                    merchant,
+                    Amount::from_micros(5_000 + i),
+                    usd(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(gate.blocked.load(Ordering::SeqCst)
+        && service.read_now(|state| state.payment_count()) > durable.len())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never reached the lost commit"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The state in memory now holds payments that are not durable: a read must wait.
+    let probe = {
+        let service = service.clone();
+        tokio::spawn(async move { service.read(operator_payment_ids).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !probe.is_finished(),
+        "a read returned payments that are not durable"
+    );
+
+    // The machine goes down: nothing after this counts, and the lost commit is never written.
+    crashed.store(true, Ordering::SeqCst);
+    gate.release();
+    stop.store(true, Ordering::SeqCst);
+    for reader in readers {
+        reader.await.expect("the reader finishes");
+    }
+    for task in lost {
+        task.await.expect("the task finishes");
+    }
+    let _ = probe.await;
+    shutdown(service).await;
+
+    let seen = seen.lock().expect("seen lock").clone();
+    assert!(
+        reads_before_crash.load(Ordering::SeqCst) > 0 && !seen.is_empty(),
+        "some reads returned before the crash"
+    );
+    let reopened = open(&dir, manual_clock(), None).await;
+    let service = reopened.service;
+    let recovered: HashSet<PaymentId> = service
+        .read(operator_payment_ids)
+        .await
+        .expect("reads")
+        .into_iter()
+        .collect();
+    assert_eq!(
+        recovered, durable,
+        "exactly the acknowledged payments survive"
+    );
+    let unseen: Vec<_> = seen.difference(&recovered).collect();
+    assert!(
+        unseen.is_empty(),
+        "reads showed payments a crash took back: {unseen:?}"
+    );
+    shutdown(service).await;
+}
