@@ -9,10 +9,7 @@ use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 
 /// The first byte of every encoded record.
-const FORMAT_VERSION: u8 = 2;
-/// Version 1 wrote a refund's amount as a bare `u64` with 0 for "the rest", which cannot say
-/// `Some(0)` (a refund of nothing, refused): replayed, it became a full refund. Still read.
-const FORMAT_VERSION_1: u8 = 1;
+const FORMAT_VERSION: u8 = 1;
 
 /// Why bytes are not a record.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -133,7 +130,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
+    if version != FORMAT_VERSION {
         return Err(DecodeError::UnknownVersion(version));
     }
     let now = Timestamp(r.u64()?);
@@ -192,17 +189,12 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         7 => Command::Refund {
             id: RefundId::from_u128(r.u128()?),
             payment: PaymentId::from_u128(r.u128()?),
-            amount: if version == FORMAT_VERSION_1 {
-                match r.u64()? {
-                    0 => None,
-                    micros => Some(Amount::from_micros(micros)),
-                }
-            } else {
-                match r.u8()? {
-                    0 => None,
-                    1 => Some(Amount::from_micros(r.u64()?)),
-                    tag => return Err(DecodeError::UnknownTag(tag)),
-                }
+            // "The rest" and an explicit amount (even zero) must stay apart: a zero refund is
+            // refused, and replay must refuse it again rather than refund everything.
+            amount: match r.u8()? {
+                0 => None,
+                1 => Some(Amount::from_micros(r.u64()?)),
+                tag => return Err(DecodeError::UnknownTag(tag)),
             },
             caller: r.principal()?,
             transfer_ids: [TransferId(r.u128()?), TransferId(r.u128()?)],

@@ -220,6 +220,8 @@ pub enum Rejection {
     MerchantBalanceInsufficient,
     /// A total would exceed the largest amount the ledger keeps.
     AmountTooLarge,
+    /// A top-up or payment of nothing.
+    AmountNotPositive,
     IdempotencyKeyReused,
     /// An id chosen for the command is already taken.
     IdCollision,

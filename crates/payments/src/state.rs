@@ -320,6 +320,9 @@ impl State {
         if self.topups.contains_key(&id) {
             return Outcome::Rejected(Rejection::IdCollision);
         }
+        if amount.is_zero() {
+            return Outcome::Rejected(Rejection::AmountNotPositive);
+        }
         if source == FundingSource::SandboxDecline {
             return Outcome::Rejected(Rejection::FundingDeclined);
         }
@@ -369,6 +372,9 @@ impl State {
         }
         if self.payment_index.contains_key(&pay.id) {
             return Err(Rejection::IdCollision);
+        }
+        if pay.amount.is_zero() {
+            return Err(Rejection::AmountNotPositive);
         }
         // A payer without a wallet in this currency has nothing to spend.
         let Some(&wallet) = self.accounts.get(&(Owner::Payer(pay.payer), pay.currency)) else {
@@ -786,6 +792,12 @@ fn ledger_rejection(rejection: TransferRejection) -> Rejection {
         TransferRejection::ExceedsAvailableBalance => Rejection::InsufficientFunds,
         TransferRejection::Overflow => Rejection::AmountTooLarge,
         TransferRejection::ExistsWithDifferentFields => Rejection::IdCollision,
+        // Ids the ledger cannot use: zero, or already spent on another transfer (a record
+        // applied twice, or ids chosen badly). Refused, and a fresh request gets fresh ids.
+        TransferRejection::IdMustNotBeZero
+        | TransferRejection::LinkedEventFailed
+        | TransferRejection::LinkedEventChainOpen => Rejection::IdCollision,
+        TransferRejection::AmountMustNotBeZero => Rejection::AmountNotPositive,
         other => {
             panic!("the payments layer never builds a transfer the ledger refuses as {other:?}")
         }

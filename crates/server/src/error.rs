@@ -109,6 +109,7 @@ impl ApiError {
                 "Insufficient funds",
                 "the merchant's available balance does not cover this refund",
             ),
+            AmountNotPositive => ApiError::validation("the amount must be greater than zero"),
             AmountTooLarge => ApiError::validation(
                 "the amount would take a balance beyond the largest the ledger keeps",
             ),

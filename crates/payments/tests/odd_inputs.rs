@@ -1,0 +1,109 @@
+//! Inputs the HTTP edge never sends but the state must still answer without panicking: the
+//! state is applied by the single writer, and a panic there stops the whole server.
+
+use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
+use farthing_payments::*;
+
+fn record(command: Command) -> Record {
+    Record {
+        now: Timestamp(1_000_000),
+        idempotency: None,
+        command,
+    }
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").unwrap()
+}
+
+/// A payer with `funds` USD and a merchant charging 10%.
+fn setup(funds: u64) -> (State, PayerId, MerchantId) {
+    let mut state = State::new();
+    let payer = PayerId::from_u128(1);
+    let merchant = MerchantId::from_u128(2);
+    state.apply(&record(Command::CreatePayer {
+        id: payer,
+        name: "payer".into(),
+        key_hash: KeyHash([1; 32]),
+    }));
+    state.apply(&record(Command::CreateMerchant {
+        id: merchant,
+        name: "merchant".into(),
+        key_hash: KeyHash([2; 32]),
+        fee: FeeSchedule {
+            bps: 1_000,
+            fixed: Amount::ZERO,
+        },
+    }));
+    let topped = state.apply(&record(Command::Topup {
+        id: TopupId::from_u128(3),
+        payer,
+        amount: Amount::from_micros(funds),
+        currency: usd(),
+        source: FundingSource::Sandbox,
+        transfer_id: TransferId(4),
+    }));
+    assert!(matches!(topped, Outcome::ToppedUp(_)));
+    (state, payer, merchant)
+}
+
+fn pay(payer: PayerId, merchant: MerchantId, micros: u64, ids: [u128; 3]) -> Command {
+    Command::Pay(PayCommand {
+        id: PaymentId::from_u128(ids[0]),
+        payer,
+        merchant,
+        amount: Amount::from_micros(micros),
+        currency: usd(),
+        description: None,
+        reference: None,
+        transfer_ids: [TransferId(ids[1]), TransferId(ids[2])],
+    })
+}
+
+fn balance(state: &State, payer: PayerId) -> i128 {
+    state.payer_balances(payer).unwrap()[0].1
+}
+
+#[test]
+fn a_zero_top_up_or_payment_is_refused_and_moves_nothing() {
+    let (mut state, payer, merchant) = setup(1_000);
+    let topup = state.apply(&record(Command::Topup {
+        id: TopupId::from_u128(10),
+        payer,
+        amount: Amount::ZERO,
+        currency: usd(),
+        source: FundingSource::Sandbox,
+        transfer_id: TransferId(11),
+    }));
+    assert_eq!(topup, Outcome::Rejected(Rejection::AmountNotPositive));
+    let paid = state.apply(&record(pay(payer, merchant, 0, [12, 13, 14])));
+    assert_eq!(paid, Outcome::Rejected(Rejection::AmountNotPositive));
+    assert_eq!(balance(&state, payer), 1_000);
+    assert_eq!(state.payment_count(), 0);
+}
+
+#[test]
+fn transfer_id_zero_is_refused_as_a_collision_not_a_crash() {
+    let (mut state, payer, merchant) = setup(1_000);
+    let paid = state.apply(&record(pay(payer, merchant, 100, [20, 0, 0])));
+    assert_eq!(paid, Outcome::Rejected(Rejection::IdCollision));
+    assert_eq!(balance(&state, payer), 1_000);
+}
+
+#[test]
+fn the_same_failed_payment_record_applied_twice_is_refused_both_times() {
+    // 1,050 from a wallet of 1,000 at a 10% fee: the merchant's 945 fits, the fee does not.
+    let (mut state, payer, merchant) = setup(1_000);
+    let command = pay(payer, merchant, 1_050, [30, 31, 32]);
+    let first = state.apply(&record(command.clone()));
+    assert_eq!(first, Outcome::Rejected(Rejection::InsufficientFunds));
+    let again = state.apply(&record(command));
+    assert!(
+        matches!(again, Outcome::Rejected(_)),
+        "a replayed failure stays a failure: {again:?}"
+    );
+    assert_eq!(balance(&state, payer), 1_000);
+    for totals in state.currency_totals() {
+        assert_eq!((totals.posted_net, totals.pending_net), (0, 0));
+    }
+}
