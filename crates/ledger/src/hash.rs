@@ -41,8 +41,20 @@ impl Hasher for IdHasher {
             self.mix(u64::from_le_bytes(buf));
         }
     }
+    fn write_u8(&mut self, value: u8) {
+        self.mix(u64::from(value));
+    }
+    fn write_u32(&mut self, value: u32) {
+        self.mix(u64::from(value));
+    }
     fn write_u64(&mut self, value: u64) {
         self.mix(value);
+    }
+    fn write_usize(&mut self, value: usize) {
+        self.mix(value as u64);
+    }
+    fn write_isize(&mut self, value: isize) {
+        self.mix(value as u64);
     }
     fn write_u128(&mut self, value: u128) {
         self.mix(value as u64);

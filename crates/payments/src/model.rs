@@ -84,13 +84,22 @@ pub struct Payment {
     pub amount: Amount,
     pub currency: Currency,
     pub fee: Amount,
-    pub net: Amount,
     pub description: Option<String>,
     pub reference: Option<String>,
     pub created_at: Timestamp,
     /// What refunds have returned so far, and the part of it taken from the fee.
     pub amount_refunded: Amount,
     pub fee_refunded: Amount,
+}
+
+impl Payment {
+    /// What the merchant receives: the amount less the fee (never negative: the fee is capped
+    /// at the amount).
+    pub fn net(&self) -> Amount {
+        self.amount
+            .checked_sub(self.fee)
+            .expect("the fee never exceeds the amount")
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]

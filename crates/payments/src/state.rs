@@ -22,7 +22,6 @@ enum Owner {
 /// Where an object sits in the lists that show it, newest last.
 #[derive(Clone, Copy, Debug, Default)]
 struct Positions {
-    all: usize,
     payer: usize,
     merchant: usize,
     /// In the payer's statement.
@@ -402,7 +401,6 @@ impl State {
             amount: pay.amount,
             currency: pay.currency,
             fee,
-            net,
             description: pay.description.clone(),
             reference: pay.reference.clone(),
             created_at: now,
@@ -428,7 +426,6 @@ impl State {
         self.payments.push(PaymentRow {
             payment,
             positions: Positions {
-                all: self.payments.len(),
                 payer: positions_payer,
                 merchant: positions_merchant,
                 entry: positions_entry,
@@ -631,7 +628,7 @@ impl State {
         if principal == Principal::Operator {
             let end = match starting_after {
                 None => self.payments.len(),
-                Some(cursor) => self.payment_row(cursor)?.positions.all,
+                Some(cursor) => *self.payment_index.get(&cursor)?,
             };
             let page = page_backwards(&self.payments[..end], limit);
             return Some(Page {

@@ -811,7 +811,6 @@ mod histories {
                 amount: pay.amount,
                 currency: pay.currency,
                 fee,
-                net,
                 description: pay.description.clone(),
                 reference: pay.reference.clone(),
                 created_at: now,
@@ -1440,7 +1439,7 @@ mod histories {
         let schedule = state.merchant(payment.merchant).expect("its merchant").fee;
         prop_assert_eq!(payment.fee, expected_fee(payment.amount, schedule));
         prop_assert_eq!(
-            payment.net.micros(),
+            payment.net().micros(),
             payment.amount.micros() - payment.fee.micros()
         );
         let (refunded, fee_refunded) = model

@@ -82,7 +82,7 @@ pub fn payment_view(payment: &Payment) -> PaymentView<'_> {
         amount: payment.amount.to_string(),
         currency: payment.currency.as_str(),
         fee: payment.fee.to_string(),
-        net: payment.net.to_string(),
+        net: payment.net().to_string(),
         amount_refunded: payment.amount_refunded.to_string(),
         description: &payment.description,
         reference: &payment.reference,
