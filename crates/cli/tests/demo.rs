@@ -1,0 +1,89 @@
+//! `farthing demo`: a new user pastes the printed `curl` lines and they work.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn the_curl_lines_the_demo_prints_pay_and_report_and_sigterm_cleans_up() {
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_farthing"))
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env_remove("FARTHING_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the demo");
+    let stdout = demo.stdout.take().expect("piped stdout");
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("demo output is text");
+        let done = line.starts_with("Press Ctrl-C");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let data_dir = lines
+        .iter()
+        .find_map(|l| l.split("(data in ").nth(1))
+        .map(|rest| rest.trim_end_matches(')').to_string())
+        .expect("the demo says where its data is");
+    assert!(std::path::Path::new(&data_dir).exists());
+    let curls: Vec<&String> = lines.iter().filter(|l| l.starts_with("curl ")).collect();
+    assert!(
+        curls.len() >= 6,
+        "the demo prints curl lines to try: {lines:#?}"
+    );
+
+    let run = |line: &str| -> serde_json::Value {
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(line)
+            .output()
+            .expect("run a printed curl line");
+        assert!(output.status.success(), "{line} failed");
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+            panic!("{line} printed {}", String::from_utf8_lossy(&output.stdout))
+        })
+    };
+    // In the order printed: balance, an article, a game item, the statement, the merchant.
+    let before = run(curls[0]);
+    assert_eq!(before["balances"][0]["available"], "20.00");
+    let article = run(curls[1]);
+    assert_eq!(article["status"], "succeeded");
+    assert_eq!(article["amount"], "0.25");
+    // The article line carries an Idempotency-Key: pasting it twice pays once.
+    assert_eq!(run(curls[1])["id"], article["id"]);
+    let item = run(curls[2]);
+    assert_eq!(item["status"], "succeeded");
+    assert_eq!(item["amount"], "0.0025");
+    let statement = run(curls[3]);
+    assert_eq!(statement["data"][0]["running_balance"], "19.7475");
+    assert_eq!(statement["data"].as_array().map(Vec::len), Some(3));
+    let earned = run(curls[4]);
+    assert_eq!(earned["balances"][0]["available"], article["net"]);
+    let listed = run(curls[5]);
+    assert_eq!(listed["data"][0]["id"], article["id"]);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = demo.try_wait().expect("wait for the demo") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "the demo exits 0 on SIGTERM: {exit:?}");
+    assert!(
+        !std::path::Path::new(&data_dir).exists(),
+        "the demo removes its data directory"
+    );
+}
