@@ -182,36 +182,25 @@ impl Service {
             writer: Arc::new(Mutex::new(Some(writer))),
         };
         let has_key = service.read_now(|state| state.has_operator_key());
-        let generated_operator_key = match operator_key {
+        // The key to record, if any, and the one to print because it was made here.
+        let (key_to_set, generated_operator_key) = match operator_key {
             Some(key) => {
                 let known = service.read_now(|state| state.principal(&key.hash()))
                     == Some(Principal::Operator);
-                if !known {
-                    service
-                        .submit(
-                            Command::SetOperatorKey {
-                                key_hash: key.hash(),
-                            },
-                            None,
-                        )
-                        .await?;
-                }
-                None
+                (if known { None } else { Some(key) }, None)
             }
             None if !has_key => {
                 let key = Secret::generate_api_key("op");
-                service
-                    .submit(
-                        Command::SetOperatorKey {
-                            key_hash: key.hash(),
-                        },
-                        None,
-                    )
-                    .await?;
-                Some(key)
+                (Some(key.clone()), Some(key))
             }
-            None => None,
+            None => (None, None),
         };
+        if let Some(key) = key_to_set {
+            let key_hash = key.hash();
+            service
+                .submit(Command::SetOperatorKey { key_hash }, None)
+                .await?;
+        }
         Ok(Opened {
             service,
             records_replayed,
