@@ -89,7 +89,9 @@ enum Message {
 struct Job {
     command: Command,
     idempotency: Option<IdempotencyClaim>,
-    reply: oneshot::Sender<Outcome>,
+    /// The outcome, and whether it is the stored answer of an earlier request with the same
+    /// idempotency key.
+    reply: oneshot::Sender<(Outcome, bool)>,
 }
 
 struct Shared {
@@ -283,11 +285,12 @@ impl Service {
                     },
                 );
             if let Some(outcome) = known.await? {
-                return Ok(self.executed(outcome, idempotency.as_ref(), true, None));
+                let replayed =
+                    !matches!(outcome, Outcome::Rejected(Rejection::IdempotencyKeyReused));
+                return Ok(self.executed(outcome, idempotency.is_some(), replayed));
             }
         }
         let (reply, answer) = oneshot::channel();
-        let expected = command_fingerprint(&command);
         self.submit
             .send(Message::Job(Job {
                 command,
@@ -296,31 +299,23 @@ impl Service {
             }))
             .await
             .map_err(|_| ServiceError::ShuttingDown)?;
-        let outcome = answer.await.map_err(|_| ServiceError::ShuttingDown)?;
-        // The writer may have answered from an earlier request with the same key that was
-        // still in flight when this one checked.
-        let replayed = !outcome_matches(&outcome, expected);
-        Ok(self.executed(outcome, idempotency.as_ref(), replayed, None))
+        // The writer says whether it answered from an earlier request with the same key that
+        // was still in flight when this one checked.
+        let (outcome, replayed) = answer.await.map_err(|_| ServiceError::ShuttingDown)?;
+        Ok(self.executed(outcome, idempotency.is_some(), replayed))
     }
 
-    fn executed(
-        &self,
-        outcome: Outcome,
-        claim: Option<&IdempotencyClaim>,
-        replayed: bool,
-        api_key: Option<Secret>,
-    ) -> Executed {
-        let api_key = match (&outcome, claim, api_key) {
-            (_, _, Some(key)) => Some(key),
-            (Outcome::MerchantCreated(_) | Outcome::PayerCreated(_), Some(_), None) => {
-                let party = created_party(&outcome).expect("a creation");
-                self.shared
-                    .created_keys
-                    .lock()
-                    .expect("key cache lock")
-                    .get(&party)
-                    .map(|(_, key)| key.clone())
-            }
+    /// The answer to a request; a creation under an idempotency key carries the new party's
+    /// API key, from the cache, so that every request with that key shows the same one.
+    fn executed(&self, outcome: Outcome, with_key: bool, replayed: bool) -> Executed {
+        let api_key = match created_party(&outcome) {
+            Some(party) if with_key => self
+                .shared
+                .created_keys
+                .lock()
+                .expect("key cache lock")
+                .get(&party)
+                .map(|(_, key)| key.clone()),
             _ => None,
         };
         Executed {
@@ -338,13 +333,15 @@ impl Service {
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<Executed, ServiceError> {
         let key = Secret::generate_api_key("mer");
+        let id = MerchantId::from_u128(self.next_id());
         let command = Command::CreateMerchant {
-            id: MerchantId::from_u128(self.next_id()),
+            id,
             name,
             key_hash: key.hash(),
             fee: fee.unwrap_or(self.shared.config.default_fee),
         };
-        self.create_party(command, key, idempotency).await
+        self.create_party(id.to_u128(), command, key, idempotency)
+            .await
     }
 
     /// Creates a payer with a fresh API key.
@@ -354,21 +351,25 @@ impl Service {
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<Executed, ServiceError> {
         let key = Secret::generate_api_key("pyr");
+        let id = PayerId::from_u128(self.next_id());
         let command = Command::CreatePayer {
-            id: PayerId::from_u128(self.next_id()),
+            id,
             name,
             key_hash: key.hash(),
         };
-        self.create_party(command, key, idempotency).await
+        self.create_party(id.to_u128(), command, key, idempotency)
+            .await
     }
 
+    /// Submits the creation of `party` (whose API key is `key`) and answers with the key when
+    /// the party was made.
     async fn create_party(
         &self,
+        party: u128,
         command: Command,
         key: Secret,
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<Executed, ServiceError> {
-        let party = command_fingerprint(&command).expect("a creation names its party");
         if idempotency.is_some() {
             // Cached before the command runs: a concurrent request with the same idempotency
             // key can be answered with this party (as a replay) before this request is.
@@ -380,16 +381,16 @@ impl Service {
             keys.insert(party, (now, key.clone()));
         }
         let mut executed = self.submit(command, idempotency.clone()).await?;
-        if created_party(&executed.outcome) != Some(party) && idempotency.is_some() {
+        let made = created_party(&executed.outcome) == Some(party);
+        if made {
+            executed.api_key = Some(key);
+        } else if idempotency.is_some() {
             // Replayed or refused: this party was never made.
             self.shared
                 .created_keys
                 .lock()
                 .expect("key cache lock")
                 .remove(&party);
-        }
-        if !executed.replayed {
-            executed.api_key = Some(key);
         }
         Ok(executed)
     }
@@ -470,18 +471,6 @@ impl Service {
     }
 }
 
-/// The id a command will create, to tell a fresh outcome from a replayed one.
-fn command_fingerprint(command: &Command) -> Option<u128> {
-    Some(match command {
-        Command::CreateMerchant { id, .. } => id.to_u128(),
-        Command::CreatePayer { id, .. } => id.to_u128(),
-        Command::Topup { id, .. } => id.to_u128(),
-        Command::Pay(pay) => pay.id.to_u128(),
-        Command::Refund { id, .. } => id.to_u128(),
-        _ => return None,
-    })
-}
-
 /// The id of the merchant or payer an outcome made.
 fn created_party(outcome: &Outcome) -> Option<u128> {
     match outcome {
@@ -489,19 +478,6 @@ fn created_party(outcome: &Outcome) -> Option<u128> {
         Outcome::PayerCreated(payer) => Some(payer.id.to_u128()),
         _ => None,
     }
-}
-
-fn outcome_matches(outcome: &Outcome, expected: Option<u128>) -> bool {
-    let made = match outcome {
-        Outcome::MerchantCreated(m) => m.id.to_u128(),
-        Outcome::PayerCreated(p) => p.id.to_u128(),
-        Outcome::ToppedUp(t) => t.id.to_u128(),
-        Outcome::Paid(p) => p.id.to_u128(),
-        Outcome::Refunded(r) => r.id.to_u128(),
-        // Rejections and batches carry no single id: treat as fresh.
-        _ => return true,
-    };
-    expected == Some(made)
 }
 
 /// The writer: gathers waiting jobs, applies them, commits them with one fsync, answers.
@@ -515,7 +491,7 @@ fn write_loop(
     use std::sync::atomic::Ordering::Relaxed;
     let mut jobs: Vec<Job> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
-    let mut outcomes: Vec<Outcome> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
+    let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     // Time never goes backwards in the journal, even across a restart on a clock that did.
     let mut last_now = shared.state.read().expect("state lock").last_time();
     let mut next_prune = Timestamp(0);
@@ -554,6 +530,12 @@ fn write_loop(
                 next_prune = now.saturating_add_secs(60 * 60);
             }
             for job in &mut jobs {
+                let replayed = job.idempotency.as_ref().is_some_and(|claim| {
+                    matches!(
+                        state.idempotency_lookup(&claim.key, &claim.fingerprint),
+                        IdempotencyLookup::Replay(_)
+                    )
+                });
                 let record = Record {
                     now,
                     idempotency: job.idempotency.take(),
@@ -564,7 +546,7 @@ fn write_loop(
                         },
                     ),
                 };
-                outcomes.push(state.apply(&record));
+                outcomes.push((state.apply(&record), replayed));
                 records.push(record);
             }
         }
