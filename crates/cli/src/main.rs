@@ -39,6 +39,18 @@ enum Command {
     Demo(DemoArgs),
     /// Measure the ledger core, the durable store and the HTTP API.
     Bench(bench::BenchArgs),
+    /// Copy an embedded installation, even while its server runs, and verify the copy.
+    Backup(BackupArgs),
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Directory of the embedded store to copy.
+    #[arg(long, env = "FARTHING_DATA_DIR", default_value = "./farthing-data")]
+    data_dir: PathBuf,
+    /// A new directory for the copy.
+    #[arg(long)]
+    to: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -153,6 +165,39 @@ fn print_started(started: &Started) {
     );
 }
 
+/// Copies, then proves the copy: it replays into a state whose money is conserved.
+fn backup(args: &BackupArgs) -> anyhow::Result<()> {
+    use farthing_store::Journal;
+    let copied = farthing_store_embedded::backup(&args.data_dir, &args.to)
+        .with_context(|| format!("backing up {}", args.data_dir.display()))?;
+    let mut journal = farthing_store_embedded::FileJournal::open(&args.to)?;
+    let mut state = farthing_payments::State::new();
+    let replayed = journal.replay(&mut |record| {
+        state.apply(&record);
+    })?;
+    if replayed != copied.records {
+        bail!(
+            "the copy replays {replayed} records but {} were copied",
+            copied.records
+        );
+    }
+    for totals in state.currency_totals() {
+        if totals.posted_net != 0 || totals.pending_net != 0 {
+            bail!("the copy does not balance in {}", totals.currency);
+        }
+    }
+    println!(
+        "backed up {} records ({} bytes) to {}: {} merchants, {} payers, {} payments; every currency balances",
+        copied.records,
+        copied.bytes,
+        args.to.display(),
+        state.merchant_count(),
+        state.payer_count(),
+        state.payment_count()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -174,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Demo(args) => demo::run(args.serve.options()?).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Backup(args) => tokio::task::block_in_place(|| backup(&args)),
         }
     })
 }

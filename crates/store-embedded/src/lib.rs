@@ -131,47 +131,96 @@ impl Journal for FileJournal {
         let mut bytes = Vec::new();
         self.file.seek(SeekFrom::Start(0))?;
         self.file.read_to_end(&mut bytes)?;
-        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(StoreError::Corrupt {
-                offset: 0,
-                reason: format!("{} is not a Farthing journal", self.path.display()),
-            });
-        }
-        let mut offset = MAGIC.len();
-        let mut count = 0u64;
-        while offset < bytes.len() {
-            let Some(frame) = read_frame(&bytes[offset..]) else {
-                break;
-            };
-            let record = codec::decode(frame).map_err(|error| StoreError::Corrupt {
-                offset: offset as u64,
-                reason: format!("a checksummed record does not decode: {error}"),
-            })?;
-            visit(record);
-            count += 1;
-            offset += FRAME_HEADER_BYTES + frame.len();
-        }
-        if offset < bytes.len() && damage_is_followed_by_valid_frame(&bytes[offset..]) {
-            // A crash only ever damages the last append; damage with whole records after it is
-            // lost or rotten data, and cutting there would drop acknowledged payments.
-            return Err(StoreError::Corrupt {
-                offset: offset as u64,
-                reason: "a damaged record is followed by valid ones".into(),
-            });
-        }
-        if offset < bytes.len() {
+        let (end, count) = scan(&bytes, &self.path, visit)?;
+        if end < bytes.len() {
             tracing::warn!(
-                discarded_bytes = bytes.len() - offset,
+                discarded_bytes = bytes.len() - end,
                 "cutting an unfinished append from the end of the journal"
             );
-            self.file.set_len(offset as u64)?;
+            self.file.set_len(end as u64)?;
             self.file.sync_all()?;
         }
-        self.file.seek(SeekFrom::Start(offset as u64))?;
-        self.len = offset as u64;
+        self.file.seek(SeekFrom::Start(end as u64))?;
+        self.len = end as u64;
         self.replayed = true;
         Ok(count)
     }
+}
+
+/// Visits every whole record of a journal's bytes and returns where they end and how many
+/// there were. Damage at the end (an unfinished append) ends the scan; damage followed by
+/// whole records is an error.
+fn scan(
+    bytes: &[u8],
+    path: &Path,
+    visit: &mut dyn FnMut(Record),
+) -> Result<(usize, u64), StoreError> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(StoreError::Corrupt {
+            offset: 0,
+            reason: format!("{} is not a Farthing journal", path.display()),
+        });
+    }
+    let mut offset = MAGIC.len();
+    let mut count = 0u64;
+    while offset < bytes.len() {
+        let Some(frame) = read_frame(&bytes[offset..]) else {
+            break;
+        };
+        let record = codec::decode(frame).map_err(|error| StoreError::Corrupt {
+            offset: offset as u64,
+            reason: format!("a checksummed record does not decode: {error}"),
+        })?;
+        visit(record);
+        count += 1;
+        offset += FRAME_HEADER_BYTES + frame.len();
+    }
+    if offset < bytes.len() && damage_is_followed_by_valid_frame(&bytes[offset..]) {
+        // A crash only ever damages the last append; damage with whole records after it is
+        // lost or rotten data, and cutting there would drop acknowledged payments.
+        return Err(StoreError::Corrupt {
+            offset: offset as u64,
+            reason: "a damaged record is followed by valid ones".into(),
+        });
+    }
+    Ok((offset, count))
+}
+
+/// What [`backup`] copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackupCopied {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// Copies the journal in `from` to a new data directory `to`, consistently, while a server may
+/// be writing to `from`: the journal only grows, and every prefix of whole records is a state
+/// the server was in, so the copy takes the whole records present when it reads and leaves an
+/// append in progress out. `to` must not hold a journal yet. The copy is durable on return.
+pub fn backup(from: &Path, to: &Path) -> Result<BackupCopied, StoreError> {
+    let source = from.join(JOURNAL_FILE);
+    let bytes = std::fs::read(&source)?;
+    let (end, records) = scan(&bytes, &source, &mut |_| {})?;
+    std::fs::create_dir_all(to)?;
+    let target = to.join(JOURNAL_FILE);
+    if target.exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} already holds a journal", to.display()),
+        )));
+    }
+    let partial = to.join(format!("{JOURNAL_FILE}.partial"));
+    {
+        let mut file = File::create(&partial)?;
+        file.write_all(&bytes[..end])?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&partial, &target)?;
+    File::open(to)?.sync_all()?;
+    Ok(BackupCopied {
+        records,
+        bytes: end as u64,
+    })
 }
 
 /// Whether a valid frame (checksummed, and a record) starts anywhere after the damaged frame
