@@ -147,7 +147,7 @@ pub enum TransferRejection {
     ExceedsPendingAmount,
     /// The debit would take a limited account below zero.
     ExceedsAvailableBalance,
-    /// A total would exceed `u64::MAX` micro-units.
+    /// A total would exceed [`TOTAL_MICROS_MAX`].
     Overflow,
 }
 
@@ -240,6 +240,19 @@ struct Undo {
     accounts: Vec<Account>,
     holds: Vec<(TransferId, HoldState)>,
     created: Vec<TransferId>,
+}
+
+/// The largest total an account may reach, in micro-units: `i64::MAX` (9.2 trillion units), so
+/// that every total fits a signed 64-bit column in any SQL database and a copy between storage
+/// backends can never fail on size.
+pub const TOTAL_MICROS_MAX: u64 = i64::MAX as u64;
+
+/// `total + amount`, or `Overflow` beyond [`TOTAL_MICROS_MAX`].
+fn add_total(total: u64, amount: u64) -> Result<u64, TransferRejection> {
+    total
+        .checked_add(amount)
+        .filter(|sum| *sum <= TOTAL_MICROS_MAX)
+        .ok_or(TransferRejection::Overflow)
 }
 
 /// Transfers per batch: the largest batch one `apply` takes.
@@ -454,15 +467,15 @@ impl Ledger {
             (TransferKind::Posted, _) => {
                 let mut d = *debit;
                 let mut c = *credit;
-                d.debits_posted = d.debits_posted.checked_add(amount).ok_or(Overflow)?;
-                c.credits_posted = c.credits_posted.checked_add(amount).ok_or(Overflow)?;
+                d.debits_posted = add_total(d.debits_posted, amount)?;
+                c.credits_posted = add_total(c.credits_posted, amount)?;
                 (d, c)
             }
             (TransferKind::Pending { .. }, _) => {
                 let mut d = *debit;
                 let mut c = *credit;
-                d.debits_pending = d.debits_pending.checked_add(amount).ok_or(Overflow)?;
-                c.credits_pending = c.credits_pending.checked_add(amount).ok_or(Overflow)?;
+                d.debits_pending = add_total(d.debits_pending, amount)?;
+                c.credits_pending = add_total(c.credits_pending, amount)?;
                 (d, c)
             }
             (TransferKind::PostPending { .. }, Some((_, held))) => {
@@ -470,8 +483,8 @@ impl Ledger {
                 let mut c = *credit;
                 d.debits_pending -= held;
                 c.credits_pending -= held;
-                d.debits_posted = d.debits_posted.checked_add(amount).ok_or(Overflow)?;
-                c.credits_posted = c.credits_posted.checked_add(amount).ok_or(Overflow)?;
+                d.debits_posted = add_total(d.debits_posted, amount)?;
+                c.credits_posted = add_total(c.credits_posted, amount)?;
                 (d, c)
             }
             (TransferKind::VoidPending { .. }, Some((_, held))) => {

@@ -937,12 +937,15 @@ fn invalid_transfers_are_rejected_with_their_reason_and_change_nothing() {
 fn a_total_that_would_overflow_is_rejected_and_changes_nothing() {
     let mut ledger = ledger();
     let before = accounts(&ledger);
-    // FUNDING has already paid out START, so its debits cannot take u64::MAX more.
-    let huge = posted(1, FUNDING, MERCHANT, u64::MAX);
+    // FUNDING has already paid out START, so its debits cannot take TOTAL_MICROS_MAX more.
+    let huge = posted(1, FUNDING, MERCHANT, TOTAL_MICROS_MAX);
     assert_eq!(ledger.apply(secs(1), &[huge]), vec![Err(Overflow)]);
     assert_eq!(accounts(&ledger), before);
     assert_eq!(
-        ledger.apply(secs(2), &[posted(2, EUR_FUNDING, EUR_WALLET, u64::MAX)]),
+        ledger.apply(
+            secs(2),
+            &[posted(2, EUR_FUNDING, EUR_WALLET, TOTAL_MICROS_MAX)]
+        ),
         vec![Ok(())]
     );
     assert_eq!(
@@ -956,7 +959,7 @@ fn a_total_that_would_overflow_is_rejected_and_changes_nothing() {
     let eur_wallet = account(&ledger, EUR_WALLET);
     assert_eq!(
         (eur_wallet.credits_posted, eur_wallet.credits_pending),
-        (u64::MAX, 1)
+        (TOTAL_MICROS_MAX, 1)
     );
     assert_eq!(accounts(&ledger)[..4], before[..4]);
 }

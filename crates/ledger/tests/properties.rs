@@ -155,7 +155,13 @@ fn amount() -> impl Strategy<Value = u64> {
         1 => Just(0u64),
         16 => 1..=2_000_000u64,
         3 => 1..=50_000_000u64,
-        1 => prop_oneof![Just(u64::MAX), (u64::MAX - 1_000)..=u64::MAX, Just(u64::MAX / 2 + 1)],
+        1 => prop_oneof![
+            Just(u64::MAX),
+            (u64::MAX - 1_000)..=u64::MAX,
+            Just(u64::MAX / 2 + 1),
+            Just(TOTAL_MICROS_MAX),
+            (TOTAL_MICROS_MAX - 1_000)..=TOTAL_MICROS_MAX,
+        ],
     ]
 }
 
@@ -163,7 +169,7 @@ fn top_up_amount() -> impl Strategy<Value = u64> {
     prop_oneof![
         1 => Just(0u64),
         12 => 1..=100_000_000u64,
-        1 => prop_oneof![Just(u64::MAX), Just(u64::MAX / 2 + 1)],
+        1 => prop_oneof![Just(u64::MAX), Just(u64::MAX / 2 + 1), Just(TOTAL_MICROS_MAX)],
     ]
 }
 

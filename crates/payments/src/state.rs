@@ -83,7 +83,6 @@ pub struct CurrencyTotals {
 /// Farthing's whole state, in memory. Only [`State::apply`] changes it.
 pub struct State {
     ledger: Ledger,
-    next_account: u64,
     operator_key: Option<KeyHash>,
     keys: HashMap<KeyHash, Principal>,
     merchants: HashMap<MerchantId, (Merchant, PartyLists), IdHashBuilder>,
@@ -114,7 +113,6 @@ impl State {
     pub fn new() -> State {
         State {
             ledger: Ledger::new(),
-            next_account: 1,
             operator_key: None,
             keys: HashMap::new(),
             merchants: HashMap::default(),
@@ -260,13 +258,17 @@ impl State {
         }
     }
 
-    /// The account of `owner` in `currency`, made on first use.
-    fn account_for(&mut self, owner: Owner, currency: Currency) -> AccountId {
+    /// The account of `owner` in `currency`, made on first use. Its id is derived from the
+    /// owner and the currency, so every process and every copy computes the same one; an id
+    /// already held by another owner (a 2⁻⁶⁴ event) refuses the command.
+    fn account_for(&mut self, owner: Owner, currency: Currency) -> Result<AccountId, Rejection> {
         if let Some(id) = self.accounts.get(&(owner, currency)) {
-            return *id;
+            return Ok(*id);
         }
-        let id = AccountId(self.next_account);
-        self.next_account += 1;
+        let id = account_id(owner, currency);
+        if self.ledger.account(id).is_some() {
+            return Err(Rejection::IdCollision);
+        }
         let kind = match owner {
             Owner::Payer(_) => AccountKind::PayerWallet,
             Owner::Merchant(_) => AccountKind::Merchant,
@@ -290,7 +292,7 @@ impl State {
             }
             Owner::PlatformFees | Owner::ExternalFunding => {}
         }
-        id
+        Ok(id)
     }
 
     fn posted_balance(&self, account: AccountId) -> Amount {
@@ -325,8 +327,13 @@ impl State {
         if source == FundingSource::SandboxDecline {
             return Outcome::Rejected(Rejection::FundingDeclined);
         }
-        let external = self.account_for(Owner::ExternalFunding, currency);
-        let wallet = self.account_for(Owner::Payer(payer), currency);
+        let accounts = self
+            .account_for(Owner::ExternalFunding, currency)
+            .and_then(|external| Ok((external, self.account_for(Owner::Payer(payer), currency)?)));
+        let (external, wallet) = match accounts {
+            Ok(accounts) => accounts,
+            Err(rejection) => return Outcome::Rejected(rejection),
+        };
         let transfer = Transfer {
             id: transfer_id,
             debit: external,
@@ -384,8 +391,8 @@ impl State {
             .amount
             .checked_sub(fee)
             .expect("the fee never exceeds the amount");
-        let merchant_account = self.account_for(Owner::Merchant(pay.merchant), pay.currency);
-        let fees_account = self.account_for(Owner::PlatformFees, pay.currency);
+        let merchant_account = self.account_for(Owner::Merchant(pay.merchant), pay.currency)?;
+        let fees_account = self.account_for(Owner::PlatformFees, pay.currency)?;
         let legs = legs(
             [(wallet, merchant_account, net), (wallet, fees_account, fee)],
             pay.transfer_ids,
@@ -480,10 +487,10 @@ impl State {
             .checked_sub(payment.fee_refunded)
             .expect("the running fee share only grows");
         let net_back = amount.checked_sub(fee_back).expect("fee share ≤ amount");
-        let wallet = self.account_for(Owner::Payer(payment.payer), payment.currency);
+        let wallet = self.account_for(Owner::Payer(payment.payer), payment.currency)?;
         let merchant_account =
-            self.account_for(Owner::Merchant(payment.merchant), payment.currency);
-        let fees_account = self.account_for(Owner::PlatformFees, payment.currency);
+            self.account_for(Owner::Merchant(payment.merchant), payment.currency)?;
+        let fees_account = self.account_for(Owner::PlatformFees, payment.currency)?;
         let legs = legs(
             [
                 (merchant_account, wallet, net_back),
@@ -737,6 +744,25 @@ impl State {
     pub fn ledger_transfer_count(&self) -> usize {
         self.ledger.transfer_count()
     }
+}
+
+/// The ledger id of `owner`'s account in `currency`: a 64-bit mix of both. Owner ids are
+/// random 128-bit values chosen by the server, never by callers, so a fast mixing function
+/// spreads them as well as a cryptographic hash would; collisions are still checked.
+fn account_id(owner: Owner, currency: Currency) -> AccountId {
+    use std::hash::Hasher;
+    let (kind, id) = match owner {
+        Owner::Payer(payer) => (1u8, payer.to_u128()),
+        Owner::Merchant(merchant) => (2, merchant.to_u128()),
+        Owner::PlatformFees => (3, 0),
+        Owner::ExternalFunding => (4, 0),
+    };
+    let mut hasher = farthing_ledger::IdHasher::default();
+    hasher.write_u8(kind);
+    hasher.write_u128(id);
+    hasher.write_u32(currency.to_u32());
+    // Zero is not an account id.
+    AccountId(hasher.finish().max(1))
 }
 
 /// The newest `limit` items of `items`, newest first.

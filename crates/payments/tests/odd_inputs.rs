@@ -107,3 +107,57 @@ fn the_same_failed_payment_record_applied_twice_is_refused_both_times() {
         assert_eq!((totals.posted_net, totals.pending_net), (0, 0));
     }
 }
+
+#[test]
+fn account_ids_depend_on_owner_and_currency_not_on_the_order_accounts_were_opened() {
+    let eur = Currency::parse("EUR").unwrap();
+    let topup = |payer: PayerId, currency: Currency, id: u128| {
+        record(Command::Topup {
+            id: TopupId::from_u128(id),
+            payer,
+            amount: Amount::from_micros(500),
+            currency,
+            source: FundingSource::Sandbox,
+            transfer_id: TransferId(id + 1),
+        })
+    };
+    let create = |id: u128, key: u8| {
+        record(Command::CreatePayer {
+            id: PayerId::from_u128(id),
+            name: format!("payer {id}"),
+            key_hash: KeyHash([key; 32]),
+        })
+    };
+    let (a, b) = (PayerId::from_u128(100), PayerId::from_u128(200));
+    let mut first = State::new();
+    for r in [
+        create(100, 1),
+        create(200, 2),
+        topup(a, usd(), 10),
+        topup(b, eur, 20),
+        topup(a, eur, 30),
+    ] {
+        first.apply(&r);
+    }
+    let mut second = State::new();
+    for r in [
+        create(200, 2),
+        create(100, 1),
+        topup(a, eur, 30),
+        topup(b, eur, 20),
+        topup(a, usd(), 10),
+    ] {
+        second.apply(&r);
+    }
+    let ids = |state: &State| {
+        let mut ids: Vec<(u64, Currency, i128)> = state
+            .ledger_accounts()
+            .map(|account| (account.id.0, account.currency, account.posted_balance()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    // Two wallets for one payer, one for the other, and one funding account per currency.
+    assert_eq!(ids(&first).len(), 5);
+    assert_eq!(ids(&first), ids(&second));
+}

@@ -629,10 +629,12 @@ mod histories {
                 let debits = d
                     .debits
                     .checked_add(amount.micros())
+                    .filter(|total| *total <= farthing_ledger::TOTAL_MICROS_MAX)
                     .ok_or(LegFailure::Overflow)?;
                 let credits = c
                     .credits
                     .checked_add(amount.micros())
+                    .filter(|total| *total <= farthing_ledger::TOTAL_MICROS_MAX)
                     .ok_or(LegFailure::Overflow)?;
                 if debit.limited() && debits > d.credits {
                     return Err(LegFailure::Exceeds);
