@@ -41,6 +41,15 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Copy an embedded installation, even while its server runs, and verify the copy.
     Backup(BackupArgs),
+    /// Bring a PostgreSQL database's schema up to date.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// PostgreSQL URL, e.g. postgres://farthing@127.0.0.1:5432/farthing.
+    #[arg(long, env = "FARTHING_DATABASE_URL")]
+    database_url: String,
 }
 
 #[derive(Args)]
@@ -95,8 +104,9 @@ impl ServeArgs {
     fn options(&self) -> anyhow::Result<Options> {
         if self.database_url.is_some() {
             bail!(
-                "the PostgreSQL backend is not available in this build yet; \
-                 run without --database-url / FARTHING_DATABASE_URL to use the embedded store"
+                "serving from PostgreSQL is not available in this build yet (`farthing migrate` \
+                 prepares a database's schema); run without --database-url / \
+                 FARTHING_DATABASE_URL to use the embedded store"
             );
         }
         let admin_key = std::env::var("FARTHING_ADMIN_KEY")
@@ -198,7 +208,18 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line with the chain of causes; backtraces are for `FARTHING_LOG=debug` runs.
+            eprintln!("farthing: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FARTHING_LOG")
@@ -220,6 +241,22 @@ fn main() -> anyhow::Result<()> {
             Command::Demo(args) => demo::run(args.serve.options()?).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Backup(args) => tokio::task::block_in_place(|| backup(&args)),
+            Command::Migrate(args) => {
+                let mut client = farthing_store_postgres::connect(&args.database_url).await?;
+                let migrated = farthing_store_postgres::migrate(&mut client).await?;
+                if migrated.applied.is_empty() {
+                    println!("the schema is up to date (version {})", migrated.version);
+                } else {
+                    for version in &migrated.applied {
+                        let name = farthing_store_postgres::MIGRATIONS
+                            .iter()
+                            .find(|m| m.version == *version)
+                            .map_or("", |m| m.name);
+                        println!("applied migration {version:04} {name}");
+                    }
+                }
+                Ok(())
+            }
         }
     })
 }

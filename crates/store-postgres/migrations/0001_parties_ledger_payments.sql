@@ -1,0 +1,122 @@
+-- Farthing's first schema: parties, the ledger, payments and what hangs off them.
+-- Portable to PostgreSQL-compatible distributed engines: no sequences (ids are chosen by the
+-- application), no triggers, no stored procedures; amounts are BIGINT micro-units.
+
+CREATE TABLE operator_keys (
+    key_hash BYTEA PRIMARY KEY,
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE merchants (
+    id BYTEA PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash BYTEA NOT NULL UNIQUE,
+    fee_bps INTEGER NOT NULL CHECK (fee_bps BETWEEN 0 AND 10000),
+    fee_fixed BIGINT NOT NULL CHECK (fee_fixed >= 0),
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE payers (
+    id BYTEA PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash BYTEA NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL
+);
+
+-- Account ids are derived from (owner, currency) by the application; totals are kept, balances
+-- derived. owner_kind: 1 payer, 2 merchant, 3 platform fees, 4 external funding.
+CREATE TABLE accounts (
+    id BIGINT PRIMARY KEY,
+    owner_kind SMALLINT NOT NULL,
+    owner_id BYTEA NOT NULL,
+    currency CHAR(3) NOT NULL,
+    kind SMALLINT NOT NULL,
+    debits_posted BIGINT NOT NULL DEFAULT 0 CHECK (debits_posted >= 0),
+    credits_posted BIGINT NOT NULL DEFAULT 0 CHECK (credits_posted >= 0),
+    debits_pending BIGINT NOT NULL DEFAULT 0 CHECK (debits_pending >= 0),
+    credits_pending BIGINT NOT NULL DEFAULT 0 CHECK (credits_pending >= 0),
+    UNIQUE (owner_kind, owner_id, currency)
+);
+
+-- Every transfer id ever seen, applied or failed: a retried id answers with its first outcome.
+CREATE TABLE transfers (
+    id BYTEA PRIMARY KEY,
+    debit_account BIGINT NOT NULL,
+    credit_account BIGINT NOT NULL,
+    amount BIGINT NOT NULL,
+    kind SMALLINT NOT NULL,
+    pending_id BYTEA,
+    timeout_secs INTEGER,
+    linked BOOLEAN NOT NULL,
+    outcome SMALLINT NOT NULL,
+    hold_state SMALLINT,
+    expires_at BIGINT,
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE topups (
+    id BYTEA PRIMARY KEY,
+    payer BYTEA NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    currency CHAR(3) NOT NULL,
+    source SMALLINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE payments (
+    id BYTEA PRIMARY KEY,
+    payer BYTEA NOT NULL,
+    merchant BYTEA NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    currency CHAR(3) NOT NULL,
+    fee BIGINT NOT NULL CHECK (fee >= 0 AND fee <= amount),
+    description TEXT,
+    reference TEXT,
+    created_at BIGINT NOT NULL,
+    amount_refunded BIGINT NOT NULL DEFAULT 0 CHECK (amount_refunded BETWEEN 0 AND amount),
+    fee_refunded BIGINT NOT NULL DEFAULT 0 CHECK (fee_refunded BETWEEN 0 AND fee)
+);
+-- Lists are newest first by (created_at, id): there is no global sequence across servers.
+CREATE INDEX payments_newest ON payments (created_at DESC, id DESC);
+CREATE INDEX payments_by_payer ON payments (payer, created_at DESC, id DESC);
+CREATE INDEX payments_by_merchant ON payments (merchant, created_at DESC, id DESC);
+
+CREATE TABLE refunds (
+    id BYTEA PRIMARY KEY,
+    payment BYTEA NOT NULL,
+    payer BYTEA NOT NULL,
+    merchant BYTEA NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    currency CHAR(3) NOT NULL,
+    fee_refunded BIGINT NOT NULL CHECK (fee_refunded >= 0),
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX refunds_by_payment ON refunds (payment);
+
+-- A payer's statement: one line per top-up, payment and refund, with the running balance.
+-- object_kind: 1 top-up, 2 payment, 3 refund.
+CREATE TABLE statement_lines (
+    payer BYTEA NOT NULL,
+    object_id BYTEA NOT NULL,
+    object_kind SMALLINT NOT NULL,
+    currency CHAR(3) NOT NULL,
+    credit BOOLEAN NOT NULL,
+    amount BIGINT NOT NULL,
+    balance_after BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (payer, object_id)
+);
+CREATE INDEX statement_lines_newest ON statement_lines (payer, created_at DESC, object_id DESC);
+
+-- Idempotency keys, scoped to the calling principal. principal_kind: 1 operator, 2 merchant,
+-- 3 payer (principal_id empty for the operator). The outcome is the first answer, encoded.
+CREATE TABLE idempotency_keys (
+    principal_kind SMALLINT NOT NULL,
+    principal_id BYTEA NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint BYTEA NOT NULL,
+    outcome BYTEA NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (principal_kind, principal_id, key)
+);
+CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);

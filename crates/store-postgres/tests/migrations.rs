@@ -1,0 +1,240 @@
+//! The schema migrations, on a fresh PostgreSQL database per test (from
+//! `FARTHING_TEST_DATABASE_URL`); without that variable each test says it was skipped.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use farthing_store_postgres::{MIGRATIONS, PgError, connect, migrate};
+
+/// A database made for one test and dropped after it, even when the test fails.
+struct TestDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    async fn create(test: &str) -> Option<TestDatabase> {
+        let Ok(admin_url) = std::env::var("FARTHING_TEST_DATABASE_URL") else {
+            eprintln!("{test}: skipped, FARTHING_TEST_DATABASE_URL is not set");
+            return None;
+        };
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "farthing_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let admin = connect(&admin_url)
+            .await
+            .expect("connect to the test server");
+        // One statement each: several in one call run as a transaction, which these refuse.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .await
+            .expect("clear a leftover test database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create a test database");
+        let url = with_database(&admin_url, &name);
+        Some(TestDatabase {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs outside any async context it could borrow: use a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(async move {
+                    let admin = connect(&admin_url).await?;
+                    admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .map_err(PgError::from)
+                })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+async fn tables(url: &str) -> Vec<String> {
+    let client = connect(url).await.unwrap();
+    client
+        .query(
+            "SELECT table_name::TEXT FROM information_schema.tables
+             WHERE table_schema = 'public' ORDER BY table_name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fresh_database_gets_every_migration_recorded_once() {
+    let Some(db) = TestDatabase::create("a_fresh_database_gets_every_migration").await else {
+        return;
+    };
+    let mut client = connect(&db.url).await.unwrap();
+    let migrated = migrate(&mut client).await.unwrap();
+    let all: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(migrated.applied, all);
+    assert_eq!(migrated.version, *all.last().unwrap());
+    let tables = tables(&db.url).await;
+    for table in [
+        "accounts",
+        "idempotency_keys",
+        "merchants",
+        "operator_keys",
+        "payers",
+        "payments",
+        "refunds",
+        "statement_lines",
+        "topups",
+        "transfers",
+    ] {
+        assert!(
+            tables.contains(&table.to_string()),
+            "no table {table}: {tables:?}"
+        );
+    }
+    let recorded = client
+        .query(
+            "SELECT version, name FROM farthing_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(recorded.len(), MIGRATIONS.len());
+    for (row, migration) in recorded.iter().zip(MIGRATIONS) {
+        assert_eq!(row.get::<_, i32>(0), migration.version);
+        assert_eq!(row.get::<_, String>(1), migration.name);
+    }
+}
+
+#[tokio::test]
+async fn migrating_again_applies_nothing() {
+    let Some(db) = TestDatabase::create("migrating_again_applies_nothing").await else {
+        return;
+    };
+    let mut client = connect(&db.url).await.unwrap();
+    let first = migrate(&mut client).await.unwrap();
+    let before = tables(&db.url).await;
+    let second = migrate(&mut client).await.unwrap();
+    assert!(second.applied.is_empty());
+    assert_eq!(second.version, first.version);
+    assert_eq!(tables(&db.url).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_migrating_at_once_apply_each_migration_exactly_once() {
+    let Some(db) = TestDatabase::create("servers_migrating_at_once").await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect(&url).await.unwrap();
+            migrate(&mut client).await.unwrap()
+        }));
+    }
+    let mut applied = Vec::new();
+    for task in tasks {
+        applied.extend(task.await.unwrap().applied);
+    }
+    applied.sort();
+    let all: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(
+        applied, all,
+        "each migration applied by exactly one of the servers"
+    );
+}
+
+#[tokio::test]
+async fn a_database_set_up_by_a_newer_farthing_is_refused() {
+    let Some(db) = TestDatabase::create("a_database_set_up_by_a_newer_farthing").await else {
+        return;
+    };
+    let mut client = connect(&db.url).await.unwrap();
+    migrate(&mut client).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO farthing_migrations (version, name, applied_at) VALUES (9999, 'future', 0)",
+            &[],
+        )
+        .await
+        .unwrap();
+    match migrate(&mut client).await {
+        Err(PgError::NewerSchema { version }) => assert_eq!(version, 9999),
+        other => panic!("a newer schema must be refused, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_schema_refuses_amounts_and_fees_that_break_the_rules() {
+    let Some(db) = TestDatabase::create("the_schema_refuses_bad_amounts").await else {
+        return;
+    };
+    let mut client = connect(&db.url).await.unwrap();
+    migrate(&mut client).await.unwrap();
+    let insert = "INSERT INTO payments (id, payer, merchant, amount, currency, fee, created_at)
+                  VALUES ($1, '\\x01', '\\x02', $2, 'USD', $3, 0)";
+    let ok = client
+        .execute(insert, &[&b"ok".as_slice(), &100i64, &10i64])
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    for (id, amount, fee) in [(b"a0", 0i64, 0i64), (b"fe", 100, 101), (b"ng", -5, 0)] {
+        let refused = client
+            .execute(insert, &[&id.as_slice(), &amount, &fee])
+            .await;
+        assert!(refused.is_err(), "amount {amount}, fee {fee} was accepted");
+    }
+}
+
+#[test]
+fn a_test_database_url_keeps_the_server_and_options_and_names_the_new_database() {
+    assert_eq!(
+        with_database("postgres://postgres@127.0.0.1:5432/test", "x"),
+        "postgres://postgres@127.0.0.1:5432/x"
+    );
+    assert_eq!(
+        with_database("postgres://u:p@h/test?sslmode=disable", "x"),
+        "postgres://u:p@h/x?sslmode=disable"
+    );
+    assert_eq!(
+        with_database("postgres://h:5432", "x"),
+        "postgres://h:5432/x"
+    );
+}
