@@ -15,7 +15,12 @@ struct TestDatabase {
 impl TestDatabase {
     async fn create(test: &str) -> Option<TestDatabase> {
         let Ok(admin_url) = std::env::var("FARTHING_TEST_DATABASE_URL") else {
-            eprintln!("{test}: skipped, FARTHING_TEST_DATABASE_URL is not set");
+            // Straight to the stream, past the test harness's capture, so the skip is seen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: skipped, FARTHING_TEST_DATABASE_URL is not set"
+            );
             return None;
         };
         static NEXT: AtomicU32 = AtomicU32::new(0);
