@@ -90,7 +90,7 @@ struct ServeArgs {
     )]
     currencies: String,
     /// Requests per second allowed per API key (bursts of twice that); 0 for no limit.
-    #[arg(long, env = "FARTHING_RATE_LIMIT", default_value_t = 1000)]
+    #[arg(long, env = "FARTHING_RATE_LIMIT", default_value_t = 5000)]
     rate_limit: u32,
 }
 

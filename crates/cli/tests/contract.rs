@@ -702,3 +702,31 @@ async fn payments_in_other_currencies_use_their_own_wallets() {
         json!({"balances": [{"currency": "EUR", "available": "0.50"}]})
     );
 }
+
+#[tokio::test]
+async fn a_currency_code_in_lower_case_is_the_same_currency_and_answers_in_upper_case() {
+    let server = Server::start();
+    let api = server.api();
+    let merchant = api.create_merchant("Shop", None, None).await;
+    let payer = api.create_payer("Ada").await;
+    let topup = api
+        .post(
+            &format!("/v1/payers/{}/topups", payer.id),
+            ADMIN_KEY,
+            &json!({"amount": "1", "currency": "usd", "source": "sandbox"}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(topup["currency"], "USD");
+    let paid = api
+        .post(
+            "/v1/payments",
+            &payer.key,
+            &json!({"merchant": merchant.id, "amount": "0.25", "currency": "Usd"}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(paid["currency"], "USD");
+    // One wallet, not two.
+    assert_eq!(api.payer_usd(&payer).await, "0.75");
+}

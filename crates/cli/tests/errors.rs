@@ -185,7 +185,7 @@ async fn bad_payment_amounts_fields_and_json_are_422_validation_failed_and_move_
         json!({"merchant": m, "amount": " 1", "currency": "USD"}).to_string(),
         // unknown or not enabled currencies
         json!({"merchant": m, "amount": "1", "currency": "XYZ"}).to_string(),
-        json!({"merchant": m, "amount": "1", "currency": "usd"}).to_string(),
+        json!({"merchant": m, "amount": "1", "currency": "US"}).to_string(),
         json!({"merchant": m, "amount": "1", "currency": "CHF"}).to_string(),
         // above the maximum of 10000
         json!({"merchant": m, "amount": "10000.000001", "currency": "USD"}).to_string(),

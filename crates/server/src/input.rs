@@ -43,8 +43,10 @@ pub fn amount(field: &str, text: &str, config: &Config) -> Result<Amount, ApiErr
     Ok(amount)
 }
 
+/// A currency the server accepts. Codes are matched without regard to case, as Stripe does
+/// (`usd` is USD); responses always use the uppercase code.
 pub fn currency(text: &str, config: &Config) -> Result<Currency, ApiError> {
-    match Currency::parse(text) {
+    match Currency::parse(&text.to_ascii_uppercase()) {
         Some(currency) if config.currencies.contains(&currency) => Ok(currency),
         _ => Err(ApiError::validation(format!(
             "`currency` {text:?} is not one this server accepts ({})",
