@@ -143,6 +143,12 @@ impl From<ServiceError> for ApiError {
                 "Shutting down",
                 "the server is shutting down; retry against another instance or later",
             ),
+            ServiceError::StorageUnavailable => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "Storage unavailable",
+                "storage refused the write and nothing was changed; retry later",
+            ),
             ServiceError::Store(store) => {
                 tracing::error!(error = %store, "storage failure");
                 ApiError::new(

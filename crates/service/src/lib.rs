@@ -1,13 +1,13 @@
 //! Farthing's use cases over the pure state and a durable journal.
 //!
 //! One writer thread owns every change. Requests from any number of connections queue up;
-//! the writer takes all that are waiting (up to [`RECORDS_PER_COMMIT_MAX`]), applies them to
-//! the in-memory [`State`] in order, appends them to the journal with one `fdatasync`, and
-//! only then answers each. That is group commit: under load, one fsync acknowledges
-//! thousands of payments.
+//! the writer takes all that are waiting (up to [`RECORDS_PER_COMMIT_MAX`]), appends them to
+//! the journal with one `fdatasync`, then applies them to the in-memory [`State`] in order and
+//! answers each. That is group commit: under load, one fsync acknowledges thousands of
+//! payments.
 //!
-//! Reads take a shared lock on the state, then wait until everything they saw is durable,
-//! so no caller ever sees a payment that a crash could take back.
+//! Because records are applied only once durable, reads (a shared lock on the state) never see
+//! a payment that a crash could take back, and a write the journal refuses changes nothing.
 #![forbid(unsafe_code)]
 
 mod env;
@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
 use farthing_store::{Journal, StoreError};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 pub use env::{Clock, Ids, ManualClock, RandomIds, SequentialIds, SystemClock};
 pub use secret::{Secret, fingerprint, hex};
@@ -38,6 +38,9 @@ pub const IDEMPOTENCY_TTL_SECS: u64 = 24 * 60 * 60;
 pub enum ServiceError {
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// The journal refused a write (a full disk, say): nothing was changed; retry later.
+    #[error("storage refused the write")]
+    StorageUnavailable,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -91,12 +94,11 @@ struct Job {
     idempotency: Option<IdempotencyClaim>,
     /// The outcome, and whether it is the stored answer of an earlier request with the same
     /// idempotency key.
-    reply: oneshot::Sender<(Outcome, bool)>,
+    reply: oneshot::Sender<Result<(Outcome, bool), ServiceError>>,
 }
 
 struct Shared {
     state: RwLock<State>,
-    durable: watch::Receiver<u64>,
     ids: Arc<dyn Ids>,
     config: Config,
     /// API keys of recently created parties, by party id, so that a retried creation answers
@@ -148,11 +150,9 @@ impl Service {
             })?;
             Ok::<_, StoreError>((state, count))
         })?;
-        let (durable_tx, durable_rx) = watch::channel(state.records_applied());
         let (submit, receive) = mpsc::channel(QUEUE_DEPTH_MAX);
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
-            durable: durable_rx,
             ids,
             config,
             created_keys: Mutex::new(HashMap::new()),
@@ -169,7 +169,7 @@ impl Service {
                     // the process (and replaying on restart) beats serving from a poisoned
                     // lock. Nothing that was not yet durable was acknowledged.
                     let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        write_loop(shared, journal, clock, receive, durable_tx)
+                        write_loop(shared, journal, clock, receive)
                     }));
                     if applied.is_err() {
                         tracing::error!("the writer panicked; stopping the process");
@@ -224,14 +224,10 @@ impl Service {
         read(&self.state())
     }
 
-    /// Reads the state, then waits until everything the read saw is durable.
+    /// Reads the state. Everything in it is durable: the writer applies records only after
+    /// the journal has them.
     pub async fn read<T>(&self, read: impl FnOnce(&State) -> T) -> Result<T, ServiceError> {
-        let (value, seen) = {
-            let state = self.state();
-            (read(&state), state.records_applied())
-        };
-        self.wait_durable(seen).await?;
-        Ok(value)
+        Ok(read(&self.state()))
     }
 
     fn state(&self) -> RwLockReadGuard<'_, State> {
@@ -239,18 +235,6 @@ impl Service {
             .state
             .read()
             .expect("the writer never panics holding the lock")
-    }
-
-    async fn wait_durable(&self, seen: u64) -> Result<(), ServiceError> {
-        let mut durable = self.shared.durable.clone();
-        if *durable.borrow() >= seen {
-            return Ok(());
-        }
-        durable
-            .wait_for(|&done| done >= seen)
-            .await
-            .map(|_| ())
-            .map_err(|_| ServiceError::ShuttingDown)
     }
 
     /// Who holds `key`.
@@ -301,7 +285,7 @@ impl Service {
             .map_err(|_| ServiceError::ShuttingDown)?;
         // The writer says whether it answered from an earlier request with the same key that
         // was still in flight when this one checked.
-        let (outcome, replayed) = answer.await.map_err(|_| ServiceError::ShuttingDown)?;
+        let (outcome, replayed) = answer.await.map_err(|_| ServiceError::ShuttingDown)??;
         Ok(self.executed(outcome, idempotency.is_some(), replayed))
     }
 
@@ -480,17 +464,19 @@ fn created_party(outcome: &Outcome) -> Option<u128> {
     }
 }
 
-/// The writer: gathers waiting jobs, applies them, commits them with one fsync, answers.
+/// The writer: gathers waiting jobs, appends them to the journal with one fsync, then applies
+/// them and answers. Appending first means the state in memory only ever holds what is
+/// durable, and a refused append (a full disk) changes nothing and is answered with
+/// `StorageUnavailable`.
 fn write_loop(
     shared: Arc<Shared>,
     mut journal: Box<dyn Journal>,
     clock: Arc<dyn Clock>,
     mut receive: mpsc::Receiver<Message>,
-    durable: watch::Sender<u64>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut jobs: Vec<Job> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
-    let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
+    let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX + 1);
     let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     // Time never goes backwards in the journal, even across a restart on a clock that did.
     let mut last_now = shared.state.read().expect("state lock").last_time();
@@ -516,48 +502,55 @@ fn write_loop(
         // Time never goes backwards in the journal, whatever the wall clock does.
         let now = clock.now().max(last_now);
         last_now = now;
+        let prunes = now >= next_prune;
+        if prunes {
+            let before = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
+            records.push(Record {
+                now,
+                idempotency: None,
+                command: Command::PruneIdempotencyKeys { before },
+            });
+        }
+        for job in &mut jobs {
+            records.push(Record {
+                now,
+                idempotency: job.idempotency.take(),
+                command: std::mem::replace(
+                    &mut job.command,
+                    Command::PruneIdempotencyKeys {
+                        before: Timestamp(0),
+                    },
+                ),
+            });
+        }
+        if let Err(error) = journal.append(&records) {
+            tracing::error!(%error, "the journal refused an append; answering 503 and going on");
+            records.clear();
+            for job in jobs.drain(..) {
+                let _ = job.reply.send(Err(ServiceError::StorageUnavailable));
+            }
+            continue;
+        }
+        if prunes {
+            next_prune = now.saturating_add_secs(60 * 60);
+        }
         {
             let mut state = shared.state.write().expect("state lock");
-            if now >= next_prune {
-                let before = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
-                let record = Record {
-                    now,
-                    idempotency: None,
-                    command: Command::PruneIdempotencyKeys { before },
-                };
-                state.apply(&record);
-                records.push(record);
-                next_prune = now.saturating_add_secs(60 * 60);
-            }
-            for job in &mut jobs {
-                let replayed = job.idempotency.as_ref().is_some_and(|claim| {
+            for (index, record) in records.iter().enumerate() {
+                // Whether the answer comes from an earlier request with the same key, possibly
+                // one earlier in this very batch.
+                let replayed = record.idempotency.as_ref().is_some_and(|claim| {
                     matches!(
                         state.idempotency_lookup(&claim.key, &claim.fingerprint),
                         IdempotencyLookup::Replay(_)
                     )
                 });
-                let record = Record {
-                    now,
-                    idempotency: job.idempotency.take(),
-                    command: std::mem::replace(
-                        &mut job.command,
-                        Command::PruneIdempotencyKeys {
-                            before: Timestamp(0),
-                        },
-                    ),
-                };
-                outcomes.push((state.apply(&record), replayed));
-                records.push(record);
+                let outcome = state.apply(record);
+                if !(prunes && index == 0) {
+                    outcomes.push((outcome, replayed));
+                }
             }
         }
-        if let Err(error) = journal.append(&records) {
-            // What is in memory may now differ from what is on disk, and an fsync that failed
-            // cannot be retried safely. Stop before acknowledging anything.
-            tracing::error!(%error, "journal append failed; stopping");
-            std::process::abort();
-        }
-        let applied = shared.state.read().expect("state lock").records_applied();
-        durable.send_replace(applied);
         shared.metrics.commits.fetch_add(1, Relaxed);
         shared
             .metrics
@@ -569,7 +562,7 @@ fn write_loop(
             .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
         records.clear();
         for (job, outcome) in jobs.drain(..).zip(outcomes.drain(..)) {
-            let _ = job.reply.send(outcome);
+            let _ = job.reply.send(Ok(outcome));
         }
     }
 }

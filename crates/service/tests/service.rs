@@ -658,24 +658,25 @@ async fn a_read_never_shows_a_payment_before_it_is_durable() {
         })
         .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !(gate.blocked.load(Ordering::SeqCst)
-        && service.read_now(|state| state.payment_count()) > durable.len())
-    {
+    while !gate.blocked.load(Ordering::SeqCst) {
         assert!(
             std::time::Instant::now() < deadline,
             "the writer never reached the lost commit"
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    // The state in memory now holds payments that are not durable: a read must wait.
-    let probe = {
-        let service = service.clone();
-        tokio::spawn(async move { service.read(operator_payment_ids).await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        !probe.is_finished(),
-        "a read returned payments that are not durable"
+    // The writer is stuck inside the commit of the lost payments. Reads go on, without waiting
+    // for it, and show exactly what is durable: the lost payments are not in memory yet.
+    let during: HashSet<PaymentId> =
+        tokio::time::timeout(Duration::from_secs(5), service.read(operator_payment_ids))
+            .await
+            .expect("a read does not wait for a stuck commit")
+            .expect("reads")
+            .into_iter()
+            .collect();
+    assert_eq!(
+        during, durable,
+        "while a commit is stuck, reads show exactly the durable payments"
     );
 
     // The machine goes down: nothing after this counts, and the lost commit is never written.
@@ -688,7 +689,6 @@ async fn a_read_never_shows_a_payment_before_it_is_durable() {
     for task in lost {
         task.await.expect("the task finishes");
     }
-    let _ = probe.await;
     shutdown(service).await;
 
     let seen = seen.lock().expect("seen lock").clone();
@@ -713,5 +713,74 @@ async fn a_read_never_shows_a_payment_before_it_is_durable() {
         unseen.is_empty(),
         "reads showed payments a crash took back: {unseen:?}"
     );
+    shutdown(service).await;
+}
+
+/// A journal that refuses appends while its switch is on, as a full disk does, leaving the
+/// file as it was.
+struct RefusingJournal {
+    inner: FileJournal,
+    refusing: Arc<AtomicBool>,
+}
+
+impl Journal for RefusingJournal {
+    fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "no space left on device",
+            )));
+        }
+        self.inner.append(records)
+    }
+
+    fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError> {
+        self.inner.replay(visit)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_append_changes_nothing_answers_storage_unavailable_and_the_service_goes_on() {
+    let dir = TempDir::new("refused-append");
+    let refusing = Arc::new(AtomicBool::new(false));
+    let journal = RefusingJournal {
+        inner: FileJournal::open(dir.path()).expect("opens"),
+        refusing: refusing.clone(),
+    };
+    let opened = open_with(
+        Box::new(journal),
+        manual_clock(),
+        Arc::new(SequentialIds::new(1)),
+        None,
+    )
+    .await;
+    let service = opened.service;
+    let (payer, _) = create_payer(&service, "payer").await;
+    let (merchant, _) = create_merchant(&service, "shop", None).await;
+    topup(&service, payer, units(10), usd()).await;
+    let balances = |service: &Service| service.read_now(|state| state.payer_balances(payer));
+    let before = balances(&service);
+
+    refusing.store(true, Ordering::SeqCst);
+    let command = service.pay_command(payer, merchant, units(3), usd(), None, None);
+    let refused = service.submit(Command::Pay(command), None).await;
+    assert!(
+        matches!(refused, Err(ServiceError::StorageUnavailable)),
+        "{refused:?}"
+    );
+    assert_eq!(balances(&service), before, "a refused write moves no money");
+    assert_eq!(service.read_now(|state| state.payment_count()), 0);
+
+    refusing.store(false, Ordering::SeqCst);
+    let made = paid(pay(&service, payer, merchant, units(4), usd()).await);
+    assert_eq!(made.amount, units(4));
+    let after = balances(&service);
+    shutdown(service).await;
+
+    // The journal holds exactly what was acknowledged.
+    let reopened = open(&dir, manual_clock(), None).await;
+    let service = reopened.service;
+    assert_eq!(balances(&service), after);
+    assert_eq!(service.read_now(|state| state.payment_count()), 1);
     shutdown(service).await;
 }

@@ -21,7 +21,9 @@ pub enum StoreError {
 /// An append-only, durable list of records.
 pub trait Journal: Send + 'static {
     /// Appends `records` in order and returns once they are on stable storage (after fsync).
-    /// On error nothing may be assumed durable, and the caller must stop writing.
+    /// On `Err`, none of them was appended and the journal is as it was, so the caller may
+    /// answer "try later" and go on. A backend that cannot promise that (a failed fsync leaves
+    /// the disk's contents unknown) must stop the process instead of returning.
     fn append(&mut self, records: &[Record]) -> Result<(), StoreError>;
 
     /// Feeds every durable record, oldest first, to `visit`, and returns how many there were.
