@@ -241,6 +241,41 @@ fn ledger_core(quick: bool) -> f64 {
     applied as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Payments of 1 to 1,000 micro-units between random payers and merchants, with fresh ids.
+struct RandomPayments<'a> {
+    rng: Rng,
+    next_id: u128,
+    payers: &'a [PayerId],
+    merchants: &'a [MerchantId],
+}
+
+impl<'a> RandomPayments<'a> {
+    fn new(seed: u64, payers: &'a [PayerId], merchants: &'a [MerchantId]) -> Self {
+        RandomPayments {
+            rng: Rng(seed | 1),
+            // Above every id the set-up records use.
+            next_id: 1 << 100,
+            payers,
+            merchants,
+        }
+    }
+
+    fn next(&mut self) -> PayCommand {
+        self.next_id += 3;
+        let id = self.next_id;
+        PayCommand {
+            id: PaymentId::from_u128(id),
+            payer: self.payers[self.rng.below(self.payers.len())],
+            merchant: self.merchants[self.rng.below(self.merchants.len())],
+            amount: Amount::from_micros(1 + self.rng.below(1_000) as u64),
+            currency: usd(),
+            description: None,
+            reference: None,
+            transfer_ids: [TransferId(id + 1), TransferId(id + 2)],
+        }
+    }
+}
+
 /// Payers and merchants with funded wallets and merchant accounts, as journal records.
 fn setup_records(payers: usize, merchants: usize) -> (Vec<Record>, Vec<PayerId>, Vec<MerchantId>) {
     let now = Timestamp(1_700_000_000_000_000);
@@ -339,21 +374,12 @@ fn durable_store(
         (100, false) => 50_000,
         (_, false) => 60 * batch,
     };
-    let mut rng = Rng(0x1234_5678_9ABC_DEF1 ^ batch as u64);
-    let mut next: u128 = 1 << 100;
-    let mut pay = || {
-        next += 3;
-        PayCommand {
-            id: PaymentId::from_u128(next),
-            payer: payer_ids[rng.below(payer_ids.len())],
-            merchant: merchant_ids[rng.below(merchant_ids.len())],
-            amount: Amount::from_micros(1 + rng.below(1_000) as u64),
-            currency: usd(),
-            description: None,
-            reference: None,
-            transfer_ids: [TransferId(next + 1), TransferId(next + 2)],
-        }
-    };
+    let mut payments = RandomPayments::new(
+        0x1234_5678_9ABC_DEF1 ^ batch as u64,
+        &payer_ids,
+        &merchant_ids,
+    );
+    let mut pay = || payments.next();
     let now = Timestamp(1_700_000_001_000_000);
     let records: Vec<Record> = (0..total / batch)
         .map(|_| Record {
@@ -397,24 +423,9 @@ fn recovery(dir: &std::path::Path, quick: bool) -> anyhow::Result<(usize, f64, u
         let mut journal = FileJournal::open(dir)?;
         journal.replay(&mut |_| {})?;
         journal.append(&setup)?;
-        let mut rng = Rng(77);
-        let mut next: u128 = 1 << 100;
+        let mut payments = RandomPayments::new(77, &payer_ids, &merchant_ids);
         for _ in 0..batches {
-            let items = (0..8_190)
-                .map(|_| {
-                    next += 3;
-                    PayCommand {
-                        id: PaymentId::from_u128(next),
-                        payer: payer_ids[rng.below(payer_ids.len())],
-                        merchant: merchant_ids[rng.below(merchant_ids.len())],
-                        amount: Amount::from_micros(1 + rng.below(1_000) as u64),
-                        currency: usd(),
-                        description: None,
-                        reference: None,
-                        transfer_ids: [TransferId(next + 1), TransferId(next + 2)],
-                    }
-                })
-                .collect();
+            let items = (0..8_190).map(|_| payments.next()).collect();
             journal.append(&[Record {
                 now: Timestamp(1_700_000_001_000_000),
                 idempotency: None,
@@ -465,28 +476,12 @@ fn memory_per_account(quick: bool) -> (f64, f64, f64) {
         state.apply(record);
     }
     let payments = if quick { 100_000 } else { 1_000_000 };
-    let mut rng = Rng(99);
+    let mut random = RandomPayments::new(99, &payer_ids, &merchant_ids);
     let records: Vec<Record> = (0..payments / 1_000)
-        .map(|batch| Record {
+        .map(|_| Record {
             now: Timestamp(1_700_000_001_000_000),
             idempotency: None,
-            command: Command::PayBatch(
-                (0..1_000u128)
-                    .map(|n| {
-                        let id = (1u128 << 100) + 3 * (batch as u128 * 1_000 + n);
-                        PayCommand {
-                            id: PaymentId::from_u128(id),
-                            payer: payer_ids[rng.below(payer_ids.len())],
-                            merchant: merchant_ids[rng.below(merchant_ids.len())],
-                            amount: Amount::from_micros(1),
-                            currency: usd(),
-                            description: None,
-                            reference: None,
-                            transfer_ids: [TransferId(id + 1), TransferId(id + 2)],
-                        }
-                    })
-                    .collect(),
-            ),
+            command: Command::PayBatch((0..1_000).map(|_| random.next()).collect()),
         })
         .collect();
     let ((), payment_bytes) = crate::alloc::heap_bytes_of(|| {
