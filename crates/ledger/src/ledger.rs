@@ -283,6 +283,58 @@ impl Ledger {
         self.transfers.len()
     }
 
+    /// Every transfer record, in the order the records were made (a failed chain's records
+    /// are removed again, so a batch's records follow those of earlier batches). The records
+    /// from position `n` on are those made since the ledger held `n`.
+    pub fn transfer_records(&self) -> &[TransferRecord] {
+        &self.transfers.records
+    }
+
+    /// Puts an account loaded from storage, with its totals, into the ledger: for a working
+    /// set that holds only the accounts a batch touches. Not a way to change totals: an
+    /// account already held is refused unless it is the same, totals included.
+    pub fn insert_account(&mut self, account: Account) -> Result<(), AccountRejection> {
+        if account.id.0 == 0 {
+            return Err(AccountRejection::IdMustNotBeZero);
+        }
+        match self.accounts.get(&account.id) {
+            Some(existing) if *existing == account => Ok(()),
+            Some(_) => Err(AccountRejection::ExistsWithDifferentFields),
+            None => {
+                self.accounts.insert(account.id, account);
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts a transfer record loaded from storage into the ledger, so that a transfer reusing
+    /// its id gets the answer it would get from the whole ledger. A pending hold with a
+    /// deadline is scheduled to expire, so its two accounts must be loaded too. A record whose
+    /// id is already held is refused unless it is the same.
+    pub fn insert_transfer_record(
+        &mut self,
+        record: TransferRecord,
+    ) -> Result<(), TransferRejection> {
+        let id = record.transfer.id;
+        if id.0 == 0 {
+            return Err(TransferRejection::IdMustNotBeZero);
+        }
+        if let Some(existing) = self.transfers.get(&id) {
+            return if *existing == record {
+                Ok(())
+            } else {
+                Err(TransferRejection::ExistsWithDifferentFields)
+            };
+        }
+        if record.hold == Some(HoldState::Pending)
+            && let Some(deadline) = record.expires_at
+        {
+            self.expiries.insert((deadline, id), ());
+        }
+        self.transfers.push(record);
+        Ok(())
+    }
+
     /// Creates an account. Creating the same account again is a no-op that succeeds.
     pub fn create_account(
         &mut self,

@@ -12,7 +12,9 @@ pub mod codec;
 mod ids;
 mod model;
 mod state;
+mod working_set;
 
 pub use ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 pub use model::*;
-pub use state::{CurrencyTotals, IdempotencyLookup, Page, State};
+pub use state::{CurrencyTotals, IdempotencyLookup, Page, State, account_id};
+pub use working_set::{Changes, IdempotencyRow, LoadError, Needs, PaymentRefunded};

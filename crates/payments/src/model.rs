@@ -1,19 +1,45 @@
 //! The objects Farthing keeps, and the commands that change them.
 
-use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
+use farthing_ledger::{AccountKind, Amount, Currency, Timestamp, TransferId};
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 
 /// The SHA-256 digest of an API key. Keys themselves are never kept.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct KeyHash(pub [u8; 32]);
 
 /// Who is calling.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub enum Principal {
     Operator,
     Merchant(MerchantId),
     Payer(PayerId),
+}
+
+/// Whose money a ledger account holds. Each owner has at most one account per currency, and
+/// the account's id is derived from the two ([`crate::account_id`]).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub enum Owner {
+    /// The payer's prepaid wallet.
+    Payer(PayerId),
+    /// The merchant's earnings.
+    Merchant(MerchantId),
+    /// The platform's fee income.
+    PlatformFees,
+    /// Money outside the ledger: where top-ups come from.
+    ExternalFunding,
+}
+
+impl Owner {
+    /// The kind of account this owner holds.
+    pub fn account_kind(self) -> AccountKind {
+        match self {
+            Owner::Payer(_) => AccountKind::PayerWallet,
+            Owner::Merchant(_) => AccountKind::Merchant,
+            Owner::PlatformFees => AccountKind::PlatformFees,
+            Owner::ExternalFunding => AccountKind::ExternalFunding,
+        }
+    }
 }
 
 /// A merchant's fee schedule: `floor(amount × bps / 10000) + fixed`, capped at the amount.
@@ -191,7 +217,7 @@ pub enum Command {
 }
 
 /// An idempotency key presented with a command.
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct IdempotencyKey {
     pub principal: Principal,
     pub key: String,

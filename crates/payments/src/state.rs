@@ -1,23 +1,15 @@
 //! The state machine: applies [`Record`]s and answers queries.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use farthing_ledger::{
-    Account, AccountId, AccountKind, Amount, Currency, IdHashBuilder, Ledger, Timestamp, Transfer,
-    TransferId, TransferKind, TransferRejection,
+    Account, AccountId, Amount, Currency, IdHashBuilder, Ledger, Timestamp, Transfer, TransferId,
+    TransferKind, TransferRecord, TransferRejection,
 };
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
-
-/// Whose money an account holds.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-enum Owner {
-    Payer(PayerId),
-    Merchant(MerchantId),
-    PlatformFees,
-    ExternalFunding,
-}
+use crate::working_set::*;
 
 /// Where an object sits in the lists that show it, newest last.
 #[derive(Clone, Copy, Debug, Default)]
@@ -52,6 +44,28 @@ impl PartyLists {
 struct IdempotencyRecord {
     fingerprint: [u8; 32],
     outcome: Outcome,
+    made: Timestamp,
+}
+
+/// What a working set has done since its changes were last taken. Only what cannot be read
+/// back from the state itself: new payments and transfer records are the tails of their
+/// append-only lists, so the payment path records nothing here.
+#[derive(Default)]
+struct Tracker {
+    operator_key: Option<KeyHash>,
+    keys: Vec<KeyHash>,
+    merchants: Vec<Merchant>,
+    payers: Vec<Payer>,
+    accounts_created: Vec<(Owner, Currency)>,
+    topups: Vec<TopupId>,
+    refunds: Vec<RefundId>,
+    refunded: Vec<PaymentId>,
+    idempotency: Vec<IdempotencyKey>,
+    prunes: Vec<Timestamp>,
+    /// Payments held (loaded or reported) before the new ones.
+    payments_seen: usize,
+    /// Transfer records held (loaded or reported) before the new ones.
+    transfers_seen: usize,
 }
 
 /// The result of looking up an idempotency key before doing any work.
@@ -101,6 +115,9 @@ pub struct State {
     records_applied: u64,
     /// The latest time of any record applied.
     last_time: Timestamp,
+    /// What has changed since [`State::take_changes`], for a working set; `None` (the embedded
+    /// store's whole state) tracks nothing.
+    tracker: Option<Box<Tracker>>,
 }
 
 impl Default for State {
@@ -126,6 +143,7 @@ impl State {
             idempotency_order: VecDeque::new(),
             records_applied: 0,
             last_time: Timestamp(0),
+            tracker: None,
         }
     }
 
@@ -162,10 +180,14 @@ impl State {
                 IdempotencyRecord {
                     fingerprint: claim.fingerprint,
                     outcome: outcome.clone(),
+                    made: record.now,
                 },
             );
             self.idempotency_order
                 .push_back((record.now, claim.key.clone()));
+            if let Some(tracker) = &mut self.tracker {
+                tracker.idempotency.push(claim.key.clone());
+            }
         }
         outcome
     }
@@ -173,10 +195,20 @@ impl State {
     fn execute(&mut self, now: Timestamp, command: &Command) -> Outcome {
         match command {
             Command::SetOperatorKey { key_hash } => {
-                if let Some(old) = self.operator_key.replace(*key_hash) {
+                // A key held by a merchant or payer is never taken over.
+                if matches!(self.keys.get(key_hash), Some(p) if *p != Principal::Operator) {
+                    return Outcome::Rejected(Rejection::IdCollision);
+                }
+                let old = self.operator_key.replace(*key_hash);
+                if let Some(old) = old {
                     self.keys.remove(&old);
                 }
                 self.keys.insert(*key_hash, Principal::Operator);
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.operator_key = Some(*key_hash);
+                    tracker.keys.extend(old);
+                    tracker.keys.push(*key_hash);
+                }
                 Outcome::OperatorKeySet
             }
             Command::CreateMerchant {
@@ -197,6 +229,10 @@ impl State {
                 self.keys.insert(*key_hash, Principal::Merchant(*id));
                 self.merchants
                     .insert(*id, (merchant.clone(), PartyLists::new()));
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.merchants.push(merchant.clone());
+                    tracker.keys.push(*key_hash);
+                }
                 Outcome::MerchantCreated(merchant)
             }
             Command::CreatePayer { id, name, key_hash } => {
@@ -210,6 +246,10 @@ impl State {
                 };
                 self.keys.insert(*key_hash, Principal::Payer(*id));
                 self.payers.insert(*id, (payer.clone(), PartyLists::new()));
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.payers.push(payer.clone());
+                    tracker.keys.push(*key_hash);
+                }
                 Outcome::PayerCreated(payer)
             }
             Command::Topup {
@@ -253,6 +293,9 @@ impl State {
                     self.idempotency.remove(&key);
                     keys += 1;
                 }
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.prunes.push(*before);
+                }
                 Outcome::Pruned { keys }
             }
         }
@@ -269,16 +312,13 @@ impl State {
         if self.ledger.account(id).is_some() {
             return Err(Rejection::IdCollision);
         }
-        let kind = match owner {
-            Owner::Payer(_) => AccountKind::PayerWallet,
-            Owner::Merchant(_) => AccountKind::Merchant,
-            Owner::PlatformFees => AccountKind::PlatformFees,
-            Owner::ExternalFunding => AccountKind::ExternalFunding,
-        };
         self.ledger
-            .create_account(id, kind, currency)
+            .create_account(id, owner.account_kind(), currency)
             .expect("a fresh account id is free");
         self.accounts.insert((owner, currency), id);
+        if let Some(tracker) = &mut self.tracker {
+            tracker.accounts_created.push((owner, currency));
+        }
         match owner {
             Owner::Payer(payer) => {
                 if let Some((_, lists)) = self.payers.get_mut(&payer) {
@@ -293,6 +333,13 @@ impl State {
             Owner::PlatformFees | Owner::ExternalFunding => {}
         }
         Ok(id)
+    }
+
+    /// Whether any of these ledger ids was used before. A command's transfers must be new: a
+    /// reused id would make the ledger answer with its first outcome, and the command would
+    /// then look done while moving no money.
+    fn transfer_ids_taken(&self, ids: &[TransferId]) -> bool {
+        ids.iter().any(|id| self.ledger.transfer(*id).is_some())
     }
 
     fn posted_balance(&self, account: AccountId) -> Amount {
@@ -318,7 +365,7 @@ impl State {
         if !self.payers.contains_key(&payer) {
             return Outcome::Rejected(Rejection::PayerNotFound);
         }
-        if self.topups.contains_key(&id) {
+        if self.topups.contains_key(&id) || self.transfer_ids_taken(&[transfer_id]) {
             return Outcome::Rejected(Rejection::IdCollision);
         }
         if amount.is_zero() {
@@ -365,6 +412,9 @@ impl State {
         });
         let position = lists.entries.len() - 1;
         self.topups.insert(id, (topup.clone(), position));
+        if let Some(tracker) = &mut self.tracker {
+            tracker.topups.push(id);
+        }
         Outcome::ToppedUp(topup)
     }
 
@@ -386,6 +436,9 @@ impl State {
         let Some(&wallet) = self.accounts.get(&(Owner::Payer(pay.payer), pay.currency)) else {
             return Err(Rejection::InsufficientFunds);
         };
+        if self.transfer_ids_taken(&pay.transfer_ids) {
+            return Err(Rejection::IdCollision);
+        }
         let fee = fee_schedule.fee_on(pay.amount);
         let net = pay
             .amount
@@ -462,7 +515,7 @@ impl State {
         if !allowed {
             return Err(Rejection::PaymentNotFound);
         }
-        if self.refunds.contains_key(&id) {
+        if self.refunds.contains_key(&id) || self.transfer_ids_taken(&transfer_ids) {
             return Err(Rejection::IdCollision);
         }
         let remaining = payment
@@ -531,6 +584,10 @@ impl State {
         });
         let position = lists.entries.len() - 1;
         self.refunds.insert(id, (refund.clone(), position));
+        if let Some(tracker) = &mut self.tracker {
+            tracker.refunds.push(id);
+            tracker.refunded.push(payment_id);
+        }
         Ok(refund)
     }
 
@@ -746,10 +803,430 @@ impl State {
     }
 }
 
+/// Working sets: what a record reads, loading objects into a state that holds only those, and
+/// the changes applying made (ADR 0002). A whole state (the embedded store's) never tracks
+/// changes, and none of this runs on its path.
+impl State {
+    /// What applying `record` reads; see [`Needs`].
+    ///
+    /// A refund names only its payment; the payment names its payer, its merchant and its
+    /// currency, hence the accounts. So `self` answers for the payments it holds: a loader asks
+    /// a working set, loads what is listed, and asks again until nothing new is listed (two
+    /// rounds at most). Asked of a whole state, the answer is complete at once.
+    pub fn needs(&self, record: &Record) -> Needs {
+        let mut needs = Needs::default();
+        if let Some(claim) = &record.idempotency {
+            needs.idempotency_keys.push(claim.key.clone());
+        }
+        match &record.command {
+            Command::SetOperatorKey { key_hash } => {
+                needs.operator_key = true;
+                needs.key_hashes.push(*key_hash);
+            }
+            Command::CreateMerchant { id, key_hash, .. } => {
+                needs.merchants.push(*id);
+                needs.key_hashes.push(*key_hash);
+            }
+            Command::CreatePayer { id, key_hash, .. } => {
+                needs.payers.push(*id);
+                needs.key_hashes.push(*key_hash);
+            }
+            Command::Topup {
+                id,
+                payer,
+                currency,
+                transfer_id,
+                ..
+            } => {
+                needs.payers.push(*payer);
+                needs.topups.push(*id);
+                needs.accounts.extend([
+                    (Owner::ExternalFunding, *currency),
+                    (Owner::Payer(*payer), *currency),
+                ]);
+                needs.transfers.push(*transfer_id);
+            }
+            Command::Pay(pay) => needs.add_pay(pay),
+            Command::PayBatch(items) => {
+                for pay in items {
+                    needs.add_pay(pay);
+                }
+            }
+            Command::Refund {
+                id,
+                payment,
+                transfer_ids,
+                ..
+            } => {
+                needs.payments.push(*payment);
+                needs.refunds.push(*id);
+                needs.transfers.extend(transfer_ids);
+                if let Some(payment) = self.payment(*payment) {
+                    // The statement line goes to the payer; the money moves between the
+                    // payment's three accounts.
+                    needs.payers.push(payment.payer);
+                    needs.accounts.extend([
+                        (Owner::Payer(payment.payer), payment.currency),
+                        (Owner::Merchant(payment.merchant), payment.currency),
+                        (Owner::PlatformFees, payment.currency),
+                    ]);
+                }
+            }
+            Command::PruneIdempotencyKeys { before } => {
+                needs.idempotency_made_before = Some(*before);
+            }
+        }
+        needs.normalize();
+        needs
+    }
+
+    /// An empty state that tracks what applying records changes, to be filled with the loaded
+    /// objects a batch needs (the `insert_*` methods) and then applied to.
+    ///
+    /// A working set answers queries only about what it holds, and its lists and statements
+    /// hold only what was applied to it.
+    pub fn new_working_set() -> State {
+        let mut state = State::new();
+        state.track_changes();
+        state
+    }
+
+    /// Starts tracking changes from here on, if not already.
+    pub fn track_changes(&mut self) {
+        if self.tracker.is_none() {
+            self.tracker = Some(Box::new(Tracker {
+                payments_seen: self.payments.len(),
+                transfers_seen: self.ledger.transfer_count(),
+                ..Tracker::default()
+            }));
+        }
+    }
+
+    /// Whether this state tracks its changes.
+    pub fn is_tracking_changes(&self) -> bool {
+        self.tracker.is_some()
+    }
+
+    /// What applying records changed since tracking began or the last call; empty for a state
+    /// that does not track changes.
+    pub fn take_changes(&mut self) -> Changes {
+        let payments_now = self.payments.len();
+        let transfers_now = self.ledger.transfer_count();
+        let Some(tracker) = &mut self.tracker else {
+            return Changes::default();
+        };
+        let taken = std::mem::replace(
+            &mut **tracker,
+            Tracker {
+                payments_seen: payments_now,
+                transfers_seen: transfers_now,
+                ..Tracker::default()
+            },
+        );
+        let account = |state: &State, id: AccountId| -> Account {
+            *state.ledger.account(id).expect("a tracked account exists")
+        };
+        let mut created_ids = HashSet::new();
+        let accounts_created = taken
+            .accounts_created
+            .iter()
+            .map(|key| {
+                let id = self.accounts[key];
+                created_ids.insert(id);
+                (key.0, account(self, id))
+            })
+            .collect();
+        let transfers: Vec<TransferRecord> =
+            self.ledger.transfer_records()[taken.transfers_seen..].to_vec();
+        // Only an applied transfer changes totals; a failed one is recorded and moves nothing.
+        let changed: BTreeSet<AccountId> = transfers
+            .iter()
+            .filter(|record| record.outcome.is_ok())
+            .flat_map(|record| [record.transfer.debit, record.transfer.credit])
+            .filter(|id| !created_ids.contains(id))
+            .collect();
+        let account_totals = changed.into_iter().map(|id| account(self, id)).collect();
+
+        let new_payments = &self.payments[taken.payments_seen..];
+        let new_payment_ids: HashSet<PaymentId> =
+            new_payments.iter().map(|row| row.payment.id).collect();
+        let refunded: BTreeSet<PaymentId> = taken
+            .refunded
+            .iter()
+            .copied()
+            .filter(|id| !new_payment_ids.contains(id))
+            .collect();
+        let payments_refunded = refunded
+            .into_iter()
+            .map(|id| {
+                let payment = &self
+                    .payment_row(id)
+                    .expect("a refunded payment exists")
+                    .payment;
+                PaymentRefunded {
+                    id,
+                    amount_refunded: payment.amount_refunded,
+                    fee_refunded: payment.fee_refunded,
+                }
+            })
+            .collect();
+
+        // Each new top-up, payment and refund made one statement line, at a known position.
+        let mut lines: Vec<(PayerId, usize)> = Vec::new();
+        let topups = taken
+            .topups
+            .iter()
+            .map(|id| {
+                let (topup, position) = &self.topups[id];
+                lines.push((topup.payer, *position));
+                topup.clone()
+            })
+            .collect();
+        let refunds = taken
+            .refunds
+            .iter()
+            .map(|id| {
+                let (refund, position) = &self.refunds[id];
+                lines.push((refund.payer, *position));
+                refund.clone()
+            })
+            .collect();
+        let payments = new_payments
+            .iter()
+            .map(|row| {
+                lines.push((row.payment.payer, row.positions.entry));
+                row.payment.clone()
+            })
+            .collect();
+        lines.sort_unstable();
+        let entries = lines
+            .into_iter()
+            .map(|(payer, position)| {
+                let lists = &self.payers[&payer].1;
+                (payer, lists.entries[position])
+            })
+            .collect();
+
+        let touched_keys: BTreeSet<KeyHash> = taken.keys.into_iter().collect();
+        let keys = touched_keys
+            .into_iter()
+            .map(|key| (key, self.keys.get(&key).copied()))
+            .collect();
+
+        let mut seen = HashSet::new();
+        let idempotency = taken
+            .idempotency
+            .into_iter()
+            .filter(|key| seen.insert(key.clone()))
+            .filter_map(|key| {
+                let record = self.idempotency.get(&key)?;
+                Some(IdempotencyRow {
+                    fingerprint: record.fingerprint,
+                    outcome: record.outcome.clone(),
+                    made: record.made,
+                    key,
+                })
+            })
+            .collect();
+
+        Changes {
+            operator_key: taken.operator_key,
+            keys,
+            merchants: taken.merchants,
+            payers: taken.payers,
+            accounts_created,
+            account_totals,
+            topups,
+            payments,
+            payments_refunded,
+            refunds,
+            entries,
+            transfers,
+            idempotency,
+            prunes: taken.prunes,
+        }
+    }
+
+    // Loading: each puts one stored object into a working set. Parties go in before their
+    // accounts, so that their balances list them.
+
+    /// Loads a key hash and whose it is. The operator's key is the operator key.
+    pub fn insert_key(&mut self, key_hash: KeyHash, principal: Principal) -> Result<(), LoadError> {
+        if self.keys.contains_key(&key_hash)
+            || (principal == Principal::Operator && self.operator_key.is_some())
+        {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        if principal == Principal::Operator {
+            self.operator_key = Some(key_hash);
+        }
+        self.keys.insert(key_hash, principal);
+        Ok(())
+    }
+
+    /// Loads a merchant, fee schedule included.
+    pub fn insert_merchant(&mut self, merchant: Merchant) -> Result<(), LoadError> {
+        if self.merchants.contains_key(&merchant.id) {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        self.merchants
+            .insert(merchant.id, (merchant, PartyLists::new()));
+        Ok(())
+    }
+
+    pub fn insert_payer(&mut self, payer: Payer) -> Result<(), LoadError> {
+        if self.payers.contains_key(&payer.id) {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        self.payers.insert(payer.id, (payer, PartyLists::new()));
+        Ok(())
+    }
+
+    /// Loads `owner`'s account with its totals. Its id, kind and currency must be those
+    /// `owner` and the account's currency give.
+    pub fn insert_account(&mut self, owner: Owner, account: Account) -> Result<(), LoadError> {
+        let key = (owner, account.currency);
+        if account.id != account_id(owner, account.currency) || account.kind != owner.account_kind()
+        {
+            return Err(LoadError::BadId);
+        }
+        if self.accounts.contains_key(&key) || self.ledger.account(account.id).is_some() {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        self.ledger
+            .insert_account(account)
+            .map_err(|_| LoadError::BadId)?;
+        self.accounts.insert(key, account.id);
+        let lists = match owner {
+            Owner::Payer(payer) => self.payers.get_mut(&payer).map(|(_, lists)| lists),
+            Owner::Merchant(merchant) => self.merchants.get_mut(&merchant).map(|(_, lists)| lists),
+            Owner::PlatformFees | Owner::ExternalFunding => None,
+        };
+        if let Some(lists) = lists {
+            lists.accounts.push((account.currency, account.id));
+        }
+        Ok(())
+    }
+
+    /// Loads a payment, refund totals included.
+    pub fn insert_payment(&mut self, payment: Payment) -> Result<(), LoadError> {
+        if self.payment_index.contains_key(&payment.id) {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        if let Some(tracker) = &mut self.tracker {
+            if tracker.payments_seen != self.payments.len() {
+                return Err(LoadError::ChangesPending);
+            }
+            tracker.payments_seen += 1;
+        }
+        self.payment_index.insert(payment.id, self.payments.len());
+        self.payments.push(PaymentRow {
+            payment,
+            positions: Positions::default(),
+        });
+        Ok(())
+    }
+
+    pub fn insert_topup(&mut self, topup: Topup) -> Result<(), LoadError> {
+        if self.topups.contains_key(&topup.id) {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        self.topups.insert(topup.id, (topup, 0));
+        Ok(())
+    }
+
+    pub fn insert_refund(&mut self, refund: Refund) -> Result<(), LoadError> {
+        if self.refunds.contains_key(&refund.id) {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        self.refunds.insert(refund.id, (refund, 0));
+        Ok(())
+    }
+
+    /// Loads a ledger transfer record, failed ones included.
+    pub fn insert_transfer_record(&mut self, record: TransferRecord) -> Result<(), LoadError> {
+        if self.ledger.transfer(record.transfer.id).is_some() {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        if let Some(tracker) = &self.tracker
+            && tracker.transfers_seen != self.ledger.transfer_count()
+        {
+            return Err(LoadError::ChangesPending);
+        }
+        self.ledger
+            .insert_transfer_record(record)
+            .map_err(|_| LoadError::BadId)?;
+        if let Some(tracker) = &mut self.tracker {
+            tracker.transfers_seen = self.ledger.transfer_count();
+        }
+        Ok(())
+    }
+
+    /// Loads an idempotency key's stored answer. Records may come in any order: pruning goes
+    /// by the time each was made.
+    pub fn insert_idempotency_record(&mut self, row: IdempotencyRow) -> Result<(), LoadError> {
+        if self.idempotency.contains_key(&row.key) {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        let at = self
+            .idempotency_order
+            .partition_point(|(made, _)| *made <= row.made);
+        self.idempotency_order
+            .insert(at, (row.made, row.key.clone()));
+        self.idempotency.insert(
+            row.key,
+            IdempotencyRecord {
+                fingerprint: row.fingerprint,
+                outcome: row.outcome,
+                made: row.made,
+            },
+        );
+        Ok(())
+    }
+
+    // Reading objects out, to copy them into a working set.
+
+    /// The operator's key hash, if one is set.
+    pub fn operator_key(&self) -> Option<KeyHash> {
+        self.operator_key
+    }
+
+    /// `owner`'s account in `currency`, with its totals, if it has one.
+    pub fn account_of(&self, owner: Owner, currency: Currency) -> Option<Account> {
+        let id = self.accounts.get(&(owner, currency))?;
+        self.ledger.account(*id).copied()
+    }
+
+    /// The ledger's record of a transfer id.
+    pub fn transfer_record(&self, id: TransferId) -> Option<TransferRecord> {
+        self.ledger.transfer(id).copied()
+    }
+
+    /// An idempotency key's stored answer, if the key is held.
+    pub fn idempotency_record(&self, key: &IdempotencyKey) -> Option<IdempotencyRow> {
+        let record = self.idempotency.get(key)?;
+        Some(IdempotencyRow {
+            key: key.clone(),
+            fingerprint: record.fingerprint,
+            outcome: record.outcome.clone(),
+            made: record.made,
+        })
+    }
+
+    /// The idempotency records a prune at `before` forgets, oldest first.
+    pub fn idempotency_records_made_before(&self, before: Timestamp) -> Vec<IdempotencyRow> {
+        self.idempotency_order
+            .iter()
+            .take_while(|(made, _)| *made < before)
+            .map(|(_, key)| self.idempotency_record(key).expect("listed keys are held"))
+            .collect()
+    }
+}
+
 /// The ledger id of `owner`'s account in `currency`: a 64-bit mix of both. Owner ids are
 /// random 128-bit values chosen by the server, never by callers, so a fast mixing function
 /// spreads them as well as a cryptographic hash would; collisions are still checked.
-fn account_id(owner: Owner, currency: Currency) -> AccountId {
+pub fn account_id(owner: Owner, currency: Currency) -> AccountId {
     use std::hash::Hasher;
     let (kind, id) = match owner {
         Owner::Payer(payer) => (1u8, payer.to_u128()),

@@ -161,3 +161,35 @@ fn account_ids_depend_on_owner_and_currency_not_on_the_order_accounts_were_opene
     assert_eq!(ids(&first).len(), 5);
     assert_eq!(ids(&first), ids(&second));
 }
+
+#[test]
+fn a_payment_reusing_another_payments_transfer_ids_is_refused_and_moves_nothing() {
+    let (mut state, payer, merchant) = setup(1_000);
+    let first = state.apply(&record(pay(payer, merchant, 600, [40, 41, 42])));
+    assert!(matches!(first, Outcome::Paid(_)), "{first:?}");
+    // A new payment id, the same legs and the same transfer ids: the ledger would answer
+    // "already done" for both legs.
+    let second = state.apply(&record(pay(payer, merchant, 600, [43, 41, 42])));
+    assert_eq!(second, Outcome::Rejected(Rejection::IdCollision));
+    assert_eq!(balance(&state, payer), 400);
+    assert_eq!(state.payment_count(), 1);
+}
+
+#[test]
+fn an_operator_key_cannot_take_over_a_merchants_key() {
+    let (mut state, _, merchant) = setup(1_000);
+    let merchant_key = KeyHash([2; 32]);
+    assert_eq!(
+        state.principal(&merchant_key),
+        Some(Principal::Merchant(merchant))
+    );
+    let outcome = state.apply(&record(Command::SetOperatorKey {
+        key_hash: merchant_key,
+    }));
+    assert_eq!(outcome, Outcome::Rejected(Rejection::IdCollision));
+    assert_eq!(
+        state.principal(&merchant_key),
+        Some(Principal::Merchant(merchant))
+    );
+    assert!(!state.has_operator_key());
+}

@@ -1,0 +1,188 @@
+//! What a storage backend that keeps state outside the process (PostgreSQL, ADR 0002) needs in
+//! order to run the same [`State::apply`](crate::State::apply) over a small working set:
+//!
+//! 1. [`Needs`]: what a record reads, from [`State::needs`](crate::State::needs).
+//! 2. Hydration: the `State::insert_*` methods put loaded objects into a working set made with
+//!    [`State::new_working_set`](crate::State::new_working_set).
+//! 3. [`Changes`]: what applying records did, from
+//!    [`State::take_changes`](crate::State::take_changes), to write back.
+//!
+//! The embedded store uses none of this: its state is whole and tracks nothing.
+
+use farthing_ledger::{Account, Amount, Currency, Timestamp, TransferId, TransferRecord};
+
+use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
+use crate::model::*;
+
+/// What applying a record reads. A working set holding every object listed here (those that
+/// exist), copied from a state, gives the record the outcome it gets on that state, and
+/// changes those objects the same way.
+///
+/// Ids and keys that name nothing yet are listed too: the record checks that they are free,
+/// so "not found" is part of what a loader reports. Lists are sorted, without repeats.
+#[derive(Clone, PartialEq, Eq, Default, Debug)]
+pub struct Needs {
+    /// The operator's key hash, whichever it is (setting a new one removes the old one).
+    pub operator_key: bool,
+    /// Key hashes: a new party's key must not be taken.
+    pub key_hashes: Vec<KeyHash>,
+    pub merchants: Vec<MerchantId>,
+    pub payers: Vec<PayerId>,
+    /// Payments refunded, and ids of new payments (which must be free).
+    pub payments: Vec<PaymentId>,
+    /// Ids of new top-ups (which must be free).
+    pub topups: Vec<TopupId>,
+    /// Ids of new refunds (which must be free).
+    pub refunds: Vec<RefundId>,
+    /// Accounts, by owner and currency. A loader looks each up by its derived id
+    /// ([`crate::account_id`]) and loads what it finds under its own owner, so that the
+    /// 2⁻⁶⁴ case of an id held by another owner is refused as it is in a whole state.
+    pub accounts: Vec<(Owner, Currency)>,
+    /// Ledger transfer ids: a reused id gets the answer its first use got.
+    pub transfers: Vec<TransferId>,
+    /// Idempotency keys presented with the record.
+    pub idempotency_keys: Vec<IdempotencyKey>,
+    /// For a prune: every idempotency record made before this time (the latest such time, when
+    /// several prunes are merged).
+    pub idempotency_made_before: Option<Timestamp>,
+}
+
+impl Needs {
+    /// Whether nothing is listed.
+    pub fn is_empty(&self) -> bool {
+        *self == Needs::default()
+    }
+
+    /// Adds what `other` lists: the needs of a batch are those of its records together.
+    pub fn extend(&mut self, other: Needs) {
+        self.operator_key |= other.operator_key;
+        self.key_hashes.extend(other.key_hashes);
+        self.merchants.extend(other.merchants);
+        self.payers.extend(other.payers);
+        self.payments.extend(other.payments);
+        self.topups.extend(other.topups);
+        self.refunds.extend(other.refunds);
+        self.accounts.extend(other.accounts);
+        self.transfers.extend(other.transfers);
+        self.idempotency_keys.extend(other.idempotency_keys);
+        self.idempotency_made_before = self
+            .idempotency_made_before
+            .max(other.idempotency_made_before);
+        self.normalize();
+    }
+
+    /// Sorts every list and drops repeats.
+    pub(crate) fn normalize(&mut self) {
+        fn tidy<T: Ord>(list: &mut Vec<T>) {
+            list.sort_unstable();
+            list.dedup();
+        }
+        tidy(&mut self.key_hashes);
+        tidy(&mut self.merchants);
+        tidy(&mut self.payers);
+        tidy(&mut self.payments);
+        tidy(&mut self.topups);
+        tidy(&mut self.refunds);
+        tidy(&mut self.accounts);
+        tidy(&mut self.transfers);
+        tidy(&mut self.idempotency_keys);
+    }
+
+    /// A payment's reads: its parties, the payer's wallet, the merchant's account and the fee
+    /// account in its currency, its id and its transfer ids.
+    pub(crate) fn add_pay(&mut self, pay: &PayCommand) {
+        self.payers.push(pay.payer);
+        self.merchants.push(pay.merchant);
+        self.payments.push(pay.id);
+        self.accounts.extend([
+            (Owner::Payer(pay.payer), pay.currency),
+            (Owner::Merchant(pay.merchant), pay.currency),
+            (Owner::PlatformFees, pay.currency),
+        ]);
+        self.transfers.extend(pay.transfer_ids);
+    }
+}
+
+/// An idempotency key's stored answer.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct IdempotencyRow {
+    pub key: IdempotencyKey,
+    /// The digest of the request first made with the key.
+    pub fingerprint: [u8; 32],
+    pub outcome: Outcome,
+    /// When the key was first used: pruning forgets keys by this time.
+    pub made: Timestamp,
+}
+
+/// A payment whose refund totals changed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PaymentRefunded {
+    pub id: PaymentId,
+    /// The payment's totals after the change.
+    pub amount_refunded: Amount,
+    pub fee_refunded: Amount,
+}
+
+/// What applying records to a tracking state did since the last
+/// [`State::take_changes`](crate::State::take_changes): new rows, and the final values of
+/// rows that changed.
+///
+/// To write it to storage that held the working set's objects before: set or delete each key
+/// hash listed in `keys`, insert the new parties and accounts, update the totals of the
+/// changed accounts, insert top-ups, payments, refunds, statement entries and transfer
+/// records, update the refunded payments, delete the idempotency records made before each
+/// prune's time, and only then insert the new idempotency records (a key pruned and used
+/// again in one batch is new).
+#[derive(Clone, PartialEq, Eq, Default, Debug)]
+pub struct Changes {
+    /// The operator's key hash, when it was set (the last one set).
+    pub operator_key: Option<KeyHash>,
+    /// Every key hash whose principal changed, with its principal now (`None`: the hash no
+    /// longer maps, as the operator's previous key), by hash. A new party's key is here.
+    pub keys: Vec<(KeyHash, Option<Principal>)>,
+    /// New merchants, in the order made.
+    pub merchants: Vec<Merchant>,
+    /// New payers, in the order made.
+    pub payers: Vec<Payer>,
+    /// New accounts, with their owner and their totals now, in the order made.
+    pub accounts_created: Vec<(Owner, Account)>,
+    /// Accounts held before whose totals changed, with their totals now, by id.
+    pub account_totals: Vec<Account>,
+    /// New top-ups, in the order made.
+    pub topups: Vec<Topup>,
+    /// New payments as they are now (refunds included), in the order made.
+    pub payments: Vec<Payment>,
+    /// Payments held before whose refund totals changed, with the totals now, by id.
+    pub payments_refunded: Vec<PaymentRefunded>,
+    /// New refunds, in the order made.
+    pub refunds: Vec<Refund>,
+    /// New statement entries, each with its payer: by payer, then in the order made.
+    pub entries: Vec<(PayerId, Entry)>,
+    /// New ledger transfer records, failures included (so that their ids stay failed), in the
+    /// order made.
+    pub transfers: Vec<TransferRecord>,
+    /// New idempotency records still held, in the order made.
+    pub idempotency: Vec<IdempotencyRow>,
+    /// The time of each prune, in order.
+    pub prunes: Vec<Timestamp>,
+}
+
+impl Changes {
+    /// Whether applying changed nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+/// Why a loaded object was not put into a working set.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LoadError {
+    /// The working set already holds an object with this id or key.
+    AlreadyLoaded,
+    /// An id the ledger cannot hold (zero), or an account id held under another owner.
+    BadId,
+    /// Payments and transfer records are loaded before applying, or right after
+    /// [`State::take_changes`](crate::State::take_changes): loaded later, they would be
+    /// reported as new.
+    ChangesPending,
+}
