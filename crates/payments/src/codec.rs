@@ -1,4 +1,5 @@
-//! The journal's binary form of a [`Record`]: little-endian, length-prefixed, versioned.
+//! The journal's binary form of a [`Record`], and the stored form of an [`Outcome`] (an
+//! idempotency key's first answer): little-endian, length-prefixed, each versioned on its own.
 //!
 //! Hand-written rather than derived so that the format is explicit, stable across library
 //! upgrades, and cheap: encoding a payment takes a few dozen byte copies.
@@ -11,7 +12,11 @@ use crate::model::*;
 /// The first byte of every encoded record.
 const FORMAT_VERSION: u8 = 1;
 
-/// Why bytes are not a record.
+/// The first byte of every encoded outcome. Outcomes change apart from records, so they
+/// carry their own version.
+const OUTCOME_FORMAT_VERSION: u8 = 1;
+
+/// Why bytes are not a record or an outcome.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum DecodeError {
     UnexpectedEnd,
@@ -20,6 +25,8 @@ pub enum DecodeError {
     InvalidCurrency,
     InvalidText,
     TrailingBytes,
+    /// A number too large for this platform (a count beyond `usize`).
+    OutOfRange,
 }
 
 impl std::fmt::Display for DecodeError {
@@ -81,10 +88,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             w.u128(payer.to_u128());
             w.u64(amount.micros());
             w.u32(currency.to_u32());
-            w.u8(match source {
-                FundingSource::Sandbox => 1,
-                FundingSource::SandboxDecline => 2,
-            });
+            w.funding_source(*source);
             w.u128(transfer_id.0);
         }
         Command::Pay(pay) => {
@@ -168,11 +172,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             payer: PayerId::from_u128(r.u128()?),
             amount: Amount::from_micros(r.u64()?),
             currency: r.currency()?,
-            source: match r.u8()? {
-                1 => FundingSource::Sandbox,
-                2 => FundingSource::SandboxDecline,
-                tag => return Err(DecodeError::UnknownTag(tag)),
-            },
+            source: r.funding_source()?,
             transfer_id: TransferId(r.u128()?),
         },
         5 => Command::Pay(r.pay()?),
@@ -212,6 +212,170 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         idempotency,
         command,
     })
+}
+
+/// Appends the encoding of `outcome` to `out`.
+///
+/// Every variant, every [`BatchItemOutcome`] and every [`Rejection`] has an explicit tag that
+/// never changes meaning: stored outcomes are read back long after they were written.
+pub fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
+    let mut w = Writer(out);
+    w.u8(OUTCOME_FORMAT_VERSION);
+    match outcome {
+        Outcome::OperatorKeySet => w.u8(1),
+        Outcome::MerchantCreated(merchant) => {
+            w.u8(2);
+            w.u128(merchant.id.to_u128());
+            w.text(&merchant.name);
+            w.u32(merchant.fee.bps);
+            w.u64(merchant.fee.fixed.micros());
+            w.u64(merchant.created_at.0);
+        }
+        Outcome::PayerCreated(payer) => {
+            w.u8(3);
+            w.u128(payer.id.to_u128());
+            w.text(&payer.name);
+            w.u64(payer.created_at.0);
+        }
+        Outcome::ToppedUp(topup) => {
+            w.u8(4);
+            w.u128(topup.id.to_u128());
+            w.u128(topup.payer.to_u128());
+            w.u64(topup.amount.micros());
+            w.u32(topup.currency.to_u32());
+            w.funding_source(topup.source);
+            w.u64(topup.created_at.0);
+        }
+        Outcome::Paid(payment) => {
+            w.u8(5);
+            w.u128(payment.id.to_u128());
+            w.u128(payment.payer.to_u128());
+            w.u128(payment.merchant.to_u128());
+            w.u64(payment.amount.micros());
+            w.u32(payment.currency.to_u32());
+            w.u64(payment.fee.micros());
+            w.opt_text(&payment.description);
+            w.opt_text(&payment.reference);
+            w.u64(payment.created_at.0);
+            w.u64(payment.amount_refunded.micros());
+            w.u64(payment.fee_refunded.micros());
+        }
+        Outcome::PaidBatch(items) => {
+            w.u8(6);
+            w.u32(u32::try_from(items.len()).expect("batches are bounded"));
+            for item in items {
+                match item {
+                    BatchItemOutcome::Succeeded(id) => {
+                        w.u8(1);
+                        w.u128(id.to_u128());
+                    }
+                    BatchItemOutcome::Failed(rejection) => {
+                        w.u8(2);
+                        w.rejection(*rejection);
+                    }
+                }
+            }
+        }
+        Outcome::Refunded(refund) => {
+            w.u8(7);
+            w.u128(refund.id.to_u128());
+            w.u128(refund.payment.to_u128());
+            w.u128(refund.payer.to_u128());
+            w.u128(refund.merchant.to_u128());
+            w.u64(refund.amount.micros());
+            w.u32(refund.currency.to_u32());
+            w.u64(refund.fee_refunded.micros());
+            w.u64(refund.created_at.0);
+        }
+        Outcome::Pruned { keys } => {
+            w.u8(8);
+            w.u64(u64::try_from(*keys).expect("a usize fits in 64 bits"));
+        }
+        Outcome::Rejected(rejection) => {
+            w.u8(9);
+            w.rejection(*rejection);
+        }
+    }
+}
+
+/// Decodes one whole outcome from `bytes`.
+pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
+    let mut r = Reader(bytes);
+    let version = r.u8()?;
+    if version != OUTCOME_FORMAT_VERSION {
+        return Err(DecodeError::UnknownVersion(version));
+    }
+    let outcome = match r.u8()? {
+        1 => Outcome::OperatorKeySet,
+        2 => Outcome::MerchantCreated(Merchant {
+            id: MerchantId::from_u128(r.u128()?),
+            name: r.text()?,
+            fee: FeeSchedule {
+                bps: r.u32()?,
+                fixed: Amount::from_micros(r.u64()?),
+            },
+            created_at: Timestamp(r.u64()?),
+        }),
+        3 => Outcome::PayerCreated(Payer {
+            id: PayerId::from_u128(r.u128()?),
+            name: r.text()?,
+            created_at: Timestamp(r.u64()?),
+        }),
+        4 => Outcome::ToppedUp(Topup {
+            id: TopupId::from_u128(r.u128()?),
+            payer: PayerId::from_u128(r.u128()?),
+            amount: Amount::from_micros(r.u64()?),
+            currency: r.currency()?,
+            source: r.funding_source()?,
+            created_at: Timestamp(r.u64()?),
+        }),
+        5 => Outcome::Paid(Payment {
+            id: PaymentId::from_u128(r.u128()?),
+            payer: PayerId::from_u128(r.u128()?),
+            merchant: MerchantId::from_u128(r.u128()?),
+            amount: Amount::from_micros(r.u64()?),
+            currency: r.currency()?,
+            fee: Amount::from_micros(r.u64()?),
+            description: r.opt_text()?,
+            reference: r.opt_text()?,
+            created_at: Timestamp(r.u64()?),
+            amount_refunded: Amount::from_micros(r.u64()?),
+            fee_refunded: Amount::from_micros(r.u64()?),
+        }),
+        6 => {
+            let count = r.u32()? as usize;
+            // Each item takes at least 2 bytes: a corrupt count cannot make us allocate more
+            // than the bytes could hold.
+            let mut items = Vec::with_capacity(count.min(r.0.len() / 2));
+            for _ in 0..count {
+                items.push(match r.u8()? {
+                    1 => BatchItemOutcome::Succeeded(PaymentId::from_u128(r.u128()?)),
+                    2 => BatchItemOutcome::Failed(r.rejection()?),
+                    tag => return Err(DecodeError::UnknownTag(tag)),
+                });
+            }
+            Outcome::PaidBatch(items)
+        }
+        7 => Outcome::Refunded(Refund {
+            id: RefundId::from_u128(r.u128()?),
+            payment: PaymentId::from_u128(r.u128()?),
+            payer: PayerId::from_u128(r.u128()?),
+            merchant: MerchantId::from_u128(r.u128()?),
+            amount: Amount::from_micros(r.u64()?),
+            currency: r.currency()?,
+            fee_refunded: Amount::from_micros(r.u64()?),
+            created_at: Timestamp(r.u64()?),
+        }),
+        8 => Outcome::Pruned {
+            keys: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,
+        },
+        9 => Outcome::Rejected(r.rejection()?),
+        tag => return Err(DecodeError::UnknownTag(tag)),
+    };
+    if !r.0.is_empty() {
+        return Err(DecodeError::TrailingBytes);
+    }
+    Ok(outcome)
 }
 
 struct Writer<'a>(&'a mut Vec<u8>);
@@ -257,6 +421,29 @@ impl Writer<'_> {
                 self.u128(id.to_u128());
             }
         }
+    }
+    fn funding_source(&mut self, source: FundingSource) {
+        self.u8(match source {
+            FundingSource::Sandbox => 1,
+            FundingSource::SandboxDecline => 2,
+        });
+    }
+    /// Stable tags, one per variant: a stored tag never changes meaning, and a new variant
+    /// takes a new tag (this match has no catch-all, so it cannot be forgotten).
+    fn rejection(&mut self, rejection: Rejection) {
+        self.u8(match rejection {
+            Rejection::PayerNotFound => 1,
+            Rejection::MerchantNotFound => 2,
+            Rejection::PaymentNotFound => 3,
+            Rejection::InsufficientFunds => 4,
+            Rejection::FundingDeclined => 5,
+            Rejection::RefundExceedsPayment => 6,
+            Rejection::MerchantBalanceInsufficient => 7,
+            Rejection::AmountTooLarge => 8,
+            Rejection::AmountNotPositive => 9,
+            Rejection::IdempotencyKeyReused => 10,
+            Rejection::IdCollision => 11,
+        });
     }
     fn pay(&mut self, pay: &PayCommand) {
         self.u128(pay.id.to_u128());
@@ -315,6 +502,29 @@ impl Reader<'_> {
     }
     fn currency(&mut self) -> Result<Currency, DecodeError> {
         Currency::from_u32(self.u32()?).ok_or(DecodeError::InvalidCurrency)
+    }
+    fn funding_source(&mut self) -> Result<FundingSource, DecodeError> {
+        Ok(match self.u8()? {
+            1 => FundingSource::Sandbox,
+            2 => FundingSource::SandboxDecline,
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        })
+    }
+    fn rejection(&mut self) -> Result<Rejection, DecodeError> {
+        Ok(match self.u8()? {
+            1 => Rejection::PayerNotFound,
+            2 => Rejection::MerchantNotFound,
+            3 => Rejection::PaymentNotFound,
+            4 => Rejection::InsufficientFunds,
+            5 => Rejection::FundingDeclined,
+            6 => Rejection::RefundExceedsPayment,
+            7 => Rejection::MerchantBalanceInsufficient,
+            8 => Rejection::AmountTooLarge,
+            9 => Rejection::AmountNotPositive,
+            10 => Rejection::IdempotencyKeyReused,
+            11 => Rejection::IdCollision,
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        })
     }
     fn principal(&mut self) -> Result<Principal, DecodeError> {
         Ok(match self.u8()? {
