@@ -131,13 +131,13 @@ pub enum TransferRejection {
     /// The batch ended while a linked chain was still open.
     LinkedEventChainOpen,
     IdMustNotBeZero,
+    /// The id was used before with different fields. (Used before with the same fields, a
+    /// transfer gets its first outcome back instead.)
+    ExistsWithDifferentFields,
+    // Posted and pending transfers:
     AccountsMustBeDifferent,
     AmountMustNotBeZero,
-    /// The id was used before with different fields.
-    ExistsWithDifferentFields,
-    DebitAccountNotFound,
-    CreditAccountNotFound,
-    CurrenciesMustMatch,
+    // Posts and voids:
     PendingTransferNotFound,
     PendingTransferAlreadyPosted,
     PendingTransferAlreadyVoided,
@@ -145,10 +145,14 @@ pub enum TransferRejection {
     /// A post or void names accounts other than those of its hold.
     PendingTransferHasDifferentAccounts,
     ExceedsPendingAmount,
-    /// The debit would take a limited account below zero.
-    ExceedsAvailableBalance,
+    // Every transfer:
+    DebitAccountNotFound,
+    CreditAccountNotFound,
+    CurrenciesMustMatch,
     /// A total would exceed [`TOTAL_MICROS_MAX`].
     Overflow,
+    /// The debit would take a limited account below zero.
+    ExceedsAvailableBalance,
 }
 
 /// Why an account could not be created.
