@@ -1,10 +1,16 @@
 -- Farthing's first schema: parties, the ledger, payments and what hangs off them.
 -- Portable to PostgreSQL-compatible distributed engines: no sequences (ids are chosen by the
 -- application), no triggers, no stored procedures; amounts are BIGINT micro-units.
+-- Object ids (merchants, payers, payments, top-ups, refunds, transfers) are their 128-bit
+-- values as 16 bytes, big-endian. Times are microseconds since the Unix epoch. Two u64 fields
+-- that the application does not bound below i64::MAX (a merchant's fixed fee, and the amount of
+-- a transfer the ledger refused) are NUMERIC(20, 0).
 
+-- At most one row: `singleton` is unique, so two writers setting a key at once conflict.
 CREATE TABLE operator_keys (
     key_hash BYTEA PRIMARY KEY,
-    created_at BIGINT NOT NULL
+    created_at BIGINT NOT NULL,
+    singleton BOOLEAN NOT NULL DEFAULT TRUE UNIQUE CHECK (singleton)
 );
 
 CREATE TABLE merchants (
@@ -12,7 +18,7 @@ CREATE TABLE merchants (
     name TEXT NOT NULL,
     key_hash BYTEA NOT NULL UNIQUE,
     fee_bps INTEGER NOT NULL CHECK (fee_bps BETWEEN 0 AND 10000),
-    fee_fixed BIGINT NOT NULL CHECK (fee_fixed >= 0),
+    fee_fixed NUMERIC(20, 0) NOT NULL CHECK (fee_fixed BETWEEN 0 AND 18446744073709551615),
     created_at BIGINT NOT NULL
 );
 
@@ -39,11 +45,14 @@ CREATE TABLE accounts (
 );
 
 -- Every transfer id ever seen, applied or failed: a retried id answers with its first outcome.
+-- kind: 1 posted, 2 pending (timeout_secs), 3 post pending, 4 void pending (pending_id).
+-- outcome: 0 applied, else the ledger's rejection (see `transfer_rejection_code`).
+-- hold_state: 1 pending, 2 posted, 3 voided, 4 expired. timeout_secs is the u32 bit-cast.
 CREATE TABLE transfers (
     id BYTEA PRIMARY KEY,
     debit_account BIGINT NOT NULL,
     credit_account BIGINT NOT NULL,
-    amount BIGINT NOT NULL,
+    amount NUMERIC(20, 0) NOT NULL,
     kind SMALLINT NOT NULL,
     pending_id BYTEA,
     timeout_secs INTEGER,
@@ -95,6 +104,7 @@ CREATE INDEX refunds_by_payment ON refunds (payment);
 
 -- A payer's statement: one line per top-up, payment and refund, with the running balance.
 -- object_kind: 1 top-up, 2 payment, 3 refund.
+-- topups.source: 1 sandbox, 2 sandbox decline.
 CREATE TABLE statement_lines (
     payer BYTEA NOT NULL,
     object_id BYTEA NOT NULL,

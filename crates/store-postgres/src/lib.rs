@@ -1,9 +1,10 @@
 //! Farthing's PostgreSQL storage.
 //!
-//! Today this crate owns the schema: numbered, named migrations embedded in the binary and a
-//! runner that applies them at start or through `farthing migrate`. The shared store that lets
-//! several `farthing serve` processes use one database is designed in
-//! `docs/adr/0002-postgresql-backend-shape.md` and is built on this schema.
+//! This crate owns the schema: numbered, named migrations embedded in the binary and a runner
+//! that applies them at start or through `farthing migrate`. It also has [`apply_batch`], the
+//! write path of the shared store that lets several `farthing serve` processes use one
+//! database (designed in `docs/adr/0002-postgresql-backend-shape.md`): a batch of records
+//! applied in one transaction, over a working set loaded for it. Nothing calls it yet.
 //!
 //! The SQL stays portable to PostgreSQL-compatible distributed engines: no advisory locks
 //! (migrators serialize on a row lock), no LISTEN/NOTIFY, no triggers or stored procedures, no
@@ -13,6 +14,10 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::{Client, NoTls};
+
+mod apply;
+
+pub use apply::{ATTEMPTS_MAX, apply_batch};
 
 /// One schema change, applied once, in order of `version`.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +43,9 @@ pub enum PgError {
         "the database has migration {version}, which this build does not know: it was set up by a newer Farthing"
     )]
     NewerSchema { version: i32 },
+    /// A stored row this build cannot read, or a value the schema cannot hold.
+    #[error("stored data does not fit: {0}")]
+    Stored(String),
     #[error("migration {version} is recorded as {found:?} but this build calls it {expected:?}")]
     MismatchedMigration {
         version: i32,
@@ -71,7 +79,8 @@ pub struct Migrated {
 /// row lock, and each migration is applied in one transaction, exactly once.
 pub async fn migrate(client: &mut Client) -> Result<Migrated, PgError> {
     // Two processes creating the bookkeeping tables at once can collide in the catalog
-    // (unique_violation or duplicate_table): the loser retries, and then finds them made.
+    // (unique_violation, duplicate_table, or duplicate_object for the table's row type): the
+    // loser retries, and then finds them made.
     for attempt in 0..3 {
         match client
             .batch_execute(
@@ -146,7 +155,9 @@ fn is_catalog_race(error: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     matches!(
         error.code(),
-        Some(code) if *code == SqlState::UNIQUE_VIOLATION || *code == SqlState::DUPLICATE_TABLE
+        Some(code) if *code == SqlState::UNIQUE_VIOLATION
+            || *code == SqlState::DUPLICATE_TABLE
+            || *code == SqlState::DUPLICATE_OBJECT
     )
 }
 

@@ -1,0 +1,1174 @@
+//! Applying a batch of records in one PostgreSQL transaction (ADR 0002): load what the batch
+//! reads into a working set, run the same `State::apply` the embedded store runs, and write
+//! back what changed, set-based.
+//!
+//! Stored forms: object ids are 16 bytes big-endian; times are BIGINT microseconds; account ids
+//! are the derived 64-bit id bit-cast to BIGINT; currencies are their three letters.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use farthing_ledger::{
+    Account, AccountId, AccountKind, Amount, Currency, HoldState, Timestamp, Transfer, TransferId,
+    TransferKind, TransferRecord, TransferRejection,
+};
+use farthing_payments::codec::{decode_outcome, encode_outcome};
+use farthing_payments::{
+    Changes, EntryObject, FeeSchedule, FundingSource, IdempotencyKey, IdempotencyRow, KeyHash,
+    LoadError, Merchant, MerchantId, Outcome, Owner, Payer, PayerId, Payment, PaymentId, Principal,
+    Record, Refund, RefundId, State, Topup, TopupId, account_id,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Row, Transaction};
+
+use crate::PgError;
+
+/// Attempts at a batch before a conflict is returned.
+pub const ATTEMPTS_MAX: u32 = 5;
+
+/// Applies `records` in order in one transaction and returns their outcomes, exactly those the
+/// records get applied one after another to the whole state.
+///
+/// A serialization failure, a deadlock or a unique violation (another writer made the same
+/// idempotency key or id first) rolls back and redoes the whole batch, up to [`ATTEMPTS_MAX`]
+/// attempts with a short jittered sleep; then the error is returned.
+pub async fn apply_batch(client: &mut Client, records: &[Record]) -> Result<Vec<Outcome>, PgError> {
+    let mut attempt = 1;
+    loop {
+        match apply_once(client, records).await {
+            Err(PgError::Postgres(error)) if attempt < ATTEMPTS_MAX && is_retryable(&error) => {
+                tracing::debug!(%error, attempt, "batch conflicted, retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn is_retryable(error: &tokio_postgres::Error) -> bool {
+    matches!(
+        error.code(),
+        Some(code) if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::UNIQUE_VIOLATION
+    )
+}
+
+/// A few milliseconds, doubling per attempt, with full jitter.
+fn backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(attempt);
+    let ceiling_micros = 2_000u64 << attempt.min(6);
+    Duration::from_micros(ceiling_micros / 4 + hasher.finish() % ceiling_micros)
+}
+
+async fn apply_once(client: &mut Client, records: &[Record]) -> Result<Vec<Outcome>, PgError> {
+    let transaction = client.transaction().await?;
+    let mut working = load_working_set(&transaction, records).await?;
+    let outcomes = records.iter().map(|r| working.apply(r)).collect();
+    let changes = working.take_changes();
+    let now = records.iter().map(|r| r.now).max().unwrap_or(Timestamp(0));
+    persist(&transaction, &changes, now).await?;
+    transaction.commit().await?;
+    Ok(outcomes)
+}
+
+// =============================================================================================
+// Loading
+// =============================================================================================
+
+/// What a batch reads, gathered over rounds.
+#[derive(Default)]
+struct Wanted {
+    operator_key: bool,
+    key_hashes: BTreeSet<KeyHash>,
+    merchants: BTreeSet<MerchantId>,
+    payers: BTreeSet<PayerId>,
+    payments: BTreeSet<PaymentId>,
+    topups: BTreeSet<TopupId>,
+    refunds: BTreeSet<RefundId>,
+    accounts: BTreeSet<(Owner, Currency)>,
+    transfers: BTreeSet<TransferId>,
+    idempotency_keys: BTreeSet<IdempotencyKey>,
+    made_before: Option<Timestamp>,
+}
+
+fn wanted_by(working: &State, records: &[Record]) -> Wanted {
+    let mut wanted = Wanted::default();
+    for record in records {
+        let needs = working.needs(record);
+        wanted.operator_key |= needs.operator_key;
+        wanted.key_hashes.extend(needs.key_hashes);
+        wanted.merchants.extend(needs.merchants);
+        wanted.payers.extend(needs.payers);
+        wanted.payments.extend(needs.payments);
+        wanted.topups.extend(needs.topups);
+        wanted.refunds.extend(needs.refunds);
+        wanted.accounts.extend(needs.accounts);
+        wanted.transfers.extend(needs.transfers);
+        wanted.idempotency_keys.extend(needs.idempotency_keys);
+        wanted.made_before = wanted.made_before.max(needs.idempotency_made_before);
+    }
+    wanted
+}
+
+/// What `wanted` lists beyond `asked` (accounts aside: they are locked once, at the end), and
+/// adds it to `asked`.
+fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
+    fn new<T: Ord + Clone>(wanted: &BTreeSet<T>, asked: &mut BTreeSet<T>) -> BTreeSet<T> {
+        let fresh: BTreeSet<T> = wanted.difference(asked).cloned().collect();
+        asked.extend(fresh.iter().cloned());
+        fresh
+    }
+    let operator_key = wanted.operator_key && !asked.operator_key;
+    asked.operator_key |= wanted.operator_key;
+    let made_before = if wanted.made_before > asked.made_before {
+        asked.made_before = wanted.made_before;
+        wanted.made_before
+    } else {
+        None
+    };
+    Wanted {
+        operator_key,
+        key_hashes: new(&wanted.key_hashes, &mut asked.key_hashes),
+        merchants: new(&wanted.merchants, &mut asked.merchants),
+        payers: new(&wanted.payers, &mut asked.payers),
+        payments: new(&wanted.payments, &mut asked.payments),
+        topups: new(&wanted.topups, &mut asked.topups),
+        refunds: new(&wanted.refunds, &mut asked.refunds),
+        accounts: BTreeSet::new(),
+        transfers: new(&wanted.transfers, &mut asked.transfers),
+        idempotency_keys: new(&wanted.idempotency_keys, &mut asked.idempotency_keys),
+        made_before,
+    }
+}
+
+impl Wanted {
+    fn is_empty(&self) -> bool {
+        !self.operator_key
+            && self.key_hashes.is_empty()
+            && self.merchants.is_empty()
+            && self.payers.is_empty()
+            && self.payments.is_empty()
+            && self.topups.is_empty()
+            && self.refunds.is_empty()
+            && self.transfers.is_empty()
+            && self.idempotency_keys.is_empty()
+            && self.made_before.is_none()
+    }
+}
+
+/// A working set holding what `records` read, with the payments they refund and the accounts
+/// they touch locked until the transaction ends. Payments are locked first, then accounts,
+/// each in id order, so concurrent writers never wait on each other in a cycle.
+async fn load_working_set(
+    transaction: &Transaction<'_>,
+    records: &[Record],
+) -> Result<State, PgError> {
+    let mut working = State::new_working_set();
+    let mut asked = Wanted::default();
+    // A refund names only its payment: its payer and accounts are known once that is loaded.
+    loop {
+        let wanted = wanted_by(&working, records);
+        let fresh = take_new(&wanted, &mut asked);
+        if fresh.is_empty() {
+            asked.accounts = wanted.accounts;
+            break;
+        }
+        load_keys(transaction, &mut working, &fresh).await?;
+        load_merchants(transaction, &mut working, &fresh.merchants).await?;
+        load_payers(transaction, &mut working, &fresh.payers).await?;
+        load_payments(transaction, &mut working, &fresh.payments).await?;
+        load_topups(transaction, &mut working, &fresh.topups).await?;
+        load_refunds(transaction, &mut working, &fresh.refunds).await?;
+        load_transfers(transaction, &mut working, &fresh.transfers).await?;
+        load_idempotency(transaction, &mut working, &fresh).await?;
+    }
+    load_accounts(transaction, &mut working, &asked.accounts).await?;
+    Ok(working)
+}
+
+fn loaded(what: &str, result: Result<(), LoadError>) -> Result<(), PgError> {
+    result.map_err(|error| PgError::Stored(format!("{what} does not load: {error:?}")))
+}
+
+async fn load_keys(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    fresh: &Wanted,
+) -> Result<(), PgError> {
+    if !fresh.operator_key && fresh.key_hashes.is_empty() {
+        return Ok(());
+    }
+    let hashes: Vec<&[u8]> = fresh.key_hashes.iter().map(|k| k.0.as_slice()).collect();
+    let rows = transaction
+        .query(
+            "SELECT key_hash, 2::SMALLINT, id FROM merchants WHERE key_hash = ANY($1)
+             UNION ALL
+             SELECT key_hash, 3::SMALLINT, id FROM payers WHERE key_hash = ANY($1)
+             UNION ALL
+             SELECT key_hash, 1::SMALLINT, ''::BYTEA FROM operator_keys
+             WHERE $2 OR key_hash = ANY($1)",
+            &[&hashes, &fresh.operator_key],
+        )
+        .await?;
+    for row in rows {
+        let hash = KeyHash(bytes32(row.get(0))?);
+        let principal = principal_of(row.get(1), row.get(2))?;
+        if working.principal(&hash).is_some()
+            || (principal == Principal::Operator && working.has_operator_key())
+        {
+            continue;
+        }
+        loaded("a key hash", working.insert_key(hash, principal))?;
+    }
+    Ok(())
+}
+
+async fn load_merchants(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    ids: &BTreeSet<MerchantId>,
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
+    let rows = transaction
+        .query(
+            "SELECT id, name, fee_bps, fee_fixed::TEXT, created_at FROM merchants
+             WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let merchant = Merchant {
+            id: MerchantId::from_u128(u128_of(row.get(0))?),
+            name: row.get(1),
+            fee: FeeSchedule {
+                bps: u32::try_from(row.get::<_, i32>(2)).map_err(|_| stored("fee_bps"))?,
+                fixed: Amount::from_micros(
+                    row.get::<_, String>(3)
+                        .parse()
+                        .map_err(|_| stored("fee_fixed"))?,
+                ),
+            },
+            created_at: time_of(row.get(4))?,
+        };
+        loaded("a merchant", working.insert_merchant(merchant))?;
+    }
+    Ok(())
+}
+
+async fn load_payers(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    ids: &BTreeSet<PayerId>,
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
+    let rows = transaction
+        .query(
+            "SELECT id, name, created_at FROM payers WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let payer = Payer {
+            id: PayerId::from_u128(u128_of(row.get(0))?),
+            name: row.get(1),
+            created_at: time_of(row.get(2))?,
+        };
+        loaded("a payer", working.insert_payer(payer))?;
+    }
+    Ok(())
+}
+
+/// Payments, locked: a refund changes its payment's refund totals.
+async fn load_payments(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    ids: &BTreeSet<PaymentId>,
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
+    let rows = transaction
+        .query(
+            "SELECT id, payer, merchant, amount, currency::TEXT, fee, description, reference,
+                    created_at, amount_refunded, fee_refunded
+             FROM payments WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let payment = Payment {
+            id: PaymentId::from_u128(u128_of(row.get(0))?),
+            payer: PayerId::from_u128(u128_of(row.get(1))?),
+            merchant: MerchantId::from_u128(u128_of(row.get(2))?),
+            amount: amount_of(row.get(3))?,
+            currency: currency_of(row.get(4))?,
+            fee: amount_of(row.get(5))?,
+            description: row.get(6),
+            reference: row.get(7),
+            created_at: time_of(row.get(8))?,
+            amount_refunded: amount_of(row.get(9))?,
+            fee_refunded: amount_of(row.get(10))?,
+        };
+        loaded("a payment", working.insert_payment(payment))?;
+    }
+    Ok(())
+}
+
+async fn load_topups(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    ids: &BTreeSet<TopupId>,
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
+    let rows = transaction
+        .query(
+            "SELECT id, payer, amount, currency::TEXT, source, created_at FROM topups
+             WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let topup = Topup {
+            id: TopupId::from_u128(u128_of(row.get(0))?),
+            payer: PayerId::from_u128(u128_of(row.get(1))?),
+            amount: amount_of(row.get(2))?,
+            currency: currency_of(row.get(3))?,
+            source: match row.get::<_, i16>(4) {
+                1 => FundingSource::Sandbox,
+                2 => FundingSource::SandboxDecline,
+                _ => return Err(stored("topups.source")),
+            },
+            created_at: time_of(row.get(5))?,
+        };
+        loaded("a top-up", working.insert_topup(topup))?;
+    }
+    Ok(())
+}
+
+async fn load_refunds(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    ids: &BTreeSet<RefundId>,
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
+    let rows = transaction
+        .query(
+            "SELECT id, payment, payer, merchant, amount, currency::TEXT, fee_refunded, created_at
+             FROM refunds WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let refund = Refund {
+            id: RefundId::from_u128(u128_of(row.get(0))?),
+            payment: PaymentId::from_u128(u128_of(row.get(1))?),
+            payer: PayerId::from_u128(u128_of(row.get(2))?),
+            merchant: MerchantId::from_u128(u128_of(row.get(3))?),
+            amount: amount_of(row.get(4))?,
+            currency: currency_of(row.get(5))?,
+            fee_refunded: amount_of(row.get(6))?,
+            created_at: time_of(row.get(7))?,
+        };
+        loaded("a refund", working.insert_refund(refund))?;
+    }
+    Ok(())
+}
+
+async fn load_transfers(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    ids: &BTreeSet<TransferId>,
+) -> Result<(), PgError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.0)).collect();
+    let rows = transaction
+        .query(
+            "SELECT id, debit_account, credit_account, amount::TEXT, kind, pending_id,
+                    timeout_secs, linked, outcome, hold_state, expires_at, created_at
+             FROM transfers WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let record = transfer_record_of(&row)?;
+        loaded("a transfer record", working.insert_transfer_record(record))?;
+    }
+    Ok(())
+}
+
+fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
+    let pending_id = |row: &Row| -> Result<TransferId, PgError> {
+        let bytes: Option<&[u8]> = row.get(5);
+        Ok(TransferId(u128_of(
+            bytes.ok_or_else(|| stored("transfers.pending_id"))?,
+        )?))
+    };
+    let kind = match row.get::<_, i16>(4) {
+        1 => TransferKind::Posted,
+        2 => TransferKind::Pending {
+            timeout_secs: row
+                .get::<_, Option<i32>>(6)
+                .ok_or_else(|| stored("transfers.timeout_secs"))? as u32,
+        },
+        3 => TransferKind::PostPending {
+            pending_id: pending_id(row)?,
+        },
+        4 => TransferKind::VoidPending {
+            pending_id: pending_id(row)?,
+        },
+        _ => return Err(stored("transfers.kind")),
+    };
+    let outcome = match row.get::<_, i16>(8) {
+        0 => Ok(()),
+        code => Err(transfer_rejection_of(code).ok_or_else(|| stored("transfers.outcome"))?),
+    };
+    let hold = match row.get::<_, Option<i16>>(9) {
+        None => None,
+        Some(1) => Some(HoldState::Pending),
+        Some(2) => Some(HoldState::Posted),
+        Some(3) => Some(HoldState::Voided),
+        Some(4) => Some(HoldState::Expired),
+        Some(_) => return Err(stored("transfers.hold_state")),
+    };
+    Ok(TransferRecord {
+        transfer: Transfer {
+            id: TransferId(u128_of(row.get(0))?),
+            debit: AccountId(row.get::<_, i64>(1) as u64),
+            credit: AccountId(row.get::<_, i64>(2) as u64),
+            amount: Amount::from_micros(
+                row.get::<_, String>(3)
+                    .parse()
+                    .map_err(|_| stored("transfers.amount"))?,
+            ),
+            kind,
+            linked: row.get(7),
+        },
+        timestamp: time_of(row.get(11))?,
+        outcome,
+        hold,
+        expires_at: row.get::<_, Option<i64>>(10).map(time_of).transpose()?,
+    })
+}
+
+/// Idempotency records by key, and for a prune every record made before its time.
+async fn load_idempotency(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    fresh: &Wanted,
+) -> Result<(), PgError> {
+    if fresh.idempotency_keys.is_empty() && fresh.made_before.is_none() {
+        return Ok(());
+    }
+    let mut kinds = Vec::new();
+    let mut principals = Vec::new();
+    let mut keys = Vec::new();
+    for key in &fresh.idempotency_keys {
+        let (kind, id) = principal_columns(key.principal);
+        kinds.push(kind);
+        principals.push(id);
+        keys.push(key.key.as_str());
+    }
+    let made_before = match fresh.made_before {
+        Some(before) => big("a prune time", before.0)?,
+        None => i64::MIN,
+    };
+    let rows = transaction
+        .query(
+            "SELECT principal_kind, principal_id, key, fingerprint, outcome, created_at
+             FROM idempotency_keys
+             WHERE (principal_kind, principal_id, key) IN
+                   (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))
+                OR created_at < $4",
+            &[&kinds, &principals, &keys, &made_before],
+        )
+        .await?;
+    for row in rows {
+        let key = IdempotencyKey {
+            principal: principal_of(row.get(0), row.get(1))?,
+            key: row.get(2),
+        };
+        if working.idempotency_record(&key).is_some() {
+            continue;
+        }
+        let outcome = decode_outcome(row.get(4))
+            .map_err(|error| PgError::Stored(format!("an idempotency outcome: {error}")))?;
+        let idempotency_row = IdempotencyRow {
+            key,
+            fingerprint: bytes32(row.get(3))?,
+            outcome,
+            made: time_of(row.get(5))?,
+        };
+        loaded(
+            "an idempotency record",
+            working.insert_idempotency_record(idempotency_row),
+        )?;
+    }
+    Ok(())
+}
+
+/// Accounts, locked in id order. A row found under another owner (a 2⁻⁶⁴ id collision) is
+/// loaded under that owner, so that the command is refused as the whole state refuses it.
+async fn load_accounts(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    wanted: &BTreeSet<(Owner, Currency)>,
+) -> Result<(), PgError> {
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let mut ids: Vec<i64> = wanted
+        .iter()
+        .map(|&(owner, currency)| account_id(owner, currency).0 as i64)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = transaction
+        .query(
+            "SELECT id, owner_kind, owner_id, currency::TEXT, kind, debits_posted, credits_posted,
+                    debits_pending, credits_pending
+             FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let owner = owner_of(row.get(1), row.get(2))?;
+        let account = Account {
+            id: AccountId(row.get::<_, i64>(0) as u64),
+            kind: AccountKind::from_u8(
+                u8::try_from(row.get::<_, i16>(4)).map_err(|_| stored("accounts.kind"))?,
+            )
+            .ok_or_else(|| stored("accounts.kind"))?,
+            currency: currency_of(row.get(3))?,
+            debits_posted: total_of(row.get(5))?,
+            credits_posted: total_of(row.get(6))?,
+            debits_pending: total_of(row.get(7))?,
+            credits_pending: total_of(row.get(8))?,
+        };
+        if working.account_of(owner, account.currency).is_some() {
+            continue;
+        }
+        loaded("an account", working.insert_account(owner, account))?;
+    }
+    Ok(())
+}
+
+// =============================================================================================
+// Persisting
+// =============================================================================================
+
+/// Writes a change set in the order [`Changes`] documents, one statement per table.
+async fn persist(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+    now: Timestamp,
+) -> Result<(), PgError> {
+    persist_keys(transaction, changes, now).await?;
+    let key_of: HashMap<Principal, &KeyHash> = changes
+        .keys
+        .iter()
+        .filter_map(|(hash, principal)| principal.map(|p| (p, hash)))
+        .collect();
+    let key_for = |principal: Principal| -> Result<Vec<u8>, PgError> {
+        key_of
+            .get(&principal)
+            .map(|hash| hash.0.to_vec())
+            .ok_or_else(|| PgError::Stored(format!("no key hash for new {principal:?}")))
+    };
+    if !changes.merchants.is_empty() {
+        let mut ids = Vec::new();
+        let mut names = Vec::new();
+        let mut hashes = Vec::new();
+        let mut bps = Vec::new();
+        let mut fixed = Vec::new();
+        let mut created = Vec::new();
+        for merchant in &changes.merchants {
+            ids.push(id16(merchant.id.to_u128()));
+            names.push(merchant.name.as_str());
+            hashes.push(key_for(Principal::Merchant(merchant.id))?);
+            bps.push(i32::try_from(merchant.fee.bps).map_err(|_| stored("fee_bps"))?);
+            fixed.push(merchant.fee.fixed.micros().to_string());
+            created.push(big("a time", merchant.created_at.0)?);
+        }
+        transaction
+            .execute(
+                "INSERT INTO merchants (id, name, key_hash, fee_bps, fee_fixed, created_at)
+                 SELECT id, name, key_hash, fee_bps, fee_fixed::NUMERIC, created_at
+                 FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::INTEGER[], $5::TEXT[],
+                             $6::BIGINT[])
+                      AS u(id, name, key_hash, fee_bps, fee_fixed, created_at)",
+                &[&ids, &names, &hashes, &bps, &fixed, &created],
+            )
+            .await?;
+    }
+    if !changes.payers.is_empty() {
+        let mut ids = Vec::new();
+        let mut names = Vec::new();
+        let mut hashes = Vec::new();
+        let mut created = Vec::new();
+        for payer in &changes.payers {
+            ids.push(id16(payer.id.to_u128()));
+            names.push(payer.name.as_str());
+            hashes.push(key_for(Principal::Payer(payer.id))?);
+            created.push(big("a time", payer.created_at.0)?);
+        }
+        transaction
+            .execute(
+                "INSERT INTO payers (id, name, key_hash, created_at)
+                 SELECT * FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::BIGINT[])",
+                &[&ids, &names, &hashes, &created],
+            )
+            .await?;
+    }
+    persist_accounts(transaction, changes).await?;
+    if !changes.topups.is_empty() {
+        let mut c = Columns::default();
+        for topup in &changes.topups {
+            c.id.push(id16(topup.id.to_u128()));
+            c.payer.push(id16(topup.payer.to_u128()));
+            c.amount.push(big("an amount", topup.amount.micros())?);
+            c.currency.push(topup.currency.as_str().to_string());
+            c.small.push(match topup.source {
+                FundingSource::Sandbox => 1,
+                FundingSource::SandboxDecline => 2,
+            });
+            c.created.push(big("a time", topup.created_at.0)?);
+        }
+        transaction
+            .execute(
+                "INSERT INTO topups (id, payer, amount, currency, source, created_at)
+                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::TEXT[],
+                                      $5::SMALLINT[], $6::BIGINT[])",
+                &[
+                    &c.id,
+                    &c.payer,
+                    &c.amount,
+                    &c.currency,
+                    &c.small,
+                    &c.created,
+                ],
+            )
+            .await?;
+    }
+    if !changes.payments.is_empty() {
+        let mut c = Columns::default();
+        let mut description = Vec::new();
+        let mut reference = Vec::new();
+        for payment in &changes.payments {
+            c.id.push(id16(payment.id.to_u128()));
+            c.payer.push(id16(payment.payer.to_u128()));
+            c.merchant.push(id16(payment.merchant.to_u128()));
+            c.amount.push(big("an amount", payment.amount.micros())?);
+            c.currency.push(payment.currency.as_str().to_string());
+            c.fee.push(big("a fee", payment.fee.micros())?);
+            description.push(payment.description.as_deref());
+            reference.push(payment.reference.as_deref());
+            c.created.push(big("a time", payment.created_at.0)?);
+            c.amount2
+                .push(big("an amount", payment.amount_refunded.micros())?);
+            c.fee2.push(big("a fee", payment.fee_refunded.micros())?);
+        }
+        transaction
+            .execute(
+                "INSERT INTO payments (id, payer, merchant, amount, currency, fee, description,
+                                       reference, created_at, amount_refunded, fee_refunded)
+                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BIGINT[],
+                                      $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[],
+                                      $9::BIGINT[], $10::BIGINT[], $11::BIGINT[])",
+                &[
+                    &c.id,
+                    &c.payer,
+                    &c.merchant,
+                    &c.amount,
+                    &c.currency,
+                    &c.fee,
+                    &description,
+                    &reference,
+                    &c.created,
+                    &c.amount2,
+                    &c.fee2,
+                ],
+            )
+            .await?;
+    }
+    if !changes.payments_refunded.is_empty() {
+        let mut c = Columns::default();
+        for change in &changes.payments_refunded {
+            c.id.push(id16(change.id.to_u128()));
+            c.amount
+                .push(big("an amount", change.amount_refunded.micros())?);
+            c.fee.push(big("a fee", change.fee_refunded.micros())?);
+        }
+        transaction
+            .execute(
+                "UPDATE payments SET amount_refunded = u.amount_refunded,
+                                     fee_refunded = u.fee_refunded
+                 FROM unnest($1::BYTEA[], $2::BIGINT[], $3::BIGINT[])
+                      AS u(id, amount_refunded, fee_refunded)
+                 WHERE payments.id = u.id",
+                &[&c.id, &c.amount, &c.fee],
+            )
+            .await?;
+    }
+    if !changes.refunds.is_empty() {
+        let mut c = Columns::default();
+        for refund in &changes.refunds {
+            c.id.push(id16(refund.id.to_u128()));
+            c.id2.push(id16(refund.payment.to_u128()));
+            c.payer.push(id16(refund.payer.to_u128()));
+            c.merchant.push(id16(refund.merchant.to_u128()));
+            c.amount.push(big("an amount", refund.amount.micros())?);
+            c.currency.push(refund.currency.as_str().to_string());
+            c.fee.push(big("a fee", refund.fee_refunded.micros())?);
+            c.created.push(big("a time", refund.created_at.0)?);
+        }
+        transaction
+            .execute(
+                "INSERT INTO refunds (id, payment, payer, merchant, amount, currency,
+                                      fee_refunded, created_at)
+                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[],
+                                      $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[])",
+                &[
+                    &c.id,
+                    &c.id2,
+                    &c.payer,
+                    &c.merchant,
+                    &c.amount,
+                    &c.currency,
+                    &c.fee,
+                    &c.created,
+                ],
+            )
+            .await?;
+    }
+    if !changes.entries.is_empty() {
+        let mut c = Columns::default();
+        let mut credit = Vec::new();
+        for (payer, entry) in &changes.entries {
+            let (kind, id) = match entry.object {
+                EntryObject::Topup(id) => (1, id.to_u128()),
+                EntryObject::Payment(id) => (2, id.to_u128()),
+                EntryObject::Refund(id) => (3, id.to_u128()),
+            };
+            c.payer.push(id16(payer.to_u128()));
+            c.id.push(id16(id));
+            c.small.push(kind);
+            c.currency.push(entry.currency.as_str().to_string());
+            credit.push(entry.credit);
+            c.amount.push(big("an amount", entry.amount.micros())?);
+            c.amount2
+                .push(big("a balance", entry.balance_after.micros())?);
+            c.created.push(big("a time", entry.created_at.0)?);
+        }
+        transaction
+            .execute(
+                "INSERT INTO statement_lines (payer, object_id, object_kind, currency, credit,
+                                              amount, balance_after, created_at)
+                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::SMALLINT[], $4::TEXT[],
+                                      $5::BOOLEAN[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[])",
+                &[
+                    &c.payer,
+                    &c.id,
+                    &c.small,
+                    &c.currency,
+                    &credit,
+                    &c.amount,
+                    &c.amount2,
+                    &c.created,
+                ],
+            )
+            .await?;
+    }
+    persist_transfers(transaction, &changes.transfers).await?;
+    if let Some(before) = changes.prunes.iter().max() {
+        transaction
+            .execute(
+                "DELETE FROM idempotency_keys WHERE created_at < $1",
+                &[&big("a prune time", before.0)?],
+            )
+            .await?;
+    }
+    if !changes.idempotency.is_empty() {
+        let mut kinds = Vec::new();
+        let mut principals = Vec::new();
+        let mut keys = Vec::new();
+        let mut fingerprints = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut created = Vec::new();
+        for row in &changes.idempotency {
+            let (kind, id) = principal_columns(row.key.principal);
+            kinds.push(kind);
+            principals.push(id);
+            keys.push(row.key.key.as_str());
+            fingerprints.push(row.fingerprint.as_slice());
+            let mut outcome = Vec::new();
+            encode_outcome(&row.outcome, &mut outcome);
+            outcomes.push(outcome);
+            created.push(big("a time", row.made.0)?);
+        }
+        transaction
+            .execute(
+                "INSERT INTO idempotency_keys (principal_kind, principal_id, key, fingerprint,
+                                               outcome, created_at)
+                 SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[], $4::BYTEA[],
+                                      $5::BYTEA[], $6::BIGINT[])",
+                &[
+                    &kinds,
+                    &principals,
+                    &keys,
+                    &fingerprints,
+                    &outcomes,
+                    &created,
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Column vectors shared by the set-based inserts.
+#[derive(Default)]
+struct Columns {
+    id: Vec<Vec<u8>>,
+    id2: Vec<Vec<u8>>,
+    payer: Vec<Vec<u8>>,
+    merchant: Vec<Vec<u8>>,
+    amount: Vec<i64>,
+    amount2: Vec<i64>,
+    fee: Vec<i64>,
+    fee2: Vec<i64>,
+    currency: Vec<String>,
+    small: Vec<i16>,
+    created: Vec<i64>,
+}
+
+/// The operator's key: every touched hash leaves `operator_keys`, then the one that is the
+/// operator's now goes in (merchants' and payers' keys go in with their rows).
+async fn persist_keys(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+    now: Timestamp,
+) -> Result<(), PgError> {
+    if changes.operator_key.is_none() && changes.keys.iter().all(|(_, p)| p.is_some()) {
+        return Ok(());
+    }
+    let touched: Vec<&[u8]> = changes
+        .keys
+        .iter()
+        .map(|(hash, _)| hash.0.as_slice())
+        .collect();
+    transaction
+        .execute(
+            "DELETE FROM operator_keys WHERE key_hash = ANY($1)",
+            &[&touched],
+        )
+        .await?;
+    let operator: Vec<&[u8]> = changes
+        .keys
+        .iter()
+        .filter(|(_, principal)| *principal == Some(Principal::Operator))
+        .map(|(hash, _)| hash.0.as_slice())
+        .collect();
+    if !operator.is_empty() {
+        transaction
+            .execute(
+                "INSERT INTO operator_keys (key_hash, created_at)
+                 SELECT key_hash, $2 FROM unnest($1::BYTEA[]) AS u(key_hash)",
+                &[&operator, &big("a time", now.0)?],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> Result<(), PgError> {
+    if !changes.accounts_created.is_empty() {
+        let mut ids = Vec::new();
+        let mut owner_kinds = Vec::new();
+        let mut owner_ids = Vec::new();
+        let mut currencies = Vec::new();
+        let mut kinds = Vec::new();
+        let mut totals: [Vec<i64>; 4] = Default::default();
+        for (owner, account) in &changes.accounts_created {
+            let (owner_kind, owner_id) = owner_columns(*owner);
+            ids.push(account.id.0 as i64);
+            owner_kinds.push(owner_kind);
+            owner_ids.push(owner_id);
+            currencies.push(account.currency.as_str());
+            kinds.push(i16::from(account.kind.to_u8()));
+            for (column, value) in totals.iter_mut().zip(account_totals(account)) {
+                column.push(big("a total", value)?);
+            }
+        }
+        transaction
+            .execute(
+                "INSERT INTO accounts (id, owner_kind, owner_id, currency, kind, debits_posted,
+                                       credits_posted, debits_pending, credits_pending)
+                 SELECT * FROM unnest($1::BIGINT[], $2::SMALLINT[], $3::BYTEA[], $4::TEXT[],
+                                      $5::SMALLINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
+                                      $9::BIGINT[])",
+                &[
+                    &ids,
+                    &owner_kinds,
+                    &owner_ids,
+                    &currencies,
+                    &kinds,
+                    &totals[0],
+                    &totals[1],
+                    &totals[2],
+                    &totals[3],
+                ],
+            )
+            .await?;
+    }
+    if !changes.account_totals.is_empty() {
+        let mut ids = Vec::new();
+        let mut totals: [Vec<i64>; 4] = Default::default();
+        for account in &changes.account_totals {
+            ids.push(account.id.0 as i64);
+            for (column, value) in totals.iter_mut().zip(account_totals(account)) {
+                column.push(big("a total", value)?);
+            }
+        }
+        transaction
+            .execute(
+                "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp,
+                                     debits_pending = u.dpe, credits_pending = u.cpe
+                 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
+                             $5::BIGINT[]) AS u(id, dp, cp, dpe, cpe)
+                 WHERE accounts.id = u.id",
+                &[&ids, &totals[0], &totals[1], &totals[2], &totals[3]],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+fn account_totals(account: &Account) -> [u64; 4] {
+    [
+        account.debits_posted,
+        account.credits_posted,
+        account.debits_pending,
+        account.credits_pending,
+    ]
+}
+
+async fn persist_transfers(
+    transaction: &Transaction<'_>,
+    records: &[TransferRecord],
+) -> Result<(), PgError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::new();
+    let mut debits = Vec::new();
+    let mut credits = Vec::new();
+    let mut amounts = Vec::new();
+    let mut kinds = Vec::new();
+    let mut pending_ids: Vec<Option<Vec<u8>>> = Vec::new();
+    let mut timeouts: Vec<Option<i32>> = Vec::new();
+    let mut linked = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut holds: Vec<Option<i16>> = Vec::new();
+    let mut expires: Vec<Option<i64>> = Vec::new();
+    let mut created = Vec::new();
+    for record in records {
+        let transfer = &record.transfer;
+        ids.push(id16(transfer.id.0));
+        debits.push(transfer.debit.0 as i64);
+        credits.push(transfer.credit.0 as i64);
+        amounts.push(transfer.amount.micros().to_string());
+        let (kind, pending, timeout) = match transfer.kind {
+            TransferKind::Posted => (1i16, None, None),
+            TransferKind::Pending { timeout_secs } => (2, None, Some(timeout_secs as i32)),
+            TransferKind::PostPending { pending_id } => (3, Some(id16(pending_id.0)), None),
+            TransferKind::VoidPending { pending_id } => (4, Some(id16(pending_id.0)), None),
+        };
+        kinds.push(kind);
+        pending_ids.push(pending);
+        timeouts.push(timeout);
+        linked.push(transfer.linked);
+        outcomes.push(match record.outcome {
+            Ok(()) => 0,
+            Err(rejection) => transfer_rejection_code(rejection),
+        });
+        holds.push(record.hold.map(|hold| match hold {
+            HoldState::Pending => 1,
+            HoldState::Posted => 2,
+            HoldState::Voided => 3,
+            HoldState::Expired => 4,
+        }));
+        expires.push(
+            record
+                .expires_at
+                .map(|t| big("an expiry", t.0))
+                .transpose()?,
+        );
+        created.push(big("a time", record.timestamp.0)?);
+    }
+    transaction
+        .execute(
+            "INSERT INTO transfers (id, debit_account, credit_account, amount, kind, pending_id,
+                                    timeout_secs, linked, outcome, hold_state, expires_at,
+                                    created_at)
+             SELECT id, debit_account, credit_account, amount::NUMERIC, kind, pending_id,
+                    timeout_secs, linked, outcome, hold_state, expires_at, created_at
+             FROM unnest($1::BYTEA[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::SMALLINT[],
+                         $6::BYTEA[], $7::INTEGER[], $8::BOOLEAN[], $9::SMALLINT[],
+                         $10::SMALLINT[], $11::BIGINT[], $12::BIGINT[])
+                  AS u(id, debit_account, credit_account, amount, kind, pending_id,
+                       timeout_secs, linked, outcome, hold_state, expires_at, created_at)",
+            &[
+                &ids,
+                &debits,
+                &credits,
+                &amounts,
+                &kinds,
+                &pending_ids,
+                &timeouts,
+                &linked,
+                &outcomes,
+                &holds,
+                &expires,
+                &created,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+// =============================================================================================
+// Stored forms
+// =============================================================================================
+
+const TRANSFER_REJECTIONS: [TransferRejection; 17] = [
+    TransferRejection::LinkedEventFailed,
+    TransferRejection::LinkedEventChainOpen,
+    TransferRejection::IdMustNotBeZero,
+    TransferRejection::ExistsWithDifferentFields,
+    TransferRejection::AccountsMustBeDifferent,
+    TransferRejection::AmountMustNotBeZero,
+    TransferRejection::PendingTransferNotFound,
+    TransferRejection::PendingTransferAlreadyPosted,
+    TransferRejection::PendingTransferAlreadyVoided,
+    TransferRejection::PendingTransferExpired,
+    TransferRejection::PendingTransferHasDifferentAccounts,
+    TransferRejection::ExceedsPendingAmount,
+    TransferRejection::DebitAccountNotFound,
+    TransferRejection::CreditAccountNotFound,
+    TransferRejection::CurrenciesMustMatch,
+    TransferRejection::Overflow,
+    TransferRejection::ExceedsAvailableBalance,
+];
+
+/// A transfer's stored outcome: 1 + its place in the ledger's list of rejections (0 is
+/// applied). These codes never change meaning.
+fn transfer_rejection_code(rejection: TransferRejection) -> i16 {
+    let index = TRANSFER_REJECTIONS
+        .iter()
+        .position(|r| *r == rejection)
+        .expect("every rejection is listed");
+    index as i16 + 1
+}
+
+fn transfer_rejection_of(code: i16) -> Option<TransferRejection> {
+    let index = usize::try_from(code).ok()?.checked_sub(1)?;
+    TRANSFER_REJECTIONS.get(index).copied()
+}
+
+fn stored(what: &str) -> PgError {
+    PgError::Stored(format!("{what} is out of range"))
+}
+
+fn id16(value: u128) -> Vec<u8> {
+    value.to_be_bytes().to_vec()
+}
+
+fn u128_of(bytes: &[u8]) -> Result<u128, PgError> {
+    let bytes: [u8; 16] = bytes.try_into().map_err(|_| stored("an id"))?;
+    Ok(u128::from_be_bytes(bytes))
+}
+
+fn bytes32(bytes: &[u8]) -> Result<[u8; 32], PgError> {
+    bytes.try_into().map_err(|_| stored("a hash"))
+}
+
+fn big(what: &str, value: u64) -> Result<i64, PgError> {
+    i64::try_from(value).map_err(|_| PgError::Stored(format!("{what} does not fit BIGINT")))
+}
+
+fn total_of(value: i64) -> Result<u64, PgError> {
+    u64::try_from(value).map_err(|_| stored("an account total"))
+}
+
+fn amount_of(value: i64) -> Result<Amount, PgError> {
+    Ok(Amount::from_micros(
+        u64::try_from(value).map_err(|_| stored("an amount"))?,
+    ))
+}
+
+fn time_of(value: i64) -> Result<Timestamp, PgError> {
+    Ok(Timestamp(
+        u64::try_from(value).map_err(|_| stored("a time"))?,
+    ))
+}
+
+fn currency_of(code: String) -> Result<Currency, PgError> {
+    Currency::parse(&code).ok_or_else(|| stored("a currency"))
+}
+
+/// `principal_kind`: 1 operator (empty id), 2 merchant, 3 payer.
+fn principal_columns(principal: Principal) -> (i16, Vec<u8>) {
+    match principal {
+        Principal::Operator => (1, Vec::new()),
+        Principal::Merchant(id) => (2, id16(id.to_u128())),
+        Principal::Payer(id) => (3, id16(id.to_u128())),
+    }
+}
+
+fn principal_of(kind: i16, id: &[u8]) -> Result<Principal, PgError> {
+    Ok(match kind {
+        1 => Principal::Operator,
+        2 => Principal::Merchant(MerchantId::from_u128(u128_of(id)?)),
+        3 => Principal::Payer(PayerId::from_u128(u128_of(id)?)),
+        _ => return Err(stored("a principal kind")),
+    })
+}
+
+/// `owner_kind`: 1 payer, 2 merchant, 3 platform fees, 4 external funding (empty id).
+fn owner_columns(owner: Owner) -> (i16, Vec<u8>) {
+    match owner {
+        Owner::Payer(id) => (1, id16(id.to_u128())),
+        Owner::Merchant(id) => (2, id16(id.to_u128())),
+        Owner::PlatformFees => (3, Vec::new()),
+        Owner::ExternalFunding => (4, Vec::new()),
+    }
+}
+
+fn owner_of(kind: i16, id: &[u8]) -> Result<Owner, PgError> {
+    Ok(match kind {
+        1 => Owner::Payer(PayerId::from_u128(u128_of(id)?)),
+        2 => Owner::Merchant(MerchantId::from_u128(u128_of(id)?)),
+        3 => Owner::PlatformFees,
+        4 => Owner::ExternalFunding,
+        _ => return Err(stored("an owner kind")),
+    })
+}
