@@ -82,13 +82,18 @@ CREATE TABLE payments (
     description TEXT,
     reference TEXT,
     created_at BIGINT NOT NULL,
+    -- Its place among the payments its batch made (the batch's order, from 0).
+    batch_position INTEGER NOT NULL CHECK (batch_position >= 0),
     amount_refunded BIGINT NOT NULL DEFAULT 0 CHECK (amount_refunded BETWEEN 0 AND amount),
     fee_refunded BIGINT NOT NULL DEFAULT 0 CHECK (fee_refunded BETWEEN 0 AND fee)
 );
--- Lists are newest first by (created_at, id): there is no global sequence across servers.
-CREATE INDEX payments_newest ON payments (created_at DESC, id DESC);
-CREATE INDEX payments_by_payer ON payments (payer, created_at DESC, id DESC);
-CREATE INDEX payments_by_merchant ON payments (merchant, created_at DESC, id DESC);
+-- Lists are newest first by (created_at, batch_position, id), with no global sequence across
+-- servers: the records of one batch share one time, and the position keeps the order they were
+-- made in; rows of two batches with the same time and position fall back to id order.
+CREATE INDEX payments_newest ON payments (created_at DESC, batch_position DESC, id DESC);
+CREATE INDEX payments_by_payer ON payments (payer, created_at DESC, batch_position DESC, id DESC);
+CREATE INDEX payments_by_merchant
+    ON payments (merchant, created_at DESC, batch_position DESC, id DESC);
 
 CREATE TABLE refunds (
     id BYTEA PRIMARY KEY,
@@ -102,8 +107,10 @@ CREATE TABLE refunds (
 );
 CREATE INDEX refunds_by_payment ON refunds (payment);
 
--- A payer's statement: one line per top-up, payment and refund, with the running balance.
--- object_kind: 1 top-up, 2 payment, 3 refund.
+-- A payer's statement: one line per top-up, payment and refund, with the running balance,
+-- newest first by (created_at, batch_position, object_id) like payments. batch_position is
+-- the line's place among the lines its batch made (that order is the order made within each
+-- payer). object_kind: 1 top-up, 2 payment, 3 refund.
 -- topups.source: 1 sandbox, 2 sandbox decline.
 CREATE TABLE statement_lines (
     payer BYTEA NOT NULL,
@@ -114,9 +121,11 @@ CREATE TABLE statement_lines (
     amount BIGINT NOT NULL,
     balance_after BIGINT NOT NULL,
     created_at BIGINT NOT NULL,
+    batch_position INTEGER NOT NULL CHECK (batch_position >= 0),
     PRIMARY KEY (payer, object_id)
 );
-CREATE INDEX statement_lines_newest ON statement_lines (payer, created_at DESC, object_id DESC);
+CREATE INDEX statement_lines_newest
+    ON statement_lines (payer, created_at DESC, batch_position DESC, object_id DESC);
 
 -- Idempotency keys, scoped to the calling principal. principal_kind: 1 operator, 2 merchant,
 -- 3 payer (principal_id empty for the operator). The outcome is the first answer, encoded.

@@ -3,7 +3,9 @@
 //! back what changed, set-based.
 //!
 //! Stored forms: object ids are 16 bytes big-endian; times are BIGINT microseconds; account ids
-//! are the derived 64-bit id bit-cast to BIGINT; currencies are their three letters.
+//! are the derived 64-bit id bit-cast to BIGINT; currencies are their three letters. New
+//! payments and statement lines also get their `batch_position`, their place in the batch's
+//! `Changes` (the order made), which orders lists between rows of one time (see `query`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -686,13 +688,16 @@ async fn persist(
                 .push(big("an amount", payment.amount_refunded.micros())?);
             c.fee2.push(big("a fee", payment.fee_refunded.micros())?);
         }
+        let positions = batch_positions(changes.payments.len())?;
         transaction
             .execute(
                 "INSERT INTO payments (id, payer, merchant, amount, currency, fee, description,
-                                       reference, created_at, amount_refunded, fee_refunded)
+                                       reference, created_at, amount_refunded, fee_refunded,
+                                       batch_position)
                  SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BIGINT[],
                                       $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[],
-                                      $9::BIGINT[], $10::BIGINT[], $11::BIGINT[])",
+                                      $9::BIGINT[], $10::BIGINT[], $11::BIGINT[],
+                                      $12::INTEGER[])",
                 &[
                     &c.id,
                     &c.payer,
@@ -705,6 +710,7 @@ async fn persist(
                     &c.created,
                     &c.amount2,
                     &c.fee2,
+                    &positions,
                 ],
             )
             .await?;
@@ -778,12 +784,14 @@ async fn persist(
                 .push(big("a balance", entry.balance_after.micros())?);
             c.created.push(big("a time", entry.created_at.0)?);
         }
+        let positions = batch_positions(changes.entries.len())?;
         transaction
             .execute(
                 "INSERT INTO statement_lines (payer, object_id, object_kind, currency, credit,
-                                              amount, balance_after, created_at)
+                                              amount, balance_after, created_at, batch_position)
                  SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::SMALLINT[], $4::TEXT[],
-                                      $5::BOOLEAN[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[])",
+                                      $5::BOOLEAN[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
+                                      $9::INTEGER[])",
                 &[
                     &c.payer,
                     &c.id,
@@ -793,6 +801,7 @@ async fn persist(
                     &c.amount,
                     &c.amount2,
                     &c.created,
+                    &positions,
                 ],
             )
             .await?;
@@ -842,6 +851,13 @@ async fn persist(
             .await?;
     }
     Ok(())
+}
+
+/// `batch_position` for `count` rows in the order a batch made them: 0, 1, 2, …
+fn batch_positions(count: usize) -> Result<Vec<i32>, PgError> {
+    let count = i32::try_from(count)
+        .map_err(|_| PgError::Stored("a batch position does not fit INTEGER".into()))?;
+    Ok((0..count).collect())
 }
 
 /// Column vectors shared by the set-based inserts.
@@ -1094,15 +1110,15 @@ fn transfer_rejection_of(code: i16) -> Option<TransferRejection> {
     TRANSFER_REJECTIONS.get(index).copied()
 }
 
-fn stored(what: &str) -> PgError {
+pub(crate) fn stored(what: &str) -> PgError {
     PgError::Stored(format!("{what} is out of range"))
 }
 
-fn id16(value: u128) -> Vec<u8> {
+pub(crate) fn id16(value: u128) -> Vec<u8> {
     value.to_be_bytes().to_vec()
 }
 
-fn u128_of(bytes: &[u8]) -> Result<u128, PgError> {
+pub(crate) fn u128_of(bytes: &[u8]) -> Result<u128, PgError> {
     let bytes: [u8; 16] = bytes.try_into().map_err(|_| stored("an id"))?;
     Ok(u128::from_be_bytes(bytes))
 }
@@ -1119,19 +1135,19 @@ fn total_of(value: i64) -> Result<u64, PgError> {
     u64::try_from(value).map_err(|_| stored("an account total"))
 }
 
-fn amount_of(value: i64) -> Result<Amount, PgError> {
+pub(crate) fn amount_of(value: i64) -> Result<Amount, PgError> {
     Ok(Amount::from_micros(
         u64::try_from(value).map_err(|_| stored("an amount"))?,
     ))
 }
 
-fn time_of(value: i64) -> Result<Timestamp, PgError> {
+pub(crate) fn time_of(value: i64) -> Result<Timestamp, PgError> {
     Ok(Timestamp(
         u64::try_from(value).map_err(|_| stored("a time"))?,
     ))
 }
 
-fn currency_of(code: String) -> Result<Currency, PgError> {
+pub(crate) fn currency_of(code: String) -> Result<Currency, PgError> {
     Currency::parse(&code).ok_or_else(|| stored("a currency"))
 }
 
@@ -1144,7 +1160,7 @@ fn principal_columns(principal: Principal) -> (i16, Vec<u8>) {
     }
 }
 
-fn principal_of(kind: i16, id: &[u8]) -> Result<Principal, PgError> {
+pub(crate) fn principal_of(kind: i16, id: &[u8]) -> Result<Principal, PgError> {
     Ok(match kind {
         1 => Principal::Operator,
         2 => Principal::Merchant(MerchantId::from_u128(u128_of(id)?)),

@@ -4,7 +4,8 @@
 //! that applies them at start or through `farthing migrate`. It also has [`apply_batch`], the
 //! write path of the shared store that lets several `farthing serve` processes use one
 //! database (designed in `docs/adr/0002-postgresql-backend-shape.md`): a batch of records
-//! applied in one transaction, over a working set loaded for it. Nothing calls it yet.
+//! applied in one transaction, over a working set loaded for it; and [`query`], its read side,
+//! which answers what the handlers ask the in-memory state with SQL. Nothing calls them yet.
 //!
 //! The SQL stays portable to PostgreSQL-compatible distributed engines: no advisory locks
 //! (migrators serialize on a row lock), no LISTEN/NOTIFY, no triggers or stored procedures, no
@@ -16,6 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_postgres::{Client, NoTls};
 
 mod apply;
+pub mod query;
 
 pub use apply::{ATTEMPTS_MAX, apply_batch};
 

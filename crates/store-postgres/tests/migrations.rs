@@ -129,8 +129,9 @@ async fn the_schema_refuses_amounts_and_fees_that_break_the_rules() {
     };
     let mut client = connect(&db.url).await.unwrap();
     migrate(&mut client).await.unwrap();
-    let insert = "INSERT INTO payments (id, payer, merchant, amount, currency, fee, created_at)
-                  VALUES ($1, '\\x01', '\\x02', $2, 'USD', $3, 0)";
+    let insert = "INSERT INTO payments (id, payer, merchant, amount, currency, fee, created_at,
+                                        batch_position)
+                  VALUES ($1, '\\x01', '\\x02', $2, 'USD', $3, 0, 0)";
     let ok = client
         .execute(insert, &[&b"ok".as_slice(), &100i64, &10i64])
         .await;

@@ -1,0 +1,346 @@
+//! The read side of the shared store (ADR 0002): the questions the HTTP handlers ask the
+//! in-memory `State` (`principal`, `payer_balances`, `merchant_balances`, `payment`,
+//! `list_payments`, `payer_entries`), answered with SQL, with the same answers.
+//!
+//! **Order of lists.** In memory, "newest first" is the reverse of the order records were
+//! applied in. Without a global sequence, a stored payment or statement line carries its
+//! `created_at` (the time of the record that made it; the records of one batch share one time)
+//! and its `batch_position`, its place among the rows of its kind its batch made (the order of
+//! `Changes::payments` and `Changes::entries`, which is the order made). Lists are ordered by
+//! `(created_at DESC, batch_position DESC, id DESC)` and a `starting_after` cursor is resolved
+//! to that triple and compared as a row value, so a page is one index range scan. On one
+//! server, whose batches get distinct times, this is exactly the in-memory order. Across
+//! several servers, two batches committed with the same `created_at` can hold rows with equal
+//! times and positions: those fall back to id order (bytewise, which is the ids' numeric
+//! order), the same on every server and stable across pages, but not necessarily the order the
+//! two batches committed in.
+//!
+//! Each function runs its statements on the client it is given, one after another: pass a
+//! transaction to read them from one snapshot. Parties, payments and statement lines are never
+//! deleted, so between separate statements a list can only gain newer rows, which a cursor
+//! already taken does not see.
+
+use farthing_ledger::Currency;
+use farthing_payments::{
+    Entry, EntryObject, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal,
+    RefundId, TopupId,
+};
+use tokio_postgres::{GenericClient, Row};
+
+use crate::PgError;
+use crate::apply::{amount_of, currency_of, id16, principal_of, stored, time_of, u128_of};
+
+/// Who holds the key with this hash, or `None` when no one does.
+pub async fn principal(
+    client: &impl GenericClient,
+    key_hash: &KeyHash,
+) -> Result<Option<Principal>, PgError> {
+    let rows = client
+        .query(
+            "SELECT 1::SMALLINT, ''::BYTEA FROM operator_keys WHERE key_hash = $1
+             UNION ALL
+             SELECT 2::SMALLINT, id FROM merchants WHERE key_hash = $1
+             UNION ALL
+             SELECT 3::SMALLINT, id FROM payers WHERE key_hash = $1",
+            &[&key_hash.0.as_slice()],
+        )
+        .await?;
+    match rows.as_slice() {
+        [] => Ok(None),
+        [row] => Ok(Some(principal_of(row.get(0), row.get(1))?)),
+        _ => Err(PgError::Stored(
+            "a key hash is held by more than one principal".into(),
+        )),
+    }
+}
+
+/// Available balances of a payer's wallets (credits posted − debits posted − debits pending),
+/// sorted by currency; `None` when the payer does not exist.
+pub async fn payer_balances(
+    client: &impl GenericClient,
+    id: PayerId,
+) -> Result<Option<Vec<(Currency, i128)>>, PgError> {
+    balances(client, "payers", 1, id.to_u128()).await
+}
+
+/// Available balances of a merchant, sorted by currency; `None` when the merchant does not
+/// exist.
+pub async fn merchant_balances(
+    client: &impl GenericClient,
+    id: MerchantId,
+) -> Result<Option<Vec<(Currency, i128)>>, PgError> {
+    balances(client, "merchants", 2, id.to_u128()).await
+}
+
+/// `owner_kind` as in `accounts`: 1 payer, 2 merchant.
+async fn balances(
+    client: &impl GenericClient,
+    parties: &str,
+    owner_kind: i16,
+    id: u128,
+) -> Result<Option<Vec<(Currency, i128)>>, PgError> {
+    let id = id16(id);
+    if !party_exists(client, parties, &id).await? {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "SELECT currency::TEXT, credits_posted, debits_posted, debits_pending
+             FROM accounts WHERE owner_kind = $1 AND owner_id = $2",
+            &[&owner_kind, &id],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let available = i128::from(row.get::<_, i64>(1))
+            - i128::from(row.get::<_, i64>(2))
+            - i128::from(row.get::<_, i64>(3));
+        out.push((currency_of(row.get(0))?, available));
+    }
+    out.sort_by_key(|(currency, _)| *currency);
+    Ok(Some(out))
+}
+
+/// `parties` is `payers` or `merchants`, never input.
+async fn party_exists(
+    client: &impl GenericClient,
+    parties: &str,
+    id: &[u8],
+) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {parties} WHERE id = $1)"),
+            &[&id],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+const PAYMENT_COLUMNS: &str = "id, payer, merchant, amount, currency::TEXT, fee, description,
+     reference, created_at, amount_refunded, fee_refunded";
+
+fn payment_of(row: &Row) -> Result<Payment, PgError> {
+    Ok(Payment {
+        id: PaymentId::from_u128(u128_of(row.get(0))?),
+        payer: PayerId::from_u128(u128_of(row.get(1))?),
+        merchant: MerchantId::from_u128(u128_of(row.get(2))?),
+        amount: amount_of(row.get(3))?,
+        currency: currency_of(row.get(4))?,
+        fee: amount_of(row.get(5))?,
+        description: row.get(6),
+        reference: row.get(7),
+        created_at: time_of(row.get(8))?,
+        amount_refunded: amount_of(row.get(9))?,
+        fee_refunded: amount_of(row.get(10))?,
+    })
+}
+
+/// The payment with this id, if any.
+pub async fn payment(
+    client: &impl GenericClient,
+    id: PaymentId,
+) -> Result<Option<Payment>, PgError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"),
+            &[&id16(id.to_u128())],
+        )
+        .await?;
+    row.as_ref().map(payment_of).transpose()
+}
+
+/// Where a row sits in its list: `(created_at, batch_position, id)`.
+type Cursor = (i64, i32, Vec<u8>);
+
+/// Rows asked for: one more than a page, to tell whether there are more.
+fn fetch_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)
+}
+
+fn page_of<T>(
+    rows: Vec<Row>,
+    limit: usize,
+    item: fn(&Row) -> Result<T, PgError>,
+) -> Result<Page<T>, PgError> {
+    let has_more = rows.len() > limit;
+    let items = rows
+        .iter()
+        .take(limit)
+        .map(item)
+        .collect::<Result<Vec<T>, PgError>>()?;
+    Ok(Page { items, has_more })
+}
+
+/// Payments visible to `principal`, newest first, after the payment `starting_after`, as
+/// `State::list_payments` gives them. `None` when the principal is a party that does not exist
+/// or the cursor is not a payment the principal may see.
+pub async fn list_payments(
+    client: &impl GenericClient,
+    principal: Principal,
+    limit: usize,
+    starting_after: Option<PaymentId>,
+) -> Result<Option<Page<Payment>>, PgError> {
+    // The column a party's list filters on, and the party's id.
+    let party = match principal {
+        Principal::Operator => None,
+        Principal::Payer(id) => Some(("payer", "payers", id16(id.to_u128()))),
+        Principal::Merchant(id) => Some(("merchant", "merchants", id16(id.to_u128()))),
+    };
+    if let Some((_, parties, id)) = &party
+        && !party_exists(client, parties, id).await?
+    {
+        return Ok(None);
+    }
+    let cursor: Option<Cursor> = match starting_after {
+        None => None,
+        Some(cursor) => {
+            let Some(row) = client
+                .query_opt(
+                    "SELECT payer, merchant, created_at, batch_position, id FROM payments
+                     WHERE id = $1",
+                    &[&id16(cursor.to_u128())],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let visible = match principal {
+                Principal::Operator => true,
+                Principal::Payer(id) => u128_of(row.get(0))? == id.to_u128(),
+                Principal::Merchant(id) => u128_of(row.get(1))? == id.to_u128(),
+            };
+            if !visible {
+                return Ok(None);
+            }
+            Some((row.get(2), row.get(3), row.get::<_, Vec<u8>>(4)))
+        }
+    };
+    let fetch = fetch_limit(limit);
+    let order = "ORDER BY created_at DESC, batch_position DESC, id DESC LIMIT";
+    let rows = match (&party, &cursor) {
+        (None, None) => {
+            client
+                .query(
+                    &format!("SELECT {PAYMENT_COLUMNS} FROM payments {order} $1"),
+                    &[&fetch],
+                )
+                .await?
+        }
+        (None, Some((at, position, id))) => {
+            client
+                .query(
+                    &format!(
+                        "SELECT {PAYMENT_COLUMNS} FROM payments
+                         WHERE (created_at, batch_position, id) < ($1, $2, $3) {order} $4"
+                    ),
+                    &[at, position, id, &fetch],
+                )
+                .await?
+        }
+        (Some((column, _, party)), None) => {
+            client
+                .query(
+                    &format!(
+                        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {column} = $1 {order} $2"
+                    ),
+                    &[party, &fetch],
+                )
+                .await?
+        }
+        (Some((column, _, party)), Some((at, position, id))) => {
+            client
+                .query(
+                    &format!(
+                        "SELECT {PAYMENT_COLUMNS} FROM payments
+                         WHERE {column} = $1 AND (created_at, batch_position, id) < ($2, $3, $4)
+                         {order} $5"
+                    ),
+                    &[party, at, position, id, &fetch],
+                )
+                .await?
+        }
+    };
+    page_of(rows, limit, payment_of).map(Some)
+}
+
+const ENTRY_COLUMNS: &str =
+    "object_kind, object_id, currency::TEXT, credit, amount, balance_after, created_at";
+
+/// `object_kind`: 1 top-up, 2 payment, 3 refund.
+fn object_columns(object: EntryObject) -> (i16, Vec<u8>) {
+    match object {
+        EntryObject::Topup(id) => (1, id16(id.to_u128())),
+        EntryObject::Payment(id) => (2, id16(id.to_u128())),
+        EntryObject::Refund(id) => (3, id16(id.to_u128())),
+    }
+}
+
+fn entry_of(row: &Row) -> Result<Entry, PgError> {
+    let id = u128_of(row.get(1))?;
+    Ok(Entry {
+        object: match row.get::<_, i16>(0) {
+            1 => EntryObject::Topup(TopupId::from_u128(id)),
+            2 => EntryObject::Payment(PaymentId::from_u128(id)),
+            3 => EntryObject::Refund(RefundId::from_u128(id)),
+            _ => return Err(stored("statement_lines.object_kind")),
+        },
+        currency: currency_of(row.get(2))?,
+        credit: row.get(3),
+        amount: amount_of(row.get(4))?,
+        balance_after: amount_of(row.get(5))?,
+        created_at: time_of(row.get(6))?,
+    })
+}
+
+/// A payer's statement, newest first, after the line for object `starting_after`, as
+/// `State::payer_entries` gives it. `None` when the payer is unknown or the cursor is not an
+/// object on this payer's statement.
+pub async fn payer_entries(
+    client: &impl GenericClient,
+    payer: PayerId,
+    limit: usize,
+    starting_after: Option<EntryObject>,
+) -> Result<Option<Page<Entry>>, PgError> {
+    let payer = id16(payer.to_u128());
+    if !party_exists(client, "payers", &payer).await? {
+        return Ok(None);
+    }
+    let fetch = fetch_limit(limit);
+    let order = "ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT";
+    let rows =
+        match starting_after {
+            None => client
+                .query(
+                    &format!(
+                        "SELECT {ENTRY_COLUMNS} FROM statement_lines WHERE payer = $1 {order} $2"
+                    ),
+                    &[&payer, &fetch],
+                )
+                .await?,
+            Some(object) => {
+                let (kind, id) = object_columns(object);
+                let Some(row) = client
+                    .query_opt(
+                        "SELECT created_at, batch_position FROM statement_lines
+                     WHERE payer = $1 AND object_id = $2 AND object_kind = $3",
+                        &[&payer, &id, &kind],
+                    )
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let (at, position): (i64, i32) = (row.get(0), row.get(1));
+                client
+                    .query(
+                        &format!(
+                            "SELECT {ENTRY_COLUMNS} FROM statement_lines
+                         WHERE payer = $1 AND (created_at, batch_position, object_id) < ($2, $3, $4)
+                         {order} $5"
+                        ),
+                        &[&payer, &at, &position, &id, &fetch],
+                    )
+                    .await?
+            }
+        };
+    page_of(rows, limit, entry_of).map(Some)
+}
