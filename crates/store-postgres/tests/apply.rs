@@ -4,13 +4,12 @@
 //! nor apply an idempotency key twice.
 
 mod common;
-mod history;
 
 use std::collections::BTreeSet;
 
 use common::TestDatabase;
 use farthing_store_postgres::{apply_batch, connect, migrate};
-use history::{Builder, EPOCH, StepSpec, currency, history};
+use farthing_testing::{Builder, EPOCH, StepSpec, currency, history};
 use proptest::test_runner::TestCaseError;
 use tokio_postgres::Client;
 

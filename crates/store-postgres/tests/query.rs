@@ -3,7 +3,6 @@
 //! history applied in batches, every answer equals the in-memory state's, page by page.
 
 mod common;
-mod history;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::TestDatabase;
 use farthing_payments::*;
 use farthing_store_postgres::{apply_batch, connect, migrate, query};
-use history::{Builder, StepSpec, history};
+use farthing_testing::{Builder, StepSpec, history};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tokio_postgres::Client;

@@ -1,6 +1,10 @@
-//! Random histories shared by the integration tests: raw choices resolved against the history
-//! when each step is built into a record.
-#![allow(dead_code)] // Each test crate uses its own part.
+//! Random histories of records, shared by the test suites that hold a store or a working set
+//! to the in-memory state: proptest strategies draw raw choices, and a [`Builder`] resolves
+//! them against the history so far when each step becomes a record (parties, top-ups,
+//! payments and batches, refunds, idempotency keys retried and reused, prunes, and ids, key
+//! hashes and transfer ids reused on purpose).
+//!
+//! Only test code depends on this crate.
 
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
@@ -257,6 +261,12 @@ pub struct Builder {
     pub key_hashes: Vec<KeyHash>,
     pub transfer_ids: Vec<[TransferId; 2]>,
     pub claimed: Vec<(IdempotencyClaim, Command)>,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder::new()
+    }
 }
 
 impl Builder {
