@@ -229,22 +229,32 @@ async fn load_keys(
     Ok(())
 }
 
+/// The rows `sql` selects for `ids` (bound as `$1`, an array of stored ids); no query at all
+/// when there are none.
+async fn rows_by_ids(
+    transaction: &Transaction<'_>,
+    sql: &str,
+    ids: impl Iterator<Item = u128>,
+) -> Result<Vec<Row>, PgError> {
+    let ids: Vec<Vec<u8>> = ids.map(id16).collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(transaction.query(sql, &[&ids]).await?)
+}
+
 async fn load_merchants(
     transaction: &Transaction<'_>,
     working: &mut State,
     ids: &BTreeSet<MerchantId>,
 ) -> Result<(), PgError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
-    let rows = transaction
-        .query(
-            "SELECT id, name, fee_bps, fee_fixed::TEXT, created_at FROM merchants
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, name, fee_bps, fee_fixed::TEXT, created_at FROM merchants
              WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
     for row in rows {
         let merchant = Merchant {
             id: MerchantId::from_u128(u128_of(row.get(0))?),
@@ -269,16 +279,12 @@ async fn load_payers(
     working: &mut State,
     ids: &BTreeSet<PayerId>,
 ) -> Result<(), PgError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
-    let rows = transaction
-        .query(
-            "SELECT id, name, created_at FROM payers WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, name, created_at FROM payers WHERE id = ANY($1)",
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
     for row in rows {
         let payer = Payer {
             id: PayerId::from_u128(u128_of(row.get(0))?),
@@ -296,18 +302,14 @@ async fn load_payments(
     working: &mut State,
     ids: &BTreeSet<PaymentId>,
 ) -> Result<(), PgError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
-    let rows = transaction
-        .query(
-            "SELECT id, payer, merchant, amount, currency::TEXT, fee, description, reference,
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, payer, merchant, amount, currency::TEXT, fee, description, reference,
                     created_at, amount_refunded, fee_refunded
              FROM payments WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
-        )
-        .await?;
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
     for row in rows {
         let payment = Payment {
             id: PaymentId::from_u128(u128_of(row.get(0))?),
@@ -332,17 +334,13 @@ async fn load_topups(
     working: &mut State,
     ids: &BTreeSet<TopupId>,
 ) -> Result<(), PgError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
-    let rows = transaction
-        .query(
-            "SELECT id, payer, amount, currency::TEXT, source, created_at FROM topups
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, payer, amount, currency::TEXT, source, created_at FROM topups
              WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
     for row in rows {
         let topup = Topup {
             id: TopupId::from_u128(u128_of(row.get(0))?),
@@ -366,17 +364,13 @@ async fn load_refunds(
     working: &mut State,
     ids: &BTreeSet<RefundId>,
 ) -> Result<(), PgError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.to_u128())).collect();
-    let rows = transaction
-        .query(
-            "SELECT id, payment, payer, merchant, amount, currency::TEXT, fee_refunded, created_at
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, payment, payer, merchant, amount, currency::TEXT, fee_refunded, created_at
              FROM refunds WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
     for row in rows {
         let refund = Refund {
             id: RefundId::from_u128(u128_of(row.get(0))?),
@@ -398,18 +392,14 @@ async fn load_transfers(
     working: &mut State,
     ids: &BTreeSet<TransferId>,
 ) -> Result<(), PgError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Vec<u8>> = ids.iter().map(|id| id16(id.0)).collect();
-    let rows = transaction
-        .query(
-            "SELECT id, debit_account, credit_account, amount::TEXT, kind, pending_id,
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, debit_account, credit_account, amount::TEXT, kind, pending_id,
                     timeout_secs, linked, outcome, hold_state, expires_at, created_at
              FROM transfers WHERE id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+        ids.iter().map(|id| id.0),
+    )
+    .await?;
     for row in rows {
         let record = transfer_record_of(&row)?;
         loaded("a transfer record", working.insert_transfer_record(record))?;
