@@ -83,10 +83,6 @@ impl FileJournal {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Bytes of verified journal.
     pub fn len_bytes(&self) -> u64 {
         self.len

@@ -29,23 +29,3 @@ pub trait Journal: Send + 'static {
     /// Feeds every durable record, oldest first, to `visit`, and returns how many there were.
     fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError>;
 }
-
-/// A journal kept in memory: for tests and benchmarks of the layers above storage.
-#[derive(Default)]
-pub struct MemoryJournal {
-    records: Vec<Record>,
-}
-
-impl Journal for MemoryJournal {
-    fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
-        self.records.extend_from_slice(records);
-        Ok(())
-    }
-
-    fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError> {
-        for record in &self.records {
-            visit(record.clone());
-        }
-        Ok(self.records.len() as u64)
-    }
-}
