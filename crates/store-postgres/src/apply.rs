@@ -16,9 +16,9 @@ use farthing_ledger::{
 };
 use farthing_payments::codec::{decode_outcome, encode_outcome};
 use farthing_payments::{
-    Changes, EntryObject, FeeSchedule, FundingSource, IdempotencyKey, IdempotencyRow, KeyHash,
-    LoadError, Merchant, MerchantId, Outcome, Owner, Payer, PayerId, Payment, PaymentId, Principal,
-    Record, Refund, RefundId, State, Topup, TopupId, account_id,
+    Changes, EntryObject, FeeSchedule, FundingSource, IdempotencyKey, IdempotencyLookup,
+    IdempotencyRow, KeyHash, LoadError, Merchant, MerchantId, Outcome, Owner, Payer, PayerId,
+    Payment, PaymentId, Principal, Record, Refund, RefundId, State, Topup, TopupId, account_id,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Row, Transaction};
@@ -35,6 +35,26 @@ pub const ATTEMPTS_MAX: u32 = 5;
 /// idempotency key or id first) rolls back and redoes the whole batch, up to [`ATTEMPTS_MAX`]
 /// attempts with a short jittered sleep; then the error is returned.
 pub async fn apply_batch(client: &mut Client, records: &[Record]) -> Result<Vec<Outcome>, PgError> {
+    Ok(apply_batch_answered(client, records)
+        .await?
+        .into_iter()
+        .map(|answer| answer.outcome)
+        .collect())
+}
+
+/// A record's outcome, and whether it is the stored answer of an earlier record with the same
+/// idempotency key (a replay), possibly one earlier in the same batch.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Answer {
+    pub outcome: Outcome,
+    pub replayed: bool,
+}
+
+/// [`apply_batch`], also telling which outcomes are replays.
+pub async fn apply_batch_answered(
+    client: &mut Client,
+    records: &[Record],
+) -> Result<Vec<Answer>, PgError> {
     let mut attempt = 1;
     loop {
         match apply_once(client, records).await {
@@ -66,10 +86,24 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_micros(ceiling_micros / 4 + hasher.finish() % ceiling_micros)
 }
 
-async fn apply_once(client: &mut Client, records: &[Record]) -> Result<Vec<Outcome>, PgError> {
+async fn apply_once(client: &mut Client, records: &[Record]) -> Result<Vec<Answer>, PgError> {
     let transaction = client.transaction().await?;
     let mut working = load_working_set(&transaction, records).await?;
-    let outcomes = records.iter().map(|r| working.apply(r)).collect();
+    let outcomes = records
+        .iter()
+        .map(|record| {
+            let replayed = record.idempotency.as_ref().is_some_and(|claim| {
+                matches!(
+                    working.idempotency_lookup(&claim.key, &claim.fingerprint),
+                    IdempotencyLookup::Replay(_)
+                )
+            });
+            Answer {
+                outcome: working.apply(record),
+                replayed,
+            }
+        })
+        .collect();
     let changes = working.take_changes();
     let now = records.iter().map(|r| r.now).max().unwrap_or(Timestamp(0));
     persist(&transaction, &changes, now).await?;

@@ -19,7 +19,7 @@ use tokio_postgres::{Client, NoTls};
 mod apply;
 pub mod query;
 
-pub use apply::{ATTEMPTS_MAX, apply_batch};
+pub use apply::{ATTEMPTS_MAX, Answer, apply_batch, apply_batch_answered};
 
 /// One schema change, applied once, in order of `version`.
 #[derive(Clone, Copy, Debug)]
