@@ -3,7 +3,7 @@
 use anyhow::{Context, bail};
 use farthing_ledger::{Amount, Currency};
 use farthing_payments::{FeeSchedule, FundingSource, Outcome};
-use farthing_server::Options;
+use farthing_server::{Options, StorageChoice};
 use farthing_service::{Secret, Service};
 use tokio::sync::oneshot;
 
@@ -14,15 +14,25 @@ struct Seeded {
 }
 
 pub async fn run(mut options: Options) -> anyhow::Result<()> {
-    // A demo always starts from a fresh directory, so it can be run again and again.
-    let dir = std::env::temp_dir().join(format!(
-        "farthing-demo-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    ));
-    options.data_dir = dir.clone();
+    // On the embedded store, a demo always starts from a fresh directory, so it can be run
+    // again and again; on PostgreSQL, it adds its parties to the database given.
+    let mut fresh_dir = None;
+    let place = match &options.storage {
+        StorageChoice::Embedded(_) => {
+            let dir = std::env::temp_dir().join(format!(
+                "farthing-demo-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs()
+            ));
+            options.storage = StorageChoice::Embedded(dir.clone());
+            let place = format!("data in {}", dir.display());
+            fresh_dir = Some(dir);
+            place
+        }
+        StorageChoice::Postgres { .. } => "data in PostgreSQL".to_string(),
+    };
     let operator_key = Secret::generate_api_key("op");
     options.admin_key = Some(operator_key.expose().to_string());
     let (started_tx, started_rx) = oneshot::channel();
@@ -42,10 +52,7 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
     };
     let (merchants, payers) = seed(&service).await?;
     let base = format!("http://{addr}");
-    println!(
-        "Farthing demo is running at {base} (data in {})",
-        dir.display()
-    );
+    println!("Farthing demo is running at {base} ({place})");
     println!();
     println!("Operator key: {}", operator_key.expose());
     println!();
@@ -106,8 +113,10 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop.");
     let result = server.await;
     drop(service);
-    // The demo's data is made for one run only.
-    let _ = std::fs::remove_dir_all(&dir);
+    // A fresh directory's data is made for one run only.
+    if let Some(dir) = fresh_dir {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result??;
     Ok(())
 }

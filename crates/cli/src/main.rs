@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use farthing_ledger::{Amount, Currency};
 use farthing_payments::{FEE_BPS_MAX, FeeSchedule};
-use farthing_server::{Options, Started};
+use farthing_server::{Options, Started, StorageChoice};
 use farthing_service::Config;
 
 #[global_allocator]
@@ -70,9 +70,17 @@ struct ServeArgs {
     /// Directory of the embedded store.
     #[arg(long, env = "FARTHING_DATA_DIR", default_value = "./farthing-data")]
     data_dir: PathBuf,
-    /// PostgreSQL URL (several servers on one database).
+    /// PostgreSQL URL, e.g. postgres://farthing@127.0.0.1:5432/farthing: keep the state in
+    /// PostgreSQL instead of the data directory, so that several servers can share it. The
+    /// schema is brought up to date at start.
     #[arg(long, env = "FARTHING_DATABASE_URL")]
     database_url: Option<String>,
+    /// With PostgreSQL: batches this server commits at once (each a transaction).
+    #[arg(long, env = "FARTHING_PG_WRITERS", default_value_t = farthing_service::SHARED_WRITERS_DEFAULT)]
+    pg_writers: usize,
+    /// With PostgreSQL: connections this server opens at most.
+    #[arg(long, env = "FARTHING_PG_CONNECTIONS", default_value_t = 16)]
+    pg_connections: usize,
     /// Fee in basis points for merchants created without one.
     #[arg(long, env = "FARTHING_DEFAULT_FEE_BPS", default_value_t = 0)]
     default_fee_bps: u32,
@@ -102,13 +110,21 @@ struct DemoArgs {
 
 impl ServeArgs {
     fn options(&self) -> anyhow::Result<Options> {
-        if self.database_url.is_some() {
-            bail!(
-                "serving from PostgreSQL is not available in this build yet (`farthing migrate` \
-                 prepares a database's schema); run without --database-url / \
-                 FARTHING_DATABASE_URL to use the embedded store"
-            );
-        }
+        let storage = match &self.database_url {
+            None => StorageChoice::Embedded(self.data_dir.clone()),
+            Some(url) => {
+                if self.pg_writers == 0 || self.pg_connections <= self.pg_writers {
+                    bail!(
+                        "--pg-connections must be more than --pg-writers, which must be at least 1"
+                    );
+                }
+                StorageChoice::Postgres {
+                    url: url.clone(),
+                    writers: self.pg_writers,
+                    connections_max: self.pg_connections,
+                }
+            }
+        };
         let admin_key = std::env::var("FARTHING_ADMIN_KEY")
             .ok()
             .filter(|k| !k.is_empty());
@@ -134,7 +150,7 @@ impl ServeArgs {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Options {
             listen: self.listen.clone(),
-            data_dir: self.data_dir.clone(),
+            storage,
             admin_key,
             config: Config {
                 default_fee: FeeSchedule {

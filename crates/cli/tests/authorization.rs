@@ -1,6 +1,7 @@
 //! One party never sees or touches another's objects: such requests are 404, as if the object
 //! did not exist, and change nothing.
 
+#[macro_use]
 mod common;
 
 use common::{ADMIN_KEY, Api, Party, Server};
@@ -44,6 +45,7 @@ async fn unchanged(api: &Api, w: &World) {
     assert_eq!(api.merchant_usd(&w.cafe).await, "2.97");
 }
 
+conformance! {
 #[tokio::test]
 async fn a_payer_cannot_read_or_fund_another_payers_wallet() {
     let server = Server::start();
@@ -78,7 +80,9 @@ async fn a_payer_cannot_read_or_fund_another_payers_wallet() {
     assert_eq!(statement["data"][1]["id"], w.bob_topup["id"]);
     unchanged(&api, &w).await;
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn merchants_cannot_read_payer_or_other_merchant_data() {
     let server = Server::start();
@@ -113,7 +117,9 @@ async fn merchants_cannot_read_payer_or_other_merchant_data() {
     .expect_problem(404, "not_found");
     unchanged(&api, &w).await;
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_payment_is_hidden_from_payers_and_merchants_it_does_not_belong_to() {
     let server = Server::start();
@@ -150,7 +156,9 @@ async fn a_payment_is_hidden_from_payers_and_merchants_it_does_not_belong_to() {
         api.get(path, &insider.key).await.expect(200);
     }
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_merchant_cannot_refund_another_merchants_payment_and_a_payer_cannot_refund_at_all() {
     let server = Server::start();
@@ -174,7 +182,9 @@ async fn a_merchant_cannot_refund_another_merchants_payment_and_a_payer_cannot_r
         .expect(201);
     assert_eq!(api.payer_usd(&w.alice).await, "9.00");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn payers_and_merchants_on_operator_routes_get_404_not_found() {
     let server = Server::start();
@@ -215,7 +225,9 @@ async fn payers_and_merchants_on_operator_routes_get_404_not_found() {
     let all = api.list_all_payments(ADMIN_KEY).await;
     assert_eq!(all.len(), 2, "no party was able to add payments");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn listing_payments_shows_a_payer_or_merchant_only_their_own() {
     let server = Server::start();
@@ -266,4 +278,5 @@ async fn listing_payments_shows_a_payer_or_merchant_only_their_own() {
     )
     .await
     .expect_problem(404, "not_found");
+}
 }

@@ -1,5 +1,6 @@
 //! Concurrent payments never overspend a wallet and never lose money.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use common::{ADMIN_KEY, Server, micros};
 use serde_json::json;
 use tokio::sync::Barrier;
 
+conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn a_hundred_concurrent_payments_against_a_wallet_for_ten_let_exactly_ten_through() {
     let server = Server::start();
@@ -89,7 +91,9 @@ async fn a_hundred_concurrent_payments_against_a_wallet_for_ten_let_exactly_ten_
     acked_ids.sort_unstable();
     assert_eq!(listed_ids, acked_ids);
 }
+}
 
+conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn many_payers_paying_one_merchant_at_once_lose_no_money() {
     let server = Server::start();
@@ -136,4 +140,5 @@ async fn many_payers_paying_one_merchant_at_once_lose_no_money() {
     assert_eq!(all.len(), 150);
     let fees: i128 = all.iter().map(|p| micros(p["fee"].as_str().unwrap())).sum();
     assert_eq!(fees, 150 * 439);
+}
 }

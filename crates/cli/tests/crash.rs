@@ -1,5 +1,6 @@
 //! Durability: a payment acknowledged with 201 survives `kill -9`; SIGTERM drains and exits 0.
 
+#[macro_use]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -175,6 +176,7 @@ async fn verify(api: &Api, payer: &Party, merchant: &Party, seen: &Seen, topped_
     }
 }
 
+conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_payment_acknowledged_before_a_kill_9_survives_and_no_money_appears_or_vanishes() {
     let dir = TempDir::new();
@@ -205,7 +207,9 @@ async fn every_payment_acknowledged_before_a_kill_9_survives_and_no_money_appear
         verify(&api, &payer, &merchant, &snapshot, micros(TOPUP)).await;
     }
 }
+}
 
+conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_in_flight_payments_exits_0_and_the_data_survives_a_restart() {
     let dir = TempDir::new();
@@ -242,7 +246,9 @@ async fn sigterm_drains_in_flight_payments_exits_0_and_the_data_survives_a_resta
         "no payment was made without an answer"
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn sigterm_on_an_idle_server_exits_0_and_everything_is_there_after_a_restart() {
     let dir = TempDir::new();
@@ -301,4 +307,5 @@ async fn sigterm_on_an_idle_server_exits_0_and_everything_is_there_after_a_resta
     )
     .await
     .expect(200);
+}
 }

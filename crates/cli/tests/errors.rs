@@ -1,6 +1,7 @@
 //! Every error code of the contract: status, `application/problem+json`, and the problem fields.
 //! Failed requests move no money.
 
+#[macro_use]
 mod common;
 
 use common::{ADMIN_KEY, Api, Party, Server, unknown_id};
@@ -19,6 +20,7 @@ async fn balances(api: &Api, payer: &Party, merchant: &Party) -> (String, String
     (api.payer_usd(payer).await, api.merchant_usd(merchant).await)
 }
 
+conformance! {
 #[tokio::test]
 async fn a_request_without_a_key_is_401_unauthorized() {
     let server = Server::start();
@@ -63,7 +65,9 @@ async fn a_request_without_a_key_is_401_unauthorized() {
         ("10.00".into(), "0.00".into())
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_request_with_a_wrong_or_malformed_key_is_401_unauthorized() {
     let server = Server::start();
@@ -111,7 +115,9 @@ async fn a_request_with_a_wrong_or_malformed_key_is_401_unauthorized() {
         ("10.00".into(), "0.00".into())
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn unknown_objects_and_routes_are_404_not_found() {
     let server = Server::start();
@@ -160,7 +166,9 @@ async fn unknown_objects_and_routes_are_404_not_found() {
         ("10.00".into(), "0.00".into())
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn bad_payment_amounts_fields_and_json_are_422_validation_failed_and_move_no_money() {
     let server = Server::start();
@@ -217,7 +225,9 @@ async fn bad_payment_amounts_fields_and_json_are_422_validation_failed_and_move_
     let paid = api.pay(&payer, &merchant, "10000").await.expect(201);
     assert_eq!(paid["amount"], "10000.00");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn bad_topups_and_refunds_are_422_validation_failed_and_move_no_money() {
     let server = Server::start();
@@ -273,7 +283,9 @@ async fn bad_topups_and_refunds_are_422_validation_failed_and_move_no_money() {
         ("6.00".into(), "3.95".into())
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_payment_beyond_the_balance_is_402_insufficient_funds_and_moves_no_money() {
     let server = Server::start();
@@ -298,7 +310,9 @@ async fn a_payment_beyond_the_balance_is_402_insufficient_funds_and_moves_no_mon
     api.pay(&payer, &merchant, "10").await.expect(201);
     assert_eq!(api.payer_usd(&payer).await, "0.00");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_payment_whose_merchant_share_fits_but_whose_fee_does_not_is_402_and_the_server_keeps_working()
  {
@@ -333,7 +347,9 @@ async fn a_payment_whose_merchant_share_fits_but_whose_fee_does_not_is_402_and_t
         ("0.00".into(), "9.00".into())
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_declined_topup_is_402_funding_declined_and_credits_nothing() {
     let server = Server::start();
@@ -364,7 +380,9 @@ async fn a_declined_topup_is_402_funding_declined_and_credits_nothing() {
         "{statement}"
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn an_idempotency_key_reused_with_another_body_is_422_idempotency_key_reused() {
     let server = Server::start();
@@ -385,7 +403,9 @@ async fn an_idempotency_key_reused_with_another_body_is_422_idempotency_key_reus
         ("9.00".into(), "0.98".into())
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_refund_beyond_what_is_left_is_422_refund_exceeds_payment_and_moves_no_money() {
     let server = Server::start();
@@ -417,7 +437,9 @@ async fn a_refund_beyond_what_is_left_is_422_refund_exceeds_payment_and_moves_no
         ("10.00".into(), "0.00".into())
     );
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn an_unsupported_method_answers_with_a_problem_too() {
     let server = Server::start();
@@ -426,4 +448,5 @@ async fn an_unsupported_method_answers_with_a_problem_too() {
         .send(Method::DELETE, "/v1/payments", Some(ADMIN_KEY), None, None)
         .await;
     reply.expect_problem(405, "method_not_allowed");
+}
 }

@@ -1,10 +1,12 @@
 //! `Idempotency-Key`: replays, conflicts, scoping, and concurrency.
 
+#[macro_use]
 mod common;
 
 use common::{ADMIN_KEY, Server, TempDir};
 use serde_json::json;
 
+conformance! {
 #[tokio::test]
 async fn the_same_key_and_body_replays_the_first_response_byte_for_byte_and_charges_once() {
     let server = Server::start();
@@ -35,7 +37,9 @@ async fn the_same_key_and_body_replays_the_first_response_byte_for_byte_and_char
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0], first.json());
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn topups_merchants_refunds_and_batches_replay_under_the_same_key_too() {
     let server = Server::start();
@@ -88,7 +92,9 @@ async fn topups_merchants_refunds_and_batches_replay_under_the_same_key_too() {
     assert_eq!((b2.status, &b2.body), (200, &b1.body));
     assert_eq!(api.payer_usd(&payer).await, "3.00", "the batch ran once");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn the_same_key_with_a_different_body_or_route_is_422_idempotency_key_reused() {
     let server = Server::start();
@@ -125,7 +131,9 @@ async fn the_same_key_with_a_different_body_or_route_is_422_idempotency_key_reus
         .expect(201);
     assert_eq!(api.payer_usd(&payer).await, "9.00");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn idempotency_keys_are_scoped_to_the_calling_key() {
     let server = Server::start();
@@ -159,7 +167,9 @@ async fn idempotency_keys_are_scoped_to_the_calling_key() {
     assert_eq!(api.payer_usd(&bob).await, "3.00");
     assert_eq!(api.merchant_usd(&merchant).await, "14.00");
 }
+}
 
+conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_requests_with_one_key_charge_exactly_once() {
     let server = Server::start();
@@ -197,7 +207,9 @@ async fn twenty_concurrent_requests_with_one_key_charge_exactly_once() {
     assert_eq!(api.merchant_usd(&merchant).await, "0.75");
     assert_eq!(api.list_all_payments(&payer.key).await.len(), 1);
 }
+}
 
+conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_creations_with_one_key_all_answer_the_same_party_and_api_key() {
     let server = Server::start();
@@ -237,7 +249,9 @@ async fn twenty_concurrent_creations_with_one_key_all_answer_the_same_party_and_
             .expect(200);
     }
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn an_insufficient_funds_answer_is_replayed_as_402_even_after_a_top_up() {
     let server = Server::start();
@@ -263,7 +277,9 @@ async fn an_insufficient_funds_answer_is_replayed_as_402_even_after_a_top_up() {
         .expect(201);
     assert_eq!(api.payer_usd(&payer).await, "6.00");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_request_refused_as_invalid_does_not_use_up_its_key() {
     let server = Server::start();
@@ -289,7 +305,9 @@ async fn a_request_refused_as_invalid_does_not_use_up_its_key() {
     .expect(201);
     assert_eq!(api.payer_usd(&payer).await, "9.00");
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_payment_key_still_replays_after_a_restart() {
     let dir = TempDir::new();
@@ -313,4 +331,5 @@ async fn a_payment_key_still_replays_after_a_restart() {
         .await;
     assert_eq!((again.status, &again.body), (201, &first.body));
     assert_eq!(api.payer_usd(&payer).await, "8.00");
+}
 }

@@ -1,9 +1,11 @@
 //! Limits on what one caller may send: requests per second per key, and body size.
 
+#[macro_use]
 mod common;
 
 use common::{ADMIN_KEY, Server};
 
+conformance! {
 #[tokio::test]
 async fn a_key_over_its_rate_limit_gets_429_rate_limited_while_other_keys_go_on() {
     // 5 requests per second per key, bursts of 10.
@@ -44,7 +46,9 @@ async fn a_key_over_its_rate_limit_gets_429_rate_limited_while_other_keys_go_on(
     // And the operator, whose key made two requests, is too.
     api.get(&path, ADMIN_KEY).await.expect(200);
 }
+}
 
+conformance! {
 #[tokio::test]
 async fn a_body_over_the_size_limit_is_413_payload_too_large_and_moves_no_money() {
     let server = Server::start();
@@ -70,4 +74,5 @@ async fn a_body_over_the_size_limit_is_413_payload_too_large_and_moves_no_money(
     api.post_raw("/v1/payments", &payer.key, &short)
         .await
         .expect_problem(422, "validation_failed");
+}
 }

@@ -80,6 +80,7 @@ pub enum IdempotencyLookup<'a> {
 }
 
 /// A page of a list, newest first.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub has_more: bool,
@@ -711,7 +712,7 @@ impl State {
             None => ids.len(),
             Some(cursor) => {
                 let row = self.payment_row(cursor)?;
-                if !self.may_see(principal, &row.payment) {
+                if !Self::may_see(principal, &row.payment) {
                     return None;
                 }
                 position_of(&row.positions)
@@ -734,7 +735,7 @@ impl State {
     }
 
     /// Whether `principal` may see `payment`.
-    pub fn may_see(&self, principal: Principal, payment: &Payment) -> bool {
+    pub fn may_see(principal: Principal, payment: &Payment) -> bool {
         match principal {
             Principal::Operator => true,
             Principal::Payer(payer) => payment.payer == payer,

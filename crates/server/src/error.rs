@@ -147,7 +147,7 @@ impl From<ServiceError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage_unavailable",
                 "Storage unavailable",
-                "storage refused the write and nothing was changed; retry later",
+                "storage refused the write or cannot be reached, and nothing was acknowledged; retry later with the same Idempotency-Key",
             ),
             ServiceError::Store(store) => {
                 tracing::error!(error = %store, "storage failure");

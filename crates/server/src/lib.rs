@@ -25,6 +25,7 @@ use axum::routing::{get, post};
 use farthing_payments::Principal;
 use farthing_service::{Config, RandomIds, Secret, Service, SystemClock};
 use farthing_store_embedded::FileJournal;
+use farthing_store_postgres::{PgOptions, PgStore};
 
 pub use error::ApiError;
 pub use farthing_service::Config as ServiceConfig;
@@ -73,6 +74,7 @@ impl FromRequestParts<App> for Caller {
         let principal = app
             .service
             .authenticate(&key)
+            .await?
             .ok_or_else(ApiError::unauthorized)?;
         if !app.limiter.allow(principal) {
             return Err(ApiError::rate_limited());
@@ -81,11 +83,28 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
+/// Which store holds the state.
+#[derive(Clone, Debug)]
+pub enum StorageChoice {
+    /// The embedded store in this directory, owned by this process alone.
+    Embedded(PathBuf),
+    /// A PostgreSQL database, which several processes may share. The schema is brought up to
+    /// date at start.
+    Postgres {
+        url: String,
+        /// Writer tasks in this process.
+        writers: usize,
+        /// Connections this process opens at most.
+        connections_max: usize,
+    },
+}
+
 /// How to run the server.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub listen: String,
-    pub data_dir: PathBuf,
+    /// Where the state is kept.
+    pub storage: StorageChoice,
     /// The operator key to use; when `None` and the data has none, one is made and printed.
     pub admin_key: Option<String>,
     pub config: Config,
@@ -106,6 +125,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("cannot open the PostgreSQL store")]
+    Postgres(#[from] farthing_store_postgres::PgError),
 }
 
 /// What a started server tells its caller.
@@ -164,15 +185,42 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let admin_key = options.admin_key.map(Secret::new);
-    let journal = FileJournal::open(&options.data_dir)?;
-    let opened = Service::open(
-        Box::new(journal),
-        options.config,
-        Arc::new(SystemClock),
-        Arc::new(RandomIds),
-        admin_key,
-    )
-    .await?;
+    let opened = match &options.storage {
+        StorageChoice::Embedded(data_dir) => {
+            let journal = FileJournal::open(data_dir)?;
+            Service::open(
+                Box::new(journal),
+                options.config,
+                Arc::new(SystemClock),
+                Arc::new(RandomIds),
+                admin_key,
+            )
+            .await?
+        }
+        StorageChoice::Postgres {
+            url,
+            writers,
+            connections_max,
+        } => {
+            let store = PgStore::open(
+                url,
+                PgOptions {
+                    connections_max: *connections_max,
+                    ..PgOptions::default()
+                },
+            )
+            .await?;
+            Service::open_shared(
+                Arc::new(store),
+                options.config,
+                Arc::new(SystemClock),
+                Arc::new(RandomIds),
+                admin_key,
+                *writers,
+            )
+            .await?
+        }
+    };
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await
         .map_err(|source| ServerError::Listen {

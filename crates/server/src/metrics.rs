@@ -102,29 +102,33 @@ pub async fn render(State(app): State<App>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
-    let (merchants, payers, payments, transfers) = app.service.read_now(|state| {
-        (
-            state.merchant_count(),
-            state.payer_count(),
-            state.payment_count(),
-            state.ledger_transfer_count(),
-        )
-    });
-    let gauges = [
-        ("farthing_merchants", "Merchants.", merchants),
-        ("farthing_payers", "Payers.", payers),
-        ("farthing_payments", "Payments.", payments),
-        (
-            "farthing_ledger_transfers",
-            "Ledger transfers, applied or failed.",
-            transfers,
-        ),
-    ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
+    // Counts of a shared store would cost the database a scan per scrape: PostgreSQL's own
+    // statistics serve there.
+    if app.service.is_local() {
+        let (merchants, payers, payments, transfers) = app.service.read_now(|state| {
+            (
+                state.merchant_count(),
+                state.payer_count(),
+                state.payment_count(),
+                state.ledger_transfer_count(),
+            )
+        });
+        let gauges = [
+            ("farthing_merchants", "Merchants.", merchants),
+            ("farthing_payers", "Payers.", payers),
+            ("farthing_payments", "Payments.", payments),
+            (
+                "farthing_ledger_transfers",
+                "Ledger transfers, applied or failed.",
+                transfers,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
     }
     let mut response = out.into_response();
     response.headers_mut().insert(

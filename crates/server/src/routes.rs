@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use farthing_payments::*;
 use farthing_service::{Executed, fingerprint};
+use farthing_store::StatementPage;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -86,8 +87,15 @@ fn unexpected(outcome: Outcome) -> ApiError {
     )
 }
 
-pub async fn healthz() -> Response {
-    json_response(StatusCode::OK, &json!({"status": "ok"}), false)
+/// 200 when the server can serve; 503 `storage_unavailable` while its store cannot be reached,
+/// so that a load balancer sends requests elsewhere.
+pub async fn healthz(State(app): State<App>) -> ApiResult {
+    app.service.check_storage().await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": "ok"}),
+        false,
+    ))
 }
 
 pub async fn openapi() -> Response {
@@ -236,7 +244,7 @@ pub async fn payer_balance(
     let payer = payer_in_path(&caller, &id)?;
     let balances = app
         .service
-        .read(|state| state.payer_balances(payer))
+        .payer_balances(payer)
         .await?
         .ok_or_else(|| ApiError::not_found("payer"))?;
     Ok(json_response(
@@ -254,7 +262,7 @@ pub async fn merchant_balance(
     let merchant = merchant_in_path(&caller, &id)?;
     let balances = app
         .service
-        .read(|state| state.merchant_balances(merchant))
+        .merchant_balances(merchant)
         .await?
         .ok_or_else(|| ApiError::not_found("merchant"))?;
     Ok(json_response(
@@ -414,13 +422,9 @@ pub async fn get_payment(
     let id = PaymentId::parse(&id).ok_or_else(|| ApiError::not_found("payment"))?;
     let payment = app
         .service
-        .read(|state| {
-            state
-                .payment(id)
-                .filter(|p| state.may_see(caller.principal, p))
-                .map(render::payment)
-        })
+        .payment(caller.principal, id)
         .await?
+        .map(|payment| render::payment(&payment))
         .ok_or_else(|| ApiError::not_found("payment"))?;
     Ok(json_response(StatusCode::OK, &payment, false))
 }
@@ -442,21 +446,13 @@ pub async fn list_payments(
         };
     let page = app
         .service
-        .read(|state| {
-            state
-                .list_payments(caller.principal, limit, cursor)
-                .map(|page| {
-                    (
-                        page.items.into_iter().map(render::payment).collect(),
-                        page.has_more,
-                    )
-                })
-        })
+        .list_payments(caller.principal, limit, cursor)
         .await?
         .ok_or_else(|| ApiError::not_found("payment"))?;
+    let items = page.items.iter().map(render::payment).collect();
     Ok(json_response(
         StatusCode::OK,
-        &render::list(page.0, page.1),
+        &render::list(items, page.has_more),
         false,
     ))
 }
@@ -526,26 +522,17 @@ pub async fn payer_transactions(
                 })?,
         ),
     };
-    let page = app
-        .service
-        .read(|state| {
-            if state.payer(payer).is_none() {
-                return Err(ApiError::not_found("payer"));
-            }
-            state
-                .payer_entries(payer, limit, cursor)
-                .map(|page| {
-                    (
-                        page.items.iter().map(render::entry).collect(),
-                        page.has_more,
-                    )
-                })
-                .ok_or_else(|| ApiError::not_found("transaction for `starting_after`"))
-        })
-        .await??;
+    let page = match app.service.payer_entries(payer, limit, cursor).await? {
+        StatementPage::Page(page) => page,
+        StatementPage::UnknownPayer => return Err(ApiError::not_found("payer")),
+        StatementPage::UnknownCursor => {
+            return Err(ApiError::not_found("transaction for `starting_after`"));
+        }
+    };
+    let items = page.items.iter().map(render::entry).collect();
     Ok(json_response(
         StatusCode::OK,
-        &render::list(page.0, page.1),
+        &render::list(items, page.has_more),
         false,
     ))
 }

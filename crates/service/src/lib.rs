@@ -1,25 +1,31 @@
-//! Farthing's use cases over the pure state and a durable journal.
+//! Farthing's use cases over the pure state and a storage port.
 //!
-//! One writer thread owns every change. Requests from any number of connections queue up;
-//! the writer takes all that are waiting (up to [`RECORDS_PER_COMMIT_MAX`]), appends them to
-//! the journal with one `fdatasync`, then applies them to the in-memory [`State`] in order and
-//! answers each. That is group commit: under load, one fsync acknowledges thousands of
-//! payments.
+//! With the embedded store, one writer thread owns every change. Requests from any number of
+//! connections queue up; the writer takes all that are waiting (up to
+//! [`RECORDS_PER_COMMIT_MAX`]), appends them to the journal with one `fdatasync`, then applies
+//! them to the in-memory [`State`] in order and answers each. That is group commit: under load,
+//! one fsync acknowledges thousands of payments. Because records are applied only once
+//! durable, reads (a shared lock on the state) never see a payment that a crash could take
+//! back, and a write the journal refuses changes nothing.
 //!
-//! Because records are applied only once durable, reads (a shared lock on the state) never see
-//! a payment that a crash could take back, and a write the journal refuses changes nothing.
+//! With a shared store (PostgreSQL, several processes on one database), writer tasks take the
+//! waiting requests the same way and hand each batch to the store, which applies it in one
+//! transaction; reads ask the store. A store that cannot be reached answers
+//! [`ServiceError::StorageUnavailable`] at once, and the next request tries it again.
 #![forbid(unsafe_code)]
 
 mod env;
 mod secret;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
-use farthing_store::{Journal, StoreError};
+use farthing_store::{Journal, SharedStore, StatementPage, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 pub use env::{Clock, Ids, ManualClock, RandomIds, SequentialIds, SystemClock};
@@ -97,8 +103,41 @@ struct Job {
     reply: oneshot::Sender<Result<(Outcome, bool), ServiceError>>,
 }
 
+/// Where the state lives. There is one per service, so the size of its variants is of no
+/// concern.
+#[allow(clippy::large_enum_variant)]
+enum Storage {
+    /// The embedded store: the whole state in this process, made durable by the writer's
+    /// journal.
+    Local(RwLock<State>),
+    /// A store shared with other processes, which holds the state itself.
+    Shared(SharedParts),
+}
+
+struct SharedParts {
+    store: Arc<dyn SharedStore>,
+    /// Principals by key hash, recently looked up: a key, once issued, names the same party
+    /// for good, so a short-lived copy spares the database one query per request. An
+    /// operator key replaced by another process is honoured here for at most
+    /// [`PRINCIPAL_CACHE_TTL`].
+    principals: Mutex<HashMap<KeyHash, (Instant, Principal)>>,
+    /// The time of this process's latest batch, in microseconds: every batch gets a later one,
+    /// so that lists order this process's batches as they were committed.
+    last_now: AtomicU64,
+    /// When this process next forgets expired idempotency keys.
+    next_prune: AtomicU64,
+}
+
+/// How long a looked-up principal is trusted without asking a shared store again.
+pub const PRINCIPAL_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Principals cached at most; the cache starts over when full.
+const PRINCIPAL_CACHE_MAX: usize = 100_000;
+/// Writer tasks per process on a shared store: while one batch commits, the next is gathered
+/// and loaded.
+pub const SHARED_WRITERS_DEFAULT: usize = 2;
+
 struct Shared {
-    state: RwLock<State>,
+    storage: Storage,
     ids: Arc<dyn Ids>,
     config: Config,
     /// API keys of recently created parties, by party id, so that a retried creation answers
@@ -121,7 +160,16 @@ pub struct Metrics {
 pub struct Service {
     shared: Arc<Shared>,
     submit: mpsc::Sender<Message>,
-    writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    writer: Arc<Mutex<Option<Writers>>>,
+}
+
+/// What [`Service::shutdown`] waits for.
+enum Writers {
+    /// The embedded store's writer thread.
+    Thread(JoinHandle<()>),
+    /// A shared store's writer tasks: each holds a sender; the channel closes when all have
+    /// finished.
+    Tasks(std::sync::mpsc::Receiver<()>),
 }
 
 /// What opening the service found and did.
@@ -152,7 +200,7 @@ impl Service {
         })?;
         let (submit, receive) = mpsc::channel(QUEUE_DEPTH_MAX);
         let shared = Arc::new(Shared {
-            state: RwLock::new(state),
+            storage: Storage::Local(RwLock::new(state)),
             ids,
             config,
             created_keys: Mutex::new(HashMap::new()),
@@ -181,17 +229,78 @@ impl Service {
         let service = Service {
             shared,
             submit,
-            writer: Arc::new(Mutex::new(Some(writer))),
+            writer: Arc::new(Mutex::new(Some(Writers::Thread(writer)))),
         };
-        let has_key = service.read_now(|state| state.has_operator_key());
-        // The key to record, if any, and the one to print because it was made here.
-        let (key_to_set, generated_operator_key) = match operator_key {
+        let generated_operator_key = service.ensure_operator_key(operator_key).await?;
+        Ok(Opened {
+            service,
+            records_replayed,
+            generated_operator_key,
+        })
+    }
+
+    /// Starts `writers` writer tasks (at least one) over a store shared with other processes,
+    /// and makes sure an operator key exists, as [`Service::open`] does. Call it within a
+    /// Tokio runtime, which runs the writers.
+    pub async fn open_shared(
+        store: Arc<dyn SharedStore>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn Ids>,
+        operator_key: Option<Secret>,
+        writers: usize,
+    ) -> Result<Opened, ServiceError> {
+        let (submit, receive) = mpsc::channel(QUEUE_DEPTH_MAX);
+        let shared = Arc::new(Shared {
+            storage: Storage::Shared(SharedParts {
+                store,
+                principals: Mutex::new(HashMap::new()),
+                last_now: AtomicU64::new(0),
+                next_prune: AtomicU64::new(0),
+            }),
+            ids,
+            config,
+            created_keys: Mutex::new(HashMap::new()),
+            clock,
+            metrics: Metrics::default(),
+        });
+        let receive = Arc::new(tokio::sync::Mutex::new(receive));
+        let (finished, all_finished) = std::sync::mpsc::channel();
+        for _ in 0..writers.max(1) {
+            let shared = shared.clone();
+            let receive = receive.clone();
+            let finished = finished.clone();
+            tokio::spawn(async move {
+                shared_write_loop(&shared, &receive).await;
+                drop(finished);
+            });
+        }
+        drop(finished);
+        let service = Service {
+            shared,
+            submit,
+            writer: Arc::new(Mutex::new(Some(Writers::Tasks(all_finished)))),
+        };
+        let generated_operator_key = service.ensure_operator_key(operator_key).await?;
+        Ok(Opened {
+            service,
+            records_replayed: 0,
+            generated_operator_key,
+        })
+    }
+
+    /// Records `operator_key` when given (replacing an older one), else a new key when none
+    /// exists; returns the key made here, to be printed once.
+    async fn ensure_operator_key(
+        &self,
+        operator_key: Option<Secret>,
+    ) -> Result<Option<Secret>, ServiceError> {
+        let (key_to_set, generated) = match operator_key {
             Some(key) => {
-                let known = service.read_now(|state| state.principal(&key.hash()))
-                    == Some(Principal::Operator);
+                let known = self.lookup_principal(&key.hash()).await? == Some(Principal::Operator);
                 (if known { None } else { Some(key) }, None)
             }
-            None if !has_key => {
+            None if !self.has_operator_key().await? => {
                 let key = Secret::generate_api_key("op");
                 (Some(key.clone()), Some(key))
             }
@@ -199,15 +308,42 @@ impl Service {
         };
         if let Some(key) = key_to_set {
             let key_hash = key.hash();
-            service
-                .submit(Command::SetOperatorKey { key_hash }, None)
+            self.submit(Command::SetOperatorKey { key_hash }, None)
                 .await?;
         }
-        Ok(Opened {
-            service,
-            records_replayed,
-            generated_operator_key,
-        })
+        Ok(generated)
+    }
+
+    async fn has_operator_key(&self) -> Result<bool, ServiceError> {
+        match &self.shared.storage {
+            Storage::Local(_) => Ok(self.read_now(|state| state.has_operator_key())),
+            Storage::Shared(parts) => Ok(parts.store.has_operator_key().await?),
+        }
+    }
+
+    /// Who holds the key with this hash, asking the store itself.
+    async fn lookup_principal(
+        &self,
+        key_hash: &KeyHash,
+    ) -> Result<Option<Principal>, ServiceError> {
+        match &self.shared.storage {
+            Storage::Local(_) => Ok(self.read_now(|state| state.principal(key_hash))),
+            Storage::Shared(parts) => Ok(parts.store.principal(key_hash).await?),
+        }
+    }
+
+    /// Whether the store can serve now: always for the embedded store, whose state is in this
+    /// process; a round trip for a shared store.
+    pub async fn check_storage(&self) -> Result<(), ServiceError> {
+        if let Storage::Shared(_) = &self.shared.storage {
+            self.has_operator_key().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the state is held in this process (the embedded store).
+    pub fn is_local(&self) -> bool {
+        matches!(self.shared.storage, Storage::Local(_))
     }
 
     pub fn config(&self) -> &Config {
@@ -218,28 +354,143 @@ impl Service {
         &self.shared.metrics
     }
 
-    /// Reads the state as it is now, without waiting for durability. Only for facts that
-    /// cannot be taken back, such as which principal owns a key.
+    /// Reads the embedded store's state. Everything in it is durable: the writer applies
+    /// records only after the journal has them.
+    ///
+    /// # Panics
+    ///
+    /// On a shared store, whose state is not held in this process: see [`Service::is_local`].
     pub fn read_now<T>(&self, read: impl FnOnce(&State) -> T) -> T {
         read(&self.state())
     }
 
-    /// Reads the state. Everything in it is durable: the writer applies records only after
-    /// the journal has them.
+    /// [`Service::read_now`], in the shape of the other reads.
     pub async fn read<T>(&self, read: impl FnOnce(&State) -> T) -> Result<T, ServiceError> {
         Ok(read(&self.state()))
     }
 
     fn state(&self) -> RwLockReadGuard<'_, State> {
-        self.shared
-            .state
-            .read()
-            .expect("the writer never panics holding the lock")
+        match &self.shared.storage {
+            Storage::Local(state) => state
+                .read()
+                .expect("the writer never panics holding the lock"),
+            Storage::Shared(_) => panic!("a shared store's state is not held in this process"),
+        }
     }
 
     /// Who holds `key`.
-    pub fn authenticate(&self, key: &Secret) -> Option<Principal> {
-        self.read_now(|state| state.principal(&key.hash()))
+    pub async fn authenticate(&self, key: &Secret) -> Result<Option<Principal>, ServiceError> {
+        let key_hash = key.hash();
+        let Storage::Shared(parts) = &self.shared.storage else {
+            return Ok(self.read_now(|state| state.principal(&key_hash)));
+        };
+        let now = Instant::now();
+        if let Some((seen, principal)) = parts
+            .principals
+            .lock()
+            .expect("principal cache lock")
+            .get(&key_hash)
+            && now.duration_since(*seen) < PRINCIPAL_CACHE_TTL
+        {
+            return Ok(Some(*principal));
+        }
+        let found = parts.store.principal(&key_hash).await?;
+        let mut cache = parts.principals.lock().expect("principal cache lock");
+        match found {
+            Some(principal) => {
+                if cache.len() >= PRINCIPAL_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(key_hash, (now, principal));
+            }
+            None => {
+                cache.remove(&key_hash);
+            }
+        }
+        Ok(found)
+    }
+
+    /// A payer's available balances by currency; `None` for an unknown payer.
+    pub async fn payer_balances(
+        &self,
+        payer: PayerId,
+    ) -> Result<Option<Vec<(Currency, i128)>>, ServiceError> {
+        match &self.shared.storage {
+            Storage::Local(_) => Ok(self.read_now(|state| state.payer_balances(payer))),
+            Storage::Shared(parts) => Ok(parts.store.payer_balances(payer).await?),
+        }
+    }
+
+    /// A merchant's available balances by currency; `None` for an unknown merchant.
+    pub async fn merchant_balances(
+        &self,
+        merchant: MerchantId,
+    ) -> Result<Option<Vec<(Currency, i128)>>, ServiceError> {
+        match &self.shared.storage {
+            Storage::Local(_) => Ok(self.read_now(|state| state.merchant_balances(merchant))),
+            Storage::Shared(parts) => Ok(parts.store.merchant_balances(merchant).await?),
+        }
+    }
+
+    /// The payment, when `caller` may see it (its payer, its merchant, or the operator).
+    pub async fn payment(
+        &self,
+        caller: Principal,
+        id: PaymentId,
+    ) -> Result<Option<Payment>, ServiceError> {
+        let payment = match &self.shared.storage {
+            Storage::Local(_) => self.read_now(|state| state.payment(id).cloned()),
+            Storage::Shared(parts) => parts.store.payment(id).await?,
+        };
+        Ok(payment.filter(|payment| State::may_see(caller, payment)))
+    }
+
+    /// Payments `caller` may see, newest first, after `starting_after`; `None` when the
+    /// cursor is not one of them.
+    pub async fn list_payments(
+        &self,
+        caller: Principal,
+        limit: usize,
+        starting_after: Option<PaymentId>,
+    ) -> Result<Option<Page<Payment>>, ServiceError> {
+        match &self.shared.storage {
+            Storage::Local(_) => Ok(self.read_now(|state| {
+                state
+                    .list_payments(caller, limit, starting_after)
+                    .map(|page| Page {
+                        items: page.items.into_iter().cloned().collect(),
+                        has_more: page.has_more,
+                    })
+            })),
+            Storage::Shared(parts) => Ok(parts
+                .store
+                .list_payments(caller, limit, starting_after)
+                .await?),
+        }
+    }
+
+    /// A payer's statement, newest first, after the line for `starting_after`.
+    pub async fn payer_entries(
+        &self,
+        payer: PayerId,
+        limit: usize,
+        starting_after: Option<EntryObject>,
+    ) -> Result<StatementPage, ServiceError> {
+        match &self.shared.storage {
+            Storage::Local(_) => Ok(self.read_now(|state| {
+                if state.payer(payer).is_none() {
+                    return StatementPage::UnknownPayer;
+                }
+                match state.payer_entries(payer, limit, starting_after) {
+                    Some(page) => StatementPage::Page(page),
+                    None => StatementPage::UnknownCursor,
+                }
+            })),
+            Storage::Shared(parts) => Ok(parts
+                .store
+                .payer_entries(payer, limit, starting_after)
+                .await?),
+        }
     }
 
     pub fn next_id(&self) -> u128 {
@@ -258,17 +509,25 @@ impl Service {
         idempotency: Option<IdempotencyClaim>,
     ) -> Result<Executed, ServiceError> {
         if let Some(claim) = &idempotency {
-            let known =
-                self.read(
-                    |state| match state.idempotency_lookup(&claim.key, &claim.fingerprint) {
+            let known = match &self.shared.storage {
+                Storage::Local(_) => self.read_now(|state| {
+                    match state.idempotency_lookup(&claim.key, &claim.fingerprint) {
                         IdempotencyLookup::New => None,
                         IdempotencyLookup::Replay(outcome) => Some(outcome.clone()),
                         IdempotencyLookup::Reused => {
                             Some(Outcome::Rejected(Rejection::IdempotencyKeyReused))
                         }
-                    },
-                );
-            if let Some(outcome) = known.await? {
+                    }
+                }),
+                Storage::Shared(parts) => parts.store.idempotency(&claim.key).await?.map(|found| {
+                    if found.fingerprint == claim.fingerprint {
+                        found.outcome
+                    } else {
+                        Outcome::Rejected(Rejection::IdempotencyKeyReused)
+                    }
+                }),
+            };
+            if let Some(outcome) = known {
                 let replayed =
                     !matches!(outcome, Outcome::Rejected(Rejection::IdempotencyKeyReused));
                 return Ok(self.executed(outcome, idempotency.is_some(), replayed));
@@ -449,8 +708,15 @@ impl Service {
                 }
             }
         }
-        if let Some(handle) = writer.lock().expect("writer handle lock").take() {
-            let _ = handle.join();
+        match writer.lock().expect("writer handle lock").take() {
+            Some(Writers::Thread(handle)) => {
+                let _ = handle.join();
+            }
+            Some(Writers::Tasks(all_finished)) => {
+                // Closed once every writer task has dropped its sender.
+                let _ = all_finished.recv();
+            }
+            None => {}
         }
     }
 }
@@ -479,7 +745,10 @@ fn write_loop(
     let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX + 1);
     let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     // Time never goes backwards in the journal, even across a restart on a clock that did.
-    let mut last_now = shared.state.read().expect("state lock").last_time();
+    let Storage::Local(state) = &shared.storage else {
+        unreachable!("the journal writer runs over the embedded store")
+    };
+    let mut last_now = state.read().expect("state lock").last_time();
     let mut next_prune = Timestamp(0);
     while let Some(first) = receive.blocking_recv() {
         // After a stop, the queue refuses new jobs but still yields those already in it, so
@@ -535,7 +804,7 @@ fn write_loop(
             next_prune = now.saturating_add_secs(60 * 60);
         }
         {
-            let mut state = shared.state.write().expect("state lock");
+            let mut state = state.write().expect("state lock");
             for (index, record) in records.iter().enumerate() {
                 // Whether the answer comes from an earlier request with the same key, possibly
                 // one earlier in this very batch.
@@ -563,6 +832,113 @@ fn write_loop(
         records.clear();
         for (job, outcome) in jobs.drain(..).zip(outcomes.drain(..)) {
             let _ = job.reply.send(Ok(outcome));
+        }
+    }
+}
+
+/// A writer over a shared store: takes the jobs waiting (up to [`RECORDS_PER_COMMIT_MAX`]),
+/// hands them to the store as one batch, and answers each. Several such tasks take turns at
+/// the queue, so one batch is gathered and loaded while another commits. A batch the store
+/// cannot apply changes nothing and is answered with `StorageUnavailable`.
+async fn shared_write_loop(shared: &Shared, receive: &tokio::sync::Mutex<mpsc::Receiver<Message>>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Storage::Shared(parts) = &shared.storage else {
+        unreachable!("shared writers run over a shared store")
+    };
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
+    loop {
+        {
+            let mut receive = receive.lock().await;
+            match receive.recv().await {
+                None => return,
+                Some(Message::Job(job)) => jobs.push(job),
+                Some(Message::Stop) => receive.close(),
+            }
+            while jobs.len() < RECORDS_PER_COMMIT_MAX {
+                match receive.try_recv() {
+                    Ok(Message::Job(job)) => jobs.push(job),
+                    Ok(Message::Stop) => receive.close(),
+                    Err(_) => break,
+                }
+            }
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let now = batch_time(&parts.last_now, shared.clock.now());
+        // One writer in the process claims each hourly prune of expired idempotency keys.
+        let prune_due = parts.next_prune.load(Relaxed);
+        let prunes = now.0 >= prune_due
+            && parts
+                .next_prune
+                .compare_exchange(
+                    prune_due,
+                    now.saturating_add_secs(60 * 60).0,
+                    Ordering::AcqRel,
+                    Relaxed,
+                )
+                .is_ok();
+        if prunes {
+            let before = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
+            records.push(Record {
+                now,
+                idempotency: None,
+                command: Command::PruneIdempotencyKeys { before },
+            });
+        }
+        for job in &mut jobs {
+            records.push(Record {
+                now,
+                idempotency: job.idempotency.take(),
+                command: std::mem::replace(
+                    &mut job.command,
+                    Command::PruneIdempotencyKeys {
+                        before: Timestamp(0),
+                    },
+                ),
+            });
+        }
+        match parts.store.apply(&records).await {
+            Ok(answers) => {
+                let answers = answers.into_iter().skip(usize::from(prunes));
+                for (job, answer) in jobs.drain(..).zip(answers) {
+                    let _ = job.reply.send(Ok((answer.outcome, answer.replayed)));
+                }
+                shared.metrics.commits.fetch_add(1, Relaxed);
+                shared
+                    .metrics
+                    .records_committed
+                    .fetch_add(records.len() as u64, Relaxed);
+                shared
+                    .metrics
+                    .commit_micros_total
+                    .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+            }
+            Err(error) => {
+                tracing::error!(%error, records = records.len(), "the store refused a batch; answering 503");
+                if prunes {
+                    parts.next_prune.store(prune_due, Relaxed);
+                }
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(ServiceError::StorageUnavailable));
+                }
+            }
+        }
+        records.clear();
+    }
+}
+
+/// A batch's time: the clock's, but always later than the process's previous batch, so that
+/// batches of one process never share a time and never go back in time.
+fn batch_time(last: &AtomicU64, clock_now: Timestamp) -> Timestamp {
+    let mut previous = last.load(Ordering::Relaxed);
+    loop {
+        let now = clock_now.0.max(previous.saturating_add(1));
+        match last.compare_exchange_weak(previous, now, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return Timestamp(now),
+            Err(actual) => previous = actual,
         }
     }
 }

@@ -299,7 +299,10 @@ async fn a_restart_replays_to_the_same_state_and_the_operator_key_given_still_wo
         "a key was given, none is made"
     );
     let service = opened.service;
-    assert_eq!(service.authenticate(&operator), Some(Principal::Operator));
+    assert_eq!(
+        service.authenticate(&operator).await.unwrap(),
+        Some(Principal::Operator)
+    );
 
     let (alice, alice_key) = create_payer(&service, "Alice").await;
     let (bob, _) = create_payer(&service, "Bob").await;
@@ -374,13 +377,16 @@ async fn a_restart_replays_to_the_same_state_and_the_operator_key_given_still_wo
         .await
         .expect("reads");
     assert_eq!(after, before);
-    assert_eq!(service.authenticate(&operator), Some(Principal::Operator));
     assert_eq!(
-        service.authenticate(&alice_key),
+        service.authenticate(&operator).await.unwrap(),
+        Some(Principal::Operator)
+    );
+    assert_eq!(
+        service.authenticate(&alice_key).await.unwrap(),
         Some(Principal::Payer(alice))
     );
     assert_eq!(
-        service.authenticate(&cafe_key),
+        service.authenticate(&cafe_key).await.unwrap(),
         Some(Principal::Merchant(cafe))
     );
     // The idempotency key survived too: the retry answers with the first payment.
@@ -399,10 +405,10 @@ async fn a_restart_replays_to_the_same_state_and_the_operator_key_given_still_wo
     assert!(reopened.generated_operator_key.is_none());
     let service = reopened.service;
     assert_eq!(
-        service.authenticate(&replacement),
+        service.authenticate(&replacement).await.unwrap(),
         Some(Principal::Operator)
     );
-    assert_eq!(service.authenticate(&operator), None);
+    assert_eq!(service.authenticate(&operator).await.unwrap(), None);
     shutdown(service).await;
 }
 
@@ -414,14 +420,20 @@ async fn an_operator_key_is_generated_only_when_the_journal_has_none() {
         .generated_operator_key
         .expect("a new journal gets a key");
     let service = opened.service;
-    assert_eq!(service.authenticate(&generated), Some(Principal::Operator));
+    assert_eq!(
+        service.authenticate(&generated).await.unwrap(),
+        Some(Principal::Operator)
+    );
     shutdown(service).await;
 
     for _ in 0..2 {
         let reopened = open(&dir, manual_clock(), None).await;
         assert!(reopened.generated_operator_key.is_none());
         let service = reopened.service;
-        assert_eq!(service.authenticate(&generated), Some(Principal::Operator));
+        assert_eq!(
+            service.authenticate(&generated).await.unwrap(),
+            Some(Principal::Operator)
+        );
         shutdown(service).await;
     }
 }
@@ -443,7 +455,7 @@ async fn a_retried_creation_answers_with_the_same_api_key_and_another_body_is_re
     };
     let key = first.api_key.clone().expect("a new merchant's key");
     assert_eq!(
-        service.authenticate(&key),
+        service.authenticate(&key).await.unwrap(),
         Some(Principal::Merchant(merchant.id))
     );
     let retry = service
@@ -497,7 +509,7 @@ async fn a_retried_creation_answers_with_the_same_api_key_and_another_body_is_re
     assert_eq!(answers.iter().filter(|a| !a.replayed).count(), 1);
     assert_eq!(service.read_now(|state| state.payer_count()), 1);
     assert_eq!(
-        service.authenticate(&payer_key),
+        service.authenticate(&payer_key).await.unwrap(),
         Some(Principal::Payer(payer.id))
     );
     let refused = service

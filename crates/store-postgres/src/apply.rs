@@ -1147,7 +1147,7 @@ pub(crate) fn u128_of(bytes: &[u8]) -> Result<u128, PgError> {
     Ok(u128::from_be_bytes(bytes))
 }
 
-fn bytes32(bytes: &[u8]) -> Result<[u8; 32], PgError> {
+pub(crate) fn bytes32(bytes: &[u8]) -> Result<[u8; 32], PgError> {
     bytes.try_into().map_err(|_| stored("a hash"))
 }
 
@@ -1176,7 +1176,7 @@ pub(crate) fn currency_of(code: String) -> Result<Currency, PgError> {
 }
 
 /// `principal_kind`: 1 operator (empty id), 2 merchant, 3 payer.
-fn principal_columns(principal: Principal) -> (i16, Vec<u8>) {
+pub(crate) fn principal_columns(principal: Principal) -> (i16, Vec<u8>) {
     match principal {
         Principal::Operator => (1, Vec::new()),
         Principal::Merchant(id) => (2, id16(id.to_u128())),

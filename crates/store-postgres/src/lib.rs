@@ -18,8 +18,10 @@ use tokio_postgres::{Client, NoTls};
 
 mod apply;
 pub mod query;
+mod shared;
 
 pub use apply::{ATTEMPTS_MAX, Answer, apply_batch, apply_batch_answered};
+pub use shared::{PgOptions, PgStore};
 
 /// One schema change, applied once, in order of `version`.
 #[derive(Clone, Copy, Debug)]

@@ -21,14 +21,18 @@
 //! already taken does not see.
 
 use farthing_ledger::Currency;
+use farthing_payments::codec::decode_outcome;
 use farthing_payments::{
-    Entry, EntryObject, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal,
-    RefundId, TopupId,
+    Entry, EntryObject, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId, Payment,
+    PaymentId, Principal, RefundId, TopupId,
 };
 use tokio_postgres::{GenericClient, Row};
 
 use crate::PgError;
-use crate::apply::{amount_of, currency_of, id16, principal_of, stored, time_of, u128_of};
+use crate::apply::{
+    amount_of, bytes32, currency_of, id16, principal_columns, principal_of, stored, time_of,
+    u128_of,
+};
 
 /// Who holds the key with this hash, or `None` when no one does.
 pub async fn principal(
@@ -343,4 +347,26 @@ pub async fn payer_entries(
             }
         };
     page_of(rows, limit, entry_of).map(Some)
+}
+
+/// The digest of the request that first used an idempotency key, and its answer, while the
+/// key is kept.
+pub async fn idempotency(
+    client: &impl GenericClient,
+    key: &IdempotencyKey,
+) -> Result<Option<([u8; 32], Outcome)>, PgError> {
+    let (kind, principal) = principal_columns(key.principal);
+    let row = client
+        .query_opt(
+            "SELECT fingerprint, outcome FROM idempotency_keys
+             WHERE principal_kind = $1 AND principal_id = $2 AND key = $3",
+            &[&kind, &principal, &key.key],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let outcome = decode_outcome(row.get(1))
+        .map_err(|error| PgError::Stored(format!("an idempotency outcome: {error}")))?;
+    Ok(Some((bytes32(row.get(0))?, outcome)))
 }

@@ -1,11 +1,25 @@
 //! Storage ports, in domain types. Backends implement them; the service depends only on them.
 //!
-//! The embedded default keeps Farthing's state in memory and makes it durable as a journal of
-//! [`Record`]s: the state is a pure function of the journal, so appending a record durably is
-//! the whole write path, and replaying the journal is the whole recovery.
+//! There are two shapes of backend:
+//!
+//! - [`Journal`], the embedded default: Farthing's state lives in the process's memory and is
+//!   made durable as a journal of [`Record`]s. The state is a pure function of the journal, so
+//!   appending a record durably is the whole write path, and replaying the journal is the
+//!   whole recovery.
+//! - [`SharedStore`], for several processes on one database (PostgreSQL): the store holds the
+//!   state itself. The service hands it batches of records, which it applies in one
+//!   transaction each with the same pure `State::apply`, and asks it the questions the API
+//!   answers.
 #![forbid(unsafe_code)]
 
-use farthing_payments::Record;
+use std::future::Future;
+use std::pin::Pin;
+
+use farthing_ledger::Currency;
+use farthing_payments::{
+    Entry, EntryObject, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId, Payment,
+    PaymentId, Principal, Record,
+};
 
 /// A storage failure. A rejection of a payment is never a `StoreError`: those are outcomes.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +30,13 @@ pub enum StoreError {
     Corrupt { offset: u64, reason: String },
     #[error("the data directory is in use by another process: {0}")]
     Locked(String),
+    /// The database cannot be reached, or dropped the connection: nothing new was
+    /// acknowledged; the store reconnects by itself.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused a statement, or holds something this build cannot read.
+    #[error("the database failed: {0}")]
+    Database(String),
 }
 
 /// An append-only, durable list of records.
@@ -28,4 +49,74 @@ pub trait Journal: Send + 'static {
 
     /// Feeds every durable record, oldest first, to `visit`, and returns how many there were.
     fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError>;
+}
+
+/// What a [`SharedStore`] call returns: a future that any thread may poll.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A record's outcome, and whether it is the stored answer of an earlier record with the same
+/// idempotency key (possibly one earlier in the same batch, or one another process applied).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Answer {
+    pub outcome: Outcome,
+    pub replayed: bool,
+}
+
+/// What an idempotency key holds now.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct IdempotencyFound {
+    /// The digest of the request that first used the key.
+    pub fingerprint: [u8; 32],
+    /// Its answer.
+    pub outcome: Outcome,
+}
+
+/// A page of a payer's statement, or why there is none.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum StatementPage {
+    Page(Page<Entry>),
+    UnknownPayer,
+    /// The payer exists; the `starting_after` object is not one of its statement lines.
+    UnknownCursor,
+}
+
+/// A store that holds the state itself and is shared by several processes. Every answer is
+/// of committed data only.
+///
+/// Implementations must keep the guarantees of the embedded store: [`SharedStore::apply`]
+/// gives exactly the outcomes the records get applied one after another to the whole state,
+/// durably and atomically (all of a batch or none of it), however many processes apply
+/// batches at once; and a refused or failed call changes nothing that was acknowledged.
+pub trait SharedStore: Send + Sync + 'static {
+    /// Applies `records` in order, in one durable transaction.
+    fn apply<'a>(&'a self, records: &'a [Record]) -> StoreFuture<'a, Vec<Answer>>;
+    /// Who holds the key with this hash.
+    fn principal<'a>(&'a self, key_hash: &'a KeyHash) -> StoreFuture<'a, Option<Principal>>;
+    /// Whether an operator key has been set.
+    fn has_operator_key(&self) -> StoreFuture<'_, bool>;
+    /// The first use of an idempotency key, if it is still kept.
+    fn idempotency<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+    ) -> StoreFuture<'a, Option<IdempotencyFound>>;
+    /// A payer's available balances, sorted by currency; `None` for an unknown payer.
+    fn payer_balances(&self, id: PayerId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>>;
+    /// A merchant's available balances, sorted by currency; `None` for an unknown merchant.
+    fn merchant_balances(&self, id: MerchantId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>>;
+    fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>>;
+    /// Payments `principal` may see, newest first, after `starting_after`; `None` when the
+    /// cursor is not one of them.
+    fn list_payments(
+        &self,
+        principal: Principal,
+        limit: usize,
+        starting_after: Option<PaymentId>,
+    ) -> StoreFuture<'_, Option<Page<Payment>>>;
+    /// A payer's statement, newest first, after the line for `starting_after`.
+    fn payer_entries(
+        &self,
+        payer: PayerId,
+        limit: usize,
+        starting_after: Option<EntryObject>,
+    ) -> StoreFuture<'_, StatementPage>;
 }

@@ -1,16 +1,190 @@
 //! Shared helpers for the black-box API tests: each test starts the real `farthing` binary on
-//! port 0 with a fresh data directory, talks to it over HTTP, and kills it when done.
+//! port 0 with a fresh place for its data, talks to it over HTTP, and kills it when done.
+//!
+//! **The conformance suite.** Tests written inside [`conformance!`] run twice: on the embedded
+//! store, and on PostgreSQL (a fresh database per test, from `FARTHING_TEST_DATABASE_URL`;
+//! without that variable the PostgreSQL run says it was skipped). The backend is chosen per
+//! test thread: every [`TempDir`] made on a PostgreSQL run also gets a database of its own,
+//! and a server started on that directory is given the database instead.
 #![allow(dead_code)] // every test file uses a different subset
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, LazyLock, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::Method;
 use serde_json::{Value, json};
+
+/// Runs each test given on both backends: `mod <test> { fn embedded(), fn postgres() }`.
+#[allow(unused_macros)] // not every test file runs on both backends
+macro_rules! conformance {
+    ($(
+        $(#[$attr:meta])*
+        async fn $name:ident() $body:block
+    )*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn body() $body
+
+            $(#[$attr])*
+            async fn embedded() {
+                $crate::common::Backend::Embedded.enter();
+                body().await
+            }
+
+            $(#[$attr])*
+            async fn postgres() {
+                if $crate::common::Backend::Postgres.enter() {
+                    body().await
+                } else {
+                    $crate::common::skipped(concat!(module_path!(), "::postgres"));
+                }
+            }
+        }
+    )*};
+}
+
+/// Where a test's servers keep their state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Backend {
+    Embedded,
+    Postgres,
+}
+
+thread_local! {
+    static BACKEND: Cell<Backend> = const { Cell::new(Backend::Embedded) };
+}
+
+/// The URL of the PostgreSQL server tests make their databases on, when there is one.
+pub fn test_database_url() -> Option<String> {
+    std::env::var("FARTHING_TEST_DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// Says, past the test harness's capture, that a test did not run.
+pub fn skipped(test: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: skipped, FARTHING_TEST_DATABASE_URL is not set"
+    );
+}
+
+impl Backend {
+    /// The backend of the test running on this thread.
+    pub fn current() -> Backend {
+        BACKEND.with(Cell::get)
+    }
+
+    /// Makes this the backend of the test running on this thread; `false` when it cannot run
+    /// here (PostgreSQL without `FARTHING_TEST_DATABASE_URL`).
+    pub fn enter(self) -> bool {
+        if self == Backend::Postgres && test_database_url().is_none() {
+            return false;
+        }
+        BACKEND.with(|backend| backend.set(self));
+        true
+    }
+}
+
+/// Databases of live [`TempDir`]s, by directory.
+static DATABASES: LazyLock<Mutex<HashMap<PathBuf, String>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// A PostgreSQL database made for one test and dropped (with any connections) after it.
+pub struct TestDatabase {
+    admin_url: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// A fresh database on the test server; panics when there is none.
+    pub fn create() -> TestDatabase {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let admin_url = test_database_url().expect("FARTHING_TEST_DATABASE_URL");
+        let name = format!(
+            "farthing_cli_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        admin_sql(
+            &admin_url,
+            vec![
+                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                format!("CREATE DATABASE {name}"),
+            ],
+        )
+        .unwrap_or_else(|error| panic!("create test database {name}: {error}"));
+        let url = with_database(&admin_url, &name);
+        TestDatabase {
+            admin_url,
+            name,
+            url,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(error) = admin_sql(&self.admin_url, vec![drop]) {
+            eprintln!("could not drop test database {}: {error}", self.name);
+        }
+    }
+}
+
+/// Runs `statements` one by one on `url`, from a thread and runtime of its own, so that it
+/// works from synchronous code, async tests and `Drop` alike.
+pub fn admin_sql(url: &str, statements: Vec<String>) -> Result<(), String> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?
+            .block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                for statement in statements {
+                    client
+                        .batch_execute(&statement)
+                        .await
+                        .map_err(|e| format!("{statement}: {e:?}"))?;
+                }
+                Ok(())
+            })
+    })
+    .join()
+    .map_err(|_| "the admin thread panicked".to_string())?
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
 
 /// The operator key every test server is started with.
 pub const ADMIN_KEY: &str = "test-operator-key-0123456789abcdef-0123456789abcdef";
@@ -20,9 +194,11 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one HTTP request may take before the test fails instead of hanging.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A unique directory under the system temp dir, removed on drop.
+/// A unique directory under the system temp dir, removed on drop. On a PostgreSQL run it also
+/// has a database of its own, which servers started on the directory use.
 pub struct TempDir {
     path: PathBuf,
+    database: Option<TestDatabase>,
 }
 
 impl TempDir {
@@ -38,16 +214,33 @@ impl TempDir {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&path).expect("create a temporary data directory");
-        TempDir { path }
+        let database = (Backend::current() == Backend::Postgres).then(|| {
+            let database = TestDatabase::create();
+            DATABASES
+                .lock()
+                .expect("database registry")
+                .insert(path.clone(), database.url.clone());
+            database
+        });
+        TempDir { path, database }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The database of a PostgreSQL run.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.as_ref().map(|database| database.url.as_str())
+    }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        DATABASES
+            .lock()
+            .expect("database registry")
+            .remove(&self.path);
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
@@ -85,6 +278,15 @@ impl Server {
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
+            .args(
+                DATABASES
+                    .lock()
+                    .expect("database registry")
+                    .get(dir)
+                    .map(|url| ["--database-url".to_string(), url.clone()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("FARTHING_ADMIN_KEY", ADMIN_KEY)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,352 @@
+//! [`PgStore`]: the shared store over PostgreSQL, which several `farthing serve` processes use
+//! at once. Writes go through [`apply_batch_answered`] (one transaction per batch); reads
+//! through [`crate::query`].
+//!
+//! **Outages.** Every call takes a connection from a small pool, and a connection is made when
+//! none is idle, with a short connect timeout, so a database that is down answers
+//! [`StoreError::Unavailable`] at once instead of queueing requests behind it. A connection
+//! that failed in any way is dropped rather than returned to the pool; when the database is
+//! back, the next call connects again. Nothing needs restarting. A call that outlives
+//! [`PgOptions::call_timeout`] is abandoned and its connection dropped, which rolls back
+//! whatever it had not committed.
+//!
+//! A batch whose COMMIT was sent but whose answer was lost with the connection may have been
+//! applied: its requests are answered 503, and a retry with the same idempotency key gets the
+//! stored answer. Nothing is acknowledged that was not committed.
+
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use farthing_ledger::Currency;
+use farthing_payments::{
+    EntryObject, IdempotencyKey, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal,
+    Record,
+};
+use farthing_store::{
+    Answer, IdempotencyFound, SharedStore, StatementPage, StoreError, StoreFuture,
+};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+use crate::{PgError, apply_batch_answered, migrate, query};
+
+/// How a [`PgStore`] connects.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// Connections open at once at most (writers and readers together).
+    pub connections_max: usize,
+    /// How long making a connection may take.
+    pub connect_timeout: Duration,
+    /// How long one call (a batch, a read) may take, waiting for a connection included.
+    pub call_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            connections_max: 16,
+            connect_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The shared store over one PostgreSQL database.
+pub struct PgStore {
+    config: Config,
+    options: PgOptions,
+    idle: Mutex<Vec<Client>>,
+    permits: Semaphore,
+}
+
+/// A connection taken from the pool; it goes back when dropped, unless it failed.
+struct Pooled<'a> {
+    store: &'a PgStore,
+    client: Option<Client>,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Pooled<'_> {
+    fn client(&mut self) -> &mut Client {
+        self.client.as_mut().expect("held until dropped")
+    }
+
+    /// Drops the connection instead of returning it: after a failure its state is unknown.
+    fn discard(&mut self) {
+        self.client = None;
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && !client.is_closed()
+        {
+            self.store.idle.lock().expect("pool lock").push(client);
+        }
+    }
+}
+
+impl PgStore {
+    /// Parses `url`, connects once (so that a wrong URL or a missing database is reported at
+    /// start), and brings the schema up to date.
+    pub async fn open(url: &str, options: PgOptions) -> Result<PgStore, PgError> {
+        let mut config = Config::from_str(url)?;
+        config.connect_timeout(options.connect_timeout);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        config.application_name("farthing");
+        let store = PgStore {
+            config,
+            permits: Semaphore::new(options.connections_max.max(1)),
+            options,
+            idle: Mutex::new(Vec::new()),
+        };
+        let mut client = store.connect().await?;
+        migrate(&mut client).await?;
+        store.idle.lock().expect("pool lock").push(client);
+        Ok(store)
+    }
+
+    async fn connect(&self) -> Result<Client, PgError> {
+        let (client, connection) = self.config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "PostgreSQL connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    async fn take(&self) -> Result<Pooled<'_>, PgError> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the pool's semaphore is never closed");
+        let idle = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            loop {
+                match idle.pop() {
+                    Some(client) if client.is_closed() => continue,
+                    other => break other,
+                }
+            }
+        };
+        let client = match idle {
+            Some(client) => client,
+            None => self.connect().await?,
+        };
+        Ok(Pooled {
+            store: self,
+            client: Some(client),
+            _permit: permit,
+        })
+    }
+
+    /// Runs `work` within the call timeout.
+    async fn timed<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.options.call_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer from PostgreSQL within {:?}",
+                self.options.call_timeout
+            ))),
+        }
+    }
+
+    async fn pooled(&self) -> Result<Pooled<'_>, StoreError> {
+        self.take().await.map_err(sort)
+    }
+}
+
+impl Pooled<'_> {
+    /// Sorts a call's failure, dropping the connection it failed on.
+    fn finish<T>(&mut self, result: Result<T, PgError>) -> Result<T, StoreError> {
+        if result.is_err() {
+            self.discard();
+        }
+        result.map_err(sort)
+    }
+}
+
+/// Whether a failure means the database cannot be reached (retry later; the pool reconnects)
+/// or that it refused or returned something unreadable.
+fn sort(error: PgError) -> StoreError {
+    match &error {
+        PgError::Postgres(inner) if is_unavailable(inner) => {
+            StoreError::Unavailable(describe(&error))
+        }
+        _ => StoreError::Database(describe(&error)),
+    }
+}
+
+fn is_unavailable(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // No SQLSTATE: the socket failed, or a connect timed out.
+        None => true,
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        }
+    }
+}
+
+/// The error with its causes, which is where PostgreSQL says what went wrong.
+fn describe(error: &PgError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+impl SharedStore for PgStore {
+    fn apply<'a>(&'a self, records: &'a [Record]) -> StoreFuture<'a, Vec<Answer>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = apply_batch_answered(pooled.client(), records).await;
+            Ok(pooled
+                .finish(result)?
+                .into_iter()
+                .map(|answer| Answer {
+                    outcome: answer.outcome,
+                    replayed: answer.replayed,
+                })
+                .collect())
+        }))
+    }
+
+    fn principal<'a>(&'a self, key_hash: &'a KeyHash) -> StoreFuture<'a, Option<Principal>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::principal(pooled.client(), key_hash).await;
+            pooled.finish(result)
+        }))
+    }
+
+    fn has_operator_key(&self) -> StoreFuture<'_, bool> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = pooled
+                .client()
+                .query_one("SELECT EXISTS (SELECT 1 FROM operator_keys)", &[])
+                .await
+                .map(|row| row.get(0))
+                .map_err(PgError::from);
+            pooled.finish(result)
+        }))
+    }
+
+    fn idempotency<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+    ) -> StoreFuture<'a, Option<IdempotencyFound>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::idempotency(pooled.client(), key).await;
+            Ok(pooled
+                .finish(result)?
+                .map(|(fingerprint, outcome)| IdempotencyFound {
+                    fingerprint,
+                    outcome,
+                }))
+        }))
+    }
+
+    fn payer_balances(&self, id: PayerId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::payer_balances(pooled.client(), id).await;
+            pooled.finish(result)
+        }))
+    }
+
+    fn merchant_balances(&self, id: MerchantId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::merchant_balances(pooled.client(), id).await;
+            pooled.finish(result)
+        }))
+    }
+
+    fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::payment(pooled.client(), id).await;
+            pooled.finish(result)
+        }))
+    }
+
+    fn list_payments(
+        &self,
+        principal: Principal,
+        limit: usize,
+        starting_after: Option<PaymentId>,
+    ) -> StoreFuture<'_, Option<Page<Payment>>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = async {
+                // One snapshot: the cursor is resolved and the page read as of one moment.
+                let transaction = snapshot(pooled.client()).await?;
+                let page =
+                    query::list_payments(&transaction, principal, limit, starting_after).await?;
+                transaction.commit().await?;
+                Ok(page)
+            }
+            .await;
+            pooled.finish(result)
+        }))
+    }
+
+    fn payer_entries(
+        &self,
+        payer: PayerId,
+        limit: usize,
+        starting_after: Option<EntryObject>,
+    ) -> StoreFuture<'_, StatementPage> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = async {
+                let transaction = snapshot(pooled.client()).await?;
+                let page =
+                    match query::payer_entries(&transaction, payer, limit, starting_after).await? {
+                        Some(page) => StatementPage::Page(page),
+                        None if query::payer_balances(&transaction, payer).await?.is_none() => {
+                            StatementPage::UnknownPayer
+                        }
+                        None => StatementPage::UnknownCursor,
+                    };
+                transaction.commit().await?;
+                Ok(page)
+            }
+            .await;
+            pooled.finish(result)
+        }))
+    }
+}
+
+/// A read-only transaction over one snapshot.
+async fn snapshot(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>, PgError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
+}
