@@ -1,13 +1,15 @@
-//! Farthing's PostgreSQL storage.
+//! Farthing's PostgreSQL storage: the shared store that lets several `farthing serve`
+//! processes use one database (designed in `docs/adr/0002-postgresql-backend-shape.md`).
 //!
-//! This crate owns the schema: numbered, named migrations embedded in the binary and a runner
-//! that applies them at start or through `farthing migrate`. It also has [`apply_batch`], the
-//! write path of the shared store that lets several `farthing serve` processes use one
-//! database (designed in `docs/adr/0002-postgresql-backend-shape.md`): a batch of records
-//! applied in one transaction, over a working set loaded for it; and [`query`], its read side,
-//! which answers what the handlers ask the in-memory state with SQL. Nothing calls them yet.
+//! - The schema: numbered, named migrations embedded in the binary and [`migrate`], run when a
+//!   server starts and by `farthing migrate`.
+//! - [`apply_batch`], the write path: a batch of records applied in one transaction, over a
+//!   working set loaded for it, with the same pure `State::apply` the embedded store runs.
+//! - [`query`], the read side, with the same answers as the in-memory state.
+//! - [`PgStore`], the `SharedStore` port over both, with a pool that reconnects by itself.
 //!
-//! The SQL stays portable to PostgreSQL-compatible distributed engines: no advisory locks
+//! The SQL stays portable to PostgreSQL-compatible distributed engines (the rules are in
+//! ARCHITECTURE.md, and `tests/portable_sql.rs` holds the code to them): no advisory locks
 //! (migrators serialize on a row lock), no LISTEN/NOTIFY, no triggers or stored procedures, no
 //! sequences for ids.
 #![forbid(unsafe_code)]
