@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// Directory for benchmark data (a fresh subdirectory is made and removed).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Measure the durable store on PostgreSQL instead of the embedded journal. The URL names
+    /// a server and a database to connect to; the benchmark creates its own database next to
+    /// it (`<database>_bench_<pid>`, which needs CREATEDB) and drops it when done.
+    #[arg(long, env = "FARTHING_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 /// A small, fast generator for benchmark inputs (not for ids or keys).
@@ -131,8 +136,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report["memory_bytes_per_payment"] = json!(payment_bytes.round());
     }
     if parts.contains(&"http") {
-        let http = http(&args, &root).await?;
-        report["http"] = http;
+        report["http"] = match &args.database_url {
+            Some(url) => http_postgres(&args, url).await?,
+            None => http(&args, &root).await?,
+        };
     }
     let _ = std::fs::remove_dir_all(&root);
     if args.json {
@@ -149,7 +156,7 @@ fn say(args: &BenchArgs, line: &str) {
     }
 }
 
-fn thousands(n: f64) -> String {
+pub(crate) fn thousands(n: f64) -> String {
     let n = n.round() as u64;
     let text = n.to_string();
     let mut out = String::new();
@@ -709,6 +716,12 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
     let _ = child.process.start_kill();
     let _ = child.process.wait().await;
     Ok(json!({ "single": rows, "batch_payments_per_sec": batch_rate.round() }))
+}
+
+/// On PostgreSQL: HTTP against one and two `farthing serve --database-url` processes on one
+/// database, and hot wallets across both.
+async fn http_postgres(args: &BenchArgs, url: &str) -> anyhow::Result<Value> {
+    crate::bench_shared::http(url, args.quick, args.seconds, |line| say(args, line)).await
 }
 
 /// (commits, records, commit microseconds) from the server's `/metrics`.

@@ -2,6 +2,7 @@
 
 mod alloc;
 mod bench;
+mod bench_shared;
 mod demo;
 mod loadgen;
 

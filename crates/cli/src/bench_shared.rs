@@ -1,0 +1,387 @@
+//! `farthing bench --database-url …`, HTTP part: single payments through one and through two
+//! `farthing serve` processes on one PostgreSQL database, and a hot-account run across both
+//! that counts deadlocks (PostgreSQL's own counter) and checks that no wallet was overspent.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::loadgen::Connection;
+
+const ADMIN: &str = "bench-operator-key-0123456789abcdef0123456789";
+
+/// A database made for one run and dropped after it.
+pub struct BenchDatabase {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl BenchDatabase {
+    /// Makes `<database of url>_<suffix>_<pid>` on the server `url` names.
+    pub async fn create(url: &str, suffix: &str) -> anyhow::Result<BenchDatabase> {
+        let config: tokio_postgres::Config = url.parse().context("--database-url")?;
+        let base = config.get_dbname().unwrap_or("farthing");
+        let name = format!("{base}_{suffix}_{}", std::process::id())
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>();
+        let admin = farthing_store_postgres::connect(url).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        Ok(BenchDatabase {
+            admin_url: url.to_string(),
+            url: with_database(url, &name),
+            name,
+        })
+    }
+
+    pub async fn drop_now(self) -> anyhow::Result<()> {
+        let admin = farthing_store_postgres::connect(&self.admin_url).await?;
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+struct Server {
+    process: tokio::process::Child,
+    addr: String,
+}
+
+async fn start_server(database_url: &str) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe()?;
+    let mut process = tokio::process::Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--rate-limit", "0"])
+        .arg("--database-url")
+        .arg(database_url)
+        .env("FARTHING_ADMIN_KEY", ADMIN)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = process.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await??
+            .context("the server exited before listening")?;
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Server { process, addr })
+}
+
+/// Makes `count` payers, each topped up with `funds`: (id, key).
+async fn payers(addr: &str, count: usize, funds: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut setup = Connection::open(addr).await?;
+    let mut made = Vec::new();
+    for n in 0..count {
+        let payer = setup
+            .request(
+                "POST",
+                "/v1/payers",
+                ADMIN,
+                Some(format!(r#"{{"name":"payer {n}"}}"#).as_bytes()),
+            )
+            .await?
+            .json()?;
+        let id = payer["id"].as_str().context("payer id")?.to_string();
+        let key = payer["api_key"].as_str().context("payer key")?.to_string();
+        let topup = setup
+            .request(
+                "POST",
+                &format!("/v1/payers/{id}/topups"),
+                ADMIN,
+                Some(
+                    format!(r#"{{"amount":"{funds}","currency":"USD","source":"sandbox"}}"#)
+                        .as_bytes(),
+                ),
+            )
+            .await?;
+        if topup.status != 201 {
+            bail!("bench top-up failed with {}", topup.status);
+        }
+        made.push((id, key));
+    }
+    Ok(made)
+}
+
+/// What one load round saw.
+struct Round {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// 201s by payer index.
+    succeeded: HashMap<usize, u64>,
+    declined: u64,
+}
+
+/// `connections` clients spread over `addrs`, each paying `amount` from payer
+/// `connection % payers.len()` until the deadline. 402 `insufficient_funds` is counted, any
+/// other answer fails the run.
+async fn load(
+    addrs: &[String],
+    payers: &Arc<Vec<(String, String)>>,
+    merchant: &str,
+    amount: &str,
+    connections: usize,
+    seconds: f64,
+) -> anyhow::Result<Round> {
+    let body = Arc::new(format!(
+        r#"{{"merchant":"{merchant}","amount":"{amount}","currency":"USD","description":"bench"}}"#
+    ));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (addr, body, payers) = (addrs[c % addrs.len()].clone(), body.clone(), payers.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Connection::open(&addr).await?;
+            let payer = c % payers.len();
+            let key = &payers[payer].1;
+            let mut latencies: Vec<u32> = Vec::new();
+            let (mut succeeded, mut declined) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let response = conn
+                    .request("POST", "/v1/payments", key, Some(body.as_bytes()))
+                    .await?;
+                match response.status {
+                    201 => succeeded += 1,
+                    402 => declined += 1,
+                    other => bail!(
+                        "payment answered {other}: {}",
+                        String::from_utf8_lossy(&response.body)
+                    ),
+                }
+                latencies.push(sent.elapsed().as_micros() as u32);
+            }
+            Ok::<_, anyhow::Error>((payer, succeeded, declined, latencies))
+        }));
+    }
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut succeeded: HashMap<usize, u64> = HashMap::new();
+    let mut declined = 0;
+    for task in tasks {
+        let (payer, ok, no, seen) = task.await??;
+        *succeeded.entry(payer).or_default() += ok;
+        declined += no;
+        latencies.extend(seen);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[index]) / 1000.0
+    };
+    Ok(Round {
+        rate: succeeded.values().sum::<u64>() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        succeeded,
+        declined,
+    })
+}
+
+/// Deadlocks PostgreSQL has detected in the database so far.
+async fn deadlocks(url: &str) -> anyhow::Result<i64> {
+    let client = farthing_store_postgres::connect(url).await?;
+    let row = client
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+async fn usd_balance(addr: &str, path: &str) -> anyhow::Result<String> {
+    let mut conn = Connection::open(addr).await?;
+    let balances = conn.request("GET", path, ADMIN, None).await?.json()?;
+    Ok(balances["balances"]
+        .as_array()
+        .and_then(|list| list.iter().find(|b| b["currency"] == "USD"))
+        .and_then(|b| b["available"].as_str())
+        .unwrap_or("0.00")
+        .to_string())
+}
+
+/// The HTTP figures on PostgreSQL; `say` prints each as it comes.
+pub async fn http(
+    url: &str,
+    quick: bool,
+    seconds: u64,
+    say: impl Fn(&str),
+) -> anyhow::Result<Value> {
+    let database = BenchDatabase::create(url, "bench_http").await?;
+    let result = http_on(&database.url, quick, seconds, &say).await;
+    database.drop_now().await?;
+    result
+}
+
+async fn http_on(
+    url: &str,
+    quick: bool,
+    seconds: u64,
+    say: &impl Fn(&str),
+) -> anyhow::Result<Value> {
+    let seconds = if quick { 1.0 } else { seconds as f64 };
+    let first = start_server(url).await?;
+    let mut setup = Connection::open(&first.addr).await?;
+    let merchant = setup
+        .request(
+            "POST",
+            "/v1/merchants",
+            ADMIN,
+            Some(br#"{"name":"bench merchant","fee_bps":100}"#),
+        )
+        .await?
+        .json()?;
+    let merchant = merchant["id"].as_str().context("merchant id")?.to_string();
+    let spread = Arc::new(payers(&first.addr, 256, "10000").await?);
+    let mut rows = Vec::new();
+
+    let mut servers = vec![first];
+    for processes in [1usize, 2] {
+        if servers.len() < processes {
+            servers.push(start_server(url).await?);
+        }
+        let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        for connections in [16usize, 256] {
+            let round = load(&addrs, &spread, &merchant, "0.0001", connections, seconds).await?;
+            say(&format!(
+                "PostgreSQL HTTP single payments, {processes} process(es), {connections:>3} connections: {} payments/s, p50 {:.2} ms, p99 {:.2} ms",
+                crate::bench::thousands(round.rate),
+                round.p50_ms,
+                round.p99_ms
+            ));
+            rows.push(json!({
+                "processes": processes,
+                "connections": connections,
+                "payments_per_sec": round.rate.round(),
+                "p50_ms": round.p50_ms,
+                "p99_ms": round.p99_ms,
+            }));
+        }
+    }
+
+    // Ten hot wallets of 20.00, paid 0.01 at a time by 256 connections over both processes
+    // until every wallet is empty: exactly 2,000 payments fit in each.
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+    let hot = Arc::new(payers(&addrs[0], 10, "20").await?);
+    let merchant_before =
+        usd_balance(&addrs[0], &format!("/v1/merchants/{merchant}/balance")).await?;
+    let deadlocks_before = deadlocks(url).await?;
+    let mut hot_round = load(&addrs, &hot, &merchant, "0.01", 256, 1.0).await?;
+    // Keep going until every wallet is declined: then no more money can move.
+    let mut total_ok: u64 = hot_round.succeeded.values().sum();
+    let run_started = Instant::now();
+    while hot_round.declined == 0 || total_ok < 20_000 {
+        if run_started.elapsed() > Duration::from_secs(120) {
+            bail!("the hot wallets were not emptied within two minutes ({total_ok} payments)");
+        }
+        let more = load(&addrs, &hot, &merchant, "0.01", 256, 1.0).await?;
+        for (payer, count) in more.succeeded {
+            *hot_round.succeeded.entry(payer).or_default() += count;
+        }
+        hot_round.declined += more.declined;
+        total_ok = hot_round.succeeded.values().sum();
+        if more.declined > 0 && total_ok >= 20_000 {
+            break;
+        }
+    }
+    let hot_elapsed = run_started.elapsed().as_secs_f64() + 1.0;
+    let deadlocks_seen = deadlocks(url).await? - deadlocks_before;
+    let mut overspent = Vec::new();
+    for (index, (id, _)) in hot.iter().enumerate() {
+        let paid = hot_round.succeeded.get(&index).copied().unwrap_or(0);
+        let balance = usd_balance(&addrs[0], &format!("/v1/payers/{id}/balance")).await?;
+        if paid != 2_000 || balance != "0.00" {
+            overspent.push(format!("{id}: {paid} payments, balance {balance}"));
+        }
+    }
+    let merchant_after =
+        usd_balance(&addrs[0], &format!("/v1/merchants/{merchant}/balance")).await?;
+    // 20,000 payments of 0.01 less the 1% fee: the merchant gained exactly 198.00.
+    let micros = |text: &str| {
+        farthing_ledger::Amount::parse_decimal(text)
+            .map(farthing_ledger::Amount::micros)
+            .map_err(|error| anyhow::anyhow!("a balance of {text:?}: {error:?}"))
+    };
+    let gained = micros(&merchant_after)?
+        .checked_sub(micros(&merchant_before)?)
+        .context("the merchant's balance went down")?;
+    if gained != 198_000_000 {
+        overspent.push(format!(
+            "the merchant gained {gained} micro-units, not 198,000,000"
+        ));
+    }
+    say(&format!(
+        "PostgreSQL hot wallets, 2 processes, 256 connections on 10 wallets: {} payments in {:.1} s, {} declined, {deadlocks_seen} deadlocks, {} wallets overspent or short (merchant {merchant_before} -> {merchant_after})",
+        crate::bench::thousands(total_ok as f64),
+        hot_elapsed,
+        hot_round.declined,
+        overspent.len()
+    ));
+    if !overspent.is_empty() {
+        bail!("wallets overspent or short: {overspent:?}");
+    }
+    for mut server in servers {
+        let _ = server.process.start_kill();
+        let _ = server.process.wait().await;
+    }
+    Ok(json!({
+        "single": rows,
+        "hot_two_processes": {
+            "payments": total_ok,
+            "declined": hot_round.declined,
+            "deadlocks": deadlocks_seen,
+            "wallets_overspent": overspent.len(),
+        },
+    }))
+}
