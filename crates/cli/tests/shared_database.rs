@@ -571,3 +571,43 @@ async fn postgresql_stopped_mid_stream_gives_503s_loses_nothing_and_the_servers_
     }
     drop((first, second));
 }
+
+#[test]
+fn a_server_on_a_database_without_an_operator_key_refuses_to_make_one_up() {
+    if !Backend::Postgres.enter() {
+        common::skipped("a_server_on_a_database_without_an_operator_key");
+        return;
+    }
+    let dir = TempDir::new();
+    let url = dir.database_url().expect("a database").to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_farthing"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .env_remove("FARTHING_ADMIN_KEY")
+        .output()
+        .expect("run farthing serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("FARTHING_ADMIN_KEY") && stderr.contains("every server"),
+        "{stderr}"
+    );
+    // With the key, the same database serves; afterwards a server may start without it.
+    let with_key = Server::start_in(dir.path(), &[]);
+    drop(with_key);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_farthing"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .env_remove("FARTHING_ADMIN_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("spawn farthing serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("listening on http://"), "{line}");
+}

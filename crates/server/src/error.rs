@@ -149,6 +149,13 @@ impl From<ServiceError> for ApiError {
                 "Storage unavailable",
                 "storage refused the write or cannot be reached, and nothing was acknowledged; retry later with the same Idempotency-Key",
             ),
+            // Only ever returned at start, before any request is served.
+            ServiceError::OperatorKeyRequired => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "Internal error",
+                "the server has no operator key",
+            ),
             ServiceError::Store(store) => {
                 tracing::error!(error = %store, "storage failure");
                 ApiError::new(

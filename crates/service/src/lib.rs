@@ -49,6 +49,12 @@ pub enum ServiceError {
     StorageUnavailable,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A shared store without an operator key, and none given: servers sharing a database
+    /// must share its operator key, so none is made up by one of them.
+    #[error(
+        "the database has no operator key yet: set FARTHING_ADMIN_KEY (32+ characters), the same on every server that shares the database"
+    )]
+    OperatorKeyRequired,
 }
 
 /// Settings the operator chooses.
@@ -301,6 +307,9 @@ impl Service {
                 (if known { None } else { Some(key) }, None)
             }
             None if !self.has_operator_key().await? => {
+                if !self.is_local() {
+                    return Err(ServiceError::OperatorKeyRequired);
+                }
                 let key = Secret::generate_api_key("op");
                 (Some(key.clone()), Some(key))
             }
