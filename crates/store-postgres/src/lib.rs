@@ -5,7 +5,9 @@
 //! write path of the shared store that lets several `farthing serve` processes use one
 //! database (designed in `docs/adr/0002-postgresql-backend-shape.md`): a batch of records
 //! applied in one transaction, over a working set loaded for it; and [`query`], its read side,
-//! which answers what the handlers ask the in-memory state with SQL. Nothing calls them yet.
+//! which answers what the handlers ask the in-memory state with SQL. Nothing serves from them
+//! yet. [`export`] reads a whole database back as the items of `State::export`, for
+//! `farthing copy` and for comparing a database with an in-memory state.
 //!
 //! The SQL stays portable to PostgreSQL-compatible distributed engines: no advisory locks
 //! (migrators serialize on a row lock), no LISTEN/NOTIFY, no triggers or stored procedures, no
@@ -17,9 +19,26 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_postgres::{Client, NoTls};
 
 mod apply;
+pub mod export;
 pub mod query;
 
+use farthing_payments::{Command, Record};
+
 pub use apply::{ATTEMPTS_MAX, Answer, apply_batch, apply_batch_answered};
+
+/// Whether a journal replayed into PostgreSQL in several [`apply_batch`] calls may end one
+/// batch between `previous` and `next` and still list everything in the journal's order.
+///
+/// Lists order rows by `(created_at, batch_position, id)`, and `batch_position` counts from 0
+/// in each batch: rows of one time split over two batches would fall back to id order. So a
+/// batch ends only where the time changes (a server's writer gives each commit one time and
+/// times never go back), or between two imports, which `farthing copy` cuts only where the
+/// times of payments and of each payer's statement lines change.
+pub fn batch_may_end_between(previous: &Record, next: &Record) -> bool {
+    previous.now != next.now
+        || (matches!(previous.command, Command::Import(_))
+            && matches!(next.command, Command::Import(_)))
+}
 
 /// One schema change, applied once, in order of `version`.
 #[derive(Clone, Copy, Debug)]
