@@ -172,6 +172,42 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, PgError> {
     Ok(Migrated { applied, version })
 }
 
+/// The schema version of the database: the latest migration recorded, 0 when none is (a
+/// database Farthing never set up).
+pub async fn schema_version(client: &Client) -> Result<i32, PgError> {
+    let row = client
+        .query_one("SELECT to_regclass('farthing_migrations') IS NOT NULL", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(0);
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM farthing_migrations",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Whether the database holds any of Farthing's data: a key, a party, an account, a transfer,
+/// a payment or an idempotency key. The schema must be up to date.
+pub async fn holds_data(client: &Client) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM operator_keys)
+                 OR EXISTS (SELECT 1 FROM merchants)
+                 OR EXISTS (SELECT 1 FROM payers)
+                 OR EXISTS (SELECT 1 FROM accounts)
+                 OR EXISTS (SELECT 1 FROM transfers)
+                 OR EXISTS (SELECT 1 FROM payments)
+                 OR EXISTS (SELECT 1 FROM idempotency_keys)",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 fn is_catalog_race(error: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     matches!(

@@ -2,6 +2,8 @@
 //! port 0 with a fresh data directory, talks to it over HTTP, and kills it when done.
 #![allow(dead_code)] // every test file uses a different subset
 
+pub mod database;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
