@@ -3,6 +3,7 @@
 mod alloc;
 mod bench;
 mod bench_shared;
+mod copy;
 mod demo;
 mod loadgen;
 
@@ -44,6 +45,8 @@ enum Command {
     Backup(BackupArgs),
     /// Bring a PostgreSQL database's schema up to date.
     Migrate(MigrateArgs),
+    /// Move an installation between a data directory and PostgreSQL, either way, verified.
+    Copy(copy::CopyArgs),
 }
 
 #[derive(Args)]
@@ -258,6 +261,7 @@ fn run() -> anyhow::Result<()> {
             Command::Demo(args) => demo::run(args.serve.options()?).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Backup(args) => tokio::task::block_in_place(|| backup(&args)),
+            Command::Copy(args) => copy::run(args).await,
             Command::Migrate(args) => {
                 let mut client = farthing_store_postgres::connect(&args.database_url).await?;
                 let migrated = farthing_store_postgres::migrate(&mut client).await?;

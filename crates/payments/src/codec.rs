@@ -4,10 +4,14 @@
 //! Hand-written rather than derived so that the format is explicit, stable across library
 //! upgrades, and cheap: encoding a payment takes a few dozen byte copies.
 
-use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
+use farthing_ledger::{
+    Account, AccountId, AccountKind, Amount, Currency, HoldState, Timestamp, Transfer, TransferId,
+    TransferKind, TransferRecord, TransferRejection,
+};
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
+use crate::working_set::IdempotencyRow;
 
 /// The first byte of every encoded record.
 const FORMAT_VERSION: u8 = 1;
@@ -127,6 +131,13 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             w.u8(8);
             w.u64(before.0);
         }
+        Command::Import(items) => {
+            w.u8(9);
+            w.u32(u32::try_from(items.len()).expect("imports are chunked"));
+            for item in items {
+                w.imported(item);
+            }
+        }
     }
 }
 
@@ -202,6 +213,16 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         8 => Command::PruneIdempotencyKeys {
             before: Timestamp(r.u64()?),
         },
+        9 => {
+            let count = r.u32()? as usize;
+            // Each item takes at least 33 bytes: a corrupt count cannot make us allocate more
+            // than the record could hold.
+            let mut items = Vec::with_capacity(count.min(r.0.len() / 33 + 1));
+            for _ in 0..count {
+                items.push(r.imported()?);
+            }
+            Command::Import(items)
+        }
         tag => return Err(DecodeError::UnknownTag(tag)),
     };
     if !r.0.is_empty() {
@@ -295,6 +316,10 @@ pub fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
             w.u8(9);
             w.rejection(*rejection);
         }
+        Outcome::Imported { count } => {
+            w.u8(10);
+            w.u64(u64::try_from(*count).expect("a usize fits in 64 bits"));
+        }
     }
 }
 
@@ -370,6 +395,9 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
             keys: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,
         },
         9 => Outcome::Rejected(r.rejection()?),
+        10 => Outcome::Imported {
+            count: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,
+        },
         tag => return Err(DecodeError::UnknownTag(tag)),
     };
     if !r.0.is_empty() {
@@ -443,7 +471,175 @@ impl Writer<'_> {
             Rejection::AmountNotPositive => 9,
             Rejection::IdempotencyKeyReused => 10,
             Rejection::IdCollision => 11,
+            Rejection::ImportDoesNotFit => 12,
         });
+    }
+    fn opt_u64(&mut self, v: Option<u64>) {
+        match v {
+            None => self.u8(0),
+            Some(value) => {
+                self.u8(1);
+                self.u64(value);
+            }
+        }
+    }
+    fn owner(&mut self, owner: Owner) {
+        match owner {
+            Owner::Payer(id) => {
+                self.u8(1);
+                self.u128(id.to_u128());
+            }
+            Owner::Merchant(id) => {
+                self.u8(2);
+                self.u128(id.to_u128());
+            }
+            Owner::PlatformFees => self.u8(3),
+            Owner::ExternalFunding => self.u8(4),
+        }
+    }
+    fn transfer_record(&mut self, record: &TransferRecord) {
+        let transfer = &record.transfer;
+        self.u128(transfer.id.0);
+        self.u64(transfer.debit.0);
+        self.u64(transfer.credit.0);
+        self.u64(transfer.amount.micros());
+        match transfer.kind {
+            TransferKind::Posted => self.u8(1),
+            TransferKind::Pending { timeout_secs } => {
+                self.u8(2);
+                self.u32(timeout_secs);
+            }
+            TransferKind::PostPending { pending_id } => {
+                self.u8(3);
+                self.u128(pending_id.0);
+            }
+            TransferKind::VoidPending { pending_id } => {
+                self.u8(4);
+                self.u128(pending_id.0);
+            }
+        }
+        self.u8(u8::from(transfer.linked));
+        self.u64(record.timestamp.0);
+        match record.outcome {
+            Ok(()) => self.u8(0),
+            Err(rejection) => self.u8(transfer_rejection_tag(rejection)),
+        }
+        self.u8(match record.hold {
+            None => 0,
+            Some(HoldState::Pending) => 1,
+            Some(HoldState::Posted) => 2,
+            Some(HoldState::Voided) => 3,
+            Some(HoldState::Expired) => 4,
+        });
+        self.opt_u64(record.expires_at.map(|at| at.0));
+    }
+    fn imported(&mut self, item: &Imported) {
+        match item {
+            Imported::OperatorKey(key_hash) => {
+                self.u8(1);
+                self.bytes32(&key_hash.0);
+            }
+            Imported::Merchant { merchant, key_hash } => {
+                self.u8(2);
+                self.u128(merchant.id.to_u128());
+                self.text(&merchant.name);
+                self.bytes32(&key_hash.0);
+                self.u32(merchant.fee.bps);
+                self.u64(merchant.fee.fixed.micros());
+                self.u64(merchant.created_at.0);
+            }
+            Imported::Payer { payer, key_hash } => {
+                self.u8(3);
+                self.u128(payer.id.to_u128());
+                self.text(&payer.name);
+                self.bytes32(&key_hash.0);
+                self.u64(payer.created_at.0);
+            }
+            Imported::Account { owner, account } => {
+                self.u8(4);
+                self.owner(*owner);
+                self.u64(account.id.0);
+                self.u8(account.kind.to_u8());
+                self.u32(account.currency.to_u32());
+                self.u64(account.debits_posted);
+                self.u64(account.credits_posted);
+                self.u64(account.debits_pending);
+                self.u64(account.credits_pending);
+            }
+            Imported::Transfer(record) => {
+                self.u8(5);
+                self.transfer_record(record);
+            }
+            Imported::Payment(payment) => {
+                self.u8(6);
+                self.u128(payment.id.to_u128());
+                self.u128(payment.payer.to_u128());
+                self.u128(payment.merchant.to_u128());
+                self.u64(payment.amount.micros());
+                self.u32(payment.currency.to_u32());
+                self.u64(payment.fee.micros());
+                self.opt_text(&payment.description);
+                self.opt_text(&payment.reference);
+                self.u64(payment.created_at.0);
+                self.u64(payment.amount_refunded.micros());
+                self.u64(payment.fee_refunded.micros());
+            }
+            Imported::Topup(topup) => {
+                self.u8(7);
+                self.u128(topup.id.to_u128());
+                self.u128(topup.payer.to_u128());
+                self.u64(topup.amount.micros());
+                self.u32(topup.currency.to_u32());
+                self.funding_source(topup.source);
+                self.u64(topup.created_at.0);
+            }
+            Imported::Refund(refund) => {
+                self.u8(8);
+                self.u128(refund.id.to_u128());
+                self.u128(refund.payment.to_u128());
+                self.u128(refund.payer.to_u128());
+                self.u128(refund.merchant.to_u128());
+                self.u64(refund.amount.micros());
+                self.u32(refund.currency.to_u32());
+                self.u64(refund.fee_refunded.micros());
+                self.u64(refund.created_at.0);
+            }
+            Imported::Entry { payer, entry } => {
+                self.u8(9);
+                self.u128(payer.to_u128());
+                match entry.object {
+                    EntryObject::Topup(id) => {
+                        self.u8(1);
+                        self.u128(id.to_u128());
+                    }
+                    EntryObject::Payment(id) => {
+                        self.u8(2);
+                        self.u128(id.to_u128());
+                    }
+                    EntryObject::Refund(id) => {
+                        self.u8(3);
+                        self.u128(id.to_u128());
+                    }
+                }
+                self.u32(entry.currency.to_u32());
+                self.u8(u8::from(entry.credit));
+                self.u64(entry.amount.micros());
+                self.u64(entry.balance_after.micros());
+                self.u64(entry.created_at.0);
+            }
+            Imported::Idempotency(row) => {
+                self.u8(10);
+                self.principal(row.key.principal);
+                self.text(&row.key.key);
+                self.bytes32(&row.fingerprint);
+                self.u64(row.made.0);
+                // The stored answer in its own versioned form, length first.
+                let mut outcome = Vec::new();
+                encode_outcome(&row.outcome, &mut outcome);
+                self.u32(u32::try_from(outcome.len()).expect("outcomes are bounded"));
+                self.0.extend_from_slice(&outcome);
+            }
+        }
     }
     fn pay(&mut self, pay: &PayCommand) {
         self.u128(pay.id.to_u128());
@@ -523,6 +719,7 @@ impl Reader<'_> {
             9 => Rejection::AmountNotPositive,
             10 => Rejection::IdempotencyKeyReused,
             11 => Rejection::IdCollision,
+            12 => Rejection::ImportDoesNotFit,
             tag => return Err(DecodeError::UnknownTag(tag)),
         })
     }
@@ -531,6 +728,200 @@ impl Reader<'_> {
             1 => Principal::Operator,
             2 => Principal::Merchant(MerchantId::from_u128(self.u128()?)),
             3 => Principal::Payer(PayerId::from_u128(self.u128()?)),
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        })
+    }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            tag => Err(DecodeError::UnknownTag(tag)),
+        }
+    }
+    fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()?)),
+            tag => Err(DecodeError::UnknownTag(tag)),
+        }
+    }
+    fn owner(&mut self) -> Result<Owner, DecodeError> {
+        Ok(match self.u8()? {
+            1 => Owner::Payer(PayerId::from_u128(self.u128()?)),
+            2 => Owner::Merchant(MerchantId::from_u128(self.u128()?)),
+            3 => Owner::PlatformFees,
+            4 => Owner::ExternalFunding,
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        })
+    }
+    fn transfer_record(&mut self) -> Result<TransferRecord, DecodeError> {
+        let id = TransferId(self.u128()?);
+        let debit = AccountId(self.u64()?);
+        let credit = AccountId(self.u64()?);
+        let amount = Amount::from_micros(self.u64()?);
+        let kind = match self.u8()? {
+            1 => TransferKind::Posted,
+            2 => TransferKind::Pending {
+                timeout_secs: self.u32()?,
+            },
+            3 => TransferKind::PostPending {
+                pending_id: TransferId(self.u128()?),
+            },
+            4 => TransferKind::VoidPending {
+                pending_id: TransferId(self.u128()?),
+            },
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        };
+        let linked = self.bool()?;
+        let timestamp = Timestamp(self.u64()?);
+        let outcome = match self.u8()? {
+            0 => Ok(()),
+            tag => Err(transfer_rejection_of(tag).ok_or(DecodeError::UnknownTag(tag))?),
+        };
+        let hold = match self.u8()? {
+            0 => None,
+            1 => Some(HoldState::Pending),
+            2 => Some(HoldState::Posted),
+            3 => Some(HoldState::Voided),
+            4 => Some(HoldState::Expired),
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        };
+        let expires_at = self.opt_u64()?.map(Timestamp);
+        Ok(TransferRecord {
+            transfer: Transfer {
+                id,
+                debit,
+                credit,
+                amount,
+                kind,
+                linked,
+            },
+            timestamp,
+            outcome,
+            hold,
+            expires_at,
+        })
+    }
+    fn imported(&mut self) -> Result<Imported, DecodeError> {
+        Ok(match self.u8()? {
+            1 => Imported::OperatorKey(KeyHash(self.bytes32()?)),
+            2 => {
+                let id = MerchantId::from_u128(self.u128()?);
+                let name = self.text()?;
+                let key_hash = KeyHash(self.bytes32()?);
+                Imported::Merchant {
+                    merchant: Merchant {
+                        id,
+                        name,
+                        fee: FeeSchedule {
+                            bps: self.u32()?,
+                            fixed: Amount::from_micros(self.u64()?),
+                        },
+                        created_at: Timestamp(self.u64()?),
+                    },
+                    key_hash,
+                }
+            }
+            3 => {
+                let id = PayerId::from_u128(self.u128()?);
+                let name = self.text()?;
+                let key_hash = KeyHash(self.bytes32()?);
+                Imported::Payer {
+                    payer: Payer {
+                        id,
+                        name,
+                        created_at: Timestamp(self.u64()?),
+                    },
+                    key_hash,
+                }
+            }
+            4 => Imported::Account {
+                owner: self.owner()?,
+                account: Account {
+                    id: AccountId(self.u64()?),
+                    kind: {
+                        let tag = self.u8()?;
+                        AccountKind::from_u8(tag).ok_or(DecodeError::UnknownTag(tag))?
+                    },
+                    currency: self.currency()?,
+                    debits_posted: self.u64()?,
+                    credits_posted: self.u64()?,
+                    debits_pending: self.u64()?,
+                    credits_pending: self.u64()?,
+                },
+            },
+            5 => Imported::Transfer(self.transfer_record()?),
+            6 => Imported::Payment(Payment {
+                id: PaymentId::from_u128(self.u128()?),
+                payer: PayerId::from_u128(self.u128()?),
+                merchant: MerchantId::from_u128(self.u128()?),
+                amount: Amount::from_micros(self.u64()?),
+                currency: self.currency()?,
+                fee: Amount::from_micros(self.u64()?),
+                description: self.opt_text()?,
+                reference: self.opt_text()?,
+                created_at: Timestamp(self.u64()?),
+                amount_refunded: Amount::from_micros(self.u64()?),
+                fee_refunded: Amount::from_micros(self.u64()?),
+            }),
+            7 => Imported::Topup(Topup {
+                id: TopupId::from_u128(self.u128()?),
+                payer: PayerId::from_u128(self.u128()?),
+                amount: Amount::from_micros(self.u64()?),
+                currency: self.currency()?,
+                source: self.funding_source()?,
+                created_at: Timestamp(self.u64()?),
+            }),
+            8 => Imported::Refund(Refund {
+                id: RefundId::from_u128(self.u128()?),
+                payment: PaymentId::from_u128(self.u128()?),
+                payer: PayerId::from_u128(self.u128()?),
+                merchant: MerchantId::from_u128(self.u128()?),
+                amount: Amount::from_micros(self.u64()?),
+                currency: self.currency()?,
+                fee_refunded: Amount::from_micros(self.u64()?),
+                created_at: Timestamp(self.u64()?),
+            }),
+            9 => {
+                let payer = PayerId::from_u128(self.u128()?);
+                let object = match self.u8()? {
+                    1 => EntryObject::Topup(TopupId::from_u128(self.u128()?)),
+                    2 => EntryObject::Payment(PaymentId::from_u128(self.u128()?)),
+                    3 => EntryObject::Refund(RefundId::from_u128(self.u128()?)),
+                    tag => return Err(DecodeError::UnknownTag(tag)),
+                };
+                Imported::Entry {
+                    payer,
+                    entry: Entry {
+                        object,
+                        currency: self.currency()?,
+                        credit: self.bool()?,
+                        amount: Amount::from_micros(self.u64()?),
+                        balance_after: Amount::from_micros(self.u64()?),
+                        created_at: Timestamp(self.u64()?),
+                    },
+                }
+            }
+            10 => {
+                let key = IdempotencyKey {
+                    principal: self.principal()?,
+                    key: self.text()?,
+                };
+                let fingerprint = self.bytes32()?;
+                let made = Timestamp(self.u64()?);
+                let len = self.u32()? as usize;
+                if self.0.len() < len {
+                    return Err(DecodeError::UnexpectedEnd);
+                }
+                let (outcome, rest) = self.0.split_at(len);
+                self.0 = rest;
+                Imported::Idempotency(IdempotencyRow {
+                    key,
+                    fingerprint,
+                    outcome: decode_outcome(outcome)?,
+                    made,
+                })
+            }
             tag => return Err(DecodeError::UnknownTag(tag)),
         })
     }
@@ -546,4 +937,54 @@ impl Reader<'_> {
             transfer_ids: [TransferId(self.u128()?), TransferId(self.u128()?)],
         })
     }
+}
+
+/// The ledger's rejections in a transfer record, each with a stable tag (1 and up; 0 is
+/// applied). A stored tag never changes meaning and a new rejection takes a new tag: the
+/// match has no catch-all, so it cannot be forgotten.
+fn transfer_rejection_tag(rejection: TransferRejection) -> u8 {
+    use TransferRejection::*;
+    match rejection {
+        LinkedEventFailed => 1,
+        LinkedEventChainOpen => 2,
+        IdMustNotBeZero => 3,
+        ExistsWithDifferentFields => 4,
+        AccountsMustBeDifferent => 5,
+        AmountMustNotBeZero => 6,
+        PendingTransferNotFound => 7,
+        PendingTransferAlreadyPosted => 8,
+        PendingTransferAlreadyVoided => 9,
+        PendingTransferExpired => 10,
+        PendingTransferHasDifferentAccounts => 11,
+        ExceedsPendingAmount => 12,
+        DebitAccountNotFound => 13,
+        CreditAccountNotFound => 14,
+        CurrenciesMustMatch => 15,
+        Overflow => 16,
+        ExceedsAvailableBalance => 17,
+    }
+}
+
+fn transfer_rejection_of(tag: u8) -> Option<TransferRejection> {
+    use TransferRejection::*;
+    Some(match tag {
+        1 => LinkedEventFailed,
+        2 => LinkedEventChainOpen,
+        3 => IdMustNotBeZero,
+        4 => ExistsWithDifferentFields,
+        5 => AccountsMustBeDifferent,
+        6 => AmountMustNotBeZero,
+        7 => PendingTransferNotFound,
+        8 => PendingTransferAlreadyPosted,
+        9 => PendingTransferAlreadyVoided,
+        10 => PendingTransferExpired,
+        11 => PendingTransferHasDifferentAccounts,
+        12 => ExceedsPendingAmount,
+        13 => DebitAccountNotFound,
+        14 => CreditAccountNotFound,
+        15 => CurrenciesMustMatch,
+        16 => Overflow,
+        17 => ExceedsAvailableBalance,
+        _ => return None,
+    })
 }

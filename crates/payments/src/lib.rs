@@ -4,7 +4,9 @@
 //! Pure like the ledger beneath it: a [`Record`] (a command with its time, ids and idempotency
 //! key already chosen) goes into [`State::apply`], an [`Outcome`] comes out. The journal is a
 //! list of records, so replaying it rebuilds the state exactly. [`codec`] turns records into
-//! bytes and back.
+//! bytes and back. [`State::export`] lists a whole state as [`Imported`] items, and
+//! [`Command::Import`] puts such items into another state: how an installation moves between
+//! storage backends.
 #![forbid(unsafe_code)]
 #![deny(clippy::float_arithmetic)]
 

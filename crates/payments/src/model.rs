@@ -1,8 +1,11 @@
 //! The objects Farthing keeps, and the commands that change them.
 
-use farthing_ledger::{AccountKind, Amount, Currency, Timestamp, TransferId};
+use farthing_ledger::{
+    Account, AccountKind, Amount, Currency, Timestamp, TransferId, TransferRecord,
+};
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
+use crate::working_set::IdempotencyRow;
 
 /// The SHA-256 digest of an API key. Keys themselves are never kept.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -214,6 +217,49 @@ pub enum Command {
     PruneIdempotencyKeys {
         before: Timestamp,
     },
+    /// Puts objects of another installation into this state as they are, with their own
+    /// ids, times and totals: how an installation moves between storage backends
+    /// (`farthing copy`). All of it goes in or, when an item does not fit, none of it.
+    Import(Vec<Imported>),
+}
+
+/// One object of a state, as [`Command::Import`] carries it and
+/// [`State::export`](crate::State::export) lists it.
+///
+/// An import lists parties before what names them, accounts before transfers, payments,
+/// top-ups and refunds before the statement lines that show them; each payer's lines come in
+/// statement order and payments in the order they were made (the operator's list).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Imported {
+    /// The operator's key hash.
+    OperatorKey(KeyHash),
+    Merchant {
+        merchant: Merchant,
+        key_hash: KeyHash,
+    },
+    Payer {
+        payer: Payer,
+        key_hash: KeyHash,
+    },
+    /// A ledger account with its owner and totals.
+    Account {
+        owner: Owner,
+        account: Account,
+    },
+    /// A ledger transfer record, failed ones included, so that its id stays used. Live holds
+    /// are not imported: payments never place them.
+    Transfer(TransferRecord),
+    /// A payment with its refund totals.
+    Payment(Payment),
+    Topup(Topup),
+    Refund(Refund),
+    /// One line of a payer's statement.
+    Entry {
+        payer: PayerId,
+        entry: Entry,
+    },
+    /// An idempotency key with its first answer.
+    Idempotency(IdempotencyRow),
 }
 
 /// An idempotency key presented with a command.
@@ -260,6 +306,9 @@ pub enum Rejection {
     IdempotencyKeyReused,
     /// An id chosen for the command is already taken.
     IdCollision,
+    /// An imported item names an object the state does not hold, or breaks a rule the state
+    /// keeps (a payment's fee above its amount, a wallet below zero, a live hold).
+    ImportDoesNotFit,
 }
 
 impl Rejection {
@@ -294,7 +343,13 @@ pub enum Outcome {
     Paid(Payment),
     PaidBatch(Vec<BatchItemOutcome>),
     Refunded(Refund),
-    Pruned { keys: usize },
+    Pruned {
+        keys: usize,
+    },
+    /// An import put this many items into the state.
+    Imported {
+        count: usize,
+    },
     Rejected(Rejection),
 }
 
@@ -302,7 +357,7 @@ impl Outcome {
     pub fn is_kept_for_idempotency(&self) -> bool {
         match self {
             Outcome::Rejected(rejection) => rejection.is_kept_for_idempotency(),
-            Outcome::OperatorKeySet | Outcome::Pruned { .. } => false,
+            Outcome::OperatorKeySet | Outcome::Pruned { .. } | Outcome::Imported { .. } => false,
             _ => true,
         }
     }

@@ -11,6 +11,8 @@ use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 use crate::working_set::*;
 
+mod import;
+
 /// Where an object sits in the lists that show it, newest last.
 #[derive(Clone, Copy, Debug, Default)]
 struct Positions {
@@ -62,6 +64,14 @@ struct Tracker {
     refunded: Vec<PaymentId>,
     idempotency: Vec<IdempotencyKey>,
     prunes: Vec<Timestamp>,
+    /// What imports put in. Their statement lines came as items of their own, and their
+    /// transfer records moved no money.
+    imported_payments: HashSet<PaymentId>,
+    imported_topups: HashSet<TopupId>,
+    imported_refunds: HashSet<RefundId>,
+    imported_transfers: HashSet<TransferId>,
+    /// Imported statement lines: payer and position.
+    imported_entries: Vec<(PayerId, usize)>,
     /// Payments held (loaded or reported) before the new ones.
     payments_seen: usize,
     /// Transfer records held (loaded or reported) before the new ones.
@@ -299,6 +309,7 @@ impl State {
                 }
                 Outcome::Pruned { keys }
             }
+            Command::Import(items) => self.import(items),
         }
     }
 
@@ -876,6 +887,7 @@ impl State {
             Command::PruneIdempotencyKeys { before } => {
                 needs.idempotency_made_before = Some(*before);
             }
+            Command::Import(items) => needs.add_import(items),
         }
         needs.normalize();
         needs
@@ -939,10 +951,13 @@ impl State {
             .collect();
         let transfers: Vec<TransferRecord> =
             self.ledger.transfer_records()[taken.transfers_seen..].to_vec();
-        // Only an applied transfer changes totals; a failed one is recorded and moves nothing.
+        // Only an applied transfer changes totals; a failed one is recorded and moves nothing,
+        // and an imported one moved its money before (the imported totals hold it).
         let changed: BTreeSet<AccountId> = transfers
             .iter()
-            .filter(|record| record.outcome.is_ok())
+            .filter(|record| {
+                record.outcome.is_ok() && !taken.imported_transfers.contains(&record.transfer.id)
+            })
             .flat_map(|record| [record.transfer.debit, record.transfer.credit])
             .filter(|id| !created_ids.contains(id))
             .collect();
@@ -972,14 +987,17 @@ impl State {
             })
             .collect();
 
-        // Each new top-up, payment and refund made one statement line, at a known position.
-        let mut lines: Vec<(PayerId, usize)> = Vec::new();
+        // Each new top-up, payment and refund made one statement line, at a known position;
+        // imported ones brought theirs as items.
+        let mut lines: Vec<(PayerId, usize)> = taken.imported_entries;
         let topups = taken
             .topups
             .iter()
             .map(|id| {
                 let (topup, position) = &self.topups[id];
-                lines.push((topup.payer, *position));
+                if !taken.imported_topups.contains(id) {
+                    lines.push((topup.payer, *position));
+                }
                 topup.clone()
             })
             .collect();
@@ -988,14 +1006,18 @@ impl State {
             .iter()
             .map(|id| {
                 let (refund, position) = &self.refunds[id];
-                lines.push((refund.payer, *position));
+                if !taken.imported_refunds.contains(id) {
+                    lines.push((refund.payer, *position));
+                }
                 refund.clone()
             })
             .collect();
         let payments = new_payments
             .iter()
             .map(|row| {
-                lines.push((row.payment.payer, row.positions.entry));
+                if !taken.imported_payments.contains(&row.payment.id) {
+                    lines.push((row.payment.payer, row.positions.entry));
+                }
                 row.payment.clone()
             })
             .collect();

@@ -101,6 +101,58 @@ impl Needs {
         ]);
         self.transfers.extend(pay.transfer_ids);
     }
+
+    /// An import's reads: every id and key its items bring (which must be free) and every
+    /// object they name (which must be held).
+    pub(crate) fn add_import(&mut self, items: &[Imported]) {
+        for item in items {
+            match item {
+                Imported::OperatorKey(key_hash) => {
+                    self.operator_key = true;
+                    self.key_hashes.push(*key_hash);
+                }
+                Imported::Merchant { merchant, key_hash } => {
+                    self.merchants.push(merchant.id);
+                    self.key_hashes.push(*key_hash);
+                }
+                Imported::Payer { payer, key_hash } => {
+                    self.payers.push(payer.id);
+                    self.key_hashes.push(*key_hash);
+                }
+                Imported::Account { owner, account } => {
+                    match owner {
+                        Owner::Payer(payer) => self.payers.push(*payer),
+                        Owner::Merchant(merchant) => self.merchants.push(*merchant),
+                        Owner::PlatformFees | Owner::ExternalFunding => {}
+                    }
+                    self.accounts.push((*owner, account.currency));
+                }
+                Imported::Transfer(record) => self.transfers.push(record.transfer.id),
+                Imported::Payment(payment) => {
+                    self.payments.push(payment.id);
+                    self.payers.push(payment.payer);
+                    self.merchants.push(payment.merchant);
+                }
+                Imported::Topup(topup) => {
+                    self.topups.push(topup.id);
+                    self.payers.push(topup.payer);
+                }
+                Imported::Refund(refund) => {
+                    self.refunds.push(refund.id);
+                    self.payments.push(refund.payment);
+                }
+                Imported::Entry { payer, entry } => {
+                    self.payers.push(*payer);
+                    match entry.object {
+                        EntryObject::Topup(id) => self.topups.push(id),
+                        EntryObject::Payment(id) => self.payments.push(id),
+                        EntryObject::Refund(id) => self.refunds.push(id),
+                    }
+                }
+                Imported::Idempotency(row) => self.idempotency_keys.push(row.key.clone()),
+            }
+        }
+    }
 }
 
 /// An idempotency key's stored answer.

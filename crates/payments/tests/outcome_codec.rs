@@ -24,12 +24,13 @@ fn pinned_tag(rejection: Rejection) -> u8 {
         Rejection::AmountNotPositive => 9,
         Rejection::IdempotencyKeyReused => 10,
         Rejection::IdCollision => 11,
+        Rejection::ImportDoesNotFit => 12,
     }
 }
 
 /// Every variant of [`Rejection`], once. The test that every decodable tag is listed here
 /// catches a variant the codec knows but this list forgot.
-const EVERY_REJECTION: [Rejection; 11] = [
+const EVERY_REJECTION: [Rejection; 12] = [
     Rejection::PayerNotFound,
     Rejection::MerchantNotFound,
     Rejection::PaymentNotFound,
@@ -41,6 +42,7 @@ const EVERY_REJECTION: [Rejection; 11] = [
     Rejection::AmountNotPositive,
     Rejection::IdempotencyKeyReused,
     Rejection::IdCollision,
+    Rejection::ImportDoesNotFit,
 ];
 
 fn encoded(outcome: &Outcome) -> Vec<u8> {
@@ -216,6 +218,8 @@ fn any_outcome() -> impl Strategy<Value = Outcome> {
         any_refund().prop_map(Outcome::Refunded),
         prop_oneof![Just(0), Just(usize::MAX), any::<usize>()]
             .prop_map(|keys| Outcome::Pruned { keys }),
+        prop_oneof![Just(0), Just(usize::MAX), any::<usize>()]
+            .prop_map(|count| Outcome::Imported { count }),
         any_rejection().prop_map(Outcome::Rejected),
     ]
 }
@@ -320,7 +324,7 @@ fn a_rejection_tag_outside_the_list_is_refused() {
 #[test]
 fn an_outcome_tag_the_codec_does_not_know_is_refused() {
     let version = encoded(&Outcome::OperatorKeySet)[0];
-    for tag in [0, 10, u8::MAX] {
+    for tag in [0, 11, u8::MAX] {
         assert_eq!(
             codec::decode_outcome(&[version, tag]),
             Err(DecodeError::UnknownTag(tag))

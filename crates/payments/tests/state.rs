@@ -775,6 +775,9 @@ mod histories {
                         keys: kept_before - self.idempotency.len(),
                     }
                 }
+
+                // Imports have properties of their own (tests/import.rs).
+                Command::Import(_) => unreachable!("these histories hold no imports"),
             }
         }
 
@@ -1174,6 +1177,8 @@ mod histories {
                 Command::PruneIdempotencyKeys { before } => {
                     Command::PruneIdempotencyKeys { before: *before }
                 }
+
+                Command::Import(_) => unreachable!("these histories hold no imports"),
             }
         }
 

@@ -397,6 +397,49 @@ proptest! {
     }
 
     #[test]
+    fn imports_applied_to_working_sets_agree_with_the_whole_state_and_what_follows_does_too(
+        history in history(),
+        chunk in 1..30usize,
+        sizes in prop::collection::vec(1..4usize, 1..3),
+        more in prop::collection::vec(step(op_spec()), 1..20),
+    ) {
+        // An installation made by a history, exported as import records.
+        let mut source = State::new();
+        let mut builder = Builder::new();
+        for step in &history {
+            let record = builder.record(step, &source);
+            source.apply(&record);
+        }
+        let items: Vec<Imported> = source.export().collect();
+        let imports: Vec<Record> = items
+            .chunks(chunk)
+            .map(|items| Record {
+                now: source.last_time(),
+                idempotency: None,
+                command: Command::Import(items.to_vec()),
+            })
+            .collect();
+
+        let mut whole = State::new();
+        whole.track_changes();
+        let mut embedded = State::new();
+        let mut records = imports.iter();
+        for &size in sizes.iter().cycle() {
+            let batch: Vec<Record> = records.by_ref().take(size).cloned().collect();
+            if batch.is_empty() {
+                break;
+            }
+            check_batch(&mut whole, &mut embedded, &batch)?;
+        }
+        prop_assert_eq!(whole.export().collect::<Vec<_>>(), items);
+        // Records after the import, one batch each.
+        for step in &more {
+            let record = builder.record(step, &whole);
+            check_batch(&mut whole, &mut embedded, &[record])?;
+        }
+    }
+
+    #[test]
     fn a_payment_needs_at_most_its_payer_its_merchant_and_three_accounts(
         history in history(),
     ) {

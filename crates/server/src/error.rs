@@ -125,6 +125,13 @@ impl ApiError {
                 "Retry",
                 "a generated id was already taken; retry the request",
             ),
+            // Only `farthing copy` imports; no request asks for one.
+            ImportDoesNotFit => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "Internal error",
+                "something went wrong on our side",
+            ),
         }
     }
 

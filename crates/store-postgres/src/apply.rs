@@ -441,7 +441,7 @@ async fn load_transfers(
     Ok(())
 }
 
-fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
+pub(crate) fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
     let pending_id = |row: &Row| -> Result<TransferId, PgError> {
         let bytes: Option<&[u8]> = row.get(5);
         Ok(TransferId(u128_of(
@@ -1155,7 +1155,7 @@ fn big(what: &str, value: u64) -> Result<i64, PgError> {
     i64::try_from(value).map_err(|_| PgError::Stored(format!("{what} does not fit BIGINT")))
 }
 
-fn total_of(value: i64) -> Result<u64, PgError> {
+pub(crate) fn total_of(value: i64) -> Result<u64, PgError> {
     u64::try_from(value).map_err(|_| stored("an account total"))
 }
 
@@ -1203,7 +1203,7 @@ fn owner_columns(owner: Owner) -> (i16, Vec<u8>) {
     }
 }
 
-fn owner_of(kind: i16, id: &[u8]) -> Result<Owner, PgError> {
+pub(crate) fn owner_of(kind: i16, id: &[u8]) -> Result<Owner, PgError> {
     Ok(match kind {
         1 => Owner::Payer(PayerId::from_u128(u128_of(id)?)),
         2 => Owner::Merchant(MerchantId::from_u128(u128_of(id)?)),

@@ -7,6 +7,8 @@
 //!   working set loaded for it, with the same pure `State::apply` the embedded store runs.
 //! - [`query`], the read side, with the same answers as the in-memory state.
 //! - [`PgStore`], the `SharedStore` port over both, with a pool that reconnects by itself.
+//! - [`export`] reads a whole database back as the items of `State::export`, for
+//!   `farthing copy` and for comparing a database with an in-memory state.
 //!
 //! The SQL stays portable to PostgreSQL-compatible distributed engines (the rules are in
 //! ARCHITECTURE.md, and `tests/portable_sql.rs` holds the code to them): no advisory locks
@@ -19,11 +21,28 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_postgres::{Client, NoTls};
 
 mod apply;
+pub mod export;
 pub mod query;
 mod shared;
 
+use farthing_payments::{Command, Record};
+
 pub use apply::{ATTEMPTS_MAX, Answer, apply_batch, apply_batch_answered};
 pub use shared::{PgOptions, PgStore};
+
+/// Whether a journal replayed into PostgreSQL in several [`apply_batch`] calls may end one
+/// batch between `previous` and `next` and still list everything in the journal's order.
+///
+/// Lists order rows by `(created_at, batch_position, id)`, and `batch_position` counts from 0
+/// in each batch: rows of one time split over two batches would fall back to id order. So a
+/// batch ends only where the time changes (a server's writer gives each commit one time and
+/// times never go back), or between two imports, which `farthing copy` cuts only where the
+/// times of payments and of each payer's statement lines change.
+pub fn batch_may_end_between(previous: &Record, next: &Record) -> bool {
+    previous.now != next.now
+        || (matches!(previous.command, Command::Import(_))
+            && matches!(next.command, Command::Import(_)))
+}
 
 /// One schema change, applied once, in order of `version`.
 #[derive(Clone, Copy, Debug)]
@@ -155,6 +174,42 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, PgError> {
     }
     transaction.commit().await?;
     Ok(Migrated { applied, version })
+}
+
+/// The schema version of the database: the latest migration recorded, 0 when none is (a
+/// database Farthing never set up).
+pub async fn schema_version(client: &Client) -> Result<i32, PgError> {
+    let row = client
+        .query_one("SELECT to_regclass('farthing_migrations') IS NOT NULL", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(0);
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM farthing_migrations",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Whether the database holds any of Farthing's data: a key, a party, an account, a transfer,
+/// a payment or an idempotency key. The schema must be up to date.
+pub async fn holds_data(client: &Client) -> Result<bool, PgError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM operator_keys)
+                 OR EXISTS (SELECT 1 FROM merchants)
+                 OR EXISTS (SELECT 1 FROM payers)
+                 OR EXISTS (SELECT 1 FROM accounts)
+                 OR EXISTS (SELECT 1 FROM transfers)
+                 OR EXISTS (SELECT 1 FROM payments)
+                 OR EXISTS (SELECT 1 FROM idempotency_keys)",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 fn is_catalog_race(error: &tokio_postgres::Error) -> bool {

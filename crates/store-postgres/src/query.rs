@@ -120,10 +120,11 @@ async fn party_exists(
     Ok(row.get(0))
 }
 
-const PAYMENT_COLUMNS: &str = "id, payer, merchant, amount, currency::TEXT, fee, description,
+pub(crate) const PAYMENT_COLUMNS: &str =
+    "id, payer, merchant, amount, currency::TEXT, fee, description,
      reference, created_at, amount_refunded, fee_refunded";
 
-fn payment_of(row: &Row) -> Result<Payment, PgError> {
+pub(crate) fn payment_of(row: &Row) -> Result<Payment, PgError> {
     Ok(Payment {
         id: PaymentId::from_u128(u128_of(row.get(0))?),
         payer: PayerId::from_u128(u128_of(row.get(1))?),
@@ -267,7 +268,7 @@ pub async fn list_payments(
     page_of(rows, limit, payment_of).map(Some)
 }
 
-const ENTRY_COLUMNS: &str =
+pub(crate) const ENTRY_COLUMNS: &str =
     "object_kind, object_id, currency::TEXT, credit, amount, balance_after, created_at";
 
 /// `object_kind`: 1 top-up, 2 payment, 3 refund.
@@ -279,7 +280,7 @@ fn object_columns(object: EntryObject) -> (i16, Vec<u8>) {
     }
 }
 
-fn entry_of(row: &Row) -> Result<Entry, PgError> {
+pub(crate) fn entry_of(row: &Row) -> Result<Entry, PgError> {
     let id = u128_of(row.get(1))?;
     Ok(Entry {
         object: match row.get::<_, i16>(0) {

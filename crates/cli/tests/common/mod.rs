@@ -8,6 +8,8 @@
 //! and a server started on that directory is given the database instead.
 #![allow(dead_code)] // every test file uses a different subset
 
+pub mod database;
+
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,484 @@
+//! A whole state as a list of items, and back: [`State::export`] lists every object, and
+//! [`Command::Import`] puts such items into a state. This is how an installation moves between
+//! storage backends (`farthing copy`) with every id, time, total and statement line kept.
+
+use std::collections::{HashMap, HashSet};
+
+use farthing_ledger::{AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId};
+
+use super::{IdempotencyRecord, PartyLists, PaymentRow, Positions, State};
+use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
+use crate::model::*;
+use crate::state::account_id;
+
+/// What the items of one import bring, checked before any goes in: items may name objects
+/// that earlier items of the same import bring.
+#[derive(Default)]
+struct Staged<'a> {
+    operator_key: bool,
+    keys: HashSet<KeyHash>,
+    merchants: HashSet<MerchantId>,
+    payers: HashSet<PayerId>,
+    accounts: HashSet<(Owner, Currency)>,
+    account_ids: HashSet<AccountId>,
+    transfers: HashSet<TransferId>,
+    payments: HashMap<PaymentId, &'a Payment>,
+    topups: HashMap<TopupId, &'a Topup>,
+    refunds: HashMap<RefundId, &'a Refund>,
+    idempotency: HashSet<&'a IdempotencyKey>,
+}
+
+impl State {
+    /// Every object of this state as [`Imported`] items, in one canonical order: the operator
+    /// key; merchants, payers, accounts (by owner, then currency) and transfer records, each by
+    /// id; payments in the order they were made; top-ups and refunds by id; each payer's
+    /// statement lines in statement order, payers by id; idempotency keys by key.
+    ///
+    /// Two states hold the same objects, lists and statements exactly when their exports are
+    /// equal, and importing an export into an empty state gives a state with the same export.
+    /// Only a whole state is exported: a working set holds a part.
+    pub fn export(&self) -> impl Iterator<Item = Imported> + '_ {
+        let key_of: HashMap<Principal, KeyHash> = self
+            .keys
+            .iter()
+            .map(|(hash, principal)| (*principal, *hash))
+            .collect();
+        let key_for = |principal: Principal| -> KeyHash {
+            *key_of.get(&principal).expect("every party holds a key")
+        };
+        let mut merchants: Vec<(&Merchant, KeyHash)> = self
+            .merchants
+            .values()
+            .map(|(merchant, _)| (merchant, key_for(Principal::Merchant(merchant.id))))
+            .collect();
+        merchants.sort_unstable_by_key(|(merchant, _)| merchant.id);
+        let mut payers: Vec<(&Payer, &PartyLists, KeyHash)> = self
+            .payers
+            .values()
+            .map(|(payer, lists)| (payer, lists, key_for(Principal::Payer(payer.id))))
+            .collect();
+        payers.sort_unstable_by_key(|(payer, _, _)| payer.id);
+        let mut accounts: Vec<(&(Owner, Currency), &AccountId)> = self.accounts.iter().collect();
+        accounts.sort_unstable_by_key(|(key, _)| **key);
+        let mut transfers: Vec<_> = self.ledger.transfer_records().iter().collect();
+        transfers.sort_unstable_by_key(|record| record.transfer.id);
+        let mut topups: Vec<&Topup> = self.topups.values().map(|(topup, _)| topup).collect();
+        topups.sort_unstable_by_key(|topup| topup.id);
+        let mut refunds: Vec<&Refund> = self.refunds.values().map(|(refund, _)| refund).collect();
+        refunds.sort_unstable_by_key(|refund| refund.id);
+        let mut idempotency: Vec<(&IdempotencyKey, &IdempotencyRecord)> =
+            self.idempotency.iter().collect();
+        idempotency.sort_unstable_by_key(|(key, _)| *key);
+        let statements: Vec<(PayerId, &[Entry])> = payers
+            .iter()
+            .map(|(payer, lists, _)| (payer.id, lists.entries.as_slice()))
+            .collect();
+
+        self.operator_key
+            .map(Imported::OperatorKey)
+            .into_iter()
+            .chain(
+                merchants
+                    .into_iter()
+                    .map(|(merchant, key_hash)| Imported::Merchant {
+                        merchant: merchant.clone(),
+                        key_hash,
+                    }),
+            )
+            .chain(
+                payers
+                    .into_iter()
+                    .map(|(payer, _, key_hash)| Imported::Payer {
+                        payer: payer.clone(),
+                        key_hash,
+                    }),
+            )
+            .chain(
+                accounts
+                    .into_iter()
+                    .map(|(&(owner, _), id)| Imported::Account {
+                        owner,
+                        account: *self.ledger.account(*id).expect("listed accounts exist"),
+                    }),
+            )
+            .chain(
+                transfers
+                    .into_iter()
+                    .map(|record| Imported::Transfer(*record)),
+            )
+            .chain(
+                self.payments
+                    .iter()
+                    .map(|row| Imported::Payment(row.payment.clone())),
+            )
+            .chain(
+                topups
+                    .into_iter()
+                    .map(|topup| Imported::Topup(topup.clone())),
+            )
+            .chain(
+                refunds
+                    .into_iter()
+                    .map(|refund| Imported::Refund(refund.clone())),
+            )
+            .chain(statements.into_iter().flat_map(|(payer, entries)| {
+                entries.iter().map(move |entry| Imported::Entry {
+                    payer,
+                    entry: *entry,
+                })
+            }))
+            .chain(idempotency.into_iter().map(|(key, record)| {
+                Imported::Idempotency(crate::IdempotencyRow {
+                    key: key.clone(),
+                    fingerprint: record.fingerprint,
+                    outcome: record.outcome.clone(),
+                    made: record.made,
+                })
+            }))
+    }
+
+    /// Applies [`Command::Import`]: checks every item against the state and the items before
+    /// it, then puts them all in, or none when one does not fit.
+    pub(super) fn import(&mut self, items: &[Imported]) -> Outcome {
+        let mut staged = Staged::default();
+        for item in items {
+            if let Err(rejection) = self.check_import(&mut staged, item) {
+                return Outcome::Rejected(rejection);
+            }
+        }
+        let idempotency_sorted_before = self.idempotency_order.len();
+        for item in items {
+            self.put_imported(item);
+        }
+        // Keys go to the back of the pruning order; keep it sorted by the time each was made
+        // (a stable sort: keys made at one time keep the order they came in).
+        let order = self.idempotency_order.make_contiguous();
+        if !order[idempotency_sorted_before.saturating_sub(1)..].is_sorted_by_key(|(made, _)| *made)
+        {
+            order.sort_by_key(|(made, _)| *made);
+        }
+        Outcome::Imported { count: items.len() }
+    }
+
+    fn payer_held(&self, staged: &Staged, id: PayerId) -> bool {
+        self.payers.contains_key(&id) || staged.payers.contains(&id)
+    }
+
+    fn merchant_held(&self, staged: &Staged, id: MerchantId) -> bool {
+        self.merchants.contains_key(&id) || staged.merchants.contains(&id)
+    }
+
+    fn key_held(&self, staged: &Staged, key_hash: &KeyHash) -> bool {
+        self.keys.contains_key(key_hash) || staged.keys.contains(key_hash)
+    }
+
+    /// Whether `item` fits the state with the items `staged` before it, and if so stages it.
+    fn check_import<'a>(
+        &self,
+        staged: &mut Staged<'a>,
+        item: &'a Imported,
+    ) -> Result<(), Rejection> {
+        use Rejection::{IdCollision, ImportDoesNotFit};
+        let fits = |holds: bool| if holds { Ok(()) } else { Err(ImportDoesNotFit) };
+        let free = |taken: bool| if taken { Err(IdCollision) } else { Ok(()) };
+        match item {
+            Imported::OperatorKey(key_hash) => {
+                free(self.operator_key.is_some() || staged.operator_key)?;
+                free(self.key_held(staged, key_hash))?;
+                staged.operator_key = true;
+                staged.keys.insert(*key_hash);
+            }
+            Imported::Merchant { merchant, key_hash } => {
+                free(self.merchant_held(staged, merchant.id))?;
+                free(self.key_held(staged, key_hash))?;
+                fits(merchant.fee.bps <= FEE_BPS_MAX)?;
+                staged.merchants.insert(merchant.id);
+                staged.keys.insert(*key_hash);
+            }
+            Imported::Payer { payer, key_hash } => {
+                free(self.payer_held(staged, payer.id))?;
+                free(self.key_held(staged, key_hash))?;
+                staged.payers.insert(payer.id);
+                staged.keys.insert(*key_hash);
+            }
+            Imported::Account { owner, account } => {
+                match owner {
+                    Owner::Payer(payer) if !self.payer_held(staged, *payer) => {
+                        return Err(Rejection::PayerNotFound);
+                    }
+                    Owner::Merchant(merchant) if !self.merchant_held(staged, *merchant) => {
+                        return Err(Rejection::MerchantNotFound);
+                    }
+                    _ => {}
+                }
+                let key = (*owner, account.currency);
+                fits(account.id == account_id(*owner, account.currency))?;
+                fits(account.kind == owner.account_kind())?;
+                free(self.accounts.contains_key(&key) || staged.accounts.contains(&key))?;
+                free(
+                    self.ledger.account(account.id).is_some()
+                        || staged.account_ids.contains(&account.id),
+                )?;
+                let totals = [
+                    account.debits_posted,
+                    account.credits_posted,
+                    account.debits_pending,
+                    account.credits_pending,
+                ];
+                fits(totals.iter().all(|total| *total <= TOTAL_MICROS_MAX))?;
+                fits(!account.kind.debits_must_not_exceed_credits() || account.available() >= 0)?;
+                staged.accounts.insert(key);
+                staged.account_ids.insert(account.id);
+            }
+            Imported::Transfer(record) => {
+                let id = record.transfer.id;
+                fits(id.0 != 0 && record.hold != Some(HoldState::Pending))?;
+                free(self.ledger.transfer(id).is_some() || staged.transfers.contains(&id))?;
+                staged.transfers.insert(id);
+            }
+            Imported::Payment(payment) => {
+                free(
+                    self.payment_index.contains_key(&payment.id)
+                        || staged.payments.contains_key(&payment.id),
+                )?;
+                if !self.payer_held(staged, payment.payer) {
+                    return Err(Rejection::PayerNotFound);
+                }
+                if !self.merchant_held(staged, payment.merchant) {
+                    return Err(Rejection::MerchantNotFound);
+                }
+                fits(!payment.amount.is_zero())?;
+                fits(payment.fee <= payment.amount && payment.amount_refunded <= payment.amount)?;
+                // Refunds return the fee in proportion to the running total refunded.
+                let fee_share = payment
+                    .fee
+                    .mul_div_floor(payment.amount_refunded.micros(), payment.amount.micros());
+                fits(fee_share == Some(payment.fee_refunded))?;
+                staged.payments.insert(payment.id, payment);
+            }
+            Imported::Topup(topup) => {
+                free(self.topups.contains_key(&topup.id) || staged.topups.contains_key(&topup.id))?;
+                if !self.payer_held(staged, topup.payer) {
+                    return Err(Rejection::PayerNotFound);
+                }
+                fits(!topup.amount.is_zero())?;
+                staged.topups.insert(topup.id, topup);
+            }
+            Imported::Refund(refund) => {
+                free(
+                    self.refunds.contains_key(&refund.id)
+                        || staged.refunds.contains_key(&refund.id),
+                )?;
+                let payment = self
+                    .payment(refund.payment)
+                    .or_else(|| staged.payments.get(&refund.payment).copied())
+                    .ok_or(Rejection::PaymentNotFound)?;
+                fits(
+                    refund.payer == payment.payer
+                        && refund.merchant == payment.merchant
+                        && refund.currency == payment.currency,
+                )?;
+                fits(!refund.amount.is_zero() && refund.fee_refunded <= refund.amount)?;
+                staged.refunds.insert(refund.id, refund);
+            }
+            Imported::Entry { payer, entry } => {
+                if !self.payer_held(staged, *payer) {
+                    return Err(Rejection::PayerNotFound);
+                }
+                // The line shows its object as it was made.
+                let shown = match entry.object {
+                    EntryObject::Payment(id) => {
+                        let payment = self
+                            .payment(id)
+                            .or_else(|| staged.payments.get(&id).copied())
+                            .ok_or(Rejection::PaymentNotFound)?;
+                        (
+                            payment.payer,
+                            payment.currency,
+                            false,
+                            payment.amount,
+                            payment.created_at,
+                        )
+                    }
+                    EntryObject::Topup(id) => {
+                        let topup = self
+                            .topup_record(id)
+                            .or_else(|| staged.topups.get(&id).copied())
+                            .ok_or(ImportDoesNotFit)?;
+                        (
+                            topup.payer,
+                            topup.currency,
+                            true,
+                            topup.amount,
+                            topup.created_at,
+                        )
+                    }
+                    EntryObject::Refund(id) => {
+                        let refund = self
+                            .refund_record(id)
+                            .or_else(|| staged.refunds.get(&id).copied())
+                            .ok_or(ImportDoesNotFit)?;
+                        (
+                            refund.payer,
+                            refund.currency,
+                            true,
+                            refund.amount,
+                            refund.created_at,
+                        )
+                    }
+                };
+                fits(
+                    shown
+                        == (
+                            *payer,
+                            entry.currency,
+                            entry.credit,
+                            entry.amount,
+                            entry.created_at,
+                        ),
+                )?;
+            }
+            Imported::Idempotency(row) => {
+                free(
+                    self.idempotency.contains_key(&row.key)
+                        || staged.idempotency.contains(&row.key),
+                )?;
+                staged.idempotency.insert(&row.key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts in one checked item.
+    fn put_imported(&mut self, item: &Imported) {
+        match item {
+            Imported::OperatorKey(key_hash) => {
+                self.operator_key = Some(*key_hash);
+                self.keys.insert(*key_hash, Principal::Operator);
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.operator_key = Some(*key_hash);
+                    tracker.keys.push(*key_hash);
+                }
+            }
+            Imported::Merchant { merchant, key_hash } => {
+                self.keys
+                    .insert(*key_hash, Principal::Merchant(merchant.id));
+                self.merchants
+                    .insert(merchant.id, (merchant.clone(), PartyLists::new()));
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.merchants.push(merchant.clone());
+                    tracker.keys.push(*key_hash);
+                }
+            }
+            Imported::Payer { payer, key_hash } => {
+                self.keys.insert(*key_hash, Principal::Payer(payer.id));
+                self.payers
+                    .insert(payer.id, (payer.clone(), PartyLists::new()));
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.payers.push(payer.clone());
+                    tracker.keys.push(*key_hash);
+                }
+            }
+            Imported::Account { owner, account } => {
+                self.ledger
+                    .insert_account(*account)
+                    .expect("a checked account fits the ledger");
+                self.accounts.insert((*owner, account.currency), account.id);
+                let lists = match owner {
+                    Owner::Payer(payer) => self.payers.get_mut(payer).map(|(_, lists)| lists),
+                    Owner::Merchant(merchant) => {
+                        self.merchants.get_mut(merchant).map(|(_, lists)| lists)
+                    }
+                    Owner::PlatformFees | Owner::ExternalFunding => None,
+                };
+                if let Some(lists) = lists {
+                    lists.accounts.push((account.currency, account.id));
+                }
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.accounts_created.push((*owner, account.currency));
+                }
+            }
+            Imported::Transfer(record) => {
+                self.ledger
+                    .insert_transfer_record(*record)
+                    .expect("a checked transfer record fits the ledger");
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.imported_transfers.insert(record.transfer.id);
+                }
+            }
+            Imported::Payment(payment) => {
+                let payer_lists = &mut self.payers.get_mut(&payment.payer).expect("checked").1;
+                payer_lists.payments.push(payment.id);
+                let payer_position = payer_lists.payments.len() - 1;
+                let merchant_lists = &mut self
+                    .merchants
+                    .get_mut(&payment.merchant)
+                    .expect("checked")
+                    .1;
+                merchant_lists.payments.push(payment.id);
+                let merchant_position = merchant_lists.payments.len() - 1;
+                self.payment_index.insert(payment.id, self.payments.len());
+                self.payments.push(PaymentRow {
+                    payment: payment.clone(),
+                    positions: Positions {
+                        payer: payer_position,
+                        merchant: merchant_position,
+                        entry: 0,
+                    },
+                });
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.imported_payments.insert(payment.id);
+                }
+            }
+            Imported::Topup(topup) => {
+                self.topups.insert(topup.id, (topup.clone(), 0));
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.topups.push(topup.id);
+                    tracker.imported_topups.insert(topup.id);
+                }
+            }
+            Imported::Refund(refund) => {
+                self.refunds.insert(refund.id, (refund.clone(), 0));
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.refunds.push(refund.id);
+                    tracker.imported_refunds.insert(refund.id);
+                }
+            }
+            Imported::Entry { payer, entry } => {
+                let lists = &mut self.payers.get_mut(payer).expect("checked").1;
+                lists.entries.push(*entry);
+                let position = lists.entries.len() - 1;
+                match entry.object {
+                    EntryObject::Payment(id) => {
+                        let index = self.payment_index[&id];
+                        self.payments[index].positions.entry = position;
+                    }
+                    EntryObject::Topup(id) => {
+                        self.topups.get_mut(&id).expect("checked").1 = position;
+                    }
+                    EntryObject::Refund(id) => {
+                        self.refunds.get_mut(&id).expect("checked").1 = position;
+                    }
+                }
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.imported_entries.push((*payer, position));
+                }
+            }
+            Imported::Idempotency(row) => {
+                self.idempotency.insert(
+                    row.key.clone(),
+                    IdempotencyRecord {
+                        fingerprint: row.fingerprint,
+                        outcome: row.outcome.clone(),
+                        made: row.made,
+                    },
+                );
+                self.idempotency_order
+                    .push_back((row.made, row.key.clone()));
+                if let Some(tracker) = &mut self.tracker {
+                    tracker.idempotency.push(row.key.clone());
+                }
+            }
+        }
+    }
+}
