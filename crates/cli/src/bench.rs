@@ -504,23 +504,22 @@ fn memory_per_account(quick: bool) -> (f64, f64, f64) {
 }
 
 /// A server in a child process, on a fresh data directory.
-struct Child {
-    process: tokio::process::Child,
-    addr: String,
+/// A `farthing serve` child process, killed when dropped.
+pub(crate) struct Child {
+    pub(crate) process: tokio::process::Child,
+    pub(crate) addr: String,
 }
 
-async fn start_server(dir: &std::path::Path, admin_key: &str) -> anyhow::Result<Child> {
+/// Starts `farthing serve` on a free port with `storage` (`--data-dir …` or `--database-url
+/// …`), no rate limit and `admin_key`, and waits until it listens.
+pub(crate) async fn start_server(
+    storage: &[&std::ffi::OsStr],
+    admin_key: &str,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     let mut process = tokio::process::Command::new(exe)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--rate-limit",
-            "0",
-            "--data-dir",
-        ])
-        .arg(dir)
+        .args(["serve", "--listen", "127.0.0.1:0", "--rate-limit", "0"])
+        .args(storage)
         .env("FARTHING_ADMIN_KEY", admin_key)
         .env_remove("FARTHING_DATABASE_URL")
         .stdout(Stdio::piped())
@@ -547,7 +546,7 @@ async fn start_server(dir: &std::path::Path, admin_key: &str) -> anyhow::Result<
 async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value> {
     let dir = root.join("http");
     let admin = "bench-operator-key-0123456789abcdef0123456789";
-    let mut child = start_server(&dir, admin).await?;
+    let mut child = start_server(&["--data-dir".as_ref(), dir.as_os_str()], admin).await?;
     let addr = child.addr.clone();
     let mut setup = Connection::open(&addr).await?;
     let merchant = setup

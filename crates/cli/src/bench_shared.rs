@@ -3,14 +3,13 @@
 //! that counts deadlocks (PostgreSQL's own counter) and checks that no wallet was overspent.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
+use crate::bench::Child;
 use crate::loadgen::Connection;
 
 const ADMIN: &str = "bench-operator-key-0123456789abcdef0123456789";
@@ -46,7 +45,7 @@ impl BenchDatabase {
             .await?;
         Ok(BenchDatabase {
             admin_url: url.to_string(),
-            url: with_database(url, &name),
+            url: farthing_store_postgres::with_database(url, &name),
             name,
         })
     }
@@ -63,54 +62,8 @@ impl BenchDatabase {
     }
 }
 
-/// `url` with its database name replaced by `name`.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let server = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{server}/{name}?{query}"),
-        None => format!("{server}/{name}"),
-    }
-}
-
-struct Server {
-    process: tokio::process::Child,
-    addr: String,
-}
-
-async fn start_server(database_url: &str) -> anyhow::Result<Server> {
-    let exe = std::env::current_exe()?;
-    let mut process = tokio::process::Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--rate-limit", "0"])
-        .arg("--database-url")
-        .arg(database_url)
-        .env("FARTHING_ADMIN_KEY", ADMIN)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = process.stdout.take().context("child stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await??
-            .context("the server exited before listening")?;
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Server { process, addr })
+async fn start_server(database_url: &str) -> anyhow::Result<Child> {
+    crate::bench::start_server(&["--database-url".as_ref(), database_url.as_ref()], ADMIN).await
 }
 
 /// Makes `count` payers, each topped up with `funds`: (id, key).

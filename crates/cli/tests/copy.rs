@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::database::TestDatabase;
+use common::TestDatabase;
 use common::{ADMIN_KEY, Api, Party, Server, TempDir};
 use serde_json::{Value, json};
 
@@ -209,11 +209,9 @@ async fn answers(api: &Api, world: &World) -> Vec<(String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_installation_copied_to_postgresql_and_back_answers_exactly_as_the_original() {
-    let Some(db) = TestDatabase::create(
+    let Some(db) = TestDatabase::for_test(
         "an_installation_copied_to_postgresql_and_back_answers_exactly_as_the_original",
-    )
-    .await
-    else {
+    ) else {
         return;
     };
     let original_dir = TempDir::new();
@@ -260,11 +258,9 @@ async fn an_installation_copied_to_postgresql_and_back_answers_exactly_as_the_or
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_refuses_a_database_that_holds_data_and_a_directory_that_holds_a_journal() {
-    let Some(db) = TestDatabase::create(
+    let Some(db) = TestDatabase::for_test(
         "a_copy_refuses_a_database_that_holds_data_and_a_directory_that_holds_a_journal",
-    )
-    .await
-    else {
+    ) else {
         return;
     };
     let dir = TempDir::new();

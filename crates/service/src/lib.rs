@@ -161,6 +161,16 @@ pub struct Metrics {
     pub commit_micros_total: std::sync::atomic::AtomicU64,
 }
 
+impl Metrics {
+    fn count_commit(&self, records: usize, started: Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.commits.fetch_add(1, Relaxed);
+        self.records_committed.fetch_add(records as u64, Relaxed);
+        self.commit_micros_total
+            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+    }
+}
+
 /// A handle to the running service; cheap to clone.
 #[derive(Clone)]
 pub struct Service {
@@ -749,7 +759,6 @@ fn write_loop(
     clock: Arc<dyn Clock>,
     mut receive: mpsc::Receiver<Message>,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut jobs: Vec<Job> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX + 1);
     let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
@@ -781,26 +790,7 @@ fn write_loop(
         let now = clock.now().max(last_now);
         last_now = now;
         let prunes = now >= next_prune;
-        if prunes {
-            let before = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
-            records.push(Record {
-                now,
-                idempotency: None,
-                command: Command::PruneIdempotencyKeys { before },
-            });
-        }
-        for job in &mut jobs {
-            records.push(Record {
-                now,
-                idempotency: job.idempotency.take(),
-                command: std::mem::replace(
-                    &mut job.command,
-                    Command::PruneIdempotencyKeys {
-                        before: Timestamp(0),
-                    },
-                ),
-            });
-        }
+        batch_records(&mut jobs, now, prunes, &mut records);
         if let Err(error) = journal.append(&records) {
             tracing::error!(%error, "the journal refused an append; answering 503 and going on");
             records.clear();
@@ -829,15 +819,7 @@ fn write_loop(
                 }
             }
         }
-        shared.metrics.commits.fetch_add(1, Relaxed);
-        shared
-            .metrics
-            .records_committed
-            .fetch_add(records.len() as u64, Relaxed);
-        shared
-            .metrics
-            .commit_micros_total
-            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        shared.metrics.count_commit(records.len(), started);
         records.clear();
         for (job, outcome) in jobs.drain(..).zip(outcomes.drain(..)) {
             let _ = job.reply.send(Ok(outcome));
@@ -889,41 +871,14 @@ async fn shared_write_loop(shared: &Shared, receive: &tokio::sync::Mutex<mpsc::R
                     Relaxed,
                 )
                 .is_ok();
-        if prunes {
-            let before = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
-            records.push(Record {
-                now,
-                idempotency: None,
-                command: Command::PruneIdempotencyKeys { before },
-            });
-        }
-        for job in &mut jobs {
-            records.push(Record {
-                now,
-                idempotency: job.idempotency.take(),
-                command: std::mem::replace(
-                    &mut job.command,
-                    Command::PruneIdempotencyKeys {
-                        before: Timestamp(0),
-                    },
-                ),
-            });
-        }
+        batch_records(&mut jobs, now, prunes, &mut records);
         match parts.store.apply(&records).await {
             Ok(answers) => {
                 let answers = answers.into_iter().skip(usize::from(prunes));
                 for (job, answer) in jobs.drain(..).zip(answers) {
                     let _ = job.reply.send(Ok((answer.outcome, answer.replayed)));
                 }
-                shared.metrics.commits.fetch_add(1, Relaxed);
-                shared
-                    .metrics
-                    .records_committed
-                    .fetch_add(records.len() as u64, Relaxed);
-                shared
-                    .metrics
-                    .commit_micros_total
-                    .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                shared.metrics.count_commit(records.len(), started);
             }
             Err(error) => {
                 tracing::error!(%error, records = records.len(), "the store refused a batch; answering 503");
@@ -936,6 +891,31 @@ async fn shared_write_loop(shared: &Shared, receive: &tokio::sync::Mutex<mpsc::R
             }
         }
         records.clear();
+    }
+}
+
+/// The records of one commit: an hourly prune first when one is due, then each job's command
+/// with its idempotency claim, all at `now`.
+fn batch_records(jobs: &mut [Job], now: Timestamp, prunes: bool, records: &mut Vec<Record>) {
+    if prunes {
+        let before = Timestamp(now.0.saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000));
+        records.push(Record {
+            now,
+            idempotency: None,
+            command: Command::PruneIdempotencyKeys { before },
+        });
+    }
+    for job in jobs {
+        records.push(Record {
+            now,
+            idempotency: job.idempotency.take(),
+            command: std::mem::replace(
+                &mut job.command,
+                Command::PruneIdempotencyKeys {
+                    before: Timestamp(0),
+                },
+            ),
+        });
     }
 }
 

@@ -91,6 +91,24 @@ pub async fn connect(url: &str) -> Result<Client, PgError> {
     Ok(client)
 }
 
+/// `url` with its database name replaced by `name` (for tools and tests that make databases
+/// next to the one they were given).
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
 /// What [`migrate`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Migrated {

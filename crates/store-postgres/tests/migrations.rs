@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{TestDatabase, with_database};
+use common::TestDatabase;
+use farthing_store_postgres::with_database;
 use farthing_store_postgres::{MIGRATIONS, PgError, connect, migrate};
 
 async fn tables(url: &str) -> Vec<String> {

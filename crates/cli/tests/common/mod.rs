@@ -8,8 +8,6 @@
 //! and a server started on that directory is given the database instead.
 #![allow(dead_code)] // every test file uses a different subset
 
-pub mod database;
-
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -109,6 +107,16 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// A fresh database for `test`, or `None` (after saying the test was skipped) without
+    /// `FARTHING_TEST_DATABASE_URL`.
+    pub fn for_test(test: &str) -> Option<TestDatabase> {
+        if test_database_url().is_none() {
+            skipped(test);
+            return None;
+        }
+        Some(TestDatabase::create())
+    }
+
     /// A fresh database on the test server; panics when there is none.
     pub fn create() -> TestDatabase {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -126,7 +134,7 @@ impl TestDatabase {
             ],
         )
         .unwrap_or_else(|error| panic!("create test database {name}: {error}"));
-        let url = with_database(&admin_url, &name);
+        let url = farthing_store_postgres::with_database(&admin_url, &name);
         TestDatabase {
             admin_url,
             name,
@@ -169,23 +177,6 @@ pub fn admin_sql(url: &str, statements: Vec<String>) -> Result<(), String> {
     })
     .join()
     .map_err(|_| "the admin thread panicked".to_string())?
-}
-
-/// `url` with its database name replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{base}/{name}?{query}"),
-        None => format!("{base}/{name}"),
-    }
 }
 
 /// The operator key every test server is started with.
