@@ -1,5 +1,9 @@
 //! `farthing bench`: the ledger core in memory, the durable store, the HTTP API, and memory
 //! per account. Figures go to stdout (and as JSON with `--json`).
+//!
+//! With `--database-url`, the durable store is PostgreSQL: each measurement gets a fresh
+//! database on that server (see [`BenchDatabase`]), migrated and seeded like the embedded
+//! store's, and every batch is one `apply_batch` transaction with a durable commit.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -84,7 +88,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         report["ledger_core_transfers_per_sec"] = json!(figure);
     }
-    if parts.contains(&"store") {
+    if parts.contains(&"store")
+        && let Some(url) = &args.database_url
+    {
+        let rows = durable_postgres_section(&args, url).await?;
+        report["durable_store_backend"] = json!("postgresql");
+        report["durable_store"] = json!(rows);
+    } else if parts.contains(&"store") {
         let mut rows = Vec::new();
         for (label, accounts) in [("10,000 accounts", 10_000usize), ("10 hot accounts", 10)] {
             for batch in [1usize, 100, 8_190] {
@@ -374,31 +384,7 @@ fn durable_store(
         }
         journal.append(chunk)?;
     }
-    let total = match (batch, quick) {
-        (1, true) => 200,
-        (1, false) => 3_000,
-        (_, true) => 2 * batch,
-        (100, false) => 50_000,
-        (_, false) => 60 * batch,
-    };
-    let mut payments = RandomPayments::new(
-        0x1234_5678_9ABC_DEF1 ^ batch as u64,
-        &payer_ids,
-        &merchant_ids,
-    );
-    let mut pay = || payments.next();
-    let now = Timestamp(1_700_000_001_000_000);
-    let records: Vec<Record> = (0..total / batch)
-        .map(|_| Record {
-            now,
-            idempotency: None,
-            command: if batch == 1 {
-                Command::Pay(pay())
-            } else {
-                Command::PayBatch((0..batch).map(|_| pay()).collect())
-            },
-        })
-        .collect();
+    let records = durable_records(batch, quick, &payer_ids, &merchant_ids);
     let started = Instant::now();
     let mut in_apply = Duration::ZERO;
     for record in &records {
@@ -412,6 +398,214 @@ fn durable_store(
         eprintln!("  apply {:.3}s of {elapsed:.3}s", in_apply.as_secs_f64());
     }
     let payments = state.payment_count() - merchants;
+    if payments != records.len() * batch {
+        bail!(
+            "only {payments} of {} benchmark payments applied",
+            records.len() * batch
+        );
+    }
+    Ok(payments as f64 / elapsed)
+}
+
+/// The records of a durable measurement: `total` payments (rounded down to whole batches) of
+/// one ledger transfer each, as one `Pay` record each at batch 1 and one `PayBatch` record per
+/// batch otherwise.
+fn durable_records(
+    batch: usize,
+    quick: bool,
+    payer_ids: &[PayerId],
+    merchant_ids: &[MerchantId],
+) -> Vec<Record> {
+    let total = match (batch, quick) {
+        (1, true) => 200,
+        (1, false) => 3_000,
+        (_, true) => 2 * batch,
+        (100, false) => 50_000,
+        (_, false) => 60 * batch,
+    };
+    let mut payments = RandomPayments::new(
+        0x1234_5678_9ABC_DEF1 ^ batch as u64,
+        payer_ids,
+        merchant_ids,
+    );
+    let mut pay = || payments.next();
+    let now = Timestamp(1_700_000_001_000_000);
+    (0..total / batch)
+        .map(|_| Record {
+            now,
+            idempotency: None,
+            command: if batch == 1 {
+                Command::Pay(pay())
+            } else {
+                Command::PayBatch((0..batch).map(|_| pay()).collect())
+            },
+        })
+        .collect()
+}
+
+/// (b) on PostgreSQL: every batch size over 10,000 accounts and over 10 hot ones, each on a
+/// fresh database. The rows have the embedded store's shape.
+async fn durable_postgres_section(args: &BenchArgs, url: &str) -> anyhow::Result<Vec<Value>> {
+    let database = BenchDatabase::new(url).await?;
+    let measured = async {
+        let mut rows = Vec::new();
+        for (label, accounts) in [("10,000 accounts", 10_000usize), ("10 hot accounts", 10)] {
+            for batch in [1usize, 100, 8_190] {
+                let figure = durable_postgres(&database, accounts, batch, args.quick).await?;
+                say(
+                    args,
+                    &format!(
+                        "durable store (PostgreSQL), batch {batch:>5}, {label}: {} transfers/s",
+                        thousands(figure)
+                    ),
+                );
+                rows.push(
+                    json!({"accounts": accounts, "batch": batch, "transfers_per_sec": figure}),
+                );
+            }
+        }
+        Ok::<_, anyhow::Error>(rows)
+    }
+    .await;
+    let dropped = database.drop_database().await;
+    let rows = measured?;
+    dropped?;
+    Ok(rows)
+}
+
+/// The database the PostgreSQL benchmark works in: `<database>_bench_<pid>` on the server the
+/// given URL names, made afresh for each measurement and dropped at the end. The database the
+/// URL names is only connected to, to create and drop it; nothing in it is read or changed.
+struct BenchDatabase {
+    admin: tokio_postgres::Client,
+    name: String,
+    url: String,
+}
+
+impl BenchDatabase {
+    async fn new(url: &str) -> anyhow::Result<BenchDatabase> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .context("--database-url is not a PostgreSQL connection string")?;
+        let base = config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or("farthing");
+        let mut stem: String = base
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .map(|c| c.to_ascii_lowercase())
+            .take(40)
+            .collect();
+        if stem.is_empty() || stem.starts_with(|c: char| c.is_ascii_digit()) {
+            stem.insert_str(0, "farthing");
+        }
+        let name = format!("{stem}_bench_{}", std::process::id());
+        let admin = farthing_store_postgres::connect(url)
+            .await
+            .context("connecting to --database-url")?;
+        Ok(BenchDatabase {
+            admin,
+            url: with_database(url, &name),
+            name,
+        })
+    }
+
+    /// A fresh, migrated database, and a connection to it.
+    async fn fresh(&self) -> anyhow::Result<BenchConnection> {
+        self.drop_database().await?;
+        self.admin
+            .batch_execute(&format!("CREATE DATABASE {}", self.name))
+            .await
+            .with_context(|| format!("creating the benchmark database {}", self.name))?;
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to the benchmark database {}", self.name))?;
+        let mut connection = BenchConnection {
+            client,
+            driver: tokio::spawn(connection),
+        };
+        farthing_store_postgres::migrate(&mut connection.client).await?;
+        Ok(connection)
+    }
+
+    async fn drop_database(&self) -> anyhow::Result<()> {
+        self.admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .with_context(|| format!("dropping the benchmark database {}", self.name))?;
+        Ok(())
+    }
+}
+
+/// A connection to the benchmark database, closed before the database is dropped.
+struct BenchConnection {
+    client: tokio_postgres::Client,
+    driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl BenchConnection {
+    async fn close(self) -> anyhow::Result<()> {
+        drop(self.client);
+        self.driver.await??;
+        Ok(())
+    }
+}
+
+/// `url` naming database `name` instead: a URL's path is replaced, a `key=value` string gets a
+/// `dbname` at the end (the last one counts).
+fn with_database(url: &str, name: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return format!("{url} dbname={name}");
+    };
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = scheme_end + 3;
+    let server = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+/// (b) on PostgreSQL: the embedded measurement's payers, merchants and payments, applied with
+/// `apply_batch`, one transaction (and one durable commit) per batch.
+async fn durable_postgres(
+    database: &BenchDatabase,
+    accounts: usize,
+    batch: usize,
+    quick: bool,
+) -> anyhow::Result<f64> {
+    let mut connection = database.fresh().await?;
+    let client = &mut connection.client;
+    let payers = accounts / 2;
+    let merchants = accounts - payers;
+    let (setup, payer_ids, merchant_ids) = setup_records(payers, merchants);
+    for chunk in setup.chunks(4_096) {
+        farthing_store_postgres::apply_batch(client, chunk).await?;
+    }
+    // Planner statistics, as autovacuum keeps them on a database in use.
+    client.batch_execute("ANALYZE").await?;
+    let records = durable_records(batch, quick, &payer_ids, &merchant_ids);
+    let started = Instant::now();
+    for record in &records {
+        farthing_store_postgres::apply_batch(client, std::slice::from_ref(record)).await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let stored: i64 = client
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await?
+        .get(0);
+    connection.close().await?;
+    let payments = usize::try_from(stored)? - merchants;
     if payments != records.len() * batch {
         bail!(
             "only {payments} of {} benchmark payments applied",

@@ -10,6 +10,7 @@ fn a_quick_bench_reports_every_figure_as_a_positive_number() {
     let output = Command::new(env!("CARGO_BIN_EXE_farthing"))
         .args(["bench", "--quick", "--json", "--seconds", "1", "--dir"])
         .arg(&dir)
+        .env_remove("FARTHING_DATABASE_URL")
         .output()
         .expect("run farthing bench");
     let _ = std::fs::remove_dir_all(&dir);
@@ -58,4 +59,64 @@ fn a_quick_bench_reports_every_figure_as_a_positive_number() {
         positive(&row["p99_ms"], "p99");
     }
     positive(&report["http"]["batch_payments_per_sec"], "batch route");
+}
+
+/// With `--database-url`, the durable store section runs on PostgreSQL (a database of its own,
+/// dropped afterwards) and reports the same rows. Skipped, visibly, without
+/// `FARTHING_TEST_DATABASE_URL`.
+#[test]
+fn a_quick_postgres_bench_reports_the_durable_figures() {
+    let Ok(url) = std::env::var("FARTHING_TEST_DATABASE_URL") else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "a_quick_postgres_bench_reports_the_durable_figures: skipped, \
+             FARTHING_TEST_DATABASE_URL is not set"
+        );
+        return;
+    };
+    let output = Command::new(env!("CARGO_BIN_EXE_farthing"))
+        .args([
+            "bench",
+            "--quick",
+            "--json",
+            "--only",
+            "store",
+            "--database-url",
+        ])
+        .arg(&url)
+        .output()
+        .expect("run farthing bench");
+    assert!(
+        output.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("bench --json prints one JSON document");
+    assert_eq!(report["durable_store_backend"], "postgresql", "{report}");
+    let store = report["durable_store"]
+        .as_array()
+        .expect("durable store rows");
+    for accounts in [10_000, 10] {
+        for batch in [1, 100, 8_190] {
+            let row = store
+                .iter()
+                .find(|row| row["accounts"] == accounts && row["batch"] == batch)
+                .unwrap_or_else(|| {
+                    panic!("no PostgreSQL row for {accounts} accounts, batch {batch}")
+                });
+            let figure = row["transfers_per_sec"].as_f64().unwrap_or(0.0);
+            assert!(figure > 0.0, "{accounts} accounts, batch {batch}: {figure}");
+        }
+    }
+    let lines = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        lines.contains("durable store (PostgreSQL), batch  8190, 10 hot accounts:"),
+        "the figures are printed as they are measured: {lines}"
+    );
+    assert!(
+        report.get("ledger_core_transfers_per_sec").is_none(),
+        "--only store runs only the store"
+    );
 }

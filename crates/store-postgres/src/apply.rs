@@ -6,27 +6,42 @@
 //! are the derived 64-bit id bit-cast to BIGINT; currencies are their three letters. New
 //! payments and statement lines also get their `batch_position`, their place in the batch's
 //! `Changes` (the order made), which orders lists between rows of one time (see `query`).
+//!
+//! Round trips: the statements of one loading round, and all the statements that persist a
+//! batch, are sent together (tokio-postgres pipelines requests issued concurrently on one
+//! connection), each with its parameter types given, so none waits for a prepare. Large sets
+//! of new payments, statement lines and transfers go in with binary `COPY`, smaller ones with
+//! `INSERT … SELECT FROM unnest(…)`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use farthing_ledger::{
     Account, AccountId, AccountKind, Amount, Currency, HoldState, Timestamp, Transfer, TransferId,
     TransferKind, TransferRecord, TransferRejection,
 };
 use farthing_payments::codec::{decode_outcome, encode_outcome};
 use farthing_payments::{
-    Changes, EntryObject, FeeSchedule, FundingSource, IdempotencyKey, IdempotencyLookup,
-    IdempotencyRow, KeyHash, LoadError, Merchant, MerchantId, Outcome, Owner, Payer, PayerId,
-    Payment, PaymentId, Principal, Record, Refund, RefundId, State, Topup, TopupId, account_id,
+    Changes, Command, Entry, EntryObject, FeeSchedule, FundingSource, IdempotencyKey,
+    IdempotencyLookup, IdempotencyRow, KeyHash, LoadError, Merchant, MerchantId, Outcome, Owner,
+    Payer, PayerId, Payment, PaymentId, Principal, Record, Refund, RefundId, State, Topup, TopupId,
+    account_id,
 };
+use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Row, Transaction};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use crate::PgError;
 
 /// Attempts at a batch before a conflict is returned.
 pub const ATTEMPTS_MAX: u32 = 5;
+
+/// From this many new rows for one table, they go in with binary `COPY` (PostgreSQL's bulk
+/// path: a few heap pages per WAL record instead of one record per row); below it, with one
+/// `INSERT … unnest`, which takes one round trip fewer.
+const COPY_ROWS_MIN: usize = 256;
 
 /// Applies `records` in order in one transaction and returns their outcomes, exactly those the
 /// records get applied one after another to the whole state.
@@ -34,6 +49,11 @@ pub const ATTEMPTS_MAX: u32 = 5;
 /// A serialization failure, a deadlock or a unique violation (another writer made the same
 /// idempotency key or id first) rolls back and redoes the whole batch, up to [`ATTEMPTS_MAX`]
 /// attempts with a short jittered sleep; then the error is returned.
+///
+/// The ids of new payments and ledger transfers are assumed free rather than loaded: those the
+/// batch writes are checked by their unique indexes, the others by one query before the
+/// commit. When one is taken after all, the batch is rolled back and applied again with them
+/// loaded, so the outcomes are those of the whole state either way.
 pub async fn apply_batch(client: &mut Client, records: &[Record]) -> Result<Vec<Outcome>, PgError> {
     Ok(apply_batch_answered(client, records)
         .await?
@@ -56,14 +76,22 @@ pub async fn apply_batch_answered(
     records: &[Record],
 ) -> Result<Vec<Answer>, PgError> {
     let mut attempt = 1;
+    let mut assume_new_ids_free = true;
     loop {
-        match apply_once(client, records).await {
+        match apply_once(client, records, assume_new_ids_free).await {
+            Ok(Attempt::Applied(answers)) => return Ok(answers),
+            Ok(Attempt::NewIdTaken) => {
+                tracing::debug!("an id the batch makes is taken, applying again with it loaded");
+                assume_new_ids_free = false;
+            }
             Err(PgError::Postgres(error)) if attempt < ATTEMPTS_MAX && is_retryable(&error) => {
                 tracing::debug!(%error, attempt, "batch conflicted, retrying");
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
+                // A unique violation may be an id assumed free: load them all from now on.
+                assume_new_ids_free = false;
             }
-            result => return result,
+            Err(error) => return Err(error),
         }
     }
 }
@@ -86,18 +114,35 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_micros(ceiling_micros / 4 + hasher.finish() % ceiling_micros)
 }
 
-async fn apply_once(client: &mut Client, records: &[Record]) -> Result<Vec<Answer>, PgError> {
+/// How one attempt at a batch ended, short of an error.
+enum Attempt {
+    Applied(Vec<Answer>),
+    /// An id assumed free is taken; nothing was committed.
+    NewIdTaken,
+}
+
+async fn apply_once(
+    client: &mut Client,
+    records: &[Record],
+    assume_new_ids_free: bool,
+) -> Result<Attempt, PgError> {
+    let started = Instant::now();
     let transaction = client.transaction().await?;
-    let mut working = load_working_set(&transaction, records).await?;
-    let outcomes = records
+    let (mut working, assumed) =
+        load_working_set(&transaction, records, assume_new_ids_free).await?;
+    let loaded = Instant::now();
+    // Whether each record's command runs: a replayed or reused idempotency key answers without
+    // reading anything else.
+    let mut executed = Vec::with_capacity(records.len());
+    let answers: Vec<Answer> = records
         .iter()
         .map(|record| {
-            let replayed = record.idempotency.as_ref().is_some_and(|claim| {
-                matches!(
-                    working.idempotency_lookup(&claim.key, &claim.fingerprint),
-                    IdempotencyLookup::Replay(_)
-                )
-            });
+            let lookup = record
+                .idempotency
+                .as_ref()
+                .map(|claim| working.idempotency_lookup(&claim.key, &claim.fingerprint));
+            let replayed = matches!(lookup, Some(IdempotencyLookup::Replay(_)));
+            executed.push(matches!(lookup, None | Some(IdempotencyLookup::New)));
             Answer {
                 outcome: working.apply(record),
                 replayed,
@@ -105,10 +150,26 @@ async fn apply_once(client: &mut Client, records: &[Record]) -> Result<Vec<Answe
         })
         .collect();
     let changes = working.take_changes();
+    let (payments, transfers) = assumed.unwritten(&working, records, &executed, &changes);
+    let applied = Instant::now();
     let now = records.iter().map(|r| r.now).max().unwrap_or(Timestamp(0));
-    persist(&transaction, &changes, now).await?;
+    if persist(&transaction, &changes, now, (&payments, &transfers)).await? == Persisted::NewIdTaken
+    {
+        // Dropping the transaction rolls it back.
+        return Ok(Attempt::NewIdTaken);
+    }
+    let persisted = Instant::now();
     transaction.commit().await?;
-    Ok(outcomes)
+    let millis = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1_000.0;
+    tracing::debug!(
+        records = records.len(),
+        load_ms = millis(started, loaded),
+        apply_ms = millis(loaded, applied),
+        persist_ms = millis(applied, persisted),
+        commit_ms = millis(persisted, Instant::now()),
+        "batch applied"
+    );
+    Ok(Attempt::Applied(answers))
 }
 
 // =============================================================================================
@@ -194,36 +255,189 @@ impl Wanted {
             && self.idempotency_keys.is_empty()
             && self.made_before.is_none()
     }
+
+    /// Takes out of the loads the ids of new payments (every payment named but those refunded)
+    /// and of new ledger transfers, and adds them to `assumed`.
+    fn assume_free(&mut self, refunded: &BTreeSet<PaymentId>, assumed: &mut Assumed) {
+        let (kept, new): (BTreeSet<PaymentId>, BTreeSet<PaymentId>) =
+            std::mem::take(&mut self.payments)
+                .into_iter()
+                .partition(|id| refunded.contains(id));
+        self.payments = kept;
+        assumed.payments.extend(new);
+        assumed.transfers.append(&mut self.transfers);
+    }
+}
+
+/// Ids of new objects a batch names that were assumed free instead of loaded.
+#[derive(Default)]
+struct Assumed {
+    payments: BTreeSet<PaymentId>,
+    transfers: BTreeSet<TransferId>,
+}
+
+impl Assumed {
+    /// The assumed ids that commands which ran may have read but that the batch does not write:
+    /// they must be checked free before the commit. (A written one is checked by its unique
+    /// index.)
+    fn unwritten(
+        self,
+        working: &State,
+        records: &[Record],
+        executed: &[bool],
+        changes: &Changes,
+    ) -> (BTreeSet<PaymentId>, BTreeSet<TransferId>) {
+        let (mut payments, mut transfers) = if executed.iter().all(|ran| *ran) {
+            (self.payments, self.transfers)
+        } else {
+            let (mut payments, mut transfers) = (BTreeSet::new(), BTreeSet::new());
+            for (record, _) in records.iter().zip(executed).filter(|(_, ran)| **ran) {
+                let needs = working.needs(record);
+                payments.extend(
+                    needs
+                        .payments
+                        .into_iter()
+                        .filter(|id| self.payments.contains(id)),
+                );
+                transfers.extend(
+                    needs
+                        .transfers
+                        .into_iter()
+                        .filter(|id| self.transfers.contains(id)),
+                );
+            }
+            (payments, transfers)
+        };
+        for payment in &changes.payments {
+            payments.remove(&payment.id);
+        }
+        for record in &changes.transfers {
+            transfers.remove(&record.transfer.id);
+        }
+        (payments, transfers)
+    }
+}
+
+/// Payments that records refund: they are loaded (and locked), never assumed new.
+fn refunded_payments(records: &[Record]) -> BTreeSet<PaymentId> {
+    records
+        .iter()
+        .filter_map(|record| match &record.command {
+            Command::Refund { payment, .. } => Some(*payment),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether any of these payment or transfer ids is taken.
+async fn any_taken(
+    transaction: &Transaction<'_>,
+    payments: &BTreeSet<PaymentId>,
+    transfers: &BTreeSet<TransferId>,
+) -> Result<bool, PgError> {
+    if payments.is_empty() && transfers.is_empty() {
+        return Ok(false);
+    }
+    let payments: Vec<Vec<u8>> = payments.iter().map(|id| id16(id.to_u128())).collect();
+    let transfers: Vec<Vec<u8>> = transfers.iter().map(|id| id16(id.0)).collect();
+    let row = transaction
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM unnest($1::BYTEA[]) AS u(id) JOIN payments USING (id))
+                 OR EXISTS (SELECT 1 FROM unnest($2::BYTEA[]) AS u(id) JOIN transfers USING (id))",
+            &[
+                (&payments, Type::BYTEA_ARRAY),
+                (&transfers, Type::BYTEA_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// A working set holding what `records` read, with the payments they refund and the accounts
 /// they touch locked until the transaction ends. Payments are locked first, then accounts,
 /// each in id order, so concurrent writers never wait on each other in a cycle.
+///
+/// With `assume_new_ids_free`, the ids of new payments and transfers are not loaded but
+/// returned, to be checked (see [`apply_batch`]).
 async fn load_working_set(
     transaction: &Transaction<'_>,
     records: &[Record],
-) -> Result<State, PgError> {
+    assume_new_ids_free: bool,
+) -> Result<(State, Assumed), PgError> {
     let mut working = State::new_working_set();
     let mut asked = Wanted::default();
+    let mut assumed = Assumed::default();
+    let refunded = if assume_new_ids_free {
+        refunded_payments(records)
+    } else {
+        BTreeSet::new()
+    };
     // A refund names only its payment: its payer and accounts are known once that is loaded.
     loop {
-        let wanted = wanted_by(&working, records);
+        let mut wanted = wanted_by(&working, records);
+        if assume_new_ids_free {
+            wanted.assume_free(&refunded, &mut assumed);
+        }
         let fresh = take_new(&wanted, &mut asked);
         if fresh.is_empty() {
             asked.accounts = wanted.accounts;
             break;
         }
-        load_keys(transaction, &mut working, &fresh).await?;
-        load_merchants(transaction, &mut working, &fresh.merchants).await?;
-        load_payers(transaction, &mut working, &fresh.payers).await?;
-        load_payments(transaction, &mut working, &fresh.payments).await?;
-        load_topups(transaction, &mut working, &fresh.topups).await?;
-        load_refunds(transaction, &mut working, &fresh.refunds).await?;
-        load_transfers(transaction, &mut working, &fresh.transfers).await?;
-        load_idempotency(transaction, &mut working, &fresh).await?;
+        // One round's reads, sent together; the only locks among them are the payments'.
+        let (keys, merchants, payers, payments, topups, refunds, transfers, idempotency) = tokio::join!(
+            biased;
+            load_keys(transaction, &fresh),
+            load_merchants(transaction, &fresh.merchants),
+            load_payers(transaction, &fresh.payers),
+            load_payments(transaction, &fresh.payments),
+            load_topups(transaction, &fresh.topups),
+            load_refunds(transaction, &fresh.refunds),
+            load_transfers(transaction, &fresh.transfers),
+            load_idempotency(transaction, &fresh),
+        );
+        for (hash, principal) in keys? {
+            if working.principal(&hash).is_some()
+                || (principal == Principal::Operator && working.has_operator_key())
+            {
+                continue;
+            }
+            loaded("a key hash", working.insert_key(hash, principal))?;
+        }
+        for merchant in merchants? {
+            loaded("a merchant", working.insert_merchant(merchant))?;
+        }
+        for payer in payers? {
+            loaded("a payer", working.insert_payer(payer))?;
+        }
+        for payment in payments? {
+            loaded("a payment", working.insert_payment(payment))?;
+        }
+        for topup in topups? {
+            loaded("a top-up", working.insert_topup(topup))?;
+        }
+        for refund in refunds? {
+            loaded("a refund", working.insert_refund(refund))?;
+        }
+        for record in transfers? {
+            loaded("a transfer record", working.insert_transfer_record(record))?;
+        }
+        for row in idempotency? {
+            if working.idempotency_record(&row.key).is_some() {
+                continue;
+            }
+            loaded(
+                "an idempotency record",
+                working.insert_idempotency_record(row),
+            )?;
+        }
     }
-    load_accounts(transaction, &mut working, &asked.accounts).await?;
-    Ok(working)
+    for (owner, account) in load_accounts(transaction, &asked.accounts).await? {
+        if working.account_of(owner, account.currency).is_some() {
+            continue;
+        }
+        loaded("an account", working.insert_account(owner, account))?;
+    }
+    Ok((working, assumed))
 }
 
 fn loaded(what: &str, result: Result<(), LoadError>) -> Result<(), PgError> {
@@ -232,35 +446,34 @@ fn loaded(what: &str, result: Result<(), LoadError>) -> Result<(), PgError> {
 
 async fn load_keys(
     transaction: &Transaction<'_>,
-    working: &mut State,
     fresh: &Wanted,
-) -> Result<(), PgError> {
+) -> Result<Vec<(KeyHash, Principal)>, PgError> {
     if !fresh.operator_key && fresh.key_hashes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let hashes: Vec<&[u8]> = fresh.key_hashes.iter().map(|k| k.0.as_slice()).collect();
     let rows = transaction
-        .query(
+        .query_typed(
             "SELECT key_hash, 2::SMALLINT, id FROM merchants WHERE key_hash = ANY($1)
              UNION ALL
              SELECT key_hash, 3::SMALLINT, id FROM payers WHERE key_hash = ANY($1)
              UNION ALL
              SELECT key_hash, 1::SMALLINT, ''::BYTEA FROM operator_keys
              WHERE $2 OR key_hash = ANY($1)",
-            &[&hashes, &fresh.operator_key],
+            &[
+                (&hashes, Type::BYTEA_ARRAY),
+                (&fresh.operator_key, Type::BOOL),
+            ],
         )
         .await?;
-    for row in rows {
-        let hash = KeyHash(bytes32(row.get(0))?);
-        let principal = principal_of(row.get(1), row.get(2))?;
-        if working.principal(&hash).is_some()
-            || (principal == Principal::Operator && working.has_operator_key())
-        {
-            continue;
-        }
-        loaded("a key hash", working.insert_key(hash, principal))?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            Ok((
+                KeyHash(bytes32(row.get(0))?),
+                principal_of(row.get(1), row.get(2))?,
+            ))
+        })
+        .collect()
 }
 
 /// The rows `sql` selects for `ids` (bound as `$1`, an array of stored ids); no query at all
@@ -274,14 +487,15 @@ async fn rows_by_ids(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    Ok(transaction.query(sql, &[&ids]).await?)
+    Ok(transaction
+        .query_typed(sql, &[(&ids, Type::BYTEA_ARRAY)])
+        .await?)
 }
 
 async fn load_merchants(
     transaction: &Transaction<'_>,
-    working: &mut State,
     ids: &BTreeSet<MerchantId>,
-) -> Result<(), PgError> {
+) -> Result<Vec<Merchant>, PgError> {
     let rows = rows_by_ids(
         transaction,
         "SELECT id, name, fee_bps, fee_fixed::TEXT, created_at FROM merchants
@@ -289,53 +503,51 @@ async fn load_merchants(
         ids.iter().map(|id| id.to_u128()),
     )
     .await?;
-    for row in rows {
-        let merchant = Merchant {
-            id: MerchantId::from_u128(u128_of(row.get(0))?),
-            name: row.get(1),
-            fee: FeeSchedule {
-                bps: u32::try_from(row.get::<_, i32>(2)).map_err(|_| stored("fee_bps"))?,
-                fixed: Amount::from_micros(
-                    row.get::<_, String>(3)
-                        .parse()
-                        .map_err(|_| stored("fee_fixed"))?,
-                ),
-            },
-            created_at: time_of(row.get(4))?,
-        };
-        loaded("a merchant", working.insert_merchant(merchant))?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            Ok(Merchant {
+                id: MerchantId::from_u128(u128_of(row.get(0))?),
+                name: row.get(1),
+                fee: FeeSchedule {
+                    bps: u32::try_from(row.get::<_, i32>(2)).map_err(|_| stored("fee_bps"))?,
+                    fixed: Amount::from_micros(
+                        row.get::<_, &str>(3)
+                            .parse()
+                            .map_err(|_| stored("fee_fixed"))?,
+                    ),
+                },
+                created_at: time_of(row.get(4))?,
+            })
+        })
+        .collect()
 }
 
 async fn load_payers(
     transaction: &Transaction<'_>,
-    working: &mut State,
     ids: &BTreeSet<PayerId>,
-) -> Result<(), PgError> {
+) -> Result<Vec<Payer>, PgError> {
     let rows = rows_by_ids(
         transaction,
         "SELECT id, name, created_at FROM payers WHERE id = ANY($1)",
         ids.iter().map(|id| id.to_u128()),
     )
     .await?;
-    for row in rows {
-        let payer = Payer {
-            id: PayerId::from_u128(u128_of(row.get(0))?),
-            name: row.get(1),
-            created_at: time_of(row.get(2))?,
-        };
-        loaded("a payer", working.insert_payer(payer))?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            Ok(Payer {
+                id: PayerId::from_u128(u128_of(row.get(0))?),
+                name: row.get(1),
+                created_at: time_of(row.get(2))?,
+            })
+        })
+        .collect()
 }
 
 /// Payments, locked: a refund changes its payment's refund totals.
 async fn load_payments(
     transaction: &Transaction<'_>,
-    working: &mut State,
     ids: &BTreeSet<PaymentId>,
-) -> Result<(), PgError> {
+) -> Result<Vec<Payment>, PgError> {
     let rows = rows_by_ids(
         transaction,
         "SELECT id, payer, merchant, amount, currency::TEXT, fee, description, reference,
@@ -344,30 +556,29 @@ async fn load_payments(
         ids.iter().map(|id| id.to_u128()),
     )
     .await?;
-    for row in rows {
-        let payment = Payment {
-            id: PaymentId::from_u128(u128_of(row.get(0))?),
-            payer: PayerId::from_u128(u128_of(row.get(1))?),
-            merchant: MerchantId::from_u128(u128_of(row.get(2))?),
-            amount: amount_of(row.get(3))?,
-            currency: currency_of(row.get(4))?,
-            fee: amount_of(row.get(5))?,
-            description: row.get(6),
-            reference: row.get(7),
-            created_at: time_of(row.get(8))?,
-            amount_refunded: amount_of(row.get(9))?,
-            fee_refunded: amount_of(row.get(10))?,
-        };
-        loaded("a payment", working.insert_payment(payment))?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            Ok(Payment {
+                id: PaymentId::from_u128(u128_of(row.get(0))?),
+                payer: PayerId::from_u128(u128_of(row.get(1))?),
+                merchant: MerchantId::from_u128(u128_of(row.get(2))?),
+                amount: amount_of(row.get(3))?,
+                currency: currency_of(row.get(4))?,
+                fee: amount_of(row.get(5))?,
+                description: row.get(6),
+                reference: row.get(7),
+                created_at: time_of(row.get(8))?,
+                amount_refunded: amount_of(row.get(9))?,
+                fee_refunded: amount_of(row.get(10))?,
+            })
+        })
+        .collect()
 }
 
 async fn load_topups(
     transaction: &Transaction<'_>,
-    working: &mut State,
     ids: &BTreeSet<TopupId>,
-) -> Result<(), PgError> {
+) -> Result<Vec<Topup>, PgError> {
     let rows = rows_by_ids(
         transaction,
         "SELECT id, payer, amount, currency::TEXT, source, created_at FROM topups
@@ -375,29 +586,28 @@ async fn load_topups(
         ids.iter().map(|id| id.to_u128()),
     )
     .await?;
-    for row in rows {
-        let topup = Topup {
-            id: TopupId::from_u128(u128_of(row.get(0))?),
-            payer: PayerId::from_u128(u128_of(row.get(1))?),
-            amount: amount_of(row.get(2))?,
-            currency: currency_of(row.get(3))?,
-            source: match row.get::<_, i16>(4) {
-                1 => FundingSource::Sandbox,
-                2 => FundingSource::SandboxDecline,
-                _ => return Err(stored("topups.source")),
-            },
-            created_at: time_of(row.get(5))?,
-        };
-        loaded("a top-up", working.insert_topup(topup))?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            Ok(Topup {
+                id: TopupId::from_u128(u128_of(row.get(0))?),
+                payer: PayerId::from_u128(u128_of(row.get(1))?),
+                amount: amount_of(row.get(2))?,
+                currency: currency_of(row.get(3))?,
+                source: match row.get::<_, i16>(4) {
+                    1 => FundingSource::Sandbox,
+                    2 => FundingSource::SandboxDecline,
+                    _ => return Err(stored("topups.source")),
+                },
+                created_at: time_of(row.get(5))?,
+            })
+        })
+        .collect()
 }
 
 async fn load_refunds(
     transaction: &Transaction<'_>,
-    working: &mut State,
     ids: &BTreeSet<RefundId>,
-) -> Result<(), PgError> {
+) -> Result<Vec<Refund>, PgError> {
     let rows = rows_by_ids(
         transaction,
         "SELECT id, payment, payer, merchant, amount, currency::TEXT, fee_refunded, created_at
@@ -405,27 +615,26 @@ async fn load_refunds(
         ids.iter().map(|id| id.to_u128()),
     )
     .await?;
-    for row in rows {
-        let refund = Refund {
-            id: RefundId::from_u128(u128_of(row.get(0))?),
-            payment: PaymentId::from_u128(u128_of(row.get(1))?),
-            payer: PayerId::from_u128(u128_of(row.get(2))?),
-            merchant: MerchantId::from_u128(u128_of(row.get(3))?),
-            amount: amount_of(row.get(4))?,
-            currency: currency_of(row.get(5))?,
-            fee_refunded: amount_of(row.get(6))?,
-            created_at: time_of(row.get(7))?,
-        };
-        loaded("a refund", working.insert_refund(refund))?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            Ok(Refund {
+                id: RefundId::from_u128(u128_of(row.get(0))?),
+                payment: PaymentId::from_u128(u128_of(row.get(1))?),
+                payer: PayerId::from_u128(u128_of(row.get(2))?),
+                merchant: MerchantId::from_u128(u128_of(row.get(3))?),
+                amount: amount_of(row.get(4))?,
+                currency: currency_of(row.get(5))?,
+                fee_refunded: amount_of(row.get(6))?,
+                created_at: time_of(row.get(7))?,
+            })
+        })
+        .collect()
 }
 
 async fn load_transfers(
     transaction: &Transaction<'_>,
-    working: &mut State,
     ids: &BTreeSet<TransferId>,
-) -> Result<(), PgError> {
+) -> Result<Vec<TransferRecord>, PgError> {
     let rows = rows_by_ids(
         transaction,
         "SELECT id, debit_account, credit_account, amount::TEXT, kind, pending_id,
@@ -434,11 +643,7 @@ async fn load_transfers(
         ids.iter().map(|id| id.0),
     )
     .await?;
-    for row in rows {
-        let record = transfer_record_of(&row)?;
-        loaded("a transfer record", working.insert_transfer_record(record))?;
-    }
-    Ok(())
+    rows.iter().map(transfer_record_of).collect()
 }
 
 pub(crate) fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
@@ -481,7 +686,7 @@ pub(crate) fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
             debit: AccountId(row.get::<_, i64>(1) as u64),
             credit: AccountId(row.get::<_, i64>(2) as u64),
             amount: Amount::from_micros(
-                row.get::<_, String>(3)
+                row.get::<_, &str>(3)
                     .parse()
                     .map_err(|_| stored("transfers.amount"))?,
             ),
@@ -498,11 +703,10 @@ pub(crate) fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
 /// Idempotency records by key, and for a prune every record made before its time.
 async fn load_idempotency(
     transaction: &Transaction<'_>,
-    working: &mut State,
     fresh: &Wanted,
-) -> Result<(), PgError> {
+) -> Result<Vec<IdempotencyRow>, PgError> {
     if fresh.idempotency_keys.is_empty() && fresh.made_before.is_none() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut kinds = Vec::new();
     let mut principals = Vec::new();
@@ -518,48 +722,46 @@ async fn load_idempotency(
         None => i64::MIN,
     };
     let rows = transaction
-        .query(
+        .query_typed(
             "SELECT principal_kind, principal_id, key, fingerprint, outcome, created_at
              FROM idempotency_keys
              WHERE (principal_kind, principal_id, key) IN
                    (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))
                 OR created_at < $4",
-            &[&kinds, &principals, &keys, &made_before],
+            &[
+                (&kinds, Type::INT2_ARRAY),
+                (&principals, Type::BYTEA_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+                (&made_before, Type::INT8),
+            ],
         )
         .await?;
-    for row in rows {
-        let key = IdempotencyKey {
-            principal: principal_of(row.get(0), row.get(1))?,
-            key: row.get(2),
-        };
-        if working.idempotency_record(&key).is_some() {
-            continue;
-        }
-        let outcome = decode_outcome(row.get(4))
-            .map_err(|error| PgError::Stored(format!("an idempotency outcome: {error}")))?;
-        let idempotency_row = IdempotencyRow {
-            key,
-            fingerprint: bytes32(row.get(3))?,
-            outcome,
-            made: time_of(row.get(5))?,
-        };
-        loaded(
-            "an idempotency record",
-            working.insert_idempotency_record(idempotency_row),
-        )?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            let key = IdempotencyKey {
+                principal: principal_of(row.get(0), row.get(1))?,
+                key: row.get(2),
+            };
+            let outcome = decode_outcome(row.get(4))
+                .map_err(|error| PgError::Stored(format!("an idempotency outcome: {error}")))?;
+            Ok(IdempotencyRow {
+                key,
+                fingerprint: bytes32(row.get(3))?,
+                outcome,
+                made: time_of(row.get(5))?,
+            })
+        })
+        .collect()
 }
 
 /// Accounts, locked in id order. A row found under another owner (a 2⁻⁶⁴ id collision) is
 /// loaded under that owner, so that the command is refused as the whole state refuses it.
 async fn load_accounts(
     transaction: &Transaction<'_>,
-    working: &mut State,
     wanted: &BTreeSet<(Owner, Currency)>,
-) -> Result<(), PgError> {
+) -> Result<Vec<(Owner, Account)>, PgError> {
     if wanted.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut ids: Vec<i64> = wanted
         .iter()
@@ -568,313 +770,483 @@ async fn load_accounts(
     ids.sort_unstable();
     ids.dedup();
     let rows = transaction
-        .query(
+        .query_typed(
             "SELECT id, owner_kind, owner_id, currency::TEXT, kind, debits_posted, credits_posted,
                     debits_pending, credits_pending
              FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
+            &[(&ids, Type::INT8_ARRAY)],
         )
         .await?;
-    for row in rows {
-        let owner = owner_of(row.get(1), row.get(2))?;
-        let account = Account {
-            id: AccountId(row.get::<_, i64>(0) as u64),
-            kind: AccountKind::from_u8(
-                u8::try_from(row.get::<_, i16>(4)).map_err(|_| stored("accounts.kind"))?,
-            )
-            .ok_or_else(|| stored("accounts.kind"))?,
-            currency: currency_of(row.get(3))?,
-            debits_posted: total_of(row.get(5))?,
-            credits_posted: total_of(row.get(6))?,
-            debits_pending: total_of(row.get(7))?,
-            credits_pending: total_of(row.get(8))?,
-        };
-        if working.account_of(owner, account.currency).is_some() {
-            continue;
-        }
-        loaded("an account", working.insert_account(owner, account))?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            let owner = owner_of(row.get(1), row.get(2))?;
+            let account = Account {
+                id: AccountId(row.get::<_, i64>(0) as u64),
+                kind: AccountKind::from_u8(
+                    u8::try_from(row.get::<_, i16>(4)).map_err(|_| stored("accounts.kind"))?,
+                )
+                .ok_or_else(|| stored("accounts.kind"))?,
+                currency: currency_of(row.get(3))?,
+                debits_posted: total_of(row.get(5))?,
+                credits_posted: total_of(row.get(6))?,
+                debits_pending: total_of(row.get(7))?,
+                credits_pending: total_of(row.get(8))?,
+            };
+            Ok((owner, account))
+        })
+        .collect()
 }
 
 // =============================================================================================
 // Persisting
 // =============================================================================================
 
-/// Writes a change set in the order [`Changes`] documents, one statement per table.
+/// Whether [`persist`] wrote the change set.
+#[derive(PartialEq, Eq, Debug)]
+enum Persisted {
+    Written,
+    /// One of the unwritten ids assumed free is taken: the rows sent in bulk were not.
+    NewIdTaken,
+}
+
+/// Writes a change set, after checking that the `unwritten` ids assumed free are: first one
+/// statement per table (and the check), all sent together, then the large tables' rows with
+/// `COPY`, one table at a time. Only the statements on one table depend on each other's order
+/// (the operator's key, and a prune before new idempotency records), and each such pair is
+/// sent in order.
 async fn persist(
     transaction: &Transaction<'_>,
     changes: &Changes,
     now: Timestamp,
-) -> Result<(), PgError> {
-    persist_keys(transaction, changes, now).await?;
+    unwritten: (&BTreeSet<PaymentId>, &BTreeSet<TransferId>),
+) -> Result<Persisted, PgError> {
     let key_of: HashMap<Principal, &KeyHash> = changes
         .keys
         .iter()
         .filter_map(|(hash, principal)| principal.map(|p| (p, hash)))
         .collect();
-    let key_for = |principal: Principal| -> Result<Vec<u8>, PgError> {
-        key_of
-            .get(&principal)
-            .map(|hash| hash.0.to_vec())
-            .ok_or_else(|| PgError::Stored(format!("no key hash for new {principal:?}")))
-    };
-    if !changes.merchants.is_empty() {
-        let mut ids = Vec::new();
-        let mut names = Vec::new();
-        let mut hashes = Vec::new();
-        let mut bps = Vec::new();
-        let mut fixed = Vec::new();
-        let mut created = Vec::new();
-        for merchant in &changes.merchants {
-            ids.push(id16(merchant.id.to_u128()));
-            names.push(merchant.name.as_str());
-            hashes.push(key_for(Principal::Merchant(merchant.id))?);
-            bps.push(i32::try_from(merchant.fee.bps).map_err(|_| stored("fee_bps"))?);
-            fixed.push(merchant.fee.fixed.micros().to_string());
-            created.push(big("a time", merchant.created_at.0)?);
-        }
-        transaction
-            .execute(
-                "INSERT INTO merchants (id, name, key_hash, fee_bps, fee_fixed, created_at)
-                 SELECT id, name, key_hash, fee_bps, fee_fixed::NUMERIC, created_at
-                 FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::INTEGER[], $5::TEXT[],
-                             $6::BIGINT[])
-                      AS u(id, name, key_hash, fee_bps, fee_fixed, created_at)",
-                &[&ids, &names, &hashes, &bps, &fixed, &created],
-            )
-            .await?;
+    let (
+        keys,
+        merchants,
+        payers,
+        accounts,
+        topups,
+        payments,
+        refunded,
+        refunds,
+        entries,
+        transfers,
+        idempotency,
+        taken,
+        copies,
+    ) = tokio::join!(
+        biased;
+        persist_keys(transaction, changes, now),
+        persist_merchants(transaction, changes, &key_of),
+        persist_payers(transaction, changes, &key_of),
+        persist_accounts(transaction, changes),
+        persist_topups(transaction, changes),
+        persist_payments(transaction, changes),
+        persist_payments_refunded(transaction, changes),
+        persist_refunds(transaction, changes),
+        persist_entries(transaction, changes),
+        persist_transfers(transaction, &changes.transfers),
+        persist_idempotency(transaction, changes),
+        any_taken(transaction, unwritten.0, unwritten.1),
+        prepare_copies(transaction, changes),
+    );
+    let mut new_id_taken = false;
+    let mut prepared = Vec::new();
+    first_error([
+        keys,
+        merchants,
+        payers,
+        accounts,
+        topups,
+        payments,
+        refunded,
+        refunds,
+        entries,
+        transfers,
+        idempotency,
+        taken.map(|taken| new_id_taken = taken),
+        copies.map(|copies| prepared = copies),
+    ])?;
+    if new_id_taken {
+        return Ok(Persisted::NewIdTaken);
     }
-    if !changes.payers.is_empty() {
-        let mut ids = Vec::new();
-        let mut names = Vec::new();
-        let mut hashes = Vec::new();
-        let mut created = Vec::new();
-        for payer in &changes.payers {
-            ids.push(id16(payer.id.to_u128()));
-            names.push(payer.name.as_str());
-            hashes.push(key_for(Principal::Payer(payer.id))?);
-            created.push(big("a time", payer.created_at.0)?);
-        }
-        transaction
-            .execute(
-                "INSERT INTO payers (id, name, key_hash, created_at)
-                 SELECT * FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::BIGINT[])",
-                &[&ids, &names, &hashes, &created],
-            )
-            .await?;
+    // One at a time, and only once everything before succeeded: a `COPY` sent into a failed
+    // transaction leaves the driver out of step with the server.
+    for (statement, rows) in prepared {
+        copy_in(transaction, &statement, rows).await?;
     }
-    persist_accounts(transaction, changes).await?;
-    if !changes.topups.is_empty() {
-        let mut c = Columns::default();
-        for topup in &changes.topups {
-            c.id.push(id16(topup.id.to_u128()));
-            c.payer.push(id16(topup.payer.to_u128()));
-            c.amount.push(big("an amount", topup.amount.micros())?);
-            c.currency.push(topup.currency.as_str().to_string());
-            c.small.push(match topup.source {
-                FundingSource::Sandbox => 1,
-                FundingSource::SandboxDecline => 2,
-            });
-            c.created.push(big("a time", topup.created_at.0)?);
+    Ok(Persisted::Written)
+}
+
+/// The error that caused the others: statements sent together after a failed one fail only
+/// because the transaction is aborted, and the order they were sent in is not the order
+/// written here.
+fn first_error<const N: usize>(results: [Result<(), PgError>; N]) -> Result<(), PgError> {
+    let aborted = |error: &PgError| matches!(error, PgError::Postgres(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    let mut first = None;
+    for result in results {
+        match result {
+            Ok(()) => {}
+            Err(error) if !aborted(&error) => return Err(error),
+            Err(error) => {
+                first.get_or_insert(error);
+            }
         }
-        transaction
-            .execute(
-                "INSERT INTO topups (id, payer, amount, currency, source, created_at)
-                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::TEXT[],
-                                      $5::SMALLINT[], $6::BIGINT[])",
-                &[
-                    &c.id,
-                    &c.payer,
-                    &c.amount,
-                    &c.currency,
-                    &c.small,
-                    &c.created,
-                ],
-            )
-            .await?;
     }
-    if !changes.payments.is_empty() {
-        let mut c = Columns::default();
-        let mut description = Vec::new();
-        let mut reference = Vec::new();
-        for payment in &changes.payments {
-            c.id.push(id16(payment.id.to_u128()));
-            c.payer.push(id16(payment.payer.to_u128()));
-            c.merchant.push(id16(payment.merchant.to_u128()));
-            c.amount.push(big("an amount", payment.amount.micros())?);
-            c.currency.push(payment.currency.as_str().to_string());
-            c.fee.push(big("a fee", payment.fee.micros())?);
-            description.push(payment.description.as_deref());
-            reference.push(payment.reference.as_deref());
-            c.created.push(big("a time", payment.created_at.0)?);
-            c.amount2
-                .push(big("an amount", payment.amount_refunded.micros())?);
-            c.fee2.push(big("a fee", payment.fee_refunded.micros())?);
-        }
-        let positions = batch_positions(changes.payments.len())?;
-        transaction
-            .execute(
-                "INSERT INTO payments (id, payer, merchant, amount, currency, fee, description,
-                                       reference, created_at, amount_refunded, fee_refunded,
-                                       batch_position)
-                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BIGINT[],
-                                      $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[],
-                                      $9::BIGINT[], $10::BIGINT[], $11::BIGINT[],
-                                      $12::INTEGER[])",
-                &[
-                    &c.id,
-                    &c.payer,
-                    &c.merchant,
-                    &c.amount,
-                    &c.currency,
-                    &c.fee,
-                    &description,
-                    &reference,
-                    &c.created,
-                    &c.amount2,
-                    &c.fee2,
-                    &positions,
-                ],
-            )
-            .await?;
+    first.map_or(Ok(()), Err)
+}
+
+fn key_for(
+    key_of: &HashMap<Principal, &KeyHash>,
+    principal: Principal,
+) -> Result<Vec<u8>, PgError> {
+    key_of
+        .get(&principal)
+        .map(|hash| hash.0.to_vec())
+        .ok_or_else(|| PgError::Stored(format!("no key hash for new {principal:?}")))
+}
+
+async fn persist_merchants(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+    key_of: &HashMap<Principal, &KeyHash>,
+) -> Result<(), PgError> {
+    if changes.merchants.is_empty() {
+        return Ok(());
     }
-    if !changes.payments_refunded.is_empty() {
-        let mut c = Columns::default();
-        for change in &changes.payments_refunded {
-            c.id.push(id16(change.id.to_u128()));
-            c.amount
-                .push(big("an amount", change.amount_refunded.micros())?);
-            c.fee.push(big("a fee", change.fee_refunded.micros())?);
-        }
-        transaction
-            .execute(
-                "UPDATE payments SET amount_refunded = u.amount_refunded,
-                                     fee_refunded = u.fee_refunded
-                 FROM unnest($1::BYTEA[], $2::BIGINT[], $3::BIGINT[])
-                      AS u(id, amount_refunded, fee_refunded)
-                 WHERE payments.id = u.id",
-                &[&c.id, &c.amount, &c.fee],
-            )
-            .await?;
+    let mut ids = Vec::new();
+    let mut names = Vec::new();
+    let mut hashes = Vec::new();
+    let mut bps = Vec::new();
+    let mut fixed = Vec::new();
+    let mut created = Vec::new();
+    for merchant in &changes.merchants {
+        ids.push(id16(merchant.id.to_u128()));
+        names.push(merchant.name.as_str());
+        hashes.push(key_for(key_of, Principal::Merchant(merchant.id))?);
+        bps.push(i32::try_from(merchant.fee.bps).map_err(|_| stored("fee_bps"))?);
+        fixed.push(merchant.fee.fixed.micros().to_string());
+        created.push(big("a time", merchant.created_at.0)?);
     }
-    if !changes.refunds.is_empty() {
-        let mut c = Columns::default();
-        for refund in &changes.refunds {
-            c.id.push(id16(refund.id.to_u128()));
-            c.id2.push(id16(refund.payment.to_u128()));
-            c.payer.push(id16(refund.payer.to_u128()));
-            c.merchant.push(id16(refund.merchant.to_u128()));
-            c.amount.push(big("an amount", refund.amount.micros())?);
-            c.currency.push(refund.currency.as_str().to_string());
-            c.fee.push(big("a fee", refund.fee_refunded.micros())?);
-            c.created.push(big("a time", refund.created_at.0)?);
-        }
-        transaction
-            .execute(
-                "INSERT INTO refunds (id, payment, payer, merchant, amount, currency,
-                                      fee_refunded, created_at)
-                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[],
-                                      $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[])",
-                &[
-                    &c.id,
-                    &c.id2,
-                    &c.payer,
-                    &c.merchant,
-                    &c.amount,
-                    &c.currency,
-                    &c.fee,
-                    &c.created,
-                ],
-            )
-            .await?;
+    transaction
+        .execute_typed(
+            "INSERT INTO merchants (id, name, key_hash, fee_bps, fee_fixed, created_at)
+             SELECT id, name, key_hash, fee_bps, fee_fixed::NUMERIC, created_at
+             FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::INTEGER[], $5::TEXT[],
+                         $6::BIGINT[])
+                  AS u(id, name, key_hash, fee_bps, fee_fixed, created_at)",
+            &[
+                (&ids, Type::BYTEA_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&hashes, Type::BYTEA_ARRAY),
+                (&bps, Type::INT4_ARRAY),
+                (&fixed, Type::TEXT_ARRAY),
+                (&created, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn persist_payers(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+    key_of: &HashMap<Principal, &KeyHash>,
+) -> Result<(), PgError> {
+    if changes.payers.is_empty() {
+        return Ok(());
     }
-    if !changes.entries.is_empty() {
-        let mut c = Columns::default();
-        let mut credit = Vec::new();
-        for (payer, entry) in &changes.entries {
-            let (kind, id) = match entry.object {
-                EntryObject::Topup(id) => (1, id.to_u128()),
-                EntryObject::Payment(id) => (2, id.to_u128()),
-                EntryObject::Refund(id) => (3, id.to_u128()),
-            };
-            c.payer.push(id16(payer.to_u128()));
-            c.id.push(id16(id));
-            c.small.push(kind);
-            c.currency.push(entry.currency.as_str().to_string());
-            credit.push(entry.credit);
-            c.amount.push(big("an amount", entry.amount.micros())?);
-            c.amount2
-                .push(big("a balance", entry.balance_after.micros())?);
-            c.created.push(big("a time", entry.created_at.0)?);
-        }
-        let positions = batch_positions(changes.entries.len())?;
-        transaction
-            .execute(
-                "INSERT INTO statement_lines (payer, object_id, object_kind, currency, credit,
-                                              amount, balance_after, created_at, batch_position)
-                 SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::SMALLINT[], $4::TEXT[],
-                                      $5::BOOLEAN[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
-                                      $9::INTEGER[])",
-                &[
-                    &c.payer,
-                    &c.id,
-                    &c.small,
-                    &c.currency,
-                    &credit,
-                    &c.amount,
-                    &c.amount2,
-                    &c.created,
-                    &positions,
-                ],
-            )
-            .await?;
+    let mut ids = Vec::new();
+    let mut names = Vec::new();
+    let mut hashes = Vec::new();
+    let mut created = Vec::new();
+    for payer in &changes.payers {
+        ids.push(id16(payer.id.to_u128()));
+        names.push(payer.name.as_str());
+        hashes.push(key_for(key_of, Principal::Payer(payer.id))?);
+        created.push(big("a time", payer.created_at.0)?);
     }
-    persist_transfers(transaction, &changes.transfers).await?;
+    transaction
+        .execute_typed(
+            "INSERT INTO payers (id, name, key_hash, created_at)
+             SELECT * FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::BIGINT[])",
+            &[
+                (&ids, Type::BYTEA_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&hashes, Type::BYTEA_ARRAY),
+                (&created, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn persist_topups(transaction: &Transaction<'_>, changes: &Changes) -> Result<(), PgError> {
+    if changes.topups.is_empty() {
+        return Ok(());
+    }
+    let mut c = Columns::default();
+    for topup in &changes.topups {
+        c.id.push(id16(topup.id.to_u128()));
+        c.payer.push(id16(topup.payer.to_u128()));
+        c.amount.push(big("an amount", topup.amount.micros())?);
+        c.currency.push(topup.currency.as_str().to_string());
+        c.small.push(match topup.source {
+            FundingSource::Sandbox => 1,
+            FundingSource::SandboxDecline => 2,
+        });
+        c.created.push(big("a time", topup.created_at.0)?);
+    }
+    transaction
+        .execute_typed(
+            "INSERT INTO topups (id, payer, amount, currency, source, created_at)
+             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::TEXT[],
+                                  $5::SMALLINT[], $6::BIGINT[])",
+            &[
+                (&c.id, Type::BYTEA_ARRAY),
+                (&c.payer, Type::BYTEA_ARRAY),
+                (&c.amount, Type::INT8_ARRAY),
+                (&c.currency, Type::TEXT_ARRAY),
+                (&c.small, Type::INT2_ARRAY),
+                (&c.created, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn persist_payments(transaction: &Transaction<'_>, changes: &Changes) -> Result<(), PgError> {
+    let payments = &changes.payments;
+    if payments.is_empty() {
+        return Ok(());
+    }
+    if payments.len() >= COPY_ROWS_MIN {
+        return Ok(());
+    }
+    let positions = batch_positions(payments.len())?;
+    let mut c = Columns::default();
+    let mut description = Vec::new();
+    let mut reference = Vec::new();
+    for payment in payments {
+        c.id.push(id16(payment.id.to_u128()));
+        c.payer.push(id16(payment.payer.to_u128()));
+        c.merchant.push(id16(payment.merchant.to_u128()));
+        c.amount.push(big("an amount", payment.amount.micros())?);
+        c.currency.push(payment.currency.as_str().to_string());
+        c.fee.push(big("a fee", payment.fee.micros())?);
+        description.push(payment.description.as_deref());
+        reference.push(payment.reference.as_deref());
+        c.created.push(big("a time", payment.created_at.0)?);
+        c.amount2
+            .push(big("an amount", payment.amount_refunded.micros())?);
+        c.fee2.push(big("a fee", payment.fee_refunded.micros())?);
+    }
+    transaction
+        .execute_typed(
+            "INSERT INTO payments (id, payer, merchant, amount, currency, fee, description,
+                                   reference, created_at, amount_refunded, fee_refunded,
+                                   batch_position)
+             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BIGINT[],
+                                  $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[],
+                                  $9::BIGINT[], $10::BIGINT[], $11::BIGINT[],
+                                  $12::INTEGER[])",
+            &[
+                (&c.id, Type::BYTEA_ARRAY),
+                (&c.payer, Type::BYTEA_ARRAY),
+                (&c.merchant, Type::BYTEA_ARRAY),
+                (&c.amount, Type::INT8_ARRAY),
+                (&c.currency, Type::TEXT_ARRAY),
+                (&c.fee, Type::INT8_ARRAY),
+                (&description, Type::TEXT_ARRAY),
+                (&reference, Type::TEXT_ARRAY),
+                (&c.created, Type::INT8_ARRAY),
+                (&c.amount2, Type::INT8_ARRAY),
+                (&c.fee2, Type::INT8_ARRAY),
+                (&positions, Type::INT4_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn persist_payments_refunded(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+) -> Result<(), PgError> {
+    if changes.payments_refunded.is_empty() {
+        return Ok(());
+    }
+    let mut c = Columns::default();
+    for change in &changes.payments_refunded {
+        c.id.push(id16(change.id.to_u128()));
+        c.amount
+            .push(big("an amount", change.amount_refunded.micros())?);
+        c.fee.push(big("a fee", change.fee_refunded.micros())?);
+    }
+    transaction
+        .execute_typed(
+            "UPDATE payments SET amount_refunded = u.amount_refunded,
+                                 fee_refunded = u.fee_refunded
+             FROM unnest($1::BYTEA[], $2::BIGINT[], $3::BIGINT[])
+                  AS u(id, amount_refunded, fee_refunded)
+             WHERE payments.id = u.id",
+            &[
+                (&c.id, Type::BYTEA_ARRAY),
+                (&c.amount, Type::INT8_ARRAY),
+                (&c.fee, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn persist_refunds(transaction: &Transaction<'_>, changes: &Changes) -> Result<(), PgError> {
+    if changes.refunds.is_empty() {
+        return Ok(());
+    }
+    let mut c = Columns::default();
+    for refund in &changes.refunds {
+        c.id.push(id16(refund.id.to_u128()));
+        c.id2.push(id16(refund.payment.to_u128()));
+        c.payer.push(id16(refund.payer.to_u128()));
+        c.merchant.push(id16(refund.merchant.to_u128()));
+        c.amount.push(big("an amount", refund.amount.micros())?);
+        c.currency.push(refund.currency.as_str().to_string());
+        c.fee.push(big("a fee", refund.fee_refunded.micros())?);
+        c.created.push(big("a time", refund.created_at.0)?);
+    }
+    transaction
+        .execute_typed(
+            "INSERT INTO refunds (id, payment, payer, merchant, amount, currency,
+                                  fee_refunded, created_at)
+             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[],
+                                  $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[])",
+            &[
+                (&c.id, Type::BYTEA_ARRAY),
+                (&c.id2, Type::BYTEA_ARRAY),
+                (&c.payer, Type::BYTEA_ARRAY),
+                (&c.merchant, Type::BYTEA_ARRAY),
+                (&c.amount, Type::INT8_ARRAY),
+                (&c.currency, Type::TEXT_ARRAY),
+                (&c.fee, Type::INT8_ARRAY),
+                (&c.created, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Statement lines, with their place among the lines the batch made.
+async fn persist_entries(transaction: &Transaction<'_>, changes: &Changes) -> Result<(), PgError> {
+    let entries = &changes.entries;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if entries.len() >= COPY_ROWS_MIN {
+        return Ok(());
+    }
+    let positions = batch_positions(entries.len())?;
+    let mut c = Columns::default();
+    let mut credit = Vec::new();
+    for (payer, entry) in entries {
+        let (kind, id) = entry_object_columns(entry.object);
+        c.payer.push(id16(payer.to_u128()));
+        c.id.push(id16(id));
+        c.small.push(kind);
+        c.currency.push(entry.currency.as_str().to_string());
+        credit.push(entry.credit);
+        c.amount.push(big("an amount", entry.amount.micros())?);
+        c.amount2
+            .push(big("a balance", entry.balance_after.micros())?);
+        c.created.push(big("a time", entry.created_at.0)?);
+    }
+    transaction
+        .execute_typed(
+            "INSERT INTO statement_lines (payer, object_id, object_kind, currency, credit,
+                                          amount, balance_after, created_at, batch_position)
+             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::SMALLINT[], $4::TEXT[],
+                                  $5::BOOLEAN[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
+                                  $9::INTEGER[])",
+            &[
+                (&c.payer, Type::BYTEA_ARRAY),
+                (&c.id, Type::BYTEA_ARRAY),
+                (&c.small, Type::INT2_ARRAY),
+                (&c.currency, Type::TEXT_ARRAY),
+                (&credit, Type::BOOL_ARRAY),
+                (&c.amount, Type::INT8_ARRAY),
+                (&c.amount2, Type::INT8_ARRAY),
+                (&c.created, Type::INT8_ARRAY),
+                (&positions, Type::INT4_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Prunes, then the new idempotency records (a key pruned and used again in one batch is new).
+async fn persist_idempotency(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+) -> Result<(), PgError> {
     if let Some(before) = changes.prunes.iter().max() {
         transaction
-            .execute(
+            .execute_typed(
                 "DELETE FROM idempotency_keys WHERE created_at < $1",
-                &[&big("a prune time", before.0)?],
+                &[(&big("a prune time", before.0)?, Type::INT8)],
             )
             .await?;
     }
-    if !changes.idempotency.is_empty() {
-        let mut kinds = Vec::new();
-        let mut principals = Vec::new();
-        let mut keys = Vec::new();
-        let mut fingerprints = Vec::new();
-        let mut outcomes = Vec::new();
-        let mut created = Vec::new();
-        for row in &changes.idempotency {
-            let (kind, id) = principal_columns(row.key.principal);
-            kinds.push(kind);
-            principals.push(id);
-            keys.push(row.key.key.as_str());
-            fingerprints.push(row.fingerprint.as_slice());
-            let mut outcome = Vec::new();
-            encode_outcome(&row.outcome, &mut outcome);
-            outcomes.push(outcome);
-            created.push(big("a time", row.made.0)?);
-        }
-        transaction
-            .execute(
-                "INSERT INTO idempotency_keys (principal_kind, principal_id, key, fingerprint,
-                                               outcome, created_at)
-                 SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[], $4::BYTEA[],
-                                      $5::BYTEA[], $6::BIGINT[])",
-                &[
-                    &kinds,
-                    &principals,
-                    &keys,
-                    &fingerprints,
-                    &outcomes,
-                    &created,
-                ],
-            )
-            .await?;
+    if changes.idempotency.is_empty() {
+        return Ok(());
     }
+    let mut kinds = Vec::new();
+    let mut principals = Vec::new();
+    let mut keys = Vec::new();
+    let mut fingerprints = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut created = Vec::new();
+    for row in &changes.idempotency {
+        let (kind, id) = principal_columns(row.key.principal);
+        kinds.push(kind);
+        principals.push(id);
+        keys.push(row.key.key.as_str());
+        fingerprints.push(row.fingerprint.as_slice());
+        let mut outcome = Vec::new();
+        encode_outcome(&row.outcome, &mut outcome);
+        outcomes.push(outcome);
+        created.push(big("a time", row.made.0)?);
+    }
+    transaction
+        .execute_typed(
+            "INSERT INTO idempotency_keys (principal_kind, principal_id, key, fingerprint,
+                                           outcome, created_at)
+             SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[], $4::BYTEA[],
+                                  $5::BYTEA[], $6::BIGINT[])",
+            &[
+                (&kinds, Type::INT2_ARRAY),
+                (&principals, Type::BYTEA_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+                (&fingerprints, Type::BYTEA_ARRAY),
+                (&outcomes, Type::BYTEA_ARRAY),
+                (&created, Type::INT8_ARRAY),
+            ],
+        )
+        .await?;
     Ok(())
+}
+
+/// A statement line's `object_kind` (1 top-up, 2 payment, 3 refund) and `object_id`.
+fn entry_object_columns(object: EntryObject) -> (i16, u128) {
+    match object {
+        EntryObject::Topup(id) => (1, id.to_u128()),
+        EntryObject::Payment(id) => (2, id.to_u128()),
+        EntryObject::Refund(id) => (3, id.to_u128()),
+    }
 }
 
 /// `batch_position` for `count` rows in the order a batch made them: 0, 1, 2, …
@@ -900,6 +1272,222 @@ struct Columns {
     created: Vec<i64>,
 }
 
+/// Rows in the binary `COPY` format: a header, then each row as its field count and each field
+/// as its length and its bytes in the type's binary form, then a trailer.
+struct CopyRows {
+    buf: BytesMut,
+    fields: i16,
+}
+
+impl CopyRows {
+    fn new(fields: i16, capacity: usize) -> CopyRows {
+        let mut buf = BytesMut::with_capacity(capacity + 32);
+        buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.put_i32(0); // flags
+        buf.put_i32(0); // header extension length
+        CopyRows { buf, fields }
+    }
+
+    fn row(&mut self) {
+        self.buf.put_i16(self.fields);
+    }
+
+    /// BYTEA: an object id, 16 bytes big-endian.
+    fn id(&mut self, id: u128) {
+        self.buf.put_i32(16);
+        self.buf.put_u128(id);
+    }
+
+    fn int8(&mut self, value: i64) {
+        self.buf.put_i32(8);
+        self.buf.put_i64(value);
+    }
+
+    fn int4(&mut self, value: i32) {
+        self.buf.put_i32(4);
+        self.buf.put_i32(value);
+    }
+
+    fn int2(&mut self, value: i16) {
+        self.buf.put_i32(2);
+        self.buf.put_i16(value);
+    }
+
+    fn bool(&mut self, value: bool) {
+        self.buf.put_i32(1);
+        self.buf.put_u8(u8::from(value));
+    }
+
+    /// TEXT or CHAR(n), in the database's encoding (UTF-8).
+    fn text(&mut self, value: &str) {
+        self.buf.put_i32(value.len() as i32);
+        self.buf.put_slice(value.as_bytes());
+    }
+
+    fn optional_text(&mut self, value: Option<&str>) {
+        match value {
+            Some(value) => self.text(value),
+            None => self.null(),
+        }
+    }
+
+    fn null(&mut self) {
+        self.buf.put_i32(-1);
+    }
+
+    /// NUMERIC: a non-negative integer as base-10,000 digits, most significant first.
+    fn numeric(&mut self, value: u64) {
+        let mut digits = [0i16; 5];
+        let mut count = 0;
+        let mut rest = value;
+        while rest > 0 {
+            digits[count] = (rest % 10_000) as i16;
+            rest /= 10_000;
+            count += 1;
+        }
+        self.buf.put_i32(8 + 2 * count as i32);
+        self.buf.put_i16(count as i16); // ndigits
+        self.buf.put_i16(count.saturating_sub(1) as i16); // weight
+        self.buf.put_u16(0); // sign: positive
+        self.buf.put_u16(0); // dscale
+        for digit in digits[..count].iter().rev() {
+            self.buf.put_i16(*digit);
+        }
+    }
+
+    fn finish(mut self) -> Bytes {
+        self.buf.put_i16(-1);
+        self.buf.freeze()
+    }
+}
+
+/// Runs a prepared `COPY … FROM STDIN (FORMAT binary)` with `rows`.
+async fn copy_in(
+    transaction: &Transaction<'_>,
+    statement: &Statement,
+    rows: Bytes,
+) -> Result<(), PgError> {
+    let sink = transaction.copy_in(statement).await?;
+    let mut sink = std::pin::pin!(sink);
+    sink.as_mut().send(rows).await?;
+    sink.as_mut().finish().await?;
+    Ok(())
+}
+
+/// The new rows of the tables that get many, encoded for `COPY`, with their statements
+/// prepared (together).
+async fn prepare_copies(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+) -> Result<Vec<(Statement, Bytes)>, PgError> {
+    let mut copies = Vec::new();
+    if changes.payments.len() >= COPY_ROWS_MIN {
+        copies.push(copy_payments(&changes.payments)?);
+    }
+    if changes.entries.len() >= COPY_ROWS_MIN {
+        copies.push(copy_entries(&changes.entries)?);
+    }
+    if changes.transfers.len() >= COPY_ROWS_MIN {
+        copies.push(copy_transfers(&changes.transfers)?);
+    }
+    let statements =
+        futures_util::future::try_join_all(copies.iter().map(|(sql, _)| transaction.prepare(sql)))
+            .await?;
+    Ok(statements
+        .into_iter()
+        .zip(copies.into_iter().map(|(_, rows)| rows.finish()))
+        .collect())
+}
+
+fn copy_payments(payments: &[Payment]) -> Result<(&'static str, CopyRows), PgError> {
+    let positions = batch_positions(payments.len())?;
+    let mut rows = CopyRows::new(12, payments.len() * 160);
+    for (payment, position) in payments.iter().zip(positions) {
+        rows.row();
+        rows.id(payment.id.to_u128());
+        rows.id(payment.payer.to_u128());
+        rows.id(payment.merchant.to_u128());
+        rows.int8(big("an amount", payment.amount.micros())?);
+        rows.text(payment.currency.as_str());
+        rows.int8(big("a fee", payment.fee.micros())?);
+        rows.optional_text(payment.description.as_deref());
+        rows.optional_text(payment.reference.as_deref());
+        rows.int8(big("a time", payment.created_at.0)?);
+        rows.int8(big("an amount", payment.amount_refunded.micros())?);
+        rows.int8(big("a fee", payment.fee_refunded.micros())?);
+        rows.int4(position);
+    }
+    Ok((
+        "COPY payments (id, payer, merchant, amount, currency, fee, description, reference,
+                        created_at, amount_refunded, fee_refunded, batch_position)
+         FROM STDIN (FORMAT binary)",
+        rows,
+    ))
+}
+
+fn copy_entries(entries: &[(PayerId, Entry)]) -> Result<(&'static str, CopyRows), PgError> {
+    let positions = batch_positions(entries.len())?;
+    let mut rows = CopyRows::new(9, entries.len() * 120);
+    for ((payer, entry), position) in entries.iter().zip(positions) {
+        let (kind, id) = entry_object_columns(entry.object);
+        rows.row();
+        rows.id(payer.to_u128());
+        rows.id(id);
+        rows.int2(kind);
+        rows.text(entry.currency.as_str());
+        rows.bool(entry.credit);
+        rows.int8(big("an amount", entry.amount.micros())?);
+        rows.int8(big("a balance", entry.balance_after.micros())?);
+        rows.int8(big("a time", entry.created_at.0)?);
+        rows.int4(position);
+    }
+    Ok((
+        "COPY statement_lines (payer, object_id, object_kind, currency, credit, amount,
+                               balance_after, created_at, batch_position)
+         FROM STDIN (FORMAT binary)",
+        rows,
+    ))
+}
+
+fn copy_transfers(records: &[TransferRecord]) -> Result<(&'static str, CopyRows), PgError> {
+    let mut rows = CopyRows::new(12, records.len() * 120);
+    for record in records {
+        let transfer = &record.transfer;
+        let (kind, pending, timeout) = transfer_kind_columns(transfer.kind);
+        rows.row();
+        rows.id(transfer.id.0);
+        rows.int8(transfer.debit.0 as i64);
+        rows.int8(transfer.credit.0 as i64);
+        rows.numeric(transfer.amount.micros());
+        rows.int2(kind);
+        match pending {
+            Some(id) => rows.id(id),
+            None => rows.null(),
+        }
+        match timeout {
+            Some(timeout) => rows.int4(timeout),
+            None => rows.null(),
+        }
+        rows.bool(transfer.linked);
+        rows.int2(outcome_column(record.outcome));
+        match hold_column(record.hold) {
+            Some(hold) => rows.int2(hold),
+            None => rows.null(),
+        }
+        match record.expires_at {
+            Some(at) => rows.int8(big("an expiry", at.0)?),
+            None => rows.null(),
+        }
+        rows.int8(big("a time", record.timestamp.0)?);
+    }
+    Ok((
+        "COPY transfers (id, debit_account, credit_account, amount, kind, pending_id,
+                         timeout_secs, linked, outcome, hold_state, expires_at, created_at)
+         FROM STDIN (FORMAT binary)",
+        rows,
+    ))
+}
+
 /// The operator's key: every touched hash leaves `operator_keys`, then the one that is the
 /// operator's now goes in (merchants' and payers' keys go in with their rows).
 async fn persist_keys(
@@ -916,9 +1504,9 @@ async fn persist_keys(
         .map(|(hash, _)| hash.0.as_slice())
         .collect();
     transaction
-        .execute(
+        .execute_typed(
             "DELETE FROM operator_keys WHERE key_hash = ANY($1)",
-            &[&touched],
+            &[(&touched, Type::BYTEA_ARRAY)],
         )
         .await?;
     let operator: Vec<&[u8]> = changes
@@ -929,10 +1517,13 @@ async fn persist_keys(
         .collect();
     if !operator.is_empty() {
         transaction
-            .execute(
+            .execute_typed(
                 "INSERT INTO operator_keys (key_hash, created_at)
                  SELECT key_hash, $2 FROM unnest($1::BYTEA[]) AS u(key_hash)",
-                &[&operator, &big("a time", now.0)?],
+                &[
+                    (&operator, Type::BYTEA_ARRAY),
+                    (&big("a time", now.0)?, Type::INT8),
+                ],
             )
             .await?;
     }
@@ -959,22 +1550,22 @@ async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> R
             }
         }
         transaction
-            .execute(
+            .execute_typed(
                 "INSERT INTO accounts (id, owner_kind, owner_id, currency, kind, debits_posted,
                                        credits_posted, debits_pending, credits_pending)
                  SELECT * FROM unnest($1::BIGINT[], $2::SMALLINT[], $3::BYTEA[], $4::TEXT[],
                                       $5::SMALLINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
                                       $9::BIGINT[])",
                 &[
-                    &ids,
-                    &owner_kinds,
-                    &owner_ids,
-                    &currencies,
-                    &kinds,
-                    &totals[0],
-                    &totals[1],
-                    &totals[2],
-                    &totals[3],
+                    (&ids, Type::INT8_ARRAY),
+                    (&owner_kinds, Type::INT2_ARRAY),
+                    (&owner_ids, Type::BYTEA_ARRAY),
+                    (&currencies, Type::TEXT_ARRAY),
+                    (&kinds, Type::INT2_ARRAY),
+                    (&totals[0], Type::INT8_ARRAY),
+                    (&totals[1], Type::INT8_ARRAY),
+                    (&totals[2], Type::INT8_ARRAY),
+                    (&totals[3], Type::INT8_ARRAY),
                 ],
             )
             .await?;
@@ -989,13 +1580,19 @@ async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> R
             }
         }
         transaction
-            .execute(
+            .execute_typed(
                 "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp,
                                      debits_pending = u.dpe, credits_pending = u.cpe
                  FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
                              $5::BIGINT[]) AS u(id, dp, cp, dpe, cpe)
                  WHERE accounts.id = u.id",
-                &[&ids, &totals[0], &totals[1], &totals[2], &totals[3]],
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&totals[0], Type::INT8_ARRAY),
+                    (&totals[1], Type::INT8_ARRAY),
+                    (&totals[2], Type::INT8_ARRAY),
+                    (&totals[3], Type::INT8_ARRAY),
+                ],
             )
             .await?;
     }
@@ -1011,11 +1608,40 @@ fn account_totals(account: &Account) -> [u64; 4] {
     ]
 }
 
+/// A transfer's `kind`, `pending_id` and `timeout_secs` columns.
+fn transfer_kind_columns(kind: TransferKind) -> (i16, Option<u128>, Option<i32>) {
+    match kind {
+        TransferKind::Posted => (1, None, None),
+        TransferKind::Pending { timeout_secs } => (2, None, Some(timeout_secs as i32)),
+        TransferKind::PostPending { pending_id } => (3, Some(pending_id.0), None),
+        TransferKind::VoidPending { pending_id } => (4, Some(pending_id.0), None),
+    }
+}
+
+fn hold_column(hold: Option<HoldState>) -> Option<i16> {
+    hold.map(|hold| match hold {
+        HoldState::Pending => 1,
+        HoldState::Posted => 2,
+        HoldState::Voided => 3,
+        HoldState::Expired => 4,
+    })
+}
+
+fn outcome_column(outcome: Result<(), TransferRejection>) -> i16 {
+    match outcome {
+        Ok(()) => 0,
+        Err(rejection) => transfer_rejection_code(rejection),
+    }
+}
+
 async fn persist_transfers(
     transaction: &Transaction<'_>,
     records: &[TransferRecord],
 ) -> Result<(), PgError> {
     if records.is_empty() {
+        return Ok(());
+    }
+    if records.len() >= COPY_ROWS_MIN {
         return Ok(());
     }
     let mut ids = Vec::new();
@@ -1032,30 +1658,17 @@ async fn persist_transfers(
     let mut created = Vec::new();
     for record in records {
         let transfer = &record.transfer;
+        let (kind, pending, timeout) = transfer_kind_columns(transfer.kind);
         ids.push(id16(transfer.id.0));
         debits.push(transfer.debit.0 as i64);
         credits.push(transfer.credit.0 as i64);
         amounts.push(transfer.amount.micros().to_string());
-        let (kind, pending, timeout) = match transfer.kind {
-            TransferKind::Posted => (1i16, None, None),
-            TransferKind::Pending { timeout_secs } => (2, None, Some(timeout_secs as i32)),
-            TransferKind::PostPending { pending_id } => (3, Some(id16(pending_id.0)), None),
-            TransferKind::VoidPending { pending_id } => (4, Some(id16(pending_id.0)), None),
-        };
         kinds.push(kind);
-        pending_ids.push(pending);
+        pending_ids.push(pending.map(id16));
         timeouts.push(timeout);
         linked.push(transfer.linked);
-        outcomes.push(match record.outcome {
-            Ok(()) => 0,
-            Err(rejection) => transfer_rejection_code(rejection),
-        });
-        holds.push(record.hold.map(|hold| match hold {
-            HoldState::Pending => 1,
-            HoldState::Posted => 2,
-            HoldState::Voided => 3,
-            HoldState::Expired => 4,
-        }));
+        outcomes.push(outcome_column(record.outcome));
+        holds.push(hold_column(record.hold));
         expires.push(
             record
                 .expires_at
@@ -1065,7 +1678,7 @@ async fn persist_transfers(
         created.push(big("a time", record.timestamp.0)?);
     }
     transaction
-        .execute(
+        .execute_typed(
             "INSERT INTO transfers (id, debit_account, credit_account, amount, kind, pending_id,
                                     timeout_secs, linked, outcome, hold_state, expires_at,
                                     created_at)
@@ -1077,18 +1690,18 @@ async fn persist_transfers(
                   AS u(id, debit_account, credit_account, amount, kind, pending_id,
                        timeout_secs, linked, outcome, hold_state, expires_at, created_at)",
             &[
-                &ids,
-                &debits,
-                &credits,
-                &amounts,
-                &kinds,
-                &pending_ids,
-                &timeouts,
-                &linked,
-                &outcomes,
-                &holds,
-                &expires,
-                &created,
+                (&ids, Type::BYTEA_ARRAY),
+                (&debits, Type::INT8_ARRAY),
+                (&credits, Type::INT8_ARRAY),
+                (&amounts, Type::TEXT_ARRAY),
+                (&kinds, Type::INT2_ARRAY),
+                (&pending_ids, Type::BYTEA_ARRAY),
+                (&timeouts, Type::INT4_ARRAY),
+                (&linked, Type::BOOL_ARRAY),
+                (&outcomes, Type::INT2_ARRAY),
+                (&holds, Type::INT2_ARRAY),
+                (&expires, Type::INT8_ARRAY),
+                (&created, Type::INT8_ARRAY),
             ],
         )
         .await?;

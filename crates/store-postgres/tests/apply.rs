@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::TestDatabase;
-use farthing_store_postgres::{apply_batch, connect, migrate};
+use farthing_store_postgres::{apply_batch, connect, migrate, query};
 use farthing_testing::{Builder, EPOCH, StepSpec, currency, history};
 use proptest::test_runner::TestCaseError;
 use tokio_postgres::Client;
@@ -539,4 +539,181 @@ async fn two_concurrent_refunds_of_the_rest_of_a_payment_refund_it_once() {
         row.get::<_, i64>(1),
         50_000_000 + 1_000_000 * PAYMENTS as i64
     );
+}
+
+// =============================================================================================
+// Large batches
+// =============================================================================================
+
+fn pay_item(id: u128, payer: PayerId, merchant: MerchantId, amount: u64) -> PayCommand {
+    match pay(id, payer, merchant, amount) {
+        Command::Pay(item) => item,
+        _ => unreachable!("pay makes a payment"),
+    }
+}
+
+/// Batches large enough that their payments, statement lines and transfers go in by `COPY`,
+/// with rejections, ids taken by earlier batches (among them a fee leg's id that a zero-fee
+/// payment names but does not use), descriptions and idempotency keys, read back as the
+/// in-memory state has them.
+#[tokio::test]
+async fn large_batches_read_back_as_the_in_memory_state() {
+    let Some(db) = TestDatabase::create("large_batches_read_back").await else {
+        return;
+    };
+    let mut client = migrated(&db).await;
+    let payers: Vec<PayerId> = (11..41).map(PayerId::from_u128).collect();
+    let (merchant, setup) = setup_records(&payers, 2_000_000);
+    // Below 50 micro-units the 2% fee is zero: one leg, and the second transfer id unused.
+    let amount = |n: u128| {
+        if n.is_multiple_of(7) {
+            30
+        } else {
+            100_000 + (n * 97) % 50_000
+        }
+    };
+    let batch_a = vec![record(
+        1,
+        Command::PayBatch(
+            (0..600u128)
+                .map(|n| {
+                    let mut item = pay_item(
+                        10_000 + n,
+                        payers[n as usize % 30],
+                        merchant,
+                        amount(n) as u64,
+                    );
+                    if n.is_multiple_of(3) {
+                        item.description = Some(format!("order {n} — café ☕"));
+                    }
+                    if n.is_multiple_of(5) {
+                        item.reference = Some(format!("ref-{n}"));
+                    }
+                    item
+                })
+                .collect(),
+        ),
+    )];
+    let claim = |n: u128, fingerprint: u8| IdempotencyClaim {
+        key: IdempotencyKey {
+            principal: Principal::Payer(payers[n as usize % 30]),
+            key: format!("b-{n}"),
+        },
+        fingerprint: [fingerprint; 32],
+    };
+    let batch_b: Vec<Record> = (0..300u128)
+        .map(|n| {
+            let payer = payers[n as usize % 30];
+            let mut item = pay_item(20_000 + n, payer, merchant, 20);
+            match n {
+                // A payment id and a first leg's id, taken in batch A.
+                5 => item.id = PaymentId::from_u128(10_001),
+                6 => item.transfer_ids[0] = TransferId(10_002),
+                // Batch A's first payment paid no fee: its second id is free.
+                9 => item.transfer_ids[1] = TransferId(10_000 + (1 << 64)),
+                _ => {}
+            }
+            Record {
+                idempotency: n.is_multiple_of(50).then(|| claim(n, 1)),
+                ..record(2, Command::Pay(item))
+            }
+        })
+        .collect();
+    let batch_c = vec![
+        // Replays of batch B's requests (their ids would collide, but they are not read),
+        // and a key reused with another request.
+        Record {
+            idempotency: Some(claim(0, 1)),
+            ..record(3, pay(10_004, payers[0], merchant, 20))
+        },
+        Record {
+            idempotency: Some(claim(50, 1)),
+            ..record(3, pay(30_000, payers[20], merchant, 20))
+        },
+        Record {
+            idempotency: Some(claim(100, 2)),
+            ..record(3, pay(30_001, payers[10], merchant, 20))
+        },
+        // A zero-fee payment whose unused second id is taken.
+        record(
+            3,
+            Command::Pay(PayCommand {
+                transfer_ids: [TransferId(30_002), TransferId(10_003)],
+                ..pay_item(30_002, payers[3], merchant, 20)
+            }),
+        ),
+    ];
+    let mut state = State::new();
+    for batch in [setup, batch_a, batch_b, batch_c] {
+        let expected: Vec<Outcome> = batch.iter().map(|r| state.apply(r)).collect();
+        let got = apply_batch(&mut client, &batch).await.unwrap();
+        assert_eq!(got, expected);
+    }
+    let rejected = |id: u128| state.payment(PaymentId::from_u128(id)).is_none();
+    assert!(
+        [20_005, 20_006, 30_002].into_iter().all(rejected),
+        "ids taken earlier are refused"
+    );
+    assert!(!rejected(20_009), "an unused fee leg's id is free");
+    assert!(
+        (10_000..10_600u128).any(rejected),
+        "some payers run out of money"
+    );
+
+    for id in (10_000..10_600u128)
+        .chain(20_000..20_300)
+        .chain(30_000..30_003)
+    {
+        let id = PaymentId::from_u128(id);
+        assert_eq!(
+            query::payment(&client, id).await.unwrap(),
+            state.payment(id).cloned(),
+            "{id:?}"
+        );
+    }
+    for payer in &payers {
+        let got = query::payer_entries(&client, *payer, 10_000, None)
+            .await
+            .unwrap()
+            .unwrap();
+        let expected = state.payer_entries(*payer, 10_000, None).unwrap();
+        assert_eq!(got.items, expected.items, "{payer:?}");
+    }
+    let transfers = client
+        .query(
+            "SELECT id, debit_account, credit_account, amount::TEXT, outcome FROM transfers",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(transfers.len(), state.ledger_transfer_count());
+    for row in transfers {
+        let id = TransferId(u128::from_be_bytes(
+            row.get::<_, &[u8]>(0).try_into().unwrap(),
+        ));
+        let record = state
+            .transfer_record(id)
+            .expect("a stored transfer is known");
+        assert_eq!(row.get::<_, i64>(1) as u64, record.transfer.debit.0);
+        assert_eq!(row.get::<_, i64>(2) as u64, record.transfer.credit.0);
+        assert_eq!(
+            row.get::<_, &str>(3),
+            record.transfer.amount.micros().to_string()
+        );
+        assert_eq!(row.get::<_, i16>(4) == 0, record.outcome.is_ok(), "{id:?}");
+    }
+    let mut expected_accounts: Vec<(u64, [u64; 4])> = state
+        .ledger_accounts()
+        .map(|a| {
+            let totals = [
+                a.debits_posted,
+                a.credits_posted,
+                a.debits_pending,
+                a.credits_pending,
+            ];
+            (a.id.0, totals)
+        })
+        .collect();
+    expected_accounts.sort();
+    assert_eq!(stored_accounts(&client).await, expected_accounts);
 }
