@@ -41,6 +41,9 @@ CREATE TABLE accounts (
     credits_posted BIGINT NOT NULL DEFAULT 0 CHECK (credits_posted >= 0),
     debits_pending BIGINT NOT NULL DEFAULT 0 CHECK (debits_pending >= 0),
     credits_pending BIGINT NOT NULL DEFAULT 0 CHECK (credits_pending >= 0),
+    -- The time of the last batch that changed the account. A batch that locks the account is
+    -- given a later time, so lists ordered by time follow the order batches committed in.
+    changed_at BIGINT NOT NULL DEFAULT 0,
     UNIQUE (owner_kind, owner_id, currency)
 );
 

@@ -128,8 +128,27 @@ async fn apply_once(
 ) -> Result<Attempt, PgError> {
     let started = Instant::now();
     let transaction = client.transaction().await?;
-    let (mut working, assumed) =
+    let (mut working, assumed, last_changed) =
         load_working_set(&transaction, records, assume_new_ids_free).await?;
+    // Batches commit in the order their accounts' locks are granted, which need not be the
+    // order of their times (another server's clock, or a batch that took its time first and
+    // then waited for these locks). A batch is given a time later than any earlier change to
+    // the accounts it holds, so that lists ordered by time, and a statement's running
+    // balance, follow the order of commits.
+    let later: Vec<Record>;
+    let records = match last_changed {
+        Some(last) if records.iter().any(|record| record.now <= last) => {
+            later = records
+                .iter()
+                .map(|record| Record {
+                    now: record.now.max(Timestamp(last.0.saturating_add(1))),
+                    ..record.clone()
+                })
+                .collect();
+            &later[..]
+        }
+        _ => records,
+    };
     let loaded = Instant::now();
     // Whether each record's command runs: a replayed or reused idempotency key answers without
     // reading anything else.
@@ -358,12 +377,13 @@ async fn any_taken(
 /// each in id order, so concurrent writers never wait on each other in a cycle.
 ///
 /// With `assume_new_ids_free`, the ids of new payments and transfers are not loaded but
-/// returned, to be checked (see [`apply_batch`]).
+/// returned, to be checked (see [`apply_batch`]). Also returns the latest time any of the
+/// accounts loaded (and locked) was changed.
 async fn load_working_set(
     transaction: &Transaction<'_>,
     records: &[Record],
     assume_new_ids_free: bool,
-) -> Result<(State, Assumed), PgError> {
+) -> Result<(State, Assumed, Option<Timestamp>), PgError> {
     let mut working = State::new_working_set();
     let mut asked = Wanted::default();
     let mut assumed = Assumed::default();
@@ -431,13 +451,15 @@ async fn load_working_set(
             )?;
         }
     }
-    for (owner, account) in load_accounts(transaction, &asked.accounts).await? {
+    let mut last_changed = None;
+    for (owner, account, changed_at) in load_accounts(transaction, &asked.accounts).await? {
+        last_changed = last_changed.max(Some(changed_at));
         if working.account_of(owner, account.currency).is_some() {
             continue;
         }
         loaded("an account", working.insert_account(owner, account))?;
     }
-    Ok((working, assumed))
+    Ok((working, assumed, last_changed))
 }
 
 fn loaded(what: &str, result: Result<(), LoadError>) -> Result<(), PgError> {
@@ -756,10 +778,11 @@ async fn load_idempotency(
 
 /// Accounts, locked in id order. A row found under another owner (a 2⁻⁶⁴ id collision) is
 /// loaded under that owner, so that the command is refused as the whole state refuses it.
+/// The accounts wanted that exist, locked in id order, each with the time it last changed.
 async fn load_accounts(
     transaction: &Transaction<'_>,
     wanted: &BTreeSet<(Owner, Currency)>,
-) -> Result<Vec<(Owner, Account)>, PgError> {
+) -> Result<Vec<(Owner, Account, Timestamp)>, PgError> {
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
@@ -772,7 +795,7 @@ async fn load_accounts(
     let rows = transaction
         .query_typed(
             "SELECT id, owner_kind, owner_id, currency::TEXT, kind, debits_posted, credits_posted,
-                    debits_pending, credits_pending
+                    debits_pending, credits_pending, changed_at
              FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
             &[(&ids, Type::INT8_ARRAY)],
         )
@@ -792,7 +815,7 @@ async fn load_accounts(
                 debits_pending: total_of(row.get(7))?,
                 credits_pending: total_of(row.get(8))?,
             };
-            Ok((owner, account))
+            Ok((owner, account, time_of(row.get(9))?))
         })
         .collect()
 }
@@ -844,7 +867,7 @@ async fn persist(
         persist_keys(transaction, changes, now),
         persist_merchants(transaction, changes, &key_of),
         persist_payers(transaction, changes, &key_of),
-        persist_accounts(transaction, changes),
+        persist_accounts(transaction, changes, now),
         persist_topups(transaction, changes),
         persist_payments(transaction, changes),
         persist_payments_refunded(transaction, changes),
@@ -1530,7 +1553,12 @@ async fn persist_keys(
     Ok(())
 }
 
-async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> Result<(), PgError> {
+async fn persist_accounts(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+    now: Timestamp,
+) -> Result<(), PgError> {
+    let now = big("a time", now.0)?;
     if !changes.accounts_created.is_empty() {
         let mut ids = Vec::new();
         let mut owner_kinds = Vec::new();
@@ -1552,10 +1580,10 @@ async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> R
         transaction
             .execute_typed(
                 "INSERT INTO accounts (id, owner_kind, owner_id, currency, kind, debits_posted,
-                                       credits_posted, debits_pending, credits_pending)
-                 SELECT * FROM unnest($1::BIGINT[], $2::SMALLINT[], $3::BYTEA[], $4::TEXT[],
-                                      $5::SMALLINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
-                                      $9::BIGINT[])",
+                                       credits_posted, debits_pending, credits_pending, changed_at)
+                 SELECT *, $10::BIGINT FROM unnest($1::BIGINT[], $2::SMALLINT[], $3::BYTEA[],
+                                      $4::TEXT[], $5::SMALLINT[], $6::BIGINT[], $7::BIGINT[],
+                                      $8::BIGINT[], $9::BIGINT[])",
                 &[
                     (&ids, Type::INT8_ARRAY),
                     (&owner_kinds, Type::INT2_ARRAY),
@@ -1566,6 +1594,7 @@ async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> R
                     (&totals[1], Type::INT8_ARRAY),
                     (&totals[2], Type::INT8_ARRAY),
                     (&totals[3], Type::INT8_ARRAY),
+                    (&now, Type::INT8),
                 ],
             )
             .await?;
@@ -1582,7 +1611,8 @@ async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> R
         transaction
             .execute_typed(
                 "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp,
-                                     debits_pending = u.dpe, credits_pending = u.cpe
+                                     debits_pending = u.dpe, credits_pending = u.cpe,
+                                     changed_at = $6
                  FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
                              $5::BIGINT[]) AS u(id, dp, cp, dpe, cpe)
                  WHERE accounts.id = u.id",
@@ -1592,6 +1622,7 @@ async fn persist_accounts(transaction: &Transaction<'_>, changes: &Changes) -> R
                     (&totals[1], Type::INT8_ARRAY),
                     (&totals[2], Type::INT8_ARRAY),
                     (&totals[3], Type::INT8_ARRAY),
+                    (&now, Type::INT8),
                 ],
             )
             .await?;
