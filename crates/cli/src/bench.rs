@@ -65,7 +65,9 @@ impl Rng {
     }
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    // An empty FARTHING_DATABASE_URL means none.
+    args.database_url = args.database_url.filter(|url| !url.trim().is_empty());
     let parts: Vec<&str> = args.only.split(',').map(str::trim).collect();
     let root = args
         .dir
