@@ -5,7 +5,8 @@
 //! write path of the shared store that lets several `farthing serve` processes use one
 //! database (designed in `docs/adr/0002-postgresql-backend-shape.md`): a batch of records
 //! applied in one transaction, over a working set loaded for it; and [`query`], its read side,
-//! which answers what the handlers ask the in-memory state with SQL. Nothing calls them yet.
+//! which answers what the handlers ask the in-memory state with SQL. The server does not call
+//! them yet; `farthing bench --database-url` measures [`apply_batch`].
 //!
 //! The SQL stays portable to PostgreSQL-compatible distributed engines: no advisory locks
 //! (migrators serialize on a row lock), no LISTEN/NOTIFY, no triggers or stored procedures, no
