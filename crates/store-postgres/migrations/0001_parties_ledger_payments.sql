@@ -113,7 +113,8 @@ CREATE INDEX refunds_by_payment ON refunds (payment);
 -- A payer's statement: one line per top-up, payment and refund, with the running balance,
 -- newest first by (created_at, batch_position, object_id) like payments. batch_position is
 -- the line's place among the lines its batch made (that order is the order made within each
--- payer). object_kind: 1 top-up, 2 payment, 3 refund.
+-- payer). object_kind: 1 top-up, 2 payment, 3 refund. A line has its object's created_at, so
+-- the one index, in statement order, also finds an object's line.
 -- topups.source: 1 sandbox, 2 sandbox decline.
 CREATE TABLE statement_lines (
     payer BYTEA NOT NULL,
@@ -125,10 +126,8 @@ CREATE TABLE statement_lines (
     balance_after BIGINT NOT NULL,
     created_at BIGINT NOT NULL,
     batch_position INTEGER NOT NULL CHECK (batch_position >= 0),
-    PRIMARY KEY (payer, object_id)
+    PRIMARY KEY (payer, created_at, batch_position, object_id)
 );
-CREATE INDEX statement_lines_newest
-    ON statement_lines (payer, created_at DESC, batch_position DESC, object_id DESC);
 
 -- Idempotency keys, scoped to the calling principal. principal_kind: 1 operator, 2 merchant,
 -- 3 payer (principal_id empty for the operator). The outcome is the first answer, encoded.

@@ -324,10 +324,19 @@ pub async fn payer_entries(
                 .await?,
             Some(object) => {
                 let (kind, id) = object_columns(object);
+                let objects = match object {
+                    EntryObject::Topup(_) => "topups",
+                    EntryObject::Payment(_) => "payments",
+                    EntryObject::Refund(_) => "refunds",
+                };
+                // The line has its object's time: look there, in statement order.
                 let Some(row) = client
                     .query_opt(
-                        "SELECT created_at, batch_position FROM statement_lines
-                     WHERE payer = $1 AND object_id = $2 AND object_kind = $3",
+                        &format!(
+                            "SELECT created_at, batch_position FROM statement_lines
+                             WHERE payer = $1 AND object_id = $2 AND object_kind = $3
+                               AND created_at = (SELECT created_at FROM {objects} WHERE id = $2)"
+                        ),
                         &[&payer, &id, &kind],
                     )
                     .await?
