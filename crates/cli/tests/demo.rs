@@ -1,4 +1,7 @@
-//! `farthing demo`: a new user pastes the printed `curl` lines and they work.
+//! `farthing demo`: a new user pastes the printed `curl` lines and they work, on the embedded
+//! store and on PostgreSQL.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -6,13 +9,31 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn the_curl_lines_the_demo_prints_pay_and_report_and_sigterm_cleans_up() {
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_farthing"))
+    run_demo(None);
+}
+
+#[test]
+fn the_demo_runs_on_postgresql_and_its_curl_lines_work() {
+    let Some(database) =
+        common::TestDatabase::for_test("the_demo_runs_on_postgresql_and_its_curl_lines_work")
+    else {
+        return;
+    };
+    run_demo(Some(&database.url));
+}
+
+/// Runs the demo (on `database_url`, else on a fresh directory), pastes its lines, stops it.
+fn run_demo(database_url: Option<&str>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_farthing"));
+    command
         .args(["demo", "--listen", "127.0.0.1:0"])
         .env_remove("FARTHING_DATABASE_URL")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the demo");
+        .stderr(Stdio::null());
+    if let Some(url) = database_url {
+        command.args(["--database-url", url]);
+    }
+    let mut demo = command.spawn().expect("start the demo");
     let stdout = demo.stdout.take().expect("piped stdout");
     let mut lines = Vec::new();
     for line in BufReader::new(stdout).lines() {
@@ -23,12 +44,21 @@ fn the_curl_lines_the_demo_prints_pay_and_report_and_sigterm_cleans_up() {
             break;
         }
     }
-    let data_dir = lines
+    let place = lines
         .iter()
         .find_map(|l| l.split("(data in ").nth(1))
         .map(|rest| rest.trim_end_matches(')').to_string())
         .expect("the demo says where its data is");
-    assert!(std::path::Path::new(&data_dir).exists());
+    let data_dir = match database_url {
+        None => {
+            assert!(std::path::Path::new(&place).exists());
+            Some(place)
+        }
+        Some(_) => {
+            assert_eq!(place, "PostgreSQL");
+            None
+        }
+    };
     let curls: Vec<&String> = lines.iter().filter(|l| l.starts_with("curl ")).collect();
     assert!(
         curls.len() >= 6,
@@ -82,8 +112,10 @@ fn the_curl_lines_the_demo_prints_pay_and_report_and_sigterm_cleans_up() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "the demo exits 0 on SIGTERM: {exit:?}");
-    assert!(
-        !std::path::Path::new(&data_dir).exists(),
-        "the demo removes its data directory"
-    );
+    if let Some(data_dir) = data_dir {
+        assert!(
+            !std::path::Path::new(&data_dir).exists(),
+            "the demo removes its data directory"
+        );
+    }
 }
