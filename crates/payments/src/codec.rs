@@ -308,10 +308,7 @@ pub fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
             w.u64(refund.fee_refunded.micros());
             w.u64(refund.created_at.0);
         }
-        Outcome::Pruned { keys } => {
-            w.u8(8);
-            w.u64(u64::try_from(*keys).expect("a usize fits in 64 bits"));
-        }
+        Outcome::Pruned => w.u8(8),
         Outcome::Rejected(rejection) => {
             w.u8(9);
             w.rejection(*rejection);
@@ -391,9 +388,7 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
             fee_refunded: Amount::from_micros(r.u64()?),
             created_at: Timestamp(r.u64()?),
         }),
-        8 => Outcome::Pruned {
-            keys: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,
-        },
+        8 => Outcome::Pruned,
         9 => Outcome::Rejected(r.rejection()?),
         10 => Outcome::Imported {
             count: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,

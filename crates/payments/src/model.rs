@@ -343,9 +343,9 @@ pub enum Outcome {
     Paid(Payment),
     PaidBatch(Vec<BatchItemOutcome>),
     Refunded(Refund),
-    Pruned {
-        keys: usize,
-    },
+    /// Idempotency keys made before the cut-off were forgotten. How many is not said: a store
+    /// that keeps them in a database forgets them with one `DELETE`, without reading them.
+    Pruned,
     /// An import put this many items into the state.
     Imported {
         count: usize,
@@ -357,7 +357,7 @@ impl Outcome {
     pub fn is_kept_for_idempotency(&self) -> bool {
         match self {
             Outcome::Rejected(rejection) => rejection.is_kept_for_idempotency(),
-            Outcome::OperatorKeySet | Outcome::Pruned { .. } | Outcome::Imported { .. } => false,
+            Outcome::OperatorKeySet | Outcome::Pruned | Outcome::Imported { .. } => false,
             _ => true,
         }
     }

@@ -295,19 +295,17 @@ impl State {
                 Err(rejection) => Outcome::Rejected(rejection),
             },
             Command::PruneIdempotencyKeys { before } => {
-                let mut keys = 0;
                 while let Some((made, _)) = self.idempotency_order.front() {
                     if *made >= *before {
                         break;
                     }
                     let (_, key) = self.idempotency_order.pop_front().expect("front exists");
                     self.idempotency.remove(&key);
-                    keys += 1;
                 }
                 if let Some(tracker) = &mut self.tracker {
                     tracker.prunes.push(*before);
                 }
-                Outcome::Pruned { keys }
+                Outcome::Pruned
             }
             Command::Import(items) => self.import(items),
         }
@@ -884,9 +882,9 @@ impl State {
                     ]);
                 }
             }
-            Command::PruneIdempotencyKeys { before } => {
-                needs.idempotency_made_before = Some(*before);
-            }
+            // A prune reads nothing: keys a working set holds are forgotten as in a whole
+            // state, and the store forgets the rest by their age (`Changes::prunes`).
+            Command::PruneIdempotencyKeys { .. } => {}
             Command::Import(items) => needs.add_import(items),
         }
         needs.normalize();
@@ -1234,15 +1232,6 @@ impl State {
             outcome: record.outcome.clone(),
             made: record.made,
         })
-    }
-
-    /// The idempotency records a prune at `before` forgets, oldest first.
-    pub fn idempotency_records_made_before(&self, before: Timestamp) -> Vec<IdempotencyRow> {
-        self.idempotency_order
-            .iter()
-            .take_while(|(made, _)| *made < before)
-            .map(|(_, key)| self.idempotency_record(key).expect("listed keys are held"))
-            .collect()
     }
 }
 

@@ -42,9 +42,6 @@ pub struct Needs {
     pub transfers: Vec<TransferId>,
     /// Idempotency keys presented with the record.
     pub idempotency_keys: Vec<IdempotencyKey>,
-    /// For a prune: every idempotency record made before this time (the latest such time, when
-    /// several prunes are merged).
-    pub idempotency_made_before: Option<Timestamp>,
 }
 
 impl Needs {
@@ -65,9 +62,6 @@ impl Needs {
         self.accounts.extend(other.accounts);
         self.transfers.extend(other.transfers);
         self.idempotency_keys.extend(other.idempotency_keys);
-        self.idempotency_made_before = self
-            .idempotency_made_before
-            .max(other.idempotency_made_before);
         self.normalize();
     }
 

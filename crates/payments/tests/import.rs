@@ -692,7 +692,7 @@ fn any_imported() -> impl Strategy<Value = Imported> {
             any::<u64>(),
             prop_oneof![
                 Just(Outcome::OperatorKeySet),
-                any::<usize>().prop_map(|keys| Outcome::Pruned { keys }),
+                Just(Outcome::Pruned),
                 Just(Outcome::Rejected(Rejection::InsufficientFunds)),
                 any::<u128>().prop_map(|id| Outcome::PaidBatch(vec![
                     BatchItemOutcome::Succeeded(PaymentId::from_u128(id)),

@@ -91,14 +91,11 @@ fn load(working: &mut State, whole: &State, needs: &Needs) {
             ok(working.insert_transfer_record(record));
         }
     }
-    let mut rows: Vec<IdempotencyRow> = needs
+    let rows: Vec<IdempotencyRow> = needs
         .idempotency_keys
         .iter()
         .filter_map(|key| whole.idempotency_record(key))
         .collect();
-    if let Some(before) = needs.idempotency_made_before {
-        rows.extend(whole.idempotency_records_made_before(before));
-    }
     for row in rows {
         if working.idempotency_record(&row.key).is_none() {
             ok(working.insert_idempotency_record(row));
@@ -199,14 +196,11 @@ impl Tables {
                 tables.transfers.insert(*id, record);
             }
         }
-        let mut rows: Vec<IdempotencyRow> = needs
+        let rows: Vec<IdempotencyRow> = needs
             .idempotency_keys
             .iter()
             .filter_map(|key| state.idempotency_record(key))
             .collect();
-        if let Some(before) = needs.idempotency_made_before {
-            rows.extend(state.idempotency_records_made_before(before));
-        }
         for row in rows {
             tables.idempotency.insert(row.key.clone(), row);
         }
@@ -460,7 +454,6 @@ proptest! {
                 prop_assert_eq!(&needs.accounts, &accounts);
                 prop_assert!(needs.key_hashes.is_empty() && needs.topups.is_empty());
                 prop_assert!(needs.refunds.is_empty() && !needs.operator_key);
-                prop_assert!(needs.idempotency_made_before.is_none());
             }
             if let Command::Refund { .. } = &record.command {
                 prop_assert!(needs.payers.len() <= 1 && needs.merchants.is_empty());

@@ -208,7 +208,6 @@ struct Wanted {
     accounts: BTreeSet<(Owner, Currency)>,
     transfers: BTreeSet<TransferId>,
     idempotency_keys: BTreeSet<IdempotencyKey>,
-    made_before: Option<Timestamp>,
 }
 
 fn wanted_by(working: &State, records: &[Record]) -> Wanted {
@@ -225,7 +224,6 @@ fn wanted_by(working: &State, records: &[Record]) -> Wanted {
         wanted.accounts.extend(needs.accounts);
         wanted.transfers.extend(needs.transfers);
         wanted.idempotency_keys.extend(needs.idempotency_keys);
-        wanted.made_before = wanted.made_before.max(needs.idempotency_made_before);
     }
     wanted
 }
@@ -240,12 +238,6 @@ fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
     }
     let operator_key = wanted.operator_key && !asked.operator_key;
     asked.operator_key |= wanted.operator_key;
-    let made_before = if wanted.made_before > asked.made_before {
-        asked.made_before = wanted.made_before;
-        wanted.made_before
-    } else {
-        None
-    };
     Wanted {
         operator_key,
         key_hashes: new(&wanted.key_hashes, &mut asked.key_hashes),
@@ -257,7 +249,6 @@ fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
         accounts: BTreeSet::new(),
         transfers: new(&wanted.transfers, &mut asked.transfers),
         idempotency_keys: new(&wanted.idempotency_keys, &mut asked.idempotency_keys),
-        made_before,
     }
 }
 
@@ -272,7 +263,6 @@ impl Wanted {
             && self.refunds.is_empty()
             && self.transfers.is_empty()
             && self.idempotency_keys.is_empty()
-            && self.made_before.is_none()
     }
 
     /// Takes out of the loads the ids of new payments (every payment named but those refunded)
@@ -727,7 +717,7 @@ async fn load_idempotency(
     transaction: &Transaction<'_>,
     fresh: &Wanted,
 ) -> Result<Vec<IdempotencyRow>, PgError> {
-    if fresh.idempotency_keys.is_empty() && fresh.made_before.is_none() {
+    if fresh.idempotency_keys.is_empty() {
         return Ok(Vec::new());
     }
     let mut kinds = Vec::new();
@@ -739,22 +729,16 @@ async fn load_idempotency(
         principals.push(id);
         keys.push(key.key.as_str());
     }
-    let made_before = match fresh.made_before {
-        Some(before) => big("a prune time", before.0)?,
-        None => i64::MIN,
-    };
     let rows = transaction
         .query_typed(
             "SELECT principal_kind, principal_id, key, fingerprint, outcome, created_at
              FROM idempotency_keys
              WHERE (principal_kind, principal_id, key) IN
-                   (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))
-                OR created_at < $4",
+                   (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))",
             &[
                 (&kinds, Type::INT2_ARRAY),
                 (&principals, Type::BYTEA_ARRAY),
                 (&keys, Type::TEXT_ARRAY),
-                (&made_before, Type::INT8),
             ],
         )
         .await?;

@@ -3,6 +3,8 @@
 //! for another's locks. Lists are ordered by time, so a batch that touches an account must be
 //! given a time later than any earlier change to that account, or a statement would show a
 //! running balance that is not the newest.
+//!
+//! Also here: prunes of idempotency keys, which go by age and read nothing.
 
 mod common;
 
@@ -109,4 +111,106 @@ async fn a_batch_applied_after_a_later_timed_one_comes_after_it_in_the_statement
         listed.items.iter().map(|p| p.id).collect::<Vec<_>>(),
         vec![earlier.id, later.id]
     );
+}
+
+/// A prune forgets keys by their age with one `DELETE`, without reading them, and a batch that
+/// presents an expired key after the prune treats it as new, as the whole state does.
+#[tokio::test]
+async fn a_prune_forgets_old_keys_by_age_and_an_expired_key_used_again_is_new() {
+    let Some(db) = TestDatabase::create("a_prune_forgets_old_keys_by_age").await else {
+        return;
+    };
+    let mut client = connect(&db.url).await.unwrap();
+    migrate(&mut client).await.unwrap();
+    let usd = farthing_ledger::Currency::parse("USD").unwrap();
+    let (merchant, payer) = (MerchantId::from_u128(1), PayerId::from_u128(2));
+    let mut state = State::new();
+    let mut both = async |state: &mut State, records: Vec<Record>| {
+        let expected: Vec<Outcome> = records.iter().map(|r| state.apply(r)).collect();
+        let got = apply_batch(&mut client, &records).await.unwrap();
+        assert_eq!(got, expected);
+        got
+    };
+    both(
+        &mut state,
+        vec![
+            record(
+                T,
+                Command::CreateMerchant {
+                    id: merchant,
+                    name: "Shop".into(),
+                    key_hash: KeyHash([1; 32]),
+                    fee: FeeSchedule::ZERO,
+                },
+            ),
+            record(
+                T,
+                Command::CreatePayer {
+                    id: payer,
+                    name: "Ada".into(),
+                    key_hash: KeyHash([2; 32]),
+                },
+            ),
+            record(
+                T,
+                Command::Topup {
+                    id: TopupId::from_u128(3),
+                    payer,
+                    amount: Amount::from_micros(100 * MICROS_PER_UNIT),
+                    currency: usd,
+                    source: FundingSource::Sandbox,
+                    transfer_id: TransferId(3),
+                },
+            ),
+        ],
+    )
+    .await;
+    let claim = |name: &str| IdempotencyClaim {
+        key: IdempotencyKey {
+            principal: Principal::Payer(payer),
+            key: name.to_string(),
+        },
+        fingerprint: [7; 32],
+    };
+    let pay = |n: u128, now: u64, key: &str| Record {
+        now: Timestamp(now),
+        idempotency: Some(claim(key)),
+        command: Command::Pay(PayCommand {
+            id: PaymentId::from_u128(100 + n),
+            payer,
+            merchant,
+            amount: Amount::from_micros(MICROS_PER_UNIT),
+            currency: usd,
+            description: None,
+            reference: None,
+            transfer_ids: [TransferId(1_000 + 2 * n), TransferId(1_001 + 2 * n)],
+        }),
+    };
+    for (n, key) in ["k1", "k2", "k3"].into_iter().enumerate() {
+        both(
+            &mut state,
+            vec![pay(n as u128, T + 10 * (n as u64 + 1), key)],
+        )
+        .await;
+    }
+    // Cut between k2 and k3, then use k1 again in the same batch: it is a new request.
+    let outcomes = both(
+        &mut state,
+        vec![
+            record(
+                T + 100,
+                Command::PruneIdempotencyKeys {
+                    before: Timestamp(T + 25),
+                },
+            ),
+            pay(9, T + 100, "k1"),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes[0], Outcome::Pruned);
+    assert!(matches!(&outcomes[1], Outcome::Paid(p) if p.id == PaymentId::from_u128(109)));
+    for (key, kept) in [("k1", true), ("k2", false), ("k3", true)] {
+        let stored = query::idempotency(&client, &claim(key).key).await.unwrap();
+        assert_eq!(stored.is_some(), kept, "{key}");
+    }
 }
