@@ -1,0 +1,613 @@
+//! Loading a batch's working set: what its records read, in rounds, with payments and then
+//! accounts locked in id order.
+
+use super::*;
+
+/// What a batch reads, gathered over rounds.
+#[derive(Default)]
+pub(super) struct Wanted {
+    operator_key: bool,
+    key_hashes: BTreeSet<KeyHash>,
+    merchants: BTreeSet<MerchantId>,
+    payers: BTreeSet<PayerId>,
+    payments: BTreeSet<PaymentId>,
+    topups: BTreeSet<TopupId>,
+    refunds: BTreeSet<RefundId>,
+    accounts: BTreeSet<(Owner, Currency)>,
+    transfers: BTreeSet<TransferId>,
+    idempotency_keys: BTreeSet<IdempotencyKey>,
+}
+
+pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
+    let mut wanted = Wanted::default();
+    for record in records {
+        let needs = working.needs(record);
+        wanted.operator_key |= needs.operator_key;
+        wanted.key_hashes.extend(needs.key_hashes);
+        wanted.merchants.extend(needs.merchants);
+        wanted.payers.extend(needs.payers);
+        wanted.payments.extend(needs.payments);
+        wanted.topups.extend(needs.topups);
+        wanted.refunds.extend(needs.refunds);
+        wanted.accounts.extend(needs.accounts);
+        wanted.transfers.extend(needs.transfers);
+        wanted.idempotency_keys.extend(needs.idempotency_keys);
+    }
+    wanted
+}
+
+/// What `wanted` lists beyond `asked` (accounts aside: they are locked once, at the end), and
+/// adds it to `asked`.
+pub(super) fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
+    fn new<T: Ord + Clone>(wanted: &BTreeSet<T>, asked: &mut BTreeSet<T>) -> BTreeSet<T> {
+        let fresh: BTreeSet<T> = wanted.difference(asked).cloned().collect();
+        asked.extend(fresh.iter().cloned());
+        fresh
+    }
+    let operator_key = wanted.operator_key && !asked.operator_key;
+    asked.operator_key |= wanted.operator_key;
+    Wanted {
+        operator_key,
+        key_hashes: new(&wanted.key_hashes, &mut asked.key_hashes),
+        merchants: new(&wanted.merchants, &mut asked.merchants),
+        payers: new(&wanted.payers, &mut asked.payers),
+        payments: new(&wanted.payments, &mut asked.payments),
+        topups: new(&wanted.topups, &mut asked.topups),
+        refunds: new(&wanted.refunds, &mut asked.refunds),
+        accounts: BTreeSet::new(),
+        transfers: new(&wanted.transfers, &mut asked.transfers),
+        idempotency_keys: new(&wanted.idempotency_keys, &mut asked.idempotency_keys),
+    }
+}
+
+impl Wanted {
+    fn is_empty(&self) -> bool {
+        !self.operator_key
+            && self.key_hashes.is_empty()
+            && self.merchants.is_empty()
+            && self.payers.is_empty()
+            && self.payments.is_empty()
+            && self.topups.is_empty()
+            && self.refunds.is_empty()
+            && self.transfers.is_empty()
+            && self.idempotency_keys.is_empty()
+    }
+
+    /// Takes out of the loads the ids of new payments (every payment named but those refunded)
+    /// and of new ledger transfers, and adds them to `assumed`.
+    fn assume_free(&mut self, refunded: &BTreeSet<PaymentId>, assumed: &mut Assumed) {
+        let (kept, new): (BTreeSet<PaymentId>, BTreeSet<PaymentId>) =
+            std::mem::take(&mut self.payments)
+                .into_iter()
+                .partition(|id| refunded.contains(id));
+        self.payments = kept;
+        assumed.payments.extend(new);
+        assumed.transfers.append(&mut self.transfers);
+    }
+}
+
+/// Ids of new objects a batch names that were assumed free instead of loaded.
+#[derive(Default)]
+pub(super) struct Assumed {
+    payments: BTreeSet<PaymentId>,
+    transfers: BTreeSet<TransferId>,
+}
+
+impl Assumed {
+    /// The assumed ids that commands which ran may have read but that the batch does not write:
+    /// they must be checked free before the commit. (A written one is checked by its unique
+    /// index.)
+    pub(super) fn unwritten(
+        self,
+        working: &State,
+        records: &[Record],
+        executed: &[bool],
+        changes: &Changes,
+    ) -> (BTreeSet<PaymentId>, BTreeSet<TransferId>) {
+        let (mut payments, mut transfers) = if executed.iter().all(|ran| *ran) {
+            (self.payments, self.transfers)
+        } else {
+            let (mut payments, mut transfers) = (BTreeSet::new(), BTreeSet::new());
+            for (record, _) in records.iter().zip(executed).filter(|(_, ran)| **ran) {
+                let needs = working.needs(record);
+                payments.extend(
+                    needs
+                        .payments
+                        .into_iter()
+                        .filter(|id| self.payments.contains(id)),
+                );
+                transfers.extend(
+                    needs
+                        .transfers
+                        .into_iter()
+                        .filter(|id| self.transfers.contains(id)),
+                );
+            }
+            (payments, transfers)
+        };
+        for payment in &changes.payments {
+            payments.remove(&payment.id);
+        }
+        for record in &changes.transfers {
+            transfers.remove(&record.transfer.id);
+        }
+        (payments, transfers)
+    }
+}
+
+/// Payments that records refund: they are loaded (and locked), never assumed new.
+pub(super) fn refunded_payments(records: &[Record]) -> BTreeSet<PaymentId> {
+    records
+        .iter()
+        .filter_map(|record| match &record.command {
+            Command::Refund { payment, .. } => Some(*payment),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether any of these payment or transfer ids is taken.
+pub(super) async fn any_taken(
+    transaction: &Transaction<'_>,
+    payments: &BTreeSet<PaymentId>,
+    transfers: &BTreeSet<TransferId>,
+) -> Result<bool, PgError> {
+    if payments.is_empty() && transfers.is_empty() {
+        return Ok(false);
+    }
+    let payments: Vec<Vec<u8>> = payments.iter().map(|id| id16(id.to_u128())).collect();
+    let transfers: Vec<Vec<u8>> = transfers.iter().map(|id| id16(id.0)).collect();
+    let row = transaction
+        .query_typed_one(
+            "SELECT EXISTS (SELECT 1 FROM unnest($1::BYTEA[]) AS u(id) JOIN payments USING (id))
+                 OR EXISTS (SELECT 1 FROM unnest($2::BYTEA[]) AS u(id) JOIN transfers USING (id))",
+            &[
+                (&payments, Type::BYTEA_ARRAY),
+                (&transfers, Type::BYTEA_ARRAY),
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A working set holding what `records` read, with the payments they refund and the accounts
+/// they touch locked until the transaction ends. Payments are locked first, then accounts,
+/// each in id order, so concurrent writers never wait on each other in a cycle.
+///
+/// With `assume_new_ids_free`, the ids of new payments and transfers are not loaded but
+/// returned, to be checked (see [`apply_batch`]). Also returns the latest time any of the
+/// accounts loaded (and locked) was changed.
+pub(super) async fn load_working_set(
+    transaction: &Transaction<'_>,
+    records: &[Record],
+    assume_new_ids_free: bool,
+) -> Result<(State, Assumed, Option<Timestamp>), PgError> {
+    let mut working = State::new_working_set();
+    let mut asked = Wanted::default();
+    let mut assumed = Assumed::default();
+    let refunded = if assume_new_ids_free {
+        refunded_payments(records)
+    } else {
+        BTreeSet::new()
+    };
+    // A refund names only its payment: its payer and accounts are known once that is loaded.
+    loop {
+        let mut wanted = wanted_by(&working, records);
+        if assume_new_ids_free {
+            wanted.assume_free(&refunded, &mut assumed);
+        }
+        let fresh = take_new(&wanted, &mut asked);
+        if fresh.is_empty() {
+            asked.accounts = wanted.accounts;
+            break;
+        }
+        // One round's reads, sent together; the only locks among them are the payments'.
+        let (keys, merchants, payers, payments, topups, refunds, transfers, idempotency) = tokio::join!(
+            biased;
+            load_keys(transaction, &fresh),
+            load_merchants(transaction, &fresh.merchants),
+            load_payers(transaction, &fresh.payers),
+            load_payments(transaction, &fresh.payments),
+            load_topups(transaction, &fresh.topups),
+            load_refunds(transaction, &fresh.refunds),
+            load_transfers(transaction, &fresh.transfers),
+            load_idempotency(transaction, &fresh),
+        );
+        for (hash, principal) in keys? {
+            if working.principal(&hash).is_some()
+                || (principal == Principal::Operator && working.has_operator_key())
+            {
+                continue;
+            }
+            loaded("a key hash", working.insert_key(hash, principal))?;
+        }
+        for merchant in merchants? {
+            loaded("a merchant", working.insert_merchant(merchant))?;
+        }
+        for payer in payers? {
+            loaded("a payer", working.insert_payer(payer))?;
+        }
+        for payment in payments? {
+            loaded("a payment", working.insert_payment(payment))?;
+        }
+        for topup in topups? {
+            loaded("a top-up", working.insert_topup(topup))?;
+        }
+        for refund in refunds? {
+            loaded("a refund", working.insert_refund(refund))?;
+        }
+        for record in transfers? {
+            loaded("a transfer record", working.insert_transfer_record(record))?;
+        }
+        for row in idempotency? {
+            if working.idempotency_record(&row.key).is_some() {
+                continue;
+            }
+            loaded(
+                "an idempotency record",
+                working.insert_idempotency_record(row),
+            )?;
+        }
+    }
+    let mut last_changed = None;
+    for (owner, account, changed_at) in load_accounts(transaction, &asked.accounts).await? {
+        last_changed = last_changed.max(Some(changed_at));
+        if working.account_of(owner, account.currency).is_some() {
+            continue;
+        }
+        loaded("an account", working.insert_account(owner, account))?;
+    }
+    Ok((working, assumed, last_changed))
+}
+
+pub(super) fn loaded(what: &str, result: Result<(), LoadError>) -> Result<(), PgError> {
+    result.map_err(|error| PgError::Stored(format!("{what} does not load: {error:?}")))
+}
+
+pub(super) async fn load_keys(
+    transaction: &Transaction<'_>,
+    fresh: &Wanted,
+) -> Result<Vec<(KeyHash, Principal)>, PgError> {
+    if !fresh.operator_key && fresh.key_hashes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let hashes: Vec<&[u8]> = fresh.key_hashes.iter().map(|k| k.0.as_slice()).collect();
+    let rows = transaction
+        .query_typed(
+            "SELECT key_hash, 2::SMALLINT, id FROM merchants WHERE key_hash = ANY($1)
+             UNION ALL
+             SELECT key_hash, 3::SMALLINT, id FROM payers WHERE key_hash = ANY($1)
+             UNION ALL
+             SELECT key_hash, 1::SMALLINT, ''::BYTEA FROM operator_keys
+             WHERE $2 OR key_hash = ANY($1)",
+            &[
+                (&hashes, Type::BYTEA_ARRAY),
+                (&fresh.operator_key, Type::BOOL),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                KeyHash(bytes32(row.get(0))?),
+                principal_of(row.get(1), row.get(2))?,
+            ))
+        })
+        .collect()
+}
+
+/// The rows `sql` selects for `ids` (bound as `$1`, an array of stored ids); no query at all
+/// when there are none.
+pub(super) async fn rows_by_ids(
+    transaction: &Transaction<'_>,
+    sql: &str,
+    ids: impl Iterator<Item = u128>,
+) -> Result<Vec<Row>, PgError> {
+    let ids: Vec<Vec<u8>> = ids.map(id16).collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(transaction
+        .query_typed(sql, &[(&ids, Type::BYTEA_ARRAY)])
+        .await?)
+}
+
+pub(super) async fn load_merchants(
+    transaction: &Transaction<'_>,
+    ids: &BTreeSet<MerchantId>,
+) -> Result<Vec<Merchant>, PgError> {
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, name, fee_bps, fee_fixed::TEXT, created_at FROM merchants
+             WHERE id = ANY($1)",
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Merchant {
+                id: MerchantId::from_u128(u128_of(row.get(0))?),
+                name: row.get(1),
+                fee: FeeSchedule {
+                    bps: u32::try_from(row.get::<_, i32>(2)).map_err(|_| stored("fee_bps"))?,
+                    fixed: Amount::from_micros(
+                        row.get::<_, &str>(3)
+                            .parse()
+                            .map_err(|_| stored("fee_fixed"))?,
+                    ),
+                },
+                created_at: time_of(row.get(4))?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn load_payers(
+    transaction: &Transaction<'_>,
+    ids: &BTreeSet<PayerId>,
+) -> Result<Vec<Payer>, PgError> {
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, name, created_at FROM payers WHERE id = ANY($1)",
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Payer {
+                id: PayerId::from_u128(u128_of(row.get(0))?),
+                name: row.get(1),
+                created_at: time_of(row.get(2))?,
+            })
+        })
+        .collect()
+}
+
+/// Payments, locked: a refund changes its payment's refund totals.
+pub(super) async fn load_payments(
+    transaction: &Transaction<'_>,
+    ids: &BTreeSet<PaymentId>,
+) -> Result<Vec<Payment>, PgError> {
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, payer, merchant, amount, currency::TEXT, fee, description, reference,
+                    created_at, amount_refunded, fee_refunded
+             FROM payments WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Payment {
+                id: PaymentId::from_u128(u128_of(row.get(0))?),
+                payer: PayerId::from_u128(u128_of(row.get(1))?),
+                merchant: MerchantId::from_u128(u128_of(row.get(2))?),
+                amount: amount_of(row.get(3))?,
+                currency: currency_of(row.get(4))?,
+                fee: amount_of(row.get(5))?,
+                description: row.get(6),
+                reference: row.get(7),
+                created_at: time_of(row.get(8))?,
+                amount_refunded: amount_of(row.get(9))?,
+                fee_refunded: amount_of(row.get(10))?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn load_topups(
+    transaction: &Transaction<'_>,
+    ids: &BTreeSet<TopupId>,
+) -> Result<Vec<Topup>, PgError> {
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, payer, amount, currency::TEXT, source, created_at FROM topups
+             WHERE id = ANY($1)",
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Topup {
+                id: TopupId::from_u128(u128_of(row.get(0))?),
+                payer: PayerId::from_u128(u128_of(row.get(1))?),
+                amount: amount_of(row.get(2))?,
+                currency: currency_of(row.get(3))?,
+                source: match row.get::<_, i16>(4) {
+                    1 => FundingSource::Sandbox,
+                    2 => FundingSource::SandboxDecline,
+                    _ => return Err(stored("topups.source")),
+                },
+                created_at: time_of(row.get(5))?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn load_refunds(
+    transaction: &Transaction<'_>,
+    ids: &BTreeSet<RefundId>,
+) -> Result<Vec<Refund>, PgError> {
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, payment, payer, merchant, amount, currency::TEXT, fee_refunded, created_at
+             FROM refunds WHERE id = ANY($1)",
+        ids.iter().map(|id| id.to_u128()),
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Refund {
+                id: RefundId::from_u128(u128_of(row.get(0))?),
+                payment: PaymentId::from_u128(u128_of(row.get(1))?),
+                payer: PayerId::from_u128(u128_of(row.get(2))?),
+                merchant: MerchantId::from_u128(u128_of(row.get(3))?),
+                amount: amount_of(row.get(4))?,
+                currency: currency_of(row.get(5))?,
+                fee_refunded: amount_of(row.get(6))?,
+                created_at: time_of(row.get(7))?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn load_transfers(
+    transaction: &Transaction<'_>,
+    ids: &BTreeSet<TransferId>,
+) -> Result<Vec<TransferRecord>, PgError> {
+    let rows = rows_by_ids(
+        transaction,
+        "SELECT id, debit_account, credit_account, amount::TEXT, kind, pending_id,
+                    timeout_secs, linked, outcome, hold_state, expires_at, created_at
+             FROM transfers WHERE id = ANY($1)",
+        ids.iter().map(|id| id.0),
+    )
+    .await?;
+    rows.iter().map(transfer_record_of).collect()
+}
+
+pub(crate) fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
+    let pending_id = |row: &Row| -> Result<TransferId, PgError> {
+        let bytes: Option<&[u8]> = row.get(5);
+        Ok(TransferId(u128_of(
+            bytes.ok_or_else(|| stored("transfers.pending_id"))?,
+        )?))
+    };
+    let kind = match row.get::<_, i16>(4) {
+        1 => TransferKind::Posted,
+        2 => TransferKind::Pending {
+            timeout_secs: row
+                .get::<_, Option<i32>>(6)
+                .ok_or_else(|| stored("transfers.timeout_secs"))? as u32,
+        },
+        3 => TransferKind::PostPending {
+            pending_id: pending_id(row)?,
+        },
+        4 => TransferKind::VoidPending {
+            pending_id: pending_id(row)?,
+        },
+        _ => return Err(stored("transfers.kind")),
+    };
+    let outcome = match row.get::<_, i16>(8) {
+        0 => Ok(()),
+        code => Err(transfer_rejection_of(code).ok_or_else(|| stored("transfers.outcome"))?),
+    };
+    let hold = match row.get::<_, Option<i16>>(9) {
+        None => None,
+        Some(1) => Some(HoldState::Pending),
+        Some(2) => Some(HoldState::Posted),
+        Some(3) => Some(HoldState::Voided),
+        Some(4) => Some(HoldState::Expired),
+        Some(_) => return Err(stored("transfers.hold_state")),
+    };
+    Ok(TransferRecord {
+        transfer: Transfer {
+            id: TransferId(u128_of(row.get(0))?),
+            debit: AccountId(row.get::<_, i64>(1) as u64),
+            credit: AccountId(row.get::<_, i64>(2) as u64),
+            amount: Amount::from_micros(
+                row.get::<_, &str>(3)
+                    .parse()
+                    .map_err(|_| stored("transfers.amount"))?,
+            ),
+            kind,
+            linked: row.get(7),
+        },
+        timestamp: time_of(row.get(11))?,
+        outcome,
+        hold,
+        expires_at: row.get::<_, Option<i64>>(10).map(time_of).transpose()?,
+    })
+}
+
+/// Idempotency records by key, and for a prune every record made before its time.
+pub(super) async fn load_idempotency(
+    transaction: &Transaction<'_>,
+    fresh: &Wanted,
+) -> Result<Vec<IdempotencyRow>, PgError> {
+    if fresh.idempotency_keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut kinds = Vec::new();
+    let mut principals = Vec::new();
+    let mut keys = Vec::new();
+    for key in &fresh.idempotency_keys {
+        let (kind, id) = principal_columns(key.principal);
+        kinds.push(kind);
+        principals.push(id);
+        keys.push(key.key.as_str());
+    }
+    let rows = transaction
+        .query_typed(
+            "SELECT principal_kind, principal_id, key, fingerprint, outcome, created_at
+             FROM idempotency_keys
+             WHERE (principal_kind, principal_id, key) IN
+                   (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))",
+            &[
+                (&kinds, Type::INT2_ARRAY),
+                (&principals, Type::BYTEA_ARRAY),
+                (&keys, Type::TEXT_ARRAY),
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let key = IdempotencyKey {
+                principal: principal_of(row.get(0), row.get(1))?,
+                key: row.get(2),
+            };
+            let outcome = decode_outcome(row.get(4))
+                .map_err(|error| PgError::Stored(format!("an idempotency outcome: {error}")))?;
+            Ok(IdempotencyRow {
+                key,
+                fingerprint: bytes32(row.get(3))?,
+                outcome,
+                made: time_of(row.get(5))?,
+            })
+        })
+        .collect()
+}
+
+/// Accounts, locked in id order. A row found under another owner (a 2⁻⁶⁴ id collision) is
+/// loaded under that owner, so that the command is refused as the whole state refuses it.
+/// The accounts wanted that exist, locked in id order, each with the time it last changed.
+pub(super) async fn load_accounts(
+    transaction: &Transaction<'_>,
+    wanted: &BTreeSet<(Owner, Currency)>,
+) -> Result<Vec<(Owner, Account, Timestamp)>, PgError> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<i64> = wanted
+        .iter()
+        .map(|&(owner, currency)| account_id(owner, currency).0 as i64)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = transaction
+        .query_typed(
+            "SELECT id, owner_kind, owner_id, currency::TEXT, kind, debits_posted, credits_posted,
+                    debits_pending, credits_pending, changed_at
+             FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[(&ids, Type::INT8_ARRAY)],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let owner = owner_of(row.get(1), row.get(2))?;
+            let account = Account {
+                id: AccountId(row.get::<_, i64>(0) as u64),
+                kind: AccountKind::from_u8(
+                    u8::try_from(row.get::<_, i16>(4)).map_err(|_| stored("accounts.kind"))?,
+                )
+                .ok_or_else(|| stored("accounts.kind"))?,
+                currency: currency_of(row.get(3))?,
+                debits_posted: total_of(row.get(5))?,
+                credits_posted: total_of(row.get(6))?,
+                debits_pending: total_of(row.get(7))?,
+                credits_pending: total_of(row.get(8))?,
+            };
+            Ok((owner, account, time_of(row.get(9))?))
+        })
+        .collect()
+}
