@@ -94,7 +94,7 @@ CREATE TABLE payments (
 -- servers: the records of one batch share one time, and the position keeps the order they were
 -- made in; rows of two batches with the same time and position fall back to id order.
 CREATE INDEX payments_newest ON payments (created_at DESC, batch_position DESC, id DESC);
-CREATE INDEX payments_by_payer ON payments (payer, created_at DESC, batch_position DESC, id DESC);
+-- A payer's payments are listed through its statement lines, which hold them in order.
 CREATE INDEX payments_by_merchant
     ON payments (merchant, created_at DESC, batch_position DESC, id DESC);
 
