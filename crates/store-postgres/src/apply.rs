@@ -18,15 +18,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use farthing_ledger::{
-    Account, AccountId, AccountKind, Amount, Currency, HoldState, Timestamp, Transfer, TransferId,
-    TransferKind, TransferRecord, TransferRejection,
+    Account, Amount, Currency, HoldState, Timestamp, TransferId, TransferKind, TransferRecord,
+    TransferRejection,
 };
-use farthing_payments::codec::{decode_outcome, encode_outcome};
+use farthing_payments::codec::encode_outcome;
 use farthing_payments::{
-    Changes, Command, Entry, EntryObject, FeeSchedule, FundingSource, IdempotencyKey,
-    IdempotencyLookup, IdempotencyRow, KeyHash, LoadError, Merchant, MerchantId, Outcome, Owner,
-    Payer, PayerId, Payment, PaymentId, Principal, Record, Refund, RefundId, State, Topup, TopupId,
-    account_id,
+    Changes, Command, Entry, EntryObject, FundingSource, IdempotencyKey, IdempotencyLookup,
+    IdempotencyRow, KeyHash, LoadError, Merchant, MerchantId, Outcome, Owner, Payer, PayerId,
+    Payment, PaymentId, Principal, Record, Refund, RefundId, State, Topup, TopupId, account_id,
 };
 use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
@@ -196,6 +195,5 @@ mod load;
 mod persist;
 
 pub(crate) use columns::*;
-pub(crate) use load::transfer_record_of;
 use load::*;
 use persist::*;

@@ -10,91 +10,83 @@
 //! `Principal`; texts compare bytewise (`COLLATE "C"`), as Rust's strings do; payments come in
 //! list order, `(created_at, batch_position, id)`, and each payer's statement lines likewise.
 
-use farthing_ledger::{Account, AccountId, AccountKind, Amount};
-use farthing_payments::codec::decode_outcome;
-use farthing_payments::{
-    FeeSchedule, FundingSource, IdempotencyKey, IdempotencyRow, Imported, KeyHash, Merchant,
-    MerchantId, Payer, PayerId, PaymentId, Refund, RefundId, Topup, TopupId,
-};
+use farthing_payments::{Imported, KeyHash, PayerId};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, Transaction};
 
 use crate::PgError;
-use crate::apply::{
-    amount_of, bytes32, currency_of, owner_of, principal_of, stored, time_of, total_of,
-    transfer_record_of, u128_of,
-};
-use crate::query::{entry_of, payment_of};
+use crate::apply::{bytes32, u128_of};
+use crate::rows::*;
 
 /// One table's rows, in export order, and how a row becomes an item.
 struct Table {
-    sql: &'static str,
+    /// The columns the item's reader takes, then any it reads after them.
+    columns: &'static str,
+    /// The rest of the query: `FROM … ORDER BY …`.
+    from: &'static str,
     item: fn(&Row) -> Result<Imported, PgError>,
+}
+
+impl Table {
+    fn sql(&self) -> String {
+        format!("SELECT {} {}", self.columns, self.from)
+    }
 }
 
 /// The tables in export order.
 const TABLES: [Table; 10] = [
     Table {
-        sql: "SELECT key_hash FROM operator_keys ORDER BY key_hash",
+        columns: "key_hash",
+        from: "FROM operator_keys ORDER BY key_hash",
         item: operator_key_item,
     },
     Table {
-        sql: "SELECT id, name, key_hash, fee_bps, fee_fixed::TEXT, created_at FROM merchants
-              ORDER BY id",
+        columns: MERCHANT_COLUMNS,
+        from: ", key_hash FROM merchants ORDER BY id",
         item: merchant_item,
     },
     Table {
-        sql: "SELECT id, name, key_hash, created_at FROM payers ORDER BY id",
+        columns: PAYER_COLUMNS,
+        from: ", key_hash FROM payers ORDER BY id",
         item: payer_item,
     },
     Table {
-        sql: "SELECT id, owner_kind, owner_id, currency::TEXT, kind, debits_posted,
-                     credits_posted, debits_pending, credits_pending
-              FROM accounts ORDER BY owner_kind, owner_id, currency COLLATE \"C\"",
+        columns: ACCOUNT_COLUMNS,
+        from: "FROM accounts ORDER BY owner_kind, owner_id, currency COLLATE \"C\"",
         item: account_item,
     },
     Table {
-        sql: "SELECT id, debit_account, credit_account, amount::TEXT, kind, pending_id,
-                     timeout_secs, linked, outcome, hold_state, expires_at, created_at
-              FROM transfers ORDER BY id",
+        columns: TRANSFER_COLUMNS,
+        from: "FROM transfers ORDER BY id",
         item: transfer_item,
     },
+    // Payments in list order, oldest first.
     Table {
-        sql: PAYMENTS_SQL,
+        columns: PAYMENT_COLUMNS,
+        from: "FROM payments ORDER BY created_at, batch_position, id",
         item: payment_item,
     },
     Table {
-        sql: "SELECT id, payer, amount, currency::TEXT, source, created_at FROM topups
-              ORDER BY id",
+        columns: TOPUP_COLUMNS,
+        from: "FROM topups ORDER BY id",
         item: topup_item,
     },
     Table {
-        sql: "SELECT id, payment, payer, merchant, amount, currency::TEXT, fee_refunded,
-                     created_at
-              FROM refunds ORDER BY id",
+        columns: REFUND_COLUMNS,
+        from: "FROM refunds ORDER BY id",
         item: refund_item,
     },
+    // Statement lines by payer, each payer's in statement order, with the payer last.
     Table {
-        sql: ENTRIES_SQL,
+        columns: ENTRY_COLUMNS,
+        from: ", payer FROM statement_lines ORDER BY payer, created_at, batch_position, object_id",
         item: entry_item,
     },
     Table {
-        sql: "SELECT principal_kind, principal_id, key, fingerprint, outcome, created_at
-              FROM idempotency_keys ORDER BY principal_kind, principal_id, key COLLATE \"C\"",
+        columns: IDEMPOTENCY_COLUMNS,
+        from: "FROM idempotency_keys ORDER BY principal_kind, principal_id, key COLLATE \"C\"",
         item: idempotency_item,
     },
 ];
-
-/// Payments in list order, oldest first, with the columns `payment_of` reads (a test holds
-/// them to `PAYMENT_COLUMNS`).
-const PAYMENTS_SQL: &str = "SELECT id, payer, merchant, amount, currency::TEXT, fee, description,
-     reference, created_at, amount_refunded, fee_refunded
-     FROM payments ORDER BY created_at, batch_position, id";
-
-/// Statement lines by payer, each payer's in statement order, with the columns `entry_of`
-/// reads and the payer last.
-const ENTRIES_SQL: &str = "SELECT object_kind, object_id, currency::TEXT, credit, amount,
-     balance_after, created_at, payer
-     FROM statement_lines ORDER BY payer, created_at, batch_position, object_id";
 
 /// A consistent view of a database for exporting: everything read through it comes from one
 /// moment, whatever writers do meanwhile.
@@ -148,7 +140,7 @@ impl Items<'_> {
                 Some(portal) => portal,
                 None => self
                     .portal
-                    .insert(self.transaction.bind(table.sql, &[]).await?),
+                    .insert(self.transaction.bind(&table.sql(), &[]).await?),
             };
             let rows = self.transaction.query_portal(portal, rows_max).await?;
             if rows.len() < rows_max as usize {
@@ -204,52 +196,25 @@ fn operator_key_item(row: &Row) -> Result<Imported, PgError> {
     Ok(Imported::OperatorKey(KeyHash(bytes32(row.get(0))?)))
 }
 
+/// The merchant, then its key hash.
 fn merchant_item(row: &Row) -> Result<Imported, PgError> {
     Ok(Imported::Merchant {
-        merchant: Merchant {
-            id: MerchantId::from_u128(u128_of(row.get(0))?),
-            name: row.get(1),
-            fee: FeeSchedule {
-                bps: u32::try_from(row.get::<_, i32>(3)).map_err(|_| stored("fee_bps"))?,
-                fixed: Amount::from_micros(
-                    row.get::<_, String>(4)
-                        .parse()
-                        .map_err(|_| stored("fee_fixed"))?,
-                ),
-            },
-            created_at: time_of(row.get(5))?,
-        },
-        key_hash: KeyHash(bytes32(row.get(2))?),
+        merchant: merchant_of(row)?,
+        key_hash: KeyHash(bytes32(row.get(5))?),
     })
 }
 
+/// The payer, then its key hash.
 fn payer_item(row: &Row) -> Result<Imported, PgError> {
     Ok(Imported::Payer {
-        payer: Payer {
-            id: PayerId::from_u128(u128_of(row.get(0))?),
-            name: row.get(1),
-            created_at: time_of(row.get(3))?,
-        },
-        key_hash: KeyHash(bytes32(row.get(2))?),
+        payer: payer_of(row)?,
+        key_hash: KeyHash(bytes32(row.get(3))?),
     })
 }
 
 fn account_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Account {
-        owner: owner_of(row.get(1), row.get(2))?,
-        account: Account {
-            id: AccountId(row.get::<_, i64>(0) as u64),
-            kind: AccountKind::from_u8(
-                u8::try_from(row.get::<_, i16>(4)).map_err(|_| stored("accounts.kind"))?,
-            )
-            .ok_or_else(|| stored("accounts.kind"))?,
-            currency: currency_of(row.get(3))?,
-            debits_posted: total_of(row.get(5))?,
-            credits_posted: total_of(row.get(6))?,
-            debits_pending: total_of(row.get(7))?,
-            credits_pending: total_of(row.get(8))?,
-        },
-    })
+    let (owner, account) = account_of(row)?;
+    Ok(Imported::Account { owner, account })
 }
 
 fn transfer_item(row: &Row) -> Result<Imported, PgError> {
@@ -261,33 +226,14 @@ fn payment_item(row: &Row) -> Result<Imported, PgError> {
 }
 
 fn topup_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Topup(Topup {
-        id: TopupId::from_u128(u128_of(row.get(0))?),
-        payer: PayerId::from_u128(u128_of(row.get(1))?),
-        amount: amount_of(row.get(2))?,
-        currency: currency_of(row.get(3))?,
-        source: match row.get::<_, i16>(4) {
-            1 => FundingSource::Sandbox,
-            2 => FundingSource::SandboxDecline,
-            _ => return Err(stored("topups.source")),
-        },
-        created_at: time_of(row.get(5))?,
-    }))
+    Ok(Imported::Topup(topup_of(row)?))
 }
 
 fn refund_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Refund(Refund {
-        id: RefundId::from_u128(u128_of(row.get(0))?),
-        payment: PaymentId::from_u128(u128_of(row.get(1))?),
-        payer: PayerId::from_u128(u128_of(row.get(2))?),
-        merchant: MerchantId::from_u128(u128_of(row.get(3))?),
-        amount: amount_of(row.get(4))?,
-        currency: currency_of(row.get(5))?,
-        fee_refunded: amount_of(row.get(6))?,
-        created_at: time_of(row.get(7))?,
-    }))
+    Ok(Imported::Refund(refund_of(row)?))
 }
 
+/// The statement line, then its payer.
 fn entry_item(row: &Row) -> Result<Imported, PgError> {
     Ok(Imported::Entry {
         payer: PayerId::from_u128(u128_of(row.get(7))?),
@@ -296,35 +242,5 @@ fn entry_item(row: &Row) -> Result<Imported, PgError> {
 }
 
 fn idempotency_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Idempotency(IdempotencyRow {
-        key: IdempotencyKey {
-            principal: principal_of(row.get(0), row.get(1))?,
-            key: row.get(2),
-        },
-        fingerprint: bytes32(row.get(3))?,
-        outcome: decode_outcome(row.get(4))
-            .map_err(|error| PgError::Stored(format!("an idempotency outcome: {error}")))?,
-        made: time_of(row.get(5))?,
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::query::{ENTRY_COLUMNS, PAYMENT_COLUMNS};
-
-    /// The export reads rows with the columns, in the order, that the read side's row
-    /// readers expect.
-    #[test]
-    fn the_payment_and_entry_queries_select_the_columns_their_readers_expect() {
-        let squeeze = |sql: &str| sql.split_whitespace().collect::<Vec<_>>().join(" ");
-        assert!(squeeze(PAYMENTS_SQL).starts_with(&format!(
-            "SELECT {} FROM payments",
-            squeeze(PAYMENT_COLUMNS)
-        )));
-        assert!(squeeze(ENTRIES_SQL).starts_with(&format!(
-            "SELECT {}, payer FROM statement_lines",
-            squeeze(ENTRY_COLUMNS)
-        )));
-    }
+    Ok(Imported::Idempotency(idempotency_row_of(row)?))
 }

@@ -23,6 +23,7 @@ use tokio_postgres::{Client, NoTls};
 mod apply;
 pub mod export;
 pub mod query;
+mod rows;
 mod shared;
 
 use farthing_payments::{Command, Record};

@@ -24,15 +24,13 @@ use farthing_ledger::Currency;
 use farthing_payments::codec::decode_outcome;
 use farthing_payments::{
     Entry, EntryObject, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId, Payment,
-    PaymentId, Principal, RefundId, TopupId,
+    PaymentId, Principal,
 };
 use tokio_postgres::{GenericClient, Row};
 
 use crate::PgError;
-use crate::apply::{
-    amount_of, bytes32, currency_of, id16, principal_columns, principal_of, stored, time_of,
-    u128_of,
-};
+use crate::apply::{bytes32, currency_of, id16, principal_columns, principal_of, u128_of};
+use crate::rows::{ENTRY_COLUMNS, PAYMENT_COLUMNS, entry_of, payment_of};
 
 /// Who holds the key with this hash, or `None` when no one does.
 pub async fn principal(
@@ -118,26 +116,6 @@ async fn party_exists(
         )
         .await?;
     Ok(row.get(0))
-}
-
-pub(crate) const PAYMENT_COLUMNS: &str =
-    "id, payer, merchant, amount, currency::TEXT, fee, description,
-     reference, created_at, amount_refunded, fee_refunded";
-
-pub(crate) fn payment_of(row: &Row) -> Result<Payment, PgError> {
-    Ok(Payment {
-        id: PaymentId::from_u128(u128_of(row.get(0))?),
-        payer: PayerId::from_u128(u128_of(row.get(1))?),
-        merchant: MerchantId::from_u128(u128_of(row.get(2))?),
-        amount: amount_of(row.get(3))?,
-        currency: currency_of(row.get(4))?,
-        fee: amount_of(row.get(5))?,
-        description: row.get(6),
-        reference: row.get(7),
-        created_at: time_of(row.get(8))?,
-        amount_refunded: amount_of(row.get(9))?,
-        fee_refunded: amount_of(row.get(10))?,
-    })
 }
 
 /// The payment with this id, if any.
@@ -335,9 +313,6 @@ async fn payer_payments(
     page_of(rows, limit, payment_of).map(Some)
 }
 
-pub(crate) const ENTRY_COLUMNS: &str =
-    "object_kind, object_id, currency::TEXT, credit, amount, balance_after, created_at";
-
 /// `object_kind`: 1 top-up, 2 payment, 3 refund.
 fn object_columns(object: EntryObject) -> (i16, Vec<u8>) {
     match object {
@@ -345,23 +320,6 @@ fn object_columns(object: EntryObject) -> (i16, Vec<u8>) {
         EntryObject::Payment(id) => (2, id16(id.to_u128())),
         EntryObject::Refund(id) => (3, id16(id.to_u128())),
     }
-}
-
-pub(crate) fn entry_of(row: &Row) -> Result<Entry, PgError> {
-    let id = u128_of(row.get(1))?;
-    Ok(Entry {
-        object: match row.get::<_, i16>(0) {
-            1 => EntryObject::Topup(TopupId::from_u128(id)),
-            2 => EntryObject::Payment(PaymentId::from_u128(id)),
-            3 => EntryObject::Refund(RefundId::from_u128(id)),
-            _ => return Err(stored("statement_lines.object_kind")),
-        },
-        currency: currency_of(row.get(2))?,
-        credit: row.get(3),
-        amount: amount_of(row.get(4))?,
-        balance_after: amount_of(row.get(5))?,
-        created_at: time_of(row.get(6))?,
-    })
 }
 
 /// A payer's statement, newest first, after the line for object `starting_after`, as

@@ -2,6 +2,7 @@
 //! accounts locked in id order.
 
 use super::*;
+use crate::rows::*;
 
 /// What a batch reads, gathered over rounds.
 #[derive(Default)]
@@ -316,51 +317,18 @@ pub(super) async fn load_merchants(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<MerchantId>,
 ) -> Result<Vec<Merchant>, PgError> {
-    let rows = rows_by_ids(
-        transaction,
-        "SELECT id, name, fee_bps, fee_fixed::TEXT, created_at FROM merchants
-             WHERE id = ANY($1)",
-        ids.iter().map(|id| id.to_u128()),
-    )
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(Merchant {
-                id: MerchantId::from_u128(u128_of(row.get(0))?),
-                name: row.get(1),
-                fee: FeeSchedule {
-                    bps: u32::try_from(row.get::<_, i32>(2)).map_err(|_| stored("fee_bps"))?,
-                    fixed: Amount::from_micros(
-                        row.get::<_, &str>(3)
-                            .parse()
-                            .map_err(|_| stored("fee_fixed"))?,
-                    ),
-                },
-                created_at: time_of(row.get(4))?,
-            })
-        })
-        .collect()
+    let sql = format!("SELECT {MERCHANT_COLUMNS} FROM merchants WHERE id = ANY($1)");
+    let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
+    rows.iter().map(merchant_of).collect()
 }
 
 pub(super) async fn load_payers(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<PayerId>,
 ) -> Result<Vec<Payer>, PgError> {
-    let rows = rows_by_ids(
-        transaction,
-        "SELECT id, name, created_at FROM payers WHERE id = ANY($1)",
-        ids.iter().map(|id| id.to_u128()),
-    )
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(Payer {
-                id: PayerId::from_u128(u128_of(row.get(0))?),
-                name: row.get(1),
-                created_at: time_of(row.get(2))?,
-            })
-        })
-        .collect()
+    let sql = format!("SELECT {PAYER_COLUMNS} FROM payers WHERE id = ANY($1)");
+    let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
+    rows.iter().map(payer_of).collect()
 }
 
 /// Payments, locked: a refund changes its payment's refund totals.
@@ -368,156 +336,37 @@ pub(super) async fn load_payments(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<PaymentId>,
 ) -> Result<Vec<Payment>, PgError> {
-    let rows = rows_by_ids(
-        transaction,
-        "SELECT id, payer, merchant, amount, currency::TEXT, fee, description, reference,
-                    created_at, amount_refunded, fee_refunded
-             FROM payments WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        ids.iter().map(|id| id.to_u128()),
-    )
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(Payment {
-                id: PaymentId::from_u128(u128_of(row.get(0))?),
-                payer: PayerId::from_u128(u128_of(row.get(1))?),
-                merchant: MerchantId::from_u128(u128_of(row.get(2))?),
-                amount: amount_of(row.get(3))?,
-                currency: currency_of(row.get(4))?,
-                fee: amount_of(row.get(5))?,
-                description: row.get(6),
-                reference: row.get(7),
-                created_at: time_of(row.get(8))?,
-                amount_refunded: amount_of(row.get(9))?,
-                fee_refunded: amount_of(row.get(10))?,
-            })
-        })
-        .collect()
+    let sql =
+        format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
+    rows.iter().map(payment_of).collect()
 }
 
 pub(super) async fn load_topups(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<TopupId>,
 ) -> Result<Vec<Topup>, PgError> {
-    let rows = rows_by_ids(
-        transaction,
-        "SELECT id, payer, amount, currency::TEXT, source, created_at FROM topups
-             WHERE id = ANY($1)",
-        ids.iter().map(|id| id.to_u128()),
-    )
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(Topup {
-                id: TopupId::from_u128(u128_of(row.get(0))?),
-                payer: PayerId::from_u128(u128_of(row.get(1))?),
-                amount: amount_of(row.get(2))?,
-                currency: currency_of(row.get(3))?,
-                source: match row.get::<_, i16>(4) {
-                    1 => FundingSource::Sandbox,
-                    2 => FundingSource::SandboxDecline,
-                    _ => return Err(stored("topups.source")),
-                },
-                created_at: time_of(row.get(5))?,
-            })
-        })
-        .collect()
+    let sql = format!("SELECT {TOPUP_COLUMNS} FROM topups WHERE id = ANY($1)");
+    let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
+    rows.iter().map(topup_of).collect()
 }
 
 pub(super) async fn load_refunds(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<RefundId>,
 ) -> Result<Vec<Refund>, PgError> {
-    let rows = rows_by_ids(
-        transaction,
-        "SELECT id, payment, payer, merchant, amount, currency::TEXT, fee_refunded, created_at
-             FROM refunds WHERE id = ANY($1)",
-        ids.iter().map(|id| id.to_u128()),
-    )
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(Refund {
-                id: RefundId::from_u128(u128_of(row.get(0))?),
-                payment: PaymentId::from_u128(u128_of(row.get(1))?),
-                payer: PayerId::from_u128(u128_of(row.get(2))?),
-                merchant: MerchantId::from_u128(u128_of(row.get(3))?),
-                amount: amount_of(row.get(4))?,
-                currency: currency_of(row.get(5))?,
-                fee_refunded: amount_of(row.get(6))?,
-                created_at: time_of(row.get(7))?,
-            })
-        })
-        .collect()
+    let sql = format!("SELECT {REFUND_COLUMNS} FROM refunds WHERE id = ANY($1)");
+    let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
+    rows.iter().map(refund_of).collect()
 }
 
 pub(super) async fn load_transfers(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<TransferId>,
 ) -> Result<Vec<TransferRecord>, PgError> {
-    let rows = rows_by_ids(
-        transaction,
-        "SELECT id, debit_account, credit_account, amount::TEXT, kind, pending_id,
-                    timeout_secs, linked, outcome, hold_state, expires_at, created_at
-             FROM transfers WHERE id = ANY($1)",
-        ids.iter().map(|id| id.0),
-    )
-    .await?;
+    let sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1)");
+    let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.0)).await?;
     rows.iter().map(transfer_record_of).collect()
-}
-
-pub(crate) fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
-    let pending_id = |row: &Row| -> Result<TransferId, PgError> {
-        let bytes: Option<&[u8]> = row.get(5);
-        Ok(TransferId(u128_of(
-            bytes.ok_or_else(|| stored("transfers.pending_id"))?,
-        )?))
-    };
-    let kind = match row.get::<_, i16>(4) {
-        1 => TransferKind::Posted,
-        2 => TransferKind::Pending {
-            timeout_secs: row
-                .get::<_, Option<i32>>(6)
-                .ok_or_else(|| stored("transfers.timeout_secs"))? as u32,
-        },
-        3 => TransferKind::PostPending {
-            pending_id: pending_id(row)?,
-        },
-        4 => TransferKind::VoidPending {
-            pending_id: pending_id(row)?,
-        },
-        _ => return Err(stored("transfers.kind")),
-    };
-    let outcome = match row.get::<_, i16>(8) {
-        0 => Ok(()),
-        code => Err(transfer_rejection_of(code).ok_or_else(|| stored("transfers.outcome"))?),
-    };
-    let hold = match row.get::<_, Option<i16>>(9) {
-        None => None,
-        Some(1) => Some(HoldState::Pending),
-        Some(2) => Some(HoldState::Posted),
-        Some(3) => Some(HoldState::Voided),
-        Some(4) => Some(HoldState::Expired),
-        Some(_) => return Err(stored("transfers.hold_state")),
-    };
-    Ok(TransferRecord {
-        transfer: Transfer {
-            id: TransferId(u128_of(row.get(0))?),
-            debit: AccountId(row.get::<_, i64>(1) as u64),
-            credit: AccountId(row.get::<_, i64>(2) as u64),
-            amount: Amount::from_micros(
-                row.get::<_, &str>(3)
-                    .parse()
-                    .map_err(|_| stored("transfers.amount"))?,
-            ),
-            kind,
-            linked: row.get(7),
-        },
-        timestamp: time_of(row.get(11))?,
-        outcome,
-        hold,
-        expires_at: row.get::<_, Option<i64>>(10).map(time_of).transpose()?,
-    })
 }
 
 /// Idempotency records by key, and for a prune every record made before its time.
@@ -539,10 +388,11 @@ pub(super) async fn load_idempotency(
     }
     let rows = transaction
         .query_typed(
-            "SELECT principal_kind, principal_id, key, fingerprint, outcome, created_at
-             FROM idempotency_keys
-             WHERE (principal_kind, principal_id, key) IN
-                   (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))",
+            &format!(
+                "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys
+                 WHERE (principal_kind, principal_id, key) IN
+                       (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))"
+            ),
             &[
                 (&kinds, Type::INT2_ARRAY),
                 (&principals, Type::BYTEA_ARRAY),
@@ -550,22 +400,7 @@ pub(super) async fn load_idempotency(
             ],
         )
         .await?;
-    rows.iter()
-        .map(|row| {
-            let key = IdempotencyKey {
-                principal: principal_of(row.get(0), row.get(1))?,
-                key: row.get(2),
-            };
-            let outcome = decode_outcome(row.get(4))
-                .map_err(|error| PgError::Stored(format!("an idempotency outcome: {error}")))?;
-            Ok(IdempotencyRow {
-                key,
-                fingerprint: bytes32(row.get(3))?,
-                outcome,
-                made: time_of(row.get(5))?,
-            })
-        })
-        .collect()
+    rows.iter().map(idempotency_row_of).collect()
 }
 
 /// Accounts, locked in id order. A row found under another owner (a 2⁻⁶⁴ id collision) is
@@ -584,29 +419,19 @@ pub(super) async fn load_accounts(
         .collect();
     ids.sort_unstable();
     ids.dedup();
+    // `changed_at` follows the account's columns.
     let rows = transaction
         .query_typed(
-            "SELECT id, owner_kind, owner_id, currency::TEXT, kind, debits_posted, credits_posted,
-                    debits_pending, credits_pending, changed_at
-             FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &format!(
+                "SELECT {ACCOUNT_COLUMNS}, changed_at
+                 FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            ),
             &[(&ids, Type::INT8_ARRAY)],
         )
         .await?;
     rows.iter()
         .map(|row| {
-            let owner = owner_of(row.get(1), row.get(2))?;
-            let account = Account {
-                id: AccountId(row.get::<_, i64>(0) as u64),
-                kind: AccountKind::from_u8(
-                    u8::try_from(row.get::<_, i16>(4)).map_err(|_| stored("accounts.kind"))?,
-                )
-                .ok_or_else(|| stored("accounts.kind"))?,
-                currency: currency_of(row.get(3))?,
-                debits_posted: total_of(row.get(5))?,
-                credits_posted: total_of(row.get(6))?,
-                debits_pending: total_of(row.get(7))?,
-                credits_pending: total_of(row.get(8))?,
-            };
+            let (owner, account) = account_of(row)?;
             Ok((owner, account, time_of(row.get(9))?))
         })
         .collect()
