@@ -448,7 +448,7 @@ fn durable_records(
 /// (b) on PostgreSQL: every batch size over 10,000 accounts and over 10 hot ones, each on a
 /// fresh database. The rows have the embedded store's shape.
 async fn durable_postgres_section(args: &BenchArgs, url: &str) -> anyhow::Result<Vec<Value>> {
-    let database = BenchDatabase::new(url).await?;
+    let database = BenchDatabase::new(url, "bench").await?;
     let measured = async {
         let mut rows = Vec::new();
         for (label, accounts) in [("10,000 accounts", 10_000usize), ("10 hot accounts", 10)] {
@@ -475,17 +475,17 @@ async fn durable_postgres_section(args: &BenchArgs, url: &str) -> anyhow::Result
     Ok(rows)
 }
 
-/// The database the PostgreSQL benchmark works in: `<database>_bench_<pid>` on the server the
+/// A database a PostgreSQL benchmark works in: `<database>_<suffix>_<pid>` on the server the
 /// given URL names, made afresh for each measurement and dropped at the end. The database the
 /// URL names is only connected to, to create and drop it; nothing in it is read or changed.
-struct BenchDatabase {
+pub(crate) struct BenchDatabase {
     admin: tokio_postgres::Client,
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl BenchDatabase {
-    async fn new(url: &str) -> anyhow::Result<BenchDatabase> {
+    pub(crate) async fn new(url: &str, suffix: &str) -> anyhow::Result<BenchDatabase> {
         let config: tokio_postgres::Config = url
             .parse()
             .context("--database-url is not a PostgreSQL connection string")?;
@@ -502,19 +502,19 @@ impl BenchDatabase {
         if stem.is_empty() || stem.starts_with(|c: char| c.is_ascii_digit()) {
             stem.insert_str(0, "farthing");
         }
-        let name = format!("{stem}_bench_{}", std::process::id());
+        let name = format!("{stem}_{suffix}_{}", std::process::id());
         let admin = farthing_store_postgres::connect(url)
             .await
             .context("connecting to --database-url")?;
         Ok(BenchDatabase {
             admin,
-            url: with_database(url, &name),
+            url: farthing_store_postgres::with_database(url, &name),
             name,
         })
     }
 
     /// A fresh, migrated database, and a connection to it.
-    async fn fresh(&self) -> anyhow::Result<BenchConnection> {
+    pub(crate) async fn fresh(&self) -> anyhow::Result<BenchConnection> {
         self.drop_database().await?;
         self.admin
             .batch_execute(&format!("CREATE DATABASE {}", self.name))
@@ -531,7 +531,7 @@ impl BenchDatabase {
         Ok(connection)
     }
 
-    async fn drop_database(&self) -> anyhow::Result<()> {
+    pub(crate) async fn drop_database(&self) -> anyhow::Result<()> {
         self.admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -544,37 +544,16 @@ impl BenchDatabase {
 }
 
 /// A connection to the benchmark database, closed before the database is dropped.
-struct BenchConnection {
+pub(crate) struct BenchConnection {
     client: tokio_postgres::Client,
     driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 }
 
 impl BenchConnection {
-    async fn close(self) -> anyhow::Result<()> {
+    pub(crate) async fn close(self) -> anyhow::Result<()> {
         drop(self.client);
         self.driver.await??;
         Ok(())
-    }
-}
-
-/// `url` naming database `name` instead: a URL's path is replaced, a `key=value` string gets a
-/// `dbname` at the end (the last one counts).
-fn with_database(url: &str, name: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return format!("{url} dbname={name}");
-    };
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = scheme_end + 3;
-    let server = match base[authority_start..].find('/') {
-        Some(slash) => &base[..authority_start + slash],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{server}/{name}?{query}"),
-        None => format!("{server}/{name}"),
     }
 }
 
@@ -707,6 +686,63 @@ fn memory_per_account(quick: bool) -> (f64, f64, f64) {
 }
 
 /// A server in a child process, on a fresh data directory.
+/// The operator key of the servers the benches start.
+pub(crate) const ADMIN_KEY: &str = "bench-operator-key-0123456789abcdef0123456789";
+
+/// Makes the merchant the HTTP benches pay, at a 1% fee, and returns its id.
+pub(crate) async fn bench_merchant(addr: &str) -> anyhow::Result<String> {
+    let merchant = Connection::open(addr)
+        .await?
+        .request(
+            "POST",
+            "/v1/merchants",
+            ADMIN_KEY,
+            Some(br#"{"name":"bench merchant","fee_bps":100}"#),
+        )
+        .await?
+        .json()?;
+    Ok(merchant["id"].as_str().context("merchant id")?.to_string())
+}
+
+/// Makes `count` payers, each topped up with `funds`: (id, key).
+pub(crate) async fn payers(
+    addr: &str,
+    count: usize,
+    funds: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut setup = Connection::open(addr).await?;
+    let mut made = Vec::new();
+    for n in 0..count {
+        let payer = setup
+            .request(
+                "POST",
+                "/v1/payers",
+                ADMIN_KEY,
+                Some(format!(r#"{{"name":"payer {n}"}}"#).as_bytes()),
+            )
+            .await?
+            .json()?;
+        let id = payer["id"].as_str().context("payer id")?.to_string();
+        let key = payer["api_key"].as_str().context("payer key")?.to_string();
+        let topup = setup
+            .request(
+                "POST",
+                &format!("/v1/payers/{id}/topups"),
+                ADMIN_KEY,
+                Some(
+                    format!(r#"{{"amount":"{funds}","currency":"USD","source":"sandbox"}}"#)
+                        .as_bytes(),
+                ),
+            )
+            .await?;
+        if topup.status != 201 {
+            bail!("bench top-up failed with {}", topup.status);
+        }
+        made.push((id, key));
+    }
+    Ok(made)
+}
+
 /// A `farthing serve` child process, killed when dropped.
 pub(crate) struct Child {
     pub(crate) process: tokio::process::Child,
@@ -748,46 +784,11 @@ pub(crate) async fn start_server(
 
 async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value> {
     let dir = root.join("http");
-    let admin = "bench-operator-key-0123456789abcdef0123456789";
+    let admin = ADMIN_KEY;
     let mut child = start_server(&["--data-dir".as_ref(), dir.as_os_str()], admin).await?;
     let addr = child.addr.clone();
-    let mut setup = Connection::open(&addr).await?;
-    let merchant = setup
-        .request(
-            "POST",
-            "/v1/merchants",
-            admin,
-            Some(br#"{"name":"bench merchant","fee_bps":100}"#),
-        )
-        .await?
-        .json()?;
-    let merchant_id = merchant["id"].as_str().context("merchant id")?.to_string();
-    let mut payers = Vec::new();
-    for n in 0..256 {
-        let payer = setup
-            .request(
-                "POST",
-                "/v1/payers",
-                admin,
-                Some(format!(r#"{{"name":"payer {n}"}}"#).as_bytes()),
-            )
-            .await?
-            .json()?;
-        let id = payer["id"].as_str().context("payer id")?.to_string();
-        let key = payer["api_key"].as_str().context("payer key")?.to_string();
-        let topup = setup
-            .request(
-                "POST",
-                &format!("/v1/payers/{id}/topups"),
-                admin,
-                Some(br#"{"amount":"10000","currency":"USD","source":"sandbox"}"#),
-            )
-            .await?;
-        if topup.status != 201 {
-            bail!("bench top-up failed with {}", topup.status);
-        }
-        payers.push((id, key));
-    }
+    let merchant_id = bench_merchant(&addr).await?;
+    let payers = payers(&addr, 256, "10000").await?;
     let payers = Arc::new(payers);
     let seconds = if args.quick { 1 } else { args.seconds };
     let mut rows = Vec::new();

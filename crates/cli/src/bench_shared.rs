@@ -9,96 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::bench::Child;
+use crate::bench::{ADMIN_KEY as ADMIN, BenchDatabase, Child, bench_merchant, payers};
 use crate::loadgen::Connection;
-
-const ADMIN: &str = "bench-operator-key-0123456789abcdef0123456789";
-
-/// A database made for one run and dropped after it.
-pub struct BenchDatabase {
-    admin_url: String,
-    name: String,
-    pub url: String,
-}
-
-impl BenchDatabase {
-    /// Makes `<database of url>_<suffix>_<pid>` on the server `url` names.
-    pub async fn create(url: &str, suffix: &str) -> anyhow::Result<BenchDatabase> {
-        let config: tokio_postgres::Config = url.parse().context("--database-url")?;
-        let base = config.get_dbname().unwrap_or("farthing");
-        let name = format!("{base}_{suffix}_{}", std::process::id())
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect::<String>();
-        let admin = farthing_store_postgres::connect(url).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await?;
-        Ok(BenchDatabase {
-            admin_url: url.to_string(),
-            url: farthing_store_postgres::with_database(url, &name),
-            name,
-        })
-    }
-
-    pub async fn drop_now(self) -> anyhow::Result<()> {
-        let admin = farthing_store_postgres::connect(&self.admin_url).await?;
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await?;
-        Ok(())
-    }
-}
 
 async fn start_server(database_url: &str) -> anyhow::Result<Child> {
     crate::bench::start_server(&["--database-url".as_ref(), database_url.as_ref()], ADMIN).await
-}
-
-/// Makes `count` payers, each topped up with `funds`: (id, key).
-async fn payers(addr: &str, count: usize, funds: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let mut setup = Connection::open(addr).await?;
-    let mut made = Vec::new();
-    for n in 0..count {
-        let payer = setup
-            .request(
-                "POST",
-                "/v1/payers",
-                ADMIN,
-                Some(format!(r#"{{"name":"payer {n}"}}"#).as_bytes()),
-            )
-            .await?
-            .json()?;
-        let id = payer["id"].as_str().context("payer id")?.to_string();
-        let key = payer["api_key"].as_str().context("payer key")?.to_string();
-        let topup = setup
-            .request(
-                "POST",
-                &format!("/v1/payers/{id}/topups"),
-                ADMIN,
-                Some(
-                    format!(r#"{{"amount":"{funds}","currency":"USD","source":"sandbox"}}"#)
-                        .as_bytes(),
-                ),
-            )
-            .await?;
-        if topup.status != 201 {
-            bail!("bench top-up failed with {}", topup.status);
-        }
-        made.push((id, key));
-    }
-    Ok(made)
 }
 
 /// What one load round saw.
@@ -211,9 +126,14 @@ pub async fn http(
     seconds: u64,
     say: impl Fn(&str),
 ) -> anyhow::Result<Value> {
-    let database = BenchDatabase::create(url, "bench_http").await?;
-    let result = http_on(&database.url, quick, seconds, &say).await;
-    database.drop_now().await?;
+    let database = BenchDatabase::new(url, "bench_http").await?;
+    let result = async {
+        // Made and migrated here; the servers find the schema up to date.
+        database.fresh().await?.close().await?;
+        http_on(&database.url, quick, seconds, &say).await
+    }
+    .await;
+    database.drop_database().await?;
     result
 }
 
@@ -225,17 +145,7 @@ async fn http_on(
 ) -> anyhow::Result<Value> {
     let seconds = if quick { 1.0 } else { seconds as f64 };
     let first = start_server(url).await?;
-    let mut setup = Connection::open(&first.addr).await?;
-    let merchant = setup
-        .request(
-            "POST",
-            "/v1/merchants",
-            ADMIN,
-            Some(br#"{"name":"bench merchant","fee_bps":100}"#),
-        )
-        .await?
-        .json()?;
-    let merchant = merchant["id"].as_str().context("merchant id")?.to_string();
+    let merchant = bench_merchant(&first.addr).await?;
     let spread = Arc::new(payers(&first.addr, 256, "10000").await?);
     let mut rows = Vec::new();
 

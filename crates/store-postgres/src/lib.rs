@@ -92,14 +92,18 @@ pub async fn connect(url: &str) -> Result<Client, PgError> {
     Ok(client)
 }
 
-/// `url` with its database name replaced by `name` (for tools and tests that make databases
-/// next to the one they were given).
+/// `url` naming database `name` instead (for tools and tests that make databases next to the
+/// one they were given): a URL's path is replaced, and a `key=value` string gets a `dbname` at
+/// the end (the last one counts).
 pub fn with_database(url: &str, name: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return format!("{url} dbname={name}");
+    };
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
         None => (url, None),
     };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let authority_start = scheme_end + 3;
     let server = match base[authority_start..].find('/') {
         Some(slash) => &base[..authority_start + slash],
         None => base,
