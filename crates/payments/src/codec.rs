@@ -935,9 +935,10 @@ impl Reader<'_> {
 }
 
 /// The ledger's rejections in a transfer record, each with a stable tag (1 and up; 0 is
-/// applied). A stored tag never changes meaning and a new rejection takes a new tag: the
-/// match has no catch-all, so it cannot be forgotten.
-fn transfer_rejection_tag(rejection: TransferRejection) -> u8 {
+/// applied), in the journal and in the PostgreSQL store alike. A stored tag never changes
+/// meaning and a new rejection takes a new tag: the match has no catch-all, so it cannot be
+/// forgotten.
+pub fn transfer_rejection_tag(rejection: TransferRejection) -> u8 {
     use TransferRejection::*;
     match rejection {
         LinkedEventFailed => 1,
@@ -960,7 +961,8 @@ fn transfer_rejection_tag(rejection: TransferRejection) -> u8 {
     }
 }
 
-fn transfer_rejection_of(tag: u8) -> Option<TransferRejection> {
+/// The rejection with this tag (see [`transfer_rejection_tag`]).
+pub fn transfer_rejection_of(tag: u8) -> Option<TransferRejection> {
     use TransferRejection::*;
     Some(match tag {
         1 => LinkedEventFailed,

@@ -491,25 +491,12 @@ fn any_principal() -> impl Strategy<Value = Principal> {
     ]
 }
 
-const TRANSFER_REJECTIONS: [TransferRejection; 17] = [
-    TransferRejection::LinkedEventFailed,
-    TransferRejection::LinkedEventChainOpen,
-    TransferRejection::IdMustNotBeZero,
-    TransferRejection::ExistsWithDifferentFields,
-    TransferRejection::AccountsMustBeDifferent,
-    TransferRejection::AmountMustNotBeZero,
-    TransferRejection::PendingTransferNotFound,
-    TransferRejection::PendingTransferAlreadyPosted,
-    TransferRejection::PendingTransferAlreadyVoided,
-    TransferRejection::PendingTransferExpired,
-    TransferRejection::PendingTransferHasDifferentAccounts,
-    TransferRejection::ExceedsPendingAmount,
-    TransferRejection::DebitAccountNotFound,
-    TransferRejection::CreditAccountNotFound,
-    TransferRejection::CurrenciesMustMatch,
-    TransferRejection::Overflow,
-    TransferRejection::ExceedsAvailableBalance,
-];
+/// Every rejection the ledger has, by its stable tag.
+fn transfer_rejections() -> Vec<TransferRejection> {
+    (1..=u8::MAX)
+        .map_while(farthing_payments::codec::transfer_rejection_of)
+        .collect()
+}
 
 fn any_transfer_record() -> impl Strategy<Value = TransferRecord> {
     (
@@ -525,7 +512,7 @@ fn any_transfer_record() -> impl Strategy<Value = TransferRecord> {
             }),
         ],
         (any::<bool>(), any::<u64>()),
-        prop::option::of(prop::sample::select(TRANSFER_REJECTIONS.to_vec())),
+        prop::option::of(prop::sample::select(transfer_rejections())),
         prop::option::of(prop::sample::select(vec![
             HoldState::Pending,
             HoldState::Posted,

@@ -1,40 +1,16 @@
 //! Stored forms: how ids, amounts, times, currencies and principals look in columns.
 
 use super::*;
+use farthing_payments::codec;
 
-pub(crate) const TRANSFER_REJECTIONS: [TransferRejection; 17] = [
-    TransferRejection::LinkedEventFailed,
-    TransferRejection::LinkedEventChainOpen,
-    TransferRejection::IdMustNotBeZero,
-    TransferRejection::ExistsWithDifferentFields,
-    TransferRejection::AccountsMustBeDifferent,
-    TransferRejection::AmountMustNotBeZero,
-    TransferRejection::PendingTransferNotFound,
-    TransferRejection::PendingTransferAlreadyPosted,
-    TransferRejection::PendingTransferAlreadyVoided,
-    TransferRejection::PendingTransferExpired,
-    TransferRejection::PendingTransferHasDifferentAccounts,
-    TransferRejection::ExceedsPendingAmount,
-    TransferRejection::DebitAccountNotFound,
-    TransferRejection::CreditAccountNotFound,
-    TransferRejection::CurrenciesMustMatch,
-    TransferRejection::Overflow,
-    TransferRejection::ExceedsAvailableBalance,
-];
-
-/// A transfer's stored outcome: 1 + its place in the ledger's list of rejections (0 is
-/// applied). These codes never change meaning.
+/// A transfer's stored outcome: 0 when applied, else the journal's stable tag for its
+/// rejection. These codes never change meaning.
 pub(crate) fn transfer_rejection_code(rejection: TransferRejection) -> i16 {
-    let index = TRANSFER_REJECTIONS
-        .iter()
-        .position(|r| *r == rejection)
-        .expect("every rejection is listed");
-    index as i16 + 1
+    i16::from(codec::transfer_rejection_tag(rejection))
 }
 
 pub(crate) fn transfer_rejection_of(code: i16) -> Option<TransferRejection> {
-    let index = usize::try_from(code).ok()?.checked_sub(1)?;
-    TRANSFER_REJECTIONS.get(index).copied()
+    codec::transfer_rejection_of(u8::try_from(code).ok()?)
 }
 
 pub(crate) fn stored(what: &str) -> PgError {
