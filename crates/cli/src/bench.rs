@@ -5,6 +5,7 @@
 //! database on that server (see [`BenchDatabase`]), migrated and seeded like the embedded
 //! store's, and every batch is one `apply_batch` transaction with a durable commit.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -794,50 +795,18 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
     let mut rows = Vec::new();
     let mut before = journal_counters(&addr).await?;
     for connections in [1usize, 16, 256] {
-        let body = Arc::new(format!(
-            r#"{{"merchant":"{merchant_id}","amount":"0.0001","currency":"USD","description":"bench"}}"#
-        ));
-        let deadline = Instant::now() + Duration::from_secs(seconds);
-        let mut tasks = Vec::new();
-        for c in 0..connections {
-            let (addr, body, payers) = (addr.clone(), body.clone(), payers.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut conn = Connection::open(&addr).await?;
-                let key = &payers[c % payers.len()].1;
-                let mut latencies: Vec<u32> = Vec::new();
-                while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    let response = conn
-                        .request("POST", "/v1/payments", key, Some(body.as_bytes()))
-                        .await?;
-                    if response.status != 201 {
-                        bail!(
-                            "payment answered {}: {}",
-                            response.status,
-                            String::from_utf8_lossy(&response.body)
-                        );
-                    }
-                    latencies.push(sent.elapsed().as_micros() as u32);
-                }
-                Ok::<_, anyhow::Error>(latencies)
-            }));
+        let round = load(
+            std::slice::from_ref(&addr),
+            &payers,
+            &merchant_id,
+            "0.0001",
+            connections,
+            seconds as f64,
+        )
+        .await?;
+        if round.declined > 0 {
+            bail!("{} bench payments were declined", round.declined);
         }
-        let started = Instant::now();
-        let mut latencies = Vec::new();
-        for task in tasks {
-            latencies.extend(task.await??);
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        latencies.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if latencies.is_empty() {
-                return 0.0;
-            }
-            let index =
-                ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-            f64::from(latencies[index]) / 1000.0
-        };
-        let rate = latencies.len() as f64 / elapsed;
         let after = journal_counters(&addr).await?;
         let commits = (after.0 - before.0).max(1.0);
         let per_commit = (after.1 - before.1) / commits;
@@ -847,17 +816,17 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
             args,
             &format!(
                 "HTTP single payments, {connections:>3} connections: {} payments/s, p50 {:.2} ms, p99 {:.2} ms ({per_commit:.1} records per commit, {commit_ms:.2} ms per commit)",
-                thousands(rate),
-                pct(0.50),
-                pct(0.99)
+                thousands(round.rate),
+                round.p50_ms,
+                round.p99_ms
             ),
         );
         rows.push(json!({
             "connections": connections,
-            "payments_per_sec": rate.round(),
-            "p50_ms": pct(0.50),
-            "p99_ms": pct(0.99),
-            "requests": latencies.len(),
+            "payments_per_sec": round.rate.round(),
+            "p50_ms": round.p50_ms,
+            "p99_ms": round.p99_ms,
+            "requests": round.requests,
             "records_per_commit": per_commit,
             "commit_ms": commit_ms,
         }));
@@ -925,6 +894,89 @@ async fn http(args: &BenchArgs, root: &std::path::Path) -> anyhow::Result<Value>
 /// database, and hot wallets across both.
 async fn http_postgres(args: &BenchArgs, url: &str) -> anyhow::Result<Value> {
     crate::bench_shared::http(url, args.quick, args.seconds, |line| say(args, line)).await
+}
+
+/// What one load round saw.
+pub(crate) struct Round {
+    pub(crate) rate: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    /// Answers received, of any status.
+    pub(crate) requests: usize,
+    /// 201s by payer index.
+    pub(crate) succeeded: HashMap<usize, u64>,
+    pub(crate) declined: u64,
+}
+
+/// `connections` clients spread over `addrs`, each paying `amount` from payer
+/// `connection % payers.len()` until the deadline. 402 `insufficient_funds` is counted, any
+/// other answer fails the run.
+pub(crate) async fn load(
+    addrs: &[String],
+    payers: &Arc<Vec<(String, String)>>,
+    merchant: &str,
+    amount: &str,
+    connections: usize,
+    seconds: f64,
+) -> anyhow::Result<Round> {
+    let body = Arc::new(format!(
+        r#"{{"merchant":"{merchant}","amount":"{amount}","currency":"USD","description":"bench"}}"#
+    ));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (addr, body, payers) = (addrs[c % addrs.len()].clone(), body.clone(), payers.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Connection::open(&addr).await?;
+            let payer = c % payers.len();
+            let key = &payers[payer].1;
+            let mut latencies: Vec<u32> = Vec::new();
+            let (mut succeeded, mut declined) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let response = conn
+                    .request("POST", "/v1/payments", key, Some(body.as_bytes()))
+                    .await?;
+                match response.status {
+                    201 => succeeded += 1,
+                    402 => declined += 1,
+                    other => bail!(
+                        "payment answered {other}: {}",
+                        String::from_utf8_lossy(&response.body)
+                    ),
+                }
+                latencies.push(sent.elapsed().as_micros() as u32);
+            }
+            Ok::<_, anyhow::Error>((payer, succeeded, declined, latencies))
+        }));
+    }
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut succeeded: HashMap<usize, u64> = HashMap::new();
+    let mut declined = 0;
+    for task in tasks {
+        let (payer, ok, no, seen) = task.await??;
+        *succeeded.entry(payer).or_default() += ok;
+        declined += no;
+        latencies.extend(seen);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[index]) / 1000.0
+    };
+    Ok(Round {
+        requests: latencies.len(),
+        rate: succeeded.values().sum::<u64>() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        succeeded,
+        declined,
+    })
 }
 
 /// (commits, records, commit microseconds) from the server's `/metrics`.

@@ -2,98 +2,17 @@
 //! `farthing serve` processes on one PostgreSQL database, and a hot-account run across both
 //! that counts deadlocks (PostgreSQL's own counter) and checks that no wallet was overspent.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::bench::{ADMIN_KEY as ADMIN, BenchDatabase, Child, bench_merchant, payers};
+use crate::bench::{ADMIN_KEY as ADMIN, BenchDatabase, Child, bench_merchant, load, payers};
 use crate::loadgen::Connection;
 
 async fn start_server(database_url: &str) -> anyhow::Result<Child> {
     crate::bench::start_server(&["--database-url".as_ref(), database_url.as_ref()], ADMIN).await
-}
-
-/// What one load round saw.
-struct Round {
-    rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// 201s by payer index.
-    succeeded: HashMap<usize, u64>,
-    declined: u64,
-}
-
-/// `connections` clients spread over `addrs`, each paying `amount` from payer
-/// `connection % payers.len()` until the deadline. 402 `insufficient_funds` is counted, any
-/// other answer fails the run.
-async fn load(
-    addrs: &[String],
-    payers: &Arc<Vec<(String, String)>>,
-    merchant: &str,
-    amount: &str,
-    connections: usize,
-    seconds: f64,
-) -> anyhow::Result<Round> {
-    let body = Arc::new(format!(
-        r#"{{"merchant":"{merchant}","amount":"{amount}","currency":"USD","description":"bench"}}"#
-    ));
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut tasks = Vec::new();
-    for c in 0..connections {
-        let (addr, body, payers) = (addrs[c % addrs.len()].clone(), body.clone(), payers.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = Connection::open(&addr).await?;
-            let payer = c % payers.len();
-            let key = &payers[payer].1;
-            let mut latencies: Vec<u32> = Vec::new();
-            let (mut succeeded, mut declined) = (0u64, 0u64);
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                let response = conn
-                    .request("POST", "/v1/payments", key, Some(body.as_bytes()))
-                    .await?;
-                match response.status {
-                    201 => succeeded += 1,
-                    402 => declined += 1,
-                    other => bail!(
-                        "payment answered {other}: {}",
-                        String::from_utf8_lossy(&response.body)
-                    ),
-                }
-                latencies.push(sent.elapsed().as_micros() as u32);
-            }
-            Ok::<_, anyhow::Error>((payer, succeeded, declined, latencies))
-        }));
-    }
-    let started = Instant::now();
-    let mut latencies = Vec::new();
-    let mut succeeded: HashMap<usize, u64> = HashMap::new();
-    let mut declined = 0;
-    for task in tasks {
-        let (payer, ok, no, seen) = task.await??;
-        *succeeded.entry(payer).or_default() += ok;
-        declined += no;
-        latencies.extend(seen);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let index = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        f64::from(latencies[index]) / 1000.0
-    };
-    Ok(Round {
-        rate: succeeded.values().sum::<u64>() as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        succeeded,
-        declined,
-    })
 }
 
 /// Deadlocks PostgreSQL has detected in the database so far.
