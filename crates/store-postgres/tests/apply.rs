@@ -7,8 +7,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::TestDatabase;
-use farthing_store_postgres::{apply_batch, connect, migrate, query};
+use common::{TestDatabase, database_configured};
+use farthing_store_postgres::{apply_batch, connect, query};
 use farthing_testing::{Builder, EPOCH, StepSpec, currency, history};
 use proptest::test_runner::TestCaseError;
 use tokio_postgres::Client;
@@ -23,27 +23,6 @@ use proptest::prelude::*;
 
 /// Histories per run: each gets a database of its own.
 const CASES: u32 = 24;
-
-fn database_configured() -> bool {
-    if std::env::var("FARTHING_TEST_DATABASE_URL").is_ok() {
-        return true;
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "a_random_history_applied_in_batches_matches_the_in_memory_state: skipped, \
-         FARTHING_TEST_DATABASE_URL is not set"
-    );
-    false
-}
-
-async fn migrated(db: &TestDatabase) -> Client {
-    let mut client = connect(&db.url)
-        .await
-        .expect("connect to the test database");
-    migrate(&mut client).await.expect("migrate");
-    client
-}
 
 async fn count(client: &Client, table: &str) -> usize {
     let row = client
@@ -83,7 +62,7 @@ async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCa
     let db = TestDatabase::create("a_random_history_applied_in_batches")
         .await
         .expect("checked before");
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     let mut state = State::new();
     let mut builder = Builder::new();
     let mut steps = history.iter();
@@ -172,7 +151,7 @@ async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCa
 
 #[test]
 fn a_random_history_applied_in_batches_matches_the_in_memory_state() {
-    if !database_configured() {
+    if !database_configured("a_random_history_applied_in_batches_matches_the_in_memory_state") {
         return;
     }
     let config = ProptestConfig {
@@ -287,7 +266,7 @@ async fn concurrent_batches_paying_from_the_same_wallets_never_deadlock_or_overd
     const FUNDS: u64 = 600_000;
     const AMOUNT: u64 = 10_000;
     const ROUNDS: u128 = 60;
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     let wallets = [PayerId::from_u128(11), PayerId::from_u128(12)];
     let merchant = setup(&mut client, &wallets, FUNDS).await;
     let mut tasks = Vec::new();
@@ -370,7 +349,7 @@ async fn one_idempotency_claim_in_two_concurrent_batches_is_applied_once() {
         return;
     };
     const KEYS: u128 = 40;
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     let payer = PayerId::from_u128(11);
     let merchant = setup(&mut client, &[payer], 10_000_000).await;
     let mut other = connect(&db.url).await.unwrap();
@@ -432,7 +411,7 @@ async fn refunds_in_later_batches_load_their_payment_and_match_the_in_memory_sta
     let Some(db) = TestDatabase::create("refunds_in_later_batches_load_their_payment").await else {
         return;
     };
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     let payer = PayerId::from_u128(11);
     let (merchant, setup) = setup_records(&[payer], 5_000_000);
     let its = Principal::Merchant(merchant);
@@ -503,7 +482,7 @@ async fn two_concurrent_refunds_of_the_rest_of_a_payment_refund_it_once() {
         return;
     };
     const PAYMENTS: u128 = 20;
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     let payer = PayerId::from_u128(11);
     let merchant = setup(&mut client, &[payer], 50_000_000).await;
     let payments: Vec<Record> = (0..PAYMENTS)
@@ -568,7 +547,7 @@ async fn large_batches_read_back_as_the_in_memory_state() {
     let Some(db) = TestDatabase::create("large_batches_read_back").await else {
         return;
     };
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     let payers: Vec<PayerId> = (11..41).map(PayerId::from_u128).collect();
     let (merchant, setup) = setup_records(&payers, 2_000_000);
     // Below 50 micro-units the 2% fee is zero: one leg, and the second transfer id unused.

@@ -11,7 +11,7 @@ mod common;
 use common::TestDatabase;
 use farthing_ledger::{Amount, MICROS_PER_UNIT, Timestamp, TransferId};
 use farthing_payments::*;
-use farthing_store_postgres::{apply_batch, connect, migrate, query};
+use farthing_store_postgres::{apply_batch, query};
 
 const T: u64 = 1_700_000_000_000_000;
 
@@ -28,8 +28,7 @@ async fn a_batch_applied_after_a_later_timed_one_comes_after_it_in_the_statement
     let Some(db) = TestDatabase::create("a_batch_applied_after_a_later_timed_one").await else {
         return;
     };
-    let mut client = connect(&db.url).await.unwrap();
-    migrate(&mut client).await.unwrap();
+    let mut client = db.migrated().await;
     let usd = farthing_ledger::Currency::parse("USD").unwrap();
     let (merchant, payer) = (MerchantId::from_u128(1), PayerId::from_u128(2));
     let pay = |id: u128, units: u64| {
@@ -120,8 +119,7 @@ async fn a_prune_forgets_old_keys_by_age_and_an_expired_key_used_again_is_new() 
     let Some(db) = TestDatabase::create("a_prune_forgets_old_keys_by_age").await else {
         return;
     };
-    let mut client = connect(&db.url).await.unwrap();
-    migrate(&mut client).await.unwrap();
+    let mut client = db.migrated().await;
     let usd = farthing_ledger::Currency::parse("USD").unwrap();
     let (merchant, payer) = (MerchantId::from_u128(1), PayerId::from_u128(2));
     let mut state = State::new();

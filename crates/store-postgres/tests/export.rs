@@ -6,10 +6,10 @@
 
 mod common;
 
-use common::TestDatabase;
+use common::{TestDatabase, database_configured};
 use farthing_payments::*;
 use farthing_store_postgres::export::{self, chunk_may_end_between, export_all};
-use farthing_store_postgres::{apply_batch, batch_may_end_between, connect, migrate};
+use farthing_store_postgres::{apply_batch, batch_may_end_between};
 use farthing_testing::{Builder, StepSpec, history};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -17,26 +17,6 @@ use tokio_postgres::Client;
 
 /// Histories per run: each gets a database of its own.
 const CASES: u32 = 16;
-
-fn database_configured(test: &str) -> bool {
-    if std::env::var("FARTHING_TEST_DATABASE_URL").is_ok() {
-        return true;
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: skipped, FARTHING_TEST_DATABASE_URL is not set"
-    );
-    false
-}
-
-async fn migrated(db: &TestDatabase) -> Client {
-    let mut client = connect(&db.url)
-        .await
-        .expect("connect to the test database");
-    migrate(&mut client).await.expect("migrate");
-    client
-}
 
 /// `records` in batches of about `size` records, ending only where a batch may end.
 fn batches(records: Vec<Record>, size: usize) -> Vec<Vec<Record>> {
@@ -121,7 +101,7 @@ async fn check_history(
     let db = TestDatabase::create("a_database_exports_what_the_state_does")
         .await
         .expect("checked before");
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     let mut state = State::new();
     let mut builder = Builder::new();
     let mut records = Vec::new();
@@ -147,7 +127,7 @@ async fn check_history(
     let copy_db = TestDatabase::create("an_imported_export_exports_the_same")
         .await
         .expect("checked before");
-    let mut copy = migrated(&copy_db).await;
+    let mut copy = copy_db.migrated().await;
     let mut copied = State::new();
     let imports = import_records(&expected, chunk, state.last_time());
     apply_all(&mut copy, &mut copied, batches(imports, 2)).await?;
@@ -181,6 +161,6 @@ async fn an_empty_database_exports_nothing() {
     let Some(db) = TestDatabase::create("an_empty_database_exports_nothing").await else {
         return;
     };
-    let mut client = migrated(&db).await;
+    let mut client = db.migrated().await;
     assert!(export_all(&mut client).await.expect("export").is_empty());
 }

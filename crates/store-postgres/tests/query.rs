@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::TestDatabase;
+use common::{TestDatabase, database_configured};
 use farthing_payments::*;
 use farthing_store_postgres::{apply_batch, connect, migrate, query};
 use farthing_testing::{Builder, StepSpec, history};
@@ -23,19 +23,6 @@ const LIMITS: [usize; 4] = [1, 2, 3, 100];
 static SOMEONE_ELSES_PAYMENT: AtomicUsize = AtomicUsize::new(0);
 static UNKNOWN_PAYMENT: AtomicUsize = AtomicUsize::new(0);
 static SOMEONE_ELSES_ENTRY: AtomicUsize = AtomicUsize::new(0);
-
-fn database_configured() -> bool {
-    if std::env::var("FARTHING_TEST_DATABASE_URL").is_ok() {
-        return true;
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "every_query_answers_as_the_in_memory_state_after_a_random_history: skipped, \
-         FARTHING_TEST_DATABASE_URL is not set"
-    );
-    false
-}
 
 /// Applies `history` to the in-memory state and to PostgreSQL in batches of the given sizes
 /// (cycled). The records of one batch share one time, and batches get strictly increasing
@@ -311,7 +298,7 @@ async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCa
 
 #[test]
 fn every_query_answers_as_the_in_memory_state_after_a_random_history() {
-    if !database_configured() {
+    if !database_configured("every_query_answers_as_the_in_memory_state_after_a_random_history") {
         return;
     }
     let config = ProptestConfig {

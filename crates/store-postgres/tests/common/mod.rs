@@ -4,7 +4,8 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use farthing_store_postgres::{PgError, connect, with_database};
+use farthing_store_postgres::{PgError, connect, migrate, with_database};
+use tokio_postgres::Client;
 
 /// A database made for one test and dropped after it, even when the test fails.
 pub struct TestDatabase {
@@ -49,6 +50,30 @@ impl TestDatabase {
             url,
         })
     }
+}
+
+impl TestDatabase {
+    /// A connection to this database, with the schema up to date.
+    pub async fn migrated(&self) -> Client {
+        let mut client = connect(&self.url)
+            .await
+            .expect("connect to the test database");
+        migrate(&mut client).await.expect("migrate");
+        client
+    }
+}
+
+/// Whether `FARTHING_TEST_DATABASE_URL` is set; when it is not, says that `test` was skipped.
+pub fn database_configured(test: &str) -> bool {
+    if std::env::var("FARTHING_TEST_DATABASE_URL").is_ok() {
+        return true;
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: skipped, FARTHING_TEST_DATABASE_URL is not set"
+    );
+    false
 }
 
 impl Drop for TestDatabase {
