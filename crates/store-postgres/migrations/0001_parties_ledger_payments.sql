@@ -30,7 +30,9 @@ CREATE TABLE payers (
 );
 
 -- Account ids are derived from (owner, currency) by the application; totals are kept, balances
--- derived. owner_kind: 1 payer, 2 merchant, 3 platform fees, 4 external funding.
+-- derived. owner_kind: 1 payer, 2 merchant, 3 platform fees, 4 external funding. Pages are
+-- kept half empty so that a batch's new totals fit beside the old ones (a heap-only update:
+-- no index entry per update).
 CREATE TABLE accounts (
     id BIGINT PRIMARY KEY,
     owner_kind SMALLINT NOT NULL,
@@ -45,7 +47,7 @@ CREATE TABLE accounts (
     -- given a later time, so lists ordered by time follow the order batches committed in.
     changed_at BIGINT NOT NULL DEFAULT 0,
     UNIQUE (owner_kind, owner_id, currency)
-);
+) WITH (fillfactor = 50);
 
 -- Every transfer id ever seen, applied or failed: a retried id answers with its first outcome.
 -- kind: 1 posted, 2 pending (timeout_secs), 3 post pending, 4 void pending (pending_id).
@@ -92,11 +94,13 @@ CREATE TABLE payments (
 );
 -- Lists are newest first by (created_at, batch_position, id), with no global sequence across
 -- servers: the records of one batch share one time, and the position keeps the order they were
--- made in; rows of two batches with the same time and position fall back to id order.
-CREATE INDEX payments_newest ON payments (created_at DESC, batch_position DESC, id DESC);
+-- made in; rows of two batches with the same time and position fall back to id order. The
+-- indexes ascend, so that new rows land at the right-hand end, where B-tree inserts are cheapest
+-- and pages split to stay full; lists read them backwards.
+CREATE INDEX payments_newest ON payments (created_at, batch_position, id);
 -- A payer's payments are listed through its statement lines, which hold them in order.
 CREATE INDEX payments_by_merchant
-    ON payments (merchant, created_at DESC, batch_position DESC, id DESC);
+    ON payments (merchant, created_at, batch_position, id);
 
 CREATE TABLE refunds (
     id BYTEA PRIMARY KEY,
