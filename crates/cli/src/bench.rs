@@ -447,23 +447,30 @@ fn durable_records(
 }
 
 /// (b) on PostgreSQL: every batch size over 10,000 accounts and over 10 hot ones, each on a
-/// fresh database. The rows have the embedded store's shape.
+/// fresh database, with one writer and with two. The rows have the embedded store's shape.
 async fn durable_postgres_section(args: &BenchArgs, url: &str) -> anyhow::Result<Vec<Value>> {
     let database = BenchDatabase::new(url, "bench").await?;
     let measured = async {
         let mut rows = Vec::new();
         for (label, accounts) in [("10,000 accounts", 10_000usize), ("10 hot accounts", 10)] {
             for batch in [1usize, 100, 8_190] {
-                let figure = durable_postgres(&database, accounts, batch, args.quick).await?;
+                let mut figures = Vec::new();
+                for writers in [1usize, 2] {
+                    let figure =
+                        durable_postgres(&database, accounts, batch, writers, args.quick).await?;
+                    rows.push(
+                        json!({"accounts": accounts, "batch": batch, "writers": writers,
+                                     "transfers_per_sec": figure}),
+                    );
+                    figures.push(thousands(figure));
+                }
                 say(
                     args,
                     &format!(
-                        "durable store (PostgreSQL), batch {batch:>5}, {label}: {} transfers/s",
-                        thousands(figure)
+                        "durable store (PostgreSQL), batch {batch:>5}, {label}: {} transfers/s \
+                         (one writer), {} (two writers, as a server runs them)",
+                        figures[0], figures[1]
                     ),
-                );
-                rows.push(
-                    json!({"accounts": accounts, "batch": batch, "transfers_per_sec": figure}),
                 );
             }
         }
@@ -532,6 +539,17 @@ impl BenchDatabase {
         Ok(connection)
     }
 
+    /// Another connection to the database [`BenchDatabase::fresh`] made.
+    pub(crate) async fn connect(&self) -> anyhow::Result<BenchConnection> {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to the benchmark database {}", self.name))?;
+        Ok(BenchConnection {
+            client,
+            driver: tokio::spawn(connection),
+        })
+    }
+
     pub(crate) async fn drop_database(&self) -> anyhow::Result<()> {
         self.admin
             .batch_execute(&format!(
@@ -558,12 +576,15 @@ impl BenchConnection {
     }
 }
 
-/// (b) on PostgreSQL: the embedded measurement's payers, merchants and payments, applied with
-/// `apply_batch`, one transaction (and one durable commit) per batch.
+/// (b) on PostgreSQL: the embedded measurement's payers, merchants and payments, applied one
+/// transaction (and one durable commit) per batch. One writer applies the batches in turn with
+/// `apply_batch`; more writers take the next batch as each finishes, on connections of their
+/// own, sharing one `Forecast`, as `farthing serve`'s writers do.
 async fn durable_postgres(
     database: &BenchDatabase,
     accounts: usize,
     batch: usize,
+    writers: usize,
     quick: bool,
 ) -> anyhow::Result<f64> {
     let mut connection = database.fresh().await?;
@@ -584,11 +605,32 @@ async fn durable_postgres(
     for (n, record) in records.iter_mut().enumerate() {
         record.now = Timestamp(record.now.0 + 1_000 * n as u64);
     }
+    let mut others = Vec::new();
+    for _ in 1..writers {
+        others.push(database.connect().await?);
+    }
+    let forecast = farthing_store_postgres::Forecast::default();
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
-    for record in &records {
-        farthing_store_postgres::apply_batch(client, std::slice::from_ref(record)).await?;
+    if writers == 1 {
+        for record in &records {
+            farthing_store_postgres::apply_batch(client, std::slice::from_ref(record)).await?;
+        }
+    } else {
+        let mut clients: Vec<&mut tokio_postgres::Client> = vec![client];
+        clients.extend(others.iter_mut().map(|other| &mut other.client));
+        futures_util::future::try_join_all(
+            clients
+                .into_iter()
+                .map(|client| durable_writer(client, &records, &next, &forecast)),
+        )
+        .await?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    for other in others {
+        other.close().await?;
+    }
+    let client = &mut connection.client;
     let stored: i64 = client
         .query_one("SELECT count(*) FROM payments", &[])
         .await?
@@ -602,6 +644,27 @@ async fn durable_postgres(
         );
     }
     Ok(payments as f64 / elapsed)
+}
+
+/// One of several writers: applies the next batch not yet taken until none is left.
+async fn durable_writer(
+    client: &mut tokio_postgres::Client,
+    records: &[Record],
+    next: &std::sync::atomic::AtomicUsize,
+    forecast: &farthing_store_postgres::Forecast,
+) -> anyhow::Result<()> {
+    loop {
+        let taken = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(record) = records.get(taken) else {
+            return Ok(());
+        };
+        farthing_store_postgres::apply_batch_foreseen(
+            client,
+            std::slice::from_ref(record),
+            forecast,
+        )
+        .await?;
+    }
 }
 
 /// Recovery: how fast a journal replays into a fresh state, in payments per second.

@@ -74,21 +74,52 @@ pub async fn apply_batch_answered(
     client: &mut Client,
     records: &[Record],
 ) -> Result<Vec<Answer>, PgError> {
+    apply_with(client, records, None).await
+}
+
+/// [`apply_batch_answered`], working the batch out from `forecast` when it knows every account
+/// the batch reads (see [`Forecast`]). The outcomes are the same either way; what differs is
+/// how long the batch holds its accounts' locks. Batches on other connections that share the
+/// forecast may run at the same time.
+pub async fn apply_batch_foreseen(
+    client: &mut Client,
+    records: &[Record],
+    forecast: &Forecast,
+) -> Result<Vec<Answer>, PgError> {
+    apply_with(client, records, Some(forecast)).await
+}
+
+async fn apply_with(
+    client: &mut Client,
+    records: &[Record],
+    forecast: Option<&Forecast>,
+) -> Result<Vec<Answer>, PgError> {
     let mut attempt = 1;
     let mut assume_new_ids_free = true;
+    let mut foresee = forecast.filter(|forecast| forecast.usable());
     loop {
-        match apply_once(client, records, assume_new_ids_free).await {
+        match apply_once(
+            client,
+            records,
+            assume_new_ids_free,
+            forecast,
+            foresee.is_some(),
+        )
+        .await
+        {
             Ok(Attempt::Applied(answers)) => return Ok(answers),
             Ok(Attempt::NewIdTaken) => {
                 tracing::debug!("an id the batch makes is taken, applying again with it loaded");
                 assume_new_ids_free = false;
             }
+            Ok(Attempt::Mispredicted) => foresee = None,
             Err(PgError::Postgres(error)) if attempt < ATTEMPTS_MAX && is_retryable(&error) => {
                 tracing::debug!(%error, attempt, "batch conflicted, retrying");
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
                 // A unique violation may be an id assumed free: load them all from now on.
                 assume_new_ids_free = false;
+                foresee = None;
             }
             Err(error) => return Err(error),
         }
@@ -118,39 +149,160 @@ enum Attempt {
     Applied(Vec<Answer>),
     /// An id assumed free is taken; nothing was committed.
     NewIdTaken,
+    /// The batch was worked out from the forecast, and its accounts held something else;
+    /// nothing was committed.
+    Mispredicted,
 }
 
 async fn apply_once(
     client: &mut Client,
     records: &[Record],
     assume_new_ids_free: bool,
+    forecast: Option<&Forecast>,
+    foresee: bool,
 ) -> Result<Attempt, PgError> {
     let started = Instant::now();
     let transaction = client.transaction().await?;
-    let (mut working, assumed, last_changed) =
+    let (mut working, assumed, wanted) =
         load_working_set(&transaction, records, assume_new_ids_free).await?;
-    // Batches commit in the order their accounts' locks are granted, which need not be the
-    // order of their times (another server's clock, or a batch that took its time first and
-    // then waited for these locks). A batch is given a time later than any earlier change to
-    // the accounts it holds, so that lists ordered by time, and a statement's running
-    // balance, follow the order of commits.
-    let later: Vec<Record>;
-    let records = match last_changed {
-        Some(last) if records.iter().any(|record| record.now <= last) => {
-            later = records
+    // The accounts: from the forecast (checked under lock before the commit), which first
+    // learns those it does not know as they stand committed; else locked and read now.
+    let foreseen = match forecast.filter(|_| foresee) {
+        Some(forecast) => {
+            let unknown = forecast.unknown(&wanted);
+            if !unknown.is_empty() {
+                let committed = read_accounts(&transaction, &unknown).await?;
+                forecast.learn_unknown(figures_of(&committed));
+            }
+            forecast.work_out(&wanted, |before| {
+                for (&(owner, _), known) in before {
+                    loaded("an account", working.insert_account(owner, known.account))?;
+                }
+                let last_changed = before.values().map(|known| known.changed_at).max();
+                let run = run_batch(&mut working, records, last_changed);
+                let after = figures_after(&working, &wanted, before, &run.changes, run.now);
+                Ok::<_, PgError>((run, after))
+            })?
+        }
+        None => None,
+    };
+    // From here until the commit, the figures this batch gave the forecast are in doubt: if
+    // the batch stops for any reason (an error, a wrong forecast, a timeout that drops this
+    // future), they are forgotten.
+    let mut doubt = Doubt {
+        forecast,
+        wanted: &wanted,
+        ticket: None,
+    };
+    let (run, before) = match foreseen {
+        Some((run, before, ticket)) => {
+            doubt.ticket = Some(ticket);
+            (run, Some(before))
+        }
+        None => {
+            if let Some(forecast) = forecast {
+                // After the batches worked out before: they hold, or will hold, the locks
+                // first, as they assumed.
+                forecast.wait_queue().await;
+            }
+            let locked = load_accounts(&transaction, &wanted).await?;
+            let mut last_changed = None;
+            for &(owner, account, changed_at) in &locked {
+                last_changed = last_changed.max(Some(changed_at));
+                loaded("an account", working.insert_account(owner, account))?;
+            }
+            let run = run_batch(&mut working, records, last_changed);
+            if let Some(forecast) = forecast {
+                // What this batch leaves, for the batches after it (it holds the locks).
+                let before = figures_of(&locked);
+                forecast.learn(figures_after(
+                    &working,
+                    &wanted,
+                    &before,
+                    &run.changes,
+                    run.now,
+                ));
+            }
+            (run, None)
+        }
+    };
+    let loaded = Instant::now();
+    let applied = run.later.as_deref().unwrap_or(records);
+    let (payments, transfers) = assumed.unwritten(&working, applied, &run.executed, &run.changes);
+    let written = persist(
+        &transaction,
+        &run.changes,
+        run.now,
+        (&payments, &transfers),
+        before.is_none(),
+    )
+    .await?;
+    if written == Persisted::NewIdTaken {
+        // Dropping the transaction rolls it back.
+        return Ok(Attempt::NewIdTaken);
+    }
+    let persisted = Instant::now();
+    // Worked out from the forecast: once the batches worked out before it hold their
+    // accounts, lock this one's, and go on only if they hold what it assumed.
+    if let (Some(before), Some(forecast), Some(ticket)) = (&before, forecast, doubt.ticket) {
+        forecast.wait_turn(ticket).await;
+        let locked = load_accounts(&transaction, &wanted).await?;
+        forecast.pass_turn(ticket);
+        if figures_of(&locked) != *before {
+            tracing::debug!("the forecast was wrong, applying again from locked accounts");
+            return Ok(Attempt::Mispredicted);
+        }
+        persist_accounts(&transaction, &run.changes, run.now).await?;
+    }
+    let checked = Instant::now();
+    transaction.commit().await?;
+    doubt.forecast = None;
+    let millis = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1_000.0;
+    tracing::debug!(
+        records = records.len(),
+        foreseen = before.is_some(),
+        load_ms = millis(started, loaded),
+        persist_ms = millis(loaded, persisted),
+        lock_ms = millis(persisted, checked),
+        commit_ms = millis(checked, Instant::now()),
+        "batch applied"
+    );
+    Ok(Attempt::Applied(run.answers))
+}
+
+/// A batch's records run on its working set.
+struct Run {
+    /// The records with a later time, when they needed one.
+    later: Option<Vec<Record>>,
+    answers: Vec<Answer>,
+    /// Whether each record's command ran: a replayed or reused idempotency key answers
+    /// without reading anything else.
+    executed: Vec<bool>,
+    changes: Changes,
+    /// The batch's time: the latest of its records'.
+    now: Timestamp,
+}
+
+/// Runs `records` on `working`, which holds everything they read. Batches commit in the order
+/// their accounts' locks are granted, which need not be the order of their times (another
+/// server's clock, or a batch that took its time first and then waited for these locks). A
+/// batch is given a time later than any earlier change to the accounts it holds
+/// (`last_changed`), so that lists ordered by time, and a statement's running balance, follow
+/// the order of commits.
+fn run_batch(working: &mut State, records: &[Record], last_changed: Option<Timestamp>) -> Run {
+    let later: Option<Vec<Record>> = match last_changed {
+        Some(last) if records.iter().any(|record| record.now <= last) => Some(
+            records
                 .iter()
                 .map(|record| Record {
                     now: record.now.max(Timestamp(last.0.saturating_add(1))),
                     ..record.clone()
                 })
-                .collect();
-            &later[..]
-        }
-        _ => records,
+                .collect(),
+        ),
+        _ => None,
     };
-    let loaded = Instant::now();
-    // Whether each record's command runs: a replayed or reused idempotency key answers without
-    // reading anything else.
+    let records = later.as_deref().unwrap_or(records);
     let mut executed = Vec::with_capacity(records.len());
     let answers: Vec<Answer> = records
         .iter()
@@ -168,32 +320,41 @@ async fn apply_once(
         })
         .collect();
     let changes = working.take_changes();
-    let (payments, transfers) = assumed.unwritten(&working, records, &executed, &changes);
-    let applied = Instant::now();
     let now = records.iter().map(|r| r.now).max().unwrap_or(Timestamp(0));
-    if persist(&transaction, &changes, now, (&payments, &transfers)).await? == Persisted::NewIdTaken
-    {
-        // Dropping the transaction rolls it back.
-        return Ok(Attempt::NewIdTaken);
+    Run {
+        later,
+        answers,
+        executed,
+        changes,
+        now,
     }
-    let persisted = Instant::now();
-    transaction.commit().await?;
-    let millis = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1_000.0;
-    tracing::debug!(
-        records = records.len(),
-        load_ms = millis(started, loaded),
-        apply_ms = millis(loaded, applied),
-        persist_ms = millis(applied, persisted),
-        commit_ms = millis(persisted, Instant::now()),
-        "batch applied"
-    );
-    Ok(Attempt::Applied(answers))
+}
+
+/// Forgets what a batch gave the forecast, unless it committed, and passes its turn to lock.
+struct Doubt<'a> {
+    forecast: Option<&'a Forecast>,
+    wanted: &'a BTreeSet<(Owner, Currency)>,
+    ticket: Option<u64>,
+}
+
+impl Drop for Doubt<'_> {
+    fn drop(&mut self) {
+        if let Some(forecast) = self.forecast {
+            forecast.forget(self.wanted);
+            if let Some(ticket) = self.ticket {
+                forecast.pass_turn(ticket);
+            }
+        }
+    }
 }
 
 mod columns;
+mod forecast;
 mod load;
 mod persist;
 
 pub(crate) use columns::*;
+pub use forecast::Forecast;
+use forecast::*;
 use load::*;
 use persist::*;

@@ -5,6 +5,8 @@
 //!   server starts and by `farthing migrate`.
 //! - [`apply_batch`], the write path: a batch of records applied in one transaction, over a
 //!   working set loaded for it, with the same pure `State::apply` the embedded store runs.
+//!   [`apply_batch_foreseen`] does the same with a [`Forecast`] of the accounts, so that one
+//!   process's batches overlap instead of queueing for their accounts' locks.
 //! - [`query`], the read side, with the same answers as the in-memory state.
 //! - [`PgStore`], the `SharedStore` port over both, with a pool that reconnects by itself.
 //! - [`export`] reads a whole database back as the items of `State::export`, for
@@ -28,7 +30,9 @@ mod shared;
 
 use farthing_payments::{Command, Record};
 
-pub use apply::{ATTEMPTS_MAX, Answer, apply_batch, apply_batch_answered};
+pub use apply::{
+    ATTEMPTS_MAX, Answer, Forecast, apply_batch, apply_batch_answered, apply_batch_foreseen,
+};
 pub use shared::{PgOptions, PgStore};
 
 /// Whether a journal replayed into PostgreSQL in several [`apply_batch`] calls may end one

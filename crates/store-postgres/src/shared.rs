@@ -1,6 +1,6 @@
 //! [`PgStore`]: the shared store over PostgreSQL, which several `farthing serve` processes use
-//! at once. Writes go through [`apply_batch_answered`] (one transaction per batch); reads
-//! through [`crate::query`].
+//! at once. Writes go through [`apply_batch_foreseen`] (one transaction per batch, with one
+//! [`Forecast`] for the process); reads through [`crate::query`].
 //!
 //! **Outages.** Every call takes a connection from a small pool, and a connection is made when
 //! none is idle, with a short connect timeout, so a database that is down answers
@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
-use crate::{PgError, apply_batch_answered, migrate, query};
+use crate::{Forecast, PgError, apply_batch_foreseen, migrate, query};
 
 /// How a [`PgStore`] connects.
 #[derive(Clone, Debug)]
@@ -59,6 +59,8 @@ pub struct PgStore {
     options: PgOptions,
     idle: Mutex<Vec<Client>>,
     permits: Semaphore,
+    /// This process's forecast of its accounts, shared by its writers.
+    forecast: Forecast,
 }
 
 /// A connection taken from the pool; it goes back when dropped, unless it failed.
@@ -103,6 +105,7 @@ impl PgStore {
             permits: Semaphore::new(options.connections_max.max(1)),
             options,
             idle: Mutex::new(Vec::new()),
+            forecast: Forecast::default(),
         };
         let mut client = store.connect().await?;
         migrate(&mut client).await?;
@@ -220,7 +223,7 @@ impl SharedStore for PgStore {
     fn apply<'a>(&'a self, records: &'a [Record]) -> StoreFuture<'a, Vec<Answer>> {
         Box::pin(self.timed(async move {
             let mut pooled = self.pooled().await?;
-            let result = apply_batch_answered(pooled.client(), records).await;
+            let result = apply_batch_foreseen(pooled.client(), records, &self.forecast).await;
             Ok(pooled
                 .finish(result)?
                 .into_iter()

@@ -171,18 +171,18 @@ pub(super) async fn any_taken(
     Ok(row.get(0))
 }
 
-/// A working set holding what `records` read, with the payments they refund and the accounts
-/// they touch locked until the transaction ends. Payments are locked first, then accounts,
-/// each in id order, so concurrent writers never wait on each other in a cycle.
+/// A working set holding what `records` read but their accounts, with the payments they refund
+/// locked (in id order) until the transaction ends, and the accounts they read, to be taken
+/// from a [`Forecast`] or loaded with [`load_accounts`]. Payments are always locked before
+/// accounts, each in id order, so concurrent writers never wait on each other in a cycle.
 ///
 /// With `assume_new_ids_free`, the ids of new payments and transfers are not loaded but
-/// returned, to be checked (see [`apply_batch`]). Also returns the latest time any of the
-/// accounts loaded (and locked) was changed.
+/// returned, to be checked (see [`apply_batch`]).
 pub(super) async fn load_working_set(
     transaction: &Transaction<'_>,
     records: &[Record],
     assume_new_ids_free: bool,
-) -> Result<(State, Assumed, Option<Timestamp>), PgError> {
+) -> Result<(State, Assumed, BTreeSet<(Owner, Currency)>), PgError> {
     let mut working = State::new_working_set();
     let mut asked = Wanted::default();
     let mut assumed = Assumed::default();
@@ -250,15 +250,7 @@ pub(super) async fn load_working_set(
             )?;
         }
     }
-    let mut last_changed = None;
-    for (owner, account, changed_at) in load_accounts(transaction, &asked.accounts).await? {
-        last_changed = last_changed.max(Some(changed_at));
-        if working.account_of(owner, account.currency).is_some() {
-            continue;
-        }
-        loaded("an account", working.insert_account(owner, account))?;
-    }
-    Ok((working, assumed, last_changed))
+    Ok((working, assumed, asked.accounts))
 }
 
 pub(super) fn loaded(what: &str, result: Result<(), LoadError>) -> Result<(), PgError> {
@@ -403,12 +395,28 @@ pub(super) async fn load_idempotency(
     rows.iter().map(idempotency_row_of).collect()
 }
 
-/// Accounts, locked in id order. A row found under another owner (a 2⁻⁶⁴ id collision) is
-/// loaded under that owner, so that the command is refused as the whole state refuses it.
-/// The accounts wanted that exist, locked in id order, each with the time it last changed.
+/// The accounts wanted that exist, as they stand committed, without locking them.
+pub(super) async fn read_accounts(
+    transaction: &Transaction<'_>,
+    wanted: &BTreeSet<(Owner, Currency)>,
+) -> Result<Vec<(Owner, Account, Timestamp)>, PgError> {
+    accounts(transaction, wanted, "").await
+}
+
+/// The accounts wanted that exist, locked in id order, each with the time it last changed. A
+/// row found under another owner (a 2⁻⁶⁴ id collision) comes under that owner, so that the
+/// command is refused as the whole state refuses it.
 pub(super) async fn load_accounts(
     transaction: &Transaction<'_>,
     wanted: &BTreeSet<(Owner, Currency)>,
+) -> Result<Vec<(Owner, Account, Timestamp)>, PgError> {
+    accounts(transaction, wanted, "ORDER BY id FOR UPDATE").await
+}
+
+async fn accounts(
+    transaction: &Transaction<'_>,
+    wanted: &BTreeSet<(Owner, Currency)>,
+    locking: &str,
 ) -> Result<Vec<(Owner, Account, Timestamp)>, PgError> {
     if wanted.is_empty() {
         return Ok(Vec::new());
@@ -423,8 +431,7 @@ pub(super) async fn load_accounts(
     let rows = transaction
         .query_typed(
             &format!(
-                "SELECT {ACCOUNT_COLUMNS}, changed_at
-                 FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+                "SELECT {ACCOUNT_COLUMNS}, changed_at FROM accounts WHERE id = ANY($1) {locking}"
             ),
             &[(&ids, Type::INT8_ARRAY)],
         )

@@ -15,12 +15,13 @@ pub(super) enum Persisted {
 /// statement per table (and the check), all sent together, then the large tables' rows with
 /// `COPY`, one table at a time. Only the statements on one table depend on each other's order
 /// (the operator's key, and a prune before new idempotency records), and each such pair is
-/// sent in order.
+/// sent in order. The accounts are left for [`persist_accounts`] unless `with_accounts`.
 pub(super) async fn persist(
     transaction: &Transaction<'_>,
     changes: &Changes,
     now: Timestamp,
     unwritten: (&BTreeSet<PaymentId>, &BTreeSet<TransferId>),
+    with_accounts: bool,
 ) -> Result<Persisted, PgError> {
     let key_of: HashMap<Principal, &KeyHash> = changes
         .keys
@@ -46,7 +47,13 @@ pub(super) async fn persist(
         persist_keys(transaction, changes, now),
         persist_merchants(transaction, changes, &key_of),
         persist_payers(transaction, changes, &key_of),
-        persist_accounts(transaction, changes, now),
+        async {
+            if with_accounts {
+                persist_accounts(transaction, changes, now).await
+            } else {
+                Ok(())
+            }
+        },
         persist_topups(transaction, changes),
         persist_payments(transaction, changes),
         persist_payments_refunded(transaction, changes),

@@ -1,0 +1,256 @@
+//! [`Forecast`]: the accounts as this process expects to find them, so that a batch can be
+//! worked out, and its new rows written, before it takes its accounts' locks.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use farthing_ledger::AccountId;
+
+use super::*;
+
+/// An account as a batch read it: its totals and the time it last changed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Known {
+    pub(crate) account: Account,
+    pub(crate) changed_at: Timestamp,
+}
+
+/// Accounts by owner and currency.
+pub(crate) type Accounts = HashMap<(Owner, Currency), Known>;
+
+/// What one process expects its accounts to hold: each as the last batch this process
+/// committed or worked out left it. A batch whose accounts are all here is worked out from
+/// these figures, writes its new rows, and only then locks its accounts (in id order) and
+/// checks that they hold exactly what it assumed; if any does not (another process, or a batch
+/// that failed, changed it), the batch is rolled back and applied again the usual way, from
+/// accounts locked and read first.
+///
+/// So two batches of one process overlap: the second writes its payments while the first still
+/// holds the accounts they share, and takes those locks the moment the first commits. Nothing
+/// is trusted without the check under lock, so a wrong forecast costs time, never correctness.
+/// After a wrong forecast the next [`COOL_DOWN`] batches lock first: accounts that several
+/// processes share do not waste work on guesses that keep failing.
+pub struct Forecast {
+    accounts: Mutex<Figures>,
+    cool_down: AtomicU32,
+    capacity: usize,
+    /// The ticket of the batch whose turn it is to lock its accounts: batches worked out from
+    /// the forecast lock in the order they were worked out in, each once the one before holds
+    /// its locks. (One that locked first would find its accounts without the changes it
+    /// assumed, and be worked out again.)
+    turn: tokio::sync::watch::Sender<u64>,
+}
+
+struct Figures {
+    accounts: Accounts,
+    next_ticket: u64,
+}
+
+/// Batches that lock first after a forecast proved wrong.
+pub const COOL_DOWN: u32 = 4;
+
+/// How long a batch waits for its turn to lock at most. The batch before it may be waiting on
+/// a row this one wrote (an idempotency key both claim), which PostgreSQL cannot see as a
+/// deadlock; after this, the batch locks anyway.
+const TURN_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Default for Forecast {
+    fn default() -> Self {
+        Forecast::with_capacity(1 << 20)
+    }
+}
+
+impl Forecast {
+    /// A forecast of at most `capacity` accounts; beyond that it starts again, empty.
+    pub fn with_capacity(capacity: usize) -> Forecast {
+        Forecast {
+            accounts: Mutex::new(Figures {
+                accounts: HashMap::new(),
+                next_ticket: 0,
+            }),
+            cool_down: AtomicU32::new(0),
+            capacity,
+            turn: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The accounts known now.
+    pub fn len(&self) -> usize {
+        self.lock().accounts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Figures> {
+        // A panic elsewhere cannot leave the map wrong, only out of date, which the check
+        // under lock catches.
+        self.accounts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether the next batch may be worked out from the forecast (false while cooling down).
+    pub(super) fn usable(&self) -> bool {
+        self.cool_down
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(1)
+            })
+            .is_err()
+    }
+
+    /// With the forecast held, so that batches are worked out one after another: when every
+    /// account in `wanted` is known, runs `work` on their figures, records what it returns as
+    /// their figures from now on, and returns its result, the figures it started from, and
+    /// the batch's ticket for [`Forecast::wait_turn`].
+    pub(super) fn work_out<T, E>(
+        &self,
+        wanted: &BTreeSet<(Owner, Currency)>,
+        work: impl FnOnce(&Accounts) -> Result<(T, Accounts), E>,
+    ) -> Result<Option<(T, Accounts, u64)>, E> {
+        let mut figures = self.lock();
+        let mut before = Accounts::with_capacity(wanted.len());
+        for key in wanted {
+            match figures.accounts.get(key) {
+                Some(known) => {
+                    before.insert(*key, *known);
+                }
+                None => return Ok(None),
+            }
+        }
+        let (result, after) = work(&before)?;
+        Self::insert(&mut figures.accounts, after, self.capacity);
+        let ticket = figures.next_ticket;
+        figures.next_ticket += 1;
+        Ok(Some((result, before, ticket)))
+    }
+
+    /// The accounts of `wanted` it does not know.
+    pub(super) fn unknown(
+        &self,
+        wanted: &BTreeSet<(Owner, Currency)>,
+    ) -> BTreeSet<(Owner, Currency)> {
+        let figures = self.lock();
+        wanted
+            .iter()
+            .filter(|key| !figures.accounts.contains_key(key))
+            .copied()
+            .collect()
+    }
+
+    /// Records committed figures of accounts it did not know. (Every account a batch in
+    /// flight works on is known, so the committed figures of one that is not are the latest
+    /// this process knows of; one learnt since from a batch is kept.)
+    pub(super) fn learn_unknown(&self, committed: Accounts) {
+        let mut figures = self.lock();
+        if figures.accounts.len() + committed.len() > self.capacity {
+            figures.accounts.clear();
+        }
+        for (key, known) in committed {
+            figures.accounts.entry(key).or_insert(known);
+        }
+    }
+
+    /// Waits until every batch worked out so far holds its accounts' locks (or gave up), or
+    /// [`TURN_WAIT_MAX`].
+    pub(super) async fn wait_queue(&self) {
+        let ticket = self.lock().next_ticket;
+        self.wait_turn(ticket).await;
+    }
+
+    /// Waits until the batches worked out before the one with `ticket` hold their accounts'
+    /// locks (or gave up), or [`TURN_WAIT_MAX`].
+    pub(super) async fn wait_turn(&self, ticket: u64) {
+        let mut turn = self.turn.subscribe();
+        let _ = tokio::time::timeout(TURN_WAIT_MAX, turn.wait_for(|turn| *turn >= ticket)).await;
+    }
+
+    /// The batch with `ticket` holds its locks, or will not take them: the next may lock.
+    pub(super) fn pass_turn(&self, ticket: u64) {
+        self.turn.send_if_modified(|turn| {
+            let passed = *turn <= ticket;
+            if passed {
+                *turn = ticket + 1;
+            }
+            passed
+        });
+    }
+
+    /// Records the figures a batch holding its accounts' locks leaves them with.
+    pub(super) fn learn(&self, after: Accounts) {
+        let mut figures = self.lock();
+        Self::insert(&mut figures.accounts, after, self.capacity);
+    }
+
+    /// Forgets these accounts (their figures are in doubt) and cools down.
+    pub(super) fn forget<'k>(&self, keys: impl IntoIterator<Item = &'k (Owner, Currency)>) {
+        let mut figures = self.lock();
+        for key in keys {
+            figures.accounts.remove(key);
+        }
+        self.cool_down.store(COOL_DOWN, Ordering::Relaxed);
+    }
+
+    fn insert(accounts: &mut Accounts, figures: Accounts, capacity: usize) {
+        if accounts.len() + figures.len() > capacity {
+            accounts.clear();
+        }
+        accounts.extend(figures);
+    }
+}
+
+/// The figures of `wanted` accounts after a batch: each as `working` holds it now, changed at
+/// `now` if the batch wrote it and as `before` says otherwise.
+pub(super) fn figures_after(
+    working: &State,
+    wanted: &BTreeSet<(Owner, Currency)>,
+    before: &Accounts,
+    changes: &Changes,
+    now: Timestamp,
+) -> Accounts {
+    let written: BTreeSet<AccountId> = changes
+        .account_totals
+        .iter()
+        .map(|account| account.id)
+        .chain(
+            changes
+                .accounts_created
+                .iter()
+                .map(|(_, account)| account.id),
+        )
+        .collect();
+    wanted
+        .iter()
+        .filter_map(|&(owner, currency)| {
+            let account = working.account_of(owner, currency)?;
+            let changed_at = if written.contains(&account.id) {
+                now
+            } else {
+                before.get(&(owner, currency))?.changed_at
+            };
+            Some((
+                (owner, currency),
+                Known {
+                    account,
+                    changed_at,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The figures of locked account rows.
+pub(super) fn figures_of(rows: &[(Owner, Account, Timestamp)]) -> Accounts {
+    rows.iter()
+        .map(|&(owner, account, changed_at)| {
+            (
+                (owner, account.currency),
+                Known {
+                    account,
+                    changed_at,
+                },
+            )
+        })
+        .collect()
+}
