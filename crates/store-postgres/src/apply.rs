@@ -164,7 +164,7 @@ async fn apply_once(
     let started = Instant::now();
     let transaction = client.transaction().await?;
     let (mut working, assumed, wanted) =
-        load_working_set(&transaction, records, assume_new_ids_free).await?;
+        load_working_set(&transaction, records, assume_new_ids_free, forecast).await?;
     // The accounts: from the forecast (checked under lock before the commit), which first
     // learns those it does not know as they stand committed; else locked and read now.
     let foreseen = match forecast.filter(|_| foresee) {

@@ -32,6 +32,9 @@ pub(crate) type Accounts = HashMap<(Owner, Currency), Known>;
 /// processes share do not waste work on guesses that keep failing.
 pub struct Forecast {
     accounts: Mutex<Figures>,
+    /// Merchants and payers read from the database. They never change once made, so a batch
+    /// takes those it names from here instead of reading them again.
+    parties: Mutex<Parties>,
     cool_down: AtomicU32,
     capacity: usize,
     /// The ticket of the batch whose turn it is to lock its accounts: batches worked out from
@@ -39,6 +42,12 @@ pub struct Forecast {
     /// its locks. (One that locked first would find its accounts without the changes it
     /// assumed, and be worked out again.)
     turn: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Default)]
+pub(super) struct Parties {
+    pub(super) merchants: HashMap<MerchantId, Merchant>,
+    pub(super) payers: HashMap<PayerId, Payer>,
 }
 
 struct Figures {
@@ -68,6 +77,7 @@ impl Forecast {
                 accounts: HashMap::new(),
                 next_ticket: 0,
             }),
+            parties: Mutex::new(Parties::default()),
             cool_down: AtomicU32::new(0),
             capacity,
             turn: tokio::sync::watch::Sender::new(0),
@@ -124,6 +134,38 @@ impl Forecast {
         let ticket = figures.next_ticket;
         figures.next_ticket += 1;
         Ok(Some((result, before, ticket)))
+    }
+
+    /// Runs `read` on the merchants and payers known.
+    pub(super) fn with_parties<T>(&self, read: impl FnOnce(&Parties) -> T) -> T {
+        read(
+            &self
+                .parties
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Records merchants and payers read from the database.
+    pub(super) fn learn_parties(&self, merchants: &[Merchant], payers: &[Payer]) {
+        if merchants.is_empty() && payers.is_empty() {
+            return;
+        }
+        let mut parties = self
+            .parties
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if parties.merchants.len() + parties.payers.len() + merchants.len() + payers.len()
+            > self.capacity
+        {
+            *parties = Parties::default();
+        }
+        for merchant in merchants {
+            parties.merchants.insert(merchant.id, merchant.clone());
+        }
+        for payer in payers {
+            parties.payers.insert(payer.id, payer.clone());
+        }
     }
 
     /// The accounts of `wanted` it does not know.

@@ -1,6 +1,10 @@
 //! Loading a batch's working set: what its records read, in rounds, with payments and then
 //! accounts locked in id order.
 
+use std::collections::HashSet;
+
+use farthing_payments::Needs;
+
 use super::*;
 use crate::rows::*;
 
@@ -20,21 +24,33 @@ pub(super) struct Wanted {
 }
 
 pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
-    let mut wanted = Wanted::default();
+    // Gathered in lists and sorted once: a batch of payments lists thousands of each.
+    let mut all = Needs::default();
     for record in records {
         let needs = working.needs(record);
-        wanted.operator_key |= needs.operator_key;
-        wanted.key_hashes.extend(needs.key_hashes);
-        wanted.merchants.extend(needs.merchants);
-        wanted.payers.extend(needs.payers);
-        wanted.payments.extend(needs.payments);
-        wanted.topups.extend(needs.topups);
-        wanted.refunds.extend(needs.refunds);
-        wanted.accounts.extend(needs.accounts);
-        wanted.transfers.extend(needs.transfers);
-        wanted.idempotency_keys.extend(needs.idempotency_keys);
+        all.operator_key |= needs.operator_key;
+        all.key_hashes.extend(needs.key_hashes);
+        all.merchants.extend(needs.merchants);
+        all.payers.extend(needs.payers);
+        all.payments.extend(needs.payments);
+        all.topups.extend(needs.topups);
+        all.refunds.extend(needs.refunds);
+        all.accounts.extend(needs.accounts);
+        all.transfers.extend(needs.transfers);
+        all.idempotency_keys.extend(needs.idempotency_keys);
     }
-    wanted
+    Wanted {
+        operator_key: all.operator_key,
+        key_hashes: all.key_hashes.into_iter().collect(),
+        merchants: all.merchants.into_iter().collect(),
+        payers: all.payers.into_iter().collect(),
+        payments: all.payments.into_iter().collect(),
+        topups: all.topups.into_iter().collect(),
+        refunds: all.refunds.into_iter().collect(),
+        accounts: all.accounts.into_iter().collect(),
+        transfers: all.transfers.into_iter().collect(),
+        idempotency_keys: all.idempotency_keys.into_iter().collect(),
+    }
 }
 
 /// What `wanted` lists beyond `asked` (accounts aside: they are locked once, at the end), and
@@ -42,7 +58,11 @@ pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
 pub(super) fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
     fn new<T: Ord + Clone>(wanted: &BTreeSet<T>, asked: &mut BTreeSet<T>) -> BTreeSet<T> {
         let fresh: BTreeSet<T> = wanted.difference(asked).cloned().collect();
-        asked.extend(fresh.iter().cloned());
+        if asked.is_empty() {
+            asked.clone_from(&fresh);
+        } else {
+            asked.extend(fresh.iter().cloned());
+        }
         fresh
     }
     let operator_key = wanted.operator_key && !asked.operator_key;
@@ -77,12 +97,11 @@ impl Wanted {
     /// Takes out of the loads the ids of new payments (every payment named but those refunded)
     /// and of new ledger transfers, and adds them to `assumed`.
     fn assume_free(&mut self, refunded: &BTreeSet<PaymentId>, assumed: &mut Assumed) {
-        let (kept, new): (BTreeSet<PaymentId>, BTreeSet<PaymentId>) =
-            std::mem::take(&mut self.payments)
-                .into_iter()
-                .partition(|id| refunded.contains(id));
-        self.payments = kept;
-        assumed.payments.extend(new);
+        let (kept, new): (Vec<PaymentId>, Vec<PaymentId>) = std::mem::take(&mut self.payments)
+            .into_iter()
+            .partition(|id| refunded.contains(id));
+        self.payments = kept.into_iter().collect();
+        assumed.payments.append(&mut new.into_iter().collect());
         assumed.transfers.append(&mut self.transfers);
     }
 }
@@ -126,12 +145,11 @@ impl Assumed {
             }
             (payments, transfers)
         };
-        for payment in &changes.payments {
-            payments.remove(&payment.id);
-        }
-        for record in &changes.transfers {
-            transfers.remove(&record.transfer.id);
-        }
+        let written: HashSet<PaymentId> = changes.payments.iter().map(|p| p.id).collect();
+        payments.retain(|id| !written.contains(id));
+        let written: HashSet<TransferId> =
+            changes.transfers.iter().map(|r| r.transfer.id).collect();
+        transfers.retain(|id| !written.contains(id));
         (payments, transfers)
     }
 }
@@ -182,6 +200,7 @@ pub(super) async fn load_working_set(
     transaction: &Transaction<'_>,
     records: &[Record],
     assume_new_ids_free: bool,
+    forecast: Option<&Forecast>,
 ) -> Result<(State, Assumed, BTreeSet<(Owner, Currency)>), PgError> {
     let mut working = State::new_working_set();
     let mut asked = Wanted::default();
@@ -196,6 +215,9 @@ pub(super) async fn load_working_set(
         let mut wanted = wanted_by(&working, records);
         if assume_new_ids_free {
             wanted.assume_free(&refunded, &mut assumed);
+        }
+        if let Some(forecast) = forecast {
+            take_known_parties(forecast, &wanted, &mut asked, &mut working)?;
         }
         let fresh = take_new(&wanted, &mut asked);
         if fresh.is_empty() {
@@ -222,10 +244,14 @@ pub(super) async fn load_working_set(
             }
             loaded("a key hash", working.insert_key(hash, principal))?;
         }
-        for merchant in merchants? {
+        let (merchants, payers) = (merchants?, payers?);
+        if let Some(forecast) = forecast {
+            forecast.learn_parties(&merchants, &payers);
+        }
+        for merchant in merchants {
             loaded("a merchant", working.insert_merchant(merchant))?;
         }
-        for payer in payers? {
+        for payer in payers {
             loaded("a payer", working.insert_payer(payer))?;
         }
         for payment in payments? {
@@ -251,6 +277,39 @@ pub(super) async fn load_working_set(
         }
     }
     Ok((working, assumed, asked.accounts))
+}
+
+/// Puts the merchants and payers `wanted` names that the forecast knows into the working
+/// set, as asked already.
+fn take_known_parties(
+    forecast: &Forecast,
+    wanted: &Wanted,
+    asked: &mut Wanted,
+    working: &mut State,
+) -> Result<(), PgError> {
+    forecast.with_parties(|parties| {
+        let mut merchants = Vec::new();
+        for id in &wanted.merchants {
+            if let Some(merchant) = parties.merchants.get(id)
+                && !asked.merchants.contains(id)
+            {
+                loaded("a merchant", working.insert_merchant(merchant.clone()))?;
+                merchants.push(*id);
+            }
+        }
+        let mut payers = Vec::new();
+        for id in &wanted.payers {
+            if let Some(payer) = parties.payers.get(id)
+                && !asked.payers.contains(id)
+            {
+                loaded("a payer", working.insert_payer(payer.clone()))?;
+                payers.push(*id);
+            }
+        }
+        asked.merchants.extend(merchants);
+        asked.payers.extend(payers);
+        Ok(())
+    })
 }
 
 pub(super) fn loaded(what: &str, result: Result<(), LoadError>) -> Result<(), PgError> {
