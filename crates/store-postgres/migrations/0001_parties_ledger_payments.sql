@@ -2,9 +2,10 @@
 -- Portable to PostgreSQL-compatible distributed engines: no sequences (ids are chosen by the
 -- application), no triggers, no stored procedures; amounts are BIGINT micro-units.
 -- Object ids (merchants, payers, payments, top-ups, refunds, transfers) are their 128-bit
--- values as 16 bytes, big-endian. Times are microseconds since the Unix epoch. Two u64 fields
--- that the application does not bound below i64::MAX (a merchant's fixed fee, and the amount of
--- a transfer the ledger refused) are NUMERIC(20, 0).
+-- values as UUIDs: 16 bytes, big-endian, fixed width (cheap to compare in indexes). Times are
+-- microseconds since the Unix epoch. Two u64 fields that the application does not bound below
+-- i64::MAX (a merchant's fixed fee, and the amount of a transfer the ledger refused) are
+-- NUMERIC(20, 0).
 
 -- At most one row: `singleton` is unique, so two writers setting a key at once conflict.
 CREATE TABLE operator_keys (
@@ -14,7 +15,7 @@ CREATE TABLE operator_keys (
 );
 
 CREATE TABLE merchants (
-    id BYTEA PRIMARY KEY,
+    id UUID PRIMARY KEY,
     name TEXT NOT NULL,
     key_hash BYTEA NOT NULL UNIQUE,
     fee_bps INTEGER NOT NULL CHECK (fee_bps BETWEEN 0 AND 10000),
@@ -23,20 +24,20 @@ CREATE TABLE merchants (
 );
 
 CREATE TABLE payers (
-    id BYTEA PRIMARY KEY,
+    id UUID PRIMARY KEY,
     name TEXT NOT NULL,
     key_hash BYTEA NOT NULL UNIQUE,
     created_at BIGINT NOT NULL
 );
 
 -- Account ids are derived from (owner, currency) by the application; totals are kept, balances
--- derived. owner_kind: 1 payer, 2 merchant, 3 platform fees, 4 external funding. Pages are
--- kept half empty so that a batch's new totals fit beside the old ones (a heap-only update:
--- no index entry per update).
+-- derived. owner_kind: 1 payer, 2 merchant, 3 platform fees, 4 external funding (owner_id the
+-- nil UUID for the last two). Pages are kept half empty so that a batch's new totals fit
+-- beside the old ones (a heap-only update: no index entry per update).
 CREATE TABLE accounts (
     id BIGINT PRIMARY KEY,
     owner_kind SMALLINT NOT NULL,
-    owner_id BYTEA NOT NULL,
+    owner_id UUID NOT NULL,
     currency CHAR(3) NOT NULL,
     kind SMALLINT NOT NULL,
     debits_posted BIGINT NOT NULL DEFAULT 0 CHECK (debits_posted >= 0),
@@ -54,12 +55,12 @@ CREATE TABLE accounts (
 -- outcome: 0 applied, else the ledger's rejection (see `transfer_rejection_code`).
 -- hold_state: 1 pending, 2 posted, 3 voided, 4 expired. timeout_secs is the u32 bit-cast.
 CREATE TABLE transfers (
-    id BYTEA PRIMARY KEY,
+    id UUID PRIMARY KEY,
     debit_account BIGINT NOT NULL,
     credit_account BIGINT NOT NULL,
     amount NUMERIC(20, 0) NOT NULL,
     kind SMALLINT NOT NULL,
-    pending_id BYTEA,
+    pending_id UUID,
     timeout_secs INTEGER,
     linked BOOLEAN NOT NULL,
     outcome SMALLINT NOT NULL,
@@ -69,8 +70,8 @@ CREATE TABLE transfers (
 );
 
 CREATE TABLE topups (
-    id BYTEA PRIMARY KEY,
-    payer BYTEA NOT NULL,
+    id UUID PRIMARY KEY,
+    payer UUID NOT NULL,
     amount BIGINT NOT NULL CHECK (amount > 0),
     currency CHAR(3) NOT NULL,
     source SMALLINT NOT NULL,
@@ -78,9 +79,9 @@ CREATE TABLE topups (
 );
 
 CREATE TABLE payments (
-    id BYTEA PRIMARY KEY,
-    payer BYTEA NOT NULL,
-    merchant BYTEA NOT NULL,
+    id UUID PRIMARY KEY,
+    payer UUID NOT NULL,
+    merchant UUID NOT NULL,
     amount BIGINT NOT NULL CHECK (amount > 0),
     currency CHAR(3) NOT NULL,
     fee BIGINT NOT NULL CHECK (fee >= 0 AND fee <= amount),
@@ -103,10 +104,10 @@ CREATE INDEX payments_by_merchant
     ON payments (merchant, created_at, batch_position, id);
 
 CREATE TABLE refunds (
-    id BYTEA PRIMARY KEY,
-    payment BYTEA NOT NULL,
-    payer BYTEA NOT NULL,
-    merchant BYTEA NOT NULL,
+    id UUID PRIMARY KEY,
+    payment UUID NOT NULL,
+    payer UUID NOT NULL,
+    merchant UUID NOT NULL,
     amount BIGINT NOT NULL CHECK (amount > 0),
     currency CHAR(3) NOT NULL,
     fee_refunded BIGINT NOT NULL CHECK (fee_refunded >= 0),
@@ -121,8 +122,8 @@ CREATE INDEX refunds_by_payment ON refunds (payment);
 -- the one index, in statement order, also finds an object's line.
 -- topups.source: 1 sandbox, 2 sandbox decline.
 CREATE TABLE statement_lines (
-    payer BYTEA NOT NULL,
-    object_id BYTEA NOT NULL,
+    payer UUID NOT NULL,
+    object_id UUID NOT NULL,
     object_kind SMALLINT NOT NULL,
     currency CHAR(3) NOT NULL,
     credit BOOLEAN NOT NULL,
@@ -134,10 +135,10 @@ CREATE TABLE statement_lines (
 );
 
 -- Idempotency keys, scoped to the calling principal. principal_kind: 1 operator, 2 merchant,
--- 3 payer (principal_id empty for the operator). The outcome is the first answer, encoded.
+-- 3 payer (principal_id the nil UUID for the operator). The outcome is the first answer, encoded.
 CREATE TABLE idempotency_keys (
     principal_kind SMALLINT NOT NULL,
-    principal_id BYTEA NOT NULL,
+    principal_id UUID NOT NULL,
     key TEXT NOT NULL,
     fingerprint BYTEA NOT NULL,
     outcome BYTEA NOT NULL,

@@ -5,10 +5,11 @@
 //! Every table is read from one snapshot (a read-only `REPEATABLE READ` transaction) through a
 //! portal, some thousands of rows at a time: millions of rows never sit in one query result.
 //!
-//! The orders match `State::export`: ids are 16 bytes big-endian, so `BYTEA` order is their
-//! numeric order; owner and principal kinds are numbered in the order of `Owner` and
-//! `Principal`; texts compare bytewise (`COLLATE "C"`), as Rust's strings do; payments come in
-//! list order, `(created_at, batch_position, id)`, and each payer's statement lines likewise.
+//! The orders match `State::export`: ids are UUIDs of 16 bytes big-endian, which PostgreSQL
+//! compares bytewise, so their order is their numeric order; owner and principal kinds are
+//! numbered in the order of `Owner` and `Principal`; texts compare bytewise (`COLLATE "C"`), as
+//! Rust's strings do; payments come in list order, `(created_at, batch_position, id)`, and each
+//! payer's statement lines likewise.
 
 use farthing_payments::{Imported, KeyHash, PayerId};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, Transaction};

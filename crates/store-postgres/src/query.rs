@@ -29,7 +29,7 @@ use farthing_payments::{
 use tokio_postgres::{GenericClient, Row};
 
 use crate::PgError;
-use crate::apply::{bytes32, currency_of, id16, principal_columns, principal_of, u128_of};
+use crate::apply::{Id, bytes32, currency_of, id16, principal_columns, principal_of, u128_of};
 use crate::rows::{ENTRY_COLUMNS, PAYMENT_COLUMNS, entry_of, payment_of};
 
 /// Who holds the key with this hash, or `None` when no one does.
@@ -39,7 +39,8 @@ pub async fn principal(
 ) -> Result<Option<Principal>, PgError> {
     let rows = client
         .query(
-            "SELECT 1::SMALLINT, ''::BYTEA FROM operator_keys WHERE key_hash = $1
+            "SELECT 1::SMALLINT, '00000000-0000-0000-0000-000000000000'::UUID
+             FROM operator_keys WHERE key_hash = $1
              UNION ALL
              SELECT 2::SMALLINT, id FROM merchants WHERE key_hash = $1
              UNION ALL
@@ -107,7 +108,7 @@ async fn balances(
 async fn party_exists(
     client: &impl GenericClient,
     parties: &str,
-    id: &[u8],
+    id: &Id,
 ) -> Result<bool, PgError> {
     let row = client
         .query_one(
@@ -133,7 +134,7 @@ pub async fn payment(
 }
 
 /// Where a row sits in its list: `(created_at, batch_position, id)`.
-type Cursor = (i64, i32, Vec<u8>);
+type Cursor = (i64, i32, Id);
 
 /// Rows asked for: one more than a page, to tell whether there are more.
 fn fetch_limit(limit: usize) -> i64 {
@@ -197,7 +198,7 @@ pub async fn list_payments(
             if !visible {
                 return Ok(None);
             }
-            Some((row.get(2), row.get(3), row.get::<_, Vec<u8>>(4)))
+            Some((row.get(2), row.get(3), row.get::<_, Id>(4)))
         }
     };
     let fetch = fetch_limit(limit);
@@ -314,7 +315,7 @@ async fn payer_payments(
 }
 
 /// `object_kind`: 1 top-up, 2 payment, 3 refund.
-fn object_columns(object: EntryObject) -> (i16, Vec<u8>) {
+fn object_columns(object: EntryObject) -> (i16, Id) {
     match object {
         EntryObject::Topup(id) => (1, id16(id.to_u128())),
         EntryObject::Payment(id) => (2, id16(id.to_u128())),

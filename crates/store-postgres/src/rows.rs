@@ -15,7 +15,7 @@ use tokio_postgres::Row;
 
 use crate::PgError;
 use crate::apply::{
-    amount_of, bytes32, currency_of, owner_of, principal_of, stored, time_of, total_of,
+    Id, amount_of, bytes32, currency_of, owner_of, principal_of, stored, time_of, total_of,
     transfer_rejection_of, u128_of,
 };
 
@@ -125,7 +125,7 @@ pub(crate) const TRANSFER_COLUMNS: &str = "id, debit_account, credit_account, am
 
 pub(crate) fn transfer_record_of(row: &Row) -> Result<TransferRecord, PgError> {
     let pending_id = |row: &Row| -> Result<TransferId, PgError> {
-        let bytes: Option<&[u8]> = row.get(5);
+        let bytes: Option<Id> = row.get(5);
         Ok(TransferId(u128_of(
             bytes.ok_or_else(|| stored("transfers.pending_id"))?,
         )?))

@@ -126,7 +126,7 @@ async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCa
     );
     let refunded = client
         .query(
-            "SELECT id, amount_refunded, fee_refunded FROM payments",
+            "SELECT uuid_send(id), amount_refunded, fee_refunded FROM payments",
             &[],
         )
         .await
@@ -310,7 +310,7 @@ async fn concurrent_batches_paying_from_the_same_wallets_never_deadlock_or_overd
         let row = client
             .query_one(
                 "SELECT debits_posted, credits_posted FROM accounts
-                 WHERE owner_kind = 1 AND owner_id = $1",
+                 WHERE owner_kind = 1 AND owner_id = encode($1::BYTEA, 'hex')::UUID",
                 &[&wallet.to_u128().to_be_bytes().as_slice()],
             )
             .await
@@ -384,7 +384,8 @@ async fn one_idempotency_claim_in_two_concurrent_batches_is_applied_once() {
     assert_eq!(count(&client, "idempotency_keys").await, KEYS as usize);
     let row = client
         .query_one(
-            "SELECT debits_posted FROM accounts WHERE owner_kind = 1 AND owner_id = $1",
+            "SELECT debits_posted FROM accounts
+             WHERE owner_kind = 1 AND owner_id = encode($1::BYTEA, 'hex')::UUID",
             &[&payer.to_u128().to_be_bytes().as_slice()],
         )
         .await
@@ -461,7 +462,8 @@ async fn refunds_in_later_batches_load_their_payment_and_match_the_in_memory_sta
         let payment = state.payment(PaymentId::from_u128(id)).unwrap();
         let row = client
             .query_one(
-                "SELECT amount_refunded, fee_refunded FROM payments WHERE id = $1",
+                "SELECT amount_refunded, fee_refunded FROM payments
+                 WHERE id = encode($1::BYTEA, 'hex')::UUID",
                 &[&id.to_be_bytes().as_slice()],
             )
             .await
@@ -667,7 +669,8 @@ async fn large_batches_read_back_as_the_in_memory_state() {
     }
     let transfers = client
         .query(
-            "SELECT id, debit_account, credit_account, amount::TEXT, outcome FROM transfers",
+            "SELECT uuid_send(id), debit_account, credit_account, amount::TEXT, outcome
+             FROM transfers",
             &[],
         )
         .await

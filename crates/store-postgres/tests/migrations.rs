@@ -132,15 +132,13 @@ async fn the_schema_refuses_amounts_and_fees_that_break_the_rules() {
     migrate(&mut client).await.unwrap();
     let insert = "INSERT INTO payments (id, payer, merchant, amount, currency, fee, created_at,
                                         batch_position)
-                  VALUES ($1, '\\x01', '\\x02', $2, 'USD', $3, 0, 0)";
-    let ok = client
-        .execute(insert, &[&b"ok".as_slice(), &100i64, &10i64])
-        .await;
+                  VALUES ($1::TEXT::UUID, '00000000-0000-0000-0000-000000000001',
+                          '00000000-0000-0000-0000-000000000002', $2, 'USD', $3, 0, 0)";
+    let id = |n: u8| format!("00000000-0000-0000-0000-0000000000{n:02x}");
+    let ok = client.execute(insert, &[&id(0xa0), &100i64, &10i64]).await;
     assert!(ok.is_ok(), "{ok:?}");
-    for (id, amount, fee) in [(b"a0", 0i64, 0i64), (b"fe", 100, 101), (b"ng", -5, 0)] {
-        let refused = client
-            .execute(insert, &[&id.as_slice(), &amount, &fee])
-            .await;
+    for (n, amount, fee) in [(0xa1, 0i64, 0i64), (0xa2, 100, 101), (0xa3, -5, 0)] {
+        let refused = client.execute(insert, &[&id(n), &amount, &fee]).await;
         assert!(refused.is_err(), "amount {amount}, fee {fee} was accepted");
     }
 }

@@ -174,15 +174,15 @@ pub(super) async fn any_taken(
     if payments.is_empty() && transfers.is_empty() {
         return Ok(false);
     }
-    let payments: Vec<Vec<u8>> = payments.iter().map(|id| id16(id.to_u128())).collect();
-    let transfers: Vec<Vec<u8>> = transfers.iter().map(|id| id16(id.0)).collect();
+    let payments: Vec<Id> = payments.iter().map(|id| id16(id.to_u128())).collect();
+    let transfers: Vec<Id> = transfers.iter().map(|id| id16(id.0)).collect();
     let row = transaction
         .query_typed_one(
-            "SELECT EXISTS (SELECT 1 FROM unnest($1::BYTEA[]) AS u(id) JOIN payments USING (id))
-                 OR EXISTS (SELECT 1 FROM unnest($2::BYTEA[]) AS u(id) JOIN transfers USING (id))",
+            "SELECT EXISTS (SELECT 1 FROM unnest($1::UUID[]) AS u(id) JOIN payments USING (id))
+                 OR EXISTS (SELECT 1 FROM unnest($2::UUID[]) AS u(id) JOIN transfers USING (id))",
             &[
-                (&payments, Type::BYTEA_ARRAY),
-                (&transfers, Type::BYTEA_ARRAY),
+                (&payments, Type::UUID_ARRAY),
+                (&transfers, Type::UUID_ARRAY),
             ],
         )
         .await?;
@@ -330,7 +330,8 @@ pub(super) async fn load_keys(
              UNION ALL
              SELECT key_hash, 3::SMALLINT, id FROM payers WHERE key_hash = ANY($1)
              UNION ALL
-             SELECT key_hash, 1::SMALLINT, ''::BYTEA FROM operator_keys
+             SELECT key_hash, 1::SMALLINT, '00000000-0000-0000-0000-000000000000'::UUID
+             FROM operator_keys
              WHERE $2 OR key_hash = ANY($1)",
             &[
                 (&hashes, Type::BYTEA_ARRAY),
@@ -355,12 +356,12 @@ pub(super) async fn rows_by_ids(
     sql: &str,
     ids: impl Iterator<Item = u128>,
 ) -> Result<Vec<Row>, PgError> {
-    let ids: Vec<Vec<u8>> = ids.map(id16).collect();
+    let ids: Vec<Id> = ids.map(id16).collect();
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     Ok(transaction
-        .query_typed(sql, &[(&ids, Type::BYTEA_ARRAY)])
+        .query_typed(sql, &[(&ids, Type::UUID_ARRAY)])
         .await?)
 }
 
@@ -442,11 +443,11 @@ pub(super) async fn load_idempotency(
             &format!(
                 "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys
                  WHERE (principal_kind, principal_id, key) IN
-                       (SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[]))"
+                       (SELECT * FROM unnest($1::SMALLINT[], $2::UUID[], $3::TEXT[]))"
             ),
             &[
                 (&kinds, Type::INT2_ARRAY),
-                (&principals, Type::BYTEA_ARRAY),
+                (&principals, Type::UUID_ARRAY),
                 (&keys, Type::TEXT_ARRAY),
             ],
         )

@@ -148,11 +148,11 @@ pub(super) async fn persist_merchants(
         .execute_typed(
             "INSERT INTO merchants (id, name, key_hash, fee_bps, fee_fixed, created_at)
              SELECT id, name, key_hash, fee_bps, fee_fixed::NUMERIC, created_at
-             FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::INTEGER[], $5::TEXT[],
+             FROM unnest($1::UUID[], $2::TEXT[], $3::BYTEA[], $4::INTEGER[], $5::TEXT[],
                          $6::BIGINT[])
                   AS u(id, name, key_hash, fee_bps, fee_fixed, created_at)",
             &[
-                (&ids, Type::BYTEA_ARRAY),
+                (&ids, Type::UUID_ARRAY),
                 (&names, Type::TEXT_ARRAY),
                 (&hashes, Type::BYTEA_ARRAY),
                 (&bps, Type::INT4_ARRAY),
@@ -185,9 +185,9 @@ pub(super) async fn persist_payers(
     transaction
         .execute_typed(
             "INSERT INTO payers (id, name, key_hash, created_at)
-             SELECT * FROM unnest($1::BYTEA[], $2::TEXT[], $3::BYTEA[], $4::BIGINT[])",
+             SELECT * FROM unnest($1::UUID[], $2::TEXT[], $3::BYTEA[], $4::BIGINT[])",
             &[
-                (&ids, Type::BYTEA_ARRAY),
+                (&ids, Type::UUID_ARRAY),
                 (&names, Type::TEXT_ARRAY),
                 (&hashes, Type::BYTEA_ARRAY),
                 (&created, Type::INT8_ARRAY),
@@ -219,11 +219,11 @@ pub(super) async fn persist_topups(
     transaction
         .execute_typed(
             "INSERT INTO topups (id, payer, amount, currency, source, created_at)
-             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BIGINT[], $4::TEXT[],
+             SELECT * FROM unnest($1::UUID[], $2::UUID[], $3::BIGINT[], $4::TEXT[],
                                   $5::SMALLINT[], $6::BIGINT[])",
             &[
-                (&c.id, Type::BYTEA_ARRAY),
-                (&c.payer, Type::BYTEA_ARRAY),
+                (&c.id, Type::UUID_ARRAY),
+                (&c.payer, Type::UUID_ARRAY),
                 (&c.amount, Type::INT8_ARRAY),
                 (&c.currency, Type::TEXT_ARRAY),
                 (&c.small, Type::INT2_ARRAY),
@@ -268,14 +268,14 @@ pub(super) async fn persist_payments(
             "INSERT INTO payments (id, payer, merchant, amount, currency, fee, description,
                                    reference, created_at, amount_refunded, fee_refunded,
                                    batch_position)
-             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BIGINT[],
+             SELECT * FROM unnest($1::UUID[], $2::UUID[], $3::UUID[], $4::BIGINT[],
                                   $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[],
                                   $9::BIGINT[], $10::BIGINT[], $11::BIGINT[],
                                   $12::INTEGER[])",
             &[
-                (&c.id, Type::BYTEA_ARRAY),
-                (&c.payer, Type::BYTEA_ARRAY),
-                (&c.merchant, Type::BYTEA_ARRAY),
+                (&c.id, Type::UUID_ARRAY),
+                (&c.payer, Type::UUID_ARRAY),
+                (&c.merchant, Type::UUID_ARRAY),
                 (&c.amount, Type::INT8_ARRAY),
                 (&c.currency, Type::TEXT_ARRAY),
                 (&c.fee, Type::INT8_ARRAY),
@@ -309,11 +309,11 @@ pub(super) async fn persist_payments_refunded(
         .execute_typed(
             "UPDATE payments SET amount_refunded = u.amount_refunded,
                                  fee_refunded = u.fee_refunded
-             FROM unnest($1::BYTEA[], $2::BIGINT[], $3::BIGINT[])
+             FROM unnest($1::UUID[], $2::BIGINT[], $3::BIGINT[])
                   AS u(id, amount_refunded, fee_refunded)
              WHERE payments.id = u.id",
             &[
-                (&c.id, Type::BYTEA_ARRAY),
+                (&c.id, Type::UUID_ARRAY),
                 (&c.amount, Type::INT8_ARRAY),
                 (&c.fee, Type::INT8_ARRAY),
             ],
@@ -344,13 +344,13 @@ pub(super) async fn persist_refunds(
         .execute_typed(
             "INSERT INTO refunds (id, payment, payer, merchant, amount, currency,
                                   fee_refunded, created_at)
-             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::BYTEA[], $4::BYTEA[],
+             SELECT * FROM unnest($1::UUID[], $2::UUID[], $3::UUID[], $4::UUID[],
                                   $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[])",
             &[
-                (&c.id, Type::BYTEA_ARRAY),
-                (&c.id2, Type::BYTEA_ARRAY),
-                (&c.payer, Type::BYTEA_ARRAY),
-                (&c.merchant, Type::BYTEA_ARRAY),
+                (&c.id, Type::UUID_ARRAY),
+                (&c.id2, Type::UUID_ARRAY),
+                (&c.payer, Type::UUID_ARRAY),
+                (&c.merchant, Type::UUID_ARRAY),
                 (&c.amount, Type::INT8_ARRAY),
                 (&c.currency, Type::TEXT_ARRAY),
                 (&c.fee, Type::INT8_ARRAY),
@@ -392,12 +392,12 @@ pub(super) async fn persist_entries(
         .execute_typed(
             "INSERT INTO statement_lines (payer, object_id, object_kind, currency, credit,
                                           amount, balance_after, created_at, batch_position)
-             SELECT * FROM unnest($1::BYTEA[], $2::BYTEA[], $3::SMALLINT[], $4::TEXT[],
+             SELECT * FROM unnest($1::UUID[], $2::UUID[], $3::SMALLINT[], $4::TEXT[],
                                   $5::BOOLEAN[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
                                   $9::INTEGER[])",
             &[
-                (&c.payer, Type::BYTEA_ARRAY),
-                (&c.id, Type::BYTEA_ARRAY),
+                (&c.payer, Type::UUID_ARRAY),
+                (&c.id, Type::UUID_ARRAY),
                 (&c.small, Type::INT2_ARRAY),
                 (&c.currency, Type::TEXT_ARRAY),
                 (&credit, Type::BOOL_ARRAY),
@@ -448,11 +448,11 @@ pub(super) async fn persist_idempotency(
         .execute_typed(
             "INSERT INTO idempotency_keys (principal_kind, principal_id, key, fingerprint,
                                            outcome, created_at)
-             SELECT * FROM unnest($1::SMALLINT[], $2::BYTEA[], $3::TEXT[], $4::BYTEA[],
+             SELECT * FROM unnest($1::SMALLINT[], $2::UUID[], $3::TEXT[], $4::BYTEA[],
                                   $5::BYTEA[], $6::BIGINT[])",
             &[
                 (&kinds, Type::INT2_ARRAY),
-                (&principals, Type::BYTEA_ARRAY),
+                (&principals, Type::UUID_ARRAY),
                 (&keys, Type::TEXT_ARRAY),
                 (&fingerprints, Type::BYTEA_ARRAY),
                 (&outcomes, Type::BYTEA_ARRAY),
@@ -482,10 +482,10 @@ pub(super) fn batch_positions(count: usize) -> Result<Vec<i32>, PgError> {
 /// Column vectors shared by the set-based inserts.
 #[derive(Default)]
 pub(super) struct Columns {
-    id: Vec<Vec<u8>>,
-    id2: Vec<Vec<u8>>,
-    payer: Vec<Vec<u8>>,
-    merchant: Vec<Vec<u8>>,
+    id: Vec<Id>,
+    id2: Vec<Id>,
+    payer: Vec<Id>,
+    merchant: Vec<Id>,
     amount: Vec<i64>,
     amount2: Vec<i64>,
     fee: Vec<i64>,
@@ -515,7 +515,7 @@ impl CopyRows {
         self.buf.put_i16(self.fields);
     }
 
-    /// BYTEA: an object id, 16 bytes big-endian.
+    /// UUID: an object id, 16 bytes big-endian.
     fn id(&mut self, id: u128) {
         self.buf.put_i32(16);
         self.buf.put_u128(id);
@@ -785,13 +785,13 @@ pub(super) async fn persist_accounts(
             .execute_typed(
                 "INSERT INTO accounts (id, owner_kind, owner_id, currency, kind, debits_posted,
                                        credits_posted, debits_pending, credits_pending, changed_at)
-                 SELECT *, $10::BIGINT FROM unnest($1::BIGINT[], $2::SMALLINT[], $3::BYTEA[],
+                 SELECT *, $10::BIGINT FROM unnest($1::BIGINT[], $2::SMALLINT[], $3::UUID[],
                                       $4::TEXT[], $5::SMALLINT[], $6::BIGINT[], $7::BIGINT[],
                                       $8::BIGINT[], $9::BIGINT[])",
                 &[
                     (&ids, Type::INT8_ARRAY),
                     (&owner_kinds, Type::INT2_ARRAY),
-                    (&owner_ids, Type::BYTEA_ARRAY),
+                    (&owner_ids, Type::UUID_ARRAY),
                     (&currencies, Type::TEXT_ARRAY),
                     (&kinds, Type::INT2_ARRAY),
                     (&totals[0], Type::INT8_ARRAY),
@@ -884,7 +884,7 @@ pub(super) async fn persist_transfers(
     let mut credits = Vec::new();
     let mut amounts = Vec::new();
     let mut kinds = Vec::new();
-    let mut pending_ids: Vec<Option<Vec<u8>>> = Vec::new();
+    let mut pending_ids: Vec<Option<Id>> = Vec::new();
     let mut timeouts: Vec<Option<i32>> = Vec::new();
     let mut linked = Vec::new();
     let mut outcomes = Vec::new();
@@ -919,18 +919,18 @@ pub(super) async fn persist_transfers(
                                     created_at)
              SELECT id, debit_account, credit_account, amount::NUMERIC, kind, pending_id,
                     timeout_secs, linked, outcome, hold_state, expires_at, created_at
-             FROM unnest($1::BYTEA[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::SMALLINT[],
-                         $6::BYTEA[], $7::INTEGER[], $8::BOOLEAN[], $9::SMALLINT[],
+             FROM unnest($1::UUID[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::SMALLINT[],
+                         $6::UUID[], $7::INTEGER[], $8::BOOLEAN[], $9::SMALLINT[],
                          $10::SMALLINT[], $11::BIGINT[], $12::BIGINT[])
                   AS u(id, debit_account, credit_account, amount, kind, pending_id,
                        timeout_secs, linked, outcome, hold_state, expires_at, created_at)",
             &[
-                (&ids, Type::BYTEA_ARRAY),
+                (&ids, Type::UUID_ARRAY),
                 (&debits, Type::INT8_ARRAY),
                 (&credits, Type::INT8_ARRAY),
                 (&amounts, Type::TEXT_ARRAY),
                 (&kinds, Type::INT2_ARRAY),
-                (&pending_ids, Type::BYTEA_ARRAY),
+                (&pending_ids, Type::UUID_ARRAY),
                 (&timeouts, Type::INT4_ARRAY),
                 (&linked, Type::BOOL_ARRAY),
                 (&outcomes, Type::INT2_ARRAY),
