@@ -82,7 +82,8 @@ struct ServeArgs {
     /// With PostgreSQL: batches this server commits at once (each a transaction).
     #[arg(long, env = "FARTHING_PG_WRITERS", default_value_t = farthing_service::SHARED_WRITERS_DEFAULT)]
     pg_writers: usize,
-    /// With PostgreSQL: connections this server opens at most.
+    /// With PostgreSQL: connections this server opens at most (reads never hold the
+    /// `--pg-writers` kept for batches).
     #[arg(long, env = "FARTHING_PG_CONNECTIONS", default_value_t = 16)]
     pg_connections: usize,
     /// Fee in basis points for merchants created without one.

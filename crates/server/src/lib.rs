@@ -206,6 +206,7 @@ pub async fn run(
                 url,
                 PgOptions {
                     connections_max: *connections_max,
+                    writer_connections: *writers,
                     ..PgOptions::default()
                 },
             )

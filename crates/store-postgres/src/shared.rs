@@ -37,6 +37,9 @@ use crate::{Forecast, PgError, apply_batch_foreseen, migrate, query};
 pub struct PgOptions {
     /// Connections open at once at most (writers and readers together).
     pub connections_max: usize,
+    /// Of those, how many are kept for batches: reads never hold more than the rest, so a
+    /// flood of reads cannot hold up the writers.
+    pub writer_connections: usize,
     /// How long making a connection may take.
     pub connect_timeout: Duration,
     /// How long one call (a batch, a read) may take, waiting for a connection included.
@@ -47,6 +50,7 @@ impl Default for PgOptions {
     fn default() -> Self {
         PgOptions {
             connections_max: 16,
+            writer_connections: 2,
             connect_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(10),
         }
@@ -55,10 +59,13 @@ impl Default for PgOptions {
 
 /// The shared store over one PostgreSQL database.
 pub struct PgStore {
+    /// How the pool's connections are made: with the session limits below.
     config: Config,
     options: PgOptions,
     idle: Mutex<Vec<Client>>,
     permits: Semaphore,
+    /// Taken by reads before `permits`, so that some connections are always left for batches.
+    read_permits: Semaphore,
     /// This process's forecast of its accounts, shared by its writers.
     forecast: Forecast,
 }
@@ -68,6 +75,7 @@ struct Pooled<'a> {
     store: &'a PgStore,
     client: Option<Client>,
     _permit: SemaphorePermit<'a>,
+    _read_permit: Option<SemaphorePermit<'a>>,
 }
 
 impl Pooled<'_> {
@@ -94,21 +102,43 @@ impl Drop for Pooled<'_> {
 impl PgStore {
     /// Parses `url`, connects once (so that a wrong URL or a missing database is reported at
     /// start), and brings the schema up to date.
+    ///
+    /// The pool's sessions have PostgreSQL end any statement, and any transaction left idle,
+    /// after the call timeout: a server that freezes mid-batch (stopped, or cut off from the
+    /// database) releases its row locks then, instead of when TCP gives up on it, and other
+    /// servers' batches on those accounts go on. (Migrations run on a session of their own,
+    /// without these limits.)
     pub async fn open(url: &str, options: PgOptions) -> Result<PgStore, PgError> {
         let mut config = Config::from_str(url)?;
         config.connect_timeout(options.connect_timeout);
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         config.application_name("farthing");
+        let (migrator, connection) = config.connect(NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let mut migrator = migrator;
+        migrate(&mut migrator).await?;
+        drop(migrator);
+        let _ = driver.await;
+        let limit = options.call_timeout.as_millis().max(1);
+        let mut session = config;
+        session.options(format!(
+            "-c statement_timeout={limit} -c idle_in_transaction_session_timeout={limit}"
+        ));
+        let connections = options.connections_max.max(1);
         let store = PgStore {
-            config,
-            permits: Semaphore::new(options.connections_max.max(1)),
+            config: session,
+            permits: Semaphore::new(connections),
+            read_permits: Semaphore::new(
+                connections
+                    .saturating_sub(options.writer_connections)
+                    .max(1),
+            ),
             options,
             idle: Mutex::new(Vec::new()),
             forecast: Forecast::default(),
         };
-        let mut client = store.connect().await?;
-        migrate(&mut client).await?;
+        let client = store.connect().await?;
         store.idle.lock().expect("pool lock").push(client);
         Ok(store)
     }
@@ -123,7 +153,17 @@ impl PgStore {
         Ok(client)
     }
 
-    async fn take(&self) -> Result<Pooled<'_>, PgError> {
+    async fn take(&self, read: bool) -> Result<Pooled<'_>, PgError> {
+        let read_permit = if read {
+            Some(
+                self.read_permits
+                    .acquire()
+                    .await
+                    .expect("the pool's semaphores are never closed"),
+            )
+        } else {
+            None
+        };
         let permit = self
             .permits
             .acquire()
@@ -146,6 +186,7 @@ impl PgStore {
             store: self,
             client: Some(client),
             _permit: permit,
+            _read_permit: read_permit,
         })
     }
 
@@ -163,8 +204,14 @@ impl PgStore {
         }
     }
 
+    /// A connection for a read.
     async fn pooled(&self) -> Result<Pooled<'_>, StoreError> {
-        self.take().await.map_err(sort)
+        self.take(true).await.map_err(sort)
+    }
+
+    /// A connection for a batch, from all of them.
+    async fn pooled_for_batch(&self) -> Result<Pooled<'_>, StoreError> {
+        self.take(false).await.map_err(sort)
     }
 }
 
@@ -222,7 +269,7 @@ fn describe(error: &PgError) -> String {
 impl SharedStore for PgStore {
     fn apply<'a>(&'a self, records: &'a [Record]) -> StoreFuture<'a, Vec<Answer>> {
         Box::pin(self.timed(async move {
-            let mut pooled = self.pooled().await?;
+            let mut pooled = self.pooled_for_batch().await?;
             let result = apply_batch_foreseen(pooled.client(), records, &self.forecast).await;
             Ok(pooled
                 .finish(result)?

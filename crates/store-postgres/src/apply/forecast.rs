@@ -19,10 +19,11 @@ pub struct Known {
 pub(crate) type Accounts = HashMap<(Owner, Currency), Known>;
 
 /// What one process expects its accounts to hold: each as the last batch this process
-/// committed or worked out left it. A batch whose accounts are all here is worked out from
-/// these figures, writes its new rows, and only then locks its accounts (in id order) and
-/// checks that they hold exactly what it assumed; if any does not (another process, or a batch
-/// that failed, changed it), the batch is rolled back and applied again the usual way, from
+/// committed or worked out left it. A batch first learns the accounts the forecast does not
+/// know, as they stand committed (read without locking them), then is worked out from these
+/// figures, writes its new rows, and only then locks its accounts (in id order) and checks
+/// that they hold exactly what it assumed. If any does not (another process changed it, or a
+/// batch it followed failed), the batch is rolled back and applied again the usual way, from
 /// accounts locked and read first.
 ///
 /// So two batches of one process overlap: the second writes its payments while the first still
@@ -63,14 +64,19 @@ pub const COOL_DOWN: u32 = 4;
 /// deadlock; after this, the batch locks anyway.
 const TURN_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Accounts (and, separately, merchants and payers) a forecast keeps at most by default: some
+/// 30 MB of each at the most.
+pub const CAPACITY: usize = 1 << 18;
+
 impl Default for Forecast {
     fn default() -> Self {
-        Forecast::with_capacity(1 << 20)
+        Forecast::with_capacity(CAPACITY)
     }
 }
 
 impl Forecast {
-    /// A forecast of at most `capacity` accounts; beyond that it starts again, empty.
+    /// A forecast of at most `capacity` accounts, and as many merchants and payers; when one
+    /// would hold more, it starts again, empty (and learns again what batches read).
     pub fn with_capacity(capacity: usize) -> Forecast {
         Forecast {
             accounts: Mutex::new(Figures {
