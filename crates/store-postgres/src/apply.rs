@@ -257,6 +257,9 @@ async fn apply_once(
     let checked = Instant::now();
     transaction.commit().await?;
     doubt.forecast = None;
+    if let (Some(forecast), Some(_)) = (forecast, &before) {
+        forecast.confirmed();
+    }
     let millis = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1_000.0;
     tracing::debug!(
         records = records.len(),

@@ -29,14 +29,18 @@ pub(crate) type Accounts = HashMap<(Owner, Currency), Known>;
 /// So two batches of one process overlap: the second writes its payments while the first still
 /// holds the accounts they share, and takes those locks the moment the first commits. Nothing
 /// is trusted without the check under lock, so a wrong forecast costs time, never correctness.
-/// After a wrong forecast the next [`COOL_DOWN`] batches lock first: accounts that several
-/// processes share do not waste work on guesses that keep failing.
+/// After a wrong forecast the next batches lock first: [`COOL_DOWN`] of them, doubling with
+/// each wrong forecast up to [`COOL_DOWN_MAX`] and halving again with each right one, so that
+/// accounts several processes keep changing do not waste work on guesses that keep failing.
 pub struct Forecast {
     accounts: Mutex<Figures>,
     /// Merchants and payers read from the database. They never change once made, so a batch
     /// takes those it names from here instead of reading them again.
     parties: Mutex<Parties>,
+    /// Batches left to lock first.
     cool_down: AtomicU32,
+    /// How many batches lock first after the next wrong forecast.
+    penalty: AtomicU32,
     capacity: usize,
     /// The ticket of the batch whose turn it is to lock its accounts: batches worked out from
     /// the forecast lock in the order they were worked out in, each once the one before holds
@@ -56,8 +60,9 @@ struct Figures {
     next_ticket: u64,
 }
 
-/// Batches that lock first after a forecast proved wrong.
+/// Batches that lock first after a forecast proved wrong, at the least and at the most.
 pub const COOL_DOWN: u32 = 4;
+pub const COOL_DOWN_MAX: u32 = 64;
 
 /// How long a batch waits for its turn to lock at most. The batch before it may be waiting on
 /// a row this one wrote (an idempotency key both claim), which PostgreSQL cannot see as a
@@ -85,6 +90,7 @@ impl Forecast {
             }),
             parties: Mutex::new(Parties::default()),
             cool_down: AtomicU32::new(0),
+            penalty: AtomicU32::new(COOL_DOWN),
             capacity,
             turn: tokio::sync::watch::Sender::new(0),
         }
@@ -225,6 +231,16 @@ impl Forecast {
         });
     }
 
+    /// A batch worked out from the forecast committed: the cool-down after the next wrong
+    /// forecast halves.
+    pub(super) fn confirmed(&self) {
+        let _ = self
+            .penalty
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |penalty| {
+                Some((penalty / 2).max(COOL_DOWN))
+            });
+    }
+
     /// Records the figures a batch holding its accounts' locks leaves them with.
     pub(super) fn learn(&self, after: Accounts) {
         let mut figures = self.lock();
@@ -237,7 +253,13 @@ impl Forecast {
         for key in keys {
             figures.accounts.remove(key);
         }
-        self.cool_down.store(COOL_DOWN, Ordering::Relaxed);
+        let penalty = self
+            .penalty
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |penalty| {
+                Some((penalty * 2).min(COOL_DOWN_MAX))
+            })
+            .unwrap_or(COOL_DOWN);
+        self.cool_down.store(penalty, Ordering::Relaxed);
     }
 
     fn insert(accounts: &mut Accounts, figures: Accounts, capacity: usize) {
