@@ -52,6 +52,13 @@ impl Needs {
 
     /// Adds what `other` lists: the needs of a batch are those of its records together.
     pub fn extend(&mut self, other: Needs) {
+        self.append(other);
+        self.normalize();
+    }
+
+    /// Adds what `other` lists, leaving the lists unsorted and with repeats (to gather many
+    /// records' needs and sort once).
+    pub fn append(&mut self, other: Needs) {
         self.operator_key |= other.operator_key;
         self.key_hashes.extend(other.key_hashes);
         self.merchants.extend(other.merchants);
@@ -62,7 +69,6 @@ impl Needs {
         self.accounts.extend(other.accounts);
         self.transfers.extend(other.transfers);
         self.idempotency_keys.extend(other.idempotency_keys);
-        self.normalize();
     }
 
     /// Sorts every list and drops repeats.

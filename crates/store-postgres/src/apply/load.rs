@@ -27,17 +27,7 @@ pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
     // Gathered in lists and sorted once: a batch of payments lists thousands of each.
     let mut all = Needs::default();
     for record in records {
-        let needs = working.needs(record);
-        all.operator_key |= needs.operator_key;
-        all.key_hashes.extend(needs.key_hashes);
-        all.merchants.extend(needs.merchants);
-        all.payers.extend(needs.payers);
-        all.payments.extend(needs.payments);
-        all.topups.extend(needs.topups);
-        all.refunds.extend(needs.refunds);
-        all.accounts.extend(needs.accounts);
-        all.transfers.extend(needs.transfers);
-        all.idempotency_keys.extend(needs.idempotency_keys);
+        all.append(working.needs(record));
     }
     Wanted {
         operator_key: all.operator_key,
