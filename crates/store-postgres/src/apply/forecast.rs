@@ -324,3 +324,86 @@ pub(super) fn figures_of(rows: &[(Owner, Account, Timestamp)]) -> Accounts {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many batches lock first before the forecast is used again.
+    fn locking_first(forecast: &Forecast) -> u32 {
+        let mut batches = 0;
+        while !forecast.usable() {
+            batches += 1;
+            assert!(batches <= COOL_DOWN_MAX, "the cool-down never ends");
+        }
+        batches
+    }
+
+    #[test]
+    fn the_cool_down_grows_while_forecasts_prove_wrong_and_shrinks_while_they_hold() {
+        let forecast = Forecast::default();
+        let nothing: [(Owner, Currency); 0] = [];
+        assert_eq!(locking_first(&forecast), 0);
+        let mut expected = COOL_DOWN;
+        for _ in 0..6 {
+            forecast.forget(&nothing);
+            assert_eq!(locking_first(&forecast), expected);
+            expected = (expected * 2).min(COOL_DOWN_MAX);
+        }
+        assert_eq!(expected, COOL_DOWN_MAX);
+        forecast.forget(&nothing);
+        assert_eq!(locking_first(&forecast), COOL_DOWN_MAX, "capped");
+        // Each batch that committed from the forecast halves the next cool-down.
+        forecast.confirmed();
+        forecast.confirmed();
+        forecast.forget(&nothing);
+        assert_eq!(locking_first(&forecast), COOL_DOWN_MAX / 4);
+        for _ in 0..10 {
+            forecast.confirmed();
+        }
+        forecast.forget(&nothing);
+        assert_eq!(locking_first(&forecast), COOL_DOWN, "never below the least");
+    }
+
+    #[test]
+    fn committed_reads_never_replace_what_a_batch_left_and_a_full_forecast_starts_again() {
+        let forecast = Forecast::with_capacity(2);
+        let usd = Currency::parse("USD").unwrap();
+        let figures = |n: u128, credits: u64| {
+            let owner = Owner::Payer(PayerId::from_u128(n));
+            let account = Account {
+                id: account_id(owner, usd),
+                kind: farthing_ledger::AccountKind::PayerWallet,
+                currency: usd,
+                debits_posted: 0,
+                credits_posted: credits,
+                debits_pending: 0,
+                credits_pending: 0,
+            };
+            let known = Known {
+                account,
+                changed_at: Timestamp(1),
+            };
+            Accounts::from([((owner, usd), known)])
+        };
+        let wanted = |n: u128| BTreeSet::from([(Owner::Payer(PayerId::from_u128(n)), usd)]);
+        forecast.learn(figures(1, 50));
+        // Read as committed while a batch's figures for it are known: the batch's stay.
+        forecast.learn_unknown(figures(1, 10));
+        let worked = forecast
+            .work_out(&wanted(1), |before| {
+                Ok::<_, ()>((before.clone(), Accounts::new()))
+            })
+            .unwrap()
+            .expect("known");
+        assert_eq!(worked.1, figures(1, 50));
+        assert!(forecast.unknown(&wanted(2)) == wanted(2));
+        forecast.learn_unknown(figures(2, 20));
+        assert_eq!(forecast.len(), 2);
+        // A third account does not fit: the forecast starts again with it alone.
+        forecast.learn(figures(3, 30));
+        assert_eq!(forecast.len(), 1);
+        assert!(forecast.unknown(&wanted(1)) == wanted(1));
+        assert!(forecast.unknown(&wanted(3)).is_empty());
+    }
+}
