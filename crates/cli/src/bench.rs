@@ -528,26 +528,17 @@ impl BenchDatabase {
             .batch_execute(&format!("CREATE DATABASE {}", self.name))
             .await
             .with_context(|| format!("creating the benchmark database {}", self.name))?;
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("connecting to the benchmark database {}", self.name))?;
-        let mut connection = BenchConnection {
-            client,
-            driver: tokio::spawn(connection),
-        };
+        let mut connection = self.connect().await?;
         farthing_store_postgres::migrate(&mut connection.client).await?;
         Ok(connection)
     }
 
     /// Another connection to the database [`BenchDatabase::fresh`] made.
     pub(crate) async fn connect(&self) -> anyhow::Result<BenchConnection> {
-        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+        let client = farthing_store_postgres::connect(&self.url)
             .await
             .with_context(|| format!("connecting to the benchmark database {}", self.name))?;
-        Ok(BenchConnection {
-            client,
-            driver: tokio::spawn(connection),
-        })
+        Ok(BenchConnection { client })
     }
 
     pub(crate) async fn drop_database(&self) -> anyhow::Result<()> {
@@ -565,13 +556,12 @@ impl BenchDatabase {
 /// A connection to the benchmark database, closed before the database is dropped.
 pub(crate) struct BenchConnection {
     client: tokio_postgres::Client,
-    driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 }
 
 impl BenchConnection {
+    /// Closes the connection (the database is dropped `WITH (FORCE)` in any case).
     pub(crate) async fn close(self) -> anyhow::Result<()> {
         drop(self.client);
-        self.driver.await??;
         Ok(())
     }
 }

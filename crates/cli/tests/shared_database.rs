@@ -11,12 +11,13 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::private_postgres::PrivatePostgres;
 use common::{Api, Backend, Party, Server, TempDir, amount, micros};
 use serde_json::{Value, json};
 use tokio::sync::Barrier;
@@ -319,178 +320,6 @@ async fn a_server_killed_mid_stream_loses_nothing_it_acknowledged_and_the_other_
         1_000_000_000,
     )
     .await;
-}
-
-/// A PostgreSQL server of the test's own, on a free port, stopped when dropped.
-struct PrivatePostgres {
-    root: PathBuf,
-    bin: PathBuf,
-    port: u16,
-    /// `runuser -u postgres --` when the test runs as root, which PostgreSQL refuses to be.
-    as_user: Vec<String>,
-}
-
-impl PrivatePostgres {
-    fn start() -> PrivatePostgres {
-        let bin = postgres_bin_dir();
-        let root = std::env::temp_dir().join(format!(
-            "farthing-pg-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&root).expect("a directory for PostgreSQL");
-        let root_user = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout)
-            .unwrap()
-            .trim()
-            == "0";
-        let as_user = if root_user {
-            let chown = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&root)
-                .status()
-                .unwrap();
-            assert!(chown.success(), "chown the PostgreSQL directory");
-            vec![
-                "runuser".into(),
-                "-u".into(),
-                "postgres".into(),
-                "--".into(),
-            ]
-        } else {
-            Vec::new()
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let server = PrivatePostgres {
-            root,
-            bin,
-            port,
-            as_user,
-        };
-        server.run(
-            "initdb",
-            &[
-                "-D",
-                &server.data(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ],
-        );
-        server.start_again();
-        server
-    }
-
-    fn data(&self) -> String {
-        self.root.join("data").display().to_string()
-    }
-
-    fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        let tool = self.bin.join(tool);
-        let mut command = match self.as_user.split_first() {
-            Some((runner, rest)) => {
-                let mut command = Command::new(runner);
-                command.args(rest).arg(&tool);
-                command
-            }
-            None => Command::new(&tool),
-        };
-        let output = command.args(args).output().expect("run a PostgreSQL tool");
-        assert!(
-            output.status.success(),
-            "{} {args:?} failed: {}{}",
-            tool.display(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-
-    fn start_again(&self) {
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {}",
-            self.port,
-            self.root.display()
-        );
-        let log = self.root.join("log").display().to_string();
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data(),
-                "-o",
-                &options,
-                "-l",
-                &log,
-                "-w",
-                "start",
-            ],
-        );
-    }
-
-    /// Stops at once, as a crash would: no checkpoint, connections cut.
-    fn stop_immediately(&self) {
-        self.run(
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
-        );
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = Command::new(self.bin.join("pg_ctl"))
-            .args(["-D", &self.data(), "-m", "immediate", "stop"])
-            .output();
-        if !self.as_user.is_empty() {
-            let _ = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(self.bin.join("pg_ctl"))
-                .args(["-D", &self.data(), "-m", "immediate", "stop"])
-                .output();
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-/// The directory of the newest PostgreSQL server programs installed.
-fn postgres_bin_dir() -> PathBuf {
-    if let Ok(output) = Command::new("pg_config").arg("--bindir").output()
-        && output.status.success()
-    {
-        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-        if dir.join("initdb").exists() {
-            return dir;
-        }
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin")))
-                .filter(|bin| bin.join("initdb").exists())
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort_by_key(|bin| {
-        bin.parent()
-            .and_then(Path::file_name)
-            .and_then(|name| name.to_str())
-            .and_then(|name| name.parse::<u32>().ok())
-    });
-    found
-        .pop()
-        .expect("PostgreSQL's server programs (initdb, pg_ctl) are installed")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]

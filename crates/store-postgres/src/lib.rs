@@ -20,13 +20,14 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 mod apply;
 pub mod export;
 pub mod query;
 mod rows;
 mod shared;
+pub mod tls;
 
 use farthing_payments::{Command, Record};
 
@@ -82,12 +83,16 @@ pub enum PgError {
         expected: &'static str,
         found: String,
     },
+    /// The connection string asks for something that cannot be done (see [`tls`]).
+    #[error("the PostgreSQL connection string: {0}")]
+    Settings(String),
 }
 
-/// Connects without TLS (a database on the same host or a private network) and drives the
-/// connection in the background.
+/// Connects, with TLS when the connection string's `sslmode` asks for it (see [`tls`]), and
+/// drives the connection in the background.
 pub async fn connect(url: &str) -> Result<Client, PgError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let target = tls::target(url)?;
+    let (client, connection) = target.config.connect(target.tls).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::warn!(%error, "PostgreSQL connection closed");

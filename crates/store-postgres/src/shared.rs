@@ -14,7 +14,6 @@
 //! applied: its requests are answered 503, and a retry with the same idempotency key gets the
 //! stored answer. Nothing is acknowledged that was not committed.
 
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,7 +27,8 @@ use farthing_store::{
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{Forecast, PgError, apply_batch_foreseen, migrate, query};
 
@@ -61,6 +61,7 @@ impl Default for PgOptions {
 pub struct PgStore {
     /// How the pool's connections are made: with the session limits below.
     config: Config,
+    tls: MakeRustlsConnect,
     options: PgOptions,
     idle: Mutex<Vec<Client>>,
     permits: Semaphore,
@@ -109,12 +110,12 @@ impl PgStore {
     /// servers' batches on those accounts go on. (Migrations run on a session of their own,
     /// without these limits.)
     pub async fn open(url: &str, options: PgOptions) -> Result<PgStore, PgError> {
-        let mut config = Config::from_str(url)?;
+        let crate::tls::Target { mut config, tls } = crate::tls::target(url)?;
         config.connect_timeout(options.connect_timeout);
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         config.application_name("farthing");
-        let (migrator, connection) = config.connect(NoTls).await?;
+        let (migrator, connection) = config.connect(tls.clone()).await?;
         let driver = tokio::spawn(connection);
         let mut migrator = migrator;
         migrate(&mut migrator).await?;
@@ -128,6 +129,7 @@ impl PgStore {
         let connections = options.connections_max.max(1);
         let store = PgStore {
             config: session,
+            tls,
             permits: Semaphore::new(connections),
             read_permits: Semaphore::new(
                 connections
@@ -144,7 +146,7 @@ impl PgStore {
     }
 
     async fn connect(&self) -> Result<Client, PgError> {
-        let (client, connection) = self.config.connect(NoTls).await?;
+        let (client, connection) = self.config.connect(self.tls.clone()).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(%error, "PostgreSQL connection closed");

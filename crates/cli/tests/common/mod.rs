@@ -20,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+pub mod private_postgres;
+
 /// Runs each test given on both backends: `mod <test> { fn embedded(), fn postgres() }`.
 #[allow(unused_macros)] // not every test file runs on both backends
 macro_rules! conformance {
