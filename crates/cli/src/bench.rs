@@ -535,10 +535,10 @@ impl BenchDatabase {
 
     /// Another connection to the database [`BenchDatabase::fresh`] made.
     pub(crate) async fn connect(&self) -> anyhow::Result<BenchConnection> {
-        let client = farthing_store_postgres::connect(&self.url)
+        let (client, driver) = farthing_store_postgres::connect_driven(&self.url)
             .await
             .with_context(|| format!("connecting to the benchmark database {}", self.name))?;
-        Ok(BenchConnection { client })
+        Ok(BenchConnection { client, driver })
     }
 
     pub(crate) async fn drop_database(&self) -> anyhow::Result<()> {
@@ -556,12 +556,13 @@ impl BenchDatabase {
 /// A connection to the benchmark database, closed before the database is dropped.
 pub(crate) struct BenchConnection {
     client: tokio_postgres::Client,
+    driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 }
 
 impl BenchConnection {
-    /// Closes the connection (the database is dropped `WITH (FORCE)` in any case).
     pub(crate) async fn close(self) -> anyhow::Result<()> {
         drop(self.client);
+        self.driver.await??;
         Ok(())
     }
 }

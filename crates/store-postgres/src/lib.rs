@@ -91,14 +91,29 @@ pub enum PgError {
 /// Connects, with TLS when the connection string's `sslmode` asks for it (see [`tls`]), and
 /// drives the connection in the background.
 pub async fn connect(url: &str) -> Result<Client, PgError> {
-    let target = tls::target(url)?;
-    let (client, connection) = target.config.connect(target.tls).await?;
+    let (client, driver) = connect_driven(url).await?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        if let Ok(Err(error)) = driver.await {
             tracing::warn!(%error, "PostgreSQL connection closed");
         }
     });
     Ok(client)
+}
+
+/// [`connect`], also giving the task that drives the connection, which ends once the client is
+/// dropped and the connection closed (to wait for that).
+pub async fn connect_driven(
+    url: &str,
+) -> Result<
+    (
+        Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    PgError,
+> {
+    let target = tls::target(url)?;
+    let (client, connection) = target.config.connect(target.tls).await?;
+    Ok((client, tokio::spawn(connection)))
 }
 
 /// `url` naming database `name` instead (for tools and tests that make databases next to the
