@@ -252,6 +252,10 @@ fn is_unavailable(error: &tokio_postgres::Error) -> bool {
                 || *code == SqlState::CANNOT_CONNECT_NOW
                 || *code == SqlState::TOO_MANY_CONNECTIONS
                 || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+                // The session's own limits (see `PgStore::open`): the call took too long, as
+                // when the client's call timeout fires first.
+                || *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         }
     }
 }
