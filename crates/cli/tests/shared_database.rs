@@ -440,3 +440,43 @@ fn a_server_on_a_database_without_an_operator_key_refuses_to_make_one_up() {
     let _ = child.wait();
     assert!(line.contains("listening on http://"), "{line}");
 }
+
+#[tokio::test]
+async fn metrics_count_batches_by_how_their_accounts_were_read() {
+    if !Backend::Postgres.enter() {
+        common::skipped("metrics_count_batches_by_how_their_accounts_were_read");
+        return;
+    }
+    let dir = TempDir::new();
+    let server = Server::start_in(dir.path(), &[]);
+    let api = server.api();
+    let merchant = api.create_merchant("Shop", None, None).await;
+    let payer = api.create_payer("Ada").await;
+    api.topup(&payer, "1").await;
+    for _ in 0..4 {
+        api.pay(&payer, &merchant, "0.1").await.expect(201);
+    }
+    let metrics = api.get_anonymous("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let sample = |name: &str| -> u64 {
+        metrics
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{}", metrics.body))
+    };
+    let foreseen = sample("farthing_pg_batches_total{path=\"foreseen\"}");
+    let locked_first = sample("farthing_pg_batches_total{path=\"locked_first\"}");
+    // Every batch that made an account locked first (the wallet, the merchant's and fee
+    // accounts); payments between accounts the server knows were worked out from its forecast.
+    assert!(locked_first >= 1, "{}", metrics.body);
+    assert!(foreseen >= 3, "{}", metrics.body);
+    assert_eq!(
+        foreseen + locked_first,
+        sample("farthing_journal_commits_total"),
+        "every committed batch is counted once"
+    );
+    // One server alone: nothing else changes its accounts, and nothing conflicts.
+    assert_eq!(sample("farthing_pg_forecast_wrong_total"), 0);
+    assert_eq!(sample("farthing_pg_batch_conflicts_total"), 0);
+}

@@ -102,6 +102,30 @@ pub async fn render(State(app): State<App>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    let mut named = None;
+    for counter in app.service.store_counters() {
+        if named != Some(counter.name) {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter",
+                name = counter.name,
+                help = counter.help
+            );
+            named = Some(counter.name);
+        }
+        match counter.label {
+            Some((label, value)) => {
+                let _ = writeln!(
+                    out,
+                    "{}{{{label}=\"{value}\"}} {}",
+                    counter.name, counter.value
+                );
+            }
+            None => {
+                let _ = writeln!(out, "{} {}", counter.name, counter.value);
+            }
+        }
+    }
     // Counts of a shared store would cost the database a scan per scrape: PostgreSQL's own
     // statistics serve there.
     if app.service.is_local() {

@@ -373,6 +373,14 @@ impl Service {
         &self.shared.metrics
     }
 
+    /// The counts a shared store keeps of its own work (none for the embedded store).
+    pub fn store_counters(&self) -> Vec<farthing_store::StoreCounter> {
+        match &self.shared.storage {
+            Storage::Local(_) => Vec::new(),
+            Storage::Shared(parts) => parts.store.counters(),
+        }
+    }
+
     /// Reads the embedded store's state. Everything in it is durable: the writer applies
     /// records only after the journal has them.
     ///

@@ -14,6 +14,7 @@
 //! `INSERT … SELECT FROM unnest(…)`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -112,9 +113,17 @@ async fn apply_with(
                 tracing::debug!("an id the batch makes is taken, applying again with it loaded");
                 assume_new_ids_free = false;
             }
-            Ok(Attempt::Mispredicted) => foresee = None,
+            Ok(Attempt::Mispredicted) => {
+                if let Some(forecast) = forecast {
+                    forecast.counts.wrong.fetch_add(1, Relaxed);
+                }
+                foresee = None;
+            }
             Err(PgError::Postgres(error)) if attempt < ATTEMPTS_MAX && is_retryable(&error) => {
                 tracing::debug!(%error, attempt, "batch conflicted, retrying");
+                if let Some(forecast) = forecast {
+                    forecast.counts.conflicts.fetch_add(1, Relaxed);
+                }
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
                 // A unique violation may be an id assumed free: load them all from now on.
@@ -257,8 +266,13 @@ async fn apply_once(
     let checked = Instant::now();
     transaction.commit().await?;
     doubt.forecast = None;
-    if let (Some(forecast), Some(_)) = (forecast, &before) {
-        forecast.confirmed();
+    if let Some(forecast) = forecast {
+        if before.is_some() {
+            forecast.confirmed();
+            forecast.counts.foreseen.fetch_add(1, Relaxed);
+        } else {
+            forecast.counts.locked_first.fetch_add(1, Relaxed);
+        }
     }
     let millis = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1_000.0;
     tracing::debug!(

@@ -23,7 +23,7 @@ use farthing_payments::{
     Record,
 };
 use farthing_store::{
-    Answer, IdempotencyFound, SharedStore, StatementPage, StoreError, StoreFuture,
+    Answer, IdempotencyFound, SharedStore, StatementPage, StoreCounter, StoreError, StoreFuture,
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
@@ -273,6 +273,41 @@ fn describe(error: &PgError) -> String {
 }
 
 impl SharedStore for PgStore {
+    fn counters(&self) -> Vec<StoreCounter> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counts = &self.forecast.counts;
+        let batches = "Batches committed, by how their accounts were read: worked out from the \
+                       process's forecast and checked under lock, or locked and read first.";
+        vec![
+            StoreCounter {
+                name: "farthing_pg_batches_total",
+                help: batches,
+                label: Some(("path", "foreseen")),
+                value: counts.foreseen.load(Relaxed),
+            },
+            StoreCounter {
+                name: "farthing_pg_batches_total",
+                help: batches,
+                label: Some(("path", "locked_first")),
+                value: counts.locked_first.load(Relaxed),
+            },
+            StoreCounter {
+                name: "farthing_pg_forecast_wrong_total",
+                help: "Batches whose forecast another process (or a failed batch) had made \
+                       wrong, applied again from locked accounts.",
+                label: None,
+                value: counts.wrong.load(Relaxed),
+            },
+            StoreCounter {
+                name: "farthing_pg_batch_conflicts_total",
+                help: "Batch attempts redone after a serialization failure, a deadlock or a \
+                       unique violation.",
+                label: None,
+                value: counts.conflicts.load(Relaxed),
+            },
+        ]
+    }
+
     fn apply<'a>(&'a self, records: &'a [Record]) -> StoreFuture<'a, Vec<Answer>> {
         Box::pin(self.timed(async move {
             let mut pooled = self.pooled_for_batch().await?;

@@ -119,4 +119,19 @@ pub trait SharedStore: Send + Sync + 'static {
         limit: usize,
         starting_after: Option<EntryObject>,
     ) -> StoreFuture<'_, StatementPage>;
+    /// Counts the store keeps of its own work in this process, for `/metrics`.
+    fn counters(&self) -> Vec<StoreCounter> {
+        Vec::new()
+    }
+}
+
+/// One count a store keeps of its work: a Prometheus counter, with at most one label.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct StoreCounter {
+    /// The metric's name, e.g. `farthing_pg_batches_total`.
+    pub name: &'static str,
+    pub help: &'static str,
+    /// A label and its value, for counters split by a kind.
+    pub label: Option<(&'static str, &'static str)>,
+    pub value: u64,
 }

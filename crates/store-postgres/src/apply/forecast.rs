@@ -41,12 +41,27 @@ pub struct Forecast {
     cool_down: AtomicU32,
     /// How many batches lock first after the next wrong forecast.
     penalty: AtomicU32,
+    /// What the batches applied with this forecast did.
+    pub(crate) counts: Counts,
     capacity: usize,
     /// The ticket of the batch whose turn it is to lock its accounts: batches worked out from
     /// the forecast lock in the order they were worked out in, each once the one before holds
     /// its locks. (One that locked first would find its accounts without the changes it
     /// assumed, and be worked out again.)
     turn: tokio::sync::watch::Sender<u64>,
+}
+
+/// Counts of the batches applied with a forecast.
+#[derive(Default, Debug)]
+pub(crate) struct Counts {
+    /// Committed after being worked out from the forecast.
+    pub(crate) foreseen: std::sync::atomic::AtomicU64,
+    /// Committed after locking and reading their accounts first.
+    pub(crate) locked_first: std::sync::atomic::AtomicU64,
+    /// Worked out from a forecast that proved wrong under lock, and applied again.
+    pub(crate) wrong: std::sync::atomic::AtomicU64,
+    /// Attempts redone after a serialization failure, a deadlock or a unique violation.
+    pub(crate) conflicts: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -91,6 +106,7 @@ impl Forecast {
             parties: Mutex::new(Parties::default()),
             cool_down: AtomicU32::new(0),
             penalty: AtomicU32::new(COOL_DOWN),
+            counts: Counts::default(),
             capacity,
             turn: tokio::sync::watch::Sender::new(0),
         }
