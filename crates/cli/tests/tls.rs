@@ -74,6 +74,19 @@ async fn servers_reach_a_postgresql_that_takes_only_tls_and_check_its_certificat
             "{mode}: {stderr}"
         );
     }
+    // A name the certificate does not carry (the same server, reached by address): refused
+    // when the name is checked, accepted when only the CA is.
+    let elsewhere = |mode: &str| {
+        format!(
+            "host=db.elsewhere.example hostaddr=127.0.0.1 port={port} user=postgres \
+             dbname=farthing sslmode={mode} sslrootcert='{ca}'"
+        )
+    };
+    let (ok, stderr) = migrate(&elsewhere("verify-full"));
+    assert!(!ok, "verify-full accepted a certificate for another name");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    let (ok, stderr) = migrate(&elsewhere("verify-ca"));
+    assert!(ok, "{stderr}");
     // A checking mode without roots is a mistake in the URL, said before connecting.
     let (ok, stderr) = migrate(&url("localhost", "?sslmode=verify-full"));
     assert!(!ok);

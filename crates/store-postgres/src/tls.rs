@@ -92,19 +92,19 @@ fn client_config(check: Check, root: Option<&str>) -> Result<ClientConfig, PgErr
                 provider.signature_verification_algorithms,
             )))
             .with_no_client_auth(),
-        Check::Chain | Check::ChainAndName => {
+        Check::Chain => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly {
+                roots: Arc::new(roots(root.unwrap_or("system"))?),
+                signatures: Unchecked(provider.signature_verification_algorithms),
+            }))
+            .with_no_client_auth(),
+        Check::ChainAndName => {
             let roots = Arc::new(roots(root.unwrap_or("system"))?);
-            let verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider)
+            let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
                 .map_err(|error| settings(format!("TLS: {error}")))?;
-            if check == Check::ChainAndName {
-                builder.with_webpki_verifier(verifier).with_no_client_auth()
-            } else {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(ChainOnly { roots, verifier }))
-                    .with_no_client_auth()
-            }
+            builder.with_webpki_verifier(verifier).with_no_client_auth()
         }
     };
     Ok(config)
@@ -175,11 +175,12 @@ impl ServerCertVerifier for Unchecked {
     }
 }
 
-/// `verify-ca`: the certificate must chain to a root, whatever host it names.
+/// `verify-ca`: the certificate must chain to a root, whatever host it names; the handshake's
+/// signatures are checked as for any connection.
 #[derive(Debug)]
 struct ChainOnly {
     roots: Arc<RootCertStore>,
-    verifier: Arc<WebPkiServerVerifier>,
+    signatures: Unchecked,
 }
 
 impl ServerCertVerifier for ChainOnly {
@@ -192,13 +193,12 @@ impl ServerCertVerifier for ChainOnly {
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
         let certificate = ParsedCertificate::try_from(end_entity)?;
-        let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
         verify_server_cert_signed_by_trust_anchor(
             &certificate,
             &self.roots,
             intermediates,
             now,
-            algorithms.all,
+            self.signatures.0.all,
         )?;
         Ok(ServerCertVerified::assertion())
     }
@@ -209,7 +209,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.verifier.verify_tls12_signature(message, cert, dss)
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -218,11 +218,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.verifier.verify_tls13_signature(message, cert, dss)
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.verifier.supported_verify_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
