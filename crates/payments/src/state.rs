@@ -821,8 +821,9 @@ impl State {
     ///
     /// A refund names only its payment; the payment names its payer, its merchant and its
     /// currency, hence the accounts. So `self` answers for the payments it holds: a loader asks
-    /// a working set, loads what is listed, and asks again until nothing new is listed (two
-    /// rounds at most). Asked of a whole state, the answer is complete at once.
+    /// a working set, loads what is listed, and asks again while the answer is
+    /// [`Needs::incomplete`] and lists something new (two rounds at most). Asked of a whole
+    /// state, the answer is complete at once.
     pub fn needs(&self, record: &Record) -> Needs {
         let mut needs = Needs::default();
         if let Some(claim) = &record.idempotency {
@@ -871,15 +872,18 @@ impl State {
                 needs.payments.push(*payment);
                 needs.refunds.push(*id);
                 needs.transfers.extend(transfer_ids);
-                if let Some(payment) = self.payment(*payment) {
-                    // The statement line goes to the payer; the money moves between the
-                    // payment's three accounts.
-                    needs.payers.push(payment.payer);
-                    needs.accounts.extend([
-                        (Owner::Payer(payment.payer), payment.currency),
-                        (Owner::Merchant(payment.merchant), payment.currency),
-                        (Owner::PlatformFees, payment.currency),
-                    ]);
+                match self.payment(*payment) {
+                    Some(payment) => {
+                        // The statement line goes to the payer; the money moves between the
+                        // payment's three accounts.
+                        needs.payers.push(payment.payer);
+                        needs.accounts.extend([
+                            (Owner::Payer(payment.payer), payment.currency),
+                            (Owner::Merchant(payment.merchant), payment.currency),
+                            (Owner::PlatformFees, payment.currency),
+                        ]);
+                    }
+                    None => needs.incomplete = true,
                 }
             }
             // A prune reads nothing: keys a working set holds are forgotten as in a whole

@@ -42,6 +42,9 @@ pub struct Needs {
     pub transfers: Vec<TransferId>,
     /// Idempotency keys presented with the record.
     pub idempotency_keys: Vec<IdempotencyKey>,
+    /// Whether asking again, once what is listed is loaded, may list more: a refund whose
+    /// payment the state does not hold yet names that payment only.
+    pub incomplete: bool,
 }
 
 impl Needs {
@@ -60,6 +63,7 @@ impl Needs {
     /// records' needs and sort once).
     pub fn append(&mut self, other: Needs) {
         self.operator_key |= other.operator_key;
+        self.incomplete |= other.incomplete;
         self.key_hashes.extend(other.key_hashes);
         self.merchants.extend(other.merchants);
         self.payers.extend(other.payers);

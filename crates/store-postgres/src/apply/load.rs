@@ -11,6 +11,8 @@ use crate::rows::*;
 /// What a batch reads, gathered over rounds.
 #[derive(Default)]
 pub(super) struct Wanted {
+    /// Another round may want more (see [`Needs::incomplete`]).
+    incomplete: bool,
     operator_key: bool,
     key_hashes: BTreeSet<KeyHash>,
     merchants: BTreeSet<MerchantId>,
@@ -30,6 +32,7 @@ pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
         all.append(working.needs(record));
     }
     Wanted {
+        incomplete: all.incomplete,
         operator_key: all.operator_key,
         key_hashes: all.key_hashes.into_iter().collect(),
         merchants: all.merchants.into_iter().collect(),
@@ -58,6 +61,7 @@ pub(super) fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
     let operator_key = wanted.operator_key && !asked.operator_key;
     asked.operator_key |= wanted.operator_key;
     Wanted {
+        incomplete: wanted.incomplete,
         operator_key,
         key_hashes: new(&wanted.key_hashes, &mut asked.key_hashes),
         merchants: new(&wanted.merchants, &mut asked.merchants),
@@ -200,7 +204,8 @@ pub(super) async fn load_working_set(
     } else {
         BTreeSet::new()
     };
-    // A refund names only its payment: its payer and accounts are known once that is loaded.
+    // A refund names only its payment: its payer and accounts are known once that is loaded,
+    // in a second round. A batch without such a record is done in one.
     loop {
         let mut wanted = wanted_by(&working, records);
         if assume_new_ids_free {
@@ -264,6 +269,10 @@ pub(super) async fn load_working_set(
                 "an idempotency record",
                 working.insert_idempotency_record(row),
             )?;
+        }
+        if !wanted.incomplete {
+            asked.accounts = wanted.accounts;
+            break;
         }
     }
     Ok((working, assumed, asked.accounts))
