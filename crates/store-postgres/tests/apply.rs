@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use common::{TestDatabase, database_configured};
 use farthing_store_postgres::{apply_batch, connect, query};
-use farthing_testing::{Builder, EPOCH, StepSpec, currency, history};
+use farthing_testing::{Builder, StepSpec, currency, history, key_hash, record_at as record};
 use proptest::test_runner::TestCaseError;
 use tokio_postgres::Client;
 
@@ -178,20 +178,6 @@ fn a_random_history_applied_in_batches_matches_the_in_memory_state() {
 // =============================================================================================
 
 const USD: &str = "USD";
-
-fn key_hash(n: u128) -> KeyHash {
-    let mut bytes = [0u8; 32];
-    bytes[..16].copy_from_slice(&n.to_be_bytes());
-    KeyHash(bytes)
-}
-
-fn record(now: u64, command: Command) -> Record {
-    Record {
-        now: Timestamp(EPOCH + now),
-        idempotency: None,
-        command,
-    }
-}
 
 /// A merchant (2% fee), and payers each topped up with `funds` USD micros.
 fn setup_records(payers: &[PayerId], funds: u64) -> (MerchantId, Vec<Record>) {

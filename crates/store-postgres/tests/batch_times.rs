@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::TestDatabase;
+use common::{TestDatabase, shop_and_payer};
 use farthing_ledger::{Amount, MICROS_PER_UNIT, Timestamp, TransferId};
 use farthing_payments::*;
 use farthing_store_postgres::{apply_batch, query};
@@ -30,7 +30,7 @@ async fn a_batch_applied_after_a_later_timed_one_comes_after_it_in_the_statement
     };
     let mut client = db.migrated().await;
     let usd = farthing_ledger::Currency::parse("USD").unwrap();
-    let (merchant, payer) = (MerchantId::from_u128(1), PayerId::from_u128(2));
+    let (setup, merchant, payer) = shop_and_payer(100);
     let pay = |id: u128, units: u64| {
         Command::Pay(PayCommand {
             id: PaymentId::from_u128(id),
@@ -43,36 +43,6 @@ async fn a_batch_applied_after_a_later_timed_one_comes_after_it_in_the_statement
             transfer_ids: [TransferId(id * 10), TransferId(id * 10 + 1)],
         })
     };
-    let setup = [
-        record(
-            T,
-            Command::CreateMerchant {
-                id: merchant,
-                name: "Shop".into(),
-                key_hash: KeyHash([1; 32]),
-                fee: FeeSchedule::ZERO,
-            },
-        ),
-        record(
-            T,
-            Command::CreatePayer {
-                id: payer,
-                name: "Ada".into(),
-                key_hash: KeyHash([2; 32]),
-            },
-        ),
-        record(
-            T,
-            Command::Topup {
-                id: TopupId::from_u128(3),
-                payer,
-                amount: Amount::from_micros(100 * MICROS_PER_UNIT),
-                currency: usd,
-                source: FundingSource::Sandbox,
-                transfer_id: TransferId(3),
-            },
-        ),
-    ];
     apply_batch(&mut client, &setup).await.unwrap();
     // The batch timed later commits first; the one timed earlier commits after it.
     let later = apply_batch(&mut client, &[record(T + 2_000, pay(100, 5))])
@@ -121,7 +91,6 @@ async fn a_prune_forgets_old_keys_by_age_and_an_expired_key_used_again_is_new() 
     };
     let mut client = db.migrated().await;
     let usd = farthing_ledger::Currency::parse("USD").unwrap();
-    let (merchant, payer) = (MerchantId::from_u128(1), PayerId::from_u128(2));
     let mut state = State::new();
     let mut both = async |state: &mut State, records: Vec<Record>| {
         let expected: Vec<Outcome> = records.iter().map(|r| state.apply(r)).collect();
@@ -129,40 +98,8 @@ async fn a_prune_forgets_old_keys_by_age_and_an_expired_key_used_again_is_new() 
         assert_eq!(got, expected);
         got
     };
-    both(
-        &mut state,
-        vec![
-            record(
-                T,
-                Command::CreateMerchant {
-                    id: merchant,
-                    name: "Shop".into(),
-                    key_hash: KeyHash([1; 32]),
-                    fee: FeeSchedule::ZERO,
-                },
-            ),
-            record(
-                T,
-                Command::CreatePayer {
-                    id: payer,
-                    name: "Ada".into(),
-                    key_hash: KeyHash([2; 32]),
-                },
-            ),
-            record(
-                T,
-                Command::Topup {
-                    id: TopupId::from_u128(3),
-                    payer,
-                    amount: Amount::from_micros(100 * MICROS_PER_UNIT),
-                    currency: usd,
-                    source: FundingSource::Sandbox,
-                    transfer_id: TransferId(3),
-                },
-            ),
-        ],
-    )
-    .await;
+    let (setup, merchant, payer) = shop_and_payer(100);
+    both(&mut state, setup).await;
     let claim = |name: &str| IdempotencyClaim {
         key: IdempotencyKey {
             principal: Principal::Payer(payer),

@@ -15,13 +15,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
 use common::TestDatabase;
-use farthing_ledger::{Amount, MICROS_PER_UNIT, Timestamp, TransferId};
+use farthing_ledger::{Amount, MICROS_PER_UNIT, TransferId};
 use farthing_payments::*;
 use farthing_store_postgres::export::export_all;
 use farthing_store_postgres::{
     Answer, Forecast, PgError, apply_batch, apply_batch_foreseen, connect, query,
 };
-use farthing_testing::{EPOCH, currency};
+use farthing_testing::{currency, key_hash, record_at as record};
 use tokio_postgres::Client;
 
 const UNIT: u64 = MICROS_PER_UNIT;
@@ -30,21 +30,6 @@ const FEE: FeeSchedule = FeeSchedule {
     bps: 100,
     fixed: Amount::ZERO,
 };
-
-fn key_hash(n: u128) -> KeyHash {
-    let mut bytes = [0u8; 32];
-    bytes[..16].copy_from_slice(&n.to_be_bytes());
-    KeyHash(bytes)
-}
-
-/// A record `at` microseconds after the epoch of the test data.
-fn record(at: u64, command: Command) -> Record {
-    Record {
-        now: Timestamp(EPOCH + at),
-        idempotency: None,
-        command,
-    }
-}
 
 fn create_merchant(id: MerchantId) -> Command {
     Command::CreateMerchant {

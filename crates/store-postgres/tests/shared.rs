@@ -5,51 +5,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestDatabase;
-use farthing_ledger::{Amount, Currency, MICROS_PER_UNIT, Timestamp, TransferId};
+use common::{TestDatabase, shop_and_payer};
+use farthing_ledger::{Amount, Currency, MICROS_PER_UNIT, TransferId};
 use farthing_payments::*;
 use farthing_store::{SharedStore, StoreError};
 use farthing_store_postgres::{PgOptions, PgStore, connect};
-
-const T: u64 = 1_700_000_000_000_000;
+use farthing_testing::{key_hash, record_at};
 
 fn record(command: Command) -> Record {
-    Record {
-        now: Timestamp(T),
-        idempotency: None,
-        command,
-    }
+    record_at(0, command)
 }
 
 fn usd() -> Currency {
     Currency::parse("USD").unwrap()
-}
-
-/// A merchant and a payer whose wallet holds 100 units.
-fn setup() -> (Vec<Record>, MerchantId, PayerId) {
-    let (merchant, payer) = (MerchantId::from_u128(1), PayerId::from_u128(2));
-    let records = vec![
-        record(Command::CreateMerchant {
-            id: merchant,
-            name: "Shop".into(),
-            key_hash: KeyHash([1; 32]),
-            fee: FeeSchedule::ZERO,
-        }),
-        record(Command::CreatePayer {
-            id: payer,
-            name: "Ada".into(),
-            key_hash: KeyHash([2; 32]),
-        }),
-        record(Command::Topup {
-            id: TopupId::from_u128(3),
-            payer,
-            amount: Amount::from_micros(100 * MICROS_PER_UNIT),
-            currency: usd(),
-            source: FundingSource::Sandbox,
-            transfer_id: TransferId(4),
-        }),
-    ];
-    (records, merchant, payer)
 }
 
 /// Backends of this database's Farthing sessions that are waiting for a lock.
@@ -80,7 +48,7 @@ async fn postgresql_ends_a_batch_its_server_gave_up_on_instead_of_leaving_it_que
     )
     .await
     .unwrap();
-    let (records, merchant, payer) = setup();
+    let (records, merchant, payer) = shop_and_payer(100);
     store.apply(&records).await.unwrap();
     // Another session holds the payer's wallet.
     let mut holder = connect(&db.url).await.unwrap();
@@ -149,7 +117,7 @@ async fn batches_get_a_connection_while_reads_hold_all_the_others() {
     )
     .await
     .unwrap();
-    let (records, _, _) = setup();
+    let (records, _, _) = shop_and_payer(100);
     store.apply(&records).await.unwrap();
     // Reads of the payments table wait behind this lock, each holding a connection.
     let mut holder = connect(&db.url).await.unwrap();
@@ -173,7 +141,7 @@ async fn batches_get_a_connection_while_reads_hold_all_the_others() {
             .apply(&[record(Command::CreateMerchant {
                 id: MerchantId::from_u128(20),
                 name: "Second shop".into(),
-                key_hash: KeyHash([3; 32]),
+                key_hash: key_hash(3),
                 fee: FeeSchedule::ZERO,
             })])
             .await

@@ -19,6 +19,23 @@ pub const CURRENCIES: [&str; 3] = ["USD", "EUR", "JPY"];
 pub fn currency(code: &str) -> Currency {
     Currency::parse(code).expect("a known code")
 }
+
+/// A key hash told apart by `n` (its first 16 bytes, big-endian), for tests that make parties
+/// by hand.
+pub fn key_hash(n: u128) -> KeyHash {
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(&n.to_be_bytes());
+    KeyHash(bytes)
+}
+
+/// A record without an idempotency key, `at` microseconds after [`EPOCH`].
+pub fn record_at(at: u64, command: Command) -> Record {
+    Record {
+        now: Timestamp(EPOCH + at),
+        idempotency: None,
+        command,
+    }
+}
 // =============================================================================================
 // Generation: raw choices, resolved against the history when the step is built (trimmed from
 // tests/state.rs, with key hashes and transfer ids reused too).

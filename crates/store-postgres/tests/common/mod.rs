@@ -4,8 +4,50 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use farthing_ledger::{Amount, Currency, MICROS_PER_UNIT, TransferId};
+use farthing_payments::{
+    Command, FeeSchedule, FundingSource, MerchantId, PayerId, Record, TopupId,
+};
 use farthing_store_postgres::{PgError, connect, migrate, with_database};
+use farthing_testing::{key_hash, record_at};
 use tokio_postgres::Client;
+
+/// At the test epoch: a merchant without fees (id 1), and a payer (id 2) whose USD wallet one
+/// top-up (id 3, transfer 3) fills with `units`.
+pub fn shop_and_payer(units: u64) -> (Vec<Record>, MerchantId, PayerId) {
+    let (merchant, payer) = (MerchantId::from_u128(1), PayerId::from_u128(2));
+    let records = vec![
+        record_at(
+            0,
+            Command::CreateMerchant {
+                id: merchant,
+                name: "Shop".into(),
+                key_hash: key_hash(1),
+                fee: FeeSchedule::ZERO,
+            },
+        ),
+        record_at(
+            0,
+            Command::CreatePayer {
+                id: payer,
+                name: "Ada".into(),
+                key_hash: key_hash(2),
+            },
+        ),
+        record_at(
+            0,
+            Command::Topup {
+                id: TopupId::from_u128(3),
+                payer,
+                amount: Amount::from_micros(units * MICROS_PER_UNIT),
+                currency: Currency::parse("USD").expect("USD"),
+                source: FundingSource::Sandbox,
+                transfer_id: TransferId(3),
+            },
+        ),
+    ];
+    (records, merchant, payer)
+}
 
 /// A database made for one test and dropped after it, even when the test fails.
 pub struct TestDatabase {
