@@ -97,17 +97,10 @@ async fn apply_with(
 ) -> Result<Vec<Answer>, PgError> {
     let mut attempt = 1;
     let mut assume_new_ids_free = true;
-    let mut foresee = forecast.filter(|forecast| forecast.usable());
+    // Whether to work the batch out from the forecast (not while it cools down).
+    let mut foresee = forecast.is_some_and(Forecast::usable);
     loop {
-        match apply_once(
-            client,
-            records,
-            assume_new_ids_free,
-            forecast,
-            foresee.is_some(),
-        )
-        .await
-        {
+        match apply_once(client, records, assume_new_ids_free, forecast, foresee).await {
             Ok(Attempt::Applied(answers)) => return Ok(answers),
             Ok(Attempt::NewIdTaken) => {
                 tracing::debug!("an id the batch makes is taken, applying again with it loaded");
@@ -117,7 +110,7 @@ async fn apply_with(
                 if let Some(forecast) = forecast {
                     forecast.counts.wrong.fetch_add(1, Relaxed);
                 }
-                foresee = None;
+                foresee = false;
             }
             Err(PgError::Postgres(error)) if attempt < ATTEMPTS_MAX && is_retryable(&error) => {
                 tracing::debug!(%error, attempt, "batch conflicted, retrying");
@@ -128,7 +121,7 @@ async fn apply_with(
                 attempt += 1;
                 // A unique violation may be an id assumed free: load them all from now on.
                 assume_new_ids_free = false;
-                foresee = None;
+                foresee = false;
             }
             Err(error) => return Err(error),
         }

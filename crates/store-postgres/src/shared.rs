@@ -115,9 +115,8 @@ impl PgStore {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         config.application_name("farthing");
-        let (migrator, connection) = config.connect(tls.clone()).await?;
+        let (mut migrator, connection) = config.connect(tls.clone()).await?;
         let driver = tokio::spawn(connection);
-        let mut migrator = migrator;
         migrate(&mut migrator).await?;
         drop(migrator);
         let _ = driver.await;

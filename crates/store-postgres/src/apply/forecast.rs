@@ -10,7 +10,7 @@ use super::*;
 
 /// An account as a batch read it: its totals and the time it last changed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Known {
+pub(crate) struct Known {
     pub(crate) account: Account,
     pub(crate) changed_at: Timestamp,
 }
