@@ -1036,7 +1036,7 @@ pub(crate) async fn load(
 /// (commits, records, commit microseconds) from the server's `/metrics`.
 async fn journal_counters(addr: &str) -> anyhow::Result<(f64, f64, f64)> {
     let mut conn = Connection::open(addr).await?;
-    let response = conn.request("GET", "/metrics", "", None).await?;
+    let response = conn.request("GET", "/metrics", ADMIN_KEY, None).await?;
     let text = String::from_utf8(response.body)?;
     let value = |name: &str| -> f64 {
         text.lines()

@@ -13,9 +13,19 @@ struct Seeded {
     key: String,
 }
 
+/// A directory made for one demo, removed when the demo ends, however it ends.
+struct FreshDir(std::path::PathBuf);
+
+impl Drop for FreshDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub async fn run(mut options: Options) -> anyhow::Result<()> {
     // On the embedded store, a demo always starts from a fresh directory, so it can be run
-    // again and again; on PostgreSQL, it adds its parties to the database given.
+    // again and again; on PostgreSQL, only on a database that holds no data yet, since the
+    // demo sets its own operator key and seeds parties.
     let mut fresh_dir = None;
     let place = match &options.storage {
         StorageChoice::Embedded(_) => {
@@ -28,10 +38,25 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
             ));
             options.storage = StorageChoice::Embedded(dir.clone());
             let place = format!("data in {}", dir.display());
-            fresh_dir = Some(dir);
+            fresh_dir = Some(FreshDir(dir));
             place
         }
-        StorageChoice::Postgres { .. } => "data in PostgreSQL".to_string(),
+        StorageChoice::Postgres { url, .. } => {
+            let mut client = farthing_store_postgres::connect(url)
+                .await
+                .context("connecting to the demo's database")?;
+            farthing_store_postgres::migrate(&mut client)
+                .await
+                .context("bringing the demo database's schema up to date")?;
+            if farthing_store_postgres::holds_data(&client).await? {
+                bail!(
+                    "the database already holds Farthing data; the demo runs only on an empty \
+                     database (it sets its own operator key), so create one for it, for example \
+                     with `createdb farthing_demo`"
+                );
+            }
+            "data in PostgreSQL".to_string()
+        }
     };
     let operator_key = Secret::generate_api_key("op");
     options.admin_key = Some(operator_key.expose().to_string());
@@ -50,7 +75,7 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
             bail!("the server stopped before it started");
         }
     };
-    let (merchants, payers) = seed(&service).await?;
+    let (merchants, payers, earlier) = seed(&service).await?;
     let base = format!("http://{addr}");
     println!("Farthing demo is running at {base} ({place})");
     println!();
@@ -106,22 +131,37 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "Refund a payment with: curl -s -X POST {base}/v1/payments/<pay_id>/refunds -H 'Authorization: Bearer {}'",
-        news.key
+        "# {} refunds {}'s earlier article ({}), in full",
+        news.name, earlier.payer, earlier.id
     );
-    println!("API description: {base}/openapi.json   Metrics: {base}/metrics");
+    println!(
+        "curl -s -X POST {base}/v1/payments/{}/refunds -H 'Authorization: Bearer {}'",
+        earlier.id, news.key
+    );
+    println!();
+    println!("# The platform's metrics, for the operator");
+    println!(
+        "curl -s {base}/metrics -H 'Authorization: Bearer {}'",
+        operator_key.expose()
+    );
+    println!();
+    println!("API reference: {base}/docs   OpenAPI document: {base}/openapi.json");
     println!("Press Ctrl-C to stop.");
     let result = server.await;
     drop(service);
     // A fresh directory's data is made for one run only.
-    if let Some(dir) = fresh_dir {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    drop(fresh_dir);
     result??;
     Ok(())
 }
 
-async fn seed(service: &Service) -> anyhow::Result<(Vec<Seeded>, Vec<Seeded>)> {
+/// A payment the demo makes while seeding, so that the refund line names a real one.
+struct EarlierPayment {
+    id: String,
+    payer: &'static str,
+}
+
+async fn seed(service: &Service) -> anyhow::Result<(Vec<Seeded>, Vec<Seeded>, EarlierPayment)> {
     let usd = Currency::parse("USD").context("USD")?;
     let kes = Currency::parse("KES").context("KES")?;
     let amount = |text: &str| Amount::parse_decimal(text).expect("demo amounts are valid");
@@ -186,5 +226,25 @@ async fn seed(service: &Service) -> anyhow::Result<(Vec<Seeded>, Vec<Seeded>)> {
                 .to_string(),
         });
     }
-    Ok((merchants, payers))
+    // Ben read an article of The Daily Penny's before the demo began.
+    let (ben, news) = (&payers[1], &merchants[0]);
+    let command = service.pay_command(
+        farthing_payments::PayerId::parse(&ben.id).context("a seeded payer id")?,
+        farthing_payments::MerchantId::parse(&news.id).context("a seeded merchant id")?,
+        amount("0.25"),
+        usd,
+        Some("Article: yesterday's news".to_string()),
+        None,
+    );
+    let paid = service
+        .submit(farthing_payments::Command::Pay(command), None)
+        .await?;
+    let Outcome::Paid(payment) = paid.outcome else {
+        bail!("could not seed an earlier payment");
+    };
+    let earlier = EarlierPayment {
+        id: payment.id.to_string(),
+        payer: ben.name,
+    };
+    Ok((merchants, payers, earlier))
 }

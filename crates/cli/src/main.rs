@@ -22,6 +22,19 @@ static ALLOCATOR: alloc::Counting = alloc::Counting;
 /// The shortest operator key accepted.
 const ADMIN_KEY_CHARS_MIN: usize = 32;
 
+/// What `serve --help` says of the settings that have no flag.
+const SERVE_ENVIRONMENT: &str = "\
+Environment:
+  FARTHING_ADMIN_KEY  The operator key: 32 or more visible ASCII characters, no spaces.
+                      Unset on a first start (embedded store), a key is made and printed
+                      once; only its hash is kept. Setting a new value replaces the
+                      operator key at the next start, and the old one stops working
+                      (on PostgreSQL, on other servers within 5 seconds). A key that is
+                      already a merchant's or payer's is refused.
+  FARTHING_LOG        Log filter, for example warn (the default), info, or
+                      farthing_server=debug,warn. Logs go to standard error.
+Every flag above can also be set by the variable shown beside it.";
+
 #[derive(Parser)]
 #[command(
     name = "farthing",
@@ -36,6 +49,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the API server.
+    #[command(after_help = SERVE_ENVIRONMENT)]
     Serve(ServeArgs),
     /// Run the server with seeded merchants and funded payers, and print keys and curl lines.
     Demo(DemoArgs),
@@ -105,12 +119,69 @@ struct ServeArgs {
     /// Requests per second allowed per API key (bursts of twice that); 0 for no limit.
     #[arg(long, env = "FARTHING_RATE_LIMIT", default_value_t = 5000)]
     rate_limit: u32,
+    #[command(flatten)]
+    edge: EdgeArgs,
+}
+
+/// Limits at the edge: abuse, timeouts, metrics.
+#[derive(Args, Clone)]
+struct EdgeArgs {
+    /// Requests with a missing or wrong API key allowed per minute from one address; beyond
+    /// that the address gets 429 for a while, whatever key it sends.
+    #[arg(long, env = "FARTHING_AUTH_FAILURES_PER_MIN", default_value_t = farthing_server::AUTH_FAILURES_PER_MIN_DEFAULT)]
+    auth_failures_per_min: u32,
+    /// Also serve /metrics without a key on this address (for example 127.0.0.1:9402, for a
+    /// Prometheus scraper); on the API's address /metrics needs the operator key.
+    #[arg(long, env = "FARTHING_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Connections served at once; more wait until one closes.
+    #[arg(long, env = "FARTHING_CONNECTIONS_MAX", default_value_t = farthing_server::CONNECTIONS_MAX_DEFAULT)]
+    connections_max: usize,
+    /// Seconds a client has to send a request's headers, and that a kept-alive connection may
+    /// stay idle.
+    #[arg(long, env = "FARTHING_HEADER_TIMEOUT_SECS", default_value_t = farthing_server::HEADER_TIMEOUT_DEFAULT.as_secs())]
+    header_timeout_secs: u64,
+    /// Seconds within which a whole request, body included, is answered (else 408).
+    #[arg(long, env = "FARTHING_REQUEST_TIMEOUT_SECS", default_value_t = farthing_server::REQUEST_TIMEOUT_DEFAULT.as_secs())]
+    request_timeout_secs: u64,
+    /// Seconds in-flight requests get to finish on SIGTERM before connections are closed.
+    #[arg(long, env = "FARTHING_DRAIN_TIMEOUT_SECS", default_value_t = farthing_server::DRAIN_TIMEOUT_DEFAULT.as_secs())]
+    drain_timeout_secs: u64,
 }
 
 #[derive(Args)]
 struct DemoArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FARTHING_LISTEN", default_value = "127.0.0.1:7402")]
+    listen: String,
+    /// PostgreSQL URL of an empty database to run the demo on (it refuses a database that
+    /// holds data); without it the demo keeps its data in a fresh temporary directory and
+    /// removes it when stopped.
+    #[arg(long, env = "FARTHING_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+impl DemoArgs {
+    /// The demo runs as `serve` does with every default, on its own place for data.
+    fn serve_args(&self) -> ServeArgs {
+        let mut args = ServeArgs::parse_from(["serve"]);
+        args.listen = self.listen.clone();
+        args.database_url = self.database_url.clone();
+        args
+    }
+}
+
+/// `serve`'s arguments on their own, for the demo's defaults.
+#[derive(Parser)]
+struct ServeOnly {
     #[command(flatten)]
-    serve: ServeArgs,
+    args: ServeArgs,
+}
+
+impl ServeArgs {
+    fn parse_from<const N: usize>(argv: [&str; N]) -> ServeArgs {
+        ServeOnly::parse_from(argv).args
+    }
 }
 
 impl ServeArgs {
@@ -133,10 +204,8 @@ impl ServeArgs {
         let admin_key = std::env::var("FARTHING_ADMIN_KEY")
             .ok()
             .filter(|k| !k.is_empty());
-        if let Some(key) = &admin_key
-            && key.chars().count() < ADMIN_KEY_CHARS_MIN
-        {
-            bail!("FARTHING_ADMIN_KEY must be at least {ADMIN_KEY_CHARS_MIN} characters");
+        if let Some(key) = &admin_key {
+            check_admin_key(key)?;
         }
         if self.default_fee_bps > FEE_BPS_MAX {
             bail!("--default-fee-bps must be at most {FEE_BPS_MAX}");
@@ -166,8 +235,39 @@ impl ServeArgs {
                 currencies,
             },
             rate_limit_per_sec: self.rate_limit,
+            auth_failures_per_min: self.edge.auth_failures_per_min,
+            metrics_listen: self.edge.metrics_listen.clone(),
+            edge: farthing_server::EdgeLimits {
+                connections_max: self.edge.connections_max,
+                header_timeout: seconds("--header-timeout-secs", self.edge.header_timeout_secs)?,
+                request_timeout: seconds("--request-timeout-secs", self.edge.request_timeout_secs)?,
+                drain_timeout: std::time::Duration::from_secs(self.edge.drain_timeout_secs),
+            },
         })
     }
+}
+
+fn seconds(flag: &str, secs: u64) -> anyhow::Result<std::time::Duration> {
+    if secs == 0 {
+        bail!("{flag} must be at least 1");
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// An operator key is sent in a header by hand: it must survive being pasted, so it is made
+/// of visible ASCII characters only (a trailing space or newline would make a key that can
+/// never log in), and long enough not to be guessed.
+fn check_admin_key(key: &str) -> anyhow::Result<()> {
+    if let Some(bad) = key.chars().find(|c| !c.is_ascii_graphic()) {
+        bail!(
+            "FARTHING_ADMIN_KEY must be made of visible ASCII characters only, without spaces; \
+             it holds {bad:?}"
+        );
+    }
+    if key.len() < ADMIN_KEY_CHARS_MIN {
+        bail!("FARTHING_ADMIN_KEY must be at least {ADMIN_KEY_CHARS_MIN} characters");
+    }
+    Ok(())
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -189,11 +289,17 @@ pub async fn shutdown_signal() {
 fn print_started(started: &Started) {
     if let Some(key) = &started.generated_admin_key {
         println!("operator key (shown once; keep it safe): {}", key.expose());
+        println!(
+            "  (lost it? stop the server and start it with FARTHING_ADMIN_KEY set to a new key of 32+ characters: it replaces this one)"
+        );
     }
     println!(
         "farthing listening on http://{} ({} journal records replayed)",
         started.addr, started.records_replayed
     );
+    if let Some(addr) = started.metrics_addr {
+        println!("metrics without a key on http://{addr}/metrics");
+    }
 }
 
 /// Copies, then proves the copy: it replays into a state whose money is conserved.
@@ -259,7 +365,7 @@ fn run() -> anyhow::Result<()> {
                 farthing_server::run(options, print_started, shutdown_signal()).await?;
                 Ok(())
             }
-            Command::Demo(args) => demo::run(args.serve.options()?).await,
+            Command::Demo(args) => demo::run(args.serve_args().options()?).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Backup(args) => tokio::task::block_in_place(|| backup(&args)),
             Command::Copy(args) => copy::run(args).await,

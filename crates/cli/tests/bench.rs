@@ -66,13 +66,9 @@ fn a_quick_bench_reports_every_figure_as_a_positive_number() {
 /// `FARTHING_TEST_DATABASE_URL`.
 #[test]
 fn a_quick_postgres_bench_reports_the_durable_figures() {
-    let Ok(url) = std::env::var("FARTHING_TEST_DATABASE_URL") else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "a_quick_postgres_bench_reports_the_durable_figures: skipped, \
-             FARTHING_TEST_DATABASE_URL is not set"
-        );
+    let Some(url) =
+        farthing_testing::test_database_url("a_quick_postgres_bench_reports_the_durable_figures")
+    else {
         return;
     };
     let output = Command::new(env!("CARGO_BIN_EXE_farthing"))

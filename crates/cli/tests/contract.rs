@@ -645,7 +645,14 @@ async fn metrics_are_prometheus_text_that_counts_what_happened() {
         .await
         .expect_problem(401, "unauthorized");
 
-    let metrics = api.get_anonymous("/metrics").await;
+    // The counts are the operator's: without its key, or with another party's, there are none.
+    api.get_anonymous("/metrics")
+        .await
+        .expect_problem(401, "unauthorized");
+    api.get("/metrics", &payer.key)
+        .await
+        .expect_problem(404, "not_found");
+    let metrics = api.get("/metrics", common::ADMIN_KEY).await;
     assert_eq!(metrics.status, 200);
     assert!(
         metrics.content_type().starts_with("text/plain"),

@@ -456,7 +456,7 @@ async fn metrics_count_batches_by_how_their_accounts_were_read() {
     for _ in 0..4 {
         api.pay(&payer, &merchant, "0.1").await.expect(201);
     }
-    let metrics = api.get_anonymous("/metrics").await;
+    let metrics = api.get("/metrics", common::ADMIN_KEY).await;
     assert_eq!(metrics.status, 200);
     let sample = |name: &str| -> u64 {
         metrics

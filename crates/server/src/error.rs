@@ -12,6 +12,10 @@ pub struct ApiError {
     pub code: &'static str,
     pub title: &'static str,
     pub detail: String,
+    /// Whether this is the stored answer of an earlier request with the same idempotency key.
+    pub replayed: bool,
+    /// Seconds to wait before trying again, for a 429.
+    pub retry_after_secs: u64,
 }
 
 impl ApiError {
@@ -26,9 +30,77 @@ impl ApiError {
             code,
             title,
             detail: detail.into(),
+            replayed: false,
+            retry_after_secs: 1,
         }
     }
 
+    /// Marks a replayed answer, which then carries `Idempotent-Replayed: true`.
+    pub fn replayed(mut self, replayed: bool) -> ApiError {
+        self.replayed = replayed;
+        self
+    }
+
+    pub fn unsupported_media_type() -> ApiError {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Unsupported media type",
+            "send the body as JSON, with `Content-Type: application/json`",
+        )
+    }
+
+    /// The problem for a bare status that some layer answered with (a timeout, a malformed
+    /// request line): every error the server gives is `application/problem+json`.
+    pub fn from_status(status: StatusCode) -> ApiError {
+        match status {
+            StatusCode::BAD_REQUEST => ApiError::new(
+                status,
+                "bad_request",
+                "Bad request",
+                "the request could not be read",
+            ),
+            StatusCode::NOT_FOUND => ApiError::not_found("route"),
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+                status,
+                "method_not_allowed",
+                "Method not allowed",
+                "this route does not take that method",
+            ),
+            StatusCode::REQUEST_TIMEOUT => ApiError::new(
+                status,
+                "request_timeout",
+                "Request timeout",
+                "the request was not sent and answered within the server's limit; retry it with the same Idempotency-Key",
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                status,
+                "payload_too_large",
+                "Payload too large",
+                "the request body is larger than the server accepts",
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::unsupported_media_type(),
+            StatusCode::TOO_MANY_REQUESTS => ApiError::rate_limited(),
+            status if status.is_client_error() => ApiError::new(
+                status,
+                "bad_request",
+                "Bad request",
+                "the request could not be served",
+            ),
+            StatusCode::SERVICE_UNAVAILABLE => ApiError::new(
+                status,
+                "unavailable",
+                "Service unavailable",
+                "the server cannot answer now; retry later",
+            ),
+            _ => ApiError::new(
+                status,
+                "internal_error",
+                "Internal error",
+                "something went wrong on our side",
+            ),
+        }
+    }
     pub fn unauthorized() -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -77,6 +149,19 @@ impl ApiError {
             "Too many requests",
             "this API key sent more requests than its rate limit allows; retry shortly",
         )
+    }
+
+    /// The answer to an address that failed to authenticate too often: refused for `left`,
+    /// whatever key it sends.
+    pub fn rate_limited_for(left: std::time::Duration) -> ApiError {
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "Too many requests",
+            "too many requests with a missing or wrong API key came from this address; retry later",
+        );
+        error.retry_after_secs = left.as_secs().max(1);
+        error
     }
 
     pub fn from_rejection(rejection: Rejection) -> ApiError {
@@ -157,7 +242,7 @@ impl From<ServiceError> for ApiError {
                 "storage refused the write or cannot be reached, and nothing was acknowledged; retry later with the same Idempotency-Key",
             ),
             // Only ever returned at start, before any request is served.
-            ServiceError::OperatorKeyRequired => ApiError::new(
+            ServiceError::OperatorKeyRequired | ServiceError::OperatorKeyTaken(_) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
                 "Internal error",
@@ -191,10 +276,41 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(self.retry_after_secs),
+            );
+        }
+        if self.replayed {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
         }
         response
     }
+}
+
+/// Turns any error answer that is not yet a problem (one made by a layer or an extractor
+/// outside Farthing's handlers) into `application/problem+json`, keeping its status and
+/// headers such as `Allow` and `Retry-After`.
+pub async fn problems_only(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem {
+        return response;
+    }
+    let (parts, _) = response.into_parts();
+    let mut problem = ApiError::from_status(status).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            problem.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    problem
 }

@@ -1,23 +1,129 @@
-//! Request bodies: parsed strictly at the edge into domain types, or refused with a 422.
+//! Request bodies: parsed strictly at the edge into domain types, or refused with a 4xx.
 
+use std::fmt;
+use std::marker::PhantomData;
+
+use axum::http::{HeaderMap, header};
 use farthing_ledger::{Amount, AmountParseError, Currency};
 use farthing_payments::{FEE_BPS_MAX, FeeSchedule, MerchantId, PayerId};
 use farthing_service::Config;
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, de};
+use serde_json::Value;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 use crate::error::ApiError;
 
 /// Characters a name, description or reference may have at most.
 pub const TEXT_CHARS_MAX: usize = 500;
 
-/// Parses a JSON body, refusing unknown fields and wrong types with a 422.
+/// Refuses a body that is not declared as JSON (`application/json`, or any `+json` type,
+/// with any parameters) with 415. An empty (or blank) body needs no type.
+pub fn require_json_type(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| {
+            value
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match essence.as_deref() {
+        Some("application/json") => Ok(()),
+        Some(essence) if essence.starts_with("application/") && essence.ends_with("+json") => {
+            Ok(())
+        }
+        _ => Err(ApiError::unsupported_media_type()),
+    }
+}
+
+/// Parses a JSON object body, refusing other JSON values (an array in place of an object),
+/// unknown fields and wrong types with a 422.
 pub fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::validation("the request needs a JSON body"));
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice::<Object<T>>(body)
+        .map(|object| object.0)
         .map_err(|error| ApiError::validation(format!("invalid JSON body: {error}")))
+}
+
+/// A `T` read only from a JSON object. Serde's derived structs also accept a JSON array of
+/// their fields in order; requests never may, so every request struct is read through this.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(ObjectVisitor(PhantomData))
+            .map(Object)
+    }
+}
+
+/// The canonical form of a JSON body, for comparing two requests under one idempotency key:
+/// members sorted by name, members whose value is `null` left out (as an absent optional
+/// field), no whitespace. The same request re-serialized (other spacing, another member
+/// order) has the same canonical form. An empty body reads as `{}`. `None` when the body is
+/// not JSON (such a request is refused before its key is looked at).
+pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Some(b"{}".to_vec());
+    }
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let mut out = Vec::with_capacity(body.len());
+    write_canonical(&value, &mut out);
+    Some(out)
+}
+
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(members) => {
+            let mut members: Vec<(&String, &Value)> =
+                members.iter().filter(|(_, v)| !v.is_null()).collect();
+            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (index, (name, member)) in members.into_iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, name).expect("a string serializes");
+                out.push(b':');
+                write_canonical(member, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("a scalar serializes"),
+    }
 }
 
 /// A positive amount within the configured maximum, from its decimal string.
@@ -74,11 +180,29 @@ pub fn optional_text(field: &str, text: Option<String>) -> Result<Option<String>
         Some(text) if text.chars().count() > TEXT_CHARS_MAX => Err(ApiError::validation(format!(
             "`{field}` is longer than {TEXT_CHARS_MAX} characters"
         ))),
-        Some(text) if text.chars().any(|c| c.is_control()) => Err(ApiError::validation(format!(
-            "`{field}` must not contain control characters"
+        Some(text) if text.chars().any(is_hidden) => Err(ApiError::validation(format!(
+            "`{field}` must not contain control, formatting or invisible characters \
+             (such as U+202E RIGHT-TO-LEFT OVERRIDE or U+200B ZERO WIDTH SPACE)"
         ))),
         other => Ok(other),
     }
+}
+
+/// Characters that change how the text around them shows, or show as nothing, and so could
+/// disguise a name: control characters (Cc), format characters such as bidirectional
+/// overrides and zero-width joiners (Cf), line and paragraph separators (Zl, Zp), surrogates,
+/// private-use and unassigned code points.
+fn is_hidden(c: char) -> bool {
+    matches!(
+        c.general_category(),
+        GeneralCategory::Control
+            | GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+            | GeneralCategory::Surrogate
+            | GeneralCategory::PrivateUse
+            | GeneralCategory::Unassigned
+    )
 }
 
 pub fn merchant_id(field: &str, text: &str) -> Result<MerchantId, ApiError> {
@@ -100,8 +224,10 @@ pub struct CreateMerchant {
 }
 
 impl CreateMerchant {
-    /// The merchant's fee schedule, or `None` for the server's default.
-    pub fn fee(&self, default: FeeSchedule) -> Result<Option<FeeSchedule>, ApiError> {
+    /// The merchant's fee schedule, or `None` for the server's default. A fixed fee above
+    /// the largest amount a request may move could never be charged in full: it is refused.
+    pub fn fee(&self, config: &Config) -> Result<Option<FeeSchedule>, ApiError> {
+        let default = config.default_fee;
         if self.fee_bps.is_none() && self.fee_fixed.is_none() {
             return Ok(None);
         }
@@ -117,6 +243,12 @@ impl CreateMerchant {
                 ApiError::validation(format!("`fee_fixed` is not valid: {error}"))
             })?,
         };
+        if fixed > config.amount_max {
+            return Err(ApiError::validation(format!(
+                "`fee_fixed` must be at most {}, the largest amount a request may move",
+                config.amount_max
+            )));
+        }
         Ok(Some(FeeSchedule { bps, fixed }))
     }
 }
@@ -156,7 +288,7 @@ pub struct BatchPayments {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchPaymentsTyped {
-    pub payments: Vec<BatchItem>,
+    pub payments: Vec<Object<BatchItem>>,
 }
 
 #[derive(Deserialize)]

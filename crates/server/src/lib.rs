@@ -12,14 +12,16 @@ mod metrics;
 mod ratelimit;
 mod render;
 mod routes;
+mod serve;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use farthing_payments::Principal;
@@ -38,11 +40,14 @@ pub const BATCH_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// The OpenAPI 3.1 document served at `/openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 
+/// The page at `/`: what this server is, with links to the API reference and the document.
+pub const INDEX_HTML: &str = include_str!("index.html");
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct App {
     pub service: Service,
-    limiter: Arc<ratelimit::RateLimiter>,
+    limits: Arc<ratelimit::Limits>,
     metrics: Arc<metrics::HttpMetrics>,
 }
 
@@ -64,19 +69,32 @@ impl FromRequestParts<App> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Caller, ApiError> {
+        let address = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
+        // An address that failed too often is refused before its key is looked at, so that
+        // the answer says nothing about the key.
+        if let ratelimit::Admission::Blocked(left) = app.limits.admit(address) {
+            return Err(ApiError::rate_limited_for(left));
+        }
         let key = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
-            .map(|key| Secret::new(key.trim().to_string()))
-            .ok_or_else(ApiError::unauthorized)?;
-        let principal = app
-            .service
-            .authenticate(&key)
-            .await?
-            .ok_or_else(ApiError::unauthorized)?;
-        if !app.limiter.allow(principal) {
+            .map(|key| Secret::new(key.trim().to_string()));
+        let principal = match key {
+            Some(key) => app.service.authenticate(&key).await?,
+            None => None,
+        };
+        let Some(principal) = principal else {
+            return Err(match app.limits.fail(address) {
+                ratelimit::Admission::Open => ApiError::unauthorized(),
+                ratelimit::Admission::Blocked(left) => ApiError::rate_limited_for(left),
+            });
+        };
+        if !app.limits.allow_key(principal) {
             return Err(ApiError::rate_limited());
         }
         Ok(Caller { principal })
@@ -110,7 +128,46 @@ pub struct Options {
     pub config: Config,
     /// Requests per second per API key; 0 turns the limit off.
     pub rate_limit_per_sec: u32,
+    /// Failed authentications per minute per client address before the address is refused.
+    pub auth_failures_per_min: u32,
+    /// Where `/metrics` is also served without a key (for a scraper on a private address);
+    /// on the API's own address it is for the operator only.
+    pub metrics_listen: Option<String>,
+    /// The edge's limits.
+    pub edge: EdgeLimits,
 }
+
+/// Limits at the edge, for every connection and request.
+#[derive(Clone, Copy, Debug)]
+pub struct EdgeLimits {
+    /// Connections served at once; more wait to be accepted.
+    pub connections_max: usize,
+    /// A request's head (or the next request's, on an idle kept-alive connection) must
+    /// arrive within this, else the connection is closed.
+    pub header_timeout: Duration,
+    /// A whole request, body included, must be answered within this, else 408.
+    pub request_timeout: Duration,
+    /// On shutdown, in-flight requests get this long to finish; connections still open then
+    /// are closed.
+    pub drain_timeout: Duration,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> EdgeLimits {
+        EdgeLimits {
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            header_timeout: HEADER_TIMEOUT_DEFAULT,
+            request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            drain_timeout: DRAIN_TIMEOUT_DEFAULT,
+        }
+    }
+}
+
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+pub const HEADER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+pub const DRAIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+pub const AUTH_FAILURES_PER_MIN_DEFAULT: u32 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -118,9 +175,10 @@ pub enum ServerError {
     Service(#[from] farthing_service::ServiceError),
     #[error(transparent)]
     Store(#[from] farthing_store::StoreError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
+        #[source]
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -132,21 +190,48 @@ pub enum ServerError {
 /// What a started server tells its caller.
 pub struct Started {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served without a key, when asked for.
+    pub metrics_addr: Option<SocketAddr>,
     pub generated_admin_key: Option<Secret>,
     pub records_replayed: u64,
     pub service: Service,
 }
 
+impl App {
+    pub fn new(service: Service, rate_limit_per_sec: u32, auth_failures_per_min: u32) -> App {
+        App {
+            service,
+            limits: Arc::new(ratelimit::Limits::new(
+                rate_limit_per_sec,
+                auth_failures_per_min,
+            )),
+            metrics: Arc::new(metrics::HttpMetrics::default()),
+        }
+    }
+}
+
 /// The router over a running service.
-pub fn router(service: Service, rate_limit_per_sec: u32) -> Router {
-    let app = App {
-        service,
-        limiter: Arc::new(ratelimit::RateLimiter::new(rate_limit_per_sec)),
-        metrics: Arc::new(metrics::HttpMetrics::default()),
-    };
+pub fn router(service: Service, rate_limit_per_sec: u32, auth_failures_per_min: u32) -> Router {
+    routes_of(App::new(service, rate_limit_per_sec, auth_failures_per_min))
+}
+
+fn routes_of(app: App) -> Router {
+    let limits = Arc::downgrade(&app.limits);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ratelimit::LIMITER_SWEEP_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match limits.upgrade() {
+                Some(limits) => limits.sweep(),
+                None => return,
+            }
+        }
+    });
     Router::new()
+        .route("/", get(routes::index))
         .route("/healthz", get(routes::healthz))
-        .route("/metrics", get(metrics::render))
+        .route("/metrics", get(metrics::render_for_operator))
         .route("/openapi.json", get(routes::openapi))
         .route("/v1/merchants", post(routes::create_merchant))
         .route("/v1/payers", post(routes::create_payer))
@@ -178,12 +263,21 @@ pub fn router(service: Service, rate_limit_per_sec: u32) -> Router {
 }
 
 /// Opens storage, binds `options.listen`, calls `on_start`, and serves until `shutdown`
-/// completes. Returns once in-flight requests have drained and the journal is closed.
+/// completes. Returns once in-flight requests have drained (or the drain limit has passed)
+/// and the journal is closed.
+///
+/// The listeners are bound before the store is opened: a server that cannot listen stops
+/// before it makes (and would fail to print) an operator key.
 pub async fn run(
     options: Options,
     on_start: impl FnOnce(&Started),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let listener = bind(&options.listen).await?;
+    let metrics_listener = match &options.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let admin_key = options.admin_key.map(Secret::new);
     let opened = match &options.storage {
         StorageChoice::Embedded(data_dir) => {
@@ -222,14 +316,12 @@ pub async fn run(
             .await?
         }
     };
-    let listener = tokio::net::TcpListener::bind(&options.listen)
-        .await
-        .map_err(|source| ServerError::Listen {
-            addr: options.listen.clone(),
-            source,
-        })?;
     let started = Started {
         addr: listener.local_addr()?,
+        metrics_addr: match &metrics_listener {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        },
         generated_admin_key: opened.generated_operator_key,
         records_replayed: opened.records_replayed,
         service: opened.service.clone(),
@@ -237,12 +329,44 @@ pub async fn run(
     on_start(&started);
     drop(started);
     let service = opened.service;
-    let app = router(service.clone(), options.rate_limit_per_sec);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let app = App::new(
+        service.clone(),
+        options.rate_limit_per_sec,
+        options.auth_failures_per_min,
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let metrics_server = metrics_listener.map(|listener| {
+        tokio::spawn(serve::serve(
+            listener,
+            metrics::router(app.clone()),
+            options.edge,
+            stopped.clone(),
+        ))
+    });
+    let api = tokio::spawn(serve::serve(
+        listener,
+        routes_of(app),
+        options.edge,
+        stopped,
+    ));
+    shutdown.await;
+    let _ = stop.send(true);
+    api.await
+        .map_err(|error| std::io::Error::other(error.to_string()))?;
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     tokio::task::spawn_blocking(move || service.shutdown())
         .await
         .map_err(|error| std::io::Error::other(error.to_string()))?;
     Ok(())
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, ServerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
 }

@@ -9,6 +9,9 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use axum::Router;
+use axum::routing::get;
+
 use crate::App;
 
 /// Upper bounds of the request-duration histogram, in seconds.
@@ -43,6 +46,17 @@ pub async fn track(State(app): State<App>, request: Request, next: Next) -> Resp
         .duration_micros_sum
         .fetch_add(elapsed.as_micros() as u64, Relaxed);
     response
+}
+
+/// `/metrics` on the API's address: Prometheus text for the operator's key alone, since the
+/// counts tell outsiders how much the platform does. `--metrics-listen` serves it without a
+/// key on an address of the operator's choosing.
+pub async fn render_for_operator(
+    State(app): State<App>,
+    caller: crate::Caller,
+) -> Result<Response, crate::ApiError> {
+    caller.require_operator()?;
+    Ok(render(State(app)).await)
 }
 
 pub async fn render(State(app): State<App>) -> Response {
@@ -160,4 +174,13 @@ pub async fn render(State(app): State<App>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// `/metrics` alone, without a key, over the API's own counts: for `--metrics-listen`.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/metrics", get(render))
+        .fallback(crate::routes::not_found_route)
+        .with_state(app)
+        .layer(axum::middleware::map_response(crate::error::problems_only))
 }

@@ -67,6 +67,8 @@ pub struct PaymentView<'a> {
     fee: String,
     net: String,
     amount_refunded: String,
+    /// Whether the whole amount has been refunded, as Stripe's charges say.
+    refunded: bool,
     description: &'a Option<String>,
     reference: &'a Option<String>,
     created_at: u64,
@@ -84,6 +86,7 @@ pub fn payment_view(payment: &Payment) -> PaymentView<'_> {
         fee: payment.fee.to_string(),
         net: payment.net().to_string(),
         amount_refunded: payment.amount_refunded.to_string(),
+        refunded: payment.amount_refunded == payment.amount,
         description: &payment.description,
         reference: &payment.reference,
         created_at: seconds(payment.created_at),

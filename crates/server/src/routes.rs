@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use farthing_payments::*;
@@ -17,6 +18,21 @@ use crate::input::{self, json_body};
 use crate::{App, BATCH_BODY_BYTES_MAX, Caller, REQUEST_BODY_BYTES_MAX, render};
 
 type ApiResult = Result<Response, ApiError>;
+
+/// The id in a route's path. One that is not even text (`/v1/payments/%ff`) names nothing:
+/// 404, as any id that is not found.
+pub struct PathId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<PathId, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| PathId(id))
+            .map_err(|_| ApiError::not_found("object at this path"))
+    }
+}
 
 fn json_response(status: StatusCode, value: &Value, replayed: bool) -> Response {
     bytes_response(status, value.to_string(), replayed)
@@ -35,9 +51,17 @@ fn bytes_response(status: StatusCode, body: String, replayed: bool) -> Response 
     response
 }
 
-fn body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+/// The body of a POST, within `limit` bytes and declared as JSON when it is not empty.
+fn body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     match body {
-        Ok(bytes) if bytes.len() <= limit => Ok(bytes),
+        Ok(bytes) if bytes.len() <= limit => {
+            input::require_json_type(headers, &bytes)?;
+            Ok(bytes)
+        }
         Ok(_) => Err(ApiError::payload_too_large(limit)),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(ApiError::payload_too_large(limit))
@@ -48,7 +72,9 @@ fn body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiE
     }
 }
 
-/// The idempotency claim of a POST, if it carries an `Idempotency-Key`.
+/// The idempotency claim of a POST, if it carries an `Idempotency-Key`. Two requests are the
+/// same when their method, path and parsed bodies are: the body's canonical form is compared,
+/// not its bytes, so a client that re-serializes a request replays it.
 fn claim(
     caller: &Caller,
     headers: &HeaderMap,
@@ -73,7 +99,12 @@ fn claim(
             principal: caller.principal,
             key: key.to_string(),
         },
-        fingerprint: fingerprint(&[method.as_str().as_bytes(), uri.path().as_bytes(), body]),
+        fingerprint: fingerprint(&[
+            method.as_str().as_bytes(),
+            uri.path().as_bytes(),
+            &input::canonical_json(body)
+                .ok_or_else(|| ApiError::validation("the request body is not valid JSON"))?,
+        ]),
     }))
 }
 
@@ -96,6 +127,16 @@ pub async fn healthz(State(app): State<App>) -> ApiResult {
         &json!({"status": "ok"}),
         false,
     ))
+}
+
+/// `GET /`: what this server is, and where its API reference is.
+pub async fn index() -> Response {
+    let mut response = crate::INDEX_HTML.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
 }
 
 pub async fn openapi() -> Response {
@@ -134,10 +175,10 @@ pub async fn create_merchant(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     caller.require_operator()?;
-    let raw = body(raw, REQUEST_BODY_BYTES_MAX)?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
     let request: input::CreateMerchant = json_body(&raw)?;
     let name = input::name("name", &request.name)?;
-    let fee = request.fee(app.service.config().default_fee)?;
+    let fee = request.fee(app.service.config())?;
     let claim = claim(&caller, &headers, &method, &uri, &raw)?;
     let executed = app.service.create_merchant(name, fee, claim).await?;
     match executed.outcome {
@@ -146,7 +187,9 @@ pub async fn create_merchant(
             &render::merchant(&merchant, executed.api_key.as_ref().map(|k| k.expose())),
             executed.replayed,
         )),
-        Outcome::Rejected(rejection) => Err(ApiError::from_rejection(rejection)),
+        Outcome::Rejected(rejection) => {
+            Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -160,7 +203,7 @@ pub async fn create_payer(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     caller.require_operator()?;
-    let raw = body(raw, REQUEST_BODY_BYTES_MAX)?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
     let request: input::CreatePayer = json_body(&raw)?;
     let name = input::name("name", &request.name)?;
     let claim = claim(&caller, &headers, &method, &uri, &raw)?;
@@ -171,7 +214,9 @@ pub async fn create_payer(
             &render::payer(&payer, executed.api_key.as_ref().map(|k| k.expose())),
             executed.replayed,
         )),
-        Outcome::Rejected(rejection) => Err(ApiError::from_rejection(rejection)),
+        Outcome::Rejected(rejection) => {
+            Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -199,14 +244,14 @@ fn merchant_in_path(caller: &Caller, id: &str) -> Result<MerchantId, ApiError> {
 pub async fn create_topup(
     State(app): State<App>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let payer = payer_in_path(&caller, &id)?;
-    let raw = body(raw, REQUEST_BODY_BYTES_MAX)?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
     let request: input::CreateTopup = json_body(&raw)?;
     let config = app.service.config();
     let amount = input::amount("amount", &request.amount, config)?;
@@ -231,7 +276,9 @@ pub async fn create_topup(
             &render::topup(&topup),
             executed.replayed,
         )),
-        Outcome::Rejected(rejection) => Err(ApiError::from_rejection(rejection)),
+        Outcome::Rejected(rejection) => {
+            Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -239,7 +286,7 @@ pub async fn create_topup(
 pub async fn payer_balance(
     State(app): State<App>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> ApiResult {
     let payer = payer_in_path(&caller, &id)?;
     let balances = app
@@ -257,7 +304,7 @@ pub async fn payer_balance(
 pub async fn merchant_balance(
     State(app): State<App>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> ApiResult {
     let merchant = merchant_in_path(&caller, &id)?;
     let balances = app
@@ -285,7 +332,7 @@ pub async fn create_payment(
             "payments are made with a payer's key; operators use /v1/payments/batch",
         ));
     };
-    let raw = body(raw, REQUEST_BODY_BYTES_MAX)?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
     let request: input::CreatePayment = json_body(&raw)?;
     let config = app.service.config();
     let merchant = input::merchant_id("merchant", &request.merchant)?;
@@ -304,7 +351,9 @@ pub async fn create_payment(
                 .expect("a payment view serializes");
             Ok(bytes_response(StatusCode::CREATED, body, executed.replayed))
         }
-        Outcome::Rejected(rejection) => Err(ApiError::from_rejection(rejection)),
+        Outcome::Rejected(rejection) => {
+            Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -318,15 +367,16 @@ pub async fn create_payment_batch(
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     caller.require_operator()?;
-    let raw = body(raw, BATCH_BODY_BYTES_MAX)?;
+    let raw = body(&headers, raw, BATCH_BODY_BYTES_MAX)?;
     let items: Vec<Result<input::BatchItem, ApiError>> =
         match serde_json::from_slice::<input::BatchPaymentsTyped>(&raw) {
-            Ok(typed) => typed.payments.into_iter().map(Ok).collect(),
+            Ok(typed) => typed.payments.into_iter().map(|item| Ok(item.0)).collect(),
             Err(_) => json_body::<input::BatchPayments>(&raw)?
                 .payments
                 .into_iter()
                 .map(|item| {
-                    serde_json::from_value::<input::BatchItem>(item)
+                    serde_json::from_value::<input::Object<input::BatchItem>>(item)
+                        .map(|item| item.0)
                         .map_err(|error| ApiError::validation(format!("invalid payment: {error}")))
                 })
                 .collect(),
@@ -370,7 +420,9 @@ pub async fn create_payment_batch(
             .await?;
         match executed.outcome {
             Outcome::PaidBatch(outcomes) => (outcomes, executed.replayed),
-            Outcome::Rejected(rejection) => return Err(ApiError::from_rejection(rejection)),
+            Outcome::Rejected(rejection) => {
+                return Err(ApiError::from_rejection(rejection).replayed(executed.replayed));
+            }
             other => return Err(unexpected(other)),
         }
     };
@@ -414,11 +466,7 @@ pub async fn create_payment_batch(
     Ok(response)
 }
 
-pub async fn get_payment(
-    State(app): State<App>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> ApiResult {
+pub async fn get_payment(State(app): State<App>, caller: Caller, PathId(id): PathId) -> ApiResult {
     let id = PaymentId::parse(&id).ok_or_else(|| ApiError::not_found("payment"))?;
     let payment = app
         .service
@@ -460,7 +508,7 @@ pub async fn list_payments(
 pub async fn create_refund(
     State(app): State<App>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -470,7 +518,7 @@ pub async fn create_refund(
     if matches!(caller.principal, Principal::Payer(_)) {
         return Err(ApiError::not_found("payment"));
     }
-    let raw = body(raw, REQUEST_BODY_BYTES_MAX)?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
     let request: input::CreateRefund = if raw.iter().all(u8::is_ascii_whitespace) {
         input::CreateRefund::default()
     } else {
@@ -495,7 +543,9 @@ fn respond_refund(executed: Executed) -> ApiResult {
             &render::refund(&refund),
             executed.replayed,
         )),
-        Outcome::Rejected(rejection) => Err(ApiError::from_rejection(rejection)),
+        Outcome::Rejected(rejection) => {
+            Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
+        }
         other => Err(unexpected(other)),
     }
 }
@@ -503,7 +553,7 @@ fn respond_refund(executed: Executed) -> ApiResult {
 pub async fn payer_transactions(
     State(app): State<App>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     query: Result<Query<input::ListQuery>, QueryRejection>,
 ) -> ApiResult {
     let payer = payer_in_path(&caller, &id)?;

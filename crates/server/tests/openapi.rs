@@ -335,7 +335,7 @@ fn every_post_takes_an_idempotency_key_and_says_when_it_replayed() {
 }
 
 #[test]
-fn every_v1_route_needs_a_bearer_key_and_the_system_routes_need_none() {
+fn every_v1_route_and_metrics_need_a_bearer_key_and_the_other_system_routes_need_none() {
     let doc = document();
     assert_eq!(
         doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
@@ -343,7 +343,7 @@ fn every_v1_route_needs_a_bearer_key_and_the_system_routes_need_none() {
     );
     assert_eq!(doc["security"][0]["bearerAuth"], serde_json::json!([]));
     for (path, method, operation) in operations(&doc) {
-        if path.starts_with("/v1/") {
+        if path.starts_with("/v1/") || path == "/metrics" {
             assert!(
                 operation.get("security").is_none(),
                 "{method} {path} overrides the bearer requirement"
@@ -354,7 +354,7 @@ fn every_v1_route_needs_a_bearer_key_and_the_system_routes_need_none() {
             );
             let description = operation["description"].as_str().unwrap_or_default();
             assert!(
-                description.starts_with("**Keys:**"),
+                path == "/metrics" || description.starts_with("**Keys:**"),
                 "{method} {path} does not say which keys it takes"
             );
         } else {

@@ -55,6 +55,12 @@ pub enum ServiceError {
         "the database has no operator key yet: set FARTHING_ADMIN_KEY (32+ characters), the same on every server that shares the database"
     )]
     OperatorKeyRequired,
+    /// The operator key given is another party's API key: it would name two parties at once,
+    /// so it is refused rather than ignored.
+    #[error(
+        "FARTHING_ADMIN_KEY is the API key of a {0}; the operator key must be a key of its own"
+    )]
+    OperatorKeyTaken(&'static str),
 }
 
 /// Settings the operator chooses.
@@ -312,10 +318,14 @@ impl Service {
         operator_key: Option<Secret>,
     ) -> Result<Option<Secret>, ServiceError> {
         let (key_to_set, generated) = match operator_key {
-            Some(key) => {
-                let known = self.lookup_principal(&key.hash()).await? == Some(Principal::Operator);
-                (if known { None } else { Some(key) }, None)
-            }
+            Some(key) => match self.lookup_principal(&key.hash()).await? {
+                Some(Principal::Operator) => (None, None),
+                Some(Principal::Merchant(_)) => {
+                    return Err(ServiceError::OperatorKeyTaken("merchant"));
+                }
+                Some(Principal::Payer(_)) => return Err(ServiceError::OperatorKeyTaken("payer")),
+                None => (Some(key), None),
+            },
             None if !self.has_operator_key().await? => {
                 if !self.is_local() {
                     return Err(ServiceError::OperatorKeyRequired);

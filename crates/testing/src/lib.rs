@@ -514,3 +514,37 @@ impl Builder {
         }
     }
 }
+
+// =============================================================================================
+// The test database
+
+/// The URL of the PostgreSQL server that tests make their databases on
+/// (`FARTHING_TEST_DATABASE_URL`), or `None` after saying, past the test harness's capture,
+/// that `test` was skipped.
+///
+/// Under `CI=true` a test that needs PostgreSQL never skips: a missing URL fails it, so a
+/// green CI run means every PostgreSQL test ran.
+pub fn test_database_url(test: &str) -> Option<String> {
+    let url = std::env::var("FARTHING_TEST_DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty());
+    if url.is_none() {
+        if running_in_ci() {
+            panic!(
+                "{test}: FARTHING_TEST_DATABASE_URL is not set; under CI=true a test that \
+                 needs PostgreSQL fails instead of skipping"
+            );
+        }
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: skipped, FARTHING_TEST_DATABASE_URL is not set"
+        );
+    }
+    url
+}
+
+/// Whether the tests run under continuous integration (`CI=true`), where nothing may skip.
+pub fn running_in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value.eq_ignore_ascii_case("true") || value == "1")
+}

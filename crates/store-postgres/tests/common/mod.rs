@@ -58,15 +58,7 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub async fn create(test: &str) -> Option<TestDatabase> {
-        let Ok(admin_url) = std::env::var("FARTHING_TEST_DATABASE_URL") else {
-            // Straight to the stream, past the test harness's capture, so the skip is seen.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test}: skipped, FARTHING_TEST_DATABASE_URL is not set"
-            );
-            return None;
-        };
+        let admin_url = farthing_testing::test_database_url(test)?;
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "farthing_test_{}_{}",
@@ -107,15 +99,7 @@ impl TestDatabase {
 
 /// Whether `FARTHING_TEST_DATABASE_URL` is set; when it is not, says that `test` was skipped.
 pub fn database_configured(test: &str) -> bool {
-    if std::env::var("FARTHING_TEST_DATABASE_URL").is_ok() {
-        return true;
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: skipped, FARTHING_TEST_DATABASE_URL is not set"
-    );
-    false
+    farthing_testing::test_database_url(test).is_some()
 }
 
 impl Drop for TestDatabase {
