@@ -401,3 +401,56 @@ async fn metrics_can_be_served_without_a_key_on_an_address_of_their_own() {
         .await
         .expect_problem(401, "unauthorized");
 }
+
+#[tokio::test]
+async fn a_flood_of_refusals_adds_nothing_to_the_journal() {
+    let dir = TempDir::new();
+    let server = Server::start_in(dir.path(), &[]);
+    let api = server.api();
+    let merchant = api.create_merchant("Shop", None, None).await;
+    let broke = api.create_payer("Broke").await;
+    let poor = funded(&api, "0.01").await;
+    let journal = dir.path().join("journal.farthing");
+    let before = std::fs::metadata(&journal).expect("the journal").len();
+    let unknown_payment = common::unknown_id("pay");
+    for round in 0..200 {
+        api.pay(&broke, &merchant, "0.01")
+            .await
+            .expect_problem(402, "insufficient_funds");
+        let keyed = json!({"merchant": merchant.id, "amount": "1", "currency": "USD"});
+        api.post_idempotent("/v1/payments", &poor.key, &keyed, &format!("flood-{round}"))
+            .await
+            .expect_problem(402, "insufficient_funds");
+        api.post(
+            &format!("/v1/payments/{unknown_payment}/refunds"),
+            &merchant.key,
+            &json!({}),
+        )
+        .await
+        .expect_problem(404, "not_found");
+        api.post(
+            &format!("/v1/payers/{}/topups", broke.id),
+            ADMIN_KEY,
+            &json!({"amount": "1", "currency": "USD", "source": "sandbox_decline"}),
+        )
+        .await
+        .expect_problem(402, "funding_declined");
+    }
+    let after = std::fs::metadata(&journal).expect("the journal").len();
+    assert_eq!(after, before, "800 refusals grew the journal");
+    // A keyed refusal still replays, marked as a replay; the same key for another request is
+    // refused as reused.
+    let keyed = json!({"merchant": merchant.id, "amount": "1", "currency": "USD"});
+    let replay = api
+        .post_idempotent("/v1/payments", &poor.key, &keyed, "flood-7")
+        .await;
+    replay.expect_problem(402, "insufficient_funds");
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    let other = json!({"merchant": merchant.id, "amount": "0.01", "currency": "USD"});
+    api.post_idempotent("/v1/payments", &poor.key, &other, "flood-7")
+        .await
+        .expect_problem(422, "idempotency_key_reused");
+    // What can be paid still is, and is journaled.
+    api.pay(&poor, &merchant, "0.01").await.expect(201);
+    assert!(std::fs::metadata(&journal).expect("the journal").len() > after);
+}

@@ -352,6 +352,34 @@ impl State {
         ids.iter().any(|id| self.ledger.transfer(*id).is_some())
     }
 
+    /// Whether the ledger would refuse `pay` for want of funds in `wallet`: the wallet cannot
+    /// cover the amount, and no total the payment's legs touch could overflow first (the
+    /// ledger checks overflow before balance, and then answers `AmountTooLarge`).
+    fn certainly_short(&self, wallet: AccountId, pay: &PayCommand) -> bool {
+        let amount = pay.amount.micros();
+        let account = self.ledger.account(wallet).expect("account exists");
+        if account.available() >= i128::from(amount) {
+            return false;
+        }
+        let fits = |total: u64| {
+            total
+                .checked_add(amount)
+                .is_some_and(|sum| sum <= farthing_ledger::TOTAL_MICROS_MAX)
+        };
+        let credits_fit = |owner: Owner| match self.accounts.get(&(owner, pay.currency)) {
+            Some(&id) => fits(
+                self.ledger
+                    .account(id)
+                    .expect("account exists")
+                    .credits_posted,
+            ),
+            None => fits(0),
+        };
+        fits(account.debits_posted)
+            && credits_fit(Owner::Merchant(pay.merchant))
+            && credits_fit(Owner::PlatformFees)
+    }
+
     fn posted_balance(&self, account: AccountId) -> Amount {
         let balance = self
             .ledger
@@ -448,6 +476,11 @@ impl State {
         };
         if self.transfer_ids_taken(&pay.transfer_ids) {
             return Err(Rejection::IdCollision);
+        }
+        // Refused before anything is touched: a payment the wallet cannot cover makes no
+        // account and leaves no failed transfer behind, so refusals cost no space.
+        if self.certainly_short(wallet, pay) {
+            return Err(Rejection::InsufficientFunds);
         }
         let fee = fee_schedule.fee_on(pay.amount);
         let net = pay
@@ -602,6 +635,77 @@ impl State {
     }
 
     // Queries.
+
+    /// How `command` would be refused if it were applied now, from the checks it makes
+    /// before it moves money; `None` when it might succeed. Reads only: a server answers such
+    /// a refusal without recording anything, since a refusal that changes nothing can be
+    /// answered as of any moment its state was current. Checks needing ids not yet chosen
+    /// (collisions) are left to [`State::apply`].
+    pub fn refusal(&self, command: &Command) -> Option<Rejection> {
+        match command {
+            Command::Pay(pay) => {
+                if !self.merchants.contains_key(&pay.merchant) {
+                    return Some(Rejection::MerchantNotFound);
+                }
+                if !self.payers.contains_key(&pay.payer) {
+                    return Some(Rejection::PayerNotFound);
+                }
+                if pay.amount.is_zero() {
+                    return Some(Rejection::AmountNotPositive);
+                }
+                let wallet = self.accounts.get(&(Owner::Payer(pay.payer), pay.currency));
+                match wallet {
+                    None => Some(Rejection::InsufficientFunds),
+                    Some(&wallet) if self.certainly_short(wallet, pay) => {
+                        Some(Rejection::InsufficientFunds)
+                    }
+                    Some(_) => None,
+                }
+            }
+            Command::Topup {
+                payer,
+                amount,
+                source,
+                ..
+            } => {
+                if !self.payers.contains_key(payer) {
+                    Some(Rejection::PayerNotFound)
+                } else if amount.is_zero() {
+                    Some(Rejection::AmountNotPositive)
+                } else if *source == FundingSource::SandboxDecline {
+                    Some(Rejection::FundingDeclined)
+                } else {
+                    None
+                }
+            }
+            Command::Refund {
+                payment,
+                amount,
+                caller,
+                ..
+            } => {
+                let Some(row) = self.payment_row(*payment) else {
+                    return Some(Rejection::PaymentNotFound);
+                };
+                let allowed = match caller {
+                    Principal::Operator => true,
+                    Principal::Merchant(merchant) => *merchant == row.payment.merchant,
+                    Principal::Payer(_) => false,
+                };
+                if !allowed {
+                    return Some(Rejection::PaymentNotFound);
+                }
+                let remaining = row
+                    .payment
+                    .amount
+                    .checked_sub(row.payment.amount_refunded)
+                    .expect("refunds never exceed the payment");
+                let amount = amount.unwrap_or(remaining);
+                (amount.is_zero() || amount > remaining).then_some(Rejection::RefundExceedsPayment)
+            }
+            _ => None,
+        }
+    }
 
     pub fn principal(&self, key_hash: &KeyHash) -> Option<Principal> {
         self.keys.get(key_hash).copied()

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod env;
+mod refusals;
 mod secret;
 
 use std::collections::HashMap;
@@ -157,6 +158,8 @@ struct Shared {
     created_keys: Mutex<HashMap<u128, (Timestamp, Secret)>>,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
+    /// Refusals answered without a record, by idempotency key.
+    refusals: refusals::Refusals,
 }
 
 /// Counters for `/metrics`.
@@ -228,6 +231,7 @@ impl Service {
             created_keys: Mutex::new(HashMap::new()),
             clock: clock.clone(),
             metrics: Metrics::default(),
+            refusals: refusals::Refusals::default(),
         });
         let writer = {
             let shared = shared.clone();
@@ -285,6 +289,7 @@ impl Service {
             created_keys: Mutex::new(HashMap::new()),
             clock,
             metrics: Metrics::default(),
+            refusals: refusals::Refusals::default(),
         });
         let receive = Arc::new(tokio::sync::Mutex::new(receive));
         let (finished, all_finished) = std::sync::mpsc::channel();
@@ -564,11 +569,25 @@ impl Service {
                     }
                 }),
             };
+            let known = known.or_else(|| self.shared.refusals.answer(claim));
             if let Some(outcome) = known {
                 let replayed =
                     !matches!(outcome, Outcome::Rejected(Rejection::IdempotencyKeyReused));
                 return Ok(self.executed(outcome, idempotency.is_some(), replayed));
             }
+        }
+        // On the embedded store, a command that the state refuses as it stands is answered
+        // here, without a journal record: a refusal that moves no money costs no space. A
+        // refusal under an idempotency key is remembered in memory (bounded), for replays.
+        if let Storage::Local(_) = &self.shared.storage
+            && let Some(rejection) = self.read_now(|state| state.refusal(&command))
+        {
+            if let Some(claim) = &idempotency {
+                self.shared
+                    .refusals
+                    .remember(claim, rejection, self.shared.clock.now());
+            }
+            return Ok(self.executed(Outcome::Rejected(rejection), false, false));
         }
         let (reply, answer) = oneshot::channel();
         self.submit
