@@ -121,6 +121,11 @@ struct ServeArgs {
     rate_limit: u32,
     #[command(flatten)]
     edge: EdgeArgs,
+    /// Run on a test clock that the operator moves forward with POST /v1/test_clock, for
+    /// trying periods, windows and expiries without waiting (as Stripe's test clocks). Time
+    /// never goes back, across restarts too. Not for production.
+    #[arg(long, env = "FARTHING_TEST_CLOCK", value_parser = clap::builder::BoolishValueParser::new())]
+    test_clock: bool,
 }
 
 /// Limits at the edge: abuse, timeouts, metrics.
@@ -235,6 +240,7 @@ impl ServeArgs {
                 currencies,
             },
             rate_limit_per_sec: self.rate_limit,
+            test_clock: self.test_clock,
             auth_failures_per_min: self.edge.auth_failures_per_min,
             metrics_listen: self.edge.metrics_listen.clone(),
             edge: farthing_server::EdgeLimits {

@@ -308,6 +308,13 @@ pub struct CreateRefund {
     pub amount: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvanceTestClock {
+    /// Whole seconds, zero or more: a negative number or a fraction is refused.
+    pub advance_seconds: u64,
+}
+
 /// `?limit=N&starting_after=ID`.
 #[derive(Deserialize)]
 pub struct ListQuery {

@@ -25,8 +25,8 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use farthing_payments::Principal;
-use farthing_service::{Config, RandomIds, Secret, Service, SystemClock};
-use farthing_store_embedded::FileJournal;
+use farthing_service::{Clock, Config, RandomIds, Secret, Service, SystemClock, TestClock};
+use farthing_store_embedded::{FileJournal, FileTestClock};
 use farthing_store_postgres::{PgOptions, PgStore};
 
 pub use error::ApiError;
@@ -47,9 +47,17 @@ pub const INDEX_HTML: &str = include_str!("index.html");
 #[derive(Clone)]
 pub struct App {
     pub service: Service,
+    /// The test clock, when the server was started with one: only then is `/v1/test_clock`
+    /// served.
+    pub test_clock: Option<Arc<TestClock>>,
+    /// Answers of test clock steps by idempotency key, in this process.
+    test_clock_claims: Arc<std::sync::Mutex<std::collections::HashMap<String, TestClockClaim>>>,
     limits: Arc<ratelimit::Limits>,
     metrics: Arc<metrics::HttpMetrics>,
 }
+
+/// A test clock step's request fingerprint and answer.
+type TestClockClaim = ([u8; 32], serde_json::Value);
 
 /// The authenticated caller of a request.
 pub struct Caller {
@@ -135,6 +143,8 @@ pub struct Options {
     pub metrics_listen: Option<String>,
     /// The edge's limits.
     pub edge: EdgeLimits,
+    /// Run on a test clock that the operator moves forward (`POST /v1/test_clock`).
+    pub test_clock: bool,
 }
 
 /// Limits at the edge, for every connection and request.
@@ -168,6 +178,8 @@ pub const HEADER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const DRAIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 pub const AUTH_FAILURES_PER_MIN_DEFAULT: u32 = 60;
+/// How often a server on a shared database reads the test clock that other servers may move.
+pub const TEST_CLOCK_REFRESH: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -201,6 +213,8 @@ impl App {
     pub fn new(service: Service, rate_limit_per_sec: u32, auth_failures_per_min: u32) -> App {
         App {
             service,
+            test_clock: None,
+            test_clock_claims: Arc::default(),
             limits: Arc::new(ratelimit::Limits::new(
                 rate_limit_per_sec,
                 auth_failures_per_min,
@@ -228,7 +242,8 @@ fn routes_of(app: App) -> Router {
             }
         }
     });
-    Router::new()
+    let test_clock = app.test_clock.is_some();
+    let router = Router::new()
         .route("/", get(routes::index))
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(metrics::render_for_operator))
@@ -251,7 +266,17 @@ fn routes_of(app: App) -> Router {
             post(routes::create_payment_batch).layer(DefaultBodyLimit::max(BATCH_BODY_BYTES_MAX)),
         )
         .route("/v1/payments/{id}", get(routes::get_payment))
-        .route("/v1/payments/{id}/refunds", post(routes::create_refund))
+        .route("/v1/payments/{id}/refunds", post(routes::create_refund));
+    // Without a test clock the route does not exist: time is the wall clock's.
+    let router = if test_clock {
+        router.route(
+            "/v1/test_clock",
+            post(routes::advance_test_clock).get(routes::test_clock),
+        )
+    } else {
+        router
+    };
+    router
         .fallback(routes::not_found_route)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
@@ -279,13 +304,22 @@ pub async fn run(
         None => None,
     };
     let admin_key = options.admin_key.map(Secret::new);
+    let mut test_clock = None;
     let opened = match &options.storage {
         StorageChoice::Embedded(data_dir) => {
             let journal = FileJournal::open(data_dir)?;
+            if options.test_clock {
+                let store = Arc::new(FileTestClock::open(data_dir)?);
+                test_clock = Some(Arc::new(TestClock::open(store).await?));
+            }
+            let clock: Arc<dyn Clock> = match &test_clock {
+                Some(test_clock) => test_clock.clone(),
+                None => Arc::new(SystemClock),
+            };
             Service::open(
                 Box::new(journal),
                 options.config,
-                Arc::new(SystemClock),
+                clock,
                 Arc::new(RandomIds),
                 admin_key,
             )
@@ -305,10 +339,33 @@ pub async fn run(
                 },
             )
             .await?;
+            let store = Arc::new(store);
+            if options.test_clock {
+                let clock = Arc::new(TestClock::open(store.clone()).await?);
+                // Other servers on the database move it too: take up their steps.
+                let refreshed = Arc::downgrade(&clock);
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(TEST_CLOCK_REFRESH);
+                    loop {
+                        tick.tick().await;
+                        let Some(clock) = refreshed.upgrade() else {
+                            return;
+                        };
+                        if let Err(error) = clock.refresh().await {
+                            tracing::warn!(%error, "could not read the test clock");
+                        }
+                    }
+                });
+                test_clock = Some(clock);
+            }
+            let clock: Arc<dyn Clock> = match &test_clock {
+                Some(test_clock) => test_clock.clone(),
+                None => Arc::new(SystemClock),
+            };
             Service::open_shared(
-                Arc::new(store),
+                store,
                 options.config,
-                Arc::new(SystemClock),
+                clock,
                 Arc::new(RandomIds),
                 admin_key,
                 *writers,
@@ -329,11 +386,12 @@ pub async fn run(
     on_start(&started);
     drop(started);
     let service = opened.service;
-    let app = App::new(
+    let mut app = App::new(
         service.clone(),
         options.rate_limit_per_sec,
         options.auth_failures_per_min,
     );
+    app.test_clock = test_clock;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let metrics_server = metrics_listener.map(|listener| {
         tokio::spawn(serve::serve(

@@ -153,3 +153,17 @@ pub fn entry(entry: &Entry) -> Value {
 pub fn list(items: Vec<Value>, has_more: bool) -> Value {
     json!({ "object": "list", "data": items, "has_more": has_more })
 }
+
+/// A time as RFC 3339, in UTC, to the second.
+pub fn rfc3339(time: Timestamp) -> String {
+    let system = std::time::UNIX_EPOCH + std::time::Duration::from_micros(time.0);
+    humantime::format_rfc3339_seconds(system).to_string()
+}
+
+pub fn test_clock(now: Timestamp) -> Value {
+    json!({
+        "object": "test_clock",
+        "now": rfc3339(now),
+        "now_unix": seconds(now),
+    })
+}

@@ -586,3 +586,76 @@ pub async fn payer_transactions(
         false,
     ))
 }
+
+/// Idempotency keys of test clock steps remembered at most; beyond this they start over.
+pub const TEST_CLOCK_CLAIMS_MAX: usize = 10_000;
+
+/// `GET /v1/test_clock`: the test clock's time.
+pub async fn test_clock(State(app): State<App>, caller: Caller) -> ApiResult {
+    caller.require_operator()?;
+    let now = app.service.now();
+    Ok(json_response(
+        StatusCode::OK,
+        &render::test_clock(now),
+        false,
+    ))
+}
+
+/// `POST /v1/test_clock`: moves the test clock forward by `advance_seconds`, for every rule that
+/// follows time (periods, windows, expiries, the age of idempotency keys), durably.
+///
+/// Under an `Idempotency-Key` a retry replays the first answer and moves nothing; such keys
+/// are remembered in this process only (at most [`TEST_CLOCK_CLAIMS_MAX`]).
+pub async fn advance_test_clock(
+    State(app): State<App>,
+    caller: Caller,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    caller.require_operator()?;
+    let clock = app
+        .test_clock
+        .clone()
+        .ok_or_else(|| ApiError::not_found("route"))?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
+    let request: input::AdvanceTestClock = json_body(&raw)?;
+    let claim = claim(&caller, &headers, &method, &uri, &raw)?;
+    if let Some(claim) = &claim {
+        let claims = app
+            .test_clock_claims
+            .lock()
+            .expect("test clock claims lock");
+        if let Some((fingerprint, answer)) = claims.get(&claim.key.key) {
+            if *fingerprint != claim.fingerprint {
+                return Err(ApiError::from_rejection(Rejection::IdempotencyKeyReused));
+            }
+            return Ok(json_response(StatusCode::OK, answer, true));
+        }
+    }
+    let max = farthing_service::TEST_CLOCK_ADVANCE_SECS_MAX;
+    if request.advance_seconds > max {
+        return Err(ApiError::validation(format!(
+            "`advance_seconds` must be from 0 to {max}: time only moves forward"
+        )));
+    }
+    let now = clock
+        .advance(request.advance_seconds)
+        .await
+        .map_err(farthing_service::ServiceError::from)?;
+    // What the jump let expire goes at once, not at the next hourly prune.
+    app.service.prune_expired_now().await?;
+    let answer = render::test_clock(now);
+    if let Some(claim) = claim {
+        let mut claims = app
+            .test_clock_claims
+            .lock()
+            .expect("test clock claims lock");
+        if claims.len() >= TEST_CLOCK_CLAIMS_MAX {
+            claims.clear();
+        }
+        claims.insert(claim.key.key, (claim.fingerprint, answer.clone()));
+    }
+    Ok(json_response(StatusCode::OK, &answer, false))
+}

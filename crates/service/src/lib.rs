@@ -17,6 +17,7 @@
 mod env;
 mod refusals;
 mod secret;
+mod test_clock;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use env::{Clock, Ids, ManualClock, RandomIds, SequentialIds, SystemClock};
 pub use secret::{Secret, fingerprint, hex};
+pub use test_clock::{TEST_CLOCK_ADVANCE_SECS_MAX, TestClock};
 
 /// Records in one durable commit at most.
 pub const RECORDS_PER_COMMIT_MAX: usize = 8_190;
@@ -378,6 +380,24 @@ impl Service {
     /// Whether the state is held in this process (the embedded store).
     pub fn is_local(&self) -> bool {
         matches!(self.shared.storage, Storage::Local(_))
+    }
+
+    /// Forgets idempotency keys older than [`IDEMPOTENCY_TTL_SECS`] now, rather than at the
+    /// next hourly prune: for a test clock that has just jumped.
+    pub async fn prune_expired_now(&self) -> Result<(), ServiceError> {
+        let before = Timestamp(
+            self.now()
+                .0
+                .saturating_sub(IDEMPOTENCY_TTL_SECS * 1_000_000),
+        );
+        self.submit(Command::PruneIdempotencyKeys { before }, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// The time now, on the service's clock.
+    pub fn now(&self) -> Timestamp {
+        self.shared.clock.now()
     }
 
     pub fn config(&self) -> &Config {

@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 use farthing_payments::{Record, codec};
 use farthing_store::{Journal, StoreError};
 
+mod test_clock;
+
+pub use test_clock::FileTestClock;
+
 const MAGIC: &[u8; 8] = b"FARTHJ01";
 const FRAME_HEADER_BYTES: usize = 8;
 /// The largest record: a full batch of payments with long descriptions fits many times over.

@@ -60,11 +60,18 @@ pub struct Migration {
 
 /// Every migration this build knows, oldest first. Until the PostgreSQL backend ships, the
 /// first migration may still change; after that, migrations are only ever added.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "parties_ledger_payments",
-    sql: include_str!("../migrations/0001_parties_ledger_payments.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "parties_ledger_payments",
+        sql: include_str!("../migrations/0001_parties_ledger_payments.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "test_clock",
+        sql: include_str!("../migrations/0002_test_clock.sql"),
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {

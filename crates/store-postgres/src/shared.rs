@@ -271,6 +271,50 @@ fn describe(error: &PgError) -> String {
     text
 }
 
+impl farthing_store::TestClockStore for PgStore {
+    fn test_clock_offset(&self) -> StoreFuture<'_, u64> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = pooled
+                .client()
+                .query_opt("SELECT offset_micros FROM test_clock", &[])
+                .await
+                .map_err(PgError::from)
+                .and_then(|row| match row {
+                    None => Ok(0),
+                    Some(row) => offset_from(row.try_get(0)?),
+                });
+            pooled.finish(result)
+        }))
+    }
+
+    fn advance_test_clock(&self, by_micros: u64) -> StoreFuture<'_, u64> {
+        Box::pin(self.timed(async move {
+            let by = i64::try_from(by_micros).unwrap_or(i64::MAX);
+            let mut pooled = self.pooled().await?;
+            // One statement: servers advancing at once each add their step.
+            let result = pooled
+                .client()
+                .query_one(
+                    "INSERT INTO test_clock (id, offset_micros) VALUES (TRUE, $1)
+                     ON CONFLICT (id) DO UPDATE
+                         SET offset_micros = test_clock.offset_micros + EXCLUDED.offset_micros
+                     RETURNING offset_micros",
+                    &[&by],
+                )
+                .await
+                .map_err(PgError::from)
+                .and_then(|row| offset_from(row.try_get(0)?));
+            pooled.finish(result)
+        }))
+    }
+}
+
+/// A stored lead over the wall clock, which the schema keeps at zero or more.
+fn offset_from(stored: i64) -> Result<u64, PgError> {
+    u64::try_from(stored).map_err(|_| PgError::Stored("a negative lead of the test clock".into()))
+}
+
 impl SharedStore for PgStore {
     fn counters(&self) -> Vec<StoreCounter> {
         use std::sync::atomic::Ordering::Relaxed;

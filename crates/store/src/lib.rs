@@ -135,3 +135,13 @@ pub struct StoreCounter {
     pub label: Option<(&'static str, &'static str)>,
     pub value: u64,
 }
+
+/// Where a test clock keeps how far it has been moved ahead of the wall clock, so that its
+/// time never goes back: not across a restart, and not between servers sharing a database.
+/// Only a server started with a test clock uses it.
+pub trait TestClockStore: Send + Sync {
+    /// Microseconds the test clock runs ahead of the wall clock; 0 when it was never moved.
+    fn test_clock_offset(&self) -> StoreFuture<'_, u64>;
+    /// Moves the test clock `by_micros` further ahead, durably, and answers the new offset.
+    fn advance_test_clock(&self, by_micros: u64) -> StoreFuture<'_, u64>;
+}

@@ -306,6 +306,7 @@ impl Server {
             "FARTHING_HEADER_TIMEOUT_SECS",
             "FARTHING_REQUEST_TIMEOUT_SECS",
             "FARTHING_DRAIN_TIMEOUT_SECS",
+            "FARTHING_TEST_CLOCK",
             "FARTHING_LOG",
         ] {
             command.env_remove(name);
