@@ -108,11 +108,17 @@ async fn bodies_must_be_json_objects_declared_as_json() {
     api.post_raw("/v1/payments", &payer.key, &array)
         .await
         .expect_problem(422, "validation_failed");
+    // So is a batch item: a batch holds objects (an object that is not a valid payment fails
+    // in place; anything else refuses the batch).
     let batch = format!(
         r#"{{"payments":[["{}","{}","0.01","USD",null,null]]}}"#,
         payer.id, merchant.id
     );
-    let answer = api.post_raw("/v1/payments/batch", ADMIN_KEY, &batch).await.expect(200);
+    api.post_raw("/v1/payments/batch", ADMIN_KEY, &batch)
+        .await
+        .expect_problem(422, "validation_failed");
+    let batch = json!({"payments": [{"payer": payer.id, "merchant": merchant.id, "amount": "0.01", "currency": "USD", "reference": "\u{84}"}]});
+    let answer = api.post("/v1/payments/batch", ADMIN_KEY, &batch).await.expect(200);
     assert_eq!(answer["results"][0]["status"], "failed");
     assert_eq!(answer["results"][0]["code"], "validation_failed");
     // A body under another media type, or none, is refused.

@@ -283,6 +283,19 @@ pub struct BatchPayments {
     pub payments: Vec<serde_json::Value>,
 }
 
+impl BatchPayments {
+    /// The items, each a JSON object: anything else refuses the whole batch, while an object
+    /// that is not a valid payment fails in place.
+    pub fn objects(self) -> Result<Vec<Value>, ApiError> {
+        if let Some(position) = self.payments.iter().position(|item| !item.is_object()) {
+            return Err(ApiError::validation(format!(
+                "`payments[{position}]` is not a JSON object"
+            )));
+        }
+        Ok(self.payments)
+    }
+}
+
 /// A batch whose every item is well formed: parsed in one pass. When this fails, the batch is
 /// parsed again item by item so that each bad item gets its own answer.
 #[derive(Deserialize)]

@@ -372,7 +372,7 @@ pub async fn create_payment_batch(
         match serde_json::from_slice::<input::BatchPaymentsTyped>(&raw) {
             Ok(typed) => typed.payments.into_iter().map(|item| Ok(item.0)).collect(),
             Err(_) => json_body::<input::BatchPayments>(&raw)?
-                .payments
+                .objects()?
                 .into_iter()
                 .map(|item| {
                     serde_json::from_value::<input::Object<input::BatchItem>>(item)
@@ -638,6 +638,12 @@ pub async fn advance_test_clock(
     if request.advance_seconds > max {
         return Err(ApiError::validation(format!(
             "`advance_seconds` must be from 0 to {max}: time only moves forward"
+        )));
+    }
+    if !clock.may_advance(request.advance_seconds) {
+        return Err(ApiError::validation(format!(
+            "the test clock runs at most {} seconds ahead of the wall clock",
+            farthing_service::TEST_CLOCK_LEAD_SECS_MAX
         )));
     }
     let now = clock

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use env::{Clock, Ids, ManualClock, RandomIds, SequentialIds, SystemClock};
 pub use secret::{Secret, fingerprint, hex};
-pub use test_clock::{TEST_CLOCK_ADVANCE_SECS_MAX, TestClock};
+pub use test_clock::{TEST_CLOCK_ADVANCE_SECS_MAX, TEST_CLOCK_LEAD_SECS_MAX, TestClock};
 
 /// Records in one durable commit at most.
 pub const RECORDS_PER_COMMIT_MAX: usize = 8_190;

@@ -12,6 +12,9 @@ use crate::env::{Clock, SystemClock};
 
 /// The largest single step: a hundred years.
 pub const TEST_CLOCK_ADVANCE_SECS_MAX: u64 = 100 * 365 * 24 * 60 * 60;
+/// How far ahead of the wall clock a test clock may run at most: a thousand years, so that
+/// every time stays a date that can be written.
+pub const TEST_CLOCK_LEAD_SECS_MAX: u64 = 1_000 * 365 * 24 * 60 * 60;
 
 pub struct TestClock {
     /// Microseconds ahead of the wall clock.
@@ -27,6 +30,13 @@ impl TestClock {
             offset_micros: AtomicU64::new(offset),
             store,
         })
+    }
+
+    /// Whether a step of `secs` seconds keeps the clock within [`TEST_CLOCK_LEAD_SECS_MAX`].
+    pub fn may_advance(&self, secs: u64) -> bool {
+        secs <= TEST_CLOCK_ADVANCE_SECS_MAX
+            && self.offset_micros.load(Ordering::SeqCst) / 1_000_000 + secs
+                <= TEST_CLOCK_LEAD_SECS_MAX
     }
 
     /// Moves the clock `secs` seconds forward, durably, and answers the time now.
