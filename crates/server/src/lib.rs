@@ -6,6 +6,7 @@
 //! commits what it holds.
 #![forbid(unsafe_code)]
 
+mod docs;
 mod error;
 mod input;
 mod metrics;
@@ -277,6 +278,7 @@ fn routes_of(app: App) -> Router {
         router
     };
     router
+        .merge(docs::router())
         .fallback(routes::not_found_route)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
