@@ -213,6 +213,7 @@ pub struct Started {
 impl App {
     pub fn new(service: Service, rate_limit_per_sec: u32, auth_failures_per_min: u32) -> App {
         App {
+            metrics: Arc::new(metrics::HttpMetrics::new(service.clone())),
             service,
             test_clock: None,
             test_clock_claims: Arc::default(),
@@ -220,7 +221,6 @@ impl App {
                 rate_limit_per_sec,
                 auth_failures_per_min,
             )),
-            metrics: Arc::new(metrics::HttpMetrics::default()),
         }
     }
 }

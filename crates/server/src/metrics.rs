@@ -1,16 +1,24 @@
-//! Prometheus metrics, rendered by hand in the text exposition format.
+//! Prometheus metrics, kept and written in the Prometheus text format (0.0.4) by
+//! `prometheus-client`: the HTTP counters and the request-duration histogram are its metrics;
+//! the service's and the store's own counts are read at each scrape by a collector.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::fmt;
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-
-use axum::Router;
 use axum::routing::get;
+use farthing_service::Service;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::App;
 
@@ -19,13 +27,41 @@ const BUCKETS_SECS: [f64; 10] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-#[derive(Default)]
+/// The classes responses are counted by.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The metrics of one server: its registry, and handles to what each request updates.
 pub struct HttpMetrics {
-    /// By status class: 1xx … 5xx.
-    responses: [AtomicU64; 5],
-    duration_buckets: [AtomicU64; BUCKETS_SECS.len()],
-    duration_count: AtomicU64,
-    duration_micros_sum: AtomicU64,
+    registry: Registry,
+    /// By status class, 1xx … 5xx: handles into one family, made once, so that counting a
+    /// response takes no lock.
+    responses: [Counter; 5],
+    duration: Histogram,
+}
+
+impl HttpMetrics {
+    pub fn new(service: Service) -> HttpMetrics {
+        let mut registry = Registry::default();
+        let family = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        let responses = CLASSES.map(|class| family.get_or_create(&vec![("class", class)]).clone());
+        registry.register(
+            "farthing_http_responses",
+            "HTTP responses by status class",
+            family,
+        );
+        let duration = Histogram::new(BUCKETS_SECS);
+        registry.register(
+            "farthing_http_request_duration_seconds",
+            "Time to answer a request",
+            duration.clone(),
+        );
+        registry.register_collector(Box::new(ServiceCollector(service)));
+        HttpMetrics {
+            registry,
+            responses,
+            duration,
+        }
+    }
 }
 
 pub async fn track(State(app): State<App>, request: Request, next: Next) -> Response {
@@ -33,19 +69,109 @@ pub async fn track(State(app): State<App>, request: Request, next: Next) -> Resp
     let response = next.run(request).await;
     let metrics = &app.metrics;
     let class = (response.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-    metrics.responses[class].fetch_add(1, Relaxed);
-    let elapsed = started.elapsed();
-    let secs = elapsed.as_secs_f64();
-    for (bucket, bound) in metrics.duration_buckets.iter().zip(BUCKETS_SECS) {
-        if secs <= bound {
-            bucket.fetch_add(1, Relaxed);
-        }
-    }
-    metrics.duration_count.fetch_add(1, Relaxed);
-    metrics
-        .duration_micros_sum
-        .fetch_add(elapsed.as_micros() as u64, Relaxed);
+    metrics.responses[class].inc();
+    metrics.duration.observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// What the service and its store count themselves, read at each scrape.
+struct ServiceCollector(Service);
+
+impl fmt::Debug for ServiceCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServiceCollector")
+    }
+}
+
+impl Collector for ServiceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let service = &self.0;
+        let counts = service.metrics();
+        let counters = [
+            (
+                "farthing_journal_commits",
+                "Durable commits (one fsync, or one transaction, each).",
+                counts.commits.load(Relaxed),
+            ),
+            (
+                "farthing_journal_records",
+                "Records made durable.",
+                counts.records_committed.load(Relaxed),
+            ),
+            (
+                "farthing_journal_commit_micros",
+                "Time spent applying and committing, in microseconds.",
+                counts.commit_micros_total.load(Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        // A store's counters, one family per name (they come grouped by name).
+        let store = service.store_counters();
+        let mut at = 0;
+        while at < store.len() {
+            let name = store[at].name;
+            let end = store[at..]
+                .iter()
+                .position(|counter| counter.name != name)
+                .map_or(store.len(), |n| at + n);
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            let mut metric = encoder.encode_descriptor(
+                family,
+                store[at].help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for counter in &store[at..end] {
+                let value = ConstCounter::new(counter.value);
+                match counter.label {
+                    Some(label) => value.encode(metric.encode_family(&vec![label])?)?,
+                    None => value.encode(metric.encode_family(&Vec::<(&str, &str)>::new())?)?,
+                }
+            }
+            at = end;
+        }
+        // Counts of a shared store would cost the database a scan per scrape: PostgreSQL's
+        // own statistics serve there.
+        if service.is_local() {
+            let (merchants, payers, payments, transfers) = service.read_now(|state| {
+                (
+                    state.merchant_count(),
+                    state.payer_count(),
+                    state.payment_count(),
+                    state.ledger_transfer_count(),
+                )
+            });
+            let gauges = [
+                ("farthing_merchants", "Merchants.", merchants),
+                ("farthing_payers", "Payers.", payers),
+                ("farthing_payments", "Payments.", payments),
+                (
+                    "farthing_ledger_transfers",
+                    "Ledger transfers, applied or failed.",
+                    transfers,
+                ),
+            ];
+            for (name, help, value) in gauges {
+                let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                gauge.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `/metrics` on the API's address: Prometheus text for the operator's key alone, since the
@@ -61,112 +187,12 @@ pub async fn render_for_operator(
 
 pub async fn render(State(app): State<App>) -> Response {
     let mut out = String::with_capacity(4096);
-    let metrics = &app.metrics;
-    out.push_str("# HELP farthing_http_responses_total HTTP responses by status class.\n");
-    out.push_str("# TYPE farthing_http_responses_total counter\n");
-    for (index, count) in metrics.responses.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "farthing_http_responses_total{{class=\"{}xx\"}} {}",
-            index + 1,
-            count.load(Relaxed)
-        );
-    }
-    out.push_str("# HELP farthing_http_request_duration_seconds Time to answer a request.\n");
-    out.push_str("# TYPE farthing_http_request_duration_seconds histogram\n");
-    for (bucket, bound) in metrics.duration_buckets.iter().zip(BUCKETS_SECS) {
-        let _ = writeln!(
-            out,
-            "farthing_http_request_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-            bucket.load(Relaxed)
-        );
-    }
-    let count = metrics.duration_count.load(Relaxed);
-    let _ = writeln!(
-        out,
-        "farthing_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-    );
-    let _ = writeln!(
-        out,
-        "farthing_http_request_duration_seconds_sum {}",
-        metrics.duration_micros_sum.load(Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(out, "farthing_http_request_duration_seconds_count {count}");
-    let service = app.service.metrics();
-    let counters = [
-        (
-            "farthing_journal_commits_total",
-            "Durable journal commits (one fsync each).",
-            service.commits.load(Relaxed),
-        ),
-        (
-            "farthing_journal_records_total",
-            "Records made durable.",
-            service.records_committed.load(Relaxed),
-        ),
-        (
-            "farthing_journal_commit_micros_total",
-            "Time spent applying and committing, in microseconds.",
-            service.commit_micros_total.load(Relaxed),
-        ),
-    ];
-    for (name, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-        );
-    }
-    let mut named = None;
-    for counter in app.service.store_counters() {
-        if named != Some(counter.name) {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter",
-                name = counter.name,
-                help = counter.help
-            );
-            named = Some(counter.name);
-        }
-        match counter.label {
-            Some((label, value)) => {
-                let _ = writeln!(
-                    out,
-                    "{}{{{label}=\"{value}\"}} {}",
-                    counter.name, counter.value
-                );
-            }
-            None => {
-                let _ = writeln!(out, "{} {}", counter.name, counter.value);
-            }
-        }
-    }
-    // Counts of a shared store would cost the database a scan per scrape: PostgreSQL's own
-    // statistics serve there.
-    if app.service.is_local() {
-        let (merchants, payers, payments, transfers) = app.service.read_now(|state| {
-            (
-                state.merchant_count(),
-                state.payer_count(),
-                state.payment_count(),
-                state.ledger_transfer_count(),
-            )
-        });
-        let gauges = [
-            ("farthing_merchants", "Merchants.", merchants),
-            ("farthing_payers", "Payers.", payers),
-            ("farthing_payments", "Payments.", payments),
-            (
-                "farthing_ledger_transfers",
-                "Ledger transfers, applied or failed.",
-                transfers,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        }
+    if let Err(error) =
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &app.metrics.registry)
+    {
+        tracing::error!(%error, "the metrics could not be written");
+        return crate::ApiError::from_status(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response();
     }
     let mut response = out.into_response();
     response.headers_mut().insert(
