@@ -84,6 +84,10 @@ pub enum PgError {
     /// A stored row this build cannot read, or a value the schema cannot hold.
     #[error("stored data does not fit: {0}")]
     Stored(String),
+    /// The pool could not hand out a connection: a connect that timed out, or a pool built
+    /// wrongly.
+    #[error("no PostgreSQL connection: {0}")]
+    Pool(String),
     #[error("migration {version} is recorded as {found:?} but this build calls it {expected:?}")]
     MismatchedMigration {
         version: i32,

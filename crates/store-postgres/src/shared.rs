@@ -2,11 +2,12 @@
 //! at once. Writes go through [`apply_batch_foreseen`] (one transaction per batch, with one
 //! [`Forecast`] for the process); reads through [`crate::query`].
 //!
-//! **Outages.** Every call takes a connection from a small pool, and a connection is made when
-//! none is idle, with a short connect timeout, so a database that is down answers
+//! **Outages.** Every call takes a connection from a `deadpool-postgres` pool, which makes one
+//! when none is idle, with a short connect timeout, so a database that is down answers
 //! [`StoreError::Unavailable`] at once instead of queueing requests behind it. A connection
-//! that failed in any way is dropped rather than returned to the pool; when the database is
-//! back, the next call connects again. Nothing needs restarting. A call that outlives
+//! that failed in any way is taken out of the pool rather than returned to it, and one found
+//! closed is replaced; when the database is back, the next call connects again. Nothing needs
+//! restarting. A call that outlives
 //! [`PgOptions::call_timeout`] is abandoned and its connection dropped, which rolls back
 //! whatever it had not committed.
 //!
@@ -14,9 +15,9 @@
 //! applied: its requests are answered 503, and a retry with the same idempotency key gets the
 //! stored answer. Nothing is acknowledged that was not committed.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use farthing_ledger::Currency;
 use farthing_payments::{
     EntryObject, IdempotencyKey, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal,
@@ -26,9 +27,8 @@ use farthing_store::{
     Answer, IdempotencyFound, SharedStore, StatementPage, StoreCounter, StoreError, StoreFuture,
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::{Forecast, PgError, apply_batch_foreseen, migrate, query};
 
@@ -59,13 +59,11 @@ impl Default for PgOptions {
 
 /// The shared store over one PostgreSQL database.
 pub struct PgStore {
-    /// How the pool's connections are made: with the session limits below.
-    config: Config,
-    tls: MakeRustlsConnect,
+    /// The connections, made with the session limits below.
+    pool: Pool,
     options: PgOptions,
-    idle: Mutex<Vec<Client>>,
-    permits: Semaphore,
-    /// Taken by reads before `permits`, so that some connections are always left for batches.
+    /// Taken by reads before a connection, so that some connections are always left for
+    /// batches: the pool itself does not set any aside.
     read_permits: Semaphore,
     /// This process's forecast of its accounts, shared by its writers.
     forecast: Forecast,
@@ -73,9 +71,7 @@ pub struct PgStore {
 
 /// A connection taken from the pool; it goes back when dropped, unless it failed.
 struct Pooled<'a> {
-    store: &'a PgStore,
-    client: Option<Client>,
-    _permit: SemaphorePermit<'a>,
+    client: Option<Object>,
     _read_permit: Option<SemaphorePermit<'a>>,
 }
 
@@ -84,18 +80,11 @@ impl Pooled<'_> {
         self.client.as_mut().expect("held until dropped")
     }
 
-    /// Drops the connection instead of returning it: after a failure its state is unknown.
+    /// Takes the connection out of the pool instead of returning it: after a failure its
+    /// state is unknown.
     fn discard(&mut self) {
-        self.client = None;
-    }
-}
-
-impl Drop for Pooled<'_> {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take()
-            && !client.is_closed()
-        {
-            self.store.idle.lock().expect("pool lock").push(client);
+        if let Some(object) = self.client.take() {
+            drop(Object::take(object));
         }
     }
 }
@@ -126,32 +115,34 @@ impl PgStore {
             "-c statement_timeout={limit} -c idle_in_transaction_session_timeout={limit}"
         ));
         let connections = options.connections_max.max(1);
-        let store = PgStore {
-            config: session,
+        let manager = Manager::from_config(
+            session,
             tls,
-            permits: Semaphore::new(connections),
+            ManagerConfig {
+                // A connection coming back is checked for being closed, without a round trip:
+                // one that failed mid-call never comes back (see `Pooled::discard`).
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(connections)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|error| PgError::Pool(error.to_string()))?;
+        let store = PgStore {
+            pool,
             read_permits: Semaphore::new(
                 connections
                     .saturating_sub(options.writer_connections)
                     .max(1),
             ),
             options,
-            idle: Mutex::new(Vec::new()),
             forecast: Forecast::default(),
         };
-        let client = store.connect().await?;
-        store.idle.lock().expect("pool lock").push(client);
+        // One connection now, so that a URL that cannot serve is reported at start.
+        drop(store.take(false).await?);
         Ok(store)
-    }
-
-    async fn connect(&self) -> Result<Client, PgError> {
-        let (client, connection) = self.config.connect(self.tls.clone()).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "PostgreSQL connection closed");
-            }
-        });
-        Ok(client)
     }
 
     async fn take(&self, read: bool) -> Result<Pooled<'_>, PgError> {
@@ -160,33 +151,17 @@ impl PgStore {
                 self.read_permits
                     .acquire()
                     .await
-                    .expect("the pool's semaphores are never closed"),
+                    .expect("the read semaphore is never closed"),
             )
         } else {
             None
         };
-        let permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("the pool's semaphore is never closed");
-        let idle = {
-            let mut idle = self.idle.lock().expect("pool lock");
-            loop {
-                match idle.pop() {
-                    Some(client) if client.is_closed() => continue,
-                    other => break other,
-                }
-            }
-        };
-        let client = match idle {
-            Some(client) => client,
-            None => self.connect().await?,
-        };
+        let client = self.pool.get().await.map_err(|error| match error {
+            deadpool_postgres::PoolError::Backend(error) => PgError::Postgres(error),
+            other => PgError::Pool(other.to_string()),
+        })?;
         Ok(Pooled {
-            store: self,
             client: Some(client),
-            _permit: permit,
             _read_permit: read_permit,
         })
     }
@@ -230,6 +205,7 @@ impl Pooled<'_> {
 /// or that it refused or returned something unreadable.
 fn sort(error: PgError) -> StoreError {
     match &error {
+        PgError::Pool(_) => StoreError::Unavailable(describe(&error)),
         PgError::Postgres(inner) if is_unavailable(inner) => {
             StoreError::Unavailable(describe(&error))
         }
