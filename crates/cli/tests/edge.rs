@@ -460,3 +460,25 @@ async fn a_flood_of_refusals_adds_nothing_to_the_journal() {
     api.pay(&poor, &merchant, "0.01").await.expect(201);
     assert!(std::fs::metadata(&journal).expect("the journal").len() > after);
 }
+
+#[test]
+fn a_data_directory_that_cannot_be_made_is_said_once() {
+    let dir = TempDir::new();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").expect("write a file");
+    let output = Command::new(env!("CARGO_BIN_EXE_farthing"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(file.join("data"))
+        .env("FARTHING_ADMIN_KEY", ADMIN_KEY)
+        .env_remove("FARTHING_DATABASE_URL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run serve");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.matches("Not a directory").count(),
+        1,
+        "the cause is said once: {stderr}"
+    );
+}

@@ -24,8 +24,10 @@ use farthing_payments::{
 /// A storage failure. A rejection of a payment is never a `StoreError`: those are outcomes.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The I/O error is told in this error's own message, not as its source, so that a chain
+    /// of causes does not say it twice.
     #[error("storage I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("the journal is damaged at byte {offset}: {reason}")]
     Corrupt { offset: u64, reason: String },
     #[error("the data directory is in use by another process: {0}")]
@@ -52,6 +54,12 @@ pub trait Journal: Send + 'static {
 }
 
 /// What a [`SharedStore`] call returns: a future that any thread may poll.
+impl From<std::io::Error> for StoreError {
+    fn from(error: std::io::Error) -> StoreError {
+        StoreError::Io(error)
+    }
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A record's outcome, and whether it is the stored answer of an earlier record with the same
