@@ -4,6 +4,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use farthing_payments::Rejection;
 use farthing_service::ServiceError;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// A problem to report: an HTTP status, a stable snake_case code, and a sentence for people.
 #[derive(Debug, Clone)]
@@ -263,13 +265,9 @@ impl From<ServiceError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "type": format!("urn:farthing:problem:{}", self.code),
-            "title": self.title,
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-            "code": self.code,
-        });
+        let problem = Problem::new(self.status.as_u16(), self.code, self.title, &self.detail);
+        // Through a `Value`, which writes its members sorted by name, as problems always were.
+        let body = serde_json::to_value(problem).expect("a problem serializes");
         let mut response = (self.status, body.to_string()).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -287,6 +285,76 @@ impl IntoResponse for ApiError {
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
         }
         response
+    }
+}
+
+/// The body of every error answer.
+#[derive(Serialize, ToSchema)]
+#[schema(
+    description = "An error, as `application/problem+json` (RFC 9457). `code` is stable; `title` \
+        and `detail` are for people. The codes: `bad_request` (400: a request that could not be \
+        read), `unauthorized` (401), `not_found` (404), `method_not_allowed` (405), \
+        `request_timeout` (408: the request was not sent and answered within the server's \
+        limit), `unsupported_media_type` (415: a body not declared as `application/json`), \
+        `validation_failed` (422), `idempotency_key_reused` (422), `refund_exceeds_payment` \
+        (422), `insufficient_funds` (402), `funding_declined` (402), `payload_too_large` (413), \
+        `rate_limited` (429), `internal_error` (500), `shutting_down` (503), \
+        `storage_unavailable` (503), `retry` (503), `unavailable` (503: the server cannot \
+        answer now)."
+)]
+pub struct Problem<'a> {
+    /// `urn:farthing:problem:` followed by `code`.
+    #[serde(rename = "type")]
+    #[schema(
+        format = "uri",
+        pattern = "^urn:farthing:problem:[a-z][a-z0-9_]*$",
+        examples("urn:farthing:problem:not_found")
+    )]
+    kind: String,
+    /// A short summary of the kind of problem; the same for every problem with this `code`.
+    #[schema(examples("Not found"))]
+    title: &'a str,
+    #[schema(schema_with = crate::openapi::problem_status)]
+    status: u16,
+    /// What went wrong with this request, for people.
+    #[schema(examples("no such payment"))]
+    detail: &'a str,
+    /// A stable snake_case code to act on.
+    #[schema(
+        pattern = "^[a-z][a-z0-9_]*$",
+        examples(
+            "unauthorized",
+            "not_found",
+            "method_not_allowed",
+            "validation_failed",
+            "idempotency_key_reused",
+            "refund_exceeds_payment",
+            "insufficient_funds",
+            "funding_declined",
+            "payload_too_large",
+            "rate_limited",
+            "internal_error",
+            "shutting_down",
+            "storage_unavailable",
+            "retry",
+            "bad_request",
+            "request_timeout",
+            "unsupported_media_type",
+            "unavailable"
+        )
+    )]
+    code: &'a str,
+}
+
+impl<'a> Problem<'a> {
+    pub fn new(status: u16, code: &'a str, title: &'a str, detail: &'a str) -> Problem<'a> {
+        Problem {
+            kind: format!("urn:farthing:problem:{code}"),
+            title,
+            status,
+            detail,
+            code,
+        }
     }
 }
 

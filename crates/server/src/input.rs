@@ -11,8 +11,10 @@ use serde::de::{DeserializeOwned, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, de};
 use serde_json::Value;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
+use crate::openapi;
 
 /// Characters a name, description or reference may have at most.
 pub const TEXT_CHARS_MAX: usize = 500;
@@ -215,11 +217,15 @@ pub fn payer_id(field: &str, text: &str) -> Result<PayerId, ApiError> {
         .ok_or_else(|| ApiError::validation(format!("`{field}` is not a payer id (pyr_…)")))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateMerchantRequest)]
 pub struct CreateMerchant {
+    #[schema(value_type = openapi::Name)]
     pub name: String,
+    #[schema(schema_with = openapi::fee_bps_request)]
     pub fee_bps: Option<u32>,
+    #[schema(schema_with = openapi::fee_fixed_request)]
     pub fee_fixed: Option<String>,
 }
 
@@ -253,33 +259,49 @@ impl CreateMerchant {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreatePayerRequest)]
 pub struct CreatePayer {
+    #[schema(value_type = openapi::Name)]
     pub name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateTopupRequest)]
 pub struct CreateTopup {
+    #[schema(value_type = openapi::Amount)]
     pub amount: String,
+    #[schema(value_type = openapi::Currency)]
     pub currency: String,
+    #[schema(schema_with = openapi::funding_source_request)]
     pub source: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreatePaymentRequest)]
 pub struct CreatePayment {
+    #[schema(value_type = openapi::MerchantId)]
     pub merchant: String,
+    #[schema(value_type = openapi::Amount)]
     pub amount: String,
+    #[schema(value_type = openapi::Currency)]
     pub currency: String,
+    #[schema(schema_with = openapi::optional_description)]
     pub description: Option<String>,
+    #[schema(schema_with = openapi::optional_reference)]
     pub reference: Option<String>,
 }
 
-#[derive(Deserialize)]
+// A batch read item by item. Its schema asks only for objects, as the handler does: each is
+// then checked as a `BatchItem` on its own, and one that is not a valid payment fails in place.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = BatchPaymentsRequest)]
 pub struct BatchPayments {
+    #[schema(schema_with = openapi::batch_items)]
     pub payments: Vec<serde_json::Value>,
 }
 
@@ -304,27 +326,38 @@ pub struct BatchPaymentsTyped {
     pub payments: Vec<Object<BatchItem>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = BatchPaymentItem)]
 pub struct BatchItem {
+    #[schema(value_type = openapi::PayerId)]
     pub payer: String,
+    #[schema(value_type = openapi::MerchantId)]
     pub merchant: String,
+    #[schema(value_type = openapi::Amount)]
     pub amount: String,
+    #[schema(value_type = openapi::Currency)]
     pub currency: String,
+    #[schema(schema_with = openapi::optional_description)]
     pub description: Option<String>,
+    #[schema(schema_with = openapi::optional_reference)]
     pub reference: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateRefundRequest)]
 pub struct CreateRefund {
+    #[schema(schema_with = openapi::refund_amount_request)]
     pub amount: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = AdvanceTestClockRequest)]
 pub struct AdvanceTestClock {
-    /// Whole seconds, zero or more: a negative number or a fraction is refused.
+    // Whole seconds, zero or more: a negative number or a fraction is refused.
+    #[schema(schema_with = openapi::advance_seconds)]
     pub advance_seconds: u64,
 }
 

@@ -10,6 +10,7 @@ mod docs;
 mod error;
 mod input;
 mod metrics;
+mod openapi;
 mod ratelimit;
 mod render;
 mod routes;
@@ -38,8 +39,7 @@ pub const REQUEST_BODY_BYTES_MAX: usize = 64 * 1024;
 /// The largest body of a batch request: 8,190 payments of a few hundred bytes each.
 pub const BATCH_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
 
-/// The OpenAPI 3.1 document served at `/openapi.json`.
-pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+pub use openapi::openapi_json;
 
 /// The page at `/`: what this server is, with links to the API reference and the document.
 pub const INDEX_HTML: &str = include_str!("index.html");

@@ -177,6 +177,38 @@ impl Collector for ServiceCollector {
 /// `/metrics` on the API's address: Prometheus text for the operator's key alone, since the
 /// counts tell outsiders how much the platform does. `--metrics-listen` serves it without a
 /// key on an address of the operator's choosing.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "System",
+    summary = "Prometheus metrics",
+    description = "Metrics in the Prometheus text exposition format (version 0.0.4, \
+        `Content-Type: text/plain; version=0.0.4; charset=utf-8`): \
+        `farthing_http_responses_total{class}`, `farthing_http_request_duration_seconds` \
+        (histogram), `farthing_journal_commits_total`, `farthing_journal_records_total`, \
+        `farthing_journal_commit_micros_total`, and the gauges `farthing_merchants`, \
+        `farthing_payers`, `farthing_payments` and `farthing_ledger_transfers`. For the \
+        operator's key only: the counts tell how much the platform does. A server started with \
+        `--metrics-listen ADDR` also serves `/metrics` there without a key, for a scraper on a \
+        private address.",
+    responses(
+        (
+            status = 200,
+            description = "The metrics.",
+            body = String,
+            content_type = "text/plain",
+            example = json!(
+                "# HELP farthing_payments Payments.\n\
+                 # TYPE farthing_payments gauge\n\
+                 farthing_payments 42\n"
+            ),
+        ),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 429, response = crate::openapi::RateLimited),
+    ),
+)]
 pub async fn render_for_operator(
     State(app): State<App>,
     caller: crate::Caller,

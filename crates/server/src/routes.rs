@@ -11,10 +11,15 @@ use axum::response::{IntoResponse, Response};
 use farthing_payments::*;
 use farthing_service::{Executed, fingerprint};
 use farthing_store::StatementPage;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::input::{self, json_body};
+use crate::openapi::{
+    self, BatchResults, FundingDeclined, InsufficientFunds, InternalError, NotFound,
+    PayloadTooLarge, RateLimited, Unauthorized, Unavailable, UnavailableWrite, UnprocessableRefund,
+    UnprocessableRequest, ValidationFailed,
+};
 use crate::{App, BATCH_BODY_BYTES_MAX, Caller, REQUEST_BODY_BYTES_MAX, render};
 
 type ApiResult = Result<Response, ApiError>;
@@ -120,16 +125,43 @@ fn unexpected(outcome: Outcome) -> ApiError {
 
 /// 200 when the server can serve; 503 `storage_unavailable` while its store cannot be reached,
 /// so that a load balancer sends requests elsewhere.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "System",
+    summary = "Health check",
+    description = "Answers 200 once the server accepts requests, and 503 `storage_unavailable` \
+        while its store cannot be reached (a PostgreSQL database that is down), so that a load \
+        balancer can send requests elsewhere. Needs no key.",
+    security(),
+    responses(
+        (
+            status = 200,
+            description = "The server is up.",
+            body = render::Health,
+            example = json!({"status": "ok"}),
+        ),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn healthz(State(app): State<App>) -> ApiResult {
     app.service.check_storage().await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"status": "ok"}),
-        false,
-    ))
+    Ok(json_response(StatusCode::OK, &render::health(), false))
 }
 
 /// `GET /`: what this server is, and where its API reference is.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "index",
+    tag = "System",
+    summary = "What this server is",
+    description = "A small HTML page that says what this server is and links the OpenAPI \
+        document and the health check. Needs no key.",
+    security(),
+    responses((status = 200, description = "The page.", body = String, content_type = "text/html")),
+)]
 pub async fn index() -> Response {
     let mut response = crate::INDEX_HTML.into_response();
     response.headers_mut().insert(
@@ -139,8 +171,18 @@ pub async fn index() -> Response {
     response
 }
 
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "System",
+    summary = "This OpenAPI document",
+    description = "The OpenAPI 3.1 document describing this API. Needs no key.",
+    security(),
+    responses((status = 200, description = "This document.", body = Object)),
+)]
 pub async fn openapi() -> Response {
-    let mut response = crate::OPENAPI_JSON.into_response();
+    let mut response = crate::openapi::openapi_json().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -166,6 +208,40 @@ pub async fn method_not_allowed() -> ApiError {
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/merchants",
+    operation_id = "createMerchant",
+    tag = "Merchants",
+    summary = "Create a merchant",
+    description = "**Keys:** operator. Merchant and payer keys are answered 404 `not_found`.\n\n\
+        Creates a merchant and its API key, which is in the answer and shown only this once. \
+        Without `fee_bps` and `fee_fixed` the merchant pays the server's default fee (zero \
+        unless the operator sets `FARTHING_DEFAULT_FEE_BPS` / `FARTHING_DEFAULT_FEE_FIXED`); if \
+        only one of the two is given, the other is taken from the default.",
+    params(openapi::IdempotencyKey),
+    request_body(
+        content = input::CreateMerchant,
+        example = json!({"name": "Acme News", "fee_bps": 250, "fee_fixed": "0.0001"}),
+    ),
+    responses(
+        (
+            status = 201,
+            description = "The merchant was created. `api_key` is present on creation; on an \
+                idempotent replay it is present only while the same server process that created \
+                the merchant is running.",
+            body = render::MerchantView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRequest),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
 pub async fn create_merchant(
     State(app): State<App>,
     caller: Caller,
@@ -194,6 +270,35 @@ pub async fn create_merchant(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/payers",
+    operation_id = "createPayer",
+    tag = "Payers",
+    summary = "Create a payer",
+    description = "**Keys:** operator. Merchant and payer keys are answered 404 `not_found`.\n\n\
+        Creates a payer, with empty wallets, and its API key, which is in the answer and shown \
+        only this once.",
+    params(openapi::IdempotencyKey),
+    request_body(content = input::CreatePayer, example = json!({"name": "Ada"})),
+    responses(
+        (
+            status = 201,
+            description = "The payer was created. `api_key` is present on creation; on an \
+                idempotent replay it is present only while the same server process that created \
+                the payer is running.",
+            body = render::PayerView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRequest),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
 pub async fn create_payer(
     State(app): State<App>,
     caller: Caller,
@@ -241,6 +346,39 @@ fn merchant_in_path(caller: &Caller, id: &str) -> Result<MerchantId, ApiError> {
 }
 
 #[allow(clippy::too_many_arguments)]
+#[utoipa::path(
+    post,
+    path = "/v1/payers/{id}/topups",
+    operation_id = "createTopup",
+    tag = "Payers",
+    summary = "Top up a payer's wallet",
+    description = "**Keys:** operator, or the payer named in the path. Merchant keys and other \
+        payers' keys are answered 404 `not_found`.\n\n\
+        Adds money to the payer's wallet in `currency`, from a funding `source`: `\"sandbox\"` \
+        always succeeds, `\"sandbox_decline\"` is always declined with 402 `funding_declined`. \
+        A decline is kept for the `Idempotency-Key` and replayed on retry.",
+    params(openapi::PayerIdInPath, openapi::IdempotencyKey),
+    request_body(
+        content = input::CreateTopup,
+        example = json!({"amount": "5.00", "currency": "USD", "source": "sandbox"}),
+    ),
+    responses(
+        (
+            status = 201,
+            description = "The top-up succeeded and the wallet was credited.",
+            body = render::TopupView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 402, response = FundingDeclined),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRequest),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
 pub async fn create_topup(
     State(app): State<App>,
     caller: Caller,
@@ -283,6 +421,30 @@ pub async fn create_topup(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/payers/{id}/balance",
+    operation_id = "getPayerBalance",
+    tag = "Payers",
+    summary = "A payer's balances",
+    description = "**Keys:** operator, or the payer named in the path. Merchant keys and other \
+        payers' keys are answered 404 `not_found`.\n\n\
+        The available balance of each of the payer's wallets, one per currency it has used, in \
+        alphabetical order of currency. A payer that never topped up has none.",
+    params(openapi::PayerIdInPath),
+    responses(
+        (
+            status = 200,
+            description = "The payer's balances.",
+            body = render::BalancesView,
+            example = json!({"balances": [{"currency": "USD", "available": "4.9975"}]}),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 429, response = RateLimited),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn payer_balance(
     State(app): State<App>,
     caller: Caller,
@@ -301,6 +463,31 @@ pub async fn payer_balance(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/merchants/{id}/balance",
+    operation_id = "getMerchantBalance",
+    tag = "Merchants",
+    summary = "A merchant's balances",
+    description = "**Keys:** operator, or the merchant named in the path. Payer keys and other \
+        merchants' keys are answered 404 `not_found`.\n\n\
+        The available balance of each of the merchant's accounts, one per currency it has been \
+        paid in, in alphabetical order of currency: payments' net amounts, less what refunds \
+        took back.",
+    params(openapi::MerchantIdInPath),
+    responses(
+        (
+            status = 200,
+            description = "The merchant's balances.",
+            body = render::BalancesView,
+            example = json!({"balances": [{"currency": "USD", "available": "0.0024"}]}),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 429, response = RateLimited),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn merchant_balance(
     State(app): State<App>,
     caller: Caller,
@@ -319,6 +506,49 @@ pub async fn merchant_balance(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/payments",
+    operation_id = "createPayment",
+    tag = "Payments",
+    summary = "Pay a merchant",
+    description = "**Keys:** payer. The payer whose key is used pays. Operator and merchant keys \
+        are answered 404 `not_found` (operators pay on payers' behalf with \
+        `POST /v1/payments/batch`).\n\n\
+        Moves `amount` from the payer's wallet in `currency` to the merchant, less the \
+        merchant's fee: `fee = floor(amount × fee_bps / 10000) + fee_fixed`, never more than \
+        the amount, and `net = amount − fee`. A wallet that does not cover the amount is 402 \
+        `insufficient_funds`; that decline is kept for the `Idempotency-Key` and replayed on \
+        retry. A well-formed `merchant` id that names no merchant is 404 `not_found`; a \
+        malformed one is 422 `validation_failed`.",
+    params(openapi::IdempotencyKey),
+    request_body(
+        content = input::CreatePayment,
+        example = json!({
+            "merchant": "mer_01j9z3k8q2x7v5m4n6p8r0t2w4",
+            "amount": "0.0025",
+            "currency": "USD",
+            "description": "One article",
+            "reference": "article-1234"
+        }),
+    ),
+    responses(
+        (
+            status = 201,
+            description = "The payment succeeded.",
+            body = render::PaymentView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 402, response = InsufficientFunds),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRequest),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
 pub async fn create_payment(
     State(app): State<App>,
     caller: Caller,
@@ -358,6 +588,53 @@ pub async fn create_payment(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/payments/batch",
+    operation_id = "createPaymentBatch",
+    tag = "Payments",
+    summary = "Make many payments at once",
+    description = "**Keys:** operator. Merchant and payer keys are answered 404 `not_found`.\n\n\
+        Makes up to 8,190 payments, each from the `payer` it names, in one durable commit. The \
+        body may be up to 8 MiB (other routes: 64 KiB). Each item succeeds or fails on its own, \
+        and `results` answers them in the order they were sent. An item that is not a valid \
+        payment (unknown fields, a malformed id, an invalid amount or currency, text too long) \
+        fails in place with `validation_failed` rather than failing the request; an item whose \
+        payer or merchant does not exist fails with `not_found`, one whose wallet does not cover \
+        it with `insufficient_funds`. The request as a whole is 422 `validation_failed` only \
+        when the body is not `{\"payments\": [...]}` with 1 to 8,190 items, or the \
+        `Idempotency-Key` is malformed.",
+    params(openapi::IdempotencyKey),
+    request_body(
+        content = input::BatchPayments,
+        example = json!({"payments": [{
+            "payer": "pyr_01j9z3k8q2x7v5m4n6p8r0t2w4",
+            "merchant": "mer_01j9z3k8q2x7v5m4n6p8r0t2w4",
+            "amount": "0.0025",
+            "currency": "USD",
+            "reference": "article-1234"
+        }]}),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "The batch was processed; see each result's `status`.",
+            body = BatchResults,
+            headers(("Idempotent-Replayed")),
+            example = json!({"results": [
+                {"id": "pay_01j9z3k8q2x7v5m4n6p8r0t2w4", "status": "succeeded"},
+                {"status": "failed", "code": "insufficient_funds"}
+            ]}),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRequest),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
 pub async fn create_payment_batch(
     State(app): State<App>,
     caller: Caller,
@@ -466,6 +743,23 @@ pub async fn create_payment_batch(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/payments/{id}",
+    operation_id = "getPayment",
+    tag = "Payments",
+    summary = "Retrieve a payment",
+    description = "**Keys:** operator, the payment's payer, or the payment's merchant. Any other \
+        key is answered 404 `not_found`, as for a payment that does not exist.",
+    params(openapi::PaymentIdInPath),
+    responses(
+        (status = 200, description = "The payment.", body = render::PaymentView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 429, response = RateLimited),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn get_payment(State(app): State<App>, caller: Caller, PathId(id): PathId) -> ApiResult {
     let id = PaymentId::parse(&id).ok_or_else(|| ApiError::not_found("payment"))?;
     let payment = app
@@ -477,6 +771,27 @@ pub async fn get_payment(State(app): State<App>, caller: Caller, PathId(id): Pat
     Ok(json_response(StatusCode::OK, &payment, false))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/payments",
+    operation_id = "listPayments",
+    tag = "Payments",
+    summary = "List payments",
+    description = "**Keys:** operator (every payment), merchant (payments to it), payer \
+        (payments it made).\n\n\
+        Payments the caller may see, newest first. A `starting_after` that is not a payment id \
+        is 422 `validation_failed`; one the caller may not see, or that does not exist, is 404 \
+        `not_found`.",
+    params(openapi::Limit, openapi::StartingAfterPayment),
+    responses(
+        (status = 200, description = "A page of payments.", body = render::PaymentList),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn list_payments(
     State(app): State<App>,
     caller: Caller,
@@ -497,14 +812,51 @@ pub async fn list_payments(
         .list_payments(caller.principal, limit, cursor)
         .await?
         .ok_or_else(|| ApiError::not_found("payment"))?;
-    let items = page.items.iter().map(render::payment).collect();
     Ok(json_response(
         StatusCode::OK,
-        &render::list(items, page.has_more),
+        &render::payment_list(&page.items, page.has_more),
         false,
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/payments/{id}/refunds",
+    operation_id = "createRefund",
+    tag = "Refunds",
+    summary = "Refund a payment",
+    description = "**Keys:** operator, or the payment's merchant. Payer keys and other \
+        merchants' keys are answered 404 `not_found`.\n\n\
+        Returns `amount` (by default, all that is left of the payment) to the payer's wallet, \
+        taking back from the merchant its net and the fee in proportion. A payment may be \
+        refunded in several parts. More than is left, or a refund of a fully refunded payment, \
+        is 422 `refund_exceeds_payment`; a merchant whose available balance does not cover the \
+        refund is 402 `insufficient_funds`, a decline that is kept for the `Idempotency-Key` and \
+        replayed on retry. The body may be empty.",
+    params(openapi::PaymentIdInPath, openapi::IdempotencyKey),
+    request_body(
+        content = input::CreateRefund,
+        description = "Optional: an empty (or all-whitespace) body refunds everything that is \
+            left.",
+        example = json!({"amount": "0.0010"}),
+    ),
+    responses(
+        (
+            status = 201,
+            description = "The refund succeeded.",
+            body = render::RefundView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 402, response = InsufficientFunds),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRefund),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
 pub async fn create_refund(
     State(app): State<App>,
     caller: Caller,
@@ -550,6 +902,32 @@ fn respond_refund(executed: Executed) -> ApiResult {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/payers/{id}/transactions",
+    operation_id = "listPayerTransactions",
+    tag = "Payers",
+    summary = "A payer's statement",
+    description = "**Keys:** operator, or the payer named in the path. Merchant keys and other \
+        payers' keys are answered 404 `not_found`.\n\n\
+        The ledger entries of the payer's wallets, newest first: a credit for each top-up and \
+        refund, a debit for each payment, each with the wallet's balance after it. A \
+        `starting_after` that is not a top-up, payment or refund id is 422 \
+        `validation_failed`; one that is not in this payer's statement is 404 `not_found`.",
+    params(openapi::PayerIdInPath, openapi::Limit, openapi::StartingAfterEntry),
+    responses(
+        (
+            status = 200,
+            description = "A page of the payer's ledger entries.",
+            body = render::LedgerEntryList,
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 422, response = ValidationFailed),
+        (status = 429, response = RateLimited),
+        (status = 503, response = Unavailable),
+    ),
+)]
 pub async fn payer_transactions(
     State(app): State<App>,
     caller: Caller,
@@ -579,10 +957,9 @@ pub async fn payer_transactions(
             return Err(ApiError::not_found("transaction for `starting_after`"));
         }
     };
-    let items = page.items.iter().map(render::entry).collect();
     Ok(json_response(
         StatusCode::OK,
-        &render::list(items, page.has_more),
+        &render::entry_list(&page.items, page.has_more),
         false,
     ))
 }
@@ -591,6 +968,24 @@ pub async fn payer_transactions(
 pub const TEST_CLOCK_CLAIMS_MAX: usize = 10_000;
 
 /// `GET /v1/test_clock`: the test clock's time.
+#[utoipa::path(
+    get,
+    path = "/v1/test_clock",
+    operation_id = "getTestClock",
+    tag = "Test clock",
+    summary = "Read the test clock",
+    description = "**Keys:** operator. Merchant and payer keys are answered 404 `not_found`. \
+        Only on a server started with `--test-clock` (or `FARTHING_TEST_CLOCK=1`); elsewhere the \
+        route answers 404 `not_found`.\n\n\
+        The time every rule of the server follows now.",
+    responses(
+        (status = 200, description = "The time now.", body = render::TestClockView),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+    ),
+)]
 pub async fn test_clock(State(app): State<App>, caller: Caller) -> ApiResult {
     caller.require_operator()?;
     let now = app.service.now();
@@ -606,6 +1001,40 @@ pub async fn test_clock(State(app): State<App>, caller: Caller) -> ApiResult {
 ///
 /// Under an `Idempotency-Key` a retry replays the first answer and moves nothing; such keys
 /// are remembered in this process only (at most [`TEST_CLOCK_CLAIMS_MAX`]).
+#[utoipa::path(
+    post,
+    path = "/v1/test_clock",
+    operation_id = "advanceTestClock",
+    tag = "Test clock",
+    summary = "Move the test clock forward",
+    description = "**Keys:** operator. Merchant and payer keys are answered 404 `not_found`. \
+        Only on a server started with `--test-clock` (or `FARTHING_TEST_CLOCK=1`); elsewhere the \
+        route answers 404 `not_found`.\n\n\
+        Moves the server's time forward by `advance_seconds`, as Stripe's test \
+        clocks do: every time-based rule follows it (idempotency keys older than 24 hours expire \
+        at once; periods, windows and expiries follow). The step is kept durably (in the data \
+        directory, or in the database for every server on it), so time never goes back, across \
+        restarts too. Under an `Idempotency-Key` a retry replays the first answer and moves \
+        nothing; the keys of test clock steps are remembered by the server process that took \
+        them (not across a restart).",
+    params(openapi::IdempotencyKey),
+    request_body(content = input::AdvanceTestClock, example = json!({"advance_seconds": 86400})),
+    responses(
+        (
+            status = 200,
+            description = "The clock moved; the time now.",
+            body = render::TestClockView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRequest),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
 pub async fn advance_test_clock(
     State(app): State<App>,
     caller: Caller,
