@@ -17,7 +17,9 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, QueueMode, RecyclingMethod, Runtime,
+};
 use farthing_ledger::Currency;
 use farthing_payments::{
     EntryObject, IdempotencyKey, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal,
@@ -126,6 +128,9 @@ impl PgStore {
         );
         let pool = Pool::builder(manager)
             .max_size(connections)
+            // The connection used last goes out first: under light load the same few
+            // connections (and PostgreSQL backends, with their caches warm) do all the work.
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(options.connect_timeout))
             .build()
