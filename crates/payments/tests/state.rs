@@ -1516,12 +1516,27 @@ mod histories {
                 .idempotency
                 .as_ref()
                 .is_some_and(|claim| model.idempotency.iter().any(|k| k.key == claim.key));
-            let before = replay_expected.then(|| answers(&state, &builder));
+            // What the state refuses beforehand (answered by a server without a record) is
+            // exactly what applying the record refuses, and without an idempotency key (whose
+            // answer is then kept) such a refusal changes nothing.
+            let told = (!replay_expected)
+                .then(|| state.refusal(&record.command))
+                .flatten();
+            let unkeyed_refusal = told.is_some() && record.idempotency.is_none();
+            let before = (replay_expected || unkeyed_refusal).then(|| answers(&state, &builder));
             let expected = model.apply(&record);
             let outcome = state.apply(&record);
             prop_assert_eq!(&outcome, &expected, "record {:?}", record);
+            // Only ids chosen again on purpose (which random 128-bit ids never are) can make
+            // `apply` refuse otherwise: `refusal` leaves collisions to it.
+            if let Some(rejection) = told
+                && outcome != Outcome::Rejected(Rejection::IdCollision)
+            {
+                prop_assert_eq!(&outcome, &Outcome::Rejected(rejection), "told {:?}", record);
+            }
             if let Some(before) = before {
-                // A replay or a refusal of a reused key changes nothing but the record count.
+                // A replay, a refusal of a reused key or a refusal told beforehand changes
+                // nothing but the record count.
                 let after = answers(&state, &builder);
                 prop_assert_eq!(after.records_applied, before.records_applied + 1);
                 prop_assert_eq!(

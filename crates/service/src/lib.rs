@@ -563,6 +563,21 @@ impl Service {
         [TransferId(self.next_id()), TransferId(self.next_id())]
     }
 
+    /// The stored answer of an earlier request with the same idempotency key, on the embedded
+    /// store: from the state, or from the refusals remembered in memory.
+    fn known_locally(&self, claim: &IdempotencyClaim) -> Option<Outcome> {
+        self.read_now(
+            |state| match state.idempotency_lookup(&claim.key, &claim.fingerprint) {
+                IdempotencyLookup::New => None,
+                IdempotencyLookup::Replay(outcome) => Some(outcome.clone()),
+                IdempotencyLookup::Reused => {
+                    Some(Outcome::Rejected(Rejection::IdempotencyKeyReused))
+                }
+            },
+        )
+        .or_else(|| self.shared.refusals.answer(claim))
+    }
+
     /// Applies `command` durably and returns its outcome. With an idempotency claim, a
     /// completed earlier request with the same key answers instead.
     pub async fn submit(
@@ -572,15 +587,7 @@ impl Service {
     ) -> Result<Executed, ServiceError> {
         if let Some(claim) = &idempotency {
             let known = match &self.shared.storage {
-                Storage::Local(_) => self.read_now(|state| {
-                    match state.idempotency_lookup(&claim.key, &claim.fingerprint) {
-                        IdempotencyLookup::New => None,
-                        IdempotencyLookup::Replay(outcome) => Some(outcome.clone()),
-                        IdempotencyLookup::Reused => {
-                            Some(Outcome::Rejected(Rejection::IdempotencyKeyReused))
-                        }
-                    }
-                }),
+                Storage::Local(_) => self.known_locally(claim),
                 Storage::Shared(parts) => parts.store.idempotency(&claim.key).await?.map(|found| {
                     if found.fingerprint == claim.fingerprint {
                         found.outcome
@@ -589,25 +596,11 @@ impl Service {
                     }
                 }),
             };
-            let known = known.or_else(|| self.shared.refusals.answer(claim));
             if let Some(outcome) = known {
                 let replayed =
                     !matches!(outcome, Outcome::Rejected(Rejection::IdempotencyKeyReused));
                 return Ok(self.executed(outcome, idempotency.is_some(), replayed));
             }
-        }
-        // On the embedded store, a command that the state refuses as it stands is answered
-        // here, without a journal record: a refusal that moves no money costs no space. A
-        // refusal under an idempotency key is remembered in memory (bounded), for replays.
-        if let Storage::Local(_) = &self.shared.storage
-            && let Some(rejection) = self.read_now(|state| state.refusal(&command))
-        {
-            if let Some(claim) = &idempotency {
-                self.shared
-                    .refusals
-                    .remember(claim, rejection, self.shared.clock.now());
-            }
-            return Ok(self.executed(Outcome::Rejected(rejection), false, false));
         }
         let (reply, answer) = oneshot::channel();
         self.submit
@@ -819,6 +812,7 @@ fn write_loop(
     let mut jobs: Vec<Job> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     let mut records: Vec<Record> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX + 1);
     let mut outcomes: Vec<(Outcome, bool)> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
+    let mut kept: Vec<Job> = Vec::with_capacity(RECORDS_PER_COMMIT_MAX);
     // Time never goes backwards in the journal, even across a restart on a clock that did.
     let Storage::Local(state) = &shared.storage else {
         unreachable!("the journal writer runs over the embedded store")
@@ -846,6 +840,10 @@ fn write_loop(
         // Time never goes backwards in the journal, whatever the wall clock does.
         let now = clock.now().max(last_now);
         last_now = now;
+        answer_refusals(&shared, state, &mut jobs, &mut kept, now);
+        if jobs.is_empty() {
+            continue;
+        }
         let prunes = now >= next_prune;
         batch_records(&mut jobs, now, prunes, &mut records);
         if let Err(error) = journal.append(&records) {
@@ -949,6 +947,51 @@ async fn shared_write_loop(shared: &Shared, receive: &tokio::sync::Mutex<mpsc::R
         }
         records.clear();
     }
+}
+
+/// Answers, without a journal record, the jobs that the state refuses as it stands (a payment
+/// the wallet cannot cover, a declined top-up, a refund of a payment the caller cannot see),
+/// and keeps the rest in `jobs`. A refusal moves no money, so it is true as of the state
+/// before this batch (all the batch's requests are concurrent, and a refused one can be put
+/// first): refusals cost no durable space. A refusal under an idempotency key is remembered in
+/// memory, for replays; a key the state already holds is left to `State::apply`, which replays
+/// it. Checked here in the writer, which owns the state, so request handlers take no lock.
+fn answer_refusals(
+    shared: &Shared,
+    state: &RwLock<State>,
+    jobs: &mut Vec<Job>,
+    kept: &mut Vec<Job>,
+    now: Timestamp,
+) {
+    let state = state.read().expect("state lock");
+    for job in jobs.drain(..) {
+        let answer = match &job.idempotency {
+            Some(claim) => match state.idempotency_lookup(&claim.key, &claim.fingerprint) {
+                IdempotencyLookup::New => match shared.refusals.answer(claim) {
+                    Some(outcome) => {
+                        let replayed =
+                            !matches!(outcome, Outcome::Rejected(Rejection::IdempotencyKeyReused));
+                        Some((outcome, replayed))
+                    }
+                    None => state.refusal(&job.command).map(|rejection| {
+                        shared.refusals.remember(claim, rejection, now);
+                        (Outcome::Rejected(rejection), false)
+                    }),
+                },
+                IdempotencyLookup::Replay(_) | IdempotencyLookup::Reused => None,
+            },
+            None => state
+                .refusal(&job.command)
+                .map(|rejection| (Outcome::Rejected(rejection), false)),
+        };
+        match answer {
+            Some(answer) => {
+                let _ = job.reply.send(Ok(answer));
+            }
+            None => kept.push(job),
+        }
+    }
+    std::mem::swap(jobs, kept);
 }
 
 /// The records of one commit: an hourly prune first when one is due, then each job's command
