@@ -6,15 +6,16 @@
 //! not. So a 429 tells a guesser nothing about the key it sent, and guessing runs at the
 //! failure rate, not at the server's speed.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use farthing_payments::Principal;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use std::collections::HashMap;
-use std::sync::Mutex;
 
 /// Addresses blocked at once at most; beyond this the map is cleared of expired blocks, then
 /// emptied (the failure limiter still holds each address's history).
@@ -31,6 +32,9 @@ pub struct Limits {
     failures: DefaultKeyedRateLimiter<IpAddr>,
     /// Addresses that failed too often, and until when they are refused.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
+    /// Whether `blocked` may hold anything: every request asks, and almost always none is
+    /// blocked, so the common answer takes no lock.
+    any_blocked: AtomicBool,
 }
 
 /// What the failure limit says of a request from an address.
@@ -55,6 +59,7 @@ impl Limits {
             per_key,
             failures: RateLimiter::keyed(Quota::per_minute(failures)),
             blocked: Mutex::new(HashMap::new()),
+            any_blocked: AtomicBool::new(false),
         }
     }
 
@@ -68,6 +73,9 @@ impl Limits {
 
     /// Whether a request that carries a key may be authenticated, from `address`.
     pub fn admit(&self, address: IpAddr) -> Admission {
+        if !self.any_blocked.load(Ordering::Acquire) {
+            return Admission::Open;
+        }
         let blocked = self.blocked.lock().expect("blocked addresses lock");
         match blocked.get(&address) {
             Some(until) => match until.checked_duration_since(Instant::now()) {
@@ -94,6 +102,7 @@ impl Limits {
             }
         }
         blocked.insert(address, now + wait);
+        self.any_blocked.store(true, Ordering::Release);
         Admission::Blocked(wait)
     }
 
@@ -107,10 +116,11 @@ impl Limits {
         self.failures.retain_recent();
         self.failures.shrink_to_fit();
         let now = Instant::now();
-        self.blocked
-            .lock()
-            .expect("blocked addresses lock")
-            .retain(|_, until| *until > now);
+        let mut blocked = self.blocked.lock().expect("blocked addresses lock");
+        blocked.retain(|_, until| *until > now);
+        // Under the lock, so that a block added meanwhile is not hidden.
+        self.any_blocked
+            .store(!blocked.is_empty(), Ordering::Release);
     }
 }
 
