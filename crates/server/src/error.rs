@@ -103,6 +103,7 @@ impl ApiError {
             ),
         }
     }
+
     pub fn unauthorized() -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,

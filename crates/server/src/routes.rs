@@ -115,12 +115,7 @@ fn claim(
 
 fn unexpected(outcome: Outcome) -> ApiError {
     tracing::error!(?outcome, "an outcome that does not answer this command");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "Internal error",
-        "something went wrong on our side",
-    )
+    ApiError::from_status(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 /// 200 when the server can serve; 503 `storage_unavailable` while its store cannot be reached,
@@ -191,21 +186,11 @@ pub async fn openapi() -> Response {
 }
 
 pub async fn not_found_route() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "Not found",
-        "no such route",
-    )
+    ApiError::from_status(StatusCode::NOT_FOUND)
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "Method not allowed",
-        "this route does not take that method",
-    )
+    ApiError::from_status(StatusCode::METHOD_NOT_ALLOWED)
 }
 
 #[utoipa::path(
