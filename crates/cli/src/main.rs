@@ -264,10 +264,11 @@ fn seconds(flag: &str, secs: u64) -> anyhow::Result<std::time::Duration> {
 /// of visible ASCII characters only (a trailing space or newline would make a key that can
 /// never log in), and long enough not to be guessed.
 fn check_admin_key(key: &str) -> anyhow::Result<()> {
-    if let Some(bad) = key.chars().find(|c| !c.is_ascii_graphic()) {
+    // The offending character is not named: it is part of a secret.
+    if key.chars().any(|c| !c.is_ascii_graphic()) {
         bail!(
-            "FARTHING_ADMIN_KEY must be made of visible ASCII characters only, without spaces; \
-             it holds {bad:?}"
+            "FARTHING_ADMIN_KEY must be made of visible ASCII characters only: it holds a \
+             space, a control character or a character beyond ASCII"
         );
     }
     if key.len() < ADMIN_KEY_CHARS_MIN {
