@@ -25,7 +25,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::EdgeLimits;
 use crate::error::problems_only;
@@ -42,8 +41,7 @@ pub async fn serve(
             StatusCode::REQUEST_TIMEOUT,
             limits.request_timeout,
         ))
-        .layer(axum::middleware::map_response(problems_only))
-        .layer(TraceLayer::new_for_http());
+        .layer(axum::middleware::map_response(problems_only));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
