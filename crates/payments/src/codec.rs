@@ -6,40 +6,25 @@
 
 use farthing_ledger::{
     Account, AccountId, AccountKind, Amount, Currency, HoldState, Timestamp, Transfer, TransferId,
-    TransferKind, TransferRecord, TransferRejection,
+    TransferKind, TransferRecord,
 };
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
-use crate::working_set::IdempotencyRow;
+use farthing_kernel::{Binary, BinaryReader, Fields, Get, Put};
 
-/// The first byte of every encoded record.
-const FORMAT_VERSION: u8 = 1;
+/// The first byte of every encoded record. Version 2 writes an import's items in their stored
+/// form (each kind's [`Fields`] description, as checkpoints and PostgreSQL rows use it);
+/// version 1 records, which wrote them by hand, still read.
+const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION_FIRST: u8 = 1;
 
 /// The first byte of every encoded outcome. Outcomes change apart from records, so they
 /// carry their own version.
 const OUTCOME_FORMAT_VERSION: u8 = 1;
 
-/// Why bytes are not a record or an outcome.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum DecodeError {
-    UnexpectedEnd,
-    UnknownVersion(u8),
-    UnknownTag(u8),
-    InvalidCurrency,
-    InvalidText,
-    TrailingBytes,
-    /// A number too large for this platform (a count beyond `usize`).
-    OutOfRange,
-}
-
-impl std::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
-    }
-}
-
-impl std::error::Error for DecodeError {}
+pub use farthing_kernel::DecodeError;
+pub use farthing_kernel::{transfer_rejection_of, transfer_rejection_tag};
 
 /// Appends the encoding of `record` to `out`.
 pub fn encode(record: &Record, out: &mut Vec<u8>) {
@@ -145,7 +130,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     let mut r = Reader(bytes);
     let version = r.u8()?;
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_FIRST {
         return Err(DecodeError::UnknownVersion(version));
     }
     let now = Timestamp(r.u64()?);
@@ -219,7 +204,11 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             // than the record could hold.
             let mut items = Vec::with_capacity(count.min(r.0.len() / 33 + 1));
             for _ in 0..count {
-                items.push(r.imported()?);
+                items.push(if version == FORMAT_VERSION_FIRST {
+                    r.imported_first()?
+                } else {
+                    r.imported()?
+                });
             }
             Command::Import(items)
         }
@@ -469,170 +458,64 @@ impl Writer<'_> {
             Rejection::ImportDoesNotFit => 12,
         });
     }
-    fn opt_u64(&mut self, v: Option<u64>) {
-        match v {
-            None => self.u8(0),
-            Some(value) => {
-                self.u8(1);
-                self.u64(value);
-            }
-        }
-    }
-    fn owner(&mut self, owner: Owner) {
-        match owner {
-            Owner::Payer(id) => {
-                self.u8(1);
-                self.u128(id.to_u128());
-            }
-            Owner::Merchant(id) => {
-                self.u8(2);
-                self.u128(id.to_u128());
-            }
-            Owner::PlatformFees => self.u8(3),
-            Owner::ExternalFunding => self.u8(4),
-        }
-    }
-    fn transfer_record(&mut self, record: &TransferRecord) {
-        let transfer = &record.transfer;
-        self.u128(transfer.id.0);
-        self.u64(transfer.debit.0);
-        self.u64(transfer.credit.0);
-        self.u64(transfer.amount.micros());
-        match transfer.kind {
-            TransferKind::Posted => self.u8(1),
-            TransferKind::Pending { timeout_secs } => {
-                self.u8(2);
-                self.u32(timeout_secs);
-            }
-            TransferKind::PostPending { pending_id } => {
-                self.u8(3);
-                self.u128(pending_id.0);
-            }
-            TransferKind::VoidPending { pending_id } => {
-                self.u8(4);
-                self.u128(pending_id.0);
-            }
-        }
-        self.u8(u8::from(transfer.linked));
-        self.u64(record.timestamp.0);
-        match record.outcome {
-            Ok(()) => self.u8(0),
-            Err(rejection) => self.u8(transfer_rejection_tag(rejection)),
-        }
-        self.u8(match record.hold {
-            None => 0,
-            Some(HoldState::Pending) => 1,
-            Some(HoldState::Posted) => 2,
-            Some(HoldState::Voided) => 3,
-            Some(HoldState::Expired) => 4,
-        });
-        self.opt_u64(record.expires_at.map(|at| at.0));
-    }
     fn imported(&mut self, item: &Imported) {
+        let mut out = Binary(self.0);
         match item {
             Imported::OperatorKey(key_hash) => {
-                self.u8(1);
-                self.bytes32(&key_hash.0);
+                out.u8(1);
+                out.digest("key_hash", &key_hash.0);
             }
             Imported::Merchant { merchant, key_hash } => {
-                self.u8(2);
-                self.u128(merchant.id.to_u128());
-                self.text(&merchant.name);
-                self.bytes32(&key_hash.0);
-                self.u32(merchant.fee.bps);
-                self.u64(merchant.fee.fixed.micros());
-                self.u64(merchant.created_at.0);
+                out.u8(2);
+                MerchantRow {
+                    merchant: merchant.clone(),
+                    key_hash: *key_hash,
+                }
+                .put(&mut out);
             }
             Imported::Payer { payer, key_hash } => {
-                self.u8(3);
-                self.u128(payer.id.to_u128());
-                self.text(&payer.name);
-                self.bytes32(&key_hash.0);
-                self.u64(payer.created_at.0);
+                out.u8(3);
+                PayerRow {
+                    payer: payer.clone(),
+                    key_hash: *key_hash,
+                }
+                .put(&mut out);
             }
             Imported::Account { owner, account } => {
-                self.u8(4);
-                self.owner(*owner);
-                self.u64(account.id.0);
-                self.u8(account.kind.to_u8());
-                self.u32(account.currency.to_u32());
-                self.u64(account.debits_posted);
-                self.u64(account.credits_posted);
-                self.u64(account.debits_pending);
-                self.u64(account.credits_pending);
+                out.u8(4);
+                AccountRow {
+                    owner: *owner,
+                    account: *account,
+                }
+                .put(&mut out);
             }
             Imported::Transfer(record) => {
-                self.u8(5);
-                self.transfer_record(record);
+                out.u8(5);
+                record.put(&mut out);
             }
             Imported::Payment(payment) => {
-                self.u8(6);
-                self.u128(payment.id.to_u128());
-                self.u128(payment.payer.to_u128());
-                self.u128(payment.merchant.to_u128());
-                self.u64(payment.amount.micros());
-                self.u32(payment.currency.to_u32());
-                self.u64(payment.fee.micros());
-                self.opt_text(&payment.description);
-                self.opt_text(&payment.reference);
-                self.u64(payment.created_at.0);
-                self.u64(payment.amount_refunded.micros());
-                self.u64(payment.fee_refunded.micros());
+                out.u8(6);
+                payment.put(&mut out);
             }
             Imported::Topup(topup) => {
-                self.u8(7);
-                self.u128(topup.id.to_u128());
-                self.u128(topup.payer.to_u128());
-                self.u64(topup.amount.micros());
-                self.u32(topup.currency.to_u32());
-                self.funding_source(topup.source);
-                self.u64(topup.created_at.0);
+                out.u8(7);
+                topup.put(&mut out);
             }
             Imported::Refund(refund) => {
-                self.u8(8);
-                self.u128(refund.id.to_u128());
-                self.u128(refund.payment.to_u128());
-                self.u128(refund.payer.to_u128());
-                self.u128(refund.merchant.to_u128());
-                self.u64(refund.amount.micros());
-                self.u32(refund.currency.to_u32());
-                self.u64(refund.fee_refunded.micros());
-                self.u64(refund.created_at.0);
+                out.u8(8);
+                refund.put(&mut out);
             }
             Imported::Entry { payer, entry } => {
-                self.u8(9);
-                self.u128(payer.to_u128());
-                match entry.object {
-                    EntryObject::Topup(id) => {
-                        self.u8(1);
-                        self.u128(id.to_u128());
-                    }
-                    EntryObject::Payment(id) => {
-                        self.u8(2);
-                        self.u128(id.to_u128());
-                    }
-                    EntryObject::Refund(id) => {
-                        self.u8(3);
-                        self.u128(id.to_u128());
-                    }
+                out.u8(9);
+                EntryRow {
+                    payer: *payer,
+                    entry: *entry,
                 }
-                self.u32(entry.currency.to_u32());
-                self.u8(u8::from(entry.credit));
-                self.u64(entry.amount.micros());
-                self.u64(entry.balance_after.micros());
-                self.u64(entry.created_at.0);
+                .put(&mut out);
             }
             Imported::Idempotency(row) => {
-                self.u8(10);
-                self.principal(row.key.principal);
-                self.text(&row.key.key);
-                self.bytes32(&row.fingerprint);
-                self.u64(row.made.0);
-                // The stored answer in its own versioned form, length first.
-                let mut outcome = Vec::new();
-                encode_outcome(&row.outcome, &mut outcome);
-                self.u32(u32::try_from(outcome.len()).expect("outcomes are bounded"));
-                self.0.extend_from_slice(&outcome);
+                out.u8(10);
+                row.put(&mut out);
             }
         }
     }
@@ -797,7 +680,53 @@ impl Reader<'_> {
             expires_at,
         })
     }
+    /// An import's item as version 2 writes it.
     fn imported(&mut self) -> Result<Imported, DecodeError> {
+        let tag = self.u8()?;
+        let mut input = BinaryReader(self.0);
+        let item = match tag {
+            1 => Imported::OperatorKey(KeyHash(input.digest("key_hash")?)),
+            2 => {
+                let row = MerchantRow::get(&mut input)?;
+                Imported::Merchant {
+                    merchant: row.merchant,
+                    key_hash: row.key_hash,
+                }
+            }
+            3 => {
+                let row = PayerRow::get(&mut input)?;
+                Imported::Payer {
+                    payer: row.payer,
+                    key_hash: row.key_hash,
+                }
+            }
+            4 => {
+                let row = AccountRow::get(&mut input)?;
+                Imported::Account {
+                    owner: row.owner,
+                    account: row.account,
+                }
+            }
+            5 => Imported::Transfer(TransferRecord::get(&mut input)?),
+            6 => Imported::Payment(Payment::get(&mut input)?),
+            7 => Imported::Topup(Topup::get(&mut input)?),
+            8 => Imported::Refund(Refund::get(&mut input)?),
+            9 => {
+                let row = EntryRow::get(&mut input)?;
+                Imported::Entry {
+                    payer: row.payer,
+                    entry: row.entry,
+                }
+            }
+            10 => Imported::Idempotency(IdempotencyRow::get(&mut input)?),
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        };
+        self.0 = input.0;
+        Ok(item)
+    }
+
+    /// An import's item as version 1 wrote it, field by field.
+    fn imported_first(&mut self) -> Result<Imported, DecodeError> {
         Ok(match self.u8()? {
             1 => Imported::OperatorKey(KeyHash(self.bytes32()?)),
             2 => {
@@ -932,56 +861,4 @@ impl Reader<'_> {
             transfer_ids: [TransferId(self.u128()?), TransferId(self.u128()?)],
         })
     }
-}
-
-/// The ledger's rejections in a transfer record, each with a stable tag (1 and up; 0 is
-/// applied), in the journal and in the PostgreSQL store alike. A stored tag never changes
-/// meaning and a new rejection takes a new tag: the match has no catch-all, so it cannot be
-/// forgotten.
-pub fn transfer_rejection_tag(rejection: TransferRejection) -> u8 {
-    use TransferRejection::*;
-    match rejection {
-        LinkedEventFailed => 1,
-        LinkedEventChainOpen => 2,
-        IdMustNotBeZero => 3,
-        ExistsWithDifferentFields => 4,
-        AccountsMustBeDifferent => 5,
-        AmountMustNotBeZero => 6,
-        PendingTransferNotFound => 7,
-        PendingTransferAlreadyPosted => 8,
-        PendingTransferAlreadyVoided => 9,
-        PendingTransferExpired => 10,
-        PendingTransferHasDifferentAccounts => 11,
-        ExceedsPendingAmount => 12,
-        DebitAccountNotFound => 13,
-        CreditAccountNotFound => 14,
-        CurrenciesMustMatch => 15,
-        Overflow => 16,
-        ExceedsAvailableBalance => 17,
-    }
-}
-
-/// The rejection with this tag (see [`transfer_rejection_tag`]).
-pub fn transfer_rejection_of(tag: u8) -> Option<TransferRejection> {
-    use TransferRejection::*;
-    Some(match tag {
-        1 => LinkedEventFailed,
-        2 => LinkedEventChainOpen,
-        3 => IdMustNotBeZero,
-        4 => ExistsWithDifferentFields,
-        5 => AccountsMustBeDifferent,
-        6 => AmountMustNotBeZero,
-        7 => PendingTransferNotFound,
-        8 => PendingTransferAlreadyPosted,
-        9 => PendingTransferAlreadyVoided,
-        10 => PendingTransferExpired,
-        11 => PendingTransferHasDifferentAccounts,
-        12 => ExceedsPendingAmount,
-        13 => DebitAccountNotFound,
-        14 => CreditAccountNotFound,
-        15 => CurrenciesMustMatch,
-        16 => Overflow,
-        17 => ExceedsAvailableBalance,
-        _ => return None,
-    })
 }

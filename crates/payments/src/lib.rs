@@ -11,12 +11,17 @@
 #![deny(clippy::float_arithmetic)]
 
 pub mod codec;
+mod idempotency;
 mod ids;
 mod model;
+mod parties;
+mod paying;
 mod state;
+mod statements;
+mod wallets;
 mod working_set;
 
 pub use ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 pub use model::*;
 pub use state::{CurrencyTotals, IdempotencyLookup, Page, State, account_id};
-pub use working_set::{Changes, IdempotencyRow, LoadError, Needs, PaymentRefunded};
+pub use working_set::{Changes, LoadError, Needs, PaymentRefunded};

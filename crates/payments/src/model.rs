@@ -1,182 +1,21 @@
-//! The objects Farthing keeps, and the commands that change them.
+//! The envelope of every change: commands, the journal's records, their outcomes and
+//! rejections, and the items an import carries. The objects themselves live with their
+//! capability (`parties`, `wallets`, `paying`, `statements`, `idempotency`) and are named here
+//! again so that every part of the crate sees them in one place.
 
-use farthing_ledger::{
-    Account, AccountKind, Amount, Currency, Timestamp, TransferId, TransferRecord,
-};
+use farthing_ledger::{Account, Amount, Currency, Timestamp, TransferId, TransferRecord};
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
-use crate::working_set::IdempotencyRow;
 
-/// The SHA-256 digest of an API key. Keys themselves are never kept.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub struct KeyHash(pub [u8; 32]);
-
-/// Who is calling.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub enum Principal {
-    Operator,
-    Merchant(MerchantId),
-    Payer(PayerId),
-}
-
-/// Whose money a ledger account holds. Each owner has at most one account per currency, and
-/// the account's id is derived from the two ([`crate::account_id`]).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub enum Owner {
-    /// The payer's prepaid wallet.
-    Payer(PayerId),
-    /// The merchant's earnings.
-    Merchant(MerchantId),
-    /// The platform's fee income.
-    PlatformFees,
-    /// Money outside the ledger: where top-ups come from.
-    ExternalFunding,
-}
-
-impl Owner {
-    /// The kind of account this owner holds.
-    pub fn account_kind(self) -> AccountKind {
-        match self {
-            Owner::Payer(_) => AccountKind::PayerWallet,
-            Owner::Merchant(_) => AccountKind::Merchant,
-            Owner::PlatformFees => AccountKind::PlatformFees,
-            Owner::ExternalFunding => AccountKind::ExternalFunding,
-        }
-    }
-}
-
-/// A merchant's fee schedule: `floor(amount × bps / 10000) + fixed`, capped at the amount.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct FeeSchedule {
-    pub bps: u32,
-    pub fixed: Amount,
-}
-
-/// Basis points in a whole: a fee above 100% is refused.
-pub const FEE_BPS_MAX: u32 = 10_000;
-
-impl FeeSchedule {
-    pub const ZERO: FeeSchedule = FeeSchedule {
-        bps: 0,
-        fixed: Amount::ZERO,
-    };
-
-    /// The fee on `amount`, never more than the amount itself.
-    pub fn fee_on(&self, amount: Amount) -> Amount {
-        let proportional = amount
-            .mul_div_floor(u64::from(self.bps), u64::from(FEE_BPS_MAX))
-            .expect("bps is at most 10000, so the fee fits");
-        let fee = proportional.checked_add(self.fixed).unwrap_or(Amount::MAX);
-        fee.min(amount)
-    }
-}
-
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Merchant {
-    pub id: MerchantId,
-    pub name: String,
-    pub fee: FeeSchedule,
-    pub created_at: Timestamp,
-}
-
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Payer {
-    pub id: PayerId,
-    pub name: String,
-    pub created_at: Timestamp,
-}
-
-/// Where top-up money comes from.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum FundingSource {
-    /// The built-in sandbox provider: always succeeds.
-    Sandbox,
-    /// The built-in sandbox provider, told to decline.
-    SandboxDecline,
-}
-
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Topup {
-    pub id: TopupId,
-    pub payer: PayerId,
-    pub amount: Amount,
-    pub currency: Currency,
-    pub source: FundingSource,
-    pub created_at: Timestamp,
-}
-
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Payment {
-    pub id: PaymentId,
-    pub payer: PayerId,
-    pub merchant: MerchantId,
-    pub amount: Amount,
-    pub currency: Currency,
-    pub fee: Amount,
-    pub description: Option<String>,
-    pub reference: Option<String>,
-    pub created_at: Timestamp,
-    /// What refunds have returned so far, and the part of it taken from the fee.
-    pub amount_refunded: Amount,
-    pub fee_refunded: Amount,
-}
-
-impl Payment {
-    /// What the merchant receives: the amount less the fee (never negative: the fee is capped
-    /// at the amount).
-    pub fn net(&self) -> Amount {
-        self.amount
-            .checked_sub(self.fee)
-            .expect("the fee never exceeds the amount")
-    }
-}
-
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Refund {
-    pub id: RefundId,
-    pub payment: PaymentId,
-    pub payer: PayerId,
-    pub merchant: MerchantId,
-    pub amount: Amount,
-    pub currency: Currency,
-    /// The part of the refund taken back from the platform's fee.
-    pub fee_refunded: Amount,
-    pub created_at: Timestamp,
-}
-
-/// One line of a payer's statement.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Entry {
-    pub object: EntryObject,
-    pub currency: Currency,
-    /// `true` when money came into the wallet.
-    pub credit: bool,
-    pub amount: Amount,
-    /// The wallet's posted balance in this currency after the entry.
-    pub balance_after: Amount,
-    pub created_at: Timestamp,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum EntryObject {
-    Topup(TopupId),
-    Payment(PaymentId),
-    Refund(RefundId),
-}
-
-/// A payment to make: the same shape for a single payment and each item of a batch.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct PayCommand {
-    pub id: PaymentId,
-    pub payer: PayerId,
-    pub merchant: MerchantId,
-    pub amount: Amount,
-    pub currency: Currency,
-    pub description: Option<String>,
-    pub reference: Option<String>,
-    /// Ledger ids for the merchant leg and the fee leg.
-    pub transfer_ids: [TransferId; 2],
-}
+pub use crate::idempotency::{
+    IDEMPOTENCY_KEY_BYTES_MAX, IdempotencyClaim, IdempotencyKey, IdempotencyRow,
+};
+pub use crate::parties::{
+    FEE_BPS_MAX, FeeSchedule, KeyHash, Merchant, MerchantRow, Payer, PayerRow, Principal,
+};
+pub use crate::paying::{PayCommand, Payment, Refund};
+pub use crate::statements::{Entry, EntryObject, EntryRow};
+pub use crate::wallets::{AccountRow, FundingSource, Owner, Topup};
 
 /// Everything that changes state. Ids and time are chosen before a command is applied, so
 /// applying the same commands again gives the same state.
@@ -260,24 +99,6 @@ pub enum Imported {
     },
     /// An idempotency key with its first answer.
     Idempotency(IdempotencyRow),
-}
-
-/// An idempotency key presented with a command.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub struct IdempotencyKey {
-    pub principal: Principal,
-    pub key: String,
-}
-
-/// The longest idempotency key accepted (Stripe's limit).
-pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
-
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct IdempotencyClaim {
-    pub key: IdempotencyKey,
-    /// A digest of the request (method, path and body); the same key with another request
-    /// is refused.
-    pub fingerprint: [u8; 32],
 }
 
 /// One journal record: a command with the time it was applied and its idempotency key.

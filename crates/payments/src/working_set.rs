@@ -159,17 +159,6 @@ impl Needs {
     }
 }
 
-/// An idempotency key's stored answer.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct IdempotencyRow {
-    pub key: IdempotencyKey,
-    /// The digest of the request first made with the key.
-    pub fingerprint: [u8; 32],
-    pub outcome: Outcome,
-    /// When the key was first used: pruning forgets keys by this time.
-    pub made: Timestamp,
-}
-
 /// A payment whose refund totals changed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct PaymentRefunded {

@@ -238,7 +238,8 @@ mod codec_properties {
             version in any::<u8>(),
         ) {
             let mut bytes = encoded(&record);
-            prop_assume!(version != bytes[0]);
+            // Version 1 (the first) and 2 (the current) are known.
+            prop_assume!(version != 1 && version != 2);
             bytes[0] = version;
             prop_assert_eq!(codec::decode(&bytes), Err(codec::DecodeError::UnknownVersion(version)));
         }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use farthing_ledger::{
-    Account, Amount, Currency, HoldState, Timestamp, TransferId, TransferKind, TransferRecord,
+    Account, Currency, HoldState, Timestamp, TransferId, TransferKind, TransferRecord,
     TransferRejection,
 };
 use farthing_payments::codec::encode_outcome;

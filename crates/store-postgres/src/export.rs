@@ -11,17 +11,21 @@
 //! Rust's strings do; payments come in list order, `(created_at, batch_position, id)`, and each
 //! payer's statement lines likewise.
 
-use farthing_payments::{Imported, KeyHash, PayerId};
+use farthing_ledger::TransferRecord;
+use farthing_payments::{
+    AccountRow, EntryRow, IdempotencyRow, Imported, KeyHash, MerchantRow, PayerRow, Payment,
+    Refund, Topup,
+};
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, Transaction};
 
 use crate::PgError;
-use crate::apply::{bytes32, u128_of};
+use crate::apply::bytes32;
 use crate::rows::*;
 
 /// One table's rows, in export order, and how a row becomes an item.
 struct Table {
-    /// The columns the item's reader takes, then any it reads after them.
-    columns: &'static str,
+    /// The columns the item's reader takes.
+    columns: fn() -> &'static str,
     /// The rest of the query: `FROM … ORDER BY …`.
     from: &'static str,
     item: fn(&Row) -> Result<Imported, PgError>,
@@ -29,61 +33,61 @@ struct Table {
 
 impl Table {
     fn sql(&self) -> String {
-        format!("SELECT {} {}", self.columns, self.from)
+        format!("SELECT {} {}", (self.columns)(), self.from)
     }
 }
 
 /// The tables in export order.
 const TABLES: [Table; 10] = [
     Table {
-        columns: "key_hash",
+        columns: || "key_hash",
         from: "FROM operator_keys ORDER BY key_hash",
         item: operator_key_item,
     },
     Table {
-        columns: MERCHANT_COLUMNS,
-        from: ", key_hash FROM merchants ORDER BY id",
+        columns: columns::<MerchantRow>,
+        from: "FROM merchants ORDER BY id",
         item: merchant_item,
     },
     Table {
-        columns: PAYER_COLUMNS,
-        from: ", key_hash FROM payers ORDER BY id",
+        columns: columns::<PayerRow>,
+        from: "FROM payers ORDER BY id",
         item: payer_item,
     },
     Table {
-        columns: ACCOUNT_COLUMNS,
+        columns: columns::<AccountRow>,
         from: "FROM accounts ORDER BY owner_kind, owner_id, currency COLLATE \"C\"",
         item: account_item,
     },
     Table {
-        columns: TRANSFER_COLUMNS,
+        columns: columns::<TransferRecord>,
         from: "FROM transfers ORDER BY id",
         item: transfer_item,
     },
     // Payments in list order, oldest first.
     Table {
-        columns: PAYMENT_COLUMNS,
+        columns: columns::<Payment>,
         from: "FROM payments ORDER BY created_at, batch_position, id",
         item: payment_item,
     },
     Table {
-        columns: TOPUP_COLUMNS,
+        columns: columns::<Topup>,
         from: "FROM topups ORDER BY id",
         item: topup_item,
     },
     Table {
-        columns: REFUND_COLUMNS,
+        columns: columns::<Refund>,
         from: "FROM refunds ORDER BY id",
         item: refund_item,
     },
-    // Statement lines by payer, each payer's in statement order, with the payer last.
+    // Statement lines by payer, each payer's in statement order.
     Table {
-        columns: ENTRY_COLUMNS,
-        from: ", payer FROM statement_lines ORDER BY payer, created_at, batch_position, object_id",
+        columns: columns::<EntryRow>,
+        from: "FROM statement_lines ORDER BY payer, created_at, batch_position, object_id",
         item: entry_item,
     },
     Table {
-        columns: IDEMPOTENCY_COLUMNS,
+        columns: columns::<IdempotencyRow>,
         from: "FROM idempotency_keys ORDER BY principal_kind, principal_id, key COLLATE \"C\"",
         item: idempotency_item,
     },
@@ -194,54 +198,48 @@ pub fn chunk_may_end_between(previous: &Imported, next: &Imported) -> bool {
 }
 
 fn operator_key_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::OperatorKey(KeyHash(bytes32(row.get(0))?)))
+    let key_hash: &[u8] = row
+        .try_get(0)
+        .map_err(|error| PgError::Stored(format!("operator_keys.key_hash: {error}")))?;
+    Ok(Imported::OperatorKey(KeyHash(bytes32(key_hash)?)))
 }
 
-/// The merchant, then its key hash.
 fn merchant_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Merchant {
-        merchant: merchant_of(row)?,
-        key_hash: KeyHash(bytes32(row.get(5))?),
-    })
+    let MerchantRow { merchant, key_hash } = read(row)?;
+    Ok(Imported::Merchant { merchant, key_hash })
 }
 
-/// The payer, then its key hash.
 fn payer_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Payer {
-        payer: payer_of(row)?,
-        key_hash: KeyHash(bytes32(row.get(3))?),
-    })
+    let PayerRow { payer, key_hash } = read(row)?;
+    Ok(Imported::Payer { payer, key_hash })
 }
 
 fn account_item(row: &Row) -> Result<Imported, PgError> {
-    let (owner, account) = account_of(row)?;
+    let AccountRow { owner, account } = read(row)?;
     Ok(Imported::Account { owner, account })
 }
 
 fn transfer_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Transfer(transfer_record_of(row)?))
+    Ok(Imported::Transfer(read(row)?))
 }
 
 fn payment_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Payment(payment_of(row)?))
+    Ok(Imported::Payment(read(row)?))
 }
 
 fn topup_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Topup(topup_of(row)?))
+    Ok(Imported::Topup(read(row)?))
 }
 
 fn refund_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Refund(refund_of(row)?))
+    Ok(Imported::Refund(read(row)?))
 }
 
-/// The statement line, then its payer.
 fn entry_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Entry {
-        payer: PayerId::from_u128(u128_of(row.get(7))?),
-        entry: entry_of(row)?,
-    })
+    let EntryRow { payer, entry } = read(row)?;
+    Ok(Imported::Entry { payer, entry })
 }
 
 fn idempotency_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Idempotency(idempotency_row_of(row)?))
+    Ok(Imported::Idempotency(read(row)?))
 }

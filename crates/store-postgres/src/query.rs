@@ -23,14 +23,14 @@
 use farthing_ledger::Currency;
 use farthing_payments::codec::decode_outcome;
 use farthing_payments::{
-    Entry, EntryObject, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId, Payment,
-    PaymentId, Principal,
+    Entry, EntryObject, EntryRow, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId,
+    Payment, PaymentId, Principal,
 };
 use tokio_postgres::{GenericClient, Row};
 
 use crate::PgError;
 use crate::apply::{Id, bytes32, currency_of, id16, principal_columns, principal_of, u128_of};
-use crate::rows::{ENTRY_COLUMNS, PAYMENT_COLUMNS, entry_of, payment_of};
+use crate::rows::{columns, entry_of, payment_of};
 
 /// Who holds the key with this hash, or `None` when no one does.
 pub async fn principal(
@@ -124,9 +124,10 @@ pub async fn payment(
     client: &impl GenericClient,
     id: PaymentId,
 ) -> Result<Option<Payment>, PgError> {
+    let payment_columns = columns::<Payment>();
     let row = client
         .query_opt(
-            &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = $1"),
+            &format!("SELECT {payment_columns} FROM payments WHERE id = $1"),
             &[&id16(id.to_u128())],
         )
         .await?;
@@ -202,12 +203,13 @@ pub async fn list_payments(
         }
     };
     let fetch = fetch_limit(limit);
+    let payment_columns = columns::<Payment>();
     let order = "ORDER BY created_at DESC, batch_position DESC, id DESC LIMIT";
     let rows = match (&party, &cursor) {
         (None, None) => {
             client
                 .query(
-                    &format!("SELECT {PAYMENT_COLUMNS} FROM payments {order} $1"),
+                    &format!("SELECT {payment_columns} FROM payments {order} $1"),
                     &[&fetch],
                 )
                 .await?
@@ -216,7 +218,7 @@ pub async fn list_payments(
             client
                 .query(
                     &format!(
-                        "SELECT {PAYMENT_COLUMNS} FROM payments
+                        "SELECT {payment_columns} FROM payments
                          WHERE (created_at, batch_position, id) < ($1, $2, $3) {order} $4"
                     ),
                     &[at, position, id, &fetch],
@@ -227,7 +229,7 @@ pub async fn list_payments(
             client
                 .query(
                     &format!(
-                        "SELECT {PAYMENT_COLUMNS} FROM payments WHERE {column} = $1 {order} $2"
+                        "SELECT {payment_columns} FROM payments WHERE {column} = $1 {order} $2"
                     ),
                     &[party, &fetch],
                 )
@@ -237,7 +239,7 @@ pub async fn list_payments(
             client
                 .query(
                     &format!(
-                        "SELECT {PAYMENT_COLUMNS} FROM payments
+                        "SELECT {payment_columns} FROM payments
                          WHERE {column} = $1 AND (created_at, batch_position, id) < ($2, $3, $4)
                          {order} $5"
                     ),
@@ -264,7 +266,7 @@ async fn payer_payments(
     if !party_exists(client, "payers", &payer).await? {
         return Ok(None);
     }
-    let columns = PAYMENT_COLUMNS
+    let columns = columns::<Payment>()
         .split(',')
         .map(|column| format!("p.{}", column.trim()))
         .collect::<Vec<_>>()
@@ -337,13 +339,14 @@ pub async fn payer_entries(
         return Ok(None);
     }
     let fetch = fetch_limit(limit);
+    let entry_columns = columns::<EntryRow>();
     let order = "ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT";
     let rows =
         match starting_after {
             None => client
                 .query(
                     &format!(
-                        "SELECT {ENTRY_COLUMNS} FROM statement_lines WHERE payer = $1 {order} $2"
+                        "SELECT {entry_columns} FROM statement_lines WHERE payer = $1 {order} $2"
                     ),
                     &[&payer, &fetch],
                 )
@@ -373,7 +376,7 @@ pub async fn payer_entries(
                 client
                     .query(
                         &format!(
-                            "SELECT {ENTRY_COLUMNS} FROM statement_lines
+                            "SELECT {entry_columns} FROM statement_lines
                          WHERE payer = $1 AND (created_at, batch_position, object_id) < ($2, $3, $4)
                          {order} $5"
                         ),

@@ -9,10 +9,6 @@ pub(crate) fn transfer_rejection_code(rejection: TransferRejection) -> i16 {
     i16::from(codec::transfer_rejection_tag(rejection))
 }
 
-pub(crate) fn transfer_rejection_of(code: i16) -> Option<TransferRejection> {
-    codec::transfer_rejection_of(u8::try_from(code).ok()?)
-}
-
 pub(crate) fn stored(what: &str) -> PgError {
     PgError::Stored(format!("{what} is out of range"))
 }
@@ -64,22 +60,6 @@ pub(crate) fn big(what: &str, value: u64) -> Result<i64, PgError> {
     i64::try_from(value).map_err(|_| PgError::Stored(format!("{what} does not fit BIGINT")))
 }
 
-pub(crate) fn total_of(value: i64) -> Result<u64, PgError> {
-    u64::try_from(value).map_err(|_| stored("an account total"))
-}
-
-pub(crate) fn amount_of(value: i64) -> Result<Amount, PgError> {
-    Ok(Amount::from_micros(
-        u64::try_from(value).map_err(|_| stored("an amount"))?,
-    ))
-}
-
-pub(crate) fn time_of(value: i64) -> Result<Timestamp, PgError> {
-    Ok(Timestamp(
-        u64::try_from(value).map_err(|_| stored("a time"))?,
-    ))
-}
-
 pub(crate) fn currency_of(code: String) -> Result<Currency, PgError> {
     Currency::parse(&code).ok_or_else(|| stored("a currency"))
 }
@@ -111,14 +91,4 @@ pub(crate) fn owner_columns(owner: Owner) -> (i16, Id) {
         Owner::PlatformFees => (3, Id::NIL),
         Owner::ExternalFunding => (4, Id::NIL),
     }
-}
-
-pub(crate) fn owner_of(kind: i16, id: Id) -> Result<Owner, PgError> {
-    Ok(match kind {
-        1 => Owner::Payer(PayerId::from_u128(u128_of(id)?)),
-        2 => Owner::Merchant(MerchantId::from_u128(u128_of(id)?)),
-        3 => Owner::PlatformFees,
-        4 => Owner::ExternalFunding,
-        _ => return Err(stored("an owner kind")),
-    })
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use farthing_payments::Needs;
+use farthing_payments::{AccountRow, MerchantRow, Needs, PayerRow};
 
 use super::*;
 use crate::rows::*;
@@ -368,7 +368,10 @@ pub(super) async fn load_merchants(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<MerchantId>,
 ) -> Result<Vec<Merchant>, PgError> {
-    let sql = format!("SELECT {MERCHANT_COLUMNS} FROM merchants WHERE id = ANY($1)");
+    let sql = format!(
+        "SELECT {} FROM merchants WHERE id = ANY($1)",
+        columns::<MerchantRow>()
+    );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
     rows.iter().map(merchant_of).collect()
 }
@@ -377,7 +380,10 @@ pub(super) async fn load_payers(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<PayerId>,
 ) -> Result<Vec<Payer>, PgError> {
-    let sql = format!("SELECT {PAYER_COLUMNS} FROM payers WHERE id = ANY($1)");
+    let sql = format!(
+        "SELECT {} FROM payers WHERE id = ANY($1)",
+        columns::<PayerRow>()
+    );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
     rows.iter().map(payer_of).collect()
 }
@@ -387,8 +393,10 @@ pub(super) async fn load_payments(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<PaymentId>,
 ) -> Result<Vec<Payment>, PgError> {
-    let sql =
-        format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = ANY($1) ORDER BY id FOR UPDATE");
+    let sql = format!(
+        "SELECT {} FROM payments WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        columns::<Payment>()
+    );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
     rows.iter().map(payment_of).collect()
 }
@@ -397,7 +405,10 @@ pub(super) async fn load_topups(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<TopupId>,
 ) -> Result<Vec<Topup>, PgError> {
-    let sql = format!("SELECT {TOPUP_COLUMNS} FROM topups WHERE id = ANY($1)");
+    let sql = format!(
+        "SELECT {} FROM topups WHERE id = ANY($1)",
+        columns::<Topup>()
+    );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
     rows.iter().map(topup_of).collect()
 }
@@ -406,7 +417,10 @@ pub(super) async fn load_refunds(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<RefundId>,
 ) -> Result<Vec<Refund>, PgError> {
-    let sql = format!("SELECT {REFUND_COLUMNS} FROM refunds WHERE id = ANY($1)");
+    let sql = format!(
+        "SELECT {} FROM refunds WHERE id = ANY($1)",
+        columns::<Refund>()
+    );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
     rows.iter().map(refund_of).collect()
 }
@@ -415,7 +429,10 @@ pub(super) async fn load_transfers(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<TransferId>,
 ) -> Result<Vec<TransferRecord>, PgError> {
-    let sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1)");
+    let sql = format!(
+        "SELECT {} FROM transfers WHERE id = ANY($1)",
+        columns::<TransferRecord>()
+    );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.0)).await?;
     rows.iter().map(transfer_record_of).collect()
 }
@@ -440,9 +457,10 @@ pub(super) async fn load_idempotency(
     let rows = transaction
         .query_typed(
             &format!(
-                "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys
+                "SELECT {} FROM idempotency_keys
                  WHERE (principal_kind, principal_id, key) IN
-                       (SELECT * FROM unnest($1::SMALLINT[], $2::UUID[], $3::TEXT[]))"
+                       (SELECT * FROM unnest($1::SMALLINT[], $2::UUID[], $3::TEXT[]))",
+                columns::<IdempotencyRow>()
             ),
             &[
                 (&kinds, Type::INT2_ARRAY),
@@ -490,15 +508,11 @@ async fn accounts(
     let rows = transaction
         .query_typed(
             &format!(
-                "SELECT {ACCOUNT_COLUMNS}, changed_at FROM accounts WHERE id = ANY($1) {locking}"
+                "SELECT {}, changed_at FROM accounts WHERE id = ANY($1) {locking}",
+                columns::<AccountRow>()
             ),
             &[(&ids, Type::INT8_ARRAY)],
         )
         .await?;
-    rows.iter()
-        .map(|row| {
-            let (owner, account) = account_of(row)?;
-            Ok((owner, account, time_of(row.get(9))?))
-        })
-        .collect()
+    rows.iter().map(account_changed_of).collect()
 }

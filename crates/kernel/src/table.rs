@@ -1,0 +1,240 @@
+//! Records of one kind, by key, with what changed since a backend last wrote them back.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, Hash};
+
+/// What a table holds under a key.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Slot<V> {
+    Present(V),
+    /// Known not to exist: a working set loaded the key and found nothing, or the record was
+    /// removed (which is a change like any other).
+    Absent,
+}
+
+struct Row<V> {
+    slot: Slot<V>,
+    changed: bool,
+}
+
+/// Records of one kind by key. Every change (a new record, an update, a removal) is
+/// remembered until [`Table::take_changes`] hands it over, once per key however often the
+/// key changed, in the order keys first changed.
+pub struct Table<K, V, S = std::hash::RandomState> {
+    rows: HashMap<K, Row<V>, S>,
+    /// Keys changed since the changes were last taken, each once.
+    changed: Vec<K>,
+    /// Present records.
+    present: usize,
+}
+
+impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Default for Table<K, V, S> {
+    fn default() -> Self {
+        Table {
+            rows: HashMap::default(),
+            changed: Vec::new(),
+            present: 0,
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The record under `key`, if the table holds one.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        match self.rows.get(key) {
+            Some(Row {
+                slot: Slot::Present(value),
+                ..
+            }) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// What the table knows of `key`: a record, its absence, or nothing (`None`: not loaded).
+    pub fn slot(&self, key: &K) -> Option<&Slot<V>> {
+        self.rows.get(key).map(|row| &row.slot)
+    }
+
+    pub fn contains(&self, key: &K) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// How many records the table holds.
+    pub fn len(&self) -> usize {
+        self.present
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.present == 0
+    }
+
+    /// Puts a record or an absence read from storage: not a change. Refused (`false`) when the
+    /// table already knows the key, so that a load never overwrites what applying did.
+    #[must_use]
+    pub fn load(&mut self, key: K, slot: Slot<V>) -> bool {
+        match self.rows.entry(key) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(vacant) => {
+                if matches!(slot, Slot::Present(_)) {
+                    self.present += 1;
+                }
+                vacant.insert(Row {
+                    slot,
+                    changed: false,
+                });
+                true
+            }
+        }
+    }
+
+    /// Puts a record under `key`, replacing what was there: a change.
+    pub fn put(&mut self, key: K, value: V) {
+        self.set(key, Slot::Present(value));
+    }
+
+    /// Removes the record under `key`: a change (the backend removes it too).
+    pub fn remove(&mut self, key: &K) {
+        if self.rows.contains_key(key) {
+            self.set(key.clone(), Slot::Absent);
+        }
+    }
+
+    fn set(&mut self, key: K, slot: Slot<V>) {
+        let adds = usize::from(matches!(slot, Slot::Present(_)));
+        match self.rows.entry(key) {
+            Entry::Occupied(mut occupied) => {
+                let row = occupied.get_mut();
+                let had = usize::from(matches!(row.slot, Slot::Present(_)));
+                self.present = self.present - had + adds;
+                row.slot = slot;
+                if !row.changed {
+                    row.changed = true;
+                    self.changed.push(occupied.key().clone());
+                }
+            }
+            Entry::Vacant(vacant) => {
+                self.present += adds;
+                self.changed.push(vacant.key().clone());
+                vacant.insert(Row {
+                    slot,
+                    changed: true,
+                });
+            }
+        }
+    }
+
+    /// Changes the record under `key` in place: a change. `None` when there is none.
+    pub fn update<T>(&mut self, key: &K, change: impl FnOnce(&mut V) -> T) -> Option<T> {
+        let row = self.rows.get_mut(key)?;
+        let Slot::Present(value) = &mut row.slot else {
+            return None;
+        };
+        let result = change(value);
+        if !row.changed {
+            row.changed = true;
+            self.changed.push(key.clone());
+        }
+        Some(result)
+    }
+
+    /// Every change since the changes were last taken: each changed key once, with what it
+    /// holds now, in the order the keys first changed. The table then counts none.
+    pub fn take_changes(&mut self) -> Vec<(K, Slot<&V>)> {
+        let keys = std::mem::take(&mut self.changed);
+        for key in &keys {
+            self.rows
+                .get_mut(key)
+                .expect("a changed key is held")
+                .changed = false;
+        }
+        keys.into_iter()
+            .map(|key| {
+                let slot = self.rows[&key].slot.as_ref();
+                (key, slot)
+            })
+            .collect()
+    }
+
+    /// Whether anything changed since the changes were last taken.
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    /// Every record held, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.rows.iter().filter_map(|(key, row)| match &row.slot {
+            Slot::Present(value) => Some((key, value)),
+            Slot::Absent => None,
+        })
+    }
+}
+
+impl<V> Slot<V> {
+    pub fn as_ref(&self) -> Slot<&V> {
+        match self {
+            Slot::Present(value) => Slot::Present(value),
+            Slot::Absent => Slot::Absent,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Numbers = Table<u32, &'static str>;
+
+    #[test]
+    fn each_changed_key_is_handed_over_once_in_the_order_it_first_changed() {
+        let mut table = Numbers::new();
+        table.put(2, "two");
+        table.put(1, "one");
+        table.put(2, "deux");
+        assert_eq!(table.update(&1, |value| *value = "un"), Some(()));
+        assert_eq!(
+            table.take_changes(),
+            vec![(2, Slot::Present(&"deux")), (1, Slot::Present(&"un"))]
+        );
+        assert!(table.take_changes().is_empty());
+        assert!(!table.has_changes());
+    }
+
+    #[test]
+    fn loads_are_not_changes_and_never_overwrite() {
+        let mut table = Numbers::new();
+        assert!(table.load(1, Slot::Present("one")));
+        assert!(table.load(2, Slot::Absent));
+        assert!(!table.has_changes());
+        table.put(3, "three");
+        assert!(!table.load(3, Slot::Present("stale")));
+        assert_eq!(table.get(&3), Some(&"three"));
+        assert_eq!(table.slot(&2), Some(&Slot::Absent));
+        assert_eq!(table.slot(&4), None);
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn a_removal_is_a_change_and_the_record_is_gone() {
+        let mut table = Numbers::new();
+        assert!(table.load(1, Slot::Present("one")));
+        table.remove(&1);
+        table.remove(&9);
+        assert_eq!(table.get(&1), None);
+        assert_eq!(table.len(), 0);
+        assert_eq!(table.take_changes(), vec![(1, Slot::Absent)]);
+    }
+
+    #[test]
+    fn an_update_of_a_missing_record_changes_nothing() {
+        let mut table = Numbers::new();
+        assert!(table.load(1, Slot::Absent));
+        assert_eq!(table.update(&1, |_| ()), None);
+        assert_eq!(table.update(&2, |_| ()), None);
+        assert!(!table.has_changes());
+    }
+}
