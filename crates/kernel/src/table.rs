@@ -18,15 +18,17 @@ struct Row<V> {
     changed: bool,
 }
 
-/// Records of one kind by key. Every change (a new record, an update, a removal) is
-/// remembered until [`Table::take_changes`] hands it over, once per key however often the
-/// key changed, in the order keys first changed.
+/// Records of one kind by key. Once [`Table::track_changes`] is called, every change (a new
+/// record, an update, a removal) is remembered until [`Table::take_changes`] hands it over,
+/// once per key however often the key changed, in the order keys first changed. A table that
+/// does not track (a whole state nobody writes back) remembers nothing.
 pub struct Table<K, V, S = std::hash::RandomState> {
     rows: HashMap<K, Row<V>, S>,
     /// Keys changed since the changes were last taken, each once.
     changed: Vec<K>,
     /// Present records.
     present: usize,
+    tracking: bool,
 }
 
 impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Default for Table<K, V, S> {
@@ -35,6 +37,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Default for Table<K, V, 
             rows: HashMap::default(),
             changed: Vec::new(),
             present: 0,
+            tracking: false,
         }
     }
 }
@@ -42,6 +45,15 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Default for Table<K, V, 
 impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Remembers changes from here on.
+    pub fn track_changes(&mut self) {
+        self.tracking = true;
+    }
+
+    pub fn is_tracking_changes(&self) -> bool {
+        self.tracking
     }
 
     /// The record under `key`, if the table holds one.
@@ -105,6 +117,13 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
     }
 
     fn set(&mut self, key: K, slot: Slot<V>) {
+        if !self.tracking && matches!(slot, Slot::Absent) {
+            // Nothing will ask which keys were removed: forget the key altogether.
+            if let Some(row) = self.rows.remove(&key) {
+                self.present -= usize::from(matches!(row.slot, Slot::Present(_)));
+            }
+            return;
+        }
         let adds = usize::from(matches!(slot, Slot::Present(_)));
         match self.rows.entry(key) {
             Entry::Occupied(mut occupied) => {
@@ -112,17 +131,19 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 let had = usize::from(matches!(row.slot, Slot::Present(_)));
                 self.present = self.present - had + adds;
                 row.slot = slot;
-                if !row.changed {
+                if self.tracking && !row.changed {
                     row.changed = true;
                     self.changed.push(occupied.key().clone());
                 }
             }
             Entry::Vacant(vacant) => {
                 self.present += adds;
-                self.changed.push(vacant.key().clone());
+                if self.tracking {
+                    self.changed.push(vacant.key().clone());
+                }
                 vacant.insert(Row {
                     slot,
-                    changed: true,
+                    changed: self.tracking,
                 });
             }
         }
@@ -135,7 +156,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             return None;
         };
         let result = change(value);
-        if !row.changed {
+        if self.tracking && !row.changed {
             row.changed = true;
             self.changed.push(key.clone());
         }
@@ -189,9 +210,28 @@ mod tests {
 
     type Numbers = Table<u32, &'static str>;
 
+    fn tracked() -> Numbers {
+        let mut table = Numbers::new();
+        table.track_changes();
+        table
+    }
+
+    #[test]
+    fn a_table_that_does_not_track_remembers_no_change_and_no_removed_key() {
+        let mut table = Numbers::new();
+        table.put(1, "one");
+        table.update(&1, |value| *value = "un");
+        table.put(2, "two");
+        table.remove(&2);
+        assert!(!table.has_changes());
+        assert!(table.take_changes().is_empty());
+        assert_eq!(table.slot(&2), None);
+        assert_eq!(table.len(), 1);
+    }
+
     #[test]
     fn each_changed_key_is_handed_over_once_in_the_order_it_first_changed() {
-        let mut table = Numbers::new();
+        let mut table = tracked();
         table.put(2, "two");
         table.put(1, "one");
         table.put(2, "deux");
@@ -206,7 +246,7 @@ mod tests {
 
     #[test]
     fn loads_are_not_changes_and_never_overwrite() {
-        let mut table = Numbers::new();
+        let mut table = tracked();
         assert!(table.load(1, Slot::Present("one")));
         assert!(table.load(2, Slot::Absent));
         assert!(!table.has_changes());
@@ -220,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_removal_is_a_change_and_the_record_is_gone() {
-        let mut table = Numbers::new();
+        let mut table = tracked();
         assert!(table.load(1, Slot::Present("one")));
         table.remove(&1);
         table.remove(&9);
@@ -231,7 +271,7 @@ mod tests {
 
     #[test]
     fn an_update_of_a_missing_record_changes_nothing() {
-        let mut table = Numbers::new();
+        let mut table = tracked();
         assert!(table.load(1, Slot::Absent));
         assert_eq!(table.update(&1, |_| ()), None);
         assert_eq!(table.update(&2, |_| ()), None);

@@ -64,3 +64,167 @@ impl Fields for IdempotencyRow {
         })
     }
 }
+
+/// The result of looking up an idempotency key before doing any work.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdempotencyLookup<'a> {
+    /// Never seen (or forgotten): go ahead.
+    New,
+    /// Seen with the same request: answer with this.
+    Replay(&'a Outcome),
+    /// Seen with a different request.
+    Reused,
+}
+
+/// What a key keeps: the digest of its first request, that request's answer, and when.
+struct Kept {
+    fingerprint: [u8; 32],
+    outcome: Outcome,
+    made: Timestamp,
+}
+
+/// The keys held, and the order they were made in, for pruning.
+#[derive(Default)]
+pub(crate) struct Idempotency {
+    keys: farthing_kernel::Table<IdempotencyKey, Kept>,
+    /// Keys in the order they were made.
+    order: std::collections::VecDeque<(Timestamp, IdempotencyKey)>,
+    /// The time of each prune since the changes were last taken, when tracking.
+    prunes: Vec<Timestamp>,
+}
+
+impl Idempotency {
+    pub(crate) fn track_changes(&mut self) {
+        self.keys.track_changes();
+    }
+
+    pub(crate) fn lookup(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &[u8; 32],
+    ) -> IdempotencyLookup<'_> {
+        match self.keys.get(key) {
+            None => IdempotencyLookup::New,
+            Some(kept) if kept.fingerprint == *fingerprint => {
+                IdempotencyLookup::Replay(&kept.outcome)
+            }
+            Some(_) => IdempotencyLookup::Reused,
+        }
+    }
+
+    pub(crate) fn contains(&self, key: &IdempotencyKey) -> bool {
+        self.keys.contains(key)
+    }
+
+    /// Keeps `claim`'s first answer, made at `made` (the latest time applied so far, so the
+    /// order stays sorted).
+    pub(crate) fn keep(&mut self, claim: &IdempotencyClaim, outcome: Outcome, made: Timestamp) {
+        self.keys.put(
+            claim.key.clone(),
+            Kept {
+                fingerprint: claim.fingerprint,
+                outcome,
+                made,
+            },
+        );
+        self.order.push_back((made, claim.key.clone()));
+    }
+
+    /// Forgets the keys made before `before`.
+    pub(crate) fn prune(&mut self, before: Timestamp) {
+        while let Some((made, _)) = self.order.front() {
+            if *made >= before {
+                break;
+            }
+            let (_, key) = self.order.pop_front().expect("front exists");
+            self.keys.remove(&key);
+        }
+        if self.keys.is_tracking_changes() {
+            self.prunes.push(before);
+        }
+    }
+
+    /// Loads a stored key. Rows may come in any order: pruning goes by the time each was made.
+    pub(crate) fn load(&mut self, row: IdempotencyRow) -> bool {
+        if self.keys.slot(&row.key).is_some() {
+            return false;
+        }
+        let at = self.order.partition_point(|(made, _)| *made <= row.made);
+        self.order.insert(at, (row.made, row.key.clone()));
+        let loaded = self.keys.load(
+            row.key,
+            farthing_kernel::Slot::Present(Kept {
+                fingerprint: row.fingerprint,
+                outcome: row.outcome,
+                made: row.made,
+            }),
+        );
+        assert!(loaded, "the key was not held");
+        true
+    }
+
+    /// Puts an imported key in; the caller sorts the order once the whole import is in
+    /// ([`Idempotency::sort_order_from`]).
+    pub(crate) fn put_imported(&mut self, row: &IdempotencyRow) {
+        self.keys.put(
+            row.key.clone(),
+            Kept {
+                fingerprint: row.fingerprint,
+                outcome: row.outcome.clone(),
+                made: row.made,
+            },
+        );
+        self.order.push_back((row.made, row.key.clone()));
+    }
+
+    /// How many keys the pruning order holds: where an import's keys start.
+    pub(crate) fn order_len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Keeps the pruning order sorted by the time each key was made after keys were added
+    /// from position `from` on (a stable sort: keys made at one time keep their order).
+    pub(crate) fn sort_order_from(&mut self, from: usize) {
+        let order = self.order.make_contiguous();
+        if !order[from.saturating_sub(1)..].is_sorted_by_key(|(made, _)| *made) {
+            order.sort_by_key(|(made, _)| *made);
+        }
+    }
+
+    pub(crate) fn row(&self, key: &IdempotencyKey) -> Option<IdempotencyRow> {
+        let kept = self.keys.get(key)?;
+        Some(IdempotencyRow {
+            key: key.clone(),
+            fingerprint: kept.fingerprint,
+            outcome: kept.outcome.clone(),
+            made: kept.made,
+        })
+    }
+
+    /// Every key held, by key.
+    pub(crate) fn rows(&self) -> Vec<IdempotencyRow> {
+        let mut keys: Vec<&IdempotencyKey> = self.keys.iter().map(|(key, _)| key).collect();
+        keys.sort_unstable();
+        keys.into_iter()
+            .map(|key| self.row(key).expect("listed"))
+            .collect()
+    }
+
+    /// The keys made since the changes were last taken that are still held, in the order
+    /// made, and the times of the prunes since.
+    pub(crate) fn take_changes(&mut self) -> (Vec<IdempotencyRow>, Vec<Timestamp>) {
+        let changed: Vec<IdempotencyKey> = self
+            .keys
+            .take_changes()
+            .into_iter()
+            .filter_map(|(key, slot)| {
+                matches!(slot, farthing_kernel::Slot::Present(_)).then_some(key)
+            })
+            .collect();
+        let rows = changed
+            .iter()
+            .map(|key| self.row(key).expect("present"))
+            .collect();
+        (rows, std::mem::take(&mut self.prunes))
+    }
+}

@@ -21,7 +21,8 @@ mod statements;
 mod wallets;
 mod working_set;
 
+pub use idempotency::IdempotencyLookup;
 pub use ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 pub use model::*;
-pub use state::{CurrencyTotals, IdempotencyLookup, Page, State, account_id};
+pub use state::{CurrencyTotals, Page, State, account_id};
 pub use working_set::{Changes, LoadError, Needs, PaymentRefunded};

@@ -1,9 +1,11 @@
 //! Parties and keys: the operator, merchants and payers, and the API keys that name them.
 
-use farthing_kernel::{DecodeError, Fields, Get, Put};
-use farthing_ledger::{Amount, Timestamp};
+use farthing_kernel::{DecodeError, Fields, Get, Put, Slot, Table};
+use farthing_ledger::{Amount, IdHashBuilder, Timestamp};
 
 use crate::ids::{MerchantId, PayerId};
+use crate::model::Rejection;
+use crate::working_set::LoadError;
 
 /// The SHA-256 digest of an API key. Keys themselves are never kept.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -153,6 +155,236 @@ impl Principal {
             (2, value) => Ok(Principal::Merchant(MerchantId::from_u128(value))),
             (3, value) => Ok(Principal::Payer(PayerId::from_u128(value))),
             (code, _) => Err(DecodeError::UnknownTag(code)),
+        }
+    }
+}
+
+/// The parties and their keys: who an API key names.
+#[derive(Default)]
+pub(crate) struct Parties {
+    operator_key: Option<KeyHash>,
+    /// The operator key set since the changes were last taken, when tracking.
+    operator_key_set: Option<KeyHash>,
+    keys: Table<KeyHash, Principal>,
+    merchants: Table<MerchantId, Merchant, IdHashBuilder>,
+    payers: Table<PayerId, Payer, IdHashBuilder>,
+}
+
+/// What changed among the parties since the changes were last taken.
+pub(crate) struct PartyChanges {
+    pub(crate) operator_key: Option<KeyHash>,
+    pub(crate) keys: Vec<(KeyHash, Option<Principal>)>,
+    pub(crate) merchants: Vec<Merchant>,
+    pub(crate) payers: Vec<Payer>,
+}
+
+impl Parties {
+    pub(crate) fn track_changes(&mut self) {
+        self.keys.track_changes();
+        self.merchants.track_changes();
+        self.payers.track_changes();
+    }
+
+    pub(crate) fn operator_key(&self) -> Option<KeyHash> {
+        self.operator_key
+    }
+
+    pub(crate) fn principal(&self, key_hash: &KeyHash) -> Option<Principal> {
+        self.keys.get(key_hash).copied()
+    }
+
+    pub(crate) fn key_taken(&self, key_hash: &KeyHash) -> bool {
+        self.keys.contains(key_hash)
+    }
+
+    pub(crate) fn merchant(&self, id: MerchantId) -> Option<&Merchant> {
+        self.merchants.get(&id)
+    }
+
+    pub(crate) fn payer(&self, id: PayerId) -> Option<&Payer> {
+        self.payers.get(&id)
+    }
+
+    pub(crate) fn merchant_count(&self) -> usize {
+        self.merchants.len()
+    }
+
+    pub(crate) fn payer_count(&self) -> usize {
+        self.payers.len()
+    }
+
+    /// Makes `key_hash` the operator's key, in place of any other. A key held by a merchant
+    /// or payer is never taken over.
+    pub(crate) fn set_operator_key(&mut self, key_hash: KeyHash) -> Result<(), Rejection> {
+        if matches!(self.keys.get(&key_hash), Some(p) if *p != Principal::Operator) {
+            return Err(Rejection::IdCollision);
+        }
+        if let Some(old) = self.operator_key.replace(key_hash) {
+            self.keys.remove(&old);
+        }
+        self.keys.put(key_hash, Principal::Operator);
+        if self.keys.is_tracking_changes() {
+            self.operator_key_set = Some(key_hash);
+        }
+        Ok(())
+    }
+
+    /// Adds a merchant with its key; both must be new.
+    pub(crate) fn create_merchant(
+        &mut self,
+        merchant: Merchant,
+        key_hash: KeyHash,
+    ) -> Result<(), Rejection> {
+        if self.merchants.contains(&merchant.id) || self.keys.contains(&key_hash) {
+            return Err(Rejection::IdCollision);
+        }
+        self.keys.put(key_hash, Principal::Merchant(merchant.id));
+        self.merchants.put(merchant.id, merchant);
+        Ok(())
+    }
+
+    /// Adds a payer with its key; both must be new.
+    pub(crate) fn create_payer(
+        &mut self,
+        payer: Payer,
+        key_hash: KeyHash,
+    ) -> Result<(), Rejection> {
+        if self.payers.contains(&payer.id) || self.keys.contains(&key_hash) {
+            return Err(Rejection::IdCollision);
+        }
+        self.keys.put(key_hash, Principal::Payer(payer.id));
+        self.payers.put(payer.id, payer);
+        Ok(())
+    }
+
+    /// Loads a stored key hash and whose it is. The operator's key is the operator key.
+    pub(crate) fn load_key(
+        &mut self,
+        key_hash: KeyHash,
+        principal: Principal,
+    ) -> Result<(), LoadError> {
+        if self.keys.slot(&key_hash).is_some()
+            || (principal == Principal::Operator && self.operator_key.is_some())
+        {
+            return Err(LoadError::AlreadyLoaded);
+        }
+        if principal == Principal::Operator {
+            self.operator_key = Some(key_hash);
+        }
+        let loaded = self.keys.load(key_hash, Slot::Present(principal));
+        assert!(loaded, "the key was not held");
+        Ok(())
+    }
+
+    pub(crate) fn load_merchant(&mut self, merchant: Merchant) -> Result<(), LoadError> {
+        if self.merchants.load(merchant.id, Slot::Present(merchant)) {
+            Ok(())
+        } else {
+            Err(LoadError::AlreadyLoaded)
+        }
+    }
+
+    pub(crate) fn load_payer(&mut self, payer: Payer) -> Result<(), LoadError> {
+        if self.payers.load(payer.id, Slot::Present(payer)) {
+            Ok(())
+        } else {
+            Err(LoadError::AlreadyLoaded)
+        }
+    }
+
+    /// Puts in an imported operator key (checked free beforehand).
+    pub(crate) fn put_imported_operator_key(&mut self, key_hash: KeyHash) {
+        self.operator_key = Some(key_hash);
+        self.keys.put(key_hash, Principal::Operator);
+        if self.keys.is_tracking_changes() {
+            self.operator_key_set = Some(key_hash);
+        }
+    }
+
+    /// Puts in an imported merchant and its key (checked free beforehand).
+    pub(crate) fn put_imported_merchant(&mut self, merchant: &Merchant, key_hash: KeyHash) {
+        self.keys.put(key_hash, Principal::Merchant(merchant.id));
+        self.merchants.put(merchant.id, merchant.clone());
+    }
+
+    /// Puts in an imported payer and its key (checked free beforehand).
+    pub(crate) fn put_imported_payer(&mut self, payer: &Payer, key_hash: KeyHash) {
+        self.keys.put(key_hash, Principal::Payer(payer.id));
+        self.payers.put(payer.id, payer.clone());
+    }
+
+    /// Every merchant with its key, by id.
+    pub(crate) fn merchants_with_keys(&self) -> Vec<MerchantRow> {
+        let mut rows: Vec<MerchantRow> = self
+            .keys
+            .iter()
+            .filter_map(|(key_hash, principal)| match principal {
+                Principal::Merchant(id) => Some(MerchantRow {
+                    merchant: self.merchants.get(id).expect("a key's merchant").clone(),
+                    key_hash: *key_hash,
+                }),
+                _ => None,
+            })
+            .collect();
+        rows.sort_unstable_by_key(|row| row.merchant.id);
+        rows
+    }
+
+    /// Every payer with its key, by id.
+    pub(crate) fn payers_with_keys(&self) -> Vec<PayerRow> {
+        let mut rows: Vec<PayerRow> = self
+            .keys
+            .iter()
+            .filter_map(|(key_hash, principal)| match principal {
+                Principal::Payer(id) => Some(PayerRow {
+                    payer: self.payers.get(id).expect("a key's payer").clone(),
+                    key_hash: *key_hash,
+                }),
+                _ => None,
+            })
+            .collect();
+        rows.sort_unstable_by_key(|row| row.payer.id);
+        rows
+    }
+
+    /// What changed since the changes were last taken: the operator key set last, every key
+    /// hash whose principal changed (by hash, `None` where it no longer maps), and the new
+    /// merchants and payers in the order made.
+    pub(crate) fn take_changes(&mut self) -> PartyChanges {
+        let mut keys: Vec<(KeyHash, Option<Principal>)> = self
+            .keys
+            .take_changes()
+            .into_iter()
+            .map(|(key_hash, slot)| match slot {
+                Slot::Present(principal) => (key_hash, Some(*principal)),
+                Slot::Absent => (key_hash, None),
+            })
+            .collect();
+        keys.sort_unstable_by_key(|(key_hash, _)| *key_hash);
+        let present = |slot: Slot<&Merchant>| match slot {
+            Slot::Present(merchant) => merchant.clone(),
+            Slot::Absent => unreachable!("merchants are never removed"),
+        };
+        let merchants = self
+            .merchants
+            .take_changes()
+            .into_iter()
+            .map(|(_, slot)| present(slot))
+            .collect();
+        let payers = self
+            .payers
+            .take_changes()
+            .into_iter()
+            .map(|(_, slot)| match slot {
+                Slot::Present(payer) => payer.clone(),
+                Slot::Absent => unreachable!("payers are never removed"),
+            })
+            .collect();
+        PartyChanges {
+            operator_key: self.operator_key_set.take(),
+            keys,
+            merchants,
+            payers,
         }
     }
 }

@@ -1,14 +1,16 @@
 //! The state machine: applies [`Record`]s and answers queries.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use farthing_ledger::{
     Account, AccountId, Amount, Currency, IdHashBuilder, Ledger, Timestamp, Transfer, TransferId,
     TransferKind, TransferRecord, TransferRejection,
 };
 
+use crate::idempotency::{Idempotency, IdempotencyLookup};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
+use crate::parties::Parties;
 use crate::working_set::*;
 
 mod import;
@@ -43,27 +45,15 @@ impl PartyLists {
     }
 }
 
-struct IdempotencyRecord {
-    fingerprint: [u8; 32],
-    outcome: Outcome,
-    made: Timestamp,
-}
-
 /// What a working set has done since its changes were last taken. Only what cannot be read
 /// back from the state itself: new payments and transfer records are the tails of their
 /// append-only lists, so the payment path records nothing here.
 #[derive(Default)]
 struct Tracker {
-    operator_key: Option<KeyHash>,
-    keys: Vec<KeyHash>,
-    merchants: Vec<Merchant>,
-    payers: Vec<Payer>,
     accounts_created: Vec<(Owner, Currency)>,
     topups: Vec<TopupId>,
     refunds: Vec<RefundId>,
     refunded: Vec<PaymentId>,
-    idempotency: Vec<IdempotencyKey>,
-    prunes: Vec<Timestamp>,
     /// What imports put in. Their statement lines came as items of their own, and their
     /// transfer records moved no money.
     imported_payments: HashSet<PaymentId>,
@@ -76,17 +66,6 @@ struct Tracker {
     payments_seen: usize,
     /// Transfer records held (loaded or reported) before the new ones.
     transfers_seen: usize,
-}
-
-/// The result of looking up an idempotency key before doing any work.
-#[derive(Debug, PartialEq, Eq)]
-pub enum IdempotencyLookup<'a> {
-    /// Never seen (or forgotten): go ahead.
-    New,
-    /// Seen with the same request: answer with this.
-    Replay(&'a Outcome),
-    /// Seen with a different request.
-    Reused,
 }
 
 /// A page of a list, newest first.
@@ -108,10 +87,10 @@ pub struct CurrencyTotals {
 /// Farthing's whole state, in memory. Only [`State::apply`] changes it.
 pub struct State {
     ledger: Ledger,
-    operator_key: Option<KeyHash>,
-    keys: HashMap<KeyHash, Principal>,
-    merchants: HashMap<MerchantId, (Merchant, PartyLists), IdHashBuilder>,
-    payers: HashMap<PayerId, (Payer, PartyLists), IdHashBuilder>,
+    parties: Parties,
+    /// Each merchant's and payer's payments, statement lines and accounts, by party.
+    merchant_lists: HashMap<MerchantId, PartyLists, IdHashBuilder>,
+    payer_lists: HashMap<PayerId, PartyLists, IdHashBuilder>,
     accounts: HashMap<(Owner, Currency), AccountId, IdHashBuilder>,
     /// Payments in the order they were made. Rows live in one growing vector and the map
     /// holds only their positions: inserting into a hash table of large rows touches a random
@@ -120,9 +99,7 @@ pub struct State {
     payment_index: HashMap<PaymentId, usize, IdHashBuilder>,
     topups: HashMap<TopupId, (Topup, usize), IdHashBuilder>,
     refunds: HashMap<RefundId, (Refund, usize), IdHashBuilder>,
-    idempotency: HashMap<IdempotencyKey, IdempotencyRecord>,
-    /// Keys in the order they were made, for pruning.
-    idempotency_order: VecDeque<(Timestamp, IdempotencyKey)>,
+    idempotency: Idempotency,
     records_applied: u64,
     /// The latest time of any record applied.
     last_time: Timestamp,
@@ -141,17 +118,15 @@ impl State {
     pub fn new() -> State {
         State {
             ledger: Ledger::new(),
-            operator_key: None,
-            keys: HashMap::new(),
-            merchants: HashMap::default(),
-            payers: HashMap::default(),
+            parties: Parties::default(),
+            merchant_lists: HashMap::default(),
+            payer_lists: HashMap::default(),
             accounts: HashMap::default(),
             payments: Vec::new(),
             payment_index: HashMap::default(),
             topups: HashMap::default(),
             refunds: HashMap::default(),
-            idempotency: HashMap::new(),
-            idempotency_order: VecDeque::new(),
+            idempotency: Idempotency::default(),
             records_applied: 0,
             last_time: Timestamp(0),
             tracker: None,
@@ -186,19 +161,7 @@ impl State {
         if let Some(claim) = &record.idempotency
             && outcome.is_kept_for_idempotency()
         {
-            self.idempotency.insert(
-                claim.key.clone(),
-                IdempotencyRecord {
-                    fingerprint: claim.fingerprint,
-                    outcome: outcome.clone(),
-                    made: record.now,
-                },
-            );
-            self.idempotency_order
-                .push_back((record.now, claim.key.clone()));
-            if let Some(tracker) = &mut self.tracker {
-                tracker.idempotency.push(claim.key.clone());
-            }
+            self.idempotency.keep(claim, outcome.clone(), record.now);
         }
         outcome
     }
@@ -206,21 +169,10 @@ impl State {
     fn execute(&mut self, now: Timestamp, command: &Command) -> Outcome {
         match command {
             Command::SetOperatorKey { key_hash } => {
-                // A key held by a merchant or payer is never taken over.
-                if matches!(self.keys.get(key_hash), Some(p) if *p != Principal::Operator) {
-                    return Outcome::Rejected(Rejection::IdCollision);
+                match self.parties.set_operator_key(*key_hash) {
+                    Ok(()) => Outcome::OperatorKeySet,
+                    Err(rejection) => Outcome::Rejected(rejection),
                 }
-                let old = self.operator_key.replace(*key_hash);
-                if let Some(old) = old {
-                    self.keys.remove(&old);
-                }
-                self.keys.insert(*key_hash, Principal::Operator);
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.operator_key = Some(*key_hash);
-                    tracker.keys.extend(old);
-                    tracker.keys.push(*key_hash);
-                }
-                Outcome::OperatorKeySet
             }
             Command::CreateMerchant {
                 id,
@@ -228,39 +180,28 @@ impl State {
                 key_hash,
                 fee,
             } => {
-                if self.merchants.contains_key(id) || self.keys.contains_key(key_hash) {
-                    return Outcome::Rejected(Rejection::IdCollision);
-                }
                 let merchant = Merchant {
                     id: *id,
                     name: name.clone(),
                     fee: *fee,
                     created_at: now,
                 };
-                self.keys.insert(*key_hash, Principal::Merchant(*id));
-                self.merchants
-                    .insert(*id, (merchant.clone(), PartyLists::new()));
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.merchants.push(merchant.clone());
-                    tracker.keys.push(*key_hash);
+                if let Err(rejection) = self.parties.create_merchant(merchant.clone(), *key_hash) {
+                    return Outcome::Rejected(rejection);
                 }
+                self.merchant_lists.insert(*id, PartyLists::new());
                 Outcome::MerchantCreated(merchant)
             }
             Command::CreatePayer { id, name, key_hash } => {
-                if self.payers.contains_key(id) || self.keys.contains_key(key_hash) {
-                    return Outcome::Rejected(Rejection::IdCollision);
-                }
                 let payer = Payer {
                     id: *id,
                     name: name.clone(),
                     created_at: now,
                 };
-                self.keys.insert(*key_hash, Principal::Payer(*id));
-                self.payers.insert(*id, (payer.clone(), PartyLists::new()));
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.payers.push(payer.clone());
-                    tracker.keys.push(*key_hash);
+                if let Err(rejection) = self.parties.create_payer(payer.clone(), *key_hash) {
+                    return Outcome::Rejected(rejection);
                 }
+                self.payer_lists.insert(*id, PartyLists::new());
                 Outcome::PayerCreated(payer)
             }
             Command::Topup {
@@ -295,16 +236,7 @@ impl State {
                 Err(rejection) => Outcome::Rejected(rejection),
             },
             Command::PruneIdempotencyKeys { before } => {
-                while let Some((made, _)) = self.idempotency_order.front() {
-                    if *made >= *before {
-                        break;
-                    }
-                    let (_, key) = self.idempotency_order.pop_front().expect("front exists");
-                    self.idempotency.remove(&key);
-                }
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.prunes.push(*before);
-                }
+                self.idempotency.prune(*before);
                 Outcome::Pruned
             }
             Command::Import(items) => self.import(items),
@@ -331,12 +263,12 @@ impl State {
         }
         match owner {
             Owner::Payer(payer) => {
-                if let Some((_, lists)) = self.payers.get_mut(&payer) {
+                if let Some(lists) = self.payer_lists.get_mut(&payer) {
                     lists.accounts.push((currency, id));
                 }
             }
             Owner::Merchant(merchant) => {
-                if let Some((_, lists)) = self.merchants.get_mut(&merchant) {
+                if let Some(lists) = self.merchant_lists.get_mut(&merchant) {
                     lists.accounts.push((currency, id));
                 }
             }
@@ -400,7 +332,7 @@ impl State {
         source: FundingSource,
         transfer_id: TransferId,
     ) -> Outcome {
-        if !self.payers.contains_key(&payer) {
+        if self.parties.payer(payer).is_none() {
             return Outcome::Rejected(Rejection::PayerNotFound);
         }
         if self.topups.contains_key(&id) || self.transfer_ids_taken(&[transfer_id]) {
@@ -439,7 +371,7 @@ impl State {
             created_at: now,
         };
         let balance_after = self.posted_balance(wallet);
-        let lists = &mut self.payers.get_mut(&payer).expect("checked above").1;
+        let lists = self.payer_lists.get_mut(&payer).expect("checked above");
         lists.entries.push(Entry {
             object: EntryObject::Topup(id),
             currency,
@@ -457,11 +389,11 @@ impl State {
     }
 
     fn pay(&mut self, now: Timestamp, pay: &PayCommand) -> Result<&Payment, Rejection> {
-        let fee_schedule = match self.merchants.get(&pay.merchant) {
-            Some((merchant, _)) => merchant.fee,
+        let fee_schedule = match self.parties.merchant(pay.merchant) {
+            Some(merchant) => merchant.fee,
             None => return Err(Rejection::MerchantNotFound),
         };
-        if !self.payers.contains_key(&pay.payer) {
+        if self.parties.payer(pay.payer).is_none() {
             return Err(Rejection::PayerNotFound);
         }
         if self.payment_index.contains_key(&pay.id) {
@@ -510,7 +442,7 @@ impl State {
             amount_refunded: Amount::ZERO,
             fee_refunded: Amount::ZERO,
         };
-        let payer_lists = &mut self.payers.get_mut(&pay.payer).expect("checked above").1;
+        let payer_lists = self.payer_lists.get_mut(&pay.payer).expect("checked above");
         payer_lists.payments.push(pay.id);
         payer_lists.entries.push(Entry {
             object: EntryObject::Payment(pay.id),
@@ -522,7 +454,7 @@ impl State {
         });
         let positions_payer = payer_lists.payments.len() - 1;
         let positions_entry = payer_lists.entries.len() - 1;
-        let merchant_lists = &mut self.merchants.get_mut(&pay.merchant).expect("checked").1;
+        let merchant_lists = self.merchant_lists.get_mut(&pay.merchant).expect("checked");
         merchant_lists.payments.push(pay.id);
         let positions_merchant = merchant_lists.payments.len() - 1;
         self.payment_index.insert(pay.id, self.payments.len());
@@ -616,7 +548,10 @@ impl State {
         let row = &mut self.payments[index];
         row.payment.amount_refunded = refunded_after;
         row.payment.fee_refunded = fee_after;
-        let lists = &mut self.payers.get_mut(&payment.payer).expect("payer exists").1;
+        let lists = self
+            .payer_lists
+            .get_mut(&payment.payer)
+            .expect("payer exists");
         lists.entries.push(Entry {
             object: EntryObject::Refund(id),
             currency: payment.currency,
@@ -644,10 +579,10 @@ impl State {
     pub fn refusal(&self, command: &Command) -> Option<Rejection> {
         match command {
             Command::Pay(pay) => {
-                if !self.merchants.contains_key(&pay.merchant) {
+                if self.parties.merchant(pay.merchant).is_none() {
                     return Some(Rejection::MerchantNotFound);
                 }
-                if !self.payers.contains_key(&pay.payer) {
+                if self.parties.payer(pay.payer).is_none() {
                     return Some(Rejection::PayerNotFound);
                 }
                 if pay.amount.is_zero() {
@@ -668,7 +603,7 @@ impl State {
                 source,
                 ..
             } => {
-                if !self.payers.contains_key(payer) {
+                if self.parties.payer(*payer).is_none() {
                     Some(Rejection::PayerNotFound)
                 } else if amount.is_zero() {
                     Some(Rejection::AmountNotPositive)
@@ -708,11 +643,11 @@ impl State {
     }
 
     pub fn principal(&self, key_hash: &KeyHash) -> Option<Principal> {
-        self.keys.get(key_hash).copied()
+        self.parties.principal(key_hash)
     }
 
     pub fn has_operator_key(&self) -> bool {
-        self.operator_key.is_some()
+        self.parties.operator_key().is_some()
     }
 
     pub fn idempotency_lookup(
@@ -720,29 +655,23 @@ impl State {
         key: &IdempotencyKey,
         fingerprint: &[u8; 32],
     ) -> IdempotencyLookup<'_> {
-        match self.idempotency.get(key) {
-            None => IdempotencyLookup::New,
-            Some(record) if record.fingerprint == *fingerprint => {
-                IdempotencyLookup::Replay(&record.outcome)
-            }
-            Some(_) => IdempotencyLookup::Reused,
-        }
+        self.idempotency.lookup(key, fingerprint)
     }
 
     pub fn merchant(&self, id: MerchantId) -> Option<&Merchant> {
-        self.merchants.get(&id).map(|(merchant, _)| merchant)
+        self.parties.merchant(id)
     }
 
     pub fn payer(&self, id: PayerId) -> Option<&Payer> {
-        self.payers.get(&id).map(|(payer, _)| payer)
+        self.parties.payer(id)
     }
 
     pub fn merchant_count(&self) -> usize {
-        self.merchants.len()
+        self.parties.merchant_count()
     }
 
     pub fn payer_count(&self) -> usize {
-        self.payers.len()
+        self.parties.payer_count()
     }
 
     pub fn payment_count(&self) -> usize {
@@ -769,13 +698,13 @@ impl State {
 
     /// Available balances of a payer's wallets, by currency.
     pub fn payer_balances(&self, id: PayerId) -> Option<Vec<(Currency, i128)>> {
-        let (_, lists) = self.payers.get(&id)?;
+        let lists = self.payer_lists.get(&id)?;
         Some(self.balances(lists))
     }
 
     /// Available balances of a merchant, by currency.
     pub fn merchant_balances(&self, id: MerchantId) -> Option<Vec<(Currency, i128)>> {
-        let (_, lists) = self.merchants.get(&id)?;
+        let lists = self.merchant_lists.get(&id)?;
         Some(self.balances(lists))
     }
 
@@ -816,10 +745,10 @@ impl State {
         }
         let (ids, position_of): (&[PaymentId], fn(&Positions) -> usize) = match principal {
             Principal::Operator => unreachable!("answered above"),
-            Principal::Payer(payer) => (&self.payers.get(&payer)?.1.payments, |p| p.payer),
-            Principal::Merchant(merchant) => {
-                (&self.merchants.get(&merchant)?.1.payments, |p| p.merchant)
-            }
+            Principal::Payer(payer) => (&self.payer_lists.get(&payer)?.payments, |p| p.payer),
+            Principal::Merchant(merchant) => (&self.merchant_lists.get(&merchant)?.payments, |p| {
+                p.merchant
+            }),
         };
         let end = match starting_after {
             None => ids.len(),
@@ -864,7 +793,7 @@ impl State {
         limit: usize,
         starting_after: Option<EntryObject>,
     ) -> Option<Page<Entry>> {
-        let (_, lists) = self.payers.get(&payer)?;
+        let lists = self.payer_lists.get(&payer)?;
         let end = match starting_after {
             None => lists.entries.len(),
             Some(EntryObject::Payment(id)) => {
@@ -1013,6 +942,8 @@ impl State {
     /// Starts tracking changes from here on, if not already.
     pub fn track_changes(&mut self) {
         if self.tracker.is_none() {
+            self.idempotency.track_changes();
+            self.parties.track_changes();
             self.tracker = Some(Box::new(Tracker {
                 payments_seen: self.payments.len(),
                 transfers_seen: self.ledger.transfer_count(),
@@ -1131,38 +1062,19 @@ impl State {
         let entries = lines
             .into_iter()
             .map(|(payer, position)| {
-                let lists = &self.payers[&payer].1;
+                let lists = &self.payer_lists[&payer];
                 (payer, lists.entries[position])
             })
             .collect();
 
-        let touched_keys: BTreeSet<KeyHash> = taken.keys.into_iter().collect();
-        let keys = touched_keys
-            .into_iter()
-            .map(|key| (key, self.keys.get(&key).copied()))
-            .collect();
-
-        let mut seen = HashSet::new();
-        let idempotency = taken
-            .idempotency
-            .into_iter()
-            .filter(|key| seen.insert(key.clone()))
-            .filter_map(|key| {
-                let record = self.idempotency.get(&key)?;
-                Some(IdempotencyRow {
-                    fingerprint: record.fingerprint,
-                    outcome: record.outcome.clone(),
-                    made: record.made,
-                    key,
-                })
-            })
-            .collect();
+        let parties = self.parties.take_changes();
+        let (idempotency, prunes) = self.idempotency.take_changes();
 
         Changes {
-            operator_key: taken.operator_key,
-            keys,
-            merchants: taken.merchants,
-            payers: taken.payers,
+            operator_key: parties.operator_key,
+            keys: parties.keys,
+            merchants: parties.merchants,
+            payers: parties.payers,
             accounts_created,
             account_totals,
             topups,
@@ -1172,7 +1084,7 @@ impl State {
             entries,
             transfers,
             idempotency,
-            prunes: taken.prunes,
+            prunes,
         }
     }
 
@@ -1181,33 +1093,21 @@ impl State {
 
     /// Loads a key hash and whose it is. The operator's key is the operator key.
     pub fn insert_key(&mut self, key_hash: KeyHash, principal: Principal) -> Result<(), LoadError> {
-        if self.keys.contains_key(&key_hash)
-            || (principal == Principal::Operator && self.operator_key.is_some())
-        {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        if principal == Principal::Operator {
-            self.operator_key = Some(key_hash);
-        }
-        self.keys.insert(key_hash, principal);
-        Ok(())
+        self.parties.load_key(key_hash, principal)
     }
 
     /// Loads a merchant, fee schedule included.
     pub fn insert_merchant(&mut self, merchant: Merchant) -> Result<(), LoadError> {
-        if self.merchants.contains_key(&merchant.id) {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        self.merchants
-            .insert(merchant.id, (merchant, PartyLists::new()));
+        let id = merchant.id;
+        self.parties.load_merchant(merchant)?;
+        self.merchant_lists.insert(id, PartyLists::new());
         Ok(())
     }
 
     pub fn insert_payer(&mut self, payer: Payer) -> Result<(), LoadError> {
-        if self.payers.contains_key(&payer.id) {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        self.payers.insert(payer.id, (payer, PartyLists::new()));
+        let id = payer.id;
+        self.parties.load_payer(payer)?;
+        self.payer_lists.insert(id, PartyLists::new());
         Ok(())
     }
 
@@ -1227,8 +1127,8 @@ impl State {
             .map_err(|_| LoadError::BadId)?;
         self.accounts.insert(key, account.id);
         let lists = match owner {
-            Owner::Payer(payer) => self.payers.get_mut(&payer).map(|(_, lists)| lists),
-            Owner::Merchant(merchant) => self.merchants.get_mut(&merchant).map(|(_, lists)| lists),
+            Owner::Payer(payer) => self.payer_lists.get_mut(&payer),
+            Owner::Merchant(merchant) => self.merchant_lists.get_mut(&merchant),
             Owner::PlatformFees | Owner::ExternalFunding => None,
         };
         if let Some(lists) = lists {
@@ -1294,30 +1194,18 @@ impl State {
     /// Loads an idempotency key's stored answer. Records may come in any order: pruning goes
     /// by the time each was made.
     pub fn insert_idempotency_record(&mut self, row: IdempotencyRow) -> Result<(), LoadError> {
-        if self.idempotency.contains_key(&row.key) {
-            return Err(LoadError::AlreadyLoaded);
+        if self.idempotency.load(row) {
+            Ok(())
+        } else {
+            Err(LoadError::AlreadyLoaded)
         }
-        let at = self
-            .idempotency_order
-            .partition_point(|(made, _)| *made <= row.made);
-        self.idempotency_order
-            .insert(at, (row.made, row.key.clone()));
-        self.idempotency.insert(
-            row.key,
-            IdempotencyRecord {
-                fingerprint: row.fingerprint,
-                outcome: row.outcome,
-                made: row.made,
-            },
-        );
-        Ok(())
     }
 
     // Reading objects out, to copy them into a working set.
 
     /// The operator's key hash, if one is set.
     pub fn operator_key(&self) -> Option<KeyHash> {
-        self.operator_key
+        self.parties.operator_key()
     }
 
     /// `owner`'s account in `currency`, with its totals, if it has one.
@@ -1333,13 +1221,7 @@ impl State {
 
     /// An idempotency key's stored answer, if the key is held.
     pub fn idempotency_record(&self, key: &IdempotencyKey) -> Option<IdempotencyRow> {
-        let record = self.idempotency.get(key)?;
-        Some(IdempotencyRow {
-            key: key.clone(),
-            fingerprint: record.fingerprint,
-            outcome: record.outcome.clone(),
-            made: record.made,
-        })
+        self.idempotency.row(key)
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use farthing_ledger::{AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId};
 
-use super::{IdempotencyRecord, PartyLists, PaymentRow, Positions, State};
+use super::{PartyLists, PaymentRow, Positions, State};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 use crate::state::account_id;
@@ -38,26 +38,8 @@ impl State {
     /// equal, and importing an export into an empty state gives a state with the same export.
     /// Only a whole state is exported: a working set holds a part.
     pub fn export(&self) -> impl Iterator<Item = Imported> + '_ {
-        let key_of: HashMap<Principal, KeyHash> = self
-            .keys
-            .iter()
-            .map(|(hash, principal)| (*principal, *hash))
-            .collect();
-        let key_for = |principal: Principal| -> KeyHash {
-            *key_of.get(&principal).expect("every party holds a key")
-        };
-        let mut merchants: Vec<(&Merchant, KeyHash)> = self
-            .merchants
-            .values()
-            .map(|(merchant, _)| (merchant, key_for(Principal::Merchant(merchant.id))))
-            .collect();
-        merchants.sort_unstable_by_key(|(merchant, _)| merchant.id);
-        let mut payers: Vec<(&Payer, &PartyLists, KeyHash)> = self
-            .payers
-            .values()
-            .map(|(payer, lists)| (payer, lists, key_for(Principal::Payer(payer.id))))
-            .collect();
-        payers.sort_unstable_by_key(|(payer, _, _)| payer.id);
+        let merchants = self.parties.merchants_with_keys();
+        let payers = self.parties.payers_with_keys();
         let mut accounts: Vec<(&(Owner, Currency), &AccountId)> = self.accounts.iter().collect();
         accounts.sort_unstable_by_key(|(key, _)| **key);
         let mut transfers: Vec<_> = self.ledger.transfer_records().iter().collect();
@@ -66,33 +48,29 @@ impl State {
         topups.sort_unstable_by_key(|topup| topup.id);
         let mut refunds: Vec<&Refund> = self.refunds.values().map(|(refund, _)| refund).collect();
         refunds.sort_unstable_by_key(|refund| refund.id);
-        let mut idempotency: Vec<(&IdempotencyKey, &IdempotencyRecord)> =
-            self.idempotency.iter().collect();
-        idempotency.sort_unstable_by_key(|(key, _)| *key);
+        let idempotency = self.idempotency.rows();
         let statements: Vec<(PayerId, &[Entry])> = payers
             .iter()
-            .map(|(payer, lists, _)| (payer.id, lists.entries.as_slice()))
+            .map(|row| {
+                (
+                    row.payer.id,
+                    self.payer_lists[&row.payer.id].entries.as_slice(),
+                )
+            })
             .collect();
 
-        self.operator_key
+        self.parties
+            .operator_key()
             .map(Imported::OperatorKey)
             .into_iter()
-            .chain(
-                merchants
-                    .into_iter()
-                    .map(|(merchant, key_hash)| Imported::Merchant {
-                        merchant: merchant.clone(),
-                        key_hash,
-                    }),
-            )
-            .chain(
-                payers
-                    .into_iter()
-                    .map(|(payer, _, key_hash)| Imported::Payer {
-                        payer: payer.clone(),
-                        key_hash,
-                    }),
-            )
+            .chain(merchants.into_iter().map(|row| Imported::Merchant {
+                merchant: row.merchant,
+                key_hash: row.key_hash,
+            }))
+            .chain(payers.into_iter().map(|row| Imported::Payer {
+                payer: row.payer,
+                key_hash: row.key_hash,
+            }))
             .chain(
                 accounts
                     .into_iter()
@@ -127,14 +105,7 @@ impl State {
                     entry: *entry,
                 })
             }))
-            .chain(idempotency.into_iter().map(|(key, record)| {
-                Imported::Idempotency(crate::IdempotencyRow {
-                    key: key.clone(),
-                    fingerprint: record.fingerprint,
-                    outcome: record.outcome.clone(),
-                    made: record.made,
-                })
-            }))
+            .chain(idempotency.into_iter().map(Imported::Idempotency))
     }
 
     /// Applies [`Command::Import`]: checks every item against the state and the items before
@@ -146,30 +117,26 @@ impl State {
                 return Outcome::Rejected(rejection);
             }
         }
-        let idempotency_sorted_before = self.idempotency_order.len();
+        let idempotency_sorted_before = self.idempotency.order_len();
         for item in items {
             self.put_imported(item);
         }
-        // Keys go to the back of the pruning order; keep it sorted by the time each was made
-        // (a stable sort: keys made at one time keep the order they came in).
-        let order = self.idempotency_order.make_contiguous();
-        if !order[idempotency_sorted_before.saturating_sub(1)..].is_sorted_by_key(|(made, _)| *made)
-        {
-            order.sort_by_key(|(made, _)| *made);
-        }
+        // Keys go to the back of the pruning order, which stays sorted by the time each was
+        // made.
+        self.idempotency.sort_order_from(idempotency_sorted_before);
         Outcome::Imported { count: items.len() }
     }
 
     fn payer_held(&self, staged: &Staged, id: PayerId) -> bool {
-        self.payers.contains_key(&id) || staged.payers.contains(&id)
+        self.parties.payer(id).is_some() || staged.payers.contains(&id)
     }
 
     fn merchant_held(&self, staged: &Staged, id: MerchantId) -> bool {
-        self.merchants.contains_key(&id) || staged.merchants.contains(&id)
+        self.parties.merchant(id).is_some() || staged.merchants.contains(&id)
     }
 
     fn key_held(&self, staged: &Staged, key_hash: &KeyHash) -> bool {
-        self.keys.contains_key(key_hash) || staged.keys.contains(key_hash)
+        self.parties.key_taken(key_hash) || staged.keys.contains(key_hash)
     }
 
     /// Whether `item` fits the state with the items `staged` before it, and if so stages it.
@@ -183,7 +150,7 @@ impl State {
         let free = |taken: bool| if taken { Err(IdCollision) } else { Ok(()) };
         match item {
             Imported::OperatorKey(key_hash) => {
-                free(self.operator_key.is_some() || staged.operator_key)?;
+                free(self.parties.operator_key().is_some() || staged.operator_key)?;
                 free(self.key_held(staged, key_hash))?;
                 staged.operator_key = true;
                 staged.keys.insert(*key_hash);
@@ -339,10 +306,7 @@ impl State {
                 )?;
             }
             Imported::Idempotency(row) => {
-                free(
-                    self.idempotency.contains_key(&row.key)
-                        || staged.idempotency.contains(&row.key),
-                )?;
+                free(self.idempotency.contains(&row.key) || staged.idempotency.contains(&row.key))?;
                 staged.idempotency.insert(&row.key);
             }
         }
@@ -353,31 +317,15 @@ impl State {
     fn put_imported(&mut self, item: &Imported) {
         match item {
             Imported::OperatorKey(key_hash) => {
-                self.operator_key = Some(*key_hash);
-                self.keys.insert(*key_hash, Principal::Operator);
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.operator_key = Some(*key_hash);
-                    tracker.keys.push(*key_hash);
-                }
+                self.parties.put_imported_operator_key(*key_hash);
             }
             Imported::Merchant { merchant, key_hash } => {
-                self.keys
-                    .insert(*key_hash, Principal::Merchant(merchant.id));
-                self.merchants
-                    .insert(merchant.id, (merchant.clone(), PartyLists::new()));
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.merchants.push(merchant.clone());
-                    tracker.keys.push(*key_hash);
-                }
+                self.parties.put_imported_merchant(merchant, *key_hash);
+                self.merchant_lists.insert(merchant.id, PartyLists::new());
             }
             Imported::Payer { payer, key_hash } => {
-                self.keys.insert(*key_hash, Principal::Payer(payer.id));
-                self.payers
-                    .insert(payer.id, (payer.clone(), PartyLists::new()));
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.payers.push(payer.clone());
-                    tracker.keys.push(*key_hash);
-                }
+                self.parties.put_imported_payer(payer, *key_hash);
+                self.payer_lists.insert(payer.id, PartyLists::new());
             }
             Imported::Account { owner, account } => {
                 self.ledger
@@ -385,10 +333,8 @@ impl State {
                     .expect("a checked account fits the ledger");
                 self.accounts.insert((*owner, account.currency), account.id);
                 let lists = match owner {
-                    Owner::Payer(payer) => self.payers.get_mut(payer).map(|(_, lists)| lists),
-                    Owner::Merchant(merchant) => {
-                        self.merchants.get_mut(merchant).map(|(_, lists)| lists)
-                    }
+                    Owner::Payer(payer) => self.payer_lists.get_mut(payer),
+                    Owner::Merchant(merchant) => self.merchant_lists.get_mut(merchant),
                     Owner::PlatformFees | Owner::ExternalFunding => None,
                 };
                 if let Some(lists) = lists {
@@ -407,14 +353,13 @@ impl State {
                 }
             }
             Imported::Payment(payment) => {
-                let payer_lists = &mut self.payers.get_mut(&payment.payer).expect("checked").1;
+                let payer_lists = self.payer_lists.get_mut(&payment.payer).expect("checked");
                 payer_lists.payments.push(payment.id);
                 let payer_position = payer_lists.payments.len() - 1;
-                let merchant_lists = &mut self
-                    .merchants
+                let merchant_lists = self
+                    .merchant_lists
                     .get_mut(&payment.merchant)
-                    .expect("checked")
-                    .1;
+                    .expect("checked");
                 merchant_lists.payments.push(payment.id);
                 let merchant_position = merchant_lists.payments.len() - 1;
                 self.payment_index.insert(payment.id, self.payments.len());
@@ -445,7 +390,7 @@ impl State {
                 }
             }
             Imported::Entry { payer, entry } => {
-                let lists = &mut self.payers.get_mut(payer).expect("checked").1;
+                let lists = self.payer_lists.get_mut(payer).expect("checked");
                 lists.entries.push(*entry);
                 let position = lists.entries.len() - 1;
                 match entry.object {
@@ -465,19 +410,7 @@ impl State {
                 }
             }
             Imported::Idempotency(row) => {
-                self.idempotency.insert(
-                    row.key.clone(),
-                    IdempotencyRecord {
-                        fingerprint: row.fingerprint,
-                        outcome: row.outcome.clone(),
-                        made: row.made,
-                    },
-                );
-                self.idempotency_order
-                    .push_back((row.made, row.key.clone()));
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.idempotency.push(row.key.clone());
-                }
+                self.idempotency.put_imported(row);
             }
         }
     }
