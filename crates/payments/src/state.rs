@@ -15,55 +15,54 @@ use crate::working_set::*;
 
 mod import;
 
-/// Where an object sits in the lists that show it, newest last.
-#[derive(Clone, Copy, Debug, Default)]
-struct Positions {
-    payer: usize,
-    merchant: usize,
-    /// In the payer's statement.
-    entry: usize,
-}
-
+/// A payment with the payment made before it in each list that shows it. Lists are chains
+/// walked from their newest item: nothing about a list grows but its items, so a store can
+/// keep old items on disk and the rest of a list needs no index.
 struct PaymentRow {
     payment: Payment,
-    positions: Positions,
+    /// The payer's payment before this one.
+    previous_of_payer: Option<PaymentId>,
+    /// The merchant's payment before this one.
+    previous_of_merchant: Option<PaymentId>,
+    /// The payment made before this one, of any party (the operator's list).
+    previous: Option<PaymentId>,
 }
 
+/// A statement line with its payer and the payer's line before it.
+struct LineRow {
+    payer: PayerId,
+    entry: Entry,
+    previous: Option<EntryObject>,
+}
+
+/// The newest item of each of a party's lists, and its accounts.
+#[derive(Default)]
 struct PartyLists {
-    payments: Vec<PaymentId>,
-    entries: Vec<Entry>,
+    newest_payment: Option<PaymentId>,
+    /// The payer's newest statement line (merchants have no statement).
+    newest_line: Option<EntryObject>,
     accounts: Vec<(Currency, AccountId)>,
 }
 
 impl PartyLists {
     fn new() -> PartyLists {
-        PartyLists {
-            payments: Vec::new(),
-            entries: Vec::new(),
-            accounts: Vec::new(),
-        }
+        PartyLists::default()
     }
 }
 
-/// What a working set has done since its changes were last taken. Only what cannot be read
-/// back from the state itself: new payments and transfer records are the tails of their
-/// append-only lists, so the payment path records nothing here.
+/// What a working set has done since its changes were last taken, beyond what its tables
+/// track themselves.
 #[derive(Default)]
 struct Tracker {
     accounts_created: Vec<(Owner, Currency)>,
+    payments: Vec<PaymentId>,
     topups: Vec<TopupId>,
     refunds: Vec<RefundId>,
     refunded: Vec<PaymentId>,
-    /// What imports put in. Their statement lines came as items of their own, and their
-    /// transfer records moved no money.
-    imported_payments: HashSet<PaymentId>,
-    imported_topups: HashSet<TopupId>,
-    imported_refunds: HashSet<RefundId>,
+    /// New statement lines, in the order made.
+    lines: Vec<EntryObject>,
+    /// Transfer records an import put in: they moved no money here.
     imported_transfers: HashSet<TransferId>,
-    /// Imported statement lines: payer and position.
-    imported_entries: Vec<(PayerId, usize)>,
-    /// Payments held (loaded or reported) before the new ones.
-    payments_seen: usize,
     /// Transfer records held (loaded or reported) before the new ones.
     transfers_seen: usize,
 }
@@ -92,13 +91,13 @@ pub struct State {
     merchant_lists: HashMap<MerchantId, PartyLists, IdHashBuilder>,
     payer_lists: HashMap<PayerId, PartyLists, IdHashBuilder>,
     accounts: HashMap<(Owner, Currency), AccountId, IdHashBuilder>,
-    /// Payments in the order they were made. Rows live in one growing vector and the map
-    /// holds only their positions: inserting into a hash table of large rows touches a random
-    /// page per insert, which cost more than all the rest of a payment.
-    payments: Vec<PaymentRow>,
-    payment_index: HashMap<PaymentId, usize, IdHashBuilder>,
-    topups: HashMap<TopupId, (Topup, usize), IdHashBuilder>,
-    refunds: HashMap<RefundId, (Refund, usize), IdHashBuilder>,
+    payments: HashMap<PaymentId, PaymentRow, IdHashBuilder>,
+    /// The newest payment: the head of the operator's list.
+    newest_payment: Option<PaymentId>,
+    topups: HashMap<TopupId, Topup, IdHashBuilder>,
+    refunds: HashMap<RefundId, Refund, IdHashBuilder>,
+    /// Statement lines by the object they show.
+    lines: HashMap<EntryObject, LineRow>,
     idempotency: Idempotency,
     records_applied: u64,
     /// The latest time of any record applied.
@@ -122,10 +121,11 @@ impl State {
             merchant_lists: HashMap::default(),
             payer_lists: HashMap::default(),
             accounts: HashMap::default(),
-            payments: Vec::new(),
-            payment_index: HashMap::default(),
+            payments: HashMap::default(),
+            newest_payment: None,
             topups: HashMap::default(),
             refunds: HashMap::default(),
+            lines: HashMap::new(),
             idempotency: Idempotency::default(),
             records_applied: 0,
             last_time: Timestamp(0),
@@ -371,17 +371,18 @@ impl State {
             created_at: now,
         };
         let balance_after = self.posted_balance(wallet);
-        let lists = self.payer_lists.get_mut(&payer).expect("checked above");
-        lists.entries.push(Entry {
-            object: EntryObject::Topup(id),
-            currency,
-            credit: true,
-            amount,
-            balance_after,
-            created_at: now,
-        });
-        let position = lists.entries.len() - 1;
-        self.topups.insert(id, (topup.clone(), position));
+        self.add_line(
+            payer,
+            Entry {
+                object: EntryObject::Topup(id),
+                currency,
+                credit: true,
+                amount,
+                balance_after,
+                created_at: now,
+            },
+        );
+        self.topups.insert(id, topup.clone());
         if let Some(tracker) = &mut self.tracker {
             tracker.topups.push(id);
         }
@@ -396,7 +397,7 @@ impl State {
         if self.parties.payer(pay.payer).is_none() {
             return Err(Rejection::PayerNotFound);
         }
-        if self.payment_index.contains_key(&pay.id) {
+        if self.payments.contains_key(&pay.id) {
             return Err(Rejection::IdCollision);
         }
         if pay.amount.is_zero() {
@@ -442,31 +443,19 @@ impl State {
             amount_refunded: Amount::ZERO,
             fee_refunded: Amount::ZERO,
         };
-        let payer_lists = self.payer_lists.get_mut(&pay.payer).expect("checked above");
-        payer_lists.payments.push(pay.id);
-        payer_lists.entries.push(Entry {
-            object: EntryObject::Payment(pay.id),
-            currency: pay.currency,
-            credit: false,
-            amount: pay.amount,
-            balance_after,
-            created_at: now,
-        });
-        let positions_payer = payer_lists.payments.len() - 1;
-        let positions_entry = payer_lists.entries.len() - 1;
-        let merchant_lists = self.merchant_lists.get_mut(&pay.merchant).expect("checked");
-        merchant_lists.payments.push(pay.id);
-        let positions_merchant = merchant_lists.payments.len() - 1;
-        self.payment_index.insert(pay.id, self.payments.len());
-        self.payments.push(PaymentRow {
-            payment,
-            positions: Positions {
-                payer: positions_payer,
-                merchant: positions_merchant,
-                entry: positions_entry,
+        self.add_line(
+            pay.payer,
+            Entry {
+                object: EntryObject::Payment(pay.id),
+                currency: pay.currency,
+                credit: false,
+                amount: pay.amount,
+                balance_after,
+                created_at: now,
             },
-        });
-        Ok(&self.payments.last().expect("just pushed").payment)
+        );
+        self.add_payment(payment);
+        Ok(&self.payments[&pay.id].payment)
     }
 
     fn refund(
@@ -544,29 +533,74 @@ impl State {
             fee_refunded: fee_back,
             created_at: now,
         };
-        let index = self.payment_index[&payment_id];
-        let row = &mut self.payments[index];
+        let row = self.payments.get_mut(&payment_id).expect("found above");
         row.payment.amount_refunded = refunded_after;
         row.payment.fee_refunded = fee_after;
-        let lists = self
-            .payer_lists
-            .get_mut(&payment.payer)
-            .expect("payer exists");
-        lists.entries.push(Entry {
-            object: EntryObject::Refund(id),
-            currency: payment.currency,
-            credit: true,
-            amount,
-            balance_after,
-            created_at: now,
-        });
-        let position = lists.entries.len() - 1;
-        self.refunds.insert(id, (refund.clone(), position));
+        self.add_line(
+            payment.payer,
+            Entry {
+                object: EntryObject::Refund(id),
+                currency: payment.currency,
+                credit: true,
+                amount,
+                balance_after,
+                created_at: now,
+            },
+        );
+        self.refunds.insert(id, refund.clone());
         if let Some(tracker) = &mut self.tracker {
             tracker.refunds.push(id);
             tracker.refunded.push(payment_id);
         }
         Ok(refund)
+    }
+
+    /// Puts a new payment at the head of its payer's, its merchant's and the operator's
+    /// lists.
+    fn add_payment(&mut self, payment: Payment) {
+        let id = payment.id;
+        let previous_of_payer = self
+            .payer_lists
+            .get_mut(&payment.payer)
+            .and_then(|lists| lists.newest_payment.replace(id));
+        let previous_of_merchant = self
+            .merchant_lists
+            .get_mut(&payment.merchant)
+            .and_then(|lists| lists.newest_payment.replace(id));
+        let previous = self.newest_payment.replace(id);
+        let earlier = self.payments.insert(
+            id,
+            PaymentRow {
+                payment,
+                previous_of_payer,
+                previous_of_merchant,
+                previous,
+            },
+        );
+        assert!(earlier.is_none(), "a payment id is used once");
+        if let Some(tracker) = &mut self.tracker {
+            tracker.payments.push(id);
+        }
+    }
+
+    /// Puts a new line at the head of `payer`'s statement.
+    fn add_line(&mut self, payer: PayerId, entry: Entry) {
+        let previous = self
+            .payer_lists
+            .get_mut(&payer)
+            .and_then(|lists| lists.newest_line.replace(entry.object));
+        let earlier = self.lines.insert(
+            entry.object,
+            LineRow {
+                payer,
+                entry,
+                previous,
+            },
+        );
+        assert!(earlier.is_none(), "an object has one statement line");
+        if let Some(tracker) = &mut self.tracker {
+            tracker.lines.push(entry.object);
+        }
     }
 
     // Queries.
@@ -683,17 +717,15 @@ impl State {
     }
 
     fn payment_row(&self, id: PaymentId) -> Option<&PaymentRow> {
-        self.payment_index
-            .get(&id)
-            .map(|&index| &self.payments[index])
+        self.payments.get(&id)
     }
 
     pub fn refund_record(&self, id: RefundId) -> Option<&Refund> {
-        self.refunds.get(&id).map(|(refund, _)| refund)
+        self.refunds.get(&id)
     }
 
     pub fn topup_record(&self, id: TopupId) -> Option<&Topup> {
-        self.topups.get(&id).map(|(topup, _)| topup)
+        self.topups.get(&id)
     }
 
     /// Available balances of a payer's wallets, by currency.
@@ -732,47 +764,40 @@ impl State {
         limit: usize,
         starting_after: Option<PaymentId>,
     ) -> Option<Page<&Payment>> {
-        if principal == Principal::Operator {
-            let end = match starting_after {
-                None => self.payments.len(),
-                Some(cursor) => *self.payment_index.get(&cursor)?,
-            };
-            let page = page_backwards(&self.payments[..end], limit);
-            return Some(Page {
-                items: page.items.into_iter().map(|row| &row.payment).collect(),
-                has_more: page.has_more,
-            });
-        }
-        let (ids, position_of): (&[PaymentId], fn(&Positions) -> usize) = match principal {
-            Principal::Operator => unreachable!("answered above"),
-            Principal::Payer(payer) => (&self.payer_lists.get(&payer)?.payments, |p| p.payer),
-            Principal::Merchant(merchant) => (&self.merchant_lists.get(&merchant)?.payments, |p| {
-                p.merchant
-            }),
+        // Each list is a chain from its newest payment; a page starts at the list's head, or
+        // at the payment before the cursor in that list.
+        let next: fn(&PaymentRow) -> Option<PaymentId> = match principal {
+            Principal::Operator => |row| row.previous,
+            Principal::Payer(_) => |row| row.previous_of_payer,
+            Principal::Merchant(_) => |row| row.previous_of_merchant,
         };
-        let end = match starting_after {
-            None => ids.len(),
+        let start = match starting_after {
+            None => match principal {
+                Principal::Operator => self.newest_payment,
+                Principal::Payer(payer) => self.payer_lists.get(&payer)?.newest_payment,
+                Principal::Merchant(merchant) => self.merchant_lists.get(&merchant)?.newest_payment,
+            },
             Some(cursor) => {
                 let row = self.payment_row(cursor)?;
                 if !Self::may_see(principal, &row.payment) {
                     return None;
                 }
-                position_of(&row.positions)
+                next(row)
             }
         };
-        let page = page_backwards(&ids[..end], limit);
+        let mut items = Vec::new();
+        let mut at = start;
+        while let Some(id) = at {
+            if items.len() == limit {
+                break;
+            }
+            let row = self.payment_row(id).expect("a listed payment is held");
+            items.push(&row.payment);
+            at = next(row);
+        }
         Some(Page {
-            items: page
-                .items
-                .into_iter()
-                .map(|id| {
-                    &self
-                        .payment_row(*id)
-                        .expect("listed payments exist")
-                        .payment
-                })
-                .collect(),
-            has_more: page.has_more,
+            items,
+            has_more: at.is_some(),
         })
     }
 
@@ -794,25 +819,26 @@ impl State {
         starting_after: Option<EntryObject>,
     ) -> Option<Page<Entry>> {
         let lists = self.payer_lists.get(&payer)?;
-        let end = match starting_after {
-            None => lists.entries.len(),
-            Some(EntryObject::Payment(id)) => {
-                let row = self.payment_row(id)?;
-                (row.payment.payer == payer).then_some(row.positions.entry)?
-            }
-            Some(EntryObject::Topup(id)) => {
-                let (topup, position) = self.topups.get(&id)?;
-                (topup.payer == payer).then_some(*position)?
-            }
-            Some(EntryObject::Refund(id)) => {
-                let (refund, position) = self.refunds.get(&id)?;
-                (refund.payer == payer).then_some(*position)?
+        let start = match starting_after {
+            None => lists.newest_line,
+            Some(object) => {
+                let row = self.lines.get(&object)?;
+                (row.payer == payer).then_some(row.previous)?
             }
         };
-        let page = page_backwards(&lists.entries[..end], limit);
+        let mut items = Vec::new();
+        let mut at = start;
+        while let Some(object) = at {
+            if items.len() == limit {
+                break;
+            }
+            let row = &self.lines[&object];
+            items.push(row.entry);
+            at = row.previous;
+        }
         Some(Page {
-            items: page.items.into_iter().copied().collect(),
-            has_more: page.has_more,
+            items,
+            has_more: at.is_some(),
         })
     }
 
@@ -945,7 +971,6 @@ impl State {
             self.idempotency.track_changes();
             self.parties.track_changes();
             self.tracker = Some(Box::new(Tracker {
-                payments_seen: self.payments.len(),
                 transfers_seen: self.ledger.transfer_count(),
                 ..Tracker::default()
             }));
@@ -960,7 +985,6 @@ impl State {
     /// What applying records changed since tracking began or the last call; empty for a state
     /// that does not track changes.
     pub fn take_changes(&mut self) -> Changes {
-        let payments_now = self.payments.len();
         let transfers_now = self.ledger.transfer_count();
         let Some(tracker) = &mut self.tracker else {
             return Changes::default();
@@ -968,7 +992,6 @@ impl State {
         let taken = std::mem::replace(
             &mut **tracker,
             Tracker {
-                payments_seen: payments_now,
                 transfers_seen: transfers_now,
                 ..Tracker::default()
             },
@@ -1000,9 +1023,7 @@ impl State {
             .collect();
         let account_totals = changed.into_iter().map(|id| account(self, id)).collect();
 
-        let new_payments = &self.payments[taken.payments_seen..];
-        let new_payment_ids: HashSet<PaymentId> =
-            new_payments.iter().map(|row| row.payment.id).collect();
+        let new_payment_ids: HashSet<PaymentId> = taken.payments.iter().copied().collect();
         let refunded: BTreeSet<PaymentId> = taken
             .refunded
             .iter()
@@ -1023,49 +1044,31 @@ impl State {
                 }
             })
             .collect();
-
-        // Each new top-up, payment and refund made one statement line, at a known position;
-        // imported ones brought theirs as items.
-        let mut lines: Vec<(PayerId, usize)> = taken.imported_entries;
         let topups = taken
             .topups
             .iter()
-            .map(|id| {
-                let (topup, position) = &self.topups[id];
-                if !taken.imported_topups.contains(id) {
-                    lines.push((topup.payer, *position));
-                }
-                topup.clone()
-            })
+            .map(|id| self.topups[id].clone())
             .collect();
         let refunds = taken
             .refunds
             .iter()
-            .map(|id| {
-                let (refund, position) = &self.refunds[id];
-                if !taken.imported_refunds.contains(id) {
-                    lines.push((refund.payer, *position));
-                }
-                refund.clone()
-            })
+            .map(|id| self.refunds[id].clone())
             .collect();
-        let payments = new_payments
+        let payments = taken
+            .payments
             .iter()
-            .map(|row| {
-                if !taken.imported_payments.contains(&row.payment.id) {
-                    lines.push((row.payment.payer, row.positions.entry));
-                }
-                row.payment.clone()
+            .map(|id| self.payments[id].payment.clone())
+            .collect();
+        // By payer, each payer's in the order made.
+        let mut entries: Vec<(PayerId, Entry)> = taken
+            .lines
+            .iter()
+            .map(|object| {
+                let row = &self.lines[object];
+                (row.payer, row.entry)
             })
             .collect();
-        lines.sort_unstable();
-        let entries = lines
-            .into_iter()
-            .map(|(payer, position)| {
-                let lists = &self.payer_lists[&payer];
-                (payer, lists.entries[position])
-            })
-            .collect();
+        entries.sort_by_key(|(payer, _)| *payer);
 
         let parties = self.parties.take_changes();
         let (idempotency, prunes) = self.idempotency.take_changes();
@@ -1139,20 +1142,19 @@ impl State {
 
     /// Loads a payment, refund totals included.
     pub fn insert_payment(&mut self, payment: Payment) -> Result<(), LoadError> {
-        if self.payment_index.contains_key(&payment.id) {
+        if self.payments.contains_key(&payment.id) {
             return Err(LoadError::AlreadyLoaded);
         }
-        if let Some(tracker) = &mut self.tracker {
-            if tracker.payments_seen != self.payments.len() {
-                return Err(LoadError::ChangesPending);
-            }
-            tracker.payments_seen += 1;
-        }
-        self.payment_index.insert(payment.id, self.payments.len());
-        self.payments.push(PaymentRow {
-            payment,
-            positions: Positions::default(),
-        });
+        // A loaded payment is in no list of the working set: its lists are the store's.
+        self.payments.insert(
+            payment.id,
+            PaymentRow {
+                payment,
+                previous_of_payer: None,
+                previous_of_merchant: None,
+                previous: None,
+            },
+        );
         Ok(())
     }
 
@@ -1160,7 +1162,7 @@ impl State {
         if self.topups.contains_key(&topup.id) {
             return Err(LoadError::AlreadyLoaded);
         }
-        self.topups.insert(topup.id, (topup, 0));
+        self.topups.insert(topup.id, topup);
         Ok(())
     }
 
@@ -1168,7 +1170,7 @@ impl State {
         if self.refunds.contains_key(&refund.id) {
             return Err(LoadError::AlreadyLoaded);
         }
-        self.refunds.insert(refund.id, (refund, 0));
+        self.refunds.insert(refund.id, refund);
         Ok(())
     }
 
@@ -1242,15 +1244,6 @@ pub fn account_id(owner: Owner, currency: Currency) -> AccountId {
     hasher.write_u32(currency.to_u32());
     // Zero is not an account id.
     AccountId(hasher.finish().max(1))
-}
-
-/// The newest `limit` items of `items`, newest first.
-fn page_backwards<T>(items: &[T], limit: usize) -> Page<&T> {
-    let start = items.len().saturating_sub(limit);
-    Page {
-        items: items[start..].iter().rev().collect(),
-        has_more: start > 0,
-    }
 }
 
 /// The ledger transfers for up to two legs, linked, skipping legs of zero.

@@ -18,7 +18,7 @@ pub struct Entry {
     pub created_at: Timestamp,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum EntryObject {
     Topup(TopupId),
     Payment(PaymentId),

@@ -226,7 +226,7 @@ pub enum LoadError {
     AlreadyLoaded,
     /// An id the ledger cannot hold (zero), or an account id held under another owner.
     BadId,
-    /// Payments and transfer records are loaded before applying, or right after
+    /// Transfer records are loaded before applying, or right after
     /// [`State::take_changes`](crate::State::take_changes): loaded later, they would be
     /// reported as new.
     ChangesPending,

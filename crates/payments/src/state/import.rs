@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use farthing_ledger::{AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId};
 
-use super::{PartyLists, PaymentRow, Positions, State};
+use super::{PartyLists, State};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 use crate::state::account_id;
@@ -25,6 +25,7 @@ struct Staged<'a> {
     payments: HashMap<PaymentId, &'a Payment>,
     topups: HashMap<TopupId, &'a Topup>,
     refunds: HashMap<RefundId, &'a Refund>,
+    lines: HashSet<EntryObject>,
     idempotency: HashSet<&'a IdempotencyKey>,
 }
 
@@ -44,18 +45,32 @@ impl State {
         accounts.sort_unstable_by_key(|(key, _)| **key);
         let mut transfers: Vec<_> = self.ledger.transfer_records().iter().collect();
         transfers.sort_unstable_by_key(|record| record.transfer.id);
-        let mut topups: Vec<&Topup> = self.topups.values().map(|(topup, _)| topup).collect();
+        let mut topups: Vec<&Topup> = self.topups.values().collect();
         topups.sort_unstable_by_key(|topup| topup.id);
-        let mut refunds: Vec<&Refund> = self.refunds.values().map(|(refund, _)| refund).collect();
+        let mut refunds: Vec<&Refund> = self.refunds.values().collect();
         refunds.sort_unstable_by_key(|refund| refund.id);
         let idempotency = self.idempotency.rows();
-        let statements: Vec<(PayerId, &[Entry])> = payers
+        // Oldest first: each list's chain, walked from its newest item, then reversed.
+        let mut payments = Vec::with_capacity(self.payments.len());
+        let mut at = self.newest_payment;
+        while let Some(id) = at {
+            let row = &self.payments[&id];
+            payments.push(&row.payment);
+            at = row.previous;
+        }
+        payments.reverse();
+        let statements: Vec<(PayerId, Vec<Entry>)> = payers
             .iter()
             .map(|row| {
-                (
-                    row.payer.id,
-                    self.payer_lists[&row.payer.id].entries.as_slice(),
-                )
+                let mut lines = Vec::new();
+                let mut at = self.payer_lists[&row.payer.id].newest_line;
+                while let Some(object) = at {
+                    let line = &self.lines[&object];
+                    lines.push(line.entry);
+                    at = line.previous;
+                }
+                lines.reverse();
+                (row.payer.id, lines)
             })
             .collect();
 
@@ -85,9 +100,9 @@ impl State {
                     .map(|record| Imported::Transfer(*record)),
             )
             .chain(
-                self.payments
-                    .iter()
-                    .map(|row| Imported::Payment(row.payment.clone())),
+                payments
+                    .into_iter()
+                    .map(|payment| Imported::Payment(payment.clone())),
             )
             .chain(
                 topups
@@ -100,10 +115,9 @@ impl State {
                     .map(|refund| Imported::Refund(refund.clone())),
             )
             .chain(statements.into_iter().flat_map(|(payer, entries)| {
-                entries.iter().map(move |entry| Imported::Entry {
-                    payer,
-                    entry: *entry,
-                })
+                entries
+                    .into_iter()
+                    .map(move |entry| Imported::Entry { payer, entry })
             }))
             .chain(idempotency.into_iter().map(Imported::Idempotency))
     }
@@ -205,7 +219,7 @@ impl State {
             }
             Imported::Payment(payment) => {
                 free(
-                    self.payment_index.contains_key(&payment.id)
+                    self.payments.contains_key(&payment.id)
                         || staged.payments.contains_key(&payment.id),
                 )?;
                 if !self.payer_held(staged, payment.payer) {
@@ -252,6 +266,8 @@ impl State {
                 if !self.payer_held(staged, *payer) {
                     return Err(Rejection::PayerNotFound);
                 }
+                // An object has one line.
+                fits(!self.lines.contains_key(&entry.object) && staged.lines.insert(entry.object))?;
                 // The line shows its object as it was made.
                 let shown = match entry.object {
                     EntryObject::Payment(id) => {
@@ -352,63 +368,20 @@ impl State {
                     tracker.imported_transfers.insert(record.transfer.id);
                 }
             }
-            Imported::Payment(payment) => {
-                let payer_lists = self.payer_lists.get_mut(&payment.payer).expect("checked");
-                payer_lists.payments.push(payment.id);
-                let payer_position = payer_lists.payments.len() - 1;
-                let merchant_lists = self
-                    .merchant_lists
-                    .get_mut(&payment.merchant)
-                    .expect("checked");
-                merchant_lists.payments.push(payment.id);
-                let merchant_position = merchant_lists.payments.len() - 1;
-                self.payment_index.insert(payment.id, self.payments.len());
-                self.payments.push(PaymentRow {
-                    payment: payment.clone(),
-                    positions: Positions {
-                        payer: payer_position,
-                        merchant: merchant_position,
-                        entry: 0,
-                    },
-                });
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.imported_payments.insert(payment.id);
-                }
-            }
+            Imported::Payment(payment) => self.add_payment(payment.clone()),
             Imported::Topup(topup) => {
-                self.topups.insert(topup.id, (topup.clone(), 0));
+                self.topups.insert(topup.id, topup.clone());
                 if let Some(tracker) = &mut self.tracker {
                     tracker.topups.push(topup.id);
-                    tracker.imported_topups.insert(topup.id);
                 }
             }
             Imported::Refund(refund) => {
-                self.refunds.insert(refund.id, (refund.clone(), 0));
+                self.refunds.insert(refund.id, refund.clone());
                 if let Some(tracker) = &mut self.tracker {
                     tracker.refunds.push(refund.id);
-                    tracker.imported_refunds.insert(refund.id);
                 }
             }
-            Imported::Entry { payer, entry } => {
-                let lists = self.payer_lists.get_mut(payer).expect("checked");
-                lists.entries.push(*entry);
-                let position = lists.entries.len() - 1;
-                match entry.object {
-                    EntryObject::Payment(id) => {
-                        let index = self.payment_index[&id];
-                        self.payments[index].positions.entry = position;
-                    }
-                    EntryObject::Topup(id) => {
-                        self.topups.get_mut(&id).expect("checked").1 = position;
-                    }
-                    EntryObject::Refund(id) => {
-                        self.refunds.get_mut(&id).expect("checked").1 = position;
-                    }
-                }
-                if let Some(tracker) = &mut self.tracker {
-                    tracker.imported_entries.push((*payer, position));
-                }
-            }
+            Imported::Entry { payer, entry } => self.add_line(*payer, *entry),
             Imported::Idempotency(row) => {
                 self.idempotency.put_imported(row);
             }
