@@ -26,13 +26,27 @@ struct PaymentRow {
     previous_of_merchant: Option<PaymentId>,
     /// The payment made before this one, of any party (the operator's list).
     previous: Option<PaymentId>,
+    line: Option<Line>,
 }
 
-/// A statement line with its payer and the payer's line before it.
-struct LineRow {
-    payer: PayerId,
-    entry: Entry,
+/// A statement line, kept with the object it shows (a top-up, payment or refund, which give
+/// the rest of the line): the payer's posted balance after it, and the payer's line before it.
+/// Every object made here has one; an import brings it as an item of its own, after the
+/// object.
+#[derive(Clone, Copy)]
+struct Line {
+    balance_after: Amount,
     previous: Option<EntryObject>,
+}
+
+struct TopupRow {
+    topup: Topup,
+    line: Option<Line>,
+}
+
+struct RefundRow {
+    refund: Refund,
+    line: Option<Line>,
 }
 
 /// The newest item of each of a party's lists, and its accounts.
@@ -91,13 +105,15 @@ pub struct State {
     merchant_lists: HashMap<MerchantId, PartyLists, IdHashBuilder>,
     payer_lists: HashMap<PayerId, PartyLists, IdHashBuilder>,
     accounts: HashMap<(Owner, Currency), AccountId, IdHashBuilder>,
-    payments: HashMap<PaymentId, PaymentRow, IdHashBuilder>,
+    payments: Vec<PaymentRow>,
+    /// Where each payment's row is. Rows live in one growing vector and the map holds only
+    /// their positions: inserting into a hash table of large rows touches a random page per
+    /// insert, which cost more than all the rest of a payment.
+    payment_index: HashMap<PaymentId, usize, IdHashBuilder>,
     /// The newest payment: the head of the operator's list.
     newest_payment: Option<PaymentId>,
-    topups: HashMap<TopupId, Topup, IdHashBuilder>,
-    refunds: HashMap<RefundId, Refund, IdHashBuilder>,
-    /// Statement lines by the object they show.
-    lines: HashMap<EntryObject, LineRow>,
+    topups: HashMap<TopupId, TopupRow, IdHashBuilder>,
+    refunds: HashMap<RefundId, RefundRow, IdHashBuilder>,
     idempotency: Idempotency,
     records_applied: u64,
     /// The latest time of any record applied.
@@ -121,11 +137,11 @@ impl State {
             merchant_lists: HashMap::default(),
             payer_lists: HashMap::default(),
             accounts: HashMap::default(),
-            payments: HashMap::default(),
+            payments: Vec::new(),
+            payment_index: HashMap::default(),
             newest_payment: None,
             topups: HashMap::default(),
             refunds: HashMap::default(),
-            lines: HashMap::new(),
             idempotency: Idempotency::default(),
             records_applied: 0,
             last_time: Timestamp(0),
@@ -371,18 +387,14 @@ impl State {
             created_at: now,
         };
         let balance_after = self.posted_balance(wallet);
-        self.add_line(
-            payer,
-            Entry {
-                object: EntryObject::Topup(id),
-                currency,
-                credit: true,
-                amount,
-                balance_after,
-                created_at: now,
+        self.topups.insert(
+            id,
+            TopupRow {
+                topup: topup.clone(),
+                line: None,
             },
         );
-        self.topups.insert(id, topup.clone());
+        self.add_line(payer, EntryObject::Topup(id), balance_after);
         if let Some(tracker) = &mut self.tracker {
             tracker.topups.push(id);
         }
@@ -397,7 +409,7 @@ impl State {
         if self.parties.payer(pay.payer).is_none() {
             return Err(Rejection::PayerNotFound);
         }
-        if self.payments.contains_key(&pay.id) {
+        if self.payment_index.contains_key(&pay.id) {
             return Err(Rejection::IdCollision);
         }
         if pay.amount.is_zero() {
@@ -443,19 +455,8 @@ impl State {
             amount_refunded: Amount::ZERO,
             fee_refunded: Amount::ZERO,
         };
-        self.add_line(
-            pay.payer,
-            Entry {
-                object: EntryObject::Payment(pay.id),
-                currency: pay.currency,
-                credit: false,
-                amount: pay.amount,
-                balance_after,
-                created_at: now,
-            },
-        );
-        self.add_payment(payment);
-        Ok(&self.payments[&pay.id].payment)
+        self.add_payment(payment, Some(balance_after));
+        Ok(&self.payments.last().expect("just added").payment)
     }
 
     fn refund(
@@ -533,21 +534,18 @@ impl State {
             fee_refunded: fee_back,
             created_at: now,
         };
-        let row = self.payments.get_mut(&payment_id).expect("found above");
+        let index = self.payment_index[&payment_id];
+        let row = &mut self.payments[index];
         row.payment.amount_refunded = refunded_after;
         row.payment.fee_refunded = fee_after;
-        self.add_line(
-            payment.payer,
-            Entry {
-                object: EntryObject::Refund(id),
-                currency: payment.currency,
-                credit: true,
-                amount,
-                balance_after,
-                created_at: now,
+        self.refunds.insert(
+            id,
+            RefundRow {
+                refund: refund.clone(),
+                line: None,
             },
         );
-        self.refunds.insert(id, refund.clone());
+        self.add_line(payment.payer, EntryObject::Refund(id), balance_after);
         if let Some(tracker) = &mut self.tracker {
             tracker.refunds.push(id);
             tracker.refunded.push(payment_id);
@@ -556,51 +554,109 @@ impl State {
     }
 
     /// Puts a new payment at the head of its payer's, its merchant's and the operator's
-    /// lists.
-    fn add_payment(&mut self, payment: Payment) {
+    /// lists, and with `balance_after` its line at the head of the payer's statement (an
+    /// import brings the line later, as an item of its own).
+    fn add_payment(&mut self, payment: Payment, balance_after: Option<Amount>) {
         let id = payment.id;
-        let previous_of_payer = self
-            .payer_lists
-            .get_mut(&payment.payer)
-            .and_then(|lists| lists.newest_payment.replace(id));
+        let (previous_of_payer, line) = match self.payer_lists.get_mut(&payment.payer) {
+            Some(lists) => (
+                lists.newest_payment.replace(id),
+                balance_after.map(|balance_after| Line {
+                    balance_after,
+                    previous: lists.newest_line.replace(EntryObject::Payment(id)),
+                }),
+            ),
+            None => (
+                None,
+                balance_after.map(|balance_after| Line {
+                    balance_after,
+                    previous: None,
+                }),
+            ),
+        };
         let previous_of_merchant = self
             .merchant_lists
             .get_mut(&payment.merchant)
             .and_then(|lists| lists.newest_payment.replace(id));
         let previous = self.newest_payment.replace(id);
-        let earlier = self.payments.insert(
-            id,
-            PaymentRow {
-                payment,
-                previous_of_payer,
-                previous_of_merchant,
-                previous,
-            },
-        );
+        let earlier = self.payment_index.insert(id, self.payments.len());
         assert!(earlier.is_none(), "a payment id is used once");
+        self.payments.push(PaymentRow {
+            payment,
+            previous_of_payer,
+            previous_of_merchant,
+            previous,
+            line,
+        });
         if let Some(tracker) = &mut self.tracker {
             tracker.payments.push(id);
+            if line.is_some() {
+                tracker.lines.push(EntryObject::Payment(id));
+            }
         }
     }
 
-    /// Puts a new line at the head of `payer`'s statement.
-    fn add_line(&mut self, payer: PayerId, entry: Entry) {
+    /// Puts `object`'s statement line at the head of `payer`'s statement. The object is held
+    /// and has no line yet.
+    fn add_line(&mut self, payer: PayerId, object: EntryObject, balance_after: Amount) {
         let previous = self
             .payer_lists
             .get_mut(&payer)
-            .and_then(|lists| lists.newest_line.replace(entry.object));
-        let earlier = self.lines.insert(
-            entry.object,
-            LineRow {
-                payer,
-                entry,
-                previous,
-            },
-        );
-        assert!(earlier.is_none(), "an object has one statement line");
+            .and_then(|lists| lists.newest_line.replace(object));
+        let slot = match object {
+            EntryObject::Payment(id) => {
+                let index = self.payment_index[&id];
+                &mut self.payments[index].line
+            }
+            EntryObject::Topup(id) => &mut self.topups.get_mut(&id).expect("held").line,
+            EntryObject::Refund(id) => &mut self.refunds.get_mut(&id).expect("held").line,
+        };
+        assert!(slot.is_none(), "an object has one statement line");
+        *slot = Some(Line {
+            balance_after,
+            previous,
+        });
         if let Some(tracker) = &mut self.tracker {
-            tracker.lines.push(entry.object);
+            tracker.lines.push(object);
         }
+    }
+
+    /// The statement line of `object` with its payer and the payer's line before it, if the
+    /// object is held and has a line.
+    fn line(&self, object: EntryObject) -> Option<(PayerId, Entry, Option<EntryObject>)> {
+        let (payer, currency, credit, amount, created_at, line) = match object {
+            EntryObject::Payment(id) => {
+                let row = self.payment_row(id)?;
+                let p = &row.payment;
+                (
+                    p.payer,
+                    p.currency,
+                    false,
+                    p.amount,
+                    p.created_at,
+                    row.line?,
+                )
+            }
+            EntryObject::Topup(id) => {
+                let row = self.topups.get(&id)?;
+                let t = &row.topup;
+                (t.payer, t.currency, true, t.amount, t.created_at, row.line?)
+            }
+            EntryObject::Refund(id) => {
+                let row = self.refunds.get(&id)?;
+                let r = &row.refund;
+                (r.payer, r.currency, true, r.amount, r.created_at, row.line?)
+            }
+        };
+        let entry = Entry {
+            object,
+            currency,
+            credit,
+            amount,
+            balance_after: line.balance_after,
+            created_at,
+        };
+        Some((payer, entry, line.previous))
     }
 
     // Queries.
@@ -717,15 +773,17 @@ impl State {
     }
 
     fn payment_row(&self, id: PaymentId) -> Option<&PaymentRow> {
-        self.payments.get(&id)
+        self.payment_index
+            .get(&id)
+            .map(|&index| &self.payments[index])
     }
 
     pub fn refund_record(&self, id: RefundId) -> Option<&Refund> {
-        self.refunds.get(&id)
+        self.refunds.get(&id).map(|row| &row.refund)
     }
 
     pub fn topup_record(&self, id: TopupId) -> Option<&Topup> {
-        self.topups.get(&id)
+        self.topups.get(&id).map(|row| &row.topup)
     }
 
     /// Available balances of a payer's wallets, by currency.
@@ -822,8 +880,8 @@ impl State {
         let start = match starting_after {
             None => lists.newest_line,
             Some(object) => {
-                let row = self.lines.get(&object)?;
-                (row.payer == payer).then_some(row.previous)?
+                let (owner, _, previous) = self.line(object)?;
+                (owner == payer).then_some(previous)?
             }
         };
         let mut items = Vec::new();
@@ -832,9 +890,9 @@ impl State {
             if items.len() == limit {
                 break;
             }
-            let row = &self.lines[&object];
-            items.push(row.entry);
-            at = row.previous;
+            let (_, entry, previous) = self.line(object).expect("a listed line is held");
+            items.push(entry);
+            at = previous;
         }
         Some(Page {
             items,
@@ -1047,25 +1105,25 @@ impl State {
         let topups = taken
             .topups
             .iter()
-            .map(|id| self.topups[id].clone())
+            .map(|id| self.topups[id].topup.clone())
             .collect();
         let refunds = taken
             .refunds
             .iter()
-            .map(|id| self.refunds[id].clone())
+            .map(|id| self.refunds[id].refund.clone())
             .collect();
         let payments = taken
             .payments
             .iter()
-            .map(|id| self.payments[id].payment.clone())
+            .map(|id| self.payments[self.payment_index[id]].payment.clone())
             .collect();
         // By payer, each payer's in the order made.
         let mut entries: Vec<(PayerId, Entry)> = taken
             .lines
             .iter()
             .map(|object| {
-                let row = &self.lines[object];
-                (row.payer, row.entry)
+                let (payer, entry, _) = self.line(*object).expect("a new line is held");
+                (payer, entry)
             })
             .collect();
         entries.sort_by_key(|(payer, _)| *payer);
@@ -1142,19 +1200,18 @@ impl State {
 
     /// Loads a payment, refund totals included.
     pub fn insert_payment(&mut self, payment: Payment) -> Result<(), LoadError> {
-        if self.payments.contains_key(&payment.id) {
+        if self.payment_index.contains_key(&payment.id) {
             return Err(LoadError::AlreadyLoaded);
         }
         // A loaded payment is in no list of the working set: its lists are the store's.
-        self.payments.insert(
-            payment.id,
-            PaymentRow {
-                payment,
-                previous_of_payer: None,
-                previous_of_merchant: None,
-                previous: None,
-            },
-        );
+        self.payment_index.insert(payment.id, self.payments.len());
+        self.payments.push(PaymentRow {
+            payment,
+            previous_of_payer: None,
+            previous_of_merchant: None,
+            previous: None,
+            line: None,
+        });
         Ok(())
     }
 
@@ -1162,7 +1219,7 @@ impl State {
         if self.topups.contains_key(&topup.id) {
             return Err(LoadError::AlreadyLoaded);
         }
-        self.topups.insert(topup.id, topup);
+        self.topups.insert(topup.id, TopupRow { topup, line: None });
         Ok(())
     }
 
@@ -1170,7 +1227,8 @@ impl State {
         if self.refunds.contains_key(&refund.id) {
             return Err(LoadError::AlreadyLoaded);
         }
-        self.refunds.insert(refund.id, refund);
+        self.refunds
+            .insert(refund.id, RefundRow { refund, line: None });
         Ok(())
     }
 

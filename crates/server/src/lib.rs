@@ -27,7 +27,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use farthing_payments::Principal;
-use farthing_service::{Clock, Config, RandomIds, Secret, Service, SystemClock, TestClock};
+use farthing_service::{Clock, Config, Secret, Service, SystemClock, TestClock, TimeOrderedIds};
 use farthing_store_embedded::{FileJournal, FileTestClock};
 use farthing_store_postgres::{PgOptions, PgStore};
 
@@ -322,7 +322,7 @@ pub async fn run(
                 Box::new(journal),
                 options.config,
                 clock,
-                Arc::new(RandomIds),
+                Arc::new(TimeOrderedIds),
                 admin_key,
             )
             .await?
@@ -368,7 +368,7 @@ pub async fn run(
                 store,
                 options.config,
                 clock,
-                Arc::new(RandomIds),
+                Arc::new(TimeOrderedIds),
                 admin_key,
                 *writers,
             )

@@ -30,7 +30,7 @@ use farthing_payments::*;
 use farthing_store::{Journal, SharedStore, StatementPage, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
-pub use env::{Clock, Ids, ManualClock, RandomIds, SequentialIds, SystemClock};
+pub use env::{Clock, Ids, ManualClock, SequentialIds, SystemClock, TimeOrderedIds};
 pub use secret::{Secret, fingerprint, hex};
 pub use test_clock::{TEST_CLOCK_ADVANCE_SECS_MAX, TEST_CLOCK_LEAD_SECS_MAX, TestClock};
 

@@ -76,7 +76,13 @@ async fn open_with(
 
 async fn open(dir: &TempDir, clock: Arc<dyn Clock>, operator_key: Option<Secret>) -> Opened {
     let journal = FileJournal::open(dir.path()).expect("the journal opens");
-    open_with(Box::new(journal), clock, Arc::new(RandomIds), operator_key).await
+    open_with(
+        Box::new(journal),
+        clock,
+        Arc::new(TimeOrderedIds),
+        operator_key,
+    )
+    .await
 }
 
 /// Stops the service and waits for its writer (which blocks), off the async workers.

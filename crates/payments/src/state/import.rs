@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use farthing_ledger::{AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId};
 
-use super::{PartyLists, State};
+use super::{PartyLists, RefundRow, State, TopupRow};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 use crate::state::account_id;
@@ -45,16 +45,16 @@ impl State {
         accounts.sort_unstable_by_key(|(key, _)| **key);
         let mut transfers: Vec<_> = self.ledger.transfer_records().iter().collect();
         transfers.sort_unstable_by_key(|record| record.transfer.id);
-        let mut topups: Vec<&Topup> = self.topups.values().collect();
+        let mut topups: Vec<&Topup> = self.topups.values().map(|row| &row.topup).collect();
         topups.sort_unstable_by_key(|topup| topup.id);
-        let mut refunds: Vec<&Refund> = self.refunds.values().collect();
+        let mut refunds: Vec<&Refund> = self.refunds.values().map(|row| &row.refund).collect();
         refunds.sort_unstable_by_key(|refund| refund.id);
         let idempotency = self.idempotency.rows();
         // Oldest first: each list's chain, walked from its newest item, then reversed.
         let mut payments = Vec::with_capacity(self.payments.len());
         let mut at = self.newest_payment;
         while let Some(id) = at {
-            let row = &self.payments[&id];
+            let row = self.payment_row(id).expect("a listed payment is held");
             payments.push(&row.payment);
             at = row.previous;
         }
@@ -65,9 +65,9 @@ impl State {
                 let mut lines = Vec::new();
                 let mut at = self.payer_lists[&row.payer.id].newest_line;
                 while let Some(object) = at {
-                    let line = &self.lines[&object];
-                    lines.push(line.entry);
-                    at = line.previous;
+                    let (_, entry, previous) = self.line(object).expect("a listed line is held");
+                    lines.push(entry);
+                    at = previous;
                 }
                 lines.reverse();
                 (row.payer.id, lines)
@@ -219,7 +219,7 @@ impl State {
             }
             Imported::Payment(payment) => {
                 free(
-                    self.payments.contains_key(&payment.id)
+                    self.payment_index.contains_key(&payment.id)
                         || staged.payments.contains_key(&payment.id),
                 )?;
                 if !self.payer_held(staged, payment.payer) {
@@ -267,7 +267,7 @@ impl State {
                     return Err(Rejection::PayerNotFound);
                 }
                 // An object has one line.
-                fits(!self.lines.contains_key(&entry.object) && staged.lines.insert(entry.object))?;
+                fits(self.line(entry.object).is_none() && staged.lines.insert(entry.object))?;
                 // The line shows its object as it was made.
                 let shown = match entry.object {
                     EntryObject::Payment(id) => {
@@ -368,20 +368,34 @@ impl State {
                     tracker.imported_transfers.insert(record.transfer.id);
                 }
             }
-            Imported::Payment(payment) => self.add_payment(payment.clone()),
+            Imported::Payment(payment) => self.add_payment(payment.clone(), None),
             Imported::Topup(topup) => {
-                self.topups.insert(topup.id, topup.clone());
+                self.topups.insert(
+                    topup.id,
+                    TopupRow {
+                        topup: topup.clone(),
+                        line: None,
+                    },
+                );
                 if let Some(tracker) = &mut self.tracker {
                     tracker.topups.push(topup.id);
                 }
             }
             Imported::Refund(refund) => {
-                self.refunds.insert(refund.id, refund.clone());
+                self.refunds.insert(
+                    refund.id,
+                    RefundRow {
+                        refund: refund.clone(),
+                        line: None,
+                    },
+                );
                 if let Some(tracker) = &mut self.tracker {
                     tracker.refunds.push(refund.id);
                 }
             }
-            Imported::Entry { payer, entry } => self.add_line(*payer, *entry),
+            Imported::Entry { payer, entry } => {
+                self.add_line(*payer, entry.object, entry.balance_after);
+            }
             Imported::Idempotency(row) => {
                 self.idempotency.put_imported(row);
             }
