@@ -1,7 +1,8 @@
 //! Several `farthing serve` processes on one PostgreSQL database: concurrent payments never
 //! overspend, one idempotency key charges once whichever servers receive it, a server killed
-//! mid-stream loses nothing it acknowledged, and a database stopped mid-stream gives clear
-//! 503s, loses nothing acknowledged, and is reconnected to by itself when it returns.
+//! mid-stream loses nothing it acknowledged, a database stopped mid-stream gives clear 503s,
+//! loses nothing acknowledged, and is reconnected to by itself when it returns, and a fact
+//! one server changes is acted on at once by the others.
 //!
 //! Each test needs `FARTHING_TEST_DATABASE_URL` and says it was skipped without it. The outage
 //! test runs a PostgreSQL server of its own (the machine's `initdb` and `pg_ctl`), so that
@@ -479,4 +480,27 @@ async fn metrics_count_batches_by_how_their_accounts_were_read() {
     // One server alone: nothing else changes its accounts, and nothing conflicts.
     assert_eq!(sample("farthing_pg_forecast_wrong_total"), 0);
     assert_eq!(sample("farthing_pg_batch_conflicts_total"), 0);
+}
+
+/// The operator's key is a fact about parties that can change: a server started with another
+/// admin key replaces it in the database. A server that has just accepted the old key must
+/// refuse it from then on, and accept the new one, with nothing cached in between.
+#[tokio::test]
+async fn a_replaced_operator_key_is_refused_at_once_by_a_server_that_accepted_it() {
+    let Some((dir, first, _second)) = two_servers("a_replaced_operator_key_is_refused_at_once")
+    else {
+        return;
+    };
+    let api = first.api();
+    let merchant = api.create_merchant("Kiosk", None, None).await;
+    api.get("/v1/payments", &merchant.key).await.expect(200);
+    api.get("/v1/payments", common::ADMIN_KEY).await.expect(200);
+    let new_key = "a-replacement-operator-key-0123456789abcdef-0123456789";
+    let _third = Server::start_in_as(dir.path(), &[], new_key);
+    api.get("/v1/payments", common::ADMIN_KEY)
+        .await
+        .expect_problem(401, "unauthorized");
+    api.get("/v1/payments", new_key).await.expect(200);
+    // A merchant's key never changes: the server goes on accepting it.
+    api.get("/v1/payments", &merchant.key).await.expect(200);
 }

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
@@ -131,11 +131,12 @@ enum Storage {
 
 struct SharedParts {
     store: Arc<dyn SharedStore>,
-    /// Principals by key hash, recently looked up: a key, once issued, names the same party
-    /// for good, so a short-lived copy spares the database one query per request. An
-    /// operator key replaced by another process is honoured here for at most
-    /// [`PRINCIPAL_CACHE_TTL`].
-    principals: Mutex<HashMap<KeyHash, (Instant, Principal)>>,
+    /// Merchants and payers by their keys' hashes, as looked up. A merchant's or payer's key is
+    /// made with the party and is never removed or given to another, so what is kept here can
+    /// never be wrong, and it spares the database one query per request. The operator's key is
+    /// never kept: any server started with another admin key replaces it, and every other
+    /// server must refuse the old one at once.
+    principals: Mutex<HashMap<KeyHash, Principal>>,
     /// The time of this process's latest batch, in microseconds: every batch gets a later one,
     /// so that lists order this process's batches as they were committed.
     last_now: AtomicU64,
@@ -143,9 +144,7 @@ struct SharedParts {
     next_prune: AtomicU64,
 }
 
-/// How long a looked-up principal is trusted without asking a shared store again.
-pub const PRINCIPAL_CACHE_TTL: Duration = Duration::from_secs(5);
-/// Principals cached at most; the cache starts over when full.
+/// Principals kept at most; the cache starts over when full.
 const PRINCIPAL_CACHE_MAX: usize = 100_000;
 /// Writer tasks per process on a shared store: while one batch commits, the next is gathered
 /// and loaded.
@@ -446,28 +445,21 @@ impl Service {
         let Storage::Shared(parts) = &self.shared.storage else {
             return Ok(self.read_now(|state| state.principal(&key_hash)));
         };
-        let now = Instant::now();
-        if let Some((seen, principal)) = parts
+        if let Some(principal) = parts
             .principals
             .lock()
             .expect("principal cache lock")
             .get(&key_hash)
-            && now.duration_since(*seen) < PRINCIPAL_CACHE_TTL
         {
             return Ok(Some(*principal));
         }
         let found = parts.store.principal(&key_hash).await?;
-        let mut cache = parts.principals.lock().expect("principal cache lock");
-        match found {
-            Some(principal) => {
-                if cache.len() >= PRINCIPAL_CACHE_MAX {
-                    cache.clear();
-                }
-                cache.insert(key_hash, (now, principal));
+        if let Some(principal @ (Principal::Merchant(_) | Principal::Payer(_))) = found {
+            let mut cache = parts.principals.lock().expect("principal cache lock");
+            if cache.len() >= PRINCIPAL_CACHE_MAX {
+                cache.clear();
             }
-            None => {
-                cache.remove(&key_hash);
-            }
+            cache.insert(key_hash, principal);
         }
         Ok(found)
     }

@@ -266,6 +266,12 @@ impl Server {
 
     /// A server on `dir` (which the caller keeps, e.g. to restart on it).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_in_as(dir, extra, ADMIN_KEY)
+    }
+
+    /// Like [`Server::start_in`], with another operator key: the server replaces the
+    /// installation's key with it.
+    pub fn start_in_as(dir: &Path, extra: &[&str], admin_key: &str) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_farthing"));
         command
             .arg("serve")
@@ -283,7 +289,7 @@ impl Server {
                     .into_iter()
                     .flatten(),
             )
-            .env("FARTHING_ADMIN_KEY", ADMIN_KEY)
+            .env("FARTHING_ADMIN_KEY", admin_key)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

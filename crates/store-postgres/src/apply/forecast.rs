@@ -35,7 +35,10 @@ pub(crate) type Accounts = HashMap<(Owner, Currency), Known>;
 pub struct Forecast {
     accounts: Mutex<Figures>,
     /// Merchants and payers read from the database. They never change once made, so a batch
-    /// takes those it names from here instead of reading them again.
+    /// takes those it names from here instead of reading them again. A capability that makes
+    /// one of their facts changeable (a fee, a frozen wallet) must take it out of here, or
+    /// check it under lock as the accounts' figures are checked: a process keeps only what
+    /// can never change, or checks what it assumed.
     parties: Mutex<Parties>,
     /// Batches left to lock first.
     cool_down: AtomicU32,
