@@ -9,6 +9,9 @@
 //! tail can be damaged by a crash (the append that was never acknowledged), so the file is cut
 //! there, made durable, and appends continue.
 //!
+//! [`segments`] keeps the same frames in a series of files that can be trimmed from the front
+//! once a checkpoint holds their records; the server does not use it yet.
+//!
 //! ```no_run
 //! use farthing_store::Journal;
 //! let mut journal = farthing_store_embedded::FileJournal::open("./farthing-data".as_ref())?;
@@ -25,9 +28,11 @@ use farthing_payments::{Record, codec};
 use farthing_store::{Journal, StoreError};
 
 mod frame;
+pub mod segments;
 mod test_clock;
 
 pub use frame::RECORD_BYTES_MAX;
+pub use segments::{SEGMENT_BYTES_MAX, SEGMENTS_DIR, SegmentedJournal, Segments};
 pub use test_clock::FileTestClock;
 
 use frame::MAGIC;
@@ -78,6 +83,18 @@ impl FileJournal {
     /// Opens (or creates) the journal in `dir`, taking the directory's lock.
     pub fn open(dir: &Path) -> Result<FileJournal, StoreError> {
         let lock = lock_data_dir(dir)?;
+        if segments::holds_segments(dir)? {
+            // The single file was moved into the segments when they were first opened: a new,
+            // empty file here would serve an empty state in place of the real one.
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds a segmented journal ({SEGMENTS_DIR}/), which the single-file \
+                     journal cannot read",
+                    dir.display()
+                ),
+            )));
+        }
         let path = dir.join(JOURNAL_FILE);
         let created = !path.exists();
         let mut file = OpenOptions::new()
@@ -183,6 +200,8 @@ fn scan(
 /// What [`backup`] copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackupCopied {
+    /// The position of the first record copied: 0 unless the source's segments were trimmed.
+    pub first_position: u64,
     pub records: u64,
     pub bytes: u64,
 }
@@ -191,18 +210,18 @@ pub struct BackupCopied {
 /// be writing to `from`: the journal only grows, and every prefix of whole records is a state
 /// the server was in, so the copy takes the whole records present when it reads and leaves an
 /// append in progress out. `to` must not hold a journal yet. The copy is durable on return.
+///
+/// A segmented journal is copied segment by segment into the same layout
+/// ([`segments::backup`]); a single file into a single file.
 pub fn backup(from: &Path, to: &Path) -> Result<BackupCopied, StoreError> {
+    if segments::holds_segments(from)? {
+        return segments::backup(from, to);
+    }
     let source = from.join(JOURNAL_FILE);
     let bytes = std::fs::read(&source)?;
     let (end, records) = scan(&bytes, &source, &mut |_| {})?;
-    std::fs::create_dir_all(to)?;
+    refuse_a_target_with_a_journal(to)?;
     let target = to.join(JOURNAL_FILE);
-    if target.exists() {
-        return Err(StoreError::Io(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} already holds a journal", to.display()),
-        )));
-    }
     let partial = to.join(format!("{JOURNAL_FILE}.partial"));
     {
         let mut file = File::create(&partial)?;
@@ -212,7 +231,20 @@ pub fn backup(from: &Path, to: &Path) -> Result<BackupCopied, StoreError> {
     std::fs::rename(&partial, &target)?;
     sync_dir(to)?;
     Ok(BackupCopied {
+        first_position: 0,
         records,
         bytes: end as u64,
     })
+}
+
+/// Creates `to` if need be, and refuses it if it holds a journal of either layout.
+fn refuse_a_target_with_a_journal(to: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(to)?;
+    if to.join(JOURNAL_FILE).exists() || to.join(SEGMENTS_DIR).exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} already holds a journal", to.display()),
+        )));
+    }
+    Ok(())
 }
