@@ -9,8 +9,10 @@
 //! tail can be damaged by a crash (the append that was never acknowledged), so the file is cut
 //! there, made durable, and appends continue.
 //!
-//! [`segments`] keeps the same frames in a series of files that can be trimmed from the front
-//! once a checkpoint holds their records; the server does not use it yet.
+//! Two durable parts for a core whose memory is bounded, not yet used by the server:
+//! [`segments`], the same frames in a series of files that can be trimmed from the front once
+//! a checkpoint holds their records, and [`engine`], history rows and state entries in fjall,
+//! written by checkpoints together with the journal position they reflect.
 //!
 //! ```no_run
 //! use farthing_store::Journal;
@@ -27,10 +29,12 @@ use std::path::{Path, PathBuf};
 use farthing_payments::{Record, codec};
 use farthing_store::{Journal, StoreError};
 
+pub mod engine;
 mod frame;
 pub mod segments;
 mod test_clock;
 
+pub use engine::Engine;
 pub use frame::RECORD_BYTES_MAX;
 pub use segments::{SEGMENT_BYTES_MAX, SEGMENTS_DIR, SegmentedJournal, Segments};
 pub use test_clock::FileTestClock;
