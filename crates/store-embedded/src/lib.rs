@@ -9,6 +9,11 @@
 //! tail can be damaged by a crash (the append that was never acknowledged), so the file is cut
 //! there, made durable, and appends continue.
 //!
+//! Two durable parts for a core whose memory is bounded, not yet used by the server:
+//! [`segments`], the same frames in a series of files that can be trimmed from the front once
+//! a checkpoint holds their records, and [`engine`], history rows and state entries in fjall,
+//! written by checkpoints together with the journal position they reflect.
+//!
 //! ```no_run
 //! use farthing_store::Journal;
 //! let mut journal = farthing_store_embedded::FileJournal::open("./farthing-data".as_ref())?;
@@ -24,17 +29,48 @@ use std::path::{Path, PathBuf};
 use farthing_payments::{Record, codec};
 use farthing_store::{Journal, StoreError};
 
+pub mod engine;
+mod frame;
+pub mod segments;
 mod test_clock;
 
+pub use engine::Engine;
+pub use frame::RECORD_BYTES_MAX;
+pub use segments::{SEGMENT_BYTES_MAX, SEGMENTS_DIR, SegmentedJournal, Segments};
 pub use test_clock::FileTestClock;
 
-const MAGIC: &[u8; 8] = b"FARTHJ01";
-const FRAME_HEADER_BYTES: usize = 8;
-/// The largest record: a full batch of payments with long descriptions fits many times over.
-pub const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
+use frame::MAGIC;
+
 /// The journal's file name inside the data directory.
 pub const JOURNAL_FILE: &str = "journal.farthing";
 const LOCK_FILE: &str = "LOCK";
+
+/// Takes the data directory's lock, which is held for as long as the returned file is open:
+/// one process, and one journal, per data directory.
+fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
+    std::fs::create_dir_all(dir)?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(TryLockError::WouldBlock) => Err(StoreError::Locked(dir.display().to_string())),
+        Err(TryLockError::Error(error)) => Err(error.into()),
+    }
+}
+
+/// Makes a directory's entries (files created, renamed or removed in it) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Whether a payload is a record this build reads: the single file's test of a frame found
+/// after damage, stricter than a checksum alone.
+fn is_record(payload: &[u8]) -> bool {
+    codec::decode(payload).is_ok()
+}
 
 pub struct FileJournal {
     file: File,
@@ -50,18 +86,18 @@ pub struct FileJournal {
 impl FileJournal {
     /// Opens (or creates) the journal in `dir`, taking the directory's lock.
     pub fn open(dir: &Path) -> Result<FileJournal, StoreError> {
-        std::fs::create_dir_all(dir)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK_FILE))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked(dir.display().to_string()));
-            }
-            Err(TryLockError::Error(error)) => return Err(error.into()),
+        let lock = lock_data_dir(dir)?;
+        if segments::holds_segments(dir)? {
+            // The single file was moved into the segments when they were first opened: a new,
+            // empty file here would serve an empty state in place of the real one.
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds a segmented journal ({SEGMENTS_DIR}/), which the single-file \
+                     journal cannot read",
+                    dir.display()
+                ),
+            )));
         }
         let path = dir.join(JOURNAL_FILE);
         let created = !path.exists();
@@ -75,7 +111,7 @@ impl FileJournal {
             file.write_all(MAGIC)?;
             file.sync_all()?;
             // The new file's directory entry must be durable too.
-            File::open(dir)?.sync_all()?;
+            sync_dir(dir)?;
         }
         Ok(FileJournal {
             file,
@@ -93,30 +129,12 @@ impl FileJournal {
     }
 }
 
-/// Appends one framed record to `out`.
-fn push_frame(out: &mut Vec<u8>, record: &Record) {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
-    codec::encode(record, out);
-    let payload_len = out.len() - start - FRAME_HEADER_BYTES;
-    assert!(
-        payload_len <= RECORD_BYTES_MAX,
-        "record too large for the journal"
-    );
-    let len_bytes = (payload_len as u32).to_le_bytes();
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&len_bytes);
-    hasher.update(&out[start + FRAME_HEADER_BYTES..]);
-    out[start..start + 4].copy_from_slice(&len_bytes);
-    out[start + 4..start + 8].copy_from_slice(&hasher.finalize().to_le_bytes());
-}
-
 impl Journal for FileJournal {
     fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
         assert!(self.replayed, "replay the journal before appending to it");
         self.buffer.clear();
         for record in records {
-            push_frame(&mut self.buffer, record);
+            frame::push_frame(&mut self.buffer, |out| codec::encode(record, out));
         }
         if let Err(error) = self.file.write_all(&self.buffer) {
             // A write refused part way (a full disk): cut what did land, so the file is as it
@@ -167,46 +185,27 @@ impl Journal for FileJournal {
 
 /// Visits every whole record of a journal's bytes and returns where they end and how many
 /// there were. Damage at the end (an unfinished append) ends the scan; damage followed by
-/// whole records is an error.
+/// whole records is an error, and so is a checksummed record that does not decode.
 fn scan(
     bytes: &[u8],
     path: &Path,
     visit: &mut dyn FnMut(Record),
 ) -> Result<(usize, u64), StoreError> {
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(StoreError::Corrupt {
-            offset: 0,
-            reason: format!("{} is not a Farthing journal", path.display()),
-        });
-    }
-    let mut offset = MAGIC.len();
-    let mut count = 0u64;
-    while offset < bytes.len() {
-        let Some(frame) = read_frame(&bytes[offset..]) else {
-            break;
-        };
-        let record = codec::decode(frame).map_err(|error| StoreError::Corrupt {
+    frame::scan(bytes, path, &is_record, &mut |offset, payload| {
+        let record = codec::decode(payload).map_err(|error| StoreError::Corrupt {
             offset: offset as u64,
             reason: format!("a checksummed record does not decode: {error}"),
         })?;
         visit(record);
-        count += 1;
-        offset += FRAME_HEADER_BYTES + frame.len();
-    }
-    if offset < bytes.len() && damage_is_followed_by_valid_frame(&bytes[offset..]) {
-        // A crash only ever damages the last append; damage with whole records after it is
-        // lost or rotten data, and cutting there would drop acknowledged payments.
-        return Err(StoreError::Corrupt {
-            offset: offset as u64,
-            reason: "a damaged record is followed by valid ones".into(),
-        });
-    }
-    Ok((offset, count))
+        Ok(())
+    })
 }
 
 /// What [`backup`] copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackupCopied {
+    /// The position of the first record copied: 0 unless the source's segments were trimmed.
+    pub first_position: u64,
     pub records: u64,
     pub bytes: u64,
 }
@@ -215,18 +214,18 @@ pub struct BackupCopied {
 /// be writing to `from`: the journal only grows, and every prefix of whole records is a state
 /// the server was in, so the copy takes the whole records present when it reads and leaves an
 /// append in progress out. `to` must not hold a journal yet. The copy is durable on return.
+///
+/// A segmented journal is copied segment by segment into the same layout
+/// ([`segments::backup`]); a single file into a single file.
 pub fn backup(from: &Path, to: &Path) -> Result<BackupCopied, StoreError> {
+    if segments::holds_segments(from)? {
+        return segments::backup(from, to);
+    }
     let source = from.join(JOURNAL_FILE);
     let bytes = std::fs::read(&source)?;
     let (end, records) = scan(&bytes, &source, &mut |_| {})?;
-    std::fs::create_dir_all(to)?;
+    refuse_a_target_with_a_journal(to)?;
     let target = to.join(JOURNAL_FILE);
-    if target.exists() {
-        return Err(StoreError::Io(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            format!("{} already holds a journal", to.display()),
-        )));
-    }
     let partial = to.join(format!("{JOURNAL_FILE}.partial"));
     {
         let mut file = File::create(&partial)?;
@@ -234,36 +233,22 @@ pub fn backup(from: &Path, to: &Path) -> Result<BackupCopied, StoreError> {
         file.sync_all()?;
     }
     std::fs::rename(&partial, &target)?;
-    File::open(to)?.sync_all()?;
+    sync_dir(to)?;
     Ok(BackupCopied {
+        first_position: 0,
         records,
         bytes: end as u64,
     })
 }
 
-/// Whether a valid frame (checksummed, and a record) starts anywhere after the damaged frame
-/// at the start of `bytes`. The damaged frame's own length field is not trusted to find the
-/// next frame: the damage may be in it.
-fn damage_is_followed_by_valid_frame(bytes: &[u8]) -> bool {
-    (1..bytes.len()).any(|start| {
-        read_frame(&bytes[start..]).is_some_and(|payload| codec::decode(payload).is_ok())
-    })
-}
-
-/// The payload of the frame at the start of `bytes`, if it is whole and its checksum holds.
-fn read_frame(bytes: &[u8]) -> Option<&[u8]> {
-    if bytes.len() < FRAME_HEADER_BYTES {
-        return None;
+/// Creates `to` if need be, and refuses it if it holds a journal of either layout.
+fn refuse_a_target_with_a_journal(to: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(to)?;
+    if to.join(JOURNAL_FILE).exists() || to.join(SEGMENTS_DIR).exists() {
+        return Err(StoreError::Io(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} already holds a journal", to.display()),
+        )));
     }
-    let len_bytes: [u8; 4] = bytes[..4].try_into().expect("four bytes");
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("four bytes"));
-    if len > RECORD_BYTES_MAX || bytes.len() < FRAME_HEADER_BYTES + len {
-        return None;
-    }
-    let payload = &bytes[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&len_bytes);
-    hasher.update(payload);
-    (hasher.finalize() == crc).then_some(payload)
+    Ok(())
 }

@@ -1,0 +1,102 @@
+//! The journal's byte format, shared by the single file and the segments.
+//!
+//! A journal file is an 8-byte magic, then frames. A frame is
+//! `[payload length: u32 LE][CRC-32 of length and payload: u32 LE][payload]`. Nothing here knows
+//! what a payload holds: the caller says whether a checksummed payload is a record.
+
+use std::path::Path;
+
+use farthing_store::StoreError;
+
+/// The first bytes of every journal file, single or segment.
+pub(crate) const MAGIC: &[u8; 8] = b"FARTHJ01";
+pub(crate) const FRAME_HEADER_BYTES: usize = 8;
+/// The largest payload: a full batch of payments with long descriptions fits many times over.
+pub const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// What [`scan`] calls with each whole frame: the offset where the frame starts, its payload.
+pub(crate) type VisitFrame<'a> = dyn FnMut(usize, &[u8]) -> Result<(), StoreError> + 'a;
+
+/// Appends one frame to `out`, its payload written by `write_payload`.
+pub(crate) fn push_frame(out: &mut Vec<u8>, write_payload: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    write_payload(out);
+    let payload_len = out.len() - start - FRAME_HEADER_BYTES;
+    assert!(
+        payload_len <= RECORD_BYTES_MAX,
+        "record too large for the journal"
+    );
+    let len_bytes = (payload_len as u32).to_le_bytes();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len_bytes);
+    hasher.update(&out[start + FRAME_HEADER_BYTES..]);
+    out[start..start + 4].copy_from_slice(&len_bytes);
+    out[start + 4..start + 8].copy_from_slice(&hasher.finalize().to_le_bytes());
+}
+
+/// Visits the payload of every whole frame of a journal file's bytes, with the offset where
+/// its frame starts, and returns where the whole frames end and how many there were. Damage at
+/// the end (an unfinished append) ends the scan; damage followed by a frame whose checksum
+/// holds and whose payload `is_record` accepts is an error, and so is a file that does not
+/// start with the magic.
+pub(crate) fn scan(
+    bytes: &[u8],
+    path: &Path,
+    is_record: &dyn Fn(&[u8]) -> bool,
+    visit: &mut VisitFrame<'_>,
+) -> Result<(usize, u64), StoreError> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(StoreError::Corrupt {
+            offset: 0,
+            reason: format!("{} is not a Farthing journal", path.display()),
+        });
+    }
+    let mut offset = MAGIC.len();
+    let mut count = 0u64;
+    while offset < bytes.len() {
+        let Some(payload) = read_frame(&bytes[offset..]) else {
+            break;
+        };
+        visit(offset, payload)?;
+        count += 1;
+        offset += FRAME_HEADER_BYTES + payload.len();
+    }
+    if offset < bytes.len() && damage_is_followed_by_valid_frame(&bytes[offset..], is_record) {
+        // A crash only ever damages the last append; damage with whole records after it is
+        // lost or rotten data, and cutting there would drop acknowledged payments.
+        return Err(StoreError::Corrupt {
+            offset: offset as u64,
+            reason: format!(
+                "{}: a damaged record is followed by valid ones",
+                path.display()
+            ),
+        });
+    }
+    Ok((offset, count))
+}
+
+/// Whether a valid frame (checksummed, and a record) starts anywhere after the damaged frame
+/// at the start of `bytes`. The damaged frame's own length field is not trusted to find the
+/// next frame: the damage may be in it.
+fn damage_is_followed_by_valid_frame(bytes: &[u8], is_record: &dyn Fn(&[u8]) -> bool) -> bool {
+    (1..bytes.len()).any(|start| read_frame(&bytes[start..]).is_some_and(is_record))
+}
+
+/// The payload of the frame at the start of `bytes`, if it is whole and its checksum holds.
+fn read_frame(bytes: &[u8]) -> Option<&[u8]> {
+    if bytes.len() < FRAME_HEADER_BYTES {
+        return None;
+    }
+    let len_bytes: [u8; 4] = bytes[..4].try_into().expect("four bytes");
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("four bytes"));
+    if len > RECORD_BYTES_MAX || bytes.len() < FRAME_HEADER_BYTES + len {
+        return None;
+    }
+    let payload = &bytes[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len_bytes);
+    hasher.update(payload);
+    (hasher.finalize() == crc).then_some(payload)
+}
