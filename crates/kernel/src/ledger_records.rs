@@ -59,15 +59,7 @@ impl Fields for TransferRecord {
                 Err(rejection) => transfer_rejection_tag(rejection),
             },
         );
-        out.opt_code(
-            "hold_state",
-            self.hold.map(|hold| match hold {
-                HoldState::Pending => 1,
-                HoldState::Posted => 2,
-                HoldState::Voided => 3,
-                HoldState::Expired => 4,
-            }),
-        );
+        out.opt_code("hold_state", self.hold.map(hold_state_code));
         out.opt_int("expires_at", self.expires_at.map(|at| at.0));
         out.int("created_at", self.timestamp.0);
     }
@@ -92,14 +84,7 @@ impl Fields for TransferRecord {
             0 => Ok(()),
             tag => Err(transfer_rejection_of(tag).ok_or(DecodeError::UnknownTag(tag))?),
         };
-        let hold = match input.opt_code("hold_state")? {
-            None => None,
-            Some(1) => Some(HoldState::Pending),
-            Some(2) => Some(HoldState::Posted),
-            Some(3) => Some(HoldState::Voided),
-            Some(4) => Some(HoldState::Expired),
-            Some(tag) => return Err(DecodeError::UnknownTag(tag)),
-        };
+        let hold = hold_state_of(input.opt_code("hold_state")?.unwrap_or(0))?;
         let expires_at = input.opt_int("expires_at")?.map(Timestamp);
         let timestamp = Timestamp(input.int("created_at")?);
         Ok(TransferRecord {
@@ -117,6 +102,28 @@ impl Fields for TransferRecord {
             expires_at,
         })
     }
+}
+
+/// A hold's state as stored: 1 pending, 2 posted, 3 voided, 4 expired (0 is no hold).
+pub fn hold_state_code(hold: HoldState) -> u8 {
+    match hold {
+        HoldState::Pending => 1,
+        HoldState::Posted => 2,
+        HoldState::Voided => 3,
+        HoldState::Expired => 4,
+    }
+}
+
+/// The hold state stored as `code`: `None` for 0, no hold.
+pub fn hold_state_of(code: u8) -> Result<Option<HoldState>, DecodeError> {
+    Ok(Some(match code {
+        0 => return Ok(None),
+        1 => HoldState::Pending,
+        2 => HoldState::Posted,
+        3 => HoldState::Voided,
+        4 => HoldState::Expired,
+        tag => return Err(DecodeError::UnknownTag(tag)),
+    }))
 }
 
 /// The ledger's rejections in a transfer record, each with a stable tag (1 and up; 0 is

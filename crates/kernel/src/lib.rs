@@ -43,5 +43,7 @@ mod table;
 pub use fields::{
     Binary, BinaryReader, Column, ColumnType, Columns, DecodeError, Fields, Get, Put,
 };
-pub use ledger_records::{transfer_rejection_of, transfer_rejection_tag};
+pub use ledger_records::{
+    hold_state_code, hold_state_of, transfer_rejection_of, transfer_rejection_tag,
+};
 pub use table::{Slot, Table};

@@ -5,7 +5,7 @@
 //! upgrades, and cheap: encoding a payment takes a few dozen byte copies.
 
 use farthing_ledger::{
-    Account, AccountId, AccountKind, Amount, Currency, HoldState, Timestamp, Transfer, TransferId,
+    Account, AccountId, AccountKind, Amount, Currency, Timestamp, Transfer, TransferId,
     TransferKind, TransferRecord,
 };
 
@@ -24,6 +24,7 @@ const FORMAT_VERSION_FIRST: u8 = 1;
 const OUTCOME_FORMAT_VERSION: u8 = 1;
 
 pub use farthing_kernel::DecodeError;
+use farthing_kernel::hold_state_of;
 pub use farthing_kernel::{transfer_rejection_of, transfer_rejection_tag};
 
 /// Appends the encoding of `record` to `out`.
@@ -393,33 +394,30 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
+    /// The kernel's binary form, which every primitive here is written in.
+    fn bin(&mut self) -> Binary<'_> {
+        Binary(self.0)
+    }
     fn u8(&mut self, v: u8) {
-        self.0.push(v);
+        self.bin().u8(v);
     }
     fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.bin().u32(v);
     }
     fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.bin().u64(v);
     }
     fn u128(&mut self, v: u128) {
-        self.0.extend_from_slice(&v.to_le_bytes());
+        self.bin().u128(v);
     }
     fn bytes32(&mut self, v: &[u8; 32]) {
-        self.0.extend_from_slice(v);
+        self.bin().digest("", v);
     }
     fn text(&mut self, v: &str) {
-        self.u32(u32::try_from(v.len()).expect("texts are bounded"));
-        self.0.extend_from_slice(v.as_bytes());
+        self.bin().text("", v);
     }
     fn opt_text(&mut self, v: &Option<String>) {
-        match v {
-            None => self.u8(0),
-            Some(text) => {
-                self.u8(1);
-                self.text(text);
-            }
-        }
+        self.bin().opt_text("", v.as_deref());
     }
     fn principal(&mut self, p: Principal) {
         match p {
@@ -534,48 +532,40 @@ impl Writer<'_> {
 
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        if self.0.len() < N {
-            return Err(DecodeError::UnexpectedEnd);
-        }
-        let (head, rest) = self.0.split_at(N);
-        self.0 = rest;
-        Ok(head.try_into().expect("split at N"))
+impl<'a> Reader<'a> {
+    /// Reads with the kernel's binary form, then goes on after what it read.
+    fn with<T>(
+        &mut self,
+        read: impl FnOnce(&mut BinaryReader<'a>) -> Result<T, DecodeError>,
+    ) -> Result<T, DecodeError> {
+        let mut input = BinaryReader(self.0);
+        let value = read(&mut input)?;
+        self.0 = input.0;
+        Ok(value)
     }
     fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take::<1>()?[0])
+        self.with(|r| r.u8())
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.take()?))
+        self.with(|r| r.u32())
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take()?))
+        self.with(|r| r.u64())
     }
     fn u128(&mut self) -> Result<u128, DecodeError> {
-        Ok(u128::from_le_bytes(self.take()?))
+        self.with(|r| r.u128())
     }
     fn bytes32(&mut self) -> Result<[u8; 32], DecodeError> {
-        self.take()
+        self.with(|r| r.digest(""))
     }
     fn text(&mut self) -> Result<String, DecodeError> {
-        let len = self.u32()? as usize;
-        if self.0.len() < len {
-            return Err(DecodeError::UnexpectedEnd);
-        }
-        let (head, rest) = self.0.split_at(len);
-        self.0 = rest;
-        String::from_utf8(head.to_vec()).map_err(|_| DecodeError::InvalidText)
+        self.with(|r| r.text(""))
     }
     fn opt_text(&mut self) -> Result<Option<String>, DecodeError> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => Ok(Some(self.text()?)),
-            tag => Err(DecodeError::UnknownTag(tag)),
-        }
+        self.with(|r| r.opt_text(""))
     }
     fn currency(&mut self) -> Result<Currency, DecodeError> {
-        Currency::from_u32(self.u32()?).ok_or(DecodeError::InvalidCurrency)
+        self.with(|r| r.currency(""))
     }
     fn funding_source(&mut self) -> Result<FundingSource, DecodeError> {
         Ok(match self.u8()? {
@@ -610,18 +600,10 @@ impl Reader<'_> {
         })
     }
     fn bool(&mut self) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            tag => Err(DecodeError::UnknownTag(tag)),
-        }
+        self.with(|r| r.flag(""))
     }
     fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => Ok(Some(self.u64()?)),
-            tag => Err(DecodeError::UnknownTag(tag)),
-        }
+        self.with(|r| r.opt_int(""))
     }
     fn owner(&mut self) -> Result<Owner, DecodeError> {
         Ok(match self.u8()? {
@@ -656,14 +638,7 @@ impl Reader<'_> {
             0 => Ok(()),
             tag => Err(transfer_rejection_of(tag).ok_or(DecodeError::UnknownTag(tag))?),
         };
-        let hold = match self.u8()? {
-            0 => None,
-            1 => Some(HoldState::Pending),
-            2 => Some(HoldState::Posted),
-            3 => Some(HoldState::Voided),
-            4 => Some(HoldState::Expired),
-            tag => return Err(DecodeError::UnknownTag(tag)),
-        };
+        let hold = hold_state_of(self.u8()?)?;
         let expires_at = self.opt_u64()?.map(Timestamp);
         Ok(TransferRecord {
             transfer: Transfer {
@@ -833,12 +808,7 @@ impl Reader<'_> {
                 };
                 let fingerprint = self.bytes32()?;
                 let made = Timestamp(self.u64()?);
-                let len = self.u32()? as usize;
-                if self.0.len() < len {
-                    return Err(DecodeError::UnexpectedEnd);
-                }
-                let (outcome, rest) = self.0.split_at(len);
-                self.0 = rest;
+                let outcome = self.with(|r| r.bytes())?;
                 Imported::Idempotency(IdempotencyRow {
                     key,
                     fingerprint,

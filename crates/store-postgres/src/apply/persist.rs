@@ -854,12 +854,7 @@ pub(super) fn transfer_kind_columns(kind: TransferKind) -> (i16, Option<u128>, O
 }
 
 pub(super) fn hold_column(hold: Option<HoldState>) -> Option<i16> {
-    hold.map(|hold| match hold {
-        HoldState::Pending => 1,
-        HoldState::Posted => 2,
-        HoldState::Voided => 3,
-        HoldState::Expired => 4,
-    })
+    hold.map(|hold| i16::from(farthing_kernel::hold_state_code(hold)))
 }
 
 pub(super) fn outcome_column(outcome: Result<(), TransferRejection>) -> i16 {
