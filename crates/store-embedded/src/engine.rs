@@ -16,9 +16,13 @@
 //! reopening replays nothing. A checkpoint is two ingestions: the history rows, then the state
 //! changes together with the position, so that the state and its position change as one.
 //!
-//! A crash between the two leaves history rows of records after [`Engine::position`]. That is
-//! harmless: recovery replays those records from the journal and the next checkpoint ingests
-//! the same rows with the same bytes again, and the newest ingestion of a key wins.
+//! A crash between the two leaves history rows of records after [`Engine::position`]. Recovery
+//! replays those records from the journal and the next checkpoint ingests the same rows with
+//! the same bytes again (the newest ingestion of a key wins). Until then the caller must read
+//! them as absent, by the position of the record that made each row, which the caller keeps
+//! in the row: a replayed record would otherwise find its own row and take it for a
+//! collision. For the same reason, what changes after a row is written belongs in the state,
+//! never in the history.
 //!
 //! **Memory.** What the engine holds is bounded by:
 //! - the block cache, `cache_bytes`, shared by both keyspaces: data, index and filter blocks
