@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod env;
+mod local_reads;
 mod refusals;
 mod secret;
 mod test_clock;
@@ -27,7 +28,7 @@ use std::time::Instant;
 
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
-use farthing_store::{Journal, SharedStore, StatementPage, StoreError};
+use farthing_store::{Journal, Reads, SharedStore, StatementPage, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 pub use env::{Clock, Ids, ManualClock, SequentialIds, SystemClock, TimeOrderedIds};
@@ -124,7 +125,7 @@ struct Job {
 enum Storage {
     /// The embedded store: the whole state in this process, made durable by the writer's
     /// journal.
-    Local(RwLock<State>),
+    Local(Arc<RwLock<State>>),
     /// A store shared with other processes, which holds the state itself.
     Shared(SharedParts),
 }
@@ -152,6 +153,8 @@ pub const SHARED_WRITERS_DEFAULT: usize = 2;
 
 struct Shared {
     storage: Storage,
+    /// The API's questions, answered by whichever store holds the state.
+    reads: Arc<dyn Reads>,
     ids: Arc<dyn Ids>,
     config: Config,
     /// API keys of recently created parties, by party id, so that a retried creation answers
@@ -225,8 +228,10 @@ impl Service {
             Ok::<_, StoreError>((state, count))
         })?;
         let (submit, receive) = mpsc::channel(QUEUE_DEPTH_MAX);
+        let state = Arc::new(RwLock::new(state));
         let shared = Arc::new(Shared {
-            storage: Storage::Local(RwLock::new(state)),
+            reads: Arc::new(local_reads::StateReads(state.clone())),
+            storage: Storage::Local(state),
             ids,
             config,
             created_keys: Mutex::new(HashMap::new()),
@@ -279,6 +284,7 @@ impl Service {
     ) -> Result<Opened, ServiceError> {
         let (submit, receive) = mpsc::channel(QUEUE_DEPTH_MAX);
         let shared = Arc::new(Shared {
+            reads: store.clone(),
             storage: Storage::Shared(SharedParts {
                 store,
                 principals: Mutex::new(HashMap::new()),
@@ -350,10 +356,7 @@ impl Service {
     }
 
     async fn has_operator_key(&self) -> Result<bool, ServiceError> {
-        match &self.shared.storage {
-            Storage::Local(_) => Ok(self.read_now(|state| state.has_operator_key())),
-            Storage::Shared(parts) => Ok(parts.store.has_operator_key().await?),
-        }
+        Ok(self.shared.reads.has_operator_key().await?)
     }
 
     /// Who holds the key with this hash, asking the store itself.
@@ -361,10 +364,7 @@ impl Service {
         &self,
         key_hash: &KeyHash,
     ) -> Result<Option<Principal>, ServiceError> {
-        match &self.shared.storage {
-            Storage::Local(_) => Ok(self.read_now(|state| state.principal(key_hash))),
-            Storage::Shared(parts) => Ok(parts.store.principal(key_hash).await?),
-        }
+        Ok(self.shared.reads.principal(key_hash).await?)
     }
 
     /// Whether the store can serve now: always for the embedded store, whose state is in this
@@ -443,7 +443,7 @@ impl Service {
     pub async fn authenticate(&self, key: &Secret) -> Result<Option<Principal>, ServiceError> {
         let key_hash = key.hash();
         let Storage::Shared(parts) = &self.shared.storage else {
-            return Ok(self.read_now(|state| state.principal(&key_hash)));
+            return Ok(self.shared.reads.principal(&key_hash).await?);
         };
         if let Some(principal) = parts
             .principals
@@ -469,10 +469,7 @@ impl Service {
         &self,
         payer: PayerId,
     ) -> Result<Option<Vec<(Currency, i128)>>, ServiceError> {
-        match &self.shared.storage {
-            Storage::Local(_) => Ok(self.read_now(|state| state.payer_balances(payer))),
-            Storage::Shared(parts) => Ok(parts.store.payer_balances(payer).await?),
-        }
+        Ok(self.shared.reads.payer_balances(payer).await?)
     }
 
     /// A merchant's available balances by currency; `None` for an unknown merchant.
@@ -480,10 +477,7 @@ impl Service {
         &self,
         merchant: MerchantId,
     ) -> Result<Option<Vec<(Currency, i128)>>, ServiceError> {
-        match &self.shared.storage {
-            Storage::Local(_) => Ok(self.read_now(|state| state.merchant_balances(merchant))),
-            Storage::Shared(parts) => Ok(parts.store.merchant_balances(merchant).await?),
-        }
+        Ok(self.shared.reads.merchant_balances(merchant).await?)
     }
 
     /// The payment, when `caller` may see it (its payer, its merchant, or the operator).
@@ -492,10 +486,7 @@ impl Service {
         caller: Principal,
         id: PaymentId,
     ) -> Result<Option<Payment>, ServiceError> {
-        let payment = match &self.shared.storage {
-            Storage::Local(_) => self.read_now(|state| state.payment(id).cloned()),
-            Storage::Shared(parts) => parts.store.payment(id).await?,
-        };
+        let payment = self.shared.reads.payment(id).await?;
         Ok(payment.filter(|payment| State::may_see(caller, payment)))
     }
 
@@ -507,20 +498,11 @@ impl Service {
         limit: usize,
         starting_after: Option<PaymentId>,
     ) -> Result<Option<Page<Payment>>, ServiceError> {
-        match &self.shared.storage {
-            Storage::Local(_) => Ok(self.read_now(|state| {
-                state
-                    .list_payments(caller, limit, starting_after)
-                    .map(|page| Page {
-                        items: page.items.into_iter().cloned().collect(),
-                        has_more: page.has_more,
-                    })
-            })),
-            Storage::Shared(parts) => Ok(parts
-                .store
-                .list_payments(caller, limit, starting_after)
-                .await?),
-        }
+        Ok(self
+            .shared
+            .reads
+            .list_payments(caller, limit, starting_after)
+            .await?)
     }
 
     /// A payer's statement, newest first, after the line for `starting_after`.
@@ -530,21 +512,11 @@ impl Service {
         limit: usize,
         starting_after: Option<EntryObject>,
     ) -> Result<StatementPage, ServiceError> {
-        match &self.shared.storage {
-            Storage::Local(_) => Ok(self.read_now(|state| {
-                if state.payer(payer).is_none() {
-                    return StatementPage::UnknownPayer;
-                }
-                match state.payer_entries(payer, limit, starting_after) {
-                    Some(page) => StatementPage::Page(page),
-                    None => StatementPage::UnknownCursor,
-                }
-            })),
-            Storage::Shared(parts) => Ok(parts
-                .store
-                .payer_entries(payer, limit, starting_after)
-                .await?),
-        }
+        Ok(self
+            .shared
+            .reads
+            .payer_entries(payer, limit, starting_after)
+            .await?)
     }
 
     pub fn next_id(&self) -> u128 {

@@ -26,7 +26,8 @@ use farthing_payments::{
     Record,
 };
 use farthing_store::{
-    Answer, IdempotencyFound, SharedStore, StatementPage, StoreCounter, StoreError, StoreFuture,
+    Answer, IdempotencyFound, Reads, SharedStore, StatementPage, StoreCounter, StoreError,
+    StoreFuture,
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::Client;
@@ -347,6 +348,24 @@ impl SharedStore for PgStore {
         }))
     }
 
+    fn idempotency<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+    ) -> StoreFuture<'a, Option<IdempotencyFound>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::idempotency(pooled.client(), key).await;
+            Ok(pooled
+                .finish(result)?
+                .map(|(fingerprint, outcome)| IdempotencyFound {
+                    fingerprint,
+                    outcome,
+                }))
+        }))
+    }
+}
+
+impl Reads for PgStore {
     fn principal<'a>(&'a self, key_hash: &'a KeyHash) -> StoreFuture<'a, Option<Principal>> {
         Box::pin(self.timed(async move {
             let mut pooled = self.pooled().await?;
@@ -365,22 +384,6 @@ impl SharedStore for PgStore {
                 .map(|row| row.get(0))
                 .map_err(PgError::from);
             pooled.finish(result)
-        }))
-    }
-
-    fn idempotency<'a>(
-        &'a self,
-        key: &'a IdempotencyKey,
-    ) -> StoreFuture<'a, Option<IdempotencyFound>> {
-        Box::pin(self.timed(async move {
-            let mut pooled = self.pooled().await?;
-            let result = query::idempotency(pooled.client(), key).await;
-            Ok(pooled
-                .finish(result)?
-                .map(|(fingerprint, outcome)| IdempotencyFound {
-                    fingerprint,
-                    outcome,
-                }))
         }))
     }
 

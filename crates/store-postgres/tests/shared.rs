@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{TestDatabase, shop_and_payer};
 use farthing_ledger::{Amount, Currency, MICROS_PER_UNIT, TransferId};
 use farthing_payments::*;
-use farthing_store::{SharedStore, StoreError};
+use farthing_store::{Reads, SharedStore, StoreError};
 use farthing_store_postgres::{PgOptions, PgStore, connect};
 use farthing_testing::{key_hash, record_at};
 

@@ -88,25 +88,14 @@ pub enum StatementPage {
     UnknownCursor,
 }
 
-/// A store that holds the state itself and is shared by several processes. Every answer is
-/// of committed data only.
-///
-/// Implementations must keep the guarantees of the embedded store: [`SharedStore::apply`]
-/// gives exactly the outcomes the records get applied one after another to the whole state,
-/// durably and atomically (all of a batch or none of it), however many processes apply
-/// batches at once; and a refused or failed call changes nothing that was acknowledged.
-pub trait SharedStore: Send + Sync + 'static {
-    /// Applies `records` in order, in one durable transaction.
-    fn apply<'a>(&'a self, records: &'a [Record]) -> StoreFuture<'a, Vec<Answer>>;
+/// The questions the API asks of the state, answered by every backend alike: the embedded
+/// store from its state in memory, a shared store from its database. Every answer is of
+/// committed (durable) data only.
+pub trait Reads: Send + Sync + 'static {
     /// Who holds the key with this hash.
     fn principal<'a>(&'a self, key_hash: &'a KeyHash) -> StoreFuture<'a, Option<Principal>>;
     /// Whether an operator key has been set.
     fn has_operator_key(&self) -> StoreFuture<'_, bool>;
-    /// The first use of an idempotency key, if it is still kept.
-    fn idempotency<'a>(
-        &'a self,
-        key: &'a IdempotencyKey,
-    ) -> StoreFuture<'a, Option<IdempotencyFound>>;
     /// A payer's available balances, sorted by currency; `None` for an unknown payer.
     fn payer_balances(&self, id: PayerId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>>;
     /// A merchant's available balances, sorted by currency; `None` for an unknown merchant.
@@ -127,6 +116,23 @@ pub trait SharedStore: Send + Sync + 'static {
         limit: usize,
         starting_after: Option<EntryObject>,
     ) -> StoreFuture<'_, StatementPage>;
+}
+
+/// A store that holds the state itself and is shared by several processes. Every answer is
+/// of committed data only.
+///
+/// Implementations must keep the guarantees of the embedded store: [`SharedStore::apply`]
+/// gives exactly the outcomes the records get applied one after another to the whole state,
+/// durably and atomically (all of a batch or none of it), however many processes apply
+/// batches at once; and a refused or failed call changes nothing that was acknowledged.
+pub trait SharedStore: Reads {
+    /// Applies `records` in order, in one durable transaction.
+    fn apply<'a>(&'a self, records: &'a [Record]) -> StoreFuture<'a, Vec<Answer>>;
+    /// The first use of an idempotency key, if it is still kept.
+    fn idempotency<'a>(
+        &'a self,
+        key: &'a IdempotencyKey,
+    ) -> StoreFuture<'a, Option<IdempotencyFound>>;
     /// Counts the store keeps of its own work in this process, for `/metrics`.
     fn counters(&self) -> Vec<StoreCounter> {
         Vec::new()

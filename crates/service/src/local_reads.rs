@@ -1,0 +1,82 @@
+//! The embedded store's answers to the API's questions, read from the state in this process.
+//! The state holds only what is durable: the writer applies records after appending them.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use farthing_ledger::Currency;
+use farthing_payments::{
+    EntryObject, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal, State,
+};
+use farthing_store::{Reads, StatementPage, StoreError, StoreFuture};
+
+/// [`Reads`] over the embedded store's state.
+pub(crate) struct StateReads(pub(crate) Arc<RwLock<State>>);
+
+impl StateReads {
+    fn state(&self) -> RwLockReadGuard<'_, State> {
+        self.0
+            .read()
+            .expect("the writer never panics holding the lock")
+    }
+}
+
+/// An answer that is ready at once.
+fn ready<'a, T: Send + 'a>(value: T) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(Ok::<T, StoreError>(value)))
+}
+
+impl Reads for StateReads {
+    fn principal<'a>(&'a self, key_hash: &'a KeyHash) -> StoreFuture<'a, Option<Principal>> {
+        ready(self.state().principal(key_hash))
+    }
+
+    fn has_operator_key(&self) -> StoreFuture<'_, bool> {
+        ready(self.state().has_operator_key())
+    }
+
+    fn payer_balances(&self, id: PayerId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>> {
+        ready(self.state().payer_balances(id))
+    }
+
+    fn merchant_balances(&self, id: MerchantId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>> {
+        ready(self.state().merchant_balances(id))
+    }
+
+    fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>> {
+        ready(self.state().payment(id).cloned())
+    }
+
+    fn list_payments(
+        &self,
+        principal: Principal,
+        limit: usize,
+        starting_after: Option<PaymentId>,
+    ) -> StoreFuture<'_, Option<Page<Payment>>> {
+        let page = self
+            .state()
+            .list_payments(principal, limit, starting_after)
+            .map(|page| Page {
+                items: page.items.into_iter().cloned().collect(),
+                has_more: page.has_more,
+            });
+        ready(page)
+    }
+
+    fn payer_entries(
+        &self,
+        payer: PayerId,
+        limit: usize,
+        starting_after: Option<EntryObject>,
+    ) -> StoreFuture<'_, StatementPage> {
+        let state = self.state();
+        let page = if state.payer(payer).is_none() {
+            StatementPage::UnknownPayer
+        } else {
+            match state.payer_entries(payer, limit, starting_after) {
+                Some(page) => StatementPage::Page(page),
+                None => StatementPage::UnknownCursor,
+            }
+        };
+        ready(page)
+    }
+}
