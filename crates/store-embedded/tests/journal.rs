@@ -11,7 +11,7 @@ use farthing_payments::Record;
 use farthing_store::{Journal, StoreError};
 use farthing_store_embedded::FileJournal;
 
-use common::{TempDir, record, records};
+use common::{JournalFile, TempDir, record, records};
 
 /// Opens the journal in `dir` and replays it.
 fn open_and_replay(dir: &Path) -> Result<(FileJournal, Vec<Record>), StoreError> {

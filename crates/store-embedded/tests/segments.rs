@@ -18,7 +18,7 @@ use farthing_store_embedded::{
     FileJournal, SEGMENT_BYTES_MAX, SEGMENTS_DIR, SegmentedJournal, Segments, backup,
 };
 
-use common::{TempDir, records};
+use common::{JournalFile, TempDir, records};
 
 /// Small segments, so that a few appends fill several.
 const SMALL_SEGMENT_BYTES_MAX: u64 = 256;

@@ -6,10 +6,12 @@
 //!
 //! Only test code depends on this crate.
 
+mod temp_dir;
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
 use proptest::prelude::*;
 use proptest::sample::Index;
+pub use temp_dir::TempDir;
 
 /// Where histories start: some microsecond in 2023.
 pub const EPOCH: u64 = 1_700_000_000_000_000;

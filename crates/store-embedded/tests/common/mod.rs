@@ -1,44 +1,21 @@
 //! Test support shared by the journal's tests.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
 
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
 use farthing_store_embedded::JOURNAL_FILE;
 
-/// A fresh directory under the system's temp dir, removed when dropped.
-pub struct TempDir(PathBuf);
+pub use farthing_testing::TempDir;
 
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let unique = format!(
-            "farthing-journal-{name}-{}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("after 1970")
-                .as_nanos()
-        );
-        let path = std::env::temp_dir().join(unique);
-        std::fs::create_dir_all(&path).expect("a temp dir");
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn journal_file(&self) -> PathBuf {
-        self.0.join(JOURNAL_FILE)
-    }
+/// Where a test directory keeps a single-file journal.
+pub trait JournalFile {
+    fn journal_file(&self) -> PathBuf;
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+impl JournalFile for TempDir {
+    fn journal_file(&self) -> PathBuf {
+        self.path().join(JOURNAL_FILE)
     }
 }
 
