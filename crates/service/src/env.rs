@@ -57,33 +57,18 @@ pub struct TimeOrderedIds;
 
 thread_local! {
     static GENERATOR: std::cell::RefCell<Xoshiro> = std::cell::RefCell::new(Xoshiro::from_os());
-    /// The time in this thread's latest ids, and how many ids more may use it.
-    static ID_TIME: std::cell::Cell<(u64, u32)> = const { std::cell::Cell::new((0, 0)) };
 }
-
-/// Ids that share one reading of the clock: a batch of 8,190 payments takes 24,570 ids, and
-/// reading the clock for each cost 3% of the batch route.
-const IDS_PER_CLOCK_READING: u32 = 64;
 
 impl Ids for TimeOrderedIds {
     fn next_id(&self) -> u128 {
-        let micros = ID_TIME.with(|cell| {
-            let (last, left) = cell.get();
-            if left > 0 {
-                cell.set((last, left - 1));
-                return last;
-            }
-            // A clock before 1970 gives 0, and one set back keeps the latest time: the ids
-            // stay unique either way, only their order could be lost.
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |elapsed| {
-                    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
-                })
-                .max(last);
-            cell.set((now, IDS_PER_CLOCK_READING - 1));
-            now
-        });
+        // The clock is read for every id: a reading shared by several ids would, in a thread
+        // that then went quiet, stamp its next ids with a time long past. A clock before 1970
+        // gives 0: the ids stay unique, only their order is lost.
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| {
+                u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+            });
         let random = GENERATOR.with(|generator| generator.borrow_mut().next());
         (u128::from(micros) << 64) | u128::from(random)
     }
@@ -141,10 +126,6 @@ mod tests {
         let ids = TimeOrderedIds;
         let first = ids.next_id();
         std::thread::sleep(std::time::Duration::from_millis(2));
-        // Past the ids that share the first reading of the clock.
-        for _ in 0..IDS_PER_CLOCK_READING {
-            ids.next_id();
-        }
         let later: Vec<u128> = (0..1_000).map(|_| ids.next_id()).collect();
         assert!(later.iter().all(|id| *id > first));
         let mut unique = later.clone();
