@@ -100,3 +100,44 @@ fn read_frame(bytes: &[u8]) -> Option<&[u8]> {
     hasher.update(payload);
     (hasher.finalize() == crc).then_some(payload)
 }
+
+/// Writes `frames` at the end of `file`, which holds `len` bytes, and returns once they are on
+/// stable storage. A write refused part way (a full disk) is cut off again, so the file is as
+/// it was and a later append continues from a clean end: the caller may answer "try later".
+/// A failed fsync stops the process: the kernel may have dropped the dirty pages, so what is
+/// on disk is unknown, and retrying can report success for data that is gone; recovery reads
+/// what is really there.
+pub(crate) fn append_durably(
+    file: &mut std::fs::File,
+    len: u64,
+    frames: &[u8],
+) -> Result<(), StoreError> {
+    use std::io::{Seek, SeekFrom, Write};
+    if let Err(error) = file.write_all(frames) {
+        if let Err(cut) = file
+            .set_len(len)
+            .and_then(|()| file.seek(SeekFrom::Start(len)).map(|_| ()))
+        {
+            tracing::error!(%error, %cut, "cannot cut a failed append from the journal");
+            std::process::abort();
+        }
+        return Err(error.into());
+    }
+    if let Err(error) = file.sync_data() {
+        tracing::error!(%error, "fsync of the journal failed; stopping");
+        std::process::abort();
+    }
+    Ok(())
+}
+
+/// The error for a segment, or a file with a segment after it, that ends in a damaged or
+/// unfinished record at `end`.
+pub(crate) fn damaged_before_last(path: &Path, end: usize) -> StoreError {
+    StoreError::Corrupt {
+        offset: end as u64,
+        reason: format!(
+            "{}: a damaged or unfinished record in a segment that has a segment after it",
+            path.display()
+        ),
+    }
+}

@@ -136,26 +136,7 @@ impl Journal for FileJournal {
         for record in records {
             frame::push_frame(&mut self.buffer, |out| codec::encode(record, out));
         }
-        if let Err(error) = self.file.write_all(&self.buffer) {
-            // A write refused part way (a full disk): cut what did land, so the file is as it
-            // was and a later append continues from a clean end.
-            if let Err(cut) = self
-                .file
-                .set_len(self.len)
-                .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(|_| ()))
-            {
-                tracing::error!(%error, %cut, "cannot cut a failed append from the journal");
-                std::process::abort();
-            }
-            return Err(error.into());
-        }
-        if let Err(error) = self.file.sync_data() {
-            // After a failed fsync the kernel may have dropped the dirty pages: what is on disk
-            // is unknown, and retrying can report success for data that is gone. Stop, and let
-            // recovery read what is really there.
-            tracing::error!(%error, "fsync of the journal failed; stopping");
-            std::process::abort();
-        }
+        frame::append_durably(&mut self.file, self.len, &self.buffer)?;
         self.len += self.buffer.len() as u64;
         if self.buffer.capacity() > 16 << 20 {
             self.buffer = Vec::with_capacity(1 << 20);

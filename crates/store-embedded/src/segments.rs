@@ -168,26 +168,7 @@ impl Segments {
         if self.len >= self.segment_bytes_max {
             self.roll()?;
         }
-        if let Err(error) = self.file.write_all(&self.buffer) {
-            // A write refused part way (a full disk): cut what did land, so the segment is as
-            // it was and a later append continues from a clean end.
-            if let Err(cut) = self
-                .file
-                .set_len(self.len)
-                .and_then(|()| self.file.seek(SeekFrom::Start(self.len)).map(|_| ()))
-            {
-                tracing::error!(%error, %cut, "cannot cut a failed append from the journal");
-                std::process::abort();
-            }
-            return Err(error.into());
-        }
-        if let Err(error) = self.file.sync_data() {
-            // After a failed fsync the kernel may have dropped the dirty pages: what is on disk
-            // is unknown, and retrying can report success for data that is gone. Stop, and let
-            // recovery read what is really there.
-            tracing::error!(%error, "fsync of the journal failed; stopping");
-            std::process::abort();
-        }
+        frame::append_durably(&mut self.file, self.len, &self.buffer)?;
         self.len += self.buffer.len() as u64;
         self.end += count;
         if self.buffer.capacity() > 16 << 20 {
@@ -269,14 +250,7 @@ impl Segments {
                 Ok(())
             })?;
             if end < bytes.len() {
-                return Err(StoreError::Corrupt {
-                    offset: end as u64,
-                    reason: format!(
-                        "{}: a damaged or unfinished record in a segment that has a segment \
-                         after it",
-                        path.display()
-                    ),
-                });
+                return Err(frame::damaged_before_last(&path, end));
             }
             let next = if is_last {
                 self.end
@@ -603,14 +577,7 @@ fn copy_segments(from: &Path, to: &Path) -> Result<Option<BackupCopied>, StoreEr
         };
         if !is_last {
             if end < bytes.len() {
-                return Err(StoreError::Corrupt {
-                    offset: end as u64,
-                    reason: format!(
-                        "{}: a damaged or unfinished record in a segment that has a segment \
-                         after it",
-                        path.display()
-                    ),
-                });
+                return Err(frame::damaged_before_last(&path, end));
             }
             let next = firsts[index + 1];
             if first + count != next {
