@@ -313,38 +313,27 @@ impl Parties {
         self.payers.put(payer.id, payer.clone());
     }
 
-    /// Every merchant with its key, by id.
-    pub(crate) fn merchants_with_keys(&self) -> Vec<MerchantRow> {
-        let mut rows: Vec<MerchantRow> = self
-            .keys
-            .iter()
-            .filter_map(|(key_hash, principal)| match principal {
-                Principal::Merchant(id) => Some(MerchantRow {
+    /// Every merchant and every payer with its key, each by id.
+    pub(crate) fn with_keys(&self) -> (Vec<MerchantRow>, Vec<PayerRow>) {
+        let mut merchants = Vec::with_capacity(self.merchants.len());
+        let mut payers = Vec::with_capacity(self.payers.len());
+        for (key_hash, principal) in self.keys.iter() {
+            let key_hash = *key_hash;
+            match principal {
+                Principal::Operator => {}
+                Principal::Merchant(id) => merchants.push(MerchantRow {
                     merchant: self.merchants.get(id).expect("a key's merchant").clone(),
-                    key_hash: *key_hash,
+                    key_hash,
                 }),
-                _ => None,
-            })
-            .collect();
-        rows.sort_unstable_by_key(|row| row.merchant.id);
-        rows
-    }
-
-    /// Every payer with its key, by id.
-    pub(crate) fn payers_with_keys(&self) -> Vec<PayerRow> {
-        let mut rows: Vec<PayerRow> = self
-            .keys
-            .iter()
-            .filter_map(|(key_hash, principal)| match principal {
-                Principal::Payer(id) => Some(PayerRow {
+                Principal::Payer(id) => payers.push(PayerRow {
                     payer: self.payers.get(id).expect("a key's payer").clone(),
-                    key_hash: *key_hash,
+                    key_hash,
                 }),
-                _ => None,
-            })
-            .collect();
-        rows.sort_unstable_by_key(|row| row.payer.id);
-        rows
+            }
+        }
+        merchants.sort_unstable_by_key(|row| row.merchant.id);
+        payers.sort_unstable_by_key(|row| row.payer.id);
+        (merchants, payers)
     }
 
     /// What changed since the changes were last taken: the operator key set last, every key
@@ -361,15 +350,14 @@ impl Parties {
             })
             .collect();
         keys.sort_unstable_by_key(|(key_hash, _)| *key_hash);
-        let present = |slot: Slot<&Merchant>| match slot {
-            Slot::Present(merchant) => merchant.clone(),
-            Slot::Absent => unreachable!("merchants are never removed"),
-        };
         let merchants = self
             .merchants
             .take_changes()
             .into_iter()
-            .map(|(_, slot)| present(slot))
+            .map(|(_, slot)| match slot {
+                Slot::Present(merchant) => merchant.clone(),
+                Slot::Absent => unreachable!("merchants are never removed"),
+            })
             .collect();
         let payers = self
             .payers

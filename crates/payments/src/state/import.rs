@@ -39,8 +39,7 @@ impl State {
     /// equal, and importing an export into an empty state gives a state with the same export.
     /// Only a whole state is exported: a working set holds a part.
     pub fn export(&self) -> impl Iterator<Item = Imported> + '_ {
-        let merchants = self.parties.merchants_with_keys();
-        let payers = self.parties.payers_with_keys();
+        let (merchants, payers) = self.parties.with_keys();
         let mut accounts: Vec<(&(Owner, Currency), &AccountId)> = self.accounts.iter().collect();
         accounts.sort_unstable_by_key(|(key, _)| **key);
         let mut transfers: Vec<_> = self.ledger.transfer_records().iter().collect();
