@@ -2,12 +2,11 @@
 //! direction, keeping every id, time, total, list and statement line, and reads the target
 //! back and compares it with the source item by item before it says the copy is done.
 //!
-//! - **Embedded to PostgreSQL**: the journal's records are applied to the database with
-//!   `apply_batch`, the same pure `State::apply` the embedded store runs, and to a state in
-//!   memory; every outcome must agree. Batches end only where `batch_may_end_between` allows,
-//!   so that lists keep the journal's order.
+//! - **Embedded to PostgreSQL**: the installation is read as a whole state (the engine's rows,
+//!   then the journal after its last checkpoint), and its `State::export` items are applied to
+//!   the database as `Command::Import` records with `apply_batch`; every one must be taken.
 //! - **PostgreSQL to embedded**: the database is read from one snapshot as `State::export`'s
-//!   items and written as `Command::Import` records, then the new journal is opened and
+//!   items and written as `Command::Import` records, then the new store is opened and
 //!   replayed as a server would.
 //!
 //! Either way the target must hold nothing yet, and the data directory must not be in use by
@@ -22,23 +21,20 @@ use clap::Args;
 use farthing_ledger::{AccountKind, Currency, Timestamp};
 use farthing_payments::{Command, Imported, Outcome, Record, State, codec};
 use farthing_store::{Journal, StoreError};
-use farthing_store_embedded::{FileJournal, JOURNAL_FILE, RECORD_BYTES_MAX};
+use farthing_store_embedded::{
+    ENGINE_DIR, EngineCheckpoints, JOURNAL_FILE, RECORD_BYTES_MAX, SEGMENTS_DIR, SegmentedJournal,
+};
 use farthing_store_postgres::export::{self, Items, chunk_may_end_between};
 use farthing_store_postgres::{
-    MIGRATIONS, apply_batch, batch_may_end_between, connect, holds_data, migrate, schema_version,
+    MIGRATIONS, apply_batch, connect, holds_data, migrate, schema_version,
 };
 use tokio_postgres::Client;
 
-/// Records applied to PostgreSQL in one batch, about: a batch ends at the first place after
-/// this many where it may (a payment batch or an import counts its items).
-const BATCH_WEIGHT_MAX: usize = 8_190;
 /// Items in one import record, about: a record ends at the first place after this many where
 /// it may.
 const ITEMS_PER_RECORD: usize = 10_000;
 /// Rows read from PostgreSQL at a time.
 const ROWS_PER_READ: usize = 10_000;
-/// Journal records read ahead of PostgreSQL.
-const RECORDS_IN_FLIGHT: usize = 4 * BATCH_WEIGHT_MAX;
 
 #[derive(Args)]
 pub struct CopyArgs {
@@ -65,17 +61,90 @@ fn is_postgres(place: &str) -> bool {
     place.starts_with("postgres://") || place.starts_with("postgresql://")
 }
 
-/// Opens a data directory's journal, taking its lock.
-fn open_journal(dir: &Path) -> anyhow::Result<FileJournal> {
-    match FileJournal::open(dir) {
-        Ok(journal) => Ok(journal),
+/// Opens a data directory's store, taking its lock.
+fn open_store(dir: &Path) -> anyhow::Result<(SegmentedJournal, EngineCheckpoints)> {
+    match farthing_store_embedded::cached::open(dir, 64 << 20) {
+        Ok(store) => Ok(store),
         Err(StoreError::Locked(_)) => bail!(
             "{} is in use by a running server; stop it before copying",
             dir.display()
         ),
-        Err(error) => {
-            Err(error).with_context(|| format!("opening the journal in {}", dir.display()))
+        Err(error) => Err(error).with_context(|| format!("opening the store in {}", dir.display())),
+    }
+}
+
+/// Whether `dir` holds a Farthing store of any layout.
+fn holds_store(dir: &Path) -> bool {
+    dir.join(JOURNAL_FILE).is_file()
+        || dir.join(SEGMENTS_DIR).is_dir()
+        || dir.join(ENGINE_DIR).is_dir()
+}
+
+/// The whole state of the store in `dir` (the engine's rows, then the journal after them), and
+/// the outcome of each record replayed.
+fn whole_state(dir: &Path) -> anyhow::Result<(State, Vec<Outcome>)> {
+    let (mut journal, checkpoints) = open_store(dir)?;
+    let mut state = State::whole_from_disk(&**checkpoints.engine())
+        .with_context(|| format!("reading the engine in {}", dir.display()))?;
+    let mut outcomes = Vec::new();
+    journal.replay_from(state.records_applied(), &mut |record| {
+        outcomes.push(state.apply(&record));
+    })?;
+    Ok((state, outcomes))
+}
+
+/// Turns items, in export order, into import records: each ends where a later copy may cut
+/// a batch, and carries the latest time of any item so far (the state goes on from the latest
+/// time the installation had seen, and a database takes batches in time order).
+#[derive(Default)]
+struct Imports {
+    chunk: Vec<Imported>,
+    now: Timestamp,
+    items: u64,
+    records: u64,
+}
+
+impl Imports {
+    fn push(&mut self, item: Imported) -> anyhow::Result<Option<Record>> {
+        let full = self.chunk.len() >= ITEMS_PER_RECORD
+            && self
+                .chunk
+                .last()
+                .is_some_and(|last| chunk_may_end_between(last, &item));
+        let record = if full { Some(self.take()?) } else { None };
+        self.now = self.now.max(time_of(&item));
+        self.chunk.push(item);
+        Ok(record)
+    }
+
+    fn finish(&mut self) -> anyhow::Result<Option<Record>> {
+        if self.chunk.is_empty() {
+            Ok(None)
+        } else {
+            self.take().map(Some)
         }
+    }
+
+    fn take(&mut self) -> anyhow::Result<Record> {
+        let items = std::mem::take(&mut self.chunk);
+        let count = items.len();
+        let record = Record {
+            now: self.now,
+            idempotency: None,
+            command: Command::Import(items),
+        };
+        let mut bytes = Vec::new();
+        codec::encode(&record, &mut bytes);
+        if bytes.len() > RECORD_BYTES_MAX {
+            bail!(
+                "an import record of {count} items takes {} bytes, more than a journal record \
+                 may ({RECORD_BYTES_MAX})",
+                bytes.len()
+            );
+        }
+        self.items += count as u64;
+        self.records += 1;
+        Ok(record)
     }
 }
 
@@ -91,12 +160,14 @@ async fn connected(url: &str) -> anyhow::Result<Client> {
 
 async fn embedded_to_postgres(dir: &Path, url: &str) -> anyhow::Result<()> {
     let started = Instant::now();
-    if !dir.join(JOURNAL_FILE).is_file() {
+    if !holds_store(dir) {
         bail!("{} holds no Farthing journal", dir.display());
     }
-    let journal = {
+    let state = {
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || open_journal(&dir)).await??
+        tokio::task::spawn_blocking(move || whole_state(&dir))
+            .await??
+            .0
     };
     let mut client = connected(url).await?;
     migrate(&mut client)
@@ -105,50 +176,19 @@ async fn embedded_to_postgres(dir: &Path, url: &str) -> anyhow::Result<()> {
     if holds_data(&client).await? {
         bail!("the target database already holds Farthing data; copy into an empty database");
     }
-
-    // The journal is read on a thread of its own while PostgreSQL applies what came before.
-    let (send, mut receive) = tokio::sync::mpsc::channel::<Record>(RECORDS_IN_FLIGHT);
-    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<(FileJournal, u64)> {
-        let mut journal = journal;
-        let mut receiving = true;
-        let count = journal.replay(&mut |record| {
-            receiving = receiving && send.blocking_send(record).is_ok();
-        })?;
-        Ok((journal, count))
-    });
-
-    let mut state = State::new();
-    let mut batch: Vec<Record> = Vec::new();
-    let mut weight = 0;
-    let mut applied = 0u64;
-    let copied = async {
-        while let Some(record) = receive.recv().await {
-            if weight >= BATCH_WEIGHT_MAX
-                && batch
-                    .last()
-                    .is_some_and(|last| batch_may_end_between(last, &record))
-            {
-                applied += apply(&mut client, &mut state, &batch, applied).await?;
-                batch.clear();
-                weight = 0;
-            }
-            weight += weight_of(&record);
-            batch.push(record);
-        }
-        applied += apply(&mut client, &mut state, &batch, applied).await?;
-        anyhow::Ok(())
-    }
-    .await;
-    // The reader stops at once when nothing receives any more.
-    drop(receive);
-    let read = reader.await?;
     let partial = "the database may now hold part of the installation: drop and recreate it \
                    before copying again";
-    copied.context(partial)?;
-    let (journal, records) = read.context(partial)?;
-    if records != applied {
-        bail!("{applied} of {records} journal records reached PostgreSQL; {partial}");
+    let mut imports = Imports::default();
+    let mut records = Vec::new();
+    for item in state.export() {
+        records.extend(imports.push(item)?);
+        if records.len() >= 8 {
+            import_into(&mut client, &records).await.context(partial)?;
+            records.clear();
+        }
     }
+    records.extend(imports.finish()?);
+    import_into(&mut client, &records).await.context(partial)?;
     let copy_secs = started.elapsed().as_secs_f64();
 
     let snapshot = export::snapshot(&mut client).await?;
@@ -159,49 +199,36 @@ async fn embedded_to_postgres(dir: &Path, url: &str) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("the database does not match {}; {partial}", dir.display()))?;
     snapshot.close().await?;
-    drop(journal);
     println!(
-        "copied {} journal records from {} to PostgreSQL in {copy_secs:.1} s",
-        thousands(records),
-        dir.display()
+        "copied {} items from {} to PostgreSQL as {} import records in {copy_secs:.1} s",
+        thousands(imports.items),
+        dir.display(),
+        imports.records
     );
     summary.print(started);
     Ok(())
 }
 
-/// How much a record weighs in a batch: its payments or items.
-fn weight_of(record: &Record) -> usize {
-    match &record.command {
-        Command::PayBatch(items) => items.len().max(1),
-        Command::Import(items) => items.len().max(1),
-        _ => 1,
+/// Applies import records to PostgreSQL; every one must be taken whole.
+async fn import_into(client: &mut Client, records: &[Record]) -> anyhow::Result<()> {
+    if records.is_empty() {
+        return Ok(());
     }
-}
-
-/// Applies `batch` to PostgreSQL and to `state`, and checks that every outcome agrees.
-async fn apply(
-    client: &mut Client,
-    state: &mut State,
-    batch: &[Record],
-    before: u64,
-) -> anyhow::Result<u64> {
-    if batch.is_empty() {
-        return Ok(0);
-    }
-    let expected: Vec<Outcome> = batch.iter().map(|record| state.apply(record)).collect();
-    let got = apply_batch(client, batch)
+    let outcomes = apply_batch(client, records)
         .await
-        .with_context(|| format!("applying journal records {} on", before + 1))?;
-    for (index, (got, expected)) in got.iter().zip(&expected).enumerate() {
-        if got != expected {
+        .context("applying import records")?;
+    for (record, outcome) in records.iter().zip(&outcomes) {
+        let Command::Import(items) = &record.command else {
+            unreachable!("only imports are written");
+        };
+        if *outcome != (Outcome::Imported { count: items.len() }) {
             bail!(
-                "journal record {} answered differently in PostgreSQL: {got:?} instead of \
-                 {expected:?}",
-                before + index as u64 + 1
+                "PostgreSQL refused an import of {} items: {outcome:?}",
+                items.len()
             );
         }
     }
-    Ok(batch.len() as u64)
+    Ok(())
 }
 
 // =============================================================================================
@@ -212,14 +239,15 @@ async fn postgres_to_embedded(url: &str, dir: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let journal = {
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<FileJournal> {
-            let mut journal = open_journal(&dir)?;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<SegmentedJournal> {
+            let (mut journal, checkpoints) = open_store(&dir)?;
             let records = journal.replay(&mut |_| {})?;
-            if records > 0 {
+            let checkpointed = checkpoints.engine().position();
+            if records > 0 || checkpointed > 0 {
                 bail!(
-                    "{} already holds a journal of {records} records; copy into a new data \
-                     directory",
-                    dir.display()
+                    "{} already holds a journal of {} records; copy into a new data directory",
+                    dir.display(),
+                    records.max(checkpointed)
                 );
             }
             Ok(journal)
@@ -242,7 +270,8 @@ async fn postgres_to_embedded(url: &str, dir: &Path) -> anyhow::Result<()> {
             Err(error) => {
                 // A copy that failed or does not match must not look like an installation to
                 // serve.
-                let _ = std::fs::remove_file(dir.join(JOURNAL_FILE));
+                let _ = std::fs::remove_dir_all(dir.join(SEGMENTS_DIR));
+                let _ = std::fs::remove_dir_all(dir.join(ENGINE_DIR));
                 return Err(error.context(format!(
                     "the copy failed and {} was left without a journal",
                     dir.display()
@@ -264,29 +293,24 @@ async fn postgres_to_embedded(url: &str, dir: &Path) -> anyhow::Result<()> {
 /// Returns the records and items written, the seconds taken to write them, and the summary.
 async fn write_and_verify(
     snapshot: &export::Snapshot<'_>,
-    mut journal: FileJournal,
+    mut journal: SegmentedJournal,
     dir: &Path,
     started: Instant,
 ) -> anyhow::Result<(u64, u64, f64, Summary)> {
     let (records, items) = write_imports(snapshot.items(), &mut journal).await?;
     let copy_secs = started.elapsed().as_secs_f64();
     drop(journal);
-    let (journal, state) = {
+    let state = {
         let dir: PathBuf = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(FileJournal, State)> {
-            let mut journal = open_journal(&dir)?;
-            let mut state = State::new();
-            let mut refused = None;
-            journal.replay(&mut |record| {
-                let outcome = state.apply(&record);
-                if refused.is_none() && !matches!(outcome, Outcome::Imported { .. }) {
-                    refused = Some(outcome);
-                }
-            })?;
-            if let Some(outcome) = refused {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<State> {
+            let (state, outcomes) = whole_state(&dir)?;
+            if let Some(outcome) = outcomes
+                .iter()
+                .find(|outcome| !matches!(outcome, Outcome::Imported { .. }))
+            {
                 bail!("the new journal does not replay: an import answered {outcome:?}");
             }
-            Ok((journal, state))
+            Ok(state)
         })
         .await??
     };
@@ -296,21 +320,15 @@ async fn write_and_verify(
     )
     .await
     .with_context(|| format!("the copy in {} does not match the database", dir.display()))?;
-    drop(journal);
     Ok((records, items, copy_secs, summary))
 }
 
-/// Writes every item as import records, each ending where a later copy to PostgreSQL may cut
-/// a batch, and returns how many records and items were written.
+/// Writes every item as import records, and returns how many records and items were written.
 async fn write_imports(
     mut items: Items<'_>,
-    journal: &mut FileJournal,
+    journal: &mut SegmentedJournal,
 ) -> anyhow::Result<(u64, u64)> {
-    let mut chunk: Vec<Imported> = Vec::new();
-    // Each record's time is the latest of any item so far: the state a server replays goes on
-    // from the latest time the installation had seen.
-    let mut now = Timestamp(0);
-    let (mut records, mut written) = (0u64, 0u64);
+    let mut imports = Imports::default();
     loop {
         let read = items
             .next_chunk(ROWS_PER_READ)
@@ -320,47 +338,19 @@ async fn write_imports(
             break;
         }
         for item in read {
-            if chunk.len() >= ITEMS_PER_RECORD
-                && chunk
-                    .last()
-                    .is_some_and(|last| chunk_may_end_between(last, &item))
-            {
-                written += append_import(journal, now, std::mem::take(&mut chunk))?;
-                records += 1;
+            if let Some(record) = imports.push(item)? {
+                append(journal, record)?;
             }
-            now = now.max(time_of(&item));
-            chunk.push(item);
         }
     }
-    if !chunk.is_empty() {
-        written += append_import(journal, now, chunk)?;
-        records += 1;
+    if let Some(record) = imports.finish()? {
+        append(journal, record)?;
     }
-    Ok((records, written))
+    Ok((imports.records, imports.items))
 }
 
-fn append_import(
-    journal: &mut FileJournal,
-    now: Timestamp,
-    items: Vec<Imported>,
-) -> anyhow::Result<u64> {
-    let count = items.len() as u64;
-    let record = Record {
-        now,
-        idempotency: None,
-        command: Command::Import(items),
-    };
-    let mut bytes = Vec::new();
-    codec::encode(&record, &mut bytes);
-    if bytes.len() > RECORD_BYTES_MAX {
-        bail!(
-            "an import record of {count} items takes {} bytes, more than a journal record may \
-             ({RECORD_BYTES_MAX})",
-            bytes.len()
-        );
-    }
-    tokio::task::block_in_place(|| journal.append(&[record])).context("writing the new journal")?;
-    Ok(count)
+fn append(journal: &mut SegmentedJournal, record: Record) -> anyhow::Result<()> {
+    tokio::task::block_in_place(|| journal.append(&[record])).context("writing the new journal")
 }
 
 /// The time an item was made, where it has one.

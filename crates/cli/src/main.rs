@@ -126,6 +126,19 @@ struct ServeArgs {
     /// never goes back, across restarts too. Not for production.
     #[arg(long, env = "FARTHING_TEST_CLOCK", value_parser = clap::builder::BoolishValueParser::new())]
     test_clock: bool,
+    /// Embedded store: about how many MiB of payers, accounts and history to keep in memory
+    /// beyond what changed since the last checkpoint; the rest is read from disk. Memory
+    /// stays bounded by this, not by history.
+    #[arg(long, env = "FARTHING_CACHE_MIB", default_value_t = farthing_service::CACHE_BYTES_DEFAULT >> 20)]
+    cache_mib: usize,
+    /// Embedded store: history rows (a payment makes three) between checkpoints, which write
+    /// the state to disk in the background; a restart replays only the journal after the last.
+    #[arg(long, env = "FARTHING_CHECKPOINT_ROWS", default_value_t = farthing_service::CHECKPOINT_ROWS_DEFAULT)]
+    checkpoint_rows: usize,
+    /// Embedded store: the size at which the journal starts a new segment file; segments a
+    /// checkpoint holds are removed whole.
+    #[arg(long, env = "FARTHING_JOURNAL_SEGMENT_BYTES", default_value_t = farthing_store_embedded::SEGMENT_BYTES_MAX, hide = true)]
+    journal_segment_bytes: u64,
 }
 
 /// Limits at the edge: abuse, timeouts, metrics.
@@ -241,6 +254,12 @@ impl ServeArgs {
             },
             rate_limit_per_sec: self.rate_limit,
             test_clock: self.test_clock,
+            memory: farthing_server::Memory {
+                cache_bytes: self.cache_mib << 20,
+                checkpoint_rows: self.checkpoint_rows.max(1),
+                journal_segment_bytes: self.journal_segment_bytes.max(4096),
+                ..farthing_server::Memory::default()
+            },
             auth_failures_per_min: self.edge.auth_failures_per_min,
             metrics_listen: self.edge.metrics_listen.clone(),
             edge: farthing_server::EdgeLimits {
@@ -309,35 +328,41 @@ fn print_started(started: &Started) {
     }
 }
 
-/// Copies, then proves the copy: it replays into a state whose money is conserved.
+/// Copies, then proves the copy: it opens and replays as a server would, and its money is
+/// conserved. A server running on the data directory makes the copy itself (only it can read
+/// its engine whole while it changes); otherwise this process opens the store and does.
 fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    use farthing_store::Journal;
-    let copied = farthing_store_embedded::backup(&args.data_dir, &args.to)
-        .with_context(|| format!("backing up {}", args.data_dir.display()))?;
-    let mut journal = farthing_store_embedded::FileJournal::open(&args.to)?;
-    let mut state = farthing_payments::State::new();
-    let replayed = journal.replay(&mut |record| {
-        state.apply(&record);
-    })?;
-    if replayed != copied.records {
+    let copied = match farthing_store_embedded::backup::ask_running_server(&args.data_dir, &args.to)
+        .with_context(|| {
+            format!(
+                "asking the server on {} for a backup",
+                args.data_dir.display()
+            )
+        })? {
+        Some(copied) => copied,
+        None => farthing_store_embedded::backup(&args.data_dir, &args.to)
+            .with_context(|| format!("backing up {}", args.data_dir.display()))?,
+    };
+    let verified = farthing_store_embedded::cached::verify(&args.to)
+        .with_context(|| format!("verifying the copy in {}", args.to.display()))?;
+    if verified.end_position != copied.first_position + copied.records {
         bail!(
-            "the copy replays {replayed} records but {} were copied",
-            copied.records
+            "the copy replays to position {} but records up to position {} were copied",
+            verified.end_position,
+            copied.first_position + copied.records
         );
     }
-    for totals in state.currency_totals() {
-        if totals.posted_net != 0 || totals.pending_net != 0 {
-            bail!("the copy does not balance in {}", totals.currency);
-        }
+    if let Some(currency) = verified.unbalanced.first() {
+        bail!("the copy does not balance in {currency}");
     }
     println!(
         "backed up {} records ({} bytes) to {}: {} merchants, {} payers, {} payments; every currency balances",
-        copied.records,
+        verified.end_position,
         copied.bytes,
         args.to.display(),
-        state.merchant_count(),
-        state.payer_count(),
-        state.payment_count()
+        verified.merchants,
+        verified.payers,
+        verified.payments
     );
     Ok(())
 }

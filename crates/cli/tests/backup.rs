@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use common::{ADMIN_KEY, Server, TempDir, micros};
 
+const SMALL_CHECKPOINTS: &[&str] = &["--checkpoint-rows", "60", "--journal-segment-bytes", "8192"];
+
 fn backup(from: &std::path::Path, to: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_farthing"))
         .args(["backup", "--data-dir"])
@@ -24,7 +26,9 @@ async fn a_backup_taken_during_a_stream_of_payments_is_a_consistent_state_that_s
     let source = TempDir::new();
     let copy = TempDir::new();
     let copy_dir = copy.path().join("copy");
-    let server = Server::start_in(source.path(), &[]);
+    // Checkpoints every few payments, and small journal segments, so that the engine holds
+    // most of the history and the journal before it has been removed when the backup runs.
+    let server = Server::start_in(source.path(), SMALL_CHECKPOINTS);
     let api = server.api();
     let merchant = api.create_merchant("Shop", Some(250), None).await;
     let payer = api.create_payer("Ada").await;
@@ -45,7 +49,7 @@ async fn a_backup_taken_during_a_stream_of_payments_is_a_consistent_state_that_s
             }
         }));
     }
-    while acknowledged.lock().unwrap().len() < 100 {
+    while acknowledged.lock().unwrap().len() < 400 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let before: HashSet<String> = acknowledged.lock().unwrap().iter().cloned().collect();
@@ -64,6 +68,19 @@ async fn a_backup_taken_during_a_stream_of_payments_is_a_consistent_state_that_s
     for client in clients {
         client.await.unwrap();
     }
+    // Checkpoints removed the journal's first segments: the backup had to copy the engine.
+    let first_segment = std::fs::read_dir(source.path().join("journal"))
+        .expect("the journal's segments")
+        .map(|entry| {
+            let name = entry.expect("a segment").file_name();
+            let name = name.to_str().expect("a UTF-8 name").to_string();
+            name.trim_end_matches(".farthing")
+                .parse::<u64>()
+                .expect("a position")
+        })
+        .min()
+        .expect("a segment");
+    assert!(first_segment > 0, "no segment was removed");
     drop(server);
 
     // The copy serves on its own: it holds every payment acknowledged before the backup began,

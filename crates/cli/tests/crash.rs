@@ -209,6 +209,96 @@ async fn every_payment_acknowledged_before_a_kill_9_survives_and_no_money_appear
 }
 }
 
+/// Checkpoints every few dozen payments and journal segments of a few kilobytes: under load,
+/// a checkpoint or a removal of segments is under way much of the time.
+const BUSY_CHECKPOINTS: &[&str] = &[
+    "--checkpoint-rows",
+    "90",
+    "--journal-segment-bytes",
+    "16384",
+];
+
+/// The position of the journal's oldest segment: above zero once checkpoints removed some.
+fn first_segment(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("journal"))
+        .expect("the journal's segments")
+        .map(|entry| {
+            let name = entry.expect("a segment").file_name();
+            let name = name.to_str().expect("a UTF-8 name").to_string();
+            name.trim_end_matches(".farthing")
+                .parse::<u64>()
+                .expect("a position")
+        })
+        .min()
+        .expect("a segment")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payments_acknowledged_survive_kill_9_amid_checkpoints_and_journal_removals() {
+    let dir = TempDir::new();
+    let mut server = Server::start_in(dir.path(), BUSY_CHECKPOINTS);
+    let mut api = server.api();
+    let merchant = api
+        .create_merchant("Shop", Some(175), Some("0.000003"))
+        .await;
+    let payer = api.create_payer("Ada").await;
+    api.topup(&payer, TOPUP).await;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    // Six rounds: each kill lands wherever the checkpoints and removals are.
+    for round in 0..6 {
+        let load = Load::new(&seen, 120);
+        let clients = spawn_clients(&api, &payer, &merchant, 8, round, &load);
+        load.enough_acknowledged().await;
+        server.kill();
+        for client in clients {
+            client.await.expect("client task");
+        }
+        let snapshot = seen.lock().unwrap().clone();
+        server = Server::start_in(dir.path(), BUSY_CHECKPOINTS);
+        api = server.api();
+        verify(&api, &payer, &merchant, &snapshot, micros(TOPUP)).await;
+    }
+    assert!(
+        first_segment(dir.path()) > 0,
+        "checkpoints removed no journal segment"
+    );
+    let acked = seen.lock().unwrap().acked.len() as u64;
+    assert!(
+        server.replayed < acked,
+        "a restart replayed {} records of more than {acked}: the checkpoints were not used",
+        server.replayed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_replays_only_the_journal_after_the_last_checkpoint() {
+    let dir = TempDir::new();
+    let flags = ["--checkpoint-rows", "300"];
+    let server = Server::start_in(dir.path(), &flags);
+    let api = server.api();
+    let merchant = api.create_merchant("Shop", None, None).await;
+    let payer = api.create_payer("Ada").await;
+    api.topup(&payer, TOPUP).await;
+    for _ in 0..400 {
+        api.pay(&payer, &merchant, "0.01").await.expect(201);
+    }
+    drop(server);
+    // 403 records were written; a checkpoint every 300 history rows (100 payments) leaves at
+    // most that many records to replay.
+    let restarted = Server::start_in(dir.path(), &flags);
+    assert!(
+        restarted.replayed < 120,
+        "replayed {} records after checkpoints",
+        restarted.replayed
+    );
+    let api = restarted.api();
+    assert_eq!(api.list_all_payments(ADMIN_KEY).await.len(), 400);
+    assert_eq!(
+        micros(&api.payer_usd(&payer).await),
+        micros(TOPUP) - 4_000_000
+    );
+}
+
 conformance! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_in_flight_payments_exits_0_and_the_data_survives_a_restart() {

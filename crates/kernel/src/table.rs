@@ -104,6 +104,32 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
         }
     }
 
+    /// Replaces a record read from storage with another read from storage (a loaded record
+    /// completed by a later load): not a change. A changed record stays changed.
+    pub fn reload(&mut self, key: K, value: V) {
+        match self.rows.entry(key) {
+            Entry::Occupied(mut occupied) => {
+                let row = occupied.get_mut();
+                if !matches!(row.slot, Slot::Present(_)) {
+                    self.present += 1;
+                }
+                row.slot = Slot::Present(value);
+            }
+            Entry::Vacant(vacant) => {
+                self.present += 1;
+                vacant.insert(Row {
+                    slot: Slot::Present(value),
+                    changed: false,
+                });
+            }
+        }
+    }
+
+    /// Whether the record under `key` changed since the changes were last taken.
+    pub fn is_changed(&self, key: &K) -> bool {
+        self.rows.get(key).is_some_and(|row| row.changed)
+    }
+
     /// Puts a record under `key`, replacing what was there: a change.
     pub fn put(&mut self, key: K, value: V) {
         self.set(key, Slot::Present(value));
@@ -179,6 +205,29 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 (key, slot)
             })
             .collect()
+    }
+
+    /// Forgets every record that has not changed since the changes were last taken (a cache
+    /// whose storage holds them), keeping those `keep` names; returns how many were
+    /// forgotten. Changed records stay until their changes are taken and written.
+    pub fn forget_unchanged(&mut self, keep: impl Fn(&K) -> bool) -> usize {
+        let before = self.rows.len();
+        let mut present = 0;
+        self.rows.retain(|key, row| {
+            let stays = row.changed || keep(key);
+            if stays && matches!(row.slot, Slot::Present(_)) {
+                present += 1;
+            }
+            stays
+        });
+        self.present = present;
+        self.rows.shrink_to_fit();
+        before - self.rows.len()
+    }
+
+    /// How many keys the table knows (records and absences).
+    pub fn keys_held(&self) -> usize {
+        self.rows.len()
     }
 
     /// Whether anything changed since the changes were last taken.
@@ -267,6 +316,23 @@ mod tests {
         assert_eq!(table.get(&1), None);
         assert_eq!(table.len(), 0);
         assert_eq!(table.take_changes(), vec![(1, Slot::Absent)]);
+    }
+
+    #[test]
+    fn forgetting_keeps_changed_records_and_those_asked_for() {
+        let mut table = tracked();
+        assert!(table.load(1, Slot::Present("one")));
+        assert!(table.load(2, Slot::Absent));
+        assert!(table.load(3, Slot::Present("three")));
+        table.put(4, "four");
+        assert_eq!(table.forget_unchanged(|key| *key == 3), 2);
+        assert_eq!(table.slot(&1), None);
+        assert_eq!(table.slot(&2), None);
+        assert_eq!(table.get(&3), Some(&"three"));
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.take_changes(), vec![(4, Slot::Present(&"four"))]);
+        assert_eq!(table.forget_unchanged(|_| false), 2);
+        assert!(table.is_empty());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::hash::IdHashBuilder;
 use crate::money::{Amount, Currency};
 
 /// Microseconds since the Unix epoch. Time is an argument of the ledger, never read by it.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -193,19 +193,19 @@ pub struct Ledger {
     expiries: BTreeMap<(Timestamp, TransferId), ()>,
 }
 
-/// Every transfer record, in the order it was made, with an index by id.
+/// Transfer records made here, in the order they were made, with an index by id.
 ///
 /// Records live in one growing vector and the map holds positions only: inserting large
 /// records into a hash table touches a random page per insert, which costs more than the
 /// rest of the transfer.
 #[derive(Clone, Debug, Default)]
-struct TransferTable {
+pub struct TransferRecords {
     records: Vec<TransferRecord>,
     index: HashMap<TransferId, usize, IdHashBuilder>,
 }
 
-impl TransferTable {
-    fn get(&self, id: &TransferId) -> Option<&TransferRecord> {
+impl TransferRecords {
+    pub fn get(&self, id: &TransferId) -> Option<&TransferRecord> {
         self.index.get(id).map(|&at| &self.records[at])
     }
 
@@ -213,12 +213,17 @@ impl TransferTable {
         self.index.get(id).map(|&at| &mut self.records[at])
     }
 
-    fn contains(&self, id: &TransferId) -> bool {
-        self.index.contains_key(id)
+    pub fn len(&self) -> usize {
+        self.records.len()
     }
 
-    fn len(&self) -> usize {
-        self.records.len()
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The records in the order they were made.
+    pub fn as_slice(&self) -> &[TransferRecord] {
+        &self.records
     }
 
     fn push(&mut self, record: TransferRecord) {
@@ -235,6 +240,47 @@ impl TransferTable {
             "rollback removes the newest records, newest first"
         );
         self.index.remove(&id);
+    }
+}
+
+/// Every transfer record the ledger holds: those made here, in order, and those loaded from
+/// storage, which a working set or a cache holds to answer a reused id.
+#[derive(Clone, Debug, Default)]
+struct TransferTable {
+    made: TransferRecords,
+    loaded: HashMap<TransferId, TransferRecord, IdHashBuilder>,
+}
+
+impl TransferTable {
+    fn get(&self, id: &TransferId) -> Option<&TransferRecord> {
+        self.made.get(id).or_else(|| self.loaded.get(id))
+    }
+
+    fn get_mut(&mut self, id: &TransferId) -> Option<&mut TransferRecord> {
+        match self.made.get_mut(id) {
+            Some(record) => Some(record),
+            None => self.loaded.get_mut(id),
+        }
+    }
+
+    fn contains(&self, id: &TransferId) -> bool {
+        self.get(id).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.made.len() + self.loaded.len()
+    }
+
+    fn push(&mut self, record: TransferRecord) {
+        assert!(
+            !self.loaded.contains_key(&record.transfer.id),
+            "a transfer id is recorded once"
+        );
+        self.made.push(record);
+    }
+
+    fn pop(&mut self, id: TransferId) {
+        self.made.pop(id);
     }
 }
 
@@ -283,15 +329,53 @@ impl Ledger {
         self.transfers.get(&id)
     }
 
+    /// How many transfer records the ledger holds, made here or loaded.
     pub fn transfer_count(&self) -> usize {
         self.transfers.len()
     }
 
-    /// Every transfer record, in the order the records were made (a failed chain's records
+    /// The transfer records made here, in the order they were made (a failed chain's records
     /// are removed again, so a batch's records follow those of earlier batches). The records
-    /// from position `n` on are those made since the ledger held `n`.
+    /// from position `n` on are those made since this list held `n`. Loaded records are not
+    /// in it.
     pub fn transfer_records(&self) -> &[TransferRecord] {
-        &self.transfers.records
+        self.transfers.made.as_slice()
+    }
+
+    /// Every transfer record held, made here or loaded, in no particular order.
+    pub fn all_transfer_records(&self) -> impl Iterator<Item = &TransferRecord> {
+        self.transfers
+            .made
+            .as_slice()
+            .iter()
+            .chain(self.transfers.loaded.values())
+    }
+
+    /// Hands over the records made here: for a cache that writes them to storage. The ledger
+    /// then holds only the pending holds among them (as loaded records: they may still be
+    /// posted, voided or expire), and a transfer reusing another of their ids must have it
+    /// loaded again first.
+    pub fn take_made_transfers(&mut self) -> TransferRecords {
+        let made = std::mem::take(&mut self.transfers.made);
+        for record in made.as_slice() {
+            if record.hold == Some(HoldState::Pending) {
+                self.transfers.loaded.insert(record.transfer.id, *record);
+            }
+        }
+        made
+    }
+
+    /// Forgets the loaded transfer records that are not pending holds: for a cache whose
+    /// storage holds them.
+    pub fn forget_loaded_transfers(&mut self) {
+        self.transfers
+            .loaded
+            .retain(|_, record| record.hold == Some(HoldState::Pending));
+    }
+
+    /// Forgets an account: for a cache whose storage holds its totals.
+    pub fn forget_account(&mut self, id: AccountId) {
+        self.accounts.remove(&id);
     }
 
     /// Puts an account loaded from storage, with its totals, into the ledger: for a working
@@ -335,8 +419,19 @@ impl Ledger {
         {
             self.expiries.insert((deadline, id), ());
         }
-        self.transfers.push(record);
+        self.transfers.loaded.insert(id, record);
         Ok(())
+    }
+
+    /// Puts a transfer record brought from another ledger (an import) among the records made
+    /// here, without moving money: the imported totals hold what it moved. Checked by the
+    /// caller: the id must be new and the record must not be a pending hold.
+    pub fn put_imported_transfer_record(&mut self, record: TransferRecord) {
+        assert!(
+            record.transfer.id.0 != 0 && !self.transfers.contains(&record.transfer.id),
+            "an imported transfer record has a new id"
+        );
+        self.transfers.push(record);
     }
 
     /// Creates an account. Creating the same account again is a no-op that succeeds.

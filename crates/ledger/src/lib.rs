@@ -31,6 +31,6 @@ pub use hash::{IdHashBuilder, IdHasher};
 pub use ledger::{
     Account, AccountId, AccountKind, AccountRejection, HoldState, Ledger, TOTAL_MICROS_MAX,
     TRANSFERS_PER_BATCH_MAX, Timestamp, Transfer, TransferId, TransferKind, TransferRecord,
-    TransferRejection,
+    TransferRecords, TransferRejection,
 };
 pub use money::{AMOUNT_DECIMALS_MAX, Amount, AmountParseError, Currency, MICROS_PER_UNIT};

@@ -91,6 +91,8 @@ pub(crate) struct Idempotency {
     order: std::collections::VecDeque<(Timestamp, IdempotencyKey)>,
     /// The time of each prune since the changes were last taken, when tracking.
     prunes: Vec<Timestamp>,
+    /// The latest prune's time: keys made before it are gone, whatever storage still holds.
+    pruned_before: Timestamp,
 }
 
 impl Idempotency {
@@ -130,8 +132,35 @@ impl Idempotency {
         self.order.push_back((made, claim.key.clone()));
     }
 
+    /// Whether memory knows the key (held, or known gone).
+    pub(crate) fn knows(&self, key: &IdempotencyKey) -> bool {
+        self.keys.slot(key).is_some()
+    }
+
+    pub(crate) fn pruned_before(&self) -> Timestamp {
+        self.pruned_before
+    }
+
+    pub(crate) fn set_pruned_before(&mut self, before: Timestamp) {
+        self.pruned_before = before;
+    }
+
+    /// Forgets every key that has not changed since the changes were last taken (a cache
+    /// whose disk holds them).
+    pub(crate) fn forget_unchanged(&mut self) {
+        self.keys.forget_unchanged(|_| false);
+        let keys = &self.keys;
+        self.order.retain(|(_, key)| keys.contains(key));
+        self.order.shrink_to_fit();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.keys.keys_held()
+    }
+
     /// Forgets the keys made before `before`.
     pub(crate) fn prune(&mut self, before: Timestamp) {
+        self.pruned_before = self.pruned_before.max(before);
         while let Some((made, _)) = self.order.front() {
             if *made >= before {
                 break;
@@ -148,6 +177,10 @@ impl Idempotency {
     pub(crate) fn load(&mut self, row: IdempotencyRow) -> bool {
         if self.keys.slot(&row.key).is_some() {
             return false;
+        }
+        if row.made < self.pruned_before {
+            // Pruned since storage last wrote it: as good as gone.
+            return true;
         }
         let at = self.order.partition_point(|(made, _)| *made <= row.made);
         self.order.insert(at, (row.made, row.key.clone()));

@@ -11,6 +11,8 @@
 #![deny(clippy::float_arithmetic)]
 
 pub mod codec;
+pub mod disk;
+mod history;
 mod idempotency;
 mod ids;
 mod model;
@@ -21,8 +23,9 @@ mod statements;
 mod wallets;
 mod working_set;
 
+pub use history::{Line, PaymentRow, RefundRow, Refunded, TopupRow};
 pub use idempotency::IdempotencyLookup;
 pub use ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 pub use model::*;
-pub use state::{CurrencyTotals, Page, State, account_id};
+pub use state::{Checkpoint, CurrencyTotals, Fetched, LOAD_ROUNDS_MAX, Page, State, account_id};
 pub use working_set::{Changes, LoadError, Needs, PaymentRefunded};

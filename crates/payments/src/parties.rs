@@ -189,8 +189,12 @@ impl Parties {
         self.operator_key
     }
 
-    pub(crate) fn principal(&self, key_hash: &KeyHash) -> Option<Principal> {
-        self.keys.get(key_hash).copied()
+    /// What memory knows of a key: whose it is, that it is no one's, or nothing (`None`).
+    pub(crate) fn key_slot(&self, key_hash: &KeyHash) -> Option<Option<Principal>> {
+        self.keys.slot(key_hash).map(|slot| match slot {
+            Slot::Present(principal) => Some(*principal),
+            Slot::Absent => None,
+        })
     }
 
     pub(crate) fn key_taken(&self, key_hash: &KeyHash) -> bool {
@@ -203,14 +207,6 @@ impl Parties {
 
     pub(crate) fn payer(&self, id: PayerId) -> Option<&Payer> {
         self.payers.get(&id)
-    }
-
-    pub(crate) fn merchant_count(&self) -> usize {
-        self.merchants.len()
-    }
-
-    pub(crate) fn payer_count(&self) -> usize {
-        self.payers.len()
     }
 
     /// Makes `key_hash` the operator's key, in place of any other. A key held by a merchant
@@ -311,6 +307,33 @@ impl Parties {
     pub(crate) fn put_imported_payer(&mut self, payer: &Payer, key_hash: KeyHash) {
         self.keys.put(key_hash, Principal::Payer(payer.id));
         self.payers.put(payer.id, payer.clone());
+    }
+
+    /// Forgets what has not changed since the changes were last taken (a cache whose disk
+    /// holds it), but the operator's key and the parties `keep` names.
+    pub(crate) fn forget_unchanged(
+        &mut self,
+        keep_merchant: impl Fn(&MerchantId) -> bool,
+        keep_payer: impl Fn(&PayerId) -> bool,
+    ) {
+        let operator_key = self.operator_key;
+        self.keys
+            .forget_unchanged(|key_hash| Some(*key_hash) == operator_key);
+        self.merchants.forget_unchanged(keep_merchant);
+        self.payers.forget_unchanged(keep_payer);
+    }
+
+    pub(crate) fn merchant_changed(&self, id: &MerchantId) -> bool {
+        self.merchants.is_changed(id)
+    }
+
+    pub(crate) fn payer_changed(&self, id: &PayerId) -> bool {
+        self.payers.is_changed(id)
+    }
+
+    /// Rows held: keys, merchants and payers.
+    pub(crate) fn rows_held(&self) -> usize {
+        self.keys.keys_held() + self.merchants.keys_held() + self.payers.keys_held()
     }
 
     /// Every merchant and every payer with its key, each by id.

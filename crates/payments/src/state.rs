@@ -1,68 +1,32 @@
 //! The state machine: applies [`Record`]s and answers queries.
+//!
+//! A state is whole (every object in memory: the journal replayed), a working set (the
+//! objects one batch reads, loaded by a store that keeps the rest, [`working`]) or a cache
+//! (some objects in memory, the rest on disk behind [`Disk`], [`cache`]). The rules are the
+//! same in all three: a record's reads are loaded before it is applied.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
+use farthing_kernel::Table;
 use farthing_ledger::{
-    Account, AccountId, Amount, Currency, IdHashBuilder, Ledger, Timestamp, Transfer, TransferId,
-    TransferKind, TransferRecord, TransferRejection,
+    AccountId, Amount, Currency, IdHashBuilder, Ledger, Timestamp, Transfer, TransferId,
+    TransferKind, TransferRejection,
 };
 
+use crate::disk::{Disk, PartyLists};
+use crate::history::{Generation, Line, PaymentRow, RefundRow, Refunded, TopupRow};
 use crate::idempotency::{Idempotency, IdempotencyLookup};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 use crate::parties::Parties;
-use crate::working_set::*;
 
+mod cache;
 mod import;
+mod queries;
+mod working;
 
-/// A payment with the payment made before it in each list that shows it. Lists are chains
-/// walked from their newest item: nothing about a list grows but its items, so a store can
-/// keep old items on disk and the rest of a list needs no index.
-struct PaymentRow {
-    payment: Payment,
-    /// The payer's payment before this one.
-    previous_of_payer: Option<PaymentId>,
-    /// The merchant's payment before this one.
-    previous_of_merchant: Option<PaymentId>,
-    /// The payment made before this one, of any party (the operator's list).
-    previous: Option<PaymentId>,
-    line: Option<Line>,
-}
-
-/// A statement line, kept with the object it shows (a top-up, payment or refund, which give
-/// the rest of the line): the payer's posted balance after it, and the payer's line before it.
-/// Every object made here has one; an import brings it as an item of its own, after the
-/// object.
-#[derive(Clone, Copy)]
-struct Line {
-    balance_after: Amount,
-    previous: Option<EntryObject>,
-}
-
-struct TopupRow {
-    topup: Topup,
-    line: Option<Line>,
-}
-
-struct RefundRow {
-    refund: Refund,
-    line: Option<Line>,
-}
-
-/// The newest item of each of a party's lists, and its accounts.
-#[derive(Default)]
-struct PartyLists {
-    newest_payment: Option<PaymentId>,
-    /// The payer's newest statement line (merchants have no statement).
-    newest_line: Option<EntryObject>,
-    accounts: Vec<(Currency, AccountId)>,
-}
-
-impl PartyLists {
-    fn new() -> PartyLists {
-        PartyLists::default()
-    }
-}
+pub use cache::{Checkpoint, Fetched, LOAD_ROUNDS_MAX};
 
 /// What a working set has done since its changes were last taken, beyond what its tables
 /// track themselves.
@@ -72,13 +36,21 @@ struct Tracker {
     payments: Vec<PaymentId>,
     topups: Vec<TopupId>,
     refunds: Vec<RefundId>,
-    refunded: Vec<PaymentId>,
     /// New statement lines, in the order made.
     lines: Vec<EntryObject>,
     /// Transfer records an import put in: they moved no money here.
     imported_transfers: HashSet<TransferId>,
-    /// Transfer records held (loaded or reported) before the new ones.
+    /// Transfer records made before the new ones.
     transfers_seen: usize,
+}
+
+/// A cache's link to its disk, and what it made since its last checkpoint began.
+struct Cache {
+    disk: Arc<dyn Disk>,
+    /// Accounts made since the last checkpoint began.
+    accounts_created: Vec<AccountId>,
+    /// Statement lines an import brought for objects it had to read from disk.
+    imported_lines: usize,
 }
 
 /// A page of a list, newest first.
@@ -97,30 +69,39 @@ pub struct CurrencyTotals {
     pub accounts: usize,
 }
 
-/// Farthing's whole state, in memory. Only [`State::apply`] changes it.
+/// Farthing's state. Only [`State::apply`] changes what it means; loading and forgetting
+/// change only what it holds in memory.
 pub struct State {
     ledger: Ledger,
     parties: Parties,
-    /// Each merchant's and payer's payments, statement lines and accounts, by party.
-    merchant_lists: HashMap<MerchantId, PartyLists, IdHashBuilder>,
-    payer_lists: HashMap<PayerId, PartyLists, IdHashBuilder>,
-    accounts: HashMap<(Owner, Currency), AccountId, IdHashBuilder>,
-    payments: Vec<PaymentRow>,
-    /// Where each payment's row is. Rows live in one growing vector and the map holds only
-    /// their positions: inserting into a hash table of large rows touches a random page per
-    /// insert, which cost more than all the rest of a payment.
-    payment_index: HashMap<PaymentId, usize, IdHashBuilder>,
+    /// Each merchant's and payer's list heads and accounts, by party.
+    merchant_lists: Table<MerchantId, PartyLists, IdHashBuilder>,
+    payer_lists: Table<PayerId, PartyLists, IdHashBuilder>,
+    /// The owner of every account held.
+    owners: HashMap<AccountId, Owner, IdHashBuilder>,
+    /// History made since the last checkpoint began (a whole state's, all of it).
+    young: Generation,
+    /// History a checkpoint is writing: read from memory until it is on disk.
+    frozen: Option<Arc<Generation>>,
+    /// History read back from disk.
+    loaded: Generation,
+    /// Refund totals of refunded payments.
+    refunded: Table<PaymentId, Refunded, IdHashBuilder>,
     /// The newest payment: the head of the operator's list.
     newest_payment: Option<PaymentId>,
-    topups: HashMap<TopupId, TopupRow, IdHashBuilder>,
-    refunds: HashMap<RefundId, RefundRow, IdHashBuilder>,
     idempotency: Idempotency,
     records_applied: u64,
     /// The latest time of any record applied.
     last_time: Timestamp,
-    /// What has changed since [`State::take_changes`], for a working set; `None` (the embedded
-    /// store's whole state) tracks nothing.
+    merchants: u64,
+    payers: u64,
+    /// Payments and transfer records in generations before the young one.
+    payments_before: u64,
+    transfers_before: u64,
+    /// What has changed since [`State::take_changes`], for a working set.
     tracker: Option<Box<Tracker>>,
+    /// For a cache: its disk.
+    cache: Option<Box<Cache>>,
 }
 
 impl Default for State {
@@ -134,18 +115,23 @@ impl State {
         State {
             ledger: Ledger::new(),
             parties: Parties::default(),
-            merchant_lists: HashMap::default(),
-            payer_lists: HashMap::default(),
-            accounts: HashMap::default(),
-            payments: Vec::new(),
-            payment_index: HashMap::default(),
+            merchant_lists: Table::default(),
+            payer_lists: Table::default(),
+            owners: HashMap::default(),
+            young: Generation::default(),
+            frozen: None,
+            loaded: Generation::default(),
+            refunded: Table::default(),
             newest_payment: None,
-            topups: HashMap::default(),
-            refunds: HashMap::default(),
             idempotency: Idempotency::default(),
             records_applied: 0,
             last_time: Timestamp(0),
+            merchants: 0,
+            payers: 0,
+            payments_before: 0,
+            transfers_before: 0,
             tracker: None,
+            cache: None,
         }
     }
 
@@ -205,7 +191,8 @@ impl State {
                 if let Err(rejection) = self.parties.create_merchant(merchant.clone(), *key_hash) {
                     return Outcome::Rejected(rejection);
                 }
-                self.merchant_lists.insert(*id, PartyLists::new());
+                self.merchant_lists.put(*id, PartyLists::default());
+                self.merchants += 1;
                 Outcome::MerchantCreated(merchant)
             }
             Command::CreatePayer { id, name, key_hash } => {
@@ -217,7 +204,8 @@ impl State {
                 if let Err(rejection) = self.parties.create_payer(payer.clone(), *key_hash) {
                     return Outcome::Rejected(rejection);
                 }
-                self.payer_lists.insert(*id, PartyLists::new());
+                self.payer_lists.put(*id, PartyLists::default());
+                self.payers += 1;
                 Outcome::PayerCreated(payer)
             }
             Command::Topup {
@@ -259,12 +247,18 @@ impl State {
         }
     }
 
+    /// The id of `owner`'s account in `currency`, if it is held.
+    fn account_of_owner(&self, owner: Owner, currency: Currency) -> Option<AccountId> {
+        let id = account_id(owner, currency);
+        (self.owners.get(&id) == Some(&owner)).then_some(id)
+    }
+
     /// The account of `owner` in `currency`, made on first use. Its id is derived from the
     /// owner and the currency, so every process and every copy computes the same one; an id
     /// already held by another owner (a 2⁻⁶⁴ event) refuses the command.
     fn account_for(&mut self, owner: Owner, currency: Currency) -> Result<AccountId, Rejection> {
-        if let Some(id) = self.accounts.get(&(owner, currency)) {
-            return Ok(*id);
+        if let Some(id) = self.account_of_owner(owner, currency) {
+            return Ok(id);
         }
         let id = account_id(owner, currency);
         if self.ledger.account(id).is_some() {
@@ -273,24 +267,29 @@ impl State {
         self.ledger
             .create_account(id, owner.account_kind(), currency)
             .expect("a fresh account id is free");
-        self.accounts.insert((owner, currency), id);
+        self.owners.insert(id, owner);
         if let Some(tracker) = &mut self.tracker {
             tracker.accounts_created.push((owner, currency));
         }
+        if let Some(cache) = &mut self.cache {
+            cache.accounts_created.push(id);
+        }
+        self.list_account(owner, currency, id);
+        Ok(id)
+    }
+
+    /// Adds an account to its owner's list, if the owner is a party.
+    fn list_account(&mut self, owner: Owner, currency: Currency, id: AccountId) {
+        let add = |lists: &mut PartyLists| lists.accounts.push((currency, id));
         match owner {
             Owner::Payer(payer) => {
-                if let Some(lists) = self.payer_lists.get_mut(&payer) {
-                    lists.accounts.push((currency, id));
-                }
+                self.payer_lists.update(&payer, add);
             }
             Owner::Merchant(merchant) => {
-                if let Some(lists) = self.merchant_lists.get_mut(&merchant) {
-                    lists.accounts.push((currency, id));
-                }
+                self.merchant_lists.update(&merchant, add);
             }
             Owner::PlatformFees | Owner::ExternalFunding => {}
         }
-        Ok(id)
     }
 
     /// Whether any of these ledger ids was used before. A command's transfers must be new: a
@@ -314,8 +313,8 @@ impl State {
                 .checked_add(amount)
                 .is_some_and(|sum| sum <= farthing_ledger::TOTAL_MICROS_MAX)
         };
-        let credits_fit = |owner: Owner| match self.accounts.get(&(owner, pay.currency)) {
-            Some(&id) => fits(
+        let credits_fit = |owner: Owner| match self.account_of_owner(owner, pay.currency) {
+            Some(id) => fits(
                 self.ledger
                     .account(id)
                     .expect("account exists")
@@ -351,7 +350,7 @@ impl State {
         if self.parties.payer(payer).is_none() {
             return Outcome::Rejected(Rejection::PayerNotFound);
         }
-        if self.topups.contains_key(&id) || self.transfer_ids_taken(&[transfer_id]) {
+        if self.topup_row(id).is_some() || self.transfer_ids_taken(&[transfer_id]) {
             return Outcome::Rejected(Rejection::IdCollision);
         }
         if amount.is_zero() {
@@ -387,7 +386,7 @@ impl State {
             created_at: now,
         };
         let balance_after = self.posted_balance(wallet);
-        self.topups.insert(
+        self.young.topups.insert(
             id,
             TopupRow {
                 topup: topup.clone(),
@@ -409,14 +408,14 @@ impl State {
         if self.parties.payer(pay.payer).is_none() {
             return Err(Rejection::PayerNotFound);
         }
-        if self.payment_index.contains_key(&pay.id) {
+        if self.payment_row(pay.id).is_some() {
             return Err(Rejection::IdCollision);
         }
         if pay.amount.is_zero() {
             return Err(Rejection::AmountNotPositive);
         }
         // A payer without a wallet in this currency has nothing to spend.
-        let Some(&wallet) = self.accounts.get(&(Owner::Payer(pay.payer), pay.currency)) else {
+        let Some(wallet) = self.account_of_owner(Owner::Payer(pay.payer), pay.currency) else {
             return Err(Rejection::InsufficientFunds);
         };
         if self.transfer_ids_taken(&pay.transfer_ids) {
@@ -456,7 +455,7 @@ impl State {
             fee_refunded: Amount::ZERO,
         };
         self.add_payment(payment, Some(balance_after));
-        Ok(&self.payments.last().expect("just added").payment)
+        Ok(&self.young.payments.last().expect("just added").payment)
     }
 
     fn refund(
@@ -468,10 +467,9 @@ impl State {
         caller: Principal,
         transfer_ids: [TransferId; 2],
     ) -> Result<Refund, Rejection> {
-        let Some(row) = self.payment_row(payment_id) else {
+        let Some(payment) = self.payment_held(payment_id) else {
             return Err(Rejection::PaymentNotFound);
         };
-        let payment = row.payment.clone();
         let allowed = match caller {
             Principal::Operator => true,
             Principal::Merchant(merchant) => merchant == payment.merchant,
@@ -480,7 +478,7 @@ impl State {
         if !allowed {
             return Err(Rejection::PaymentNotFound);
         }
-        if self.refunds.contains_key(&id) || self.transfer_ids_taken(&transfer_ids) {
+        if self.refund_row(id).is_some() || self.transfer_ids_taken(&transfer_ids) {
             return Err(Rejection::IdCollision);
         }
         let remaining = payment
@@ -534,11 +532,14 @@ impl State {
             fee_refunded: fee_back,
             created_at: now,
         };
-        let index = self.payment_index[&payment_id];
-        let row = &mut self.payments[index];
-        row.payment.amount_refunded = refunded_after;
-        row.payment.fee_refunded = fee_after;
-        self.refunds.insert(
+        self.refunded.put(
+            payment_id,
+            Refunded {
+                amount_refunded: refunded_after,
+                fee_refunded: fee_after,
+            },
+        );
+        self.young.refunds.insert(
             id,
             RefundRow {
                 refund: refund.clone(),
@@ -548,7 +549,6 @@ impl State {
         self.add_line(payment.payer, EntryObject::Refund(id), balance_after);
         if let Some(tracker) = &mut self.tracker {
             tracker.refunds.push(id);
-            tracker.refunded.push(payment_id);
         }
         Ok(refund)
     }
@@ -558,30 +558,23 @@ impl State {
     /// import brings the line later, as an item of its own).
     fn add_payment(&mut self, payment: Payment, balance_after: Option<Amount>) {
         let id = payment.id;
-        let (previous_of_payer, line) = match self.payer_lists.get_mut(&payment.payer) {
-            Some(lists) => (
+        let heads = self.payer_lists.update(&payment.payer, |lists| {
+            (
                 lists.newest_payment.replace(id),
-                balance_after.map(|balance_after| Line {
-                    balance_after,
-                    previous: lists.newest_line.replace(EntryObject::Payment(id)),
-                }),
-            ),
-            None => (
-                None,
-                balance_after.map(|balance_after| Line {
-                    balance_after,
-                    previous: None,
-                }),
-            ),
-        };
+                balance_after.map(|_| lists.newest_line.replace(EntryObject::Payment(id))),
+            )
+        });
+        let (previous_of_payer, previous_line) = heads.unwrap_or((None, None));
+        let line = balance_after.map(|balance_after| Line {
+            balance_after,
+            previous: previous_line.flatten(),
+        });
         let previous_of_merchant = self
             .merchant_lists
-            .get_mut(&payment.merchant)
-            .and_then(|lists| lists.newest_payment.replace(id));
+            .update(&payment.merchant, |lists| lists.newest_payment.replace(id))
+            .flatten();
         let previous = self.newest_payment.replace(id);
-        let earlier = self.payment_index.insert(id, self.payments.len());
-        assert!(earlier.is_none(), "a payment id is used once");
-        self.payments.push(PaymentRow {
+        self.young.push_payment(PaymentRow {
             payment,
             previous_of_payer,
             previous_of_merchant,
@@ -601,688 +594,99 @@ impl State {
     fn add_line(&mut self, payer: PayerId, object: EntryObject, balance_after: Amount) {
         let previous = self
             .payer_lists
-            .get_mut(&payer)
-            .and_then(|lists| lists.newest_line.replace(object));
-        let slot = match object {
-            EntryObject::Payment(id) => {
-                let index = self.payment_index[&id];
-                &mut self.payments[index].line
-            }
-            EntryObject::Topup(id) => &mut self.topups.get_mut(&id).expect("held").line,
-            EntryObject::Refund(id) => &mut self.refunds.get_mut(&id).expect("held").line,
-        };
-        assert!(slot.is_none(), "an object has one statement line");
-        *slot = Some(Line {
+            .update(&payer, |lists| lists.newest_line.replace(object))
+            .flatten();
+        let line = Line {
             balance_after,
             previous,
-        });
+        };
+        assert!(
+            self.line_held(object).is_none(),
+            "an object has one statement line"
+        );
+        let young = &mut self.young;
+        let slot = match object {
+            EntryObject::Payment(id) => young
+                .payment_index
+                .get(&id)
+                .map(|&index| &mut young.payments[index].line),
+            EntryObject::Topup(id) => young.topups.get_mut(&id).map(|row| &mut row.line),
+            EntryObject::Refund(id) => young.refunds.get_mut(&id).map(|row| &mut row.line),
+        };
+        match slot {
+            Some(slot) => *slot = Some(line),
+            // An import's line for an object of an older generation: a row of its own.
+            None => {
+                young.lines.insert(object, line);
+                if let Some(cache) = &mut self.cache {
+                    cache.imported_lines += 1;
+                }
+            }
+        }
         if let Some(tracker) = &mut self.tracker {
             tracker.lines.push(object);
         }
     }
 
-    /// The statement line of `object` with its payer and the payer's line before it, if the
-    /// object is held and has a line.
-    fn line(&self, object: EntryObject) -> Option<(PayerId, Entry, Option<EntryObject>)> {
-        let (payer, currency, credit, amount, created_at, line) = match object {
-            EntryObject::Payment(id) => {
-                let row = self.payment_row(id)?;
-                let p = &row.payment;
-                (
-                    p.payer,
-                    p.currency,
-                    false,
-                    p.amount,
-                    p.created_at,
-                    row.line?,
-                )
-            }
-            EntryObject::Topup(id) => {
-                let row = self.topups.get(&id)?;
-                let t = &row.topup;
-                (t.payer, t.currency, true, t.amount, t.created_at, row.line?)
-            }
-            EntryObject::Refund(id) => {
-                let row = self.refunds.get(&id)?;
-                let r = &row.refund;
-                (r.payer, r.currency, true, r.amount, r.created_at, row.line?)
-            }
-        };
-        let entry = Entry {
-            object,
-            currency,
-            credit,
-            amount,
-            balance_after: line.balance_after,
-            created_at,
-        };
-        Some((payer, entry, line.previous))
-    }
+    // What memory holds.
 
-    // Queries.
-
-    /// How `command` would be refused if it were applied now, from the checks it makes
-    /// before it moves money; `None` when it might succeed. Reads only: a server answers such
-    /// a refusal without recording anything, since a refusal that changes nothing can be
-    /// answered as of any moment its state was current. Checks needing ids not yet chosen
-    /// (collisions) are left to [`State::apply`].
-    pub fn refusal(&self, command: &Command) -> Option<Rejection> {
-        match command {
-            Command::Pay(pay) => {
-                if self.parties.merchant(pay.merchant).is_none() {
-                    return Some(Rejection::MerchantNotFound);
-                }
-                if self.parties.payer(pay.payer).is_none() {
-                    return Some(Rejection::PayerNotFound);
-                }
-                if pay.amount.is_zero() {
-                    return Some(Rejection::AmountNotPositive);
-                }
-                let wallet = self.accounts.get(&(Owner::Payer(pay.payer), pay.currency));
-                match wallet {
-                    None => Some(Rejection::InsufficientFunds),
-                    Some(&wallet) if self.certainly_short(wallet, pay) => {
-                        Some(Rejection::InsufficientFunds)
-                    }
-                    Some(_) => None,
-                }
-            }
-            Command::Topup {
-                payer,
-                amount,
-                source,
-                ..
-            } => {
-                if self.parties.payer(*payer).is_none() {
-                    Some(Rejection::PayerNotFound)
-                } else if amount.is_zero() {
-                    Some(Rejection::AmountNotPositive)
-                } else if *source == FundingSource::SandboxDecline {
-                    Some(Rejection::FundingDeclined)
-                } else {
-                    None
-                }
-            }
-            Command::Refund {
-                payment,
-                amount,
-                caller,
-                ..
-            } => {
-                let Some(row) = self.payment_row(*payment) else {
-                    return Some(Rejection::PaymentNotFound);
-                };
-                let allowed = match caller {
-                    Principal::Operator => true,
-                    Principal::Merchant(merchant) => *merchant == row.payment.merchant,
-                    Principal::Payer(_) => false,
-                };
-                if !allowed {
-                    return Some(Rejection::PaymentNotFound);
-                }
-                let remaining = row
-                    .payment
-                    .amount
-                    .checked_sub(row.payment.amount_refunded)
-                    .expect("refunds never exceed the payment");
-                let amount = amount.unwrap_or(remaining);
-                (amount.is_zero() || amount > remaining).then_some(Rejection::RefundExceedsPayment)
-            }
-            _ => None,
-        }
-    }
-
-    pub fn principal(&self, key_hash: &KeyHash) -> Option<Principal> {
-        self.parties.principal(key_hash)
-    }
-
-    pub fn has_operator_key(&self) -> bool {
-        self.parties.operator_key().is_some()
-    }
-
-    pub fn idempotency_lookup(
-        &self,
-        key: &IdempotencyKey,
-        fingerprint: &[u8; 32],
-    ) -> IdempotencyLookup<'_> {
-        self.idempotency.lookup(key, fingerprint)
-    }
-
-    pub fn merchant(&self, id: MerchantId) -> Option<&Merchant> {
-        self.parties.merchant(id)
-    }
-
-    pub fn payer(&self, id: PayerId) -> Option<&Payer> {
-        self.parties.payer(id)
-    }
-
-    pub fn merchant_count(&self) -> usize {
-        self.parties.merchant_count()
-    }
-
-    pub fn payer_count(&self) -> usize {
-        self.parties.payer_count()
-    }
-
-    pub fn payment_count(&self) -> usize {
-        self.payments.len()
-    }
-
-    pub fn payment(&self, id: PaymentId) -> Option<&Payment> {
-        self.payment_row(id).map(|row| &row.payment)
-    }
-
+    /// A payment row in memory, of any generation.
     fn payment_row(&self, id: PaymentId) -> Option<&PaymentRow> {
-        self.payment_index
+        self.young
+            .payment(id)
+            .or_else(|| self.frozen.as_ref().and_then(|frozen| frozen.payment(id)))
+            .or_else(|| self.loaded.payment(id))
+    }
+
+    fn topup_row(&self, id: TopupId) -> Option<&TopupRow> {
+        self.young
+            .topups
             .get(&id)
-            .map(|&index| &self.payments[index])
-    }
-
-    pub fn refund_record(&self, id: RefundId) -> Option<&Refund> {
-        self.refunds.get(&id).map(|row| &row.refund)
-    }
-
-    pub fn topup_record(&self, id: TopupId) -> Option<&Topup> {
-        self.topups.get(&id).map(|row| &row.topup)
-    }
-
-    /// Available balances of a payer's wallets, by currency.
-    pub fn payer_balances(&self, id: PayerId) -> Option<Vec<(Currency, i128)>> {
-        let lists = self.payer_lists.get(&id)?;
-        Some(self.balances(lists))
-    }
-
-    /// Available balances of a merchant, by currency.
-    pub fn merchant_balances(&self, id: MerchantId) -> Option<Vec<(Currency, i128)>> {
-        let lists = self.merchant_lists.get(&id)?;
-        Some(self.balances(lists))
-    }
-
-    fn balances(&self, lists: &PartyLists) -> Vec<(Currency, i128)> {
-        let mut out: Vec<(Currency, i128)> = lists
-            .accounts
-            .iter()
-            .map(|(currency, account)| {
-                let account = self
-                    .ledger
-                    .account(*account)
-                    .expect("listed accounts exist");
-                (*currency, account.available())
+            .or_else(|| {
+                self.frozen
+                    .as_ref()
+                    .and_then(|frozen| frozen.topups.get(&id))
             })
-            .collect();
-        out.sort_by_key(|(currency, _)| *currency);
-        out
+            .or_else(|| self.loaded.topups.get(&id))
     }
 
-    /// Payments visible to `principal`, newest first, after the payment `starting_after`.
-    /// `None` when the cursor is not a payment the principal may see.
-    pub fn list_payments(
-        &self,
-        principal: Principal,
-        limit: usize,
-        starting_after: Option<PaymentId>,
-    ) -> Option<Page<&Payment>> {
-        // Each list is a chain from its newest payment; a page starts at the list's head, or
-        // at the payment before the cursor in that list.
-        let next: fn(&PaymentRow) -> Option<PaymentId> = match principal {
-            Principal::Operator => |row| row.previous,
-            Principal::Payer(_) => |row| row.previous_of_payer,
-            Principal::Merchant(_) => |row| row.previous_of_merchant,
-        };
-        let start = match starting_after {
-            None => match principal {
-                Principal::Operator => self.newest_payment,
-                Principal::Payer(payer) => self.payer_lists.get(&payer)?.newest_payment,
-                Principal::Merchant(merchant) => self.merchant_lists.get(&merchant)?.newest_payment,
-            },
-            Some(cursor) => {
-                let row = self.payment_row(cursor)?;
-                if !Self::may_see(principal, &row.payment) {
-                    return None;
-                }
-                next(row)
-            }
-        };
-        let mut items = Vec::new();
-        let mut at = start;
-        while let Some(id) = at {
-            if items.len() == limit {
-                break;
-            }
-            let row = self.payment_row(id).expect("a listed payment is held");
-            items.push(&row.payment);
-            at = next(row);
-        }
-        Some(Page {
-            items,
-            has_more: at.is_some(),
-        })
+    fn refund_row(&self, id: RefundId) -> Option<&RefundRow> {
+        self.young
+            .refunds
+            .get(&id)
+            .or_else(|| {
+                self.frozen
+                    .as_ref()
+                    .and_then(|frozen| frozen.refunds.get(&id))
+            })
+            .or_else(|| self.loaded.refunds.get(&id))
     }
 
-    /// Whether `principal` may see `payment`.
-    pub fn may_see(principal: Principal, payment: &Payment) -> bool {
-        match principal {
-            Principal::Operator => true,
-            Principal::Payer(payer) => payment.payer == payer,
-            Principal::Merchant(merchant) => payment.merchant == merchant,
-        }
+    /// The line of `object`, if memory holds it.
+    fn line_held(&self, object: EntryObject) -> Option<Line> {
+        self.young
+            .line(object)
+            .or_else(|| self.frozen.as_ref().and_then(|frozen| frozen.line(object)))
+            .or_else(|| self.loaded.line(object))
     }
 
-    /// A payer's statement, newest first, after the entry for object `starting_after`.
-    /// `None` when the payer or the cursor is unknown.
-    pub fn payer_entries(
-        &self,
-        payer: PayerId,
-        limit: usize,
-        starting_after: Option<EntryObject>,
-    ) -> Option<Page<Entry>> {
-        let lists = self.payer_lists.get(&payer)?;
-        let start = match starting_after {
-            None => lists.newest_line,
-            Some(object) => {
-                let (owner, _, previous) = self.line(object)?;
-                (owner == payer).then_some(previous)?
-            }
-        };
-        let mut items = Vec::new();
-        let mut at = start;
-        while let Some(object) = at {
-            if items.len() == limit {
-                break;
-            }
-            let (_, entry, previous) = self.line(object).expect("a listed line is held");
-            items.push(entry);
-            at = previous;
-        }
-        Some(Page {
-            items,
-            has_more: at.is_some(),
-        })
-    }
-
-    /// Per-currency sums over every account: money is conserved when every sum is zero.
-    pub fn currency_totals(&self) -> Vec<CurrencyTotals> {
-        let mut totals: HashMap<Currency, CurrencyTotals> = HashMap::new();
-        for account in self.ledger.accounts() {
-            let entry = totals.entry(account.currency).or_insert(CurrencyTotals {
-                currency: account.currency,
-                posted_net: 0,
-                pending_net: 0,
-                accounts: 0,
-            });
-            entry.posted_net += account.posted_balance();
-            entry.pending_net +=
-                i128::from(account.credits_pending) - i128::from(account.debits_pending);
-            entry.accounts += 1;
-        }
-        let mut out: Vec<CurrencyTotals> = totals.into_values().collect();
-        out.sort_by_key(|t| t.currency);
-        out
-    }
-
-    /// Every ledger account (for audits and copies).
-    pub fn ledger_accounts(&self) -> impl Iterator<Item = &Account> {
-        self.ledger.accounts()
-    }
-
-    pub fn ledger_transfer_count(&self) -> usize {
-        self.ledger.transfer_count()
+    /// A payment in memory as it is now, refunds included.
+    fn payment_held(&self, id: PaymentId) -> Option<Payment> {
+        let row = self.payment_row(id)?;
+        Some(with_refunds(
+            row.payment.clone(),
+            self.refunded.get(&id).copied(),
+        ))
     }
 }
 
-/// Working sets: what a record reads, loading objects into a state that holds only those, and
-/// the changes applying made (ADR 0002). A whole state (the embedded store's) never tracks
-/// changes, and none of this runs on its path.
-impl State {
-    /// What applying `record` reads; see [`Needs`].
-    ///
-    /// A refund names only its payment; the payment names its payer, its merchant and its
-    /// currency, hence the accounts. So `self` answers for the payments it holds: a loader asks
-    /// a working set, loads what is listed, and asks again while the answer is
-    /// [`Needs::incomplete`] and lists something new (two rounds at most). Asked of a whole
-    /// state, the answer is complete at once.
-    pub fn needs(&self, record: &Record) -> Needs {
-        let mut needs = Needs::default();
-        if let Some(claim) = &record.idempotency {
-            needs.idempotency_keys.push(claim.key.clone());
-        }
-        match &record.command {
-            Command::SetOperatorKey { key_hash } => {
-                needs.operator_key = true;
-                needs.key_hashes.push(*key_hash);
-            }
-            Command::CreateMerchant { id, key_hash, .. } => {
-                needs.merchants.push(*id);
-                needs.key_hashes.push(*key_hash);
-            }
-            Command::CreatePayer { id, key_hash, .. } => {
-                needs.payers.push(*id);
-                needs.key_hashes.push(*key_hash);
-            }
-            Command::Topup {
-                id,
-                payer,
-                currency,
-                transfer_id,
-                ..
-            } => {
-                needs.payers.push(*payer);
-                needs.topups.push(*id);
-                needs.accounts.extend([
-                    (Owner::ExternalFunding, *currency),
-                    (Owner::Payer(*payer), *currency),
-                ]);
-                needs.transfers.push(*transfer_id);
-            }
-            Command::Pay(pay) => needs.add_pay(pay),
-            Command::PayBatch(items) => {
-                for pay in items {
-                    needs.add_pay(pay);
-                }
-            }
-            Command::Refund {
-                id,
-                payment,
-                transfer_ids,
-                ..
-            } => {
-                needs.payments.push(*payment);
-                needs.refunds.push(*id);
-                needs.transfers.extend(transfer_ids);
-                match self.payment(*payment) {
-                    Some(payment) => {
-                        // The statement line goes to the payer; the money moves between the
-                        // payment's three accounts.
-                        needs.payers.push(payment.payer);
-                        needs.accounts.extend([
-                            (Owner::Payer(payment.payer), payment.currency),
-                            (Owner::Merchant(payment.merchant), payment.currency),
-                            (Owner::PlatformFees, payment.currency),
-                        ]);
-                    }
-                    None => needs.incomplete = true,
-                }
-            }
-            // A prune reads nothing: keys a working set holds are forgotten as in a whole
-            // state, and the store forgets the rest by their age (`Changes::prunes`).
-            Command::PruneIdempotencyKeys { .. } => {}
-            Command::Import(items) => needs.add_import(items),
-        }
-        needs.normalize();
-        needs
+/// `payment` with the refund totals a refund made since it was recorded.
+fn with_refunds(mut payment: Payment, refunded: Option<Refunded>) -> Payment {
+    if let Some(refunded) = refunded {
+        payment.amount_refunded = refunded.amount_refunded;
+        payment.fee_refunded = refunded.fee_refunded;
     }
-
-    /// An empty state that tracks what applying records changes, to be filled with the loaded
-    /// objects a batch needs (the `insert_*` methods) and then applied to.
-    ///
-    /// A working set answers queries only about what it holds, and its lists and statements
-    /// hold only what was applied to it.
-    pub fn new_working_set() -> State {
-        let mut state = State::new();
-        state.track_changes();
-        state
-    }
-
-    /// Starts tracking changes from here on, if not already.
-    pub fn track_changes(&mut self) {
-        if self.tracker.is_none() {
-            self.idempotency.track_changes();
-            self.parties.track_changes();
-            self.tracker = Some(Box::new(Tracker {
-                transfers_seen: self.ledger.transfer_count(),
-                ..Tracker::default()
-            }));
-        }
-    }
-
-    /// Whether this state tracks its changes.
-    pub fn is_tracking_changes(&self) -> bool {
-        self.tracker.is_some()
-    }
-
-    /// What applying records changed since tracking began or the last call; empty for a state
-    /// that does not track changes.
-    pub fn take_changes(&mut self) -> Changes {
-        let transfers_now = self.ledger.transfer_count();
-        let Some(tracker) = &mut self.tracker else {
-            return Changes::default();
-        };
-        let taken = std::mem::replace(
-            &mut **tracker,
-            Tracker {
-                transfers_seen: transfers_now,
-                ..Tracker::default()
-            },
-        );
-        let account = |state: &State, id: AccountId| -> Account {
-            *state.ledger.account(id).expect("a tracked account exists")
-        };
-        let mut created_ids = HashSet::new();
-        let accounts_created = taken
-            .accounts_created
-            .iter()
-            .map(|key| {
-                let id = self.accounts[key];
-                created_ids.insert(id);
-                (key.0, account(self, id))
-            })
-            .collect();
-        let transfers: Vec<TransferRecord> =
-            self.ledger.transfer_records()[taken.transfers_seen..].to_vec();
-        // Only an applied transfer changes totals; a failed one is recorded and moves nothing,
-        // and an imported one moved its money before (the imported totals hold it).
-        let changed: BTreeSet<AccountId> = transfers
-            .iter()
-            .filter(|record| {
-                record.outcome.is_ok() && !taken.imported_transfers.contains(&record.transfer.id)
-            })
-            .flat_map(|record| [record.transfer.debit, record.transfer.credit])
-            .filter(|id| !created_ids.contains(id))
-            .collect();
-        let account_totals = changed.into_iter().map(|id| account(self, id)).collect();
-
-        let new_payment_ids: HashSet<PaymentId> = taken.payments.iter().copied().collect();
-        let refunded: BTreeSet<PaymentId> = taken
-            .refunded
-            .iter()
-            .copied()
-            .filter(|id| !new_payment_ids.contains(id))
-            .collect();
-        let payments_refunded = refunded
-            .into_iter()
-            .map(|id| {
-                let payment = &self
-                    .payment_row(id)
-                    .expect("a refunded payment exists")
-                    .payment;
-                PaymentRefunded {
-                    id,
-                    amount_refunded: payment.amount_refunded,
-                    fee_refunded: payment.fee_refunded,
-                }
-            })
-            .collect();
-        let topups = taken
-            .topups
-            .iter()
-            .map(|id| self.topups[id].topup.clone())
-            .collect();
-        let refunds = taken
-            .refunds
-            .iter()
-            .map(|id| self.refunds[id].refund.clone())
-            .collect();
-        let payments = taken
-            .payments
-            .iter()
-            .map(|id| self.payments[self.payment_index[id]].payment.clone())
-            .collect();
-        // By payer, each payer's in the order made.
-        let mut entries: Vec<(PayerId, Entry)> = taken
-            .lines
-            .iter()
-            .map(|object| {
-                let (payer, entry, _) = self.line(*object).expect("a new line is held");
-                (payer, entry)
-            })
-            .collect();
-        entries.sort_by_key(|(payer, _)| *payer);
-
-        let parties = self.parties.take_changes();
-        let (idempotency, prunes) = self.idempotency.take_changes();
-
-        Changes {
-            operator_key: parties.operator_key,
-            keys: parties.keys,
-            merchants: parties.merchants,
-            payers: parties.payers,
-            accounts_created,
-            account_totals,
-            topups,
-            payments,
-            payments_refunded,
-            refunds,
-            entries,
-            transfers,
-            idempotency,
-            prunes,
-        }
-    }
-
-    // Loading: each puts one stored object into a working set. Parties go in before their
-    // accounts, so that their balances list them.
-
-    /// Loads a key hash and whose it is. The operator's key is the operator key.
-    pub fn insert_key(&mut self, key_hash: KeyHash, principal: Principal) -> Result<(), LoadError> {
-        self.parties.load_key(key_hash, principal)
-    }
-
-    /// Loads a merchant, fee schedule included.
-    pub fn insert_merchant(&mut self, merchant: Merchant) -> Result<(), LoadError> {
-        let id = merchant.id;
-        self.parties.load_merchant(merchant)?;
-        self.merchant_lists.insert(id, PartyLists::new());
-        Ok(())
-    }
-
-    pub fn insert_payer(&mut self, payer: Payer) -> Result<(), LoadError> {
-        let id = payer.id;
-        self.parties.load_payer(payer)?;
-        self.payer_lists.insert(id, PartyLists::new());
-        Ok(())
-    }
-
-    /// Loads `owner`'s account with its totals. Its id, kind and currency must be those
-    /// `owner` and the account's currency give.
-    pub fn insert_account(&mut self, owner: Owner, account: Account) -> Result<(), LoadError> {
-        let key = (owner, account.currency);
-        if account.id != account_id(owner, account.currency) || account.kind != owner.account_kind()
-        {
-            return Err(LoadError::BadId);
-        }
-        if self.accounts.contains_key(&key) || self.ledger.account(account.id).is_some() {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        self.ledger
-            .insert_account(account)
-            .map_err(|_| LoadError::BadId)?;
-        self.accounts.insert(key, account.id);
-        let lists = match owner {
-            Owner::Payer(payer) => self.payer_lists.get_mut(&payer),
-            Owner::Merchant(merchant) => self.merchant_lists.get_mut(&merchant),
-            Owner::PlatformFees | Owner::ExternalFunding => None,
-        };
-        if let Some(lists) = lists {
-            lists.accounts.push((account.currency, account.id));
-        }
-        Ok(())
-    }
-
-    /// Loads a payment, refund totals included.
-    pub fn insert_payment(&mut self, payment: Payment) -> Result<(), LoadError> {
-        if self.payment_index.contains_key(&payment.id) {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        // A loaded payment is in no list of the working set: its lists are the store's.
-        self.payment_index.insert(payment.id, self.payments.len());
-        self.payments.push(PaymentRow {
-            payment,
-            previous_of_payer: None,
-            previous_of_merchant: None,
-            previous: None,
-            line: None,
-        });
-        Ok(())
-    }
-
-    pub fn insert_topup(&mut self, topup: Topup) -> Result<(), LoadError> {
-        if self.topups.contains_key(&topup.id) {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        self.topups.insert(topup.id, TopupRow { topup, line: None });
-        Ok(())
-    }
-
-    pub fn insert_refund(&mut self, refund: Refund) -> Result<(), LoadError> {
-        if self.refunds.contains_key(&refund.id) {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        self.refunds
-            .insert(refund.id, RefundRow { refund, line: None });
-        Ok(())
-    }
-
-    /// Loads a ledger transfer record, failed ones included.
-    pub fn insert_transfer_record(&mut self, record: TransferRecord) -> Result<(), LoadError> {
-        if self.ledger.transfer(record.transfer.id).is_some() {
-            return Err(LoadError::AlreadyLoaded);
-        }
-        if let Some(tracker) = &self.tracker
-            && tracker.transfers_seen != self.ledger.transfer_count()
-        {
-            return Err(LoadError::ChangesPending);
-        }
-        self.ledger
-            .insert_transfer_record(record)
-            .map_err(|_| LoadError::BadId)?;
-        if let Some(tracker) = &mut self.tracker {
-            tracker.transfers_seen = self.ledger.transfer_count();
-        }
-        Ok(())
-    }
-
-    /// Loads an idempotency key's stored answer. Records may come in any order: pruning goes
-    /// by the time each was made.
-    pub fn insert_idempotency_record(&mut self, row: IdempotencyRow) -> Result<(), LoadError> {
-        if self.idempotency.load(row) {
-            Ok(())
-        } else {
-            Err(LoadError::AlreadyLoaded)
-        }
-    }
-
-    // Reading objects out, to copy them into a working set.
-
-    /// The operator's key hash, if one is set.
-    pub fn operator_key(&self) -> Option<KeyHash> {
-        self.parties.operator_key()
-    }
-
-    /// `owner`'s account in `currency`, with its totals, if it has one.
-    pub fn account_of(&self, owner: Owner, currency: Currency) -> Option<Account> {
-        let id = self.accounts.get(&(owner, currency))?;
-        self.ledger.account(*id).copied()
-    }
-
-    /// The ledger's record of a transfer id.
-    pub fn transfer_record(&self, id: TransferId) -> Option<TransferRecord> {
-        self.ledger.transfer(id).copied()
-    }
-
-    /// An idempotency key's stored answer, if the key is held.
-    pub fn idempotency_record(&self, key: &IdempotencyKey) -> Option<IdempotencyRow> {
-        self.idempotency.row(key)
-    }
+    payment
 }
 
 /// The ledger id of `owner`'s account in `currency`: a 64-bit mix of both. Owner ids are

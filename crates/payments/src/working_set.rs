@@ -226,8 +226,4 @@ pub enum LoadError {
     AlreadyLoaded,
     /// An id the ledger cannot hold (zero), or an account id held under another owner.
     BadId,
-    /// Transfer records are loaded before applying, or right after
-    /// [`State::take_changes`](crate::State::take_changes): loaded later, they would be
-    /// reported as new.
-    ChangesPending,
 }

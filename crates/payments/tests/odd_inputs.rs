@@ -61,7 +61,7 @@ fn pay(payer: PayerId, merchant: MerchantId, micros: u64, ids: [u128; 3]) -> Com
 }
 
 fn balance(state: &State, payer: PayerId) -> i128 {
-    state.payer_balances(payer).unwrap()[0].1
+    state.payer_balances(payer).unwrap().unwrap()[0].1
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn an_operator_key_cannot_take_over_a_merchants_key() {
     let (mut state, _, merchant) = setup(1_000);
     let merchant_key = KeyHash([2; 32]);
     assert_eq!(
-        state.principal(&merchant_key),
+        state.principal(&merchant_key).unwrap(),
         Some(Principal::Merchant(merchant))
     );
     let outcome = state.apply(&record(Command::SetOperatorKey {
@@ -188,7 +188,7 @@ fn an_operator_key_cannot_take_over_a_merchants_key() {
     }));
     assert_eq!(outcome, Outcome::Rejected(Rejection::IdCollision));
     assert_eq!(
-        state.principal(&merchant_key),
+        state.principal(&merchant_key).unwrap(),
         Some(Principal::Merchant(merchant))
     );
     assert!(!state.has_operator_key());

@@ -1243,8 +1243,8 @@ mod histories {
         let mut cursor = None;
         loop {
             assert!(pages.len() <= state.payment_count(), "the pages never end");
-            let page = state.list_payments(principal, limit, cursor)?;
-            let items: Vec<Payment> = page.items.into_iter().cloned().collect();
+            let page = state.list_payments(principal, limit, cursor).unwrap()?;
+            let items: Vec<Payment> = page.items;
             cursor = items.last().map(|p| p.id);
             pages.push(items);
             if !page.has_more {
@@ -1259,7 +1259,7 @@ mod histories {
         loop {
             let entries: usize = pages.iter().map(Vec::len).sum();
             assert!(entries <= 10_000, "the pages never end");
-            let page = state.payer_entries(payer, limit, cursor)?;
+            let page = state.payer_entries(payer, limit, cursor).unwrap()?;
             cursor = page.items.last().map(|e| e.object);
             pages.push(page.items);
             if !page.has_more {
@@ -1272,6 +1272,7 @@ mod histories {
     fn statement(state: &State, payer: PayerId) -> Vec<Entry> {
         let mut entries = state
             .payer_entries(payer, usize::MAX, None)
+            .unwrap()
             .expect("a known payer")
             .items;
         entries.reverse();
@@ -1319,12 +1320,12 @@ mod histories {
             payer_balances: builder
                 .payer_ids
                 .iter()
-                .map(|p| state.payer_balances(*p))
+                .map(|p| state.payer_balances(*p).unwrap())
                 .collect(),
             merchant_balances: builder
                 .merchant_ids
                 .iter()
-                .map(|m| state.merchant_balances(*m))
+                .map(|m| state.merchant_balances(*m).unwrap())
                 .collect(),
             payment_pages: principals
                 .iter()
@@ -1339,7 +1340,7 @@ mod histories {
             principals: builder
                 .key_hashes
                 .iter()
-                .map(|k| state.principal(k))
+                .map(|k| state.principal(k).unwrap())
                 .collect(),
             idempotency: builder
                 .claimed
@@ -1354,7 +1355,7 @@ mod histories {
             payments: builder
                 .payment_ids
                 .iter()
-                .map(|p| state.payment(*p).cloned())
+                .map(|p| state.payment(*p).unwrap())
                 .collect(),
         }
     }
@@ -1377,7 +1378,7 @@ mod histories {
             );
         }
         for &payer in &model.payers {
-            let balances = state.payer_balances(payer).expect("a known payer");
+            let balances = state.payer_balances(payer).unwrap().expect("a known payer");
             prop_assert!(
                 balances.iter().all(|(_, b)| *b >= 0),
                 "negative wallet {:?}",
@@ -1418,6 +1419,7 @@ mod histories {
         for merchant in &model.merchants {
             let balances = state
                 .merchant_balances(merchant.id)
+                .unwrap()
                 .expect("a known merchant");
             prop_assert!(
                 balances.iter().all(|(_, b)| *b >= 0),
@@ -1440,7 +1442,7 @@ mod histories {
 
     /// The fee and refund rules, on what the state says about a payment.
     fn check_payment(state: &State, model: &Model, id: PaymentId) -> Result<(), TestCaseError> {
-        let payment = state.payment(id).expect("a made payment is kept");
+        let payment = state.payment(id).unwrap().expect("a made payment is kept");
         let schedule = state.merchant(payment.merchant).expect("its merchant").fee;
         prop_assert_eq!(payment.fee, expected_fee(payment.amount, schedule));
         prop_assert_eq!(
@@ -1572,6 +1574,7 @@ mod histories {
         let listed = |principal| -> Result<Vec<PaymentId>, TestCaseError> {
             let page = state
                 .list_payments(principal, usize::MAX, None)
+                .unwrap()
                 .expect("a known principal");
             prop_assert_eq!(page.has_more, false);
             Ok(page.items.iter().map(|p| p.id).collect())
@@ -1782,6 +1785,7 @@ mod rules {
         fn balance(&self, payer: PayerId) -> i128 {
             self.state
                 .payer_balances(payer)
+                .unwrap()
                 .expect("a known payer")
                 .into_iter()
                 .find(|(c, _)| *c == usd())
@@ -1791,6 +1795,7 @@ mod rules {
         fn merchant_balance(&self, merchant: MerchantId) -> i128 {
             self.state
                 .merchant_balances(merchant)
+                .unwrap()
                 .expect("a known merchant")
                 .into_iter()
                 .find(|(c, _)| *c == usd())
@@ -1819,6 +1824,7 @@ mod rules {
                 let page = self
                     .state
                     .list_payments(principal, limit, cursor)
+                    .unwrap()
                     .expect("a cursor the principal may see");
                 assert!(page.items.len() <= limit);
                 ids.extend(page.items.iter().map(|p| p.id));
@@ -1832,11 +1838,9 @@ mod rules {
         fn list(&self, principal: Principal) -> Vec<Payment> {
             self.state
                 .list_payments(principal, usize::MAX, None)
+                .unwrap()
                 .expect("a known principal")
                 .items
-                .into_iter()
-                .cloned()
-                .collect()
         }
     }
 
@@ -1859,7 +1863,7 @@ mod rules {
         let retry_id = retry_pay.id;
         assert_eq!(world.apply(retry, Some(key)), first);
         assert_eq!(world.footprint(payer, merchant), before);
-        assert_eq!(world.state.payment(retry_id), None);
+        assert_eq!(world.state.payment(retry_id).unwrap(), None);
         assert_eq!(
             world.balance(payer),
             10_000 - i128::from(paid.amount.micros())
@@ -2061,6 +2065,7 @@ mod rules {
                 world
                     .state
                     .list_payments(Principal::Payer(payer), 10, Some(theirs.id))
+                    .unwrap()
                     .is_none()
             );
         }
@@ -2081,11 +2086,18 @@ mod rules {
                 world
                     .state
                     .list_payments(Principal::Merchant(merchant), 10, Some(theirs.id))
+                    .unwrap()
                     .is_none()
             );
         }
         let stranger = Principal::Payer(PayerId::from_u128(world.fresh()));
-        assert!(world.state.list_payments(stranger, 10, None).is_none());
+        assert!(
+            world
+                .state
+                .list_payments(stranger, 10, None)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -2112,7 +2124,7 @@ mod rules {
         };
         assert_eq!(rest.amount.micros(), 6_000);
         assert_eq!(world.balance(payer), 100_000);
-        let refunded = world.state.payment(payment.id).expect("kept");
+        let refunded = world.state.payment(payment.id).unwrap().expect("kept");
         assert_eq!(refunded.amount_refunded, payment.amount);
         assert_eq!(refunded.fee_refunded, payment.fee);
     }

@@ -6,6 +6,7 @@
 //! commits what it holds.
 #![forbid(unsafe_code)]
 
+mod control;
 mod docs;
 mod error;
 mod input;
@@ -27,8 +28,10 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use farthing_payments::Principal;
-use farthing_service::{Clock, Config, Secret, Service, SystemClock, TestClock, TimeOrderedIds};
-use farthing_store_embedded::{FileJournal, FileTestClock};
+use farthing_service::{
+    CacheOptions, Clock, Config, Secret, Service, SystemClock, TestClock, TimeOrderedIds,
+};
+use farthing_store_embedded::FileTestClock;
 use farthing_store_postgres::{PgOptions, PgStore};
 
 pub use error::ApiError;
@@ -146,6 +149,38 @@ pub struct Options {
     pub edge: EdgeLimits,
     /// Run on a test clock that the operator moves forward (`POST /v1/test_clock`).
     pub test_clock: bool,
+    /// The embedded store's memory.
+    pub memory: Memory,
+}
+
+/// How much memory the embedded store uses: bounded whatever its history (ADR 0004).
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// About how many bytes of rows are kept in memory beyond what changed since the last
+    /// checkpoint.
+    pub cache_bytes: usize,
+    /// History rows made between checkpoints (a payment makes three); what changed since the
+    /// last checkpoint stays in memory.
+    pub checkpoint_rows: usize,
+    /// The engine's own block cache, in bytes.
+    pub engine_cache_bytes: u64,
+    /// The size at which the journal starts a new segment; segments a checkpoint holds are
+    /// removed whole.
+    pub journal_segment_bytes: u64,
+}
+
+/// The engine's block cache by default.
+pub const ENGINE_CACHE_BYTES_DEFAULT: u64 = 64 << 20;
+
+impl Default for Memory {
+    fn default() -> Memory {
+        Memory {
+            cache_bytes: farthing_service::CACHE_BYTES_DEFAULT,
+            checkpoint_rows: farthing_service::CHECKPOINT_ROWS_DEFAULT,
+            engine_cache_bytes: ENGINE_CACHE_BYTES_DEFAULT,
+            journal_segment_bytes: farthing_store_embedded::SEGMENT_BYTES_MAX,
+        }
+    }
 }
 
 /// Limits at the edge, for every connection and request.
@@ -307,9 +342,15 @@ pub async fn run(
     };
     let admin_key = options.admin_key.map(Secret::new);
     let mut test_clock = None;
+    let mut control = None;
     let opened = match &options.storage {
         StorageChoice::Embedded(data_dir) => {
-            let journal = FileJournal::open(data_dir)?;
+            let (journal, checkpoints) = farthing_store_embedded::cached::open_with(
+                data_dir,
+                options.memory.engine_cache_bytes,
+                options.memory.journal_segment_bytes,
+            )?;
+            control = Some(control::listen(data_dir, checkpoints.engine().clone())?);
             if options.test_clock {
                 let store = Arc::new(FileTestClock::open(data_dir)?);
                 test_clock = Some(Arc::new(TestClock::open(store).await?));
@@ -318,8 +359,13 @@ pub async fn run(
                 Some(test_clock) => test_clock.clone(),
                 None => Arc::new(SystemClock),
             };
-            Service::open(
+            Service::open_cached(
                 Box::new(journal),
+                CacheOptions {
+                    checkpoints: Arc::new(checkpoints),
+                    cache_bytes: options.memory.cache_bytes,
+                    checkpoint_rows: options.memory.checkpoint_rows,
+                },
                 options.config,
                 clock,
                 Arc::new(TimeOrderedIds),
@@ -419,6 +465,7 @@ pub async fn run(
     tokio::task::spawn_blocking(move || service.shutdown())
         .await
         .map_err(|error| std::io::Error::other(error.to_string()))?;
+    drop(control);
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::*;
-use farthing_store::{Journal, Reads, SharedStore, StatementPage, StoreError};
+use farthing_store::{Checkpoints, Journal, Reads, SharedStore, StatementPage, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 pub use env::{Clock, Ids, ManualClock, SequentialIds, SystemClock, TimeOrderedIds};
@@ -109,7 +109,26 @@ enum Message {
     Job(Job),
     /// Commit what is queued, then stop.
     Stop,
+    /// The checkpoint begun at this position is on disk.
+    CheckpointWritten(u64),
 }
+
+/// The embedded store's bounded memory (ADR 0004): a disk behind the journal, written by
+/// checkpoints, and how much memory the state may keep.
+pub struct CacheOptions {
+    pub checkpoints: Arc<dyn Checkpoints>,
+    /// About how many bytes of rows the state keeps in memory beyond what changed since the
+    /// last checkpoint; above it, a written checkpoint lets unchanged rows go.
+    pub cache_bytes: usize,
+    /// History rows (payments, top-ups, refunds, transfer records) made between two
+    /// checkpoints.
+    pub checkpoint_rows: usize,
+}
+
+/// The default memory budget: suits a small machine.
+pub const CACHE_BYTES_DEFAULT: usize = 256 << 20;
+/// The default checkpoint interval, in history rows (a payment makes three).
+pub const CHECKPOINT_ROWS_DEFAULT: usize = 1_500_000;
 
 struct Job {
     command: Command,
@@ -212,21 +231,42 @@ pub struct Opened {
 
 impl Service {
     /// Replays `journal`, starts the writer, and makes sure an operator key exists: `operator_key`
-    /// when given (replacing an older one), else a new one when the journal has none.
+    /// when given (replacing an older one), else a new one when the journal has none. The
+    /// whole state is kept in memory.
     pub async fn open(
-        mut journal: Box<dyn Journal>,
+        journal: Box<dyn Journal>,
         config: Config,
         clock: Arc<dyn Clock>,
         ids: Arc<dyn Ids>,
         operator_key: Option<Secret>,
     ) -> Result<Opened, ServiceError> {
-        let (state, records_replayed) = tokio::task::block_in_place(|| {
-            let mut state = State::new();
-            let count = journal.replay(&mut |record| {
-                state.apply(&record);
-            })?;
-            Ok::<_, StoreError>((state, count))
-        })?;
+        Service::open_local(journal, None, config, clock, ids, operator_key).await
+    }
+
+    /// [`Service::open`] with the state as a cache over the disk `cache.checkpoints` keeps:
+    /// opening loads the last checkpoint and replays only the journal after it, and memory
+    /// holds what changed since the last checkpoint and about `cache.cache_bytes` more.
+    pub async fn open_cached(
+        journal: Box<dyn Journal>,
+        cache: CacheOptions,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn Ids>,
+        operator_key: Option<Secret>,
+    ) -> Result<Opened, ServiceError> {
+        Service::open_local(journal, Some(cache), config, clock, ids, operator_key).await
+    }
+
+    async fn open_local(
+        mut journal: Box<dyn Journal>,
+        cache: Option<CacheOptions>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        ids: Arc<dyn Ids>,
+        operator_key: Option<Secret>,
+    ) -> Result<Opened, ServiceError> {
+        let (state, records_replayed) =
+            tokio::task::block_in_place(|| replay(&mut *journal, cache.as_ref()))?;
         let (submit, receive) = mpsc::channel(QUEUE_DEPTH_MAX);
         let state = Arc::new(RwLock::new(state));
         let shared = Arc::new(Shared {
@@ -239,6 +279,10 @@ impl Service {
             metrics: Metrics::default(),
             refusals: refusals::Refusals::default(),
         });
+        let checkpointer = match cache {
+            Some(options) => Some(Checkpointer::start(options, submit.clone())?),
+            None => None,
+        };
         let writer = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -249,7 +293,7 @@ impl Service {
                     // the process (and replaying on restart) beats serving from a poisoned
                     // lock. Nothing that was not yet durable was acknowledged.
                     let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        write_loop(shared, journal, clock, receive)
+                        write_loop(shared, journal, checkpointer, clock, receive)
                     }));
                     if applied.is_err() {
                         tracing::error!("the writer panicked; stopping the process");
@@ -763,6 +807,171 @@ fn created_party(outcome: &Outcome) -> Option<u128> {
     }
 }
 
+/// Rebuilds the embedded store's state from `journal`: all of it for a whole state; for a
+/// cache, the last checkpoint and the records after it. A long journal after the checkpoint
+/// (an installation from before checkpoints, or a long run cut short) is checkpointed as it
+/// replays, so that memory stays bounded while it does.
+fn replay(
+    journal: &mut dyn Journal,
+    cache: Option<&CacheOptions>,
+) -> Result<(State, u64), ServiceError> {
+    let Some(cache) = cache else {
+        let mut state = State::new();
+        let count = journal.replay(&mut |record| {
+            state.apply(&record);
+        })?;
+        return Ok((state, count));
+    };
+    let mut state = State::cache_over(cache.checkpoints.disk()).map_err(StoreError::from)?;
+    let mut failed: Option<StoreError> = None;
+    let mut checkpointed = None;
+    let count = journal.replay_from(state.records_applied(), &mut |record| {
+        if failed.is_some() {
+            return;
+        }
+        let done = state
+            .load_for(std::slice::from_ref(&record))
+            .map_err(StoreError::from)
+            .and_then(|()| {
+                state.apply(&record);
+                if state.young_rows() >= cache.checkpoint_rows {
+                    let checkpoint = state.freeze();
+                    cache.checkpoints.write(&checkpoint)?;
+                    state.checkpoint_written(checkpoint.position);
+                    state.forget_unchanged();
+                    checkpointed = Some(checkpoint.position);
+                }
+                Ok(())
+            });
+        if let Err(error) = done {
+            failed = Some(error);
+        }
+    })?;
+    if let Some(error) = failed {
+        return Err(error.into());
+    }
+    if let Some(position) = checkpointed {
+        journal.trim(position)?;
+    }
+    Ok((state, count))
+}
+
+fn load(state: &mut State, fetched: Fetched) -> Result<(), StoreError> {
+    state.load_fetched(fetched).map_err(|error| {
+        StoreError::Database(format!("a row read from disk does not load: {error:?}"))
+    })
+}
+
+/// [`load_for`] by the writer, for the jobs of one commit: what to read is found under the read
+/// lock (readers go on), and only what was read is put in under the write lock.
+fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> {
+    for _ in 0..LOAD_ROUNDS_MAX {
+        let fetched = {
+            let state = state.read().expect("state lock");
+            if !state.is_cache() {
+                return Ok(());
+            }
+            let mut needs = Needs::default();
+            for job in jobs {
+                needs.append(state.needs_of(job.idempotency.as_ref(), &job.command));
+            }
+            state.fetch(&needs)?
+        };
+        if fetched.is_empty() {
+            return Ok(());
+        }
+        load(&mut state.write().expect("state lock"), fetched)?;
+    }
+    Ok(())
+}
+
+/// Writes checkpoints on a thread of its own, so that neither the writer nor readers wait for
+/// the disk, and tells the writer when each is written.
+struct Checkpointer {
+    options: CacheOptions,
+    send: std::sync::mpsc::Sender<Checkpoint>,
+    thread: Option<JoinHandle<()>>,
+    /// Whether a checkpoint is being written.
+    in_flight: bool,
+}
+
+/// How long a failed checkpoint waits before it is tried again.
+const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Checkpointer {
+    fn start(
+        options: CacheOptions,
+        done: mpsc::Sender<Message>,
+    ) -> Result<Checkpointer, StoreError> {
+        let (send, receive) = std::sync::mpsc::channel::<Checkpoint>();
+        let checkpoints = options.checkpoints.clone();
+        let thread = std::thread::Builder::new()
+            .name("farthing-checkpoints".into())
+            .spawn(move || {
+                for checkpoint in receive {
+                    let started = Instant::now();
+                    // The journal keeps every record until the checkpoint is written, so a
+                    // failure loses nothing: it is tried again until the disk takes it.
+                    while let Err(error) = checkpoints.write(&checkpoint) {
+                        tracing::error!(%error, position = checkpoint.position, "a checkpoint failed; trying again");
+                        std::thread::sleep(CHECKPOINT_RETRY);
+                    }
+                    tracing::info!(
+                        position = checkpoint.position,
+                        history_rows = checkpoint.history_len(),
+                        millis = started.elapsed().as_millis() as u64,
+                        "checkpoint written"
+                    );
+                    let position = checkpoint.position;
+                    drop(checkpoint);
+                    // Refused once the writer has stopped: the journal replays it then.
+                    let _ = done.blocking_send(Message::CheckpointWritten(position));
+                }
+            })?;
+        Ok(Checkpointer {
+            options,
+            send,
+            thread: Some(thread),
+            in_flight: false,
+        })
+    }
+
+    /// Begins a checkpoint if enough history was made since the last one and none is being
+    /// written. Under the write lock: freezing is a move plus a copy of the state rows changed.
+    fn maybe_begin(&mut self, state: &mut State) {
+        if self.in_flight || state.young_rows() < self.options.checkpoint_rows {
+            return;
+        }
+        let checkpoint = state.freeze();
+        self.in_flight = true;
+        self.send
+            .send(checkpoint)
+            .expect("the checkpoint thread outlives the writer");
+    }
+
+    /// A checkpoint is on disk: the journal before it goes, its rows are read from disk, and
+    /// memory lets unchanged rows go once it holds more than its budget.
+    fn written(&mut self, position: u64, journal: &mut dyn Journal, state: &RwLock<State>) {
+        self.in_flight = false;
+        if let Err(error) = journal.trim(position) {
+            tracing::warn!(%error, position, "could not remove journal segments a checkpoint holds");
+        }
+        let mut state = state.write().expect("state lock");
+        state.checkpoint_written(position);
+        if state.held_bytes() > self.options.cache_bytes {
+            state.forget_unchanged();
+        }
+    }
+
+    /// Waits for the checkpoint being written, if any.
+    fn stop(mut self) {
+        drop(self.send);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The writer: gathers waiting jobs, appends them to the journal with one fsync, then applies
 /// them and answers. Appending first means the state in memory only ever holds what is
 /// durable, and a refused append (a full disk) changes nothing and is answered with
@@ -770,6 +979,7 @@ fn created_party(outcome: &Outcome) -> Option<u128> {
 fn write_loop(
     shared: Arc<Shared>,
     mut journal: Box<dyn Journal>,
+    mut checkpointer: Option<Checkpointer>,
     clock: Arc<dyn Clock>,
     mut receive: mpsc::Receiver<Message>,
 ) {
@@ -786,15 +996,19 @@ fn write_loop(
     while let Some(first) = receive.blocking_recv() {
         // After a stop, the queue refuses new jobs but still yields those already in it, so
         // everything accepted before the stop is committed and answered.
-        match first {
-            Message::Job(job) => jobs.push(job),
-            Message::Stop => receive.close(),
-        }
-        while jobs.len() < RECORDS_PER_COMMIT_MAX {
-            match receive.try_recv() {
-                Ok(Message::Job(job)) => jobs.push(job),
-                Ok(Message::Stop) => receive.close(),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Job(job) => jobs.push(job),
+                Message::Stop => receive.close(),
+                Message::CheckpointWritten(position) => {
+                    if let Some(checkpointer) = &mut checkpointer {
+                        checkpointer.written(position, &mut *journal, state);
+                    }
+                }
+            }
+            if jobs.len() < RECORDS_PER_COMMIT_MAX {
+                next = receive.try_recv().ok();
             }
         }
         if jobs.is_empty() {
@@ -804,6 +1018,13 @@ fn write_loop(
         // Time never goes backwards in the journal, whatever the wall clock does.
         let now = clock.now().max(last_now);
         last_now = now;
+        if let Err(error) = load_for_jobs(state, &jobs) {
+            tracing::error!(%error, "could not read what a commit needs from disk; answering 503");
+            for job in jobs.drain(..) {
+                let _ = job.reply.send(Err(ServiceError::StorageUnavailable));
+            }
+            continue;
+        }
         answer_refusals(&shared, state, &mut jobs, &mut kept, now);
         if jobs.is_empty() {
             continue;
@@ -837,12 +1058,18 @@ fn write_loop(
                     outcomes.push((outcome, replayed));
                 }
             }
+            if let Some(checkpointer) = &mut checkpointer {
+                checkpointer.maybe_begin(&mut state);
+            }
         }
         shared.metrics.count_commit(records.len(), started);
         records.clear();
         for (job, outcome) in jobs.drain(..).zip(outcomes.drain(..)) {
             let _ = job.reply.send(Ok(outcome));
         }
+    }
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.stop();
     }
 }
 
@@ -864,11 +1091,13 @@ async fn shared_write_loop(shared: &Shared, receive: &tokio::sync::Mutex<mpsc::R
                 None => return,
                 Some(Message::Job(job)) => jobs.push(job),
                 Some(Message::Stop) => receive.close(),
+                Some(Message::CheckpointWritten(_)) => {}
             }
             while jobs.len() < RECORDS_PER_COMMIT_MAX {
                 match receive.try_recv() {
                     Ok(Message::Job(job)) => jobs.push(job),
                     Ok(Message::Stop) => receive.close(),
+                    Ok(Message::CheckpointWritten(_)) => {}
                     Err(_) => break,
                 }
             }

@@ -4,6 +4,7 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use farthing_ledger::Currency;
+use farthing_payments::disk::DiskError;
 use farthing_payments::{
     EntryObject, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal, State,
 };
@@ -21,8 +22,8 @@ impl StateReads {
 }
 
 /// An answer that is ready at once.
-fn ready<'a, T: Send + 'a>(value: T) -> StoreFuture<'a, T> {
-    Box::pin(std::future::ready(Ok::<T, StoreError>(value)))
+fn ready<'a, T: Send + 'a>(value: Result<T, DiskError>) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(value.map_err(StoreError::from)))
 }
 
 impl Reads for StateReads {
@@ -31,7 +32,7 @@ impl Reads for StateReads {
     }
 
     fn has_operator_key(&self) -> StoreFuture<'_, bool> {
-        ready(self.state().has_operator_key())
+        ready(Ok(self.state().has_operator_key()))
     }
 
     fn payer_balances(&self, id: PayerId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>> {
@@ -43,7 +44,7 @@ impl Reads for StateReads {
     }
 
     fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>> {
-        ready(self.state().payment(id).cloned())
+        ready(self.state().payment(id))
     }
 
     fn list_payments(
@@ -52,14 +53,7 @@ impl Reads for StateReads {
         limit: usize,
         starting_after: Option<PaymentId>,
     ) -> StoreFuture<'_, Option<Page<Payment>>> {
-        let page = self
-            .state()
-            .list_payments(principal, limit, starting_after)
-            .map(|page| Page {
-                items: page.items.into_iter().cloned().collect(),
-                has_more: page.has_more,
-            });
-        ready(page)
+        ready(self.state().list_payments(principal, limit, starting_after))
     }
 
     fn payer_entries(
@@ -69,13 +63,15 @@ impl Reads for StateReads {
         starting_after: Option<EntryObject>,
     ) -> StoreFuture<'_, StatementPage> {
         let state = self.state();
-        let page = if state.payer(payer).is_none() {
-            StatementPage::UnknownPayer
-        } else {
-            match state.payer_entries(payer, limit, starting_after) {
-                Some(page) => StatementPage::Page(page),
-                None => StatementPage::UnknownCursor,
-            }
+        let page = match state.payer_exists(payer) {
+            Ok(false) => Ok(StatementPage::UnknownPayer),
+            Ok(true) => state
+                .payer_entries(payer, limit, starting_after)
+                .map(|page| match page {
+                    Some(page) => StatementPage::Page(page),
+                    None => StatementPage::UnknownCursor,
+                }),
+            Err(error) => Err(error),
         };
         ready(page)
     }

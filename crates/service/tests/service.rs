@@ -134,6 +134,7 @@ fn paid(outcome: Outcome) -> Payment {
 fn operator_payment_ids(state: &State) -> Vec<PaymentId> {
     state
         .list_payments(Principal::Operator, usize::MAX, None)
+        .unwrap()
         .expect("the operator sees all")
         .items
         .iter()
@@ -198,7 +199,7 @@ async fn two_hundred_concurrent_payments_all_succeed_in_fewer_commits_than_payme
         .read(|state| {
             (
                 state.payment_count(),
-                state.payer_balances(payer).expect("known")[0].1,
+                state.payer_balances(payer).unwrap().expect("known")[0].1,
             )
         })
         .await
@@ -228,10 +229,10 @@ fn snapshot(state: &State, payers: &[PayerId], merchants: &[MerchantId]) -> Snap
     let list = |principal| -> Vec<Payment> {
         state
             .list_payments(principal, usize::MAX, None)
+            .unwrap()
             .expect("a known principal")
             .items
             .into_iter()
-            .cloned()
             .collect()
     };
     let mut principals = vec![Principal::Operator];
@@ -245,10 +246,13 @@ fn snapshot(state: &State, payers: &[PayerId], merchants: &[MerchantId]) -> Snap
             state.payment_count(),
             state.ledger_transfer_count(),
         ),
-        payer_balances: payers.iter().map(|p| state.payer_balances(*p)).collect(),
+        payer_balances: payers
+            .iter()
+            .map(|p| state.payer_balances(*p).unwrap())
+            .collect(),
         merchant_balances: merchants
             .iter()
-            .map(|m| state.merchant_balances(*m))
+            .map(|m| state.merchant_balances(*m).unwrap())
             .collect(),
         payments: principals.into_iter().map(list).collect(),
         statements: payers
@@ -256,6 +260,7 @@ fn snapshot(state: &State, payers: &[PayerId], merchants: &[MerchantId]) -> Snap
             .map(|p| {
                 state
                     .payer_entries(*p, usize::MAX, None)
+                    .unwrap()
                     .expect("a known payer")
                     .items
             })
@@ -745,7 +750,8 @@ async fn a_refused_append_changes_nothing_answers_storage_unavailable_and_the_se
     let (payer, _) = create_payer(&service, "payer").await;
     let (merchant, _) = create_merchant(&service, "shop", None).await;
     topup(&service, payer, units(10), usd()).await;
-    let balances = |service: &Service| service.read_now(|state| state.payer_balances(payer));
+    let balances =
+        |service: &Service| service.read_now(|state| state.payer_balances(payer).unwrap());
     let before = balances(&service);
 
     refusing.store(true, Ordering::SeqCst);

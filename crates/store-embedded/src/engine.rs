@@ -17,12 +17,12 @@
 //! changes together with the position, so that the state and its position change as one.
 //!
 //! A crash between the two leaves history rows of records after [`Engine::position`]. Recovery
-//! replays those records from the journal and the next checkpoint ingests the same rows with
-//! the same bytes again (the newest ingestion of a key wins). Until then the caller must read
-//! them as absent, by the position of the record that made each row, which the caller keeps
-//! in the row: a replayed record would otherwise find its own row and take it for a
-//! collision. For the same reason, what changes after a row is written belongs in the state,
-//! never in the history.
+//! replays those records from the journal and the next checkpoint ingests the same rows again
+//! (the newest ingestion of a key wins). Until then they must read as absent: a replayed record
+//! would otherwise find its own row and take it for a collision. So the engine stamps each
+//! history row with the position of the checkpoint that wrote it (8 bytes before the value)
+//! and reads a row stamped beyond its position as absent. For the same reason, what changes
+//! after a row is written belongs in the state, never in the history.
 //!
 //! **Memory.** What the engine holds is bounded by:
 //! - the block cache, `cache_bytes`, shared by both keyspaces: data, index and filter blocks
@@ -95,6 +95,8 @@ pub struct Engine {
     state: Keyspace,
     /// The position the state reflects, as last written.
     position: AtomicU64,
+    /// The largest id (a history key's first 16 bytes) of any history row written.
+    history_id_max: AtomicU128Lock,
     /// Held while a checkpoint is written, so that two never interleave their steps.
     checkpointing: Mutex<()>,
     /// Kept open for as long as the keyspaces, and dropped after them: it owns fjall's
@@ -134,10 +136,18 @@ impl Engine {
                 u64::from_be_bytes(bytes)
             }
         };
+        let history_id_max = match history.last_key_value() {
+            None => 0,
+            Some(guard) => {
+                let key = guard.key().map_err(engine_error)?;
+                history_key_id(&key)
+            }
+        };
         Ok(Engine {
             history,
             state,
             position: AtomicU64::new(position),
+            history_id_max: AtomicU128Lock(Mutex::new(history_id_max)),
             checkpointing: Mutex::new(()),
             _database: database,
         })
@@ -168,12 +178,21 @@ impl Engine {
             position >= current,
             "a checkpoint never goes back: the engine is at position {current}, the checkpoint at {position}"
         );
-        self.ingest_history(history)?;
+        self.ingest_history(history, position)?;
         self.ingest_state(state, position)
     }
 
+    /// No history row has an id (its key's first 16 bytes) above this.
+    pub fn history_id_max(&self) -> u128 {
+        *self.history_id_max.0.lock().expect("id lock")
+    }
+
     /// A checkpoint's first step: the history rows, in one ingestion.
-    fn ingest_history(&self, mut rows: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), StoreError> {
+    pub(crate) fn ingest_history(
+        &self,
+        mut rows: Vec<(Vec<u8>, Vec<u8>)>,
+        position: u64,
+    ) -> Result<(), StoreError> {
         keep_last_of_each_key(&mut rows);
         for (key, _) in &rows {
             assert_key_fits(key);
@@ -183,11 +202,33 @@ impl Engine {
             // finished empty would be left behind until the next open.
             return Ok(());
         }
+        // Raised before the rows can be read: an id at or below it may be on disk.
+        let last = history_key_id(&rows.last().expect("not empty").0);
+        {
+            let mut max = self.history_id_max.0.lock().expect("id lock");
+            *max = (*max).max(last);
+        }
         let mut ingestion = self.history.start_ingestion().map_err(engine_error)?;
+        let mut stamped = Vec::new();
         for (key, value) in rows {
-            ingestion.write(key, value).map_err(engine_error)?;
+            stamped.clear();
+            stamped.extend_from_slice(&position.to_be_bytes());
+            stamped.extend_from_slice(&value);
+            ingestion
+                .write(key, stamped.as_slice())
+                .map_err(engine_error)?;
         }
         ingestion.finish().map_err(engine_error)
+    }
+
+    /// A history row's value, or `None` if a checkpoint beyond the engine's position wrote it.
+    fn unstamp(&self, stamped: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some((stamp, value)) = stamped.split_first_chunk::<8>() else {
+            return Err(StoreError::Database(
+                "a history row has no checkpoint stamp".to_string(),
+            ));
+        };
+        Ok((u64::from_be_bytes(*stamp) <= self.position()).then(|| value.to_vec()))
     }
 
     /// A checkpoint's second step: the state changes and the position, in one ingestion, so
@@ -219,10 +260,54 @@ impl Engine {
         Ok(())
     }
 
-    /// The history row with this key.
+    /// Copies the engine into a new engine in `target` (which must not hold one), as it is at
+    /// one position, while readers go on; returns the position. No checkpoint is written
+    /// while `during` runs after the copy, so the journal from that position on is still
+    /// there for it to copy: a whole, consistent copy of a running store.
+    pub fn copy_to<T>(
+        &self,
+        target: &Path,
+        during: impl FnOnce(u64) -> Result<T, StoreError>,
+    ) -> Result<(u64, T), StoreError> {
+        let _checkpointing = self.checkpointing.lock().expect("checkpoint lock");
+        let position = self.position();
+        {
+            let copy = Engine::open(target, 8 << 20)?;
+            if copy.position() != 0 || copy.history.first_key_value().is_some() {
+                return Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} already holds an engine", target.display()),
+                )));
+            }
+            // Keys come out of a keyspace in order, as an ingestion takes them; a row of a
+            // checkpoint cut short is left out.
+            if self.history.first_key_value().is_some() {
+                let mut ingestion = copy.history.start_ingestion().map_err(engine_error)?;
+                for guard in self.history.iter() {
+                    let (key, stamped) = guard.into_inner().map_err(engine_error)?;
+                    if self.unstamp(&stamped)?.is_some() {
+                        ingestion.write(key, stamped).map_err(engine_error)?;
+                    }
+                }
+                ingestion.finish().map_err(engine_error)?;
+            }
+            let mut ingestion = copy.state.start_ingestion().map_err(engine_error)?;
+            for guard in self.state.iter() {
+                let (key, value) = guard.into_inner().map_err(engine_error)?;
+                ingestion.write(key, value).map_err(engine_error)?;
+            }
+            ingestion.finish().map_err(engine_error)?;
+        }
+        let done = during(position)?;
+        Ok((position, done))
+    }
+
+    /// The history row with this key, if a finished checkpoint wrote it.
     pub fn history(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let value = self.history.get(key).map_err(engine_error)?;
-        Ok(value.map(|value| value.to_vec()))
+        match self.history.get(key).map_err(engine_error)? {
+            Some(stamped) => self.unstamp(&stamped),
+            None => Ok(None),
+        }
     }
 
     /// The state entry with this key.
@@ -235,15 +320,20 @@ impl Engine {
         Ok(value.map(|value| value.to_vec()))
     }
 
-    /// Every history row whose key starts with `prefix`, in key order, read lazily (for
-    /// exports and tests).
+    /// Every history row whose key starts with `prefix` that a finished checkpoint wrote, in
+    /// key order, read lazily (for exports and tests).
     pub fn history_prefix(
         &self,
         prefix: &[u8],
-    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + use<> {
-        self.history.prefix(prefix).map(|guard| {
-            let (key, value) = guard.into_inner().map_err(engine_error)?;
-            Ok((key.to_vec(), value.to_vec()))
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + use<'_> {
+        self.history.prefix(prefix).filter_map(|guard| {
+            let row = guard
+                .into_inner()
+                .map_err(engine_error)
+                .and_then(|(key, stamped)| {
+                    Ok(self.unstamp(&stamped)?.map(|value| (key.to_vec(), value)))
+                });
+            row.transpose()
         })
     }
 
@@ -278,6 +368,17 @@ fn keep_last_of_each_key<V>(rows: &mut Vec<(Vec<u8>, V)>) {
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     rows.dedup_by(|later, kept| later.0 == kept.0);
 }
+
+/// A history key's id: its first 16 bytes, big-endian (shorter keys are padded with zeros).
+fn history_key_id(key: &[u8]) -> u128 {
+    let mut id = [0u8; 16];
+    let n = key.len().min(16);
+    id[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(id)
+}
+
+/// A `u128` behind a lock (the standard library has no atomic of that width).
+struct AtomicU128Lock(Mutex<u128>);
 
 fn assert_key_fits(key: &[u8]) {
     assert!(

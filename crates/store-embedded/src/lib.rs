@@ -29,11 +29,14 @@ use std::path::{Path, PathBuf};
 use farthing_payments::{Record, codec};
 use farthing_store::{Journal, StoreError};
 
+pub mod backup;
+pub mod cached;
 pub mod engine;
 mod frame;
 pub mod segments;
 mod test_clock;
 
+pub use cached::{ENGINE_DIR, EngineCheckpoints};
 pub use engine::Engine;
 pub use frame::RECORD_BYTES_MAX;
 pub use segments::{SEGMENT_BYTES_MAX, SEGMENTS_DIR, SegmentedJournal, Segments};
@@ -199,6 +202,11 @@ pub struct BackupCopied {
 /// A segmented journal is copied segment by segment into the same layout
 /// ([`segments::backup`]); a single file into a single file.
 pub fn backup(from: &Path, to: &Path) -> Result<BackupCopied, StoreError> {
+    if from.join(ENGINE_DIR).exists() {
+        // The store is not running (its lock is free): open it and copy as a server would.
+        let (_journal, checkpoints) = cached::open(from, 8 << 20)?;
+        return backup::backup_open(checkpoints.engine(), from, to);
+    }
     if segments::holds_segments(from)? {
         return segments::backup(from, to);
     }

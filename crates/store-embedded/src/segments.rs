@@ -312,8 +312,16 @@ impl SegmentedJournal {
     /// Opens (or creates) the segmented journal in `data_dir`, in segments of
     /// [`SEGMENT_BYTES_MAX`].
     pub fn open(data_dir: &Path) -> Result<SegmentedJournal, StoreError> {
+        SegmentedJournal::open_with(data_dir, SEGMENT_BYTES_MAX)
+    }
+
+    /// [`SegmentedJournal::open`] with segments of `segment_bytes_max`.
+    pub fn open_with(
+        data_dir: &Path,
+        segment_bytes_max: u64,
+    ) -> Result<SegmentedJournal, StoreError> {
         Ok(SegmentedJournal {
-            segments: Segments::open(data_dir, SEGMENT_BYTES_MAX)?,
+            segments: Segments::open(data_dir, segment_bytes_max)?,
             replayed: false,
             encoded: Vec::new(),
             ends: Vec::new(),
@@ -345,7 +353,11 @@ impl Journal for SegmentedJournal {
     }
 
     fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError> {
-        let count = self.segments.replay_from(0, &mut |position, payload| {
+        self.replay_from(0, visit)
+    }
+
+    fn replay_from(&mut self, from: u64, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError> {
+        let count = self.segments.replay_from(from, &mut |position, payload| {
             let record = codec::decode(payload).map_err(|error| StoreError::Corrupt {
                 offset: 0,
                 reason: format!(
@@ -357,6 +369,10 @@ impl Journal for SegmentedJournal {
         })?;
         self.replayed = true;
         Ok(count)
+    }
+
+    fn trim(&mut self, before: u64) -> Result<(), StoreError> {
+        self.segments.trim(before).map(|_| ())
     }
 }
 

@@ -116,7 +116,7 @@ async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCa
     let payers: BTreeSet<PayerId> = builder.payer_ids.iter().copied().collect();
     let lines: usize = payers
         .iter()
-        .filter_map(|id| state.payer_entries(*id, usize::MAX, None))
+        .filter_map(|id| state.payer_entries(*id, usize::MAX, None).unwrap())
         .map(|page| page.items.len())
         .sum();
     prop_assert_eq!(count(&client, "statement_lines").await, lines);
@@ -135,7 +135,7 @@ async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCa
         let id = PaymentId::from_u128(u128::from_be_bytes(
             row.get::<_, &[u8]>(0).try_into().unwrap(),
         ));
-        let payment = state.payment(id);
+        let payment = state.payment(id).unwrap();
         prop_assert!(payment.is_some(), "stored payment {:?} is known", id);
         let payment = payment.unwrap();
         prop_assert_eq!(
@@ -427,7 +427,7 @@ async fn refunds_in_later_batches_load_their_payment_and_match_the_in_memory_sta
         let expected: Vec<Outcome> = batch.iter().map(|r| state.apply(r)).collect();
         assert_eq!(apply_batch(&mut client, batch).await.unwrap(), expected);
     }
-    let refunded = state.payment(PaymentId::from_u128(1_000)).unwrap();
+    let refunded = state.payment(PaymentId::from_u128(1_000)).unwrap().unwrap();
     assert_eq!(refunded.amount_refunded, refunded.amount);
     assert_eq!(refunded.fee_refunded, refunded.fee);
     let mut expected_accounts: Vec<(u64, [u64; 4])> = state
@@ -445,7 +445,7 @@ async fn refunds_in_later_batches_load_their_payment_and_match_the_in_memory_sta
     expected_accounts.sort();
     assert_eq!(stored_accounts(&client).await, expected_accounts);
     for id in [1_000u128, 1_001] {
-        let payment = state.payment(PaymentId::from_u128(id)).unwrap();
+        let payment = state.payment(PaymentId::from_u128(id)).unwrap().unwrap();
         let row = client
             .query_one(
                 "SELECT amount_refunded, fee_refunded FROM payments
@@ -623,7 +623,7 @@ async fn large_batches_read_back_as_the_in_memory_state() {
         let got = apply_batch(&mut client, &batch).await.unwrap();
         assert_eq!(got, expected);
     }
-    let rejected = |id: u128| state.payment(PaymentId::from_u128(id)).is_none();
+    let rejected = |id: u128| state.payment(PaymentId::from_u128(id)).unwrap().is_none();
     assert!(
         [20_005, 20_006, 30_002].into_iter().all(rejected),
         "ids taken earlier are refused"
@@ -641,7 +641,7 @@ async fn large_batches_read_back_as_the_in_memory_state() {
         let id = PaymentId::from_u128(id);
         assert_eq!(
             query::payment(&client, id).await.unwrap(),
-            state.payment(id).cloned(),
+            state.payment(id).unwrap(),
             "{id:?}"
         );
     }
@@ -650,7 +650,7 @@ async fn large_batches_read_back_as_the_in_memory_state() {
             .await
             .unwrap()
             .unwrap();
-        let expected = state.payer_entries(*payer, 10_000, None).unwrap();
+        let expected = state.payer_entries(*payer, 10_000, None).unwrap().unwrap();
         assert_eq!(got.items, expected.items, "{payer:?}");
     }
     let transfers = client

@@ -110,7 +110,7 @@ fn overdrawn(items: &[Imported]) -> Vec<(PayerId, u64, u64)> {
 async fn assert_holds(client: &mut Client, state: &State, payer: PayerId) {
     assert_eq!(
         query::payer_balances(&*client, payer).await.unwrap(),
-        state.payer_balances(payer),
+        state.payer_balances(payer).unwrap(),
         "{payer:?}'s balance"
     );
     let stored = export_all(client).await.expect("export");
@@ -578,7 +578,7 @@ async fn a_failed_batch_leaves_no_wrong_figures(test: &str, failure: Failure) {
     }
     assert!(
         matches!(
-            state.payment(PaymentId::from_u128(3_000)),
+            state.payment(PaymentId::from_u128(3_000)).unwrap(),
             Some(payment) if payment.amount.micros() == 45 * UNIT
         ),
         "the first later payment is paid"

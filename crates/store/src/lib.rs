@@ -41,6 +41,12 @@ pub enum StoreError {
     Database(String),
 }
 
+impl From<farthing_payments::disk::DiskError> for StoreError {
+    fn from(error: farthing_payments::disk::DiskError) -> Self {
+        StoreError::Database(format!("the history and state on disk failed: {error}"))
+    }
+}
+
 /// An append-only, durable list of records.
 pub trait Journal: Send + 'static {
     /// Appends `records` in order and returns once they are on stable storage (after fsync).
@@ -51,6 +57,52 @@ pub trait Journal: Send + 'static {
 
     /// Feeds every durable record, oldest first, to `visit`, and returns how many there were.
     fn replay(&mut self, visit: &mut dyn FnMut(Record)) -> Result<u64, StoreError>;
+
+    /// Feeds every durable record from `position` on (the count of records before it), and
+    /// returns how many it fed. A journal that cannot start there (its records before
+    /// `position` are all it knows of them) reads them and skips them.
+    fn replay_from(
+        &mut self,
+        position: u64,
+        visit: &mut dyn FnMut(Record),
+    ) -> Result<u64, StoreError> {
+        let mut seen = 0u64;
+        let mut fed = 0u64;
+        self.replay(&mut |record| {
+            if seen >= position {
+                visit(record);
+                fed += 1;
+            }
+            seen += 1;
+        })?;
+        if seen < position {
+            return Err(StoreError::Corrupt {
+                offset: 0,
+                reason: format!(
+                    "the journal holds {seen} records, but a checkpoint holds {position}: \
+                     records a checkpoint covered are missing"
+                ),
+            });
+        }
+        Ok(fed)
+    }
+
+    /// Lets go of records before `before`, which a durable checkpoint holds. A journal that
+    /// keeps everything ignores it.
+    fn trim(&mut self, before: u64) -> Result<(), StoreError> {
+        let _ = before;
+        Ok(())
+    }
+}
+
+/// Where the embedded store's checkpoints go (ADR 0004): a disk holding history and state,
+/// so that memory and restart time stay bounded as history grows.
+pub trait Checkpoints: Send + Sync + 'static {
+    /// The disk a cached state reads through.
+    fn disk(&self) -> std::sync::Arc<dyn farthing_payments::disk::Disk>;
+    /// Writes `checkpoint` durably: once it returns, the journal before the checkpoint's
+    /// position may go.
+    fn write(&self, checkpoint: &farthing_payments::Checkpoint) -> Result<(), StoreError>;
 }
 
 /// What a [`SharedStore`] call returns: a future that any thread may poll.

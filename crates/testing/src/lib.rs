@@ -440,7 +440,9 @@ impl Builder {
                 self.refund_ids.push(id);
                 let payments = self.payment_ids.clone();
                 let payment_id = self.known(payment, &payments, PaymentId::from_u128);
-                let target = state.payment(payment_id).cloned();
+                let target = state
+                    .payment(payment_id)
+                    .expect("a whole state reads memory");
                 let remaining = target
                     .as_ref()
                     .map_or(1_000, |p| p.amount.micros() - p.amount_refunded.micros());

@@ -245,6 +245,8 @@ impl Drop for TempDir {
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// Journal records the server replayed when it started.
+    pub replayed: u64,
     stderr: Arc<Mutex<String>>,
     // Dropped after the child is killed (fields drop after `Drop::drop`).
     dir: Option<TempDir>,
@@ -313,6 +315,9 @@ impl Server {
             "FARTHING_REQUEST_TIMEOUT_SECS",
             "FARTHING_DRAIN_TIMEOUT_SECS",
             "FARTHING_TEST_CLOCK",
+            "FARTHING_CACHE_MIB",
+            "FARTHING_CHECKPOINT_ROWS",
+            "FARTHING_JOURNAL_SEGMENT_BYTES",
             "FARTHING_LOG",
         ] {
             command.env_remove(name);
@@ -335,7 +340,7 @@ impl Server {
             });
         }
 
-        let (found, listening) = mpsc::channel::<String>();
+        let (found, listening) = mpsc::channel::<(String, u64)>();
         {
             let stdout = child.stdout.take().expect("piped stdout");
             std::thread::spawn(move || {
@@ -347,7 +352,14 @@ impl Server {
                     }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                        let _ = found.send(addr);
+                        // "… (N journal records replayed)"
+                        let replayed = rest
+                            .split('(')
+                            .nth(1)
+                            .and_then(|tail| tail.split_whitespace().next())
+                            .and_then(|count| count.parse().ok())
+                            .unwrap_or(0);
+                        let _ = found.send((addr, replayed));
                         sent = true;
                     }
                 }
@@ -357,11 +369,15 @@ impl Server {
         let mut server = Server {
             child,
             addr: String::new(),
+            replayed: 0,
             stderr,
             dir: None,
         };
         match listening.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(addr) => server.addr = addr,
+            Ok((addr, replayed)) => {
+                server.addr = addr;
+                server.replayed = replayed;
+            }
             Err(_) => {
                 let status = server.child.try_wait().ok().flatten();
                 panic!(

@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use farthing_ledger::{AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId};
 
-use super::{PartyLists, RefundRow, State, TopupRow};
+use super::State;
+use crate::disk::PartyLists;
+use crate::history::{RefundRow, TopupRow};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
 use crate::state::account_id;
@@ -39,22 +41,31 @@ impl State {
     /// equal, and importing an export into an empty state gives a state with the same export.
     /// Only a whole state is exported: a working set holds a part.
     pub fn export(&self) -> impl Iterator<Item = Imported> + '_ {
+        assert!(!self.is_cache(), "only a whole state is exported");
         let (merchants, payers) = self.parties.with_keys();
-        let mut accounts: Vec<(&(Owner, Currency), &AccountId)> = self.accounts.iter().collect();
-        accounts.sort_unstable_by_key(|(key, _)| **key);
-        let mut transfers: Vec<_> = self.ledger.transfer_records().iter().collect();
+        let mut accounts: Vec<((Owner, Currency), AccountId)> = self
+            .owners
+            .iter()
+            .map(|(id, owner)| {
+                let currency = self.ledger.account(*id).expect("held").currency;
+                ((*owner, currency), *id)
+            })
+            .collect();
+        accounts.sort_unstable_by_key(|(key, _)| *key);
+        let mut transfers: Vec<_> = self.ledger.all_transfer_records().collect();
         transfers.sort_unstable_by_key(|record| record.transfer.id);
-        let mut topups: Vec<&Topup> = self.topups.values().map(|row| &row.topup).collect();
+        let mut topups: Vec<&Topup> = self.young.topups.values().map(|row| &row.topup).collect();
         topups.sort_unstable_by_key(|topup| topup.id);
-        let mut refunds: Vec<&Refund> = self.refunds.values().map(|row| &row.refund).collect();
+        let mut refunds: Vec<&Refund> =
+            self.young.refunds.values().map(|row| &row.refund).collect();
         refunds.sort_unstable_by_key(|refund| refund.id);
         let idempotency = self.idempotency.rows();
         // Oldest first: each list's chain, walked from its newest item, then reversed.
-        let mut payments = Vec::with_capacity(self.payments.len());
+        let mut payments = Vec::with_capacity(self.young.payments.len());
         let mut at = self.newest_payment;
         while let Some(id) = at {
             let row = self.payment_row(id).expect("a listed payment is held");
-            payments.push(&row.payment);
+            payments.push(self.payment_held(id).expect("held"));
             at = row.previous;
         }
         payments.reverse();
@@ -62,9 +73,16 @@ impl State {
             .iter()
             .map(|row| {
                 let mut lines = Vec::new();
-                let mut at = self.payer_lists[&row.payer.id].newest_line;
+                let mut at = self
+                    .payer_lists
+                    .get(&row.payer.id)
+                    .expect("a payer's lists")
+                    .newest_line;
                 while let Some(object) = at {
-                    let (_, entry, previous) = self.line(object).expect("a listed line is held");
+                    let (_, entry, previous) = self
+                        .line_any(object)
+                        .expect("a whole state reads memory alone")
+                        .expect("a listed line is held");
                     lines.push(entry);
                     at = previous;
                 }
@@ -88,9 +106,9 @@ impl State {
             .chain(
                 accounts
                     .into_iter()
-                    .map(|(&(owner, _), id)| Imported::Account {
+                    .map(|((owner, _), id)| Imported::Account {
                         owner,
-                        account: *self.ledger.account(*id).expect("listed accounts exist"),
+                        account: *self.ledger.account(id).expect("listed accounts exist"),
                     }),
             )
             .chain(
@@ -98,11 +116,7 @@ impl State {
                     .into_iter()
                     .map(|record| Imported::Transfer(*record)),
             )
-            .chain(
-                payments
-                    .into_iter()
-                    .map(|payment| Imported::Payment(payment.clone())),
-            )
+            .chain(payments.into_iter().map(Imported::Payment))
             .chain(
                 topups
                     .into_iter()
@@ -194,7 +208,10 @@ impl State {
                 let key = (*owner, account.currency);
                 fits(account.id == account_id(*owner, account.currency))?;
                 fits(account.kind == owner.account_kind())?;
-                free(self.accounts.contains_key(&key) || staged.accounts.contains(&key))?;
+                free(
+                    self.account_of_owner(*owner, account.currency).is_some()
+                        || staged.accounts.contains(&key),
+                )?;
                 free(
                     self.ledger.account(account.id).is_some()
                         || staged.account_ids.contains(&account.id),
@@ -218,7 +235,7 @@ impl State {
             }
             Imported::Payment(payment) => {
                 free(
-                    self.payment_index.contains_key(&payment.id)
+                    self.payment_row(payment.id).is_some()
                         || staged.payments.contains_key(&payment.id),
                 )?;
                 if !self.payer_held(staged, payment.payer) {
@@ -237,7 +254,7 @@ impl State {
                 staged.payments.insert(payment.id, payment);
             }
             Imported::Topup(topup) => {
-                free(self.topups.contains_key(&topup.id) || staged.topups.contains_key(&topup.id))?;
+                free(self.topup_row(topup.id).is_some() || staged.topups.contains_key(&topup.id))?;
                 if !self.payer_held(staged, topup.payer) {
                     return Err(Rejection::PayerNotFound);
                 }
@@ -246,12 +263,11 @@ impl State {
             }
             Imported::Refund(refund) => {
                 free(
-                    self.refunds.contains_key(&refund.id)
-                        || staged.refunds.contains_key(&refund.id),
+                    self.refund_row(refund.id).is_some() || staged.refunds.contains_key(&refund.id),
                 )?;
                 let payment = self
-                    .payment(refund.payment)
-                    .or_else(|| staged.payments.get(&refund.payment).copied())
+                    .payment_held(refund.payment)
+                    .or_else(|| staged.payments.get(&refund.payment).map(|p| (*p).clone()))
                     .ok_or(Rejection::PaymentNotFound)?;
                 fits(
                     refund.payer == payment.payer
@@ -266,13 +282,13 @@ impl State {
                     return Err(Rejection::PayerNotFound);
                 }
                 // An object has one line.
-                fits(self.line(entry.object).is_none() && staged.lines.insert(entry.object))?;
+                fits(self.line_held(entry.object).is_none() && staged.lines.insert(entry.object))?;
                 // The line shows its object as it was made.
                 let shown = match entry.object {
                     EntryObject::Payment(id) => {
                         let payment = self
-                            .payment(id)
-                            .or_else(|| staged.payments.get(&id).copied())
+                            .payment_held(id)
+                            .or_else(|| staged.payments.get(&id).map(|p| (*p).clone()))
                             .ok_or(Rejection::PaymentNotFound)?;
                         (
                             payment.payer,
@@ -336,40 +352,36 @@ impl State {
             }
             Imported::Merchant { merchant, key_hash } => {
                 self.parties.put_imported_merchant(merchant, *key_hash);
-                self.merchant_lists.insert(merchant.id, PartyLists::new());
+                self.merchant_lists.put(merchant.id, PartyLists::default());
+                self.merchants += 1;
             }
             Imported::Payer { payer, key_hash } => {
                 self.parties.put_imported_payer(payer, *key_hash);
-                self.payer_lists.insert(payer.id, PartyLists::new());
+                self.payer_lists.put(payer.id, PartyLists::default());
+                self.payers += 1;
             }
             Imported::Account { owner, account } => {
                 self.ledger
                     .insert_account(*account)
                     .expect("a checked account fits the ledger");
-                self.accounts.insert((*owner, account.currency), account.id);
-                let lists = match owner {
-                    Owner::Payer(payer) => self.payer_lists.get_mut(payer),
-                    Owner::Merchant(merchant) => self.merchant_lists.get_mut(merchant),
-                    Owner::PlatformFees | Owner::ExternalFunding => None,
-                };
-                if let Some(lists) = lists {
-                    lists.accounts.push((account.currency, account.id));
-                }
+                self.owners.insert(account.id, *owner);
+                self.list_account(*owner, account.currency, account.id);
                 if let Some(tracker) = &mut self.tracker {
                     tracker.accounts_created.push((*owner, account.currency));
                 }
+                if let Some(cache) = &mut self.cache {
+                    cache.accounts_created.push(account.id);
+                }
             }
             Imported::Transfer(record) => {
-                self.ledger
-                    .insert_transfer_record(*record)
-                    .expect("a checked transfer record fits the ledger");
+                self.ledger.put_imported_transfer_record(*record);
                 if let Some(tracker) = &mut self.tracker {
                     tracker.imported_transfers.insert(record.transfer.id);
                 }
             }
             Imported::Payment(payment) => self.add_payment(payment.clone(), None),
             Imported::Topup(topup) => {
-                self.topups.insert(
+                self.young.topups.insert(
                     topup.id,
                     TopupRow {
                         topup: topup.clone(),
@@ -381,7 +393,7 @@ impl State {
                 }
             }
             Imported::Refund(refund) => {
-                self.refunds.insert(
+                self.young.refunds.insert(
                     refund.id,
                     RefundRow {
                         refund: refund.clone(),

@@ -232,7 +232,7 @@ pub(super) async fn load_working_set(
             load_idempotency(transaction, &fresh),
         );
         for (hash, principal) in keys? {
-            if working.principal(&hash).is_some()
+            if working.principal(&hash).ok().flatten().is_some()
                 || (principal == Principal::Operator && working.has_operator_key())
             {
                 continue;

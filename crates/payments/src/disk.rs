@@ -1,0 +1,377 @@
+//! Where a cached state's rows live when memory does not hold them: the history and the state
+//! that checkpoints wrote (ADR 0004). The embedded store answers through [`Disk`]; this module
+//! says what is kept under which key, so the store itself only moves bytes.
+//!
+//! **History** keys are an id (16 bytes, big-endian) and a kind byte. Ids grow with time
+//! (`TimeOrderedIds`), so each checkpoint's rows are a run of keys after every earlier one.
+//! **State** keys are a kind byte and the row's own key.
+
+use farthing_kernel::{Binary, BinaryReader, DecodeError, Fields, Get, Put};
+use farthing_ledger::{AccountId, Currency, Timestamp, TransferId};
+
+use crate::ids::{MerchantId, PayerId, PaymentId};
+use crate::model::*;
+
+/// Rows a checkpoint wrote, read back by key. Reads run under the state's read lock, so they
+/// see the state and its disk at one moment: rows leave memory only under the write lock,
+/// after a checkpoint holding them is durable.
+pub trait Disk: Send + Sync {
+    /// The history row under `key`, if a finished checkpoint wrote it. A row of a checkpoint
+    /// cut short (its history written, its state not) is absent.
+    fn history(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DiskError>;
+    /// The state entry under `key`.
+    fn state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DiskError>;
+    /// No history row on disk has an id above this: a larger id is free without a lookup.
+    fn history_id_max(&self) -> u128;
+}
+
+/// A read the disk could not answer.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct DiskError(pub String);
+
+impl std::fmt::Display for DiskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DiskError {}
+
+impl From<DecodeError> for DiskError {
+    fn from(error: DecodeError) -> Self {
+        DiskError(format!("a stored row does not decode: {error}"))
+    }
+}
+
+/// Kinds of history row: the byte after the id.
+pub mod history_kind {
+    pub const PAYMENT: u8 = b'p';
+    pub const TOPUP: u8 = b't';
+    pub const REFUND: u8 = b'r';
+    pub const TRANSFER: u8 = b'x';
+    /// A statement line an import brought for an object made before it: the object's id.
+    pub const LINE_OF_TOPUP: u8 = b'1';
+    pub const LINE_OF_PAYMENT: u8 = b'2';
+    pub const LINE_OF_REFUND: u8 = b'3';
+}
+
+/// Kinds of state entry: the first byte.
+pub mod state_kind {
+    pub const ACCOUNT: u8 = b'a';
+    pub const GLOBALS: u8 = b'g';
+    pub const IDEMPOTENCY: u8 = b'i';
+    /// Idempotency keys by the time they were made, for pruning: no value.
+    pub const IDEMPOTENCY_BY_TIME: u8 = b'j';
+    pub const KEY: u8 = b'k';
+    pub const MERCHANT: u8 = b'm';
+    pub const PAYER: u8 = b'p';
+    pub const REFUNDED: u8 = b'r';
+}
+
+/// A history key.
+pub fn history_key(id: u128, kind: u8) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[..16].copy_from_slice(&id.to_be_bytes());
+    key[16] = kind;
+    key
+}
+
+/// The id a history key starts with.
+pub fn history_key_id(key: &[u8]) -> Option<u128> {
+    Some(u128::from_be_bytes(key.get(..16)?.try_into().ok()?))
+}
+
+pub(crate) fn line_key(object: EntryObject) -> [u8; 17] {
+    match object {
+        EntryObject::Topup(id) => history_key(id.to_u128(), history_kind::LINE_OF_TOPUP),
+        EntryObject::Payment(id) => history_key(id.to_u128(), history_kind::LINE_OF_PAYMENT),
+        EntryObject::Refund(id) => history_key(id.to_u128(), history_kind::LINE_OF_REFUND),
+    }
+}
+
+pub(crate) fn state_key(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + body.len());
+    key.push(kind);
+    key.extend_from_slice(body);
+    key
+}
+
+pub(crate) fn account_key(id: AccountId) -> Vec<u8> {
+    state_key(state_kind::ACCOUNT, &id.0.to_be_bytes())
+}
+
+pub(crate) fn merchant_key(id: MerchantId) -> Vec<u8> {
+    state_key(state_kind::MERCHANT, &id.to_u128().to_be_bytes())
+}
+
+pub(crate) fn payer_key(id: PayerId) -> Vec<u8> {
+    state_key(state_kind::PAYER, &id.to_u128().to_be_bytes())
+}
+
+pub(crate) fn key_key(key_hash: &KeyHash) -> Vec<u8> {
+    state_key(state_kind::KEY, &key_hash.0)
+}
+
+pub(crate) fn refunded_key(id: PaymentId) -> Vec<u8> {
+    state_key(state_kind::REFUNDED, &id.to_u128().to_be_bytes())
+}
+
+/// An idempotency key as key bytes: its principal's kind and id, then the key itself.
+fn idempotency_key_body(key: &IdempotencyKey) -> Vec<u8> {
+    let (kind, id) = match key.principal {
+        Principal::Operator => (1u8, 0u128),
+        Principal::Merchant(merchant) => (2, merchant.to_u128()),
+        Principal::Payer(payer) => (3, payer.to_u128()),
+    };
+    let mut body = Vec::with_capacity(17 + key.key.len());
+    body.push(kind);
+    body.extend_from_slice(&id.to_be_bytes());
+    body.extend_from_slice(key.key.as_bytes());
+    body
+}
+
+pub(crate) fn idempotency_key(key: &IdempotencyKey) -> Vec<u8> {
+    state_key(state_kind::IDEMPOTENCY, &idempotency_key_body(key))
+}
+
+/// The pruning index's key of an idempotency key made at `made`.
+pub(crate) fn idempotency_by_time_key(made: Timestamp, key: &IdempotencyKey) -> Vec<u8> {
+    let mut body = made.0.to_be_bytes().to_vec();
+    body.extend_from_slice(&idempotency_key_body(key));
+    state_key(state_kind::IDEMPOTENCY_BY_TIME, &body)
+}
+
+/// The prefix of the pruning index: its entries sort by the time their key was made.
+pub const IDEMPOTENCY_BY_TIME_PREFIX: &[u8] = &[state_kind::IDEMPOTENCY_BY_TIME];
+
+/// For an entry of the pruning index made before `before`: the two keys to remove (the
+/// index entry and the idempotency key's row). `None` for an entry made at or after it.
+pub fn pruned_by(index_key: &[u8], before: Timestamp) -> Option<[Vec<u8>; 2]> {
+    let made = u64::from_be_bytes(index_key.get(1..9)?.try_into().ok()?);
+    if made >= before.0 {
+        return None;
+    }
+    Some([
+        index_key.to_vec(),
+        state_key(state_kind::IDEMPOTENCY, &index_key[9..]),
+    ])
+}
+
+pub(crate) const GLOBALS_KEY: &[u8] = &[state_kind::GLOBALS];
+
+pub(crate) fn encode<T: Fields>(row: &T) -> Vec<u8> {
+    Binary::encode(row)
+}
+
+/// A stored row, decoded.
+pub fn decode<T: Fields>(bytes: &[u8]) -> Result<T, DiskError> {
+    Ok(BinaryReader::decode(bytes)?)
+}
+
+/// A party's lists: the newest item of each, and its accounts.
+#[derive(Clone, PartialEq, Eq, Default, Debug)]
+pub struct PartyLists {
+    pub newest_payment: Option<PaymentId>,
+    /// The payer's newest statement line (merchants have no statement).
+    pub newest_line: Option<EntryObject>,
+    pub accounts: Vec<(Currency, AccountId)>,
+}
+
+impl Fields for PartyLists {
+    fn put(&self, out: &mut impl Put) {
+        out.opt_id(
+            "newest_payment",
+            self.newest_payment.map(PaymentId::to_u128),
+        );
+        out.flag("has_newest_line", self.newest_line.is_some());
+        if let Some(object) = self.newest_line {
+            object.put_fields(out);
+        }
+        out.word(
+            "account_count",
+            u32::try_from(self.accounts.len()).expect("a party has a few accounts"),
+        );
+        for (currency, id) in &self.accounts {
+            out.currency("currency", *currency);
+            out.bits("account_id", id.0);
+        }
+    }
+
+    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+        let newest_payment = input.opt_id("newest_payment")?.map(PaymentId::from_u128);
+        let newest_line = if input.flag("has_newest_line")? {
+            Some(EntryObject::get_fields(input)?)
+        } else {
+            None
+        };
+        let count = input.word("account_count")?;
+        let mut accounts = Vec::new();
+        for _ in 0..count {
+            accounts.push((
+                input.currency("currency")?,
+                AccountId(input.bits("account_id")?),
+            ));
+        }
+        Ok(PartyLists {
+            newest_payment,
+            newest_line,
+            accounts,
+        })
+    }
+}
+
+/// A merchant as a cache keeps it on disk: the merchant and its lists.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct MerchantState {
+    pub merchant: Merchant,
+    pub lists: PartyLists,
+}
+
+impl Fields for MerchantState {
+    fn put(&self, out: &mut impl Put) {
+        let merchant = &self.merchant;
+        out.id("id", merchant.id.to_u128());
+        out.text("name", &merchant.name);
+        out.word("fee_bps", merchant.fee.bps);
+        out.wide("fee_fixed", merchant.fee.fixed.micros());
+        out.int("created_at", merchant.created_at.0);
+        self.lists.put(out);
+    }
+
+    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+        let merchant = Merchant {
+            id: MerchantId::from_u128(input.id("id")?),
+            name: input.text("name")?,
+            fee: FeeSchedule {
+                bps: input.word("fee_bps")?,
+                fixed: farthing_ledger::Amount::from_micros(input.wide("fee_fixed")?),
+            },
+            created_at: Timestamp(input.int("created_at")?),
+        };
+        Ok(MerchantState {
+            merchant,
+            lists: PartyLists::get(input)?,
+        })
+    }
+}
+
+/// A payer as a cache keeps it on disk: the payer and its lists.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PayerState {
+    pub payer: Payer,
+    pub lists: PartyLists,
+}
+
+impl Fields for PayerState {
+    fn put(&self, out: &mut impl Put) {
+        out.id("id", self.payer.id.to_u128());
+        out.text("name", &self.payer.name);
+        out.int("created_at", self.payer.created_at.0);
+        self.lists.put(out);
+    }
+
+    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+        let payer = Payer {
+            id: PayerId::from_u128(input.id("id")?),
+            name: input.text("name")?,
+            created_at: Timestamp(input.int("created_at")?),
+        };
+        Ok(PayerState {
+            payer,
+            lists: PartyLists::get(input)?,
+        })
+    }
+}
+
+/// Whose a key hash is, as stored.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct KeyOwner(pub(crate) Principal);
+
+impl Fields for KeyOwner {
+    fn put(&self, out: &mut impl Put) {
+        self.0.put_fields(out, "principal_kind", "principal_id");
+    }
+
+    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+        Ok(KeyOwner(Principal::get_fields(
+            input,
+            "principal_kind",
+            "principal_id",
+        )?))
+    }
+}
+
+/// What a cached state keeps beside its rows: where it stands.
+#[derive(Clone, PartialEq, Eq, Default, Debug)]
+pub struct Globals {
+    /// Records applied: the journal position the state reflects.
+    pub records_applied: u64,
+    pub last_time: Timestamp,
+    /// The newest payment: the head of the operator's list.
+    pub newest_payment: Option<PaymentId>,
+    pub operator_key: Option<KeyHash>,
+    /// Idempotency keys made before this were pruned.
+    pub pruned_before: Timestamp,
+    pub merchants: u64,
+    pub payers: u64,
+    pub payments: u64,
+    pub transfers: u64,
+}
+
+impl Fields for Globals {
+    fn put(&self, out: &mut impl Put) {
+        out.int("records_applied", self.records_applied);
+        out.int("last_time", self.last_time.0);
+        out.opt_id(
+            "newest_payment",
+            self.newest_payment.map(PaymentId::to_u128),
+        );
+        out.flag("has_operator_key", self.operator_key.is_some());
+        if let Some(key) = &self.operator_key {
+            out.digest("operator_key", &key.0);
+        }
+        out.int("pruned_before", self.pruned_before.0);
+        out.int("merchants", self.merchants);
+        out.int("payers", self.payers);
+        out.int("payments", self.payments);
+        out.int("transfers", self.transfers);
+    }
+
+    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+        let records_applied = input.int("records_applied")?;
+        let last_time = Timestamp(input.int("last_time")?);
+        let newest_payment = input.opt_id("newest_payment")?.map(PaymentId::from_u128);
+        let operator_key = if input.flag("has_operator_key")? {
+            Some(KeyHash(input.digest("operator_key")?))
+        } else {
+            None
+        };
+        Ok(Globals {
+            records_applied,
+            last_time,
+            newest_payment,
+            operator_key,
+            pruned_before: Timestamp(input.int("pruned_before")?),
+            merchants: input.int("merchants")?,
+            payers: input.int("payers")?,
+            payments: input.int("payments")?,
+            transfers: input.int("transfers")?,
+        })
+    }
+}
+
+/// The history key of a transfer record.
+pub(crate) fn transfer_key(id: TransferId) -> [u8; 17] {
+    history_key(id.0, history_kind::TRANSFER)
+}
+
+/// Rows in key order, as a scan of a disk gives them.
+pub type Rows<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), DiskError>> + 'a>;
+
+/// A disk that can also be read whole, in key order: for copies of a whole installation.
+pub trait DiskScan: Disk {
+    /// Every history row a finished checkpoint wrote.
+    fn scan_history(&self) -> Rows<'_>;
+    /// Every state entry whose key starts with `prefix`.
+    fn scan_state(&self, prefix: &[u8]) -> Rows<'_>;
+}

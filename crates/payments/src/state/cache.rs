@@ -1,0 +1,754 @@
+//! A state as a cache over its disk (ADR 0004): memory holds what was made since the last
+//! checkpoint and what recent records read; the rest is on disk, written by checkpoints.
+//!
+//! The cycle, all driven by the one writer:
+//!
+//! 1. Before applying records, [`State::fetch`] reads from disk what [`State::needs`] lists
+//!    and memory lacks (under the read lock), and [`State::load_fetched`] puts it in (under the
+//!    write lock). Applying then finds everything in memory, as in a whole state.
+//! 2. [`State::freeze`] starts a checkpoint: the young history becomes the frozen generation
+//!    (a move, not a copy) and the state rows changed since the last one are copied out.
+//! 3. The store writes the [`Checkpoint`] to disk, away from the lock, while the state goes on
+//!    applying records and answering reads, the frozen rows still among them.
+//! 4. [`State::checkpoint_written`] lets the frozen generation go, and
+//!    [`State::forget_unchanged`] lets memory shrink: rows not changed since the checkpoint
+//!    began are on disk.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use farthing_kernel::Slot;
+use farthing_ledger::{AccountId, Timestamp, TransferRecord};
+
+use super::queries::{read_history, read_state};
+use super::{Cache, State, account_id};
+use crate::disk::{
+    self, Disk, DiskError, GLOBALS_KEY, Globals, KeyOwner, MerchantState, PayerState, history_kind,
+};
+use crate::history::{Generation, Line, PaymentRow, RefundRow, Refunded, TopupRow};
+use crate::ids::PaymentId;
+use crate::model::*;
+use crate::working_set::{LoadError, Needs};
+
+/// Rounds of loading at most: a refund names its payment, whose row names its accounts.
+pub const LOAD_ROUNDS_MAX: usize = 4;
+
+/// What a cache read from its disk for a batch: the rows memory lacked.
+#[derive(Default, Debug)]
+pub struct Fetched {
+    keys: Vec<(KeyHash, Principal)>,
+    merchants: Vec<MerchantState>,
+    payers: Vec<PayerState>,
+    accounts: Vec<AccountRow>,
+    payments: Vec<PaymentRow>,
+    refunded: Vec<(PaymentId, Refunded)>,
+    topups: Vec<TopupRow>,
+    refunds: Vec<RefundRow>,
+    lines: Vec<(EntryObject, Line)>,
+    transfers: Vec<TransferRecord>,
+    idempotency: Vec<IdempotencyRow>,
+}
+
+impl Fetched {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.merchants.is_empty()
+            && self.payers.is_empty()
+            && self.accounts.is_empty()
+            && self.payments.is_empty()
+            && self.refunded.is_empty()
+            && self.topups.is_empty()
+            && self.refunds.is_empty()
+            && self.lines.is_empty()
+            && self.transfers.is_empty()
+            && self.idempotency.is_empty()
+    }
+}
+
+/// One checkpoint: the history made since the last one, and the state rows changed since,
+/// as they stood at `position`.
+pub struct Checkpoint {
+    /// Records applied when the checkpoint began: the journal position it reflects.
+    pub position: u64,
+    history: Arc<Generation>,
+    accounts: Vec<AccountRow>,
+    merchants: Vec<MerchantState>,
+    payers: Vec<PayerState>,
+    keys: Vec<(KeyHash, Option<Principal>)>,
+    refunded: Vec<(PaymentId, Refunded)>,
+    idempotency: Vec<IdempotencyRow>,
+    /// Idempotency keys made before this are to be removed from disk.
+    pub prune_before: Option<Timestamp>,
+    globals: Globals,
+}
+
+/// A state change for the disk: `None` removes the key.
+pub type StateRow = (Vec<u8>, Option<Vec<u8>>);
+
+impl Checkpoint {
+    /// History rows made since the last checkpoint.
+    pub fn history_len(&self) -> usize {
+        self.history.rows()
+    }
+
+    /// The history rows, each with its key.
+    pub fn history_rows(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let history = &self.history;
+        let mut rows = Vec::with_capacity(history.rows());
+        for row in &history.payments {
+            rows.push((
+                disk::history_key(row.payment.id.to_u128(), history_kind::PAYMENT).to_vec(),
+                disk::encode(row),
+            ));
+        }
+        for row in history.topups.values() {
+            rows.push((
+                disk::history_key(row.topup.id.to_u128(), history_kind::TOPUP).to_vec(),
+                disk::encode(row),
+            ));
+        }
+        for row in history.refunds.values() {
+            rows.push((
+                disk::history_key(row.refund.id.to_u128(), history_kind::REFUND).to_vec(),
+                disk::encode(row),
+            ));
+        }
+        for (object, line) in &history.lines {
+            rows.push((disk::line_key(*object).to_vec(), disk::encode(line)));
+        }
+        for record in history.transfers.as_slice() {
+            rows.push((
+                disk::transfer_key(record.transfer.id).to_vec(),
+                disk::encode(record),
+            ));
+        }
+        rows
+    }
+
+    /// The state rows changed, with the globals last.
+    pub fn state_rows(&self) -> Vec<StateRow> {
+        let mut rows = Vec::with_capacity(
+            self.accounts.len()
+                + self.merchants.len()
+                + self.payers.len()
+                + self.keys.len()
+                + self.refunded.len()
+                + 2 * self.idempotency.len()
+                + 1,
+        );
+        for row in &self.accounts {
+            rows.push((disk::account_key(row.account.id), Some(disk::encode(row))));
+        }
+        for row in &self.merchants {
+            rows.push((disk::merchant_key(row.merchant.id), Some(disk::encode(row))));
+        }
+        for row in &self.payers {
+            rows.push((disk::payer_key(row.payer.id), Some(disk::encode(row))));
+        }
+        for (key_hash, principal) in &self.keys {
+            rows.push((
+                disk::key_key(key_hash),
+                principal.map(|principal| disk::encode(&KeyOwner(principal))),
+            ));
+        }
+        for (id, refunded) in &self.refunded {
+            rows.push((disk::refunded_key(*id), Some(disk::encode(refunded))));
+        }
+        for row in &self.idempotency {
+            rows.push((disk::idempotency_key(&row.key), Some(disk::encode(row))));
+            rows.push((
+                disk::idempotency_by_time_key(row.made, &row.key),
+                Some(Vec::new()),
+            ));
+        }
+        rows.push((GLOBALS_KEY.to_vec(), Some(disk::encode(&self.globals))));
+        rows
+    }
+}
+
+impl State {
+    /// A cache over `disk`, standing where the disk's last checkpoint left it: replay the
+    /// journal from [`State::records_applied`] on.
+    pub fn cache_over(disk: Arc<dyn Disk>) -> Result<State, DiskError> {
+        let globals: Globals = read_state(&*disk, GLOBALS_KEY)?.unwrap_or_default();
+        let mut state = State::new();
+        state.track_changes();
+        // A cache writes its own rows back; a working set's record of what it made is not
+        // needed.
+        state.tracker = None;
+        state.records_applied = globals.records_applied;
+        state.last_time = globals.last_time;
+        state.newest_payment = globals.newest_payment;
+        state.merchants = globals.merchants;
+        state.payers = globals.payers;
+        state.payments_before = globals.payments;
+        state.transfers_before = globals.transfers;
+        state.idempotency.set_pruned_before(globals.pruned_before);
+        if let Some(key_hash) = globals.operator_key {
+            state
+                .parties
+                .load_key(key_hash, Principal::Operator)
+                .map_err(|error| DiskError(format!("the operator key does not load: {error:?}")))?;
+        }
+        state.cache = Some(Box::new(Cache {
+            disk,
+            accounts_created: Vec::new(),
+            imported_lines: 0,
+        }));
+        Ok(state)
+    }
+
+    /// Whether this state is a cache over a disk.
+    pub fn is_cache(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// Reads from disk what applying records with these needs reads and memory lacks. A
+    /// cache's writer asks under the read lock, then loads what came back under the write
+    /// lock, and asks again while [`Needs::incomplete`] (a refund names its payment before
+    /// the payment names its accounts). Empty for a state that is not a cache.
+    pub fn fetch(&self, needs: &Needs) -> Result<Fetched, DiskError> {
+        let mut fetched = Fetched::default();
+        let Some(disk) = self.disk() else {
+            return Ok(fetched);
+        };
+        for key_hash in &needs.key_hashes {
+            if self.parties.key_slot(key_hash).is_none()
+                && let Some(owner) = read_state::<KeyOwner>(disk, &disk::key_key(key_hash))?
+            {
+                fetched.keys.push((*key_hash, owner.0));
+            }
+        }
+        for id in &needs.merchants {
+            if self.merchant_lists.get(id).is_none()
+                && let Some(row) = read_state::<MerchantState>(disk, &disk::merchant_key(*id))?
+            {
+                fetched.merchants.push(row);
+            }
+        }
+        for id in &needs.payers {
+            if self.payer_lists.get(id).is_none()
+                && let Some(row) = read_state::<PayerState>(disk, &disk::payer_key(*id))?
+            {
+                fetched.payers.push(row);
+            }
+        }
+        for &(owner, currency) in &needs.accounts {
+            let id = account_id(owner, currency);
+            if self.ledger.account(id).is_none()
+                && let Some(row) = read_state::<AccountRow>(disk, &disk::account_key(id))?
+            {
+                fetched.accounts.push(row);
+            }
+        }
+        for id in &needs.payments {
+            let held = self.payment_row(*id);
+            let exists = match held {
+                Some(_) => true,
+                None => match read_history::<PaymentRow>(
+                    Some(disk),
+                    id.to_u128(),
+                    history_kind::PAYMENT,
+                )? {
+                    Some(row) => {
+                        fetched.payments.push(row);
+                        true
+                    }
+                    None => false,
+                },
+            };
+            if exists
+                && self.refunded.slot(id).is_none()
+                && let Some(refunded) = read_state::<Refunded>(disk, &disk::refunded_key(*id))?
+            {
+                fetched.refunded.push((*id, refunded));
+            }
+            if exists {
+                self.fetch_line(disk, EntryObject::Payment(*id), &mut fetched)?;
+            }
+        }
+        for id in &needs.topups {
+            if self.topup_row(*id).is_none()
+                && let Some(row) =
+                    read_history::<TopupRow>(Some(disk), id.to_u128(), history_kind::TOPUP)?
+            {
+                fetched.topups.push(row);
+                self.fetch_line(disk, EntryObject::Topup(*id), &mut fetched)?;
+            }
+        }
+        for id in &needs.refunds {
+            if self.refund_row(*id).is_none()
+                && let Some(row) =
+                    read_history::<RefundRow>(Some(disk), id.to_u128(), history_kind::REFUND)?
+            {
+                fetched.refunds.push(row);
+                self.fetch_line(disk, EntryObject::Refund(*id), &mut fetched)?;
+            }
+        }
+        for id in &needs.transfers {
+            if self.ledger.transfer(*id).is_some() {
+                continue;
+            }
+            let frozen = self
+                .frozen
+                .as_ref()
+                .and_then(|frozen| frozen.transfers.get(id).copied());
+            let record = match frozen {
+                Some(record) => Some(record),
+                None => read_history::<TransferRecord>(Some(disk), id.0, history_kind::TRANSFER)?,
+            };
+            fetched.transfers.extend(record);
+        }
+        for key in &needs.idempotency_keys {
+            if !self.idempotency.knows(key)
+                && let Some(row) = read_state::<IdempotencyRow>(disk, &disk::idempotency_key(key))?
+                && row.made >= self.idempotency.pruned_before()
+            {
+                fetched.idempotency.push(row);
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Adds the line an import brought for `object` as a row of its own, if memory lacks
+    /// the object's line and the disk has one.
+    fn fetch_line(
+        &self,
+        disk: &dyn Disk,
+        object: EntryObject,
+        fetched: &mut Fetched,
+    ) -> Result<(), DiskError> {
+        let in_row = fetched
+            .payments
+            .iter()
+            .any(|row| EntryObject::Payment(row.payment.id) == object && row.line.is_some())
+            || fetched
+                .topups
+                .iter()
+                .any(|row| EntryObject::Topup(row.topup.id) == object && row.line.is_some())
+            || fetched
+                .refunds
+                .iter()
+                .any(|row| EntryObject::Refund(row.refund.id) == object && row.line.is_some());
+        if in_row || self.line_held(object).is_some() {
+            return Ok(());
+        }
+        if let Some(bytes) = disk.history(&disk::line_key(object))? {
+            fetched.lines.push((object, disk::decode(&bytes)?));
+        }
+        Ok(())
+    }
+
+    /// Loads what applying `records` reads and memory lacks, in as many rounds as it takes
+    /// (a refund names its payment, whose row names the accounts). Nothing for a state that
+    /// is not a cache.
+    pub fn load_for(&mut self, records: &[Record]) -> Result<(), DiskError> {
+        if !self.is_cache() {
+            return Ok(());
+        }
+        for _ in 0..LOAD_ROUNDS_MAX {
+            let mut needs = Needs::default();
+            for record in records {
+                needs.append(self.needs(record));
+            }
+            let fetched = self.fetch(&needs)?;
+            if fetched.is_empty() {
+                return Ok(());
+            }
+            self.load_fetched(fetched).map_err(|error| {
+                DiskError(format!("a row read from disk does not load: {error:?}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Puts in what [`State::fetch`] read: loads, not changes.
+    pub fn load_fetched(&mut self, fetched: Fetched) -> Result<(), LoadError> {
+        for (key_hash, principal) in fetched.keys {
+            if principal != Principal::Operator {
+                self.insert_key(key_hash, principal)?;
+            }
+        }
+        for row in fetched.merchants {
+            self.insert_merchant_with_lists(row.merchant, row.lists)?;
+        }
+        for row in fetched.payers {
+            self.insert_payer_with_lists(row.payer, row.lists)?;
+        }
+        for row in fetched.accounts {
+            self.insert_account_unlisted(row.owner, row.account)?;
+        }
+        for row in fetched.payments {
+            if self.payment_row(row.payment.id).is_some() {
+                return Err(LoadError::AlreadyLoaded);
+            }
+            self.loaded.push_payment(row);
+        }
+        for (id, refunded) in fetched.refunded {
+            if !self.refunded.load(id, Slot::Present(refunded)) {
+                return Err(LoadError::AlreadyLoaded);
+            }
+        }
+        for row in fetched.topups {
+            if self.topup_row(row.topup.id).is_some() {
+                return Err(LoadError::AlreadyLoaded);
+            }
+            self.loaded.topups.insert(row.topup.id, row);
+        }
+        for row in fetched.refunds {
+            if self.refund_row(row.refund.id).is_some() {
+                return Err(LoadError::AlreadyLoaded);
+            }
+            self.loaded.refunds.insert(row.refund.id, row);
+        }
+        for (object, line) in fetched.lines {
+            self.loaded.lines.insert(object, line);
+        }
+        for record in fetched.transfers {
+            self.insert_transfer_record(record)?;
+        }
+        for row in fetched.idempotency {
+            self.insert_idempotency_record(row)?;
+        }
+        Ok(())
+    }
+
+    /// Begins a checkpoint at the current position: the young history becomes the frozen
+    /// generation, and the state rows changed since the last checkpoint are copied out. Cheap
+    /// and bounded by what changed, never by history. The previous checkpoint must have been
+    /// written ([`State::checkpoint_written`]).
+    pub fn freeze(&mut self) -> Checkpoint {
+        assert!(
+            self.frozen.is_none(),
+            "one checkpoint at a time: the last one is still being written"
+        );
+        let cache = self.cache.as_mut().expect("only a cache checkpoints");
+        let accounts_created = std::mem::take(&mut cache.accounts_created);
+        cache.imported_lines = 0;
+        let mut young = std::mem::take(&mut self.young);
+        young.transfers = self.ledger.take_made_transfers();
+        let history = Arc::new(young);
+        self.payments_before += history.payments.len() as u64;
+        self.transfers_before += history.transfers.len() as u64;
+
+        // Accounts made, and accounts an applied transfer changed.
+        let mut changed: Vec<AccountId> = accounts_created;
+        changed.extend(
+            history
+                .transfers
+                .as_slice()
+                .iter()
+                .filter(|record| record.outcome.is_ok())
+                .flat_map(|record| [record.transfer.debit, record.transfer.credit]),
+        );
+        changed.sort_unstable();
+        changed.dedup();
+        let accounts = changed
+            .into_iter()
+            .filter_map(|id| {
+                let account = *self.ledger.account(id)?;
+                let owner = *self.owners.get(&id)?;
+                Some(AccountRow { owner, account })
+            })
+            .collect();
+
+        let parties = self.parties.take_changes();
+        let mut merchant_ids: Vec<_> = self
+            .merchant_lists
+            .take_changes()
+            .into_iter()
+            .map(|(id, _)| id)
+            .chain(parties.merchants.iter().map(|merchant| merchant.id))
+            .collect();
+        merchant_ids.sort_unstable();
+        merchant_ids.dedup();
+        let merchants = merchant_ids
+            .into_iter()
+            .map(|id| MerchantState {
+                merchant: self
+                    .parties
+                    .merchant(id)
+                    .expect("a changed merchant is held")
+                    .clone(),
+                lists: self
+                    .merchant_lists
+                    .get(&id)
+                    .expect("its lists are held")
+                    .clone(),
+            })
+            .collect();
+        let mut payer_ids: Vec<_> = self
+            .payer_lists
+            .take_changes()
+            .into_iter()
+            .map(|(id, _)| id)
+            .chain(parties.payers.iter().map(|payer| payer.id))
+            .collect();
+        payer_ids.sort_unstable();
+        payer_ids.dedup();
+        let payers = payer_ids
+            .into_iter()
+            .map(|id| PayerState {
+                payer: self
+                    .parties
+                    .payer(id)
+                    .expect("a changed payer is held")
+                    .clone(),
+                lists: self
+                    .payer_lists
+                    .get(&id)
+                    .expect("its lists are held")
+                    .clone(),
+            })
+            .collect();
+        let refunded = self
+            .refunded
+            .take_changes()
+            .into_iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Present(refunded) => Some((id, *refunded)),
+                Slot::Absent => None,
+            })
+            .collect();
+        let (idempotency, prunes) = self.idempotency.take_changes();
+        let globals = Globals {
+            records_applied: self.records_applied,
+            last_time: self.last_time,
+            newest_payment: self.newest_payment,
+            operator_key: self.parties.operator_key(),
+            pruned_before: self.idempotency.pruned_before(),
+            merchants: self.merchants,
+            payers: self.payers,
+            payments: self.payments_before,
+            transfers: self.transfers_before,
+        };
+        self.frozen = Some(history.clone());
+        Checkpoint {
+            position: self.records_applied,
+            history,
+            accounts,
+            merchants,
+            payers,
+            keys: parties.keys,
+            refunded,
+            idempotency,
+            prune_before: prunes.last().copied(),
+            globals,
+        }
+    }
+
+    /// The checkpoint begun at `position` is on disk: its rows are read from there now.
+    pub fn checkpoint_written(&mut self, position: u64) {
+        assert!(
+            self.frozen.is_some(),
+            "a checkpoint was begun before it was written"
+        );
+        let _ = position;
+        self.frozen = None;
+    }
+
+    /// Whether a checkpoint is being written.
+    pub fn is_checkpointing(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// History rows made since the last checkpoint began.
+    pub fn young_rows(&self) -> usize {
+        self.young.rows() + self.ledger.transfer_records().len()
+    }
+
+    /// A rough count of the bytes memory holds for this state's rows (not the allocator's
+    /// own), to decide when to forget.
+    pub fn held_bytes(&self) -> usize {
+        const HISTORY_ROW: usize = 256;
+        const PARTY_ROW: usize = 192;
+        const ACCOUNT: usize = 160;
+        const IDEMPOTENCY_ROW: usize = 384;
+        let history = self.young.rows()
+            + self.ledger.transfer_count()
+            + self.loaded.rows()
+            + self.frozen.as_ref().map_or(0, |frozen| frozen.rows());
+        history * HISTORY_ROW
+            + (self.parties.rows_held()
+                + self.merchant_lists.keys_held()
+                + self.payer_lists.keys_held())
+                * PARTY_ROW
+            + self.ledger.account_count() * ACCOUNT
+            + self.idempotency.len() * IDEMPOTENCY_ROW
+            + self.refunded.keys_held() * 64
+    }
+
+    /// Forgets every row not changed since the last checkpoint began, once that checkpoint
+    /// is written: the disk holds them. What changed since stays until the next checkpoint.
+    pub fn forget_unchanged(&mut self) {
+        assert!(
+            self.frozen.is_none(),
+            "rows are forgotten once their checkpoint is written"
+        );
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        // Accounts made, or changed by a transfer, since the checkpoint began.
+        let mut keep: HashSet<AccountId, farthing_ledger::IdHashBuilder> =
+            cache.accounts_created.iter().copied().collect();
+        for record in self.ledger.transfer_records() {
+            keep.insert(record.transfer.debit);
+            keep.insert(record.transfer.credit);
+        }
+        for record in self.ledger.all_transfer_records() {
+            // A pending hold's accounts stay: its expiry moves their totals.
+            if record.hold == Some(farthing_ledger::HoldState::Pending) {
+                keep.insert(record.transfer.debit);
+                keep.insert(record.transfer.credit);
+            }
+        }
+        let forgotten: Vec<AccountId> = self
+            .owners
+            .keys()
+            .copied()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in forgotten {
+            self.owners.remove(&id);
+            self.ledger.forget_account(id);
+        }
+        self.owners.shrink_to_fit();
+        self.ledger.forget_loaded_transfers();
+
+        let parties = &self.parties;
+        self.merchant_lists
+            .forget_unchanged(|id| parties.merchant_changed(id));
+        self.payer_lists
+            .forget_unchanged(|id| parties.payer_changed(id));
+        let (merchant_lists, payer_lists) = (&self.merchant_lists, &self.payer_lists);
+        self.parties.forget_unchanged(
+            |id| merchant_lists.get(id).is_some(),
+            |id| payer_lists.get(id).is_some(),
+        );
+        self.refunded.forget_unchanged(|_| false);
+        self.idempotency.forget_unchanged();
+        self.loaded = Generation::default();
+    }
+}
+
+impl State {
+    /// A whole state holding everything `disk` holds, standing where its last checkpoint
+    /// left it: replay the journal from [`State::records_applied`] on to complete it. Memory
+    /// grows with history, as any whole state's: for copies and checks, not for serving.
+    pub fn whole_from_disk(disk: &dyn disk::DiskScan) -> Result<State, DiskError> {
+        let globals: Globals = read_state(disk, GLOBALS_KEY)?.unwrap_or_default();
+        let mut state = State::new();
+        let bad =
+            |what: &str, error: LoadError| DiskError(format!("{what} does not load: {error:?}"));
+        state.records_applied = globals.records_applied;
+        state.last_time = globals.last_time;
+        state.newest_payment = globals.newest_payment;
+        state.merchants = globals.merchants;
+        state.payers = globals.payers;
+        state.idempotency.set_pruned_before(globals.pruned_before);
+        if let Some(key_hash) = globals.operator_key {
+            state
+                .parties
+                .load_key(key_hash, Principal::Operator)
+                .map_err(|error| bad("the operator key", error))?;
+        }
+        for entry in disk.scan_state(&[disk::state_kind::KEY]) {
+            let (key, value) = entry?;
+            let key_hash = KeyHash(
+                key[1..]
+                    .try_into()
+                    .map_err(|_| DiskError("a key entry's key is not a hash".to_string()))?,
+            );
+            let KeyOwner(principal) = disk::decode(&value)?;
+            if principal != Principal::Operator {
+                state
+                    .insert_key(key_hash, principal)
+                    .map_err(|error| bad("a key", error))?;
+            }
+        }
+        for entry in disk.scan_state(&[disk::state_kind::MERCHANT]) {
+            let row: MerchantState = disk::decode(&entry?.1)?;
+            state
+                .insert_merchant_with_lists(row.merchant, row.lists)
+                .map_err(|error| bad("a merchant", error))?;
+        }
+        for entry in disk.scan_state(&[disk::state_kind::PAYER]) {
+            let row: PayerState = disk::decode(&entry?.1)?;
+            state
+                .insert_payer_with_lists(row.payer, row.lists)
+                .map_err(|error| bad("a payer", error))?;
+        }
+        for entry in disk.scan_state(&[disk::state_kind::ACCOUNT]) {
+            let row: AccountRow = disk::decode(&entry?.1)?;
+            state
+                .insert_account_unlisted(row.owner, row.account)
+                .map_err(|error| bad("an account", error))?;
+        }
+        for entry in disk.scan_state(&[disk::state_kind::REFUNDED]) {
+            let (key, value) = entry?;
+            let id = disk::history_key_id(&key[1..])
+                .ok_or_else(|| DiskError("a refund total's key is not an id".to_string()))?;
+            let refunded: Refunded = disk::decode(&value)?;
+            let _ = state
+                .refunded
+                .load(PaymentId::from_u128(id), Slot::Present(refunded));
+        }
+        for entry in disk.scan_state(&[disk::state_kind::IDEMPOTENCY]) {
+            let row: IdempotencyRow = disk::decode(&entry?.1)?;
+            state.idempotency.put_imported(&row);
+        }
+        state.idempotency.sort_order_from(0);
+        for entry in disk.scan_history() {
+            let (key, value) = entry?;
+            let Some((&kind, id_bytes)) = key.split_last() else {
+                continue;
+            };
+            let id = disk::history_key_id(id_bytes)
+                .ok_or_else(|| DiskError("a history key is not an id".to_string()))?;
+            let young = &mut state.young;
+            match kind {
+                history_kind::PAYMENT => young.push_payment(disk::decode(&value)?),
+                history_kind::TOPUP => {
+                    let row: TopupRow = disk::decode(&value)?;
+                    young.topups.insert(row.topup.id, row);
+                }
+                history_kind::REFUND => {
+                    let row: RefundRow = disk::decode(&value)?;
+                    young.refunds.insert(row.refund.id, row);
+                }
+                history_kind::LINE_OF_TOPUP
+                | history_kind::LINE_OF_PAYMENT
+                | history_kind::LINE_OF_REFUND => {
+                    let object = match kind {
+                        history_kind::LINE_OF_TOPUP => {
+                            EntryObject::Topup(crate::ids::TopupId::from_u128(id))
+                        }
+                        history_kind::LINE_OF_PAYMENT => {
+                            EntryObject::Payment(PaymentId::from_u128(id))
+                        }
+                        _ => EntryObject::Refund(crate::ids::RefundId::from_u128(id)),
+                    };
+                    young.lines.insert(object, disk::decode(&value)?);
+                }
+                history_kind::TRANSFER => {
+                    let record: TransferRecord = disk::decode(&value)?;
+                    state.ledger.put_imported_transfer_record(record);
+                }
+                other => {
+                    return Err(DiskError(format!("a history row of unknown kind {other}")));
+                }
+            }
+        }
+        // Everything is in the young generation and the ledger's records: count it there.
+        let held_payments = state.young.payments.len() as u64;
+        let held_transfers = state.ledger.transfer_records().len() as u64;
+        if held_payments != globals.payments || held_transfers != globals.transfers {
+            return Err(DiskError(format!(
+                "the disk holds {held_payments} payments and {held_transfers} transfer records, \
+                 but counted {} and {}",
+                globals.payments, globals.transfers
+            )));
+        }
+        Ok(state)
+    }
+}

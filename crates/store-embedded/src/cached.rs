@@ -1,0 +1,167 @@
+//! The embedded store with bounded memory: the segmented journal in front, the engine behind
+//! it. Checkpoints write the state's changes into the engine; the journal before a written
+//! checkpoint is removed; a cache over the engine answers what memory no longer holds.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use farthing_ledger::Currency;
+use farthing_payments::disk::{self, Disk, DiskError};
+use farthing_payments::{AccountRow, Checkpoint, Record, State};
+use farthing_store::{Checkpoints, Journal, StoreError};
+
+use crate::{Engine, SegmentedJournal};
+
+/// The engine's directory inside the data directory.
+pub const ENGINE_DIR: &str = "engine";
+
+impl Disk for Engine {
+    fn history(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DiskError> {
+        Engine::history(self, key).map_err(|error| DiskError(error.to_string()))
+    }
+
+    fn state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DiskError> {
+        Engine::state(self, key).map_err(|error| DiskError(error.to_string()))
+    }
+
+    fn history_id_max(&self) -> u128 {
+        Engine::history_id_max(self)
+    }
+}
+
+impl disk::DiskScan for Engine {
+    fn scan_history(&self) -> disk::Rows<'_> {
+        Box::new(
+            self.history_prefix(&[])
+                .map(|row| row.map_err(|error| DiskError(error.to_string()))),
+        )
+    }
+
+    fn scan_state(&self, prefix: &[u8]) -> disk::Rows<'_> {
+        Box::new(
+            self.state_prefix(prefix)
+                .map(|row| row.map_err(|error| DiskError(error.to_string()))),
+        )
+    }
+}
+
+/// [`Checkpoints`] into an [`Engine`].
+pub struct EngineCheckpoints {
+    engine: Arc<Engine>,
+}
+
+impl EngineCheckpoints {
+    pub fn new(engine: Arc<Engine>) -> EngineCheckpoints {
+        EngineCheckpoints { engine }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
+impl Checkpoints for EngineCheckpoints {
+    fn disk(&self) -> Arc<dyn Disk> {
+        self.engine.clone()
+    }
+
+    fn write(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        let history = checkpoint.history_rows();
+        // Pruned idempotency keys go first: a key pruned and made again since is among the
+        // changes after them, and the last change of a key wins.
+        let mut state = Vec::new();
+        if let Some(before) = checkpoint.prune_before {
+            for entry in self.engine.state_prefix(disk::IDEMPOTENCY_BY_TIME_PREFIX) {
+                let (key, _) = entry?;
+                let Some(removed) = disk::pruned_by(&key, before) else {
+                    break;
+                };
+                state.extend(removed.map(|key| (key, None)));
+            }
+        }
+        state.extend(checkpoint.state_rows());
+        self.engine.checkpoint(history, state, checkpoint.position)
+    }
+}
+
+/// Opens the bounded store in `data_dir`: the segmented journal (adopting a single-file
+/// journal) and the engine, with a block cache of `engine_cache_bytes`.
+pub fn open(
+    data_dir: &Path,
+    engine_cache_bytes: u64,
+) -> Result<(SegmentedJournal, EngineCheckpoints), StoreError> {
+    open_with(data_dir, engine_cache_bytes, crate::SEGMENT_BYTES_MAX)
+}
+
+/// [`open`] with journal segments of `segment_bytes_max`.
+pub fn open_with(
+    data_dir: &Path,
+    engine_cache_bytes: u64,
+    segment_bytes_max: u64,
+) -> Result<(SegmentedJournal, EngineCheckpoints), StoreError> {
+    // The journal first: it takes the data directory's lock.
+    let journal = SegmentedJournal::open_with(data_dir, segment_bytes_max)?;
+    let engine = Engine::open(&data_dir.join(ENGINE_DIR), engine_cache_bytes)?;
+    Ok((journal, EngineCheckpoints::new(Arc::new(engine))))
+}
+
+/// What [`verify`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The position after the last record: records the store has ever applied.
+    pub end_position: u64,
+    pub merchants: usize,
+    pub payers: usize,
+    pub payments: usize,
+    /// Currencies whose accounts do not sum to zero (empty when money is conserved).
+    pub unbalanced: Vec<Currency>,
+}
+
+/// Opens the bounded store in `data_dir` as a server would (not while one runs on it), replays
+/// its journal after the engine's position, writes a checkpoint of it all, and sums every
+/// account by currency: a store that opens, replays and balances.
+pub fn verify(data_dir: &Path) -> Result<Verified, StoreError> {
+    let (mut journal, checkpoints) = open(data_dir, 8 << 20)?;
+    let mut state = State::cache_over(checkpoints.disk())?;
+    let from = state.records_applied();
+    let mut failed: Option<DiskError> = None;
+    let replayed = journal.replay_from(from, &mut |record: Record| {
+        if failed.is_none() {
+            match state.load_for(std::slice::from_ref(&record)) {
+                Ok(()) => {
+                    state.apply(&record);
+                }
+                Err(error) => failed = Some(error),
+            }
+        }
+    })?;
+    if let Some(error) = failed {
+        return Err(error.into());
+    }
+    let checkpoint = state.freeze();
+    checkpoints.write(&checkpoint)?;
+    state.checkpoint_written(checkpoint.position);
+    let mut totals: std::collections::BTreeMap<Currency, (i128, i128)> = Default::default();
+    let accounts = [disk::state_kind::ACCOUNT];
+    for entry in checkpoints.engine().state_prefix(&accounts) {
+        let (_, value) = entry?;
+        let row: AccountRow = disk::decode(&value)?;
+        let sums = totals.entry(row.account.currency).or_default();
+        sums.0 += row.account.posted_balance();
+        sums.1 += i128::from(row.account.credits_pending) - i128::from(row.account.debits_pending);
+    }
+    Ok(Verified {
+        end_position: from + replayed,
+        merchants: state.merchant_count(),
+        payers: state.payer_count(),
+        payments: state.payment_count(),
+        unbalanced: totals
+            .into_iter()
+            .filter(|(_, (posted, pending))| *posted != 0 || *pending != 0)
+            .map(|(currency, _)| currency)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

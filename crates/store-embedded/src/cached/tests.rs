@@ -1,0 +1,220 @@
+//! A cache over the engine gives the answers a whole state gives, for random histories with
+//! checkpoints written, forgotten rows, checkpoints cut short after their history step, and
+//! restarts (the state in memory lost, the journal's records after the engine's position
+//! replayed).
+
+use farthing_payments::{
+    Command, EntryObject, MerchantId, Outcome, PayerId, PaymentId, Principal, Record, State,
+};
+use farthing_testing::{Builder, StepSpec, TempDir, history};
+use proptest::prelude::*;
+
+use super::*;
+use crate::Engine;
+
+const CACHE_BYTES: u64 = 8 << 20;
+
+/// What happens after a step.
+#[derive(Clone, Copy, Debug)]
+enum After {
+    Nothing,
+    /// A checkpoint, written; then memory lets unchanged rows go.
+    Checkpoint,
+    /// A checkpoint, written, with memory kept.
+    CheckpointKeepingMemory,
+    /// A crash: the state in memory is lost; reopened from the engine and the journal.
+    Crash,
+    /// A checkpoint whose history step is written, then a crash before its state step.
+    CrashMidCheckpoint,
+    /// A checkpoint begun, then a crash before anything is written.
+    CrashBeforeWriting,
+}
+
+fn after() -> impl Strategy<Value = After> {
+    prop_oneof![
+        12 => Just(After::Nothing),
+        3 => Just(After::Checkpoint),
+        1 => Just(After::CheckpointKeepingMemory),
+        1 => Just(After::Crash),
+        1 => Just(After::CrashMidCheckpoint),
+        1 => Just(After::CrashBeforeWriting),
+    ]
+}
+
+fn apply(cache: &mut State, record: &Record) -> Outcome {
+    cache
+        .load_for(std::slice::from_ref(record))
+        .expect("the engine reads");
+    cache.apply(record)
+}
+
+/// Reopens a cache from the engine and replays the journal's records after its position.
+fn restart(engine: &Arc<Engine>, journal: &[Record], expected: &[Outcome]) -> State {
+    let mut cache = State::cache_over(engine.clone()).expect("the cache opens");
+    let from = usize::try_from(cache.records_applied()).expect("fits");
+    assert_eq!(from as u64, engine.position());
+    for (record, outcome) in journal[from..].iter().zip(&expected[from..]) {
+        assert_eq!(&apply(&mut cache, record), outcome, "replaying {record:?}");
+    }
+    cache
+}
+
+/// Every read the API makes, asked of both states.
+fn same_answers(whole: &State, cache: &State, builder: &Builder) -> Result<(), TestCaseError> {
+    prop_assert_eq!(whole.payment_count(), cache.payment_count());
+    prop_assert_eq!(whole.merchant_count(), cache.merchant_count());
+    prop_assert_eq!(whole.payer_count(), cache.payer_count());
+    prop_assert_eq!(whole.ledger_transfer_count(), cache.ledger_transfer_count());
+    prop_assert_eq!(whole.records_applied(), cache.records_applied());
+    for key in &builder.key_hashes {
+        prop_assert_eq!(whole.principal(key).unwrap(), cache.principal(key).unwrap());
+    }
+    for id in &builder.payment_ids {
+        prop_assert_eq!(whole.payment(*id).unwrap(), cache.payment(*id).unwrap());
+    }
+    let mut principals = vec![Principal::Operator];
+    for payer in builder
+        .payer_ids
+        .iter()
+        .chain([&PayerId::from_u128(u128::MAX)])
+    {
+        principals.push(Principal::Payer(*payer));
+        prop_assert_eq!(
+            whole.payer_balances(*payer).unwrap(),
+            cache.payer_balances(*payer).unwrap()
+        );
+        prop_assert_eq!(
+            whole.payer_exists(*payer).unwrap(),
+            cache.payer_exists(*payer).unwrap()
+        );
+        // Whole statements, then pages of two walked by cursor.
+        prop_assert_eq!(
+            whole.payer_entries(*payer, usize::MAX, None).unwrap(),
+            cache.payer_entries(*payer, usize::MAX, None).unwrap()
+        );
+        let mut cursor: Option<EntryObject> = None;
+        loop {
+            let page = whole.payer_entries(*payer, 2, cursor).unwrap();
+            prop_assert_eq!(&page, &cache.payer_entries(*payer, 2, cursor).unwrap());
+            match page {
+                Some(page) if page.has_more => cursor = page.items.last().map(|e| e.object),
+                _ => break,
+            }
+        }
+    }
+    for merchant in builder
+        .merchant_ids
+        .iter()
+        .chain([&MerchantId::from_u128(u128::MAX)])
+    {
+        principals.push(Principal::Merchant(*merchant));
+        prop_assert_eq!(
+            whole.merchant_balances(*merchant).unwrap(),
+            cache.merchant_balances(*merchant).unwrap()
+        );
+    }
+    for principal in principals {
+        prop_assert_eq!(
+            whole.list_payments(principal, usize::MAX, None).unwrap(),
+            cache.list_payments(principal, usize::MAX, None).unwrap()
+        );
+        let mut cursor: Option<PaymentId> = None;
+        loop {
+            let page = whole.list_payments(principal, 3, cursor).unwrap();
+            prop_assert_eq!(&page, &cache.list_payments(principal, 3, cursor).unwrap());
+            match page {
+                Some(page) if page.has_more => cursor = page.items.last().map(|p| p.id),
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
+    let dir = TempDir::new("cache-history");
+    let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
+    let checkpoints = EngineCheckpoints::new(engine.clone());
+    let mut whole = State::new();
+    let mut cache = State::cache_over(engine.clone()).expect("the cache opens");
+    let mut builder = Builder::new();
+    let mut journal: Vec<Record> = Vec::new();
+    let mut expected: Vec<Outcome> = Vec::new();
+    for (step, after) in steps.iter().zip(afters.iter().cycle()) {
+        let record = builder.record(step, &whole);
+        let outcome = whole.apply(&record);
+        prop_assert_eq!(&apply(&mut cache, &record), &outcome, "{:?}", record);
+        journal.push(record);
+        expected.push(outcome);
+        match after {
+            After::Nothing => {}
+            After::Checkpoint | After::CheckpointKeepingMemory => {
+                let checkpoint = cache.freeze();
+                // Reads while the checkpoint is being written come from the frozen rows.
+                same_answers(&whole, &cache, &builder)?;
+                checkpoints
+                    .write(&checkpoint)
+                    .expect("the checkpoint is written");
+                cache.checkpoint_written(checkpoint.position);
+                if matches!(after, After::Checkpoint) {
+                    cache.forget_unchanged();
+                }
+            }
+            After::Crash => cache = restart(&engine, &journal, &expected),
+            After::CrashMidCheckpoint => {
+                let checkpoint = cache.freeze();
+                engine
+                    .ingest_history(checkpoint.history_rows(), checkpoint.position)
+                    .expect("the history step is written");
+                cache = restart(&engine, &journal, &expected);
+            }
+            After::CrashBeforeWriting => {
+                let _ = cache.freeze();
+                cache = restart(&engine, &journal, &expected);
+            }
+        }
+        same_answers(&whole, &cache, &builder)?;
+    }
+    // A whole state rebuilt from the engine and the journal after it holds exactly what the
+    // whole state does.
+    let mut rebuilt = State::whole_from_disk(&*engine).expect("the engine reads whole");
+    let from = usize::try_from(rebuilt.records_applied()).expect("fits");
+    for (record, outcome) in journal[from..].iter().zip(&expected[from..]) {
+        prop_assert_eq!(&rebuilt.apply(record), outcome);
+    }
+    prop_assert_eq!(
+        rebuilt.export().collect::<Vec<_>>(),
+        whole.export().collect::<Vec<_>>()
+    );
+    same_answers(&whole, &rebuilt, &builder)?;
+    // And once more from the engine alone, after a last checkpoint.
+    let checkpoint = cache.freeze();
+    checkpoints.write(&checkpoint).expect("written");
+    let cold = restart(&engine, &journal, &expected);
+    same_answers(&whole, &cold, &builder)?;
+    let rebuilt = State::whole_from_disk(&*engine).expect("the engine reads whole");
+    prop_assert_eq!(rebuilt.records_applied(), whole.records_applied());
+    prop_assert_eq!(
+        rebuilt.export().collect::<Vec<_>>(),
+        whole.export().collect::<Vec<_>>()
+    );
+    prop_assert!(
+        !journal
+            .iter()
+            .any(|record| matches!(record.command, Command::Import(_))),
+        "histories make no imports"
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_cache_over_the_engine_answers_as_the_whole_state_through_checkpoints_and_crashes(
+        steps in history(),
+        afters in prop::collection::vec(after(), 1..24),
+    ) {
+        run(&steps, &afters)?;
+    }
+}
