@@ -17,9 +17,10 @@ use farthing_ledger::{
     AccountId, AccountKind, Amount, Currency, Ledger, Timestamp, Transfer, TransferId, TransferKind,
 };
 use farthing_payments::{
-    Command, FeeSchedule, FundingSource, KeyHash, MerchantId, PayCommand, PayerId, PaymentId,
-    Record, State, TopupId,
+    BatchItemOutcome, Command, FeeSchedule, FundingSource, KeyHash, MerchantId, Outcome,
+    PayCommand, PayerId, PaymentId, Record, State, TopupId,
 };
+use farthing_service::{CacheOptions, Config, Secret, Service, SystemClock, TimeOrderedIds};
 use farthing_store::Journal;
 use farthing_store_embedded::FileJournal;
 use serde_json::{Value, json};
@@ -35,9 +36,16 @@ pub struct BenchArgs {
     /// Fewer and shorter rounds: checks that every benchmark runs, not how fast.
     #[arg(long)]
     quick: bool,
-    /// Run only these parts (comma-separated: ledger, store, http, memory).
+    /// Run only these parts (comma-separated: ledger, store, http, memory, soak). The soak
+    /// is long and runs only when named.
     #[arg(long, default_value = "ledger,store,http,memory")]
     only: String,
+    /// Soak: batch payments in all (in batches of 8,190).
+    #[arg(long, default_value_t = 100_000_000)]
+    soak_payments: u64,
+    /// Soak: funded payers the payments are spread over.
+    #[arg(long, default_value_t = 1_000_000)]
+    soak_payers: usize,
     /// Seconds of load per HTTP measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -102,9 +110,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         for (label, accounts) in [("10,000 accounts", 10_000usize), ("10 hot accounts", 10)] {
             for batch in [1usize, 100, 8_190] {
                 let dir = root.join(format!("store-{accounts}-{batch}"));
-                let figure = tokio::task::block_in_place(|| {
-                    durable_store(&dir, accounts, batch, args.quick)
-                })?;
+                let figure = durable_store(&dir, accounts, batch, args.quick).await?;
                 let _ = std::fs::remove_dir_all(&dir);
                 say(
                     &args,
@@ -153,6 +159,12 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             Some(url) => http_postgres(&args, url).await?,
             None => http(&args, &root).await?,
         };
+    }
+    if parts.contains(&"soak") {
+        report["soak"] = crate::soak::soak(&root, args.soak_payments, args.soak_payers, |line| {
+            say(&args, line)
+        })
+        .await?;
     }
     let _ = std::fs::remove_dir_all(&root);
     if args.json {
@@ -366,9 +378,89 @@ fn setup_records(payers: usize, merchants: usize) -> (Vec<Record>, Vec<PayerId>,
     (records, payer_ids, merchant_ids)
 }
 
-/// (b) The durable store: payments (one ledger transfer each, no fee) applied to the state and
-/// appended to the journal with one fdatasync per batch.
-fn durable_store(
+/// The embedded store as the server runs it: the service's writer over the segmented journal,
+/// the engine and the cache, with checkpoints in the background. Returns the service, the
+/// records it replayed and the seconds it took to open.
+pub(crate) async fn bounded_service(
+    dir: &std::path::Path,
+    memory: farthing_server::Memory,
+) -> anyhow::Result<(Service, u64, f64)> {
+    let started = Instant::now();
+    let (journal, checkpoints) = farthing_store_embedded::cached::open_with(
+        dir,
+        memory.engine_cache_bytes,
+        memory.journal_segment_bytes,
+    )?;
+    let opened = Service::open_cached(
+        Box::new(journal),
+        CacheOptions {
+            checkpoints: Arc::new(checkpoints),
+            cache_bytes: memory.cache_bytes,
+            checkpoint_rows: memory.checkpoint_rows,
+        },
+        Config::default(),
+        Arc::new(SystemClock),
+        Arc::new(TimeOrderedIds),
+        Some(Secret::new(BENCH_OPERATOR_KEY.to_string())),
+    )
+    .await?;
+    Ok((
+        opened.service,
+        opened.records_replayed,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+const BENCH_OPERATOR_KEY: &str = "bench-operator-key-0123456789abcdef";
+
+/// Submits set-up records: parties first, then their top-ups, then the rest, each phase many at
+/// once (so that they commit in few batches), and checks that none was refused.
+pub(crate) async fn set_up(service: &Service, records: &[Record]) -> anyhow::Result<()> {
+    let phase = |record: &Record| match record.command {
+        Command::CreatePayer { .. } | Command::CreateMerchant { .. } => 0,
+        Command::Topup { .. } => 1,
+        _ => 2,
+    };
+    for wanted in 0..3 {
+        let records: Vec<Record> = records
+            .iter()
+            .filter(|record| phase(record) == wanted)
+            .cloned()
+            .collect();
+        for chunk in records.chunks(8_190) {
+            submit_all(service, chunk).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Submits `records`' commands at once, so that they commit in as few batches as the writer
+/// takes, and checks that none was refused.
+async fn submit_all(service: &Service, records: &[Record]) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for record in records {
+        let (service, command) = (service.clone(), record.command.clone());
+        tasks.spawn(async move { service.submit(command, None).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let executed = done??;
+        if let Outcome::Rejected(rejection) = executed.outcome {
+            bail!("a set-up command was refused: {rejection:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Stops a service and waits for its writer (and a checkpoint being written).
+pub(crate) async fn stop(service: Service) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || service.shutdown()).await?;
+    Ok(())
+}
+
+/// (b) The durable store as the server runs it: payments (one ledger transfer each, no fee)
+/// submitted to the service one commit at a time (one fdatasync each), with the cache, the
+/// engine and checkpoints in the background.
+async fn durable_store(
     dir: &std::path::Path,
     accounts: usize,
     batch: usize,
@@ -378,34 +470,30 @@ fn durable_store(
     let payers = accounts / 2;
     let merchants = accounts - payers;
     let (setup, payer_ids, merchant_ids) = setup_records(payers, merchants);
-    let mut journal = FileJournal::open(dir)?;
-    let mut state = State::new();
-    journal.replay(&mut |_| {})?;
-    for chunk in setup.chunks(4_096) {
-        for record in chunk {
-            state.apply(record);
-        }
-        journal.append(chunk)?;
-    }
+    let (service, _, _) = bounded_service(dir, farthing_server::Memory::default()).await?;
+    set_up(&service, &setup).await?;
     let records = durable_records(batch, quick, &payer_ids, &merchant_ids);
+    let expected = records.len() * batch;
     let started = Instant::now();
-    let mut in_apply = Duration::ZERO;
-    for record in &records {
-        let t = Instant::now();
-        state.apply(record);
-        in_apply += t.elapsed();
-        journal.append(std::slice::from_ref(record))?;
+    for record in records {
+        let executed = service.submit(record.command, None).await?;
+        let refused = match &executed.outcome {
+            Outcome::Paid(_) => false,
+            Outcome::PaidBatch(items) => items
+                .iter()
+                .any(|item| !matches!(item, BatchItemOutcome::Succeeded(_))),
+            _ => true,
+        };
+        if refused {
+            bail!("a benchmark payment was refused: {:?}", executed.outcome);
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    if std::env::var_os("FARTHING_BENCH_DEBUG").is_some() {
-        eprintln!("  apply {:.3}s of {elapsed:.3}s", in_apply.as_secs_f64());
-    }
-    let payments = state.payment_count() - merchants;
-    if payments != records.len() * batch {
-        bail!(
-            "only {payments} of {} benchmark payments applied",
-            records.len() * batch
-        );
+    // Less the one payment that opened each merchant's account.
+    let payments = service.read_now(|state| state.payment_count()) - merchants;
+    stop(service).await?;
+    if payments != expected {
+        bail!("only {payments} of {expected} benchmark payments applied");
     }
     Ok(payments as f64 / elapsed)
 }

@@ -6,6 +6,7 @@ mod bench_shared;
 mod copy;
 mod demo;
 mod loadgen;
+mod soak;
 
 use std::path::PathBuf;
 

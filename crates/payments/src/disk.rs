@@ -223,7 +223,7 @@ impl Fields for PartyLists {
 /// A merchant as a cache keeps it on disk: the merchant and its lists.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct MerchantState {
-    pub merchant: Merchant,
+    pub merchant: std::sync::Arc<Merchant>,
     pub lists: PartyLists,
 }
 
@@ -249,7 +249,7 @@ impl Fields for MerchantState {
             created_at: Timestamp(input.int("created_at")?),
         };
         Ok(MerchantState {
-            merchant,
+            merchant: std::sync::Arc::new(merchant),
             lists: PartyLists::get(input)?,
         })
     }
@@ -258,7 +258,7 @@ impl Fields for MerchantState {
 /// A payer as a cache keeps it on disk: the payer and its lists.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct PayerState {
-    pub payer: Payer,
+    pub payer: std::sync::Arc<Payer>,
     pub lists: PartyLists,
 }
 
@@ -277,7 +277,7 @@ impl Fields for PayerState {
             created_at: Timestamp(input.int("created_at")?),
         };
         Ok(PayerState {
-            payer,
+            payer: std::sync::Arc::new(payer),
             lists: PartyLists::get(input)?,
         })
     }

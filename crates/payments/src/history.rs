@@ -76,6 +76,8 @@ pub(crate) struct Generation {
     /// The ledger's transfer records of this generation (frozen only: the young ones are in
     /// the ledger).
     pub(crate) transfers: TransferRecords,
+    /// No row of this generation has a larger id (set when it is frozen).
+    pub(crate) id_max: u128,
 }
 
 impl Generation {

@@ -1,5 +1,7 @@
 //! Parties and keys: the operator, merchants and payers, and the API keys that name them.
 
+use std::sync::Arc;
+
 use farthing_kernel::{DecodeError, Fields, Get, Put, Slot, Table};
 use farthing_ledger::{Amount, IdHashBuilder, Timestamp};
 
@@ -166,8 +168,9 @@ pub(crate) struct Parties {
     /// The operator key set since the changes were last taken, when tracking.
     operator_key_set: Option<KeyHash>,
     keys: Table<KeyHash, Principal>,
-    merchants: Table<MerchantId, Merchant, IdHashBuilder>,
-    payers: Table<PayerId, Payer, IdHashBuilder>,
+    /// Shared, so that a checkpoint takes a party's row without copying it.
+    merchants: Table<MerchantId, Arc<Merchant>, IdHashBuilder>,
+    payers: Table<PayerId, Arc<Payer>, IdHashBuilder>,
 }
 
 /// What changed among the parties since the changes were last taken.
@@ -202,11 +205,19 @@ impl Parties {
     }
 
     pub(crate) fn merchant(&self, id: MerchantId) -> Option<&Merchant> {
-        self.merchants.get(&id)
+        self.merchants.get(&id).map(|merchant| &**merchant)
+    }
+
+    pub(crate) fn merchant_shared(&self, id: MerchantId) -> Option<Arc<Merchant>> {
+        self.merchants.get(&id).cloned()
+    }
+
+    pub(crate) fn payer_shared(&self, id: PayerId) -> Option<Arc<Payer>> {
+        self.payers.get(&id).cloned()
     }
 
     pub(crate) fn payer(&self, id: PayerId) -> Option<&Payer> {
-        self.payers.get(&id)
+        self.payers.get(&id).map(|payer| &**payer)
     }
 
     /// Makes `key_hash` the operator's key, in place of any other. A key held by a merchant
@@ -235,7 +246,7 @@ impl Parties {
             return Err(Rejection::IdCollision);
         }
         self.keys.put(key_hash, Principal::Merchant(merchant.id));
-        self.merchants.put(merchant.id, merchant);
+        self.merchants.put(merchant.id, Arc::new(merchant));
         Ok(())
     }
 
@@ -249,7 +260,7 @@ impl Parties {
             return Err(Rejection::IdCollision);
         }
         self.keys.put(key_hash, Principal::Payer(payer.id));
-        self.payers.put(payer.id, payer);
+        self.payers.put(payer.id, Arc::new(payer));
         Ok(())
     }
 
@@ -272,7 +283,7 @@ impl Parties {
         Ok(())
     }
 
-    pub(crate) fn load_merchant(&mut self, merchant: Merchant) -> Result<(), LoadError> {
+    pub(crate) fn load_merchant(&mut self, merchant: Arc<Merchant>) -> Result<(), LoadError> {
         if self.merchants.load(merchant.id, Slot::Present(merchant)) {
             Ok(())
         } else {
@@ -280,7 +291,7 @@ impl Parties {
         }
     }
 
-    pub(crate) fn load_payer(&mut self, payer: Payer) -> Result<(), LoadError> {
+    pub(crate) fn load_payer(&mut self, payer: Arc<Payer>) -> Result<(), LoadError> {
         if self.payers.load(payer.id, Slot::Present(payer)) {
             Ok(())
         } else {
@@ -300,13 +311,13 @@ impl Parties {
     /// Puts in an imported merchant and its key (checked free beforehand).
     pub(crate) fn put_imported_merchant(&mut self, merchant: &Merchant, key_hash: KeyHash) {
         self.keys.put(key_hash, Principal::Merchant(merchant.id));
-        self.merchants.put(merchant.id, merchant.clone());
+        self.merchants.put(merchant.id, Arc::new(merchant.clone()));
     }
 
     /// Puts in an imported payer and its key (checked free beforehand).
     pub(crate) fn put_imported_payer(&mut self, payer: &Payer, key_hash: KeyHash) {
         self.keys.put(key_hash, Principal::Payer(payer.id));
-        self.payers.put(payer.id, payer.clone());
+        self.payers.put(payer.id, Arc::new(payer.clone()));
     }
 
     /// Forgets what has not changed since the changes were last taken (a cache whose disk
@@ -345,11 +356,11 @@ impl Parties {
             match principal {
                 Principal::Operator => {}
                 Principal::Merchant(id) => merchants.push(MerchantRow {
-                    merchant: self.merchants.get(id).expect("a key's merchant").clone(),
+                    merchant: (**self.merchants.get(id).expect("a key's merchant")).clone(),
                     key_hash,
                 }),
                 Principal::Payer(id) => payers.push(PayerRow {
-                    payer: self.payers.get(id).expect("a key's payer").clone(),
+                    payer: (**self.payers.get(id).expect("a key's payer")).clone(),
                     key_hash,
                 }),
             }
@@ -378,7 +389,7 @@ impl Parties {
             .take_changes()
             .into_iter()
             .map(|(_, slot)| match slot {
-                Slot::Present(merchant) => merchant.clone(),
+                Slot::Present(merchant) => (**merchant).clone(),
                 Slot::Absent => unreachable!("merchants are never removed"),
             })
             .collect();
@@ -387,7 +398,7 @@ impl Parties {
             .take_changes()
             .into_iter()
             .map(|(_, slot)| match slot {
-                Slot::Present(payer) => payer.clone(),
+                Slot::Present(payer) => (**payer).clone(),
                 Slot::Absent => unreachable!("payers are never removed"),
             })
             .collect();

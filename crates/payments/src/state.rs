@@ -47,8 +47,11 @@ struct Tracker {
 /// A cache's link to its disk, and what it made since its last checkpoint began.
 struct Cache {
     disk: Arc<dyn Disk>,
-    /// Accounts made since the last checkpoint began.
-    accounts_created: Vec<AccountId>,
+    /// Accounts made or changed since the last checkpoint began: kept up as they change, so
+    /// that beginning a checkpoint finds them without a pass over the history.
+    accounts_changed: HashSet<AccountId, IdHashBuilder>,
+    /// No id of any record applied is larger.
+    id_max: u128,
     /// Statement lines an import brought for objects it had to read from disk.
     imported_lines: usize,
 }
@@ -150,6 +153,9 @@ impl State {
     pub fn apply(&mut self, record: &Record) -> Outcome {
         self.records_applied += 1;
         self.last_time = self.last_time.max(record.now);
+        if let Some(cache) = &mut self.cache {
+            cache.id_max = cache.id_max.max(ids_max(&record.command));
+        }
         if let Some(claim) = &record.idempotency {
             match self.idempotency_lookup(&claim.key, &claim.fingerprint) {
                 IdempotencyLookup::New => {}
@@ -271,11 +277,16 @@ impl State {
         if let Some(tracker) = &mut self.tracker {
             tracker.accounts_created.push((owner, currency));
         }
-        if let Some(cache) = &mut self.cache {
-            cache.accounts_created.push(id);
-        }
+        self.touched(&[id]);
         self.list_account(owner, currency, id);
         Ok(id)
+    }
+
+    /// Notes accounts whose totals changed, for a cache's next checkpoint.
+    fn touched(&mut self, accounts: &[AccountId]) {
+        if let Some(cache) = &mut self.cache {
+            cache.accounts_changed.extend(accounts.iter().copied());
+        }
     }
 
     /// Adds an account to its owner's list, if the owner is a party.
@@ -377,6 +388,7 @@ impl State {
         if let Err(rejection) = self.ledger.apply(now, &[transfer])[0] {
             return Outcome::Rejected(ledger_rejection(rejection));
         }
+        self.touched(&[external, wallet]);
         let topup = Topup {
             id,
             payer,
@@ -440,6 +452,7 @@ impl State {
         if let Some(rejection) = chain_failure(&self.ledger.apply(now, &legs)) {
             return Err(ledger_rejection(rejection));
         }
+        self.touched(&[wallet, merchant_account, fees_account]);
         let balance_after = self.posted_balance(wallet);
         let payment = Payment {
             id: pay.id,
@@ -521,6 +534,7 @@ impl State {
             }
             Some(rejection) => return Err(ledger_rejection(rejection)),
         }
+        self.touched(&[wallet, merchant_account, fees_account]);
         let balance_after = self.posted_balance(wallet);
         let refund = Refund {
             id,
@@ -677,6 +691,47 @@ impl State {
             row.payment.clone(),
             self.refunded.get(&id).copied(),
         ))
+    }
+}
+
+/// The largest id a command names (payments, top-ups, refunds, transfers, and what an import
+/// brings): a cache's bound on the ids of its history.
+fn ids_max(command: &Command) -> u128 {
+    let pay = |pay: &PayCommand| {
+        pay.id
+            .to_u128()
+            .max(pay.transfer_ids[0].0)
+            .max(pay.transfer_ids[1].0)
+    };
+    match command {
+        Command::Pay(command) => pay(command),
+        Command::PayBatch(items) => items.iter().map(pay).max().unwrap_or(0),
+        Command::Topup {
+            id, transfer_id, ..
+        } => id.to_u128().max(transfer_id.0),
+        Command::Refund {
+            id, transfer_ids, ..
+        } => id.to_u128().max(transfer_ids[0].0).max(transfer_ids[1].0),
+        Command::Import(items) => items
+            .iter()
+            .map(|item| match item {
+                Imported::Transfer(record) => record.transfer.id.0,
+                Imported::Payment(payment) => payment.id.to_u128(),
+                Imported::Topup(topup) => topup.id.to_u128(),
+                Imported::Refund(refund) => refund.id.to_u128(),
+                Imported::Entry { entry, .. } => match entry.object {
+                    EntryObject::Topup(id) => id.to_u128(),
+                    EntryObject::Payment(id) => id.to_u128(),
+                    EntryObject::Refund(id) => id.to_u128(),
+                },
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0),
+        Command::SetOperatorKey { .. }
+        | Command::CreateMerchant { .. }
+        | Command::CreatePayer { .. }
+        | Command::PruneIdempotencyKeys { .. } => 0,
     }
 }
 

@@ -66,7 +66,6 @@ impl Checkpoints for EngineCheckpoints {
     }
 
     fn write(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
-        let history = checkpoint.history_rows();
         // Pruned idempotency keys go first: a key pruned and made again since is among the
         // changes after them, and the last change of a key wins.
         let mut state = Vec::new();
@@ -80,7 +79,11 @@ impl Checkpoints for EngineCheckpoints {
             }
         }
         state.extend(checkpoint.state_rows());
-        self.engine.checkpoint(history, state, checkpoint.position)
+        self.engine.checkpoint_in_order(
+            checkpoint.history_in_key_order(),
+            state,
+            checkpoint.position,
+        )
     }
 }
 

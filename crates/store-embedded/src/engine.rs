@@ -182,6 +182,24 @@ impl Engine {
         self.ingest_state(state, position)
     }
 
+    /// [`Engine::checkpoint`] with the history rows given in strictly increasing key order and
+    /// taken one at a time, so that a checkpoint never holds all of them encoded at once.
+    pub fn checkpoint_in_order<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        history: impl IntoIterator<Item = (K, V)>,
+        state: Vec<StateChange>,
+        position: u64,
+    ) -> Result<(), StoreError> {
+        let _checkpointing = self.checkpointing.lock().expect("checkpoint lock");
+        let current = self.position();
+        assert!(
+            position >= current,
+            "a checkpoint never goes back: the engine is at position {current}, the checkpoint at {position}"
+        );
+        self.ingest_history_in_order(history, position)?;
+        self.ingest_state(state, position)
+    }
+
     /// No history row has an id (its key's first 16 bytes) above this.
     pub fn history_id_max(&self) -> u128 {
         *self.history_id_max.0.lock().expect("id lock")
@@ -202,21 +220,43 @@ impl Engine {
             // finished empty would be left behind until the next open.
             return Ok(());
         }
-        // Raised before the rows can be read: an id at or below it may be on disk.
-        let last = history_key_id(&rows.last().expect("not empty").0);
-        {
-            let mut max = self.history_id_max.0.lock().expect("id lock");
-            *max = (*max).max(last);
+        self.ingest_history_in_order(rows, position)
+    }
+
+    /// The history step over rows in strictly increasing key order, one ingestion.
+    fn ingest_history_in_order<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        rows: impl IntoIterator<Item = (K, V)>,
+        position: u64,
+    ) -> Result<(), StoreError> {
+        let mut rows = rows.into_iter().peekable();
+        if rows.peek().is_none() {
+            // Not even started: an ingestion finished empty leaves a table file behind.
+            return Ok(());
         }
         let mut ingestion = self.history.start_ingestion().map_err(engine_error)?;
         let mut stamped = Vec::new();
+        let mut last: Vec<u8> = Vec::new();
         for (key, value) in rows {
+            let key = key.as_ref();
+            assert_key_fits(key);
+            assert!(
+                last.is_empty() || key > last.as_slice(),
+                "history rows come in strictly increasing key order"
+            );
+            last.clear();
+            last.extend_from_slice(key);
             stamped.clear();
             stamped.extend_from_slice(&position.to_be_bytes());
-            stamped.extend_from_slice(&value);
+            stamped.extend_from_slice(value.as_ref());
             ingestion
                 .write(key, stamped.as_slice())
                 .map_err(engine_error)?;
+        }
+        // Raised before the rows can be read: an id at or below it may be on disk.
+        {
+            let mut max = self.history_id_max.0.lock().expect("id lock");
+            *max = (*max).max(history_key_id(&last));
         }
         ingestion.finish().map_err(engine_error)
     }

@@ -91,7 +91,65 @@ impl Checkpoint {
         self.history.rows()
     }
 
-    /// The history rows, each with its key.
+    /// The history rows in key order, each encoded only when it is reached: a checkpoint
+    /// holds a sorted list of keys (25 bytes a row), never every row encoded at once.
+    pub fn history_in_key_order(&self) -> impl Iterator<Item = ([u8; 17], Vec<u8>)> + '_ {
+        #[derive(Clone, Copy)]
+        enum Row {
+            Payment(usize),
+            Topup(crate::ids::TopupId),
+            Refund(crate::ids::RefundId),
+            Line(EntryObject),
+            Transfer(usize),
+        }
+        let history = &self.history;
+        let mut keys: Vec<([u8; 17], Row)> = Vec::with_capacity(history.rows());
+        keys.extend(history.payments.iter().enumerate().map(|(at, row)| {
+            (
+                disk::history_key(row.payment.id.to_u128(), history_kind::PAYMENT),
+                Row::Payment(at),
+            )
+        }));
+        keys.extend(history.topups.keys().map(|id| {
+            (
+                disk::history_key(id.to_u128(), history_kind::TOPUP),
+                Row::Topup(*id),
+            )
+        }));
+        keys.extend(history.refunds.keys().map(|id| {
+            (
+                disk::history_key(id.to_u128(), history_kind::REFUND),
+                Row::Refund(*id),
+            )
+        }));
+        keys.extend(
+            history
+                .lines
+                .keys()
+                .map(|object| (disk::line_key(*object), Row::Line(*object))),
+        );
+        keys.extend(
+            history
+                .transfers
+                .as_slice()
+                .iter()
+                .enumerate()
+                .map(|(at, record)| (disk::transfer_key(record.transfer.id), Row::Transfer(at))),
+        );
+        keys.sort_unstable_by_key(|entry| entry.0);
+        keys.into_iter().map(move |(key, row)| {
+            let value = match row {
+                Row::Payment(at) => disk::encode(&history.payments[at]),
+                Row::Topup(id) => disk::encode(&history.topups[&id]),
+                Row::Refund(id) => disk::encode(&history.refunds[&id]),
+                Row::Line(object) => disk::encode(&history.lines[&object]),
+                Row::Transfer(at) => disk::encode(&history.transfers.as_slice()[at]),
+            };
+            (key, value)
+        })
+    }
+
+    /// The history rows, each with its key, in no particular order.
     pub fn history_rows(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let history = &self.history;
         let mut rows = Vec::with_capacity(history.rows());
@@ -192,7 +250,8 @@ impl State {
         }
         state.cache = Some(Box::new(Cache {
             disk,
-            accounts_created: Vec::new(),
+            accounts_changed: HashSet::default(),
+            id_max: 0,
             imported_lines: 0,
         }));
         Ok(state)
@@ -212,36 +271,62 @@ impl State {
         let Some(disk) = self.disk() else {
             return Ok(fetched);
         };
+        // An id above every id of the frozen generation and of the disk is on neither: a new
+        // id, as nearly every id is, costs one comparison.
+        let older_id_max = disk
+            .history_id_max()
+            .max(self.frozen.as_ref().map_or(0, |frozen| frozen.id_max));
+        let older = |id: u128| id <= older_id_max;
+        // Lists repeat (two payments of one payer); what is fetched is fetched once.
+        let mut asked: HashSet<Vec<u8>> = HashSet::new();
+        let mut first_time = |key: &[u8]| asked.insert(key.to_vec());
         for key_hash in &needs.key_hashes {
+            let key = disk::key_key(key_hash);
             if self.parties.key_slot(key_hash).is_none()
-                && let Some(owner) = read_state::<KeyOwner>(disk, &disk::key_key(key_hash))?
+                && first_time(&key)
+                && let Some(owner) = read_state::<KeyOwner>(disk, &key)?
             {
                 fetched.keys.push((*key_hash, owner.0));
             }
         }
         for id in &needs.merchants {
-            if self.merchant_lists.get(id).is_none()
-                && let Some(row) = read_state::<MerchantState>(disk, &disk::merchant_key(*id))?
-            {
-                fetched.merchants.push(row);
+            if self.merchant_lists.get(id).is_none() {
+                let key = disk::merchant_key(*id);
+                if first_time(&key)
+                    && let Some(row) = read_state::<MerchantState>(disk, &key)?
+                {
+                    fetched.merchants.push(row);
+                }
             }
         }
         for id in &needs.payers {
-            if self.payer_lists.get(id).is_none()
-                && let Some(row) = read_state::<PayerState>(disk, &disk::payer_key(*id))?
-            {
-                fetched.payers.push(row);
+            if self.payer_lists.get(id).is_none() {
+                let key = disk::payer_key(*id);
+                if first_time(&key)
+                    && let Some(row) = read_state::<PayerState>(disk, &key)?
+                {
+                    fetched.payers.push(row);
+                }
             }
         }
         for &(owner, currency) in &needs.accounts {
             let id = account_id(owner, currency);
-            if self.ledger.account(id).is_none()
-                && let Some(row) = read_state::<AccountRow>(disk, &disk::account_key(id))?
-            {
-                fetched.accounts.push(row);
+            if self.ledger.account(id).is_none() {
+                let key = disk::account_key(id);
+                if first_time(&key)
+                    && let Some(row) = read_state::<AccountRow>(disk, &key)?
+                {
+                    fetched.accounts.push(row);
+                }
             }
         }
         for id in &needs.payments {
+            if !older(id.to_u128()) {
+                continue;
+            }
+            if !first_time(&disk::history_key(id.to_u128(), history_kind::PAYMENT)) {
+                continue;
+            }
             let held = self.payment_row(*id);
             let exists = match held {
                 Some(_) => true,
@@ -268,7 +353,9 @@ impl State {
             }
         }
         for id in &needs.topups {
-            if self.topup_row(*id).is_none()
+            if older(id.to_u128())
+                && first_time(&disk::history_key(id.to_u128(), history_kind::TOPUP))
+                && self.topup_row(*id).is_none()
                 && let Some(row) =
                     read_history::<TopupRow>(Some(disk), id.to_u128(), history_kind::TOPUP)?
             {
@@ -277,7 +364,9 @@ impl State {
             }
         }
         for id in &needs.refunds {
-            if self.refund_row(*id).is_none()
+            if older(id.to_u128())
+                && first_time(&disk::history_key(id.to_u128(), history_kind::REFUND))
+                && self.refund_row(*id).is_none()
                 && let Some(row) =
                     read_history::<RefundRow>(Some(disk), id.to_u128(), history_kind::REFUND)?
             {
@@ -286,7 +375,10 @@ impl State {
             }
         }
         for id in &needs.transfers {
-            if self.ledger.transfer(*id).is_some() {
+            if !older(id.0)
+                || !first_time(&disk::transfer_key(*id))
+                || self.ledger.transfer(*id).is_some()
+            {
                 continue;
             }
             let frozen = self
@@ -301,6 +393,7 @@ impl State {
         }
         for key in &needs.idempotency_keys {
             if !self.idempotency.knows(key)
+                && first_time(&disk::idempotency_key(key))
                 && let Some(row) = read_state::<IdempotencyRow>(disk, &disk::idempotency_key(key))?
                 && row.made >= self.idempotency.pruned_before()
             {
@@ -349,7 +442,7 @@ impl State {
         for _ in 0..LOAD_ROUNDS_MAX {
             let mut needs = Needs::default();
             for record in records {
-                needs.append(self.needs(record));
+                needs.append(self.needs_unsorted(record.idempotency.as_ref(), &record.command));
             }
             let fetched = self.fetch(&needs)?;
             if fetched.is_empty() {
@@ -423,26 +516,16 @@ impl State {
             "one checkpoint at a time: the last one is still being written"
         );
         let cache = self.cache.as_mut().expect("only a cache checkpoints");
-        let accounts_created = std::mem::take(&mut cache.accounts_created);
+        let changed = std::mem::take(&mut cache.accounts_changed);
         cache.imported_lines = 0;
         let mut young = std::mem::take(&mut self.young);
         young.transfers = self.ledger.take_made_transfers();
+        // A bound, not the largest id held: every id of the generation is at most it.
+        young.id_max = cache.id_max;
         let history = Arc::new(young);
         self.payments_before += history.payments.len() as u64;
         self.transfers_before += history.transfers.len() as u64;
 
-        // Accounts made, and accounts an applied transfer changed.
-        let mut changed: Vec<AccountId> = accounts_created;
-        changed.extend(
-            history
-                .transfers
-                .as_slice()
-                .iter()
-                .filter(|record| record.outcome.is_ok())
-                .flat_map(|record| [record.transfer.debit, record.transfer.credit]),
-        );
-        changed.sort_unstable();
-        changed.dedup();
         let accounts = changed
             .into_iter()
             .filter_map(|id| {
@@ -467,9 +550,8 @@ impl State {
             .map(|id| MerchantState {
                 merchant: self
                     .parties
-                    .merchant(id)
-                    .expect("a changed merchant is held")
-                    .clone(),
+                    .merchant_shared(id)
+                    .expect("a changed merchant is held"),
                 lists: self
                     .merchant_lists
                     .get(&id)
@@ -491,9 +573,8 @@ impl State {
             .map(|id| PayerState {
                 payer: self
                     .parties
-                    .payer(id)
-                    .expect("a changed payer is held")
-                    .clone(),
+                    .payer_shared(id)
+                    .expect("a changed payer is held"),
                 lists: self
                     .payer_lists
                     .get(&id)
@@ -589,12 +670,7 @@ impl State {
             return;
         };
         // Accounts made, or changed by a transfer, since the checkpoint began.
-        let mut keep: HashSet<AccountId, farthing_ledger::IdHashBuilder> =
-            cache.accounts_created.iter().copied().collect();
-        for record in self.ledger.transfer_records() {
-            keep.insert(record.transfer.debit);
-            keep.insert(record.transfer.credit);
-        }
+        let mut keep = cache.accounts_changed.clone();
         for record in self.ledger.all_transfer_records() {
             // A pending hold's accounts stay: its expiry moves their totals.
             if record.hold == Some(farthing_ledger::HoldState::Pending) {

@@ -369,9 +369,7 @@ impl State {
                 if let Some(tracker) = &mut self.tracker {
                     tracker.accounts_created.push((*owner, account.currency));
                 }
-                if let Some(cache) = &mut self.cache {
-                    cache.accounts_created.push(account.id);
-                }
+                self.touched(&[account.id]);
             }
             Imported::Transfer(record) => {
                 self.ledger.put_imported_transfer_record(*record);

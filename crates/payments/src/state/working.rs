@@ -2,6 +2,7 @@
 //! the changes applying made (ADR 0002).
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 use farthing_kernel::Slot;
 use farthing_ledger::{Account, AccountId, Currency, TransferId, TransferRecord};
@@ -30,6 +31,14 @@ impl State {
 
     /// [`State::needs`] of a command with its idempotency claim, before they are a record.
     pub fn needs_of(&self, claim: Option<&IdempotencyClaim>, command: &Command) -> Needs {
+        let mut needs = self.needs_unsorted(claim, command);
+        needs.normalize();
+        needs
+    }
+
+    /// [`State::needs_of`] with lists neither sorted nor free of repeats: what a cache loads
+    /// from is found by lookups, so it spares the sort.
+    pub fn needs_unsorted(&self, claim: Option<&IdempotencyClaim>, command: &Command) -> Needs {
         let mut needs = Needs::default();
         if let Some(claim) = claim {
             needs.idempotency_keys.push(claim.key.clone());
@@ -96,7 +105,6 @@ impl State {
             Command::PruneIdempotencyKeys { .. } => {}
             Command::Import(items) => needs.add_import(items),
         }
-        needs.normalize();
         needs
     }
 
@@ -258,18 +266,18 @@ impl State {
 
     /// Loads a merchant, fee schedule included.
     pub fn insert_merchant(&mut self, merchant: Merchant) -> Result<(), LoadError> {
-        self.insert_merchant_with_lists(merchant, PartyLists::default())
+        self.insert_merchant_with_lists(Arc::new(merchant), PartyLists::default())
     }
 
     pub fn insert_payer(&mut self, payer: Payer) -> Result<(), LoadError> {
-        self.insert_payer_with_lists(payer, PartyLists::default())
+        self.insert_payer_with_lists(Arc::new(payer), PartyLists::default())
     }
 
     /// Loads a merchant with its lists (a working set's are empty: its lists are the
     /// store's).
     pub(crate) fn insert_merchant_with_lists(
         &mut self,
-        merchant: Merchant,
+        merchant: Arc<Merchant>,
         lists: PartyLists,
     ) -> Result<(), LoadError> {
         let id = merchant.id;
@@ -281,7 +289,7 @@ impl State {
 
     pub(crate) fn insert_payer_with_lists(
         &mut self,
-        payer: Payer,
+        payer: Arc<Payer>,
         lists: PartyLists,
     ) -> Result<(), LoadError> {
         let id = payer.id;

@@ -1,0 +1,290 @@
+//! `farthing bench --only soak`: a long run of the embedded store as the server runs it, to
+//! show that memory, throughput, latency and restart time do not grow with history.
+//!
+//! Payers (funded) and merchants are made first; then batches of 8,190 payments among them go
+//! in one after another, while one client sends single payments one at a time beside them.
+//! Each tenth of the run reports its payments per second, the process's resident memory at
+//! its end, and the single payments' p99 and longest wait. At the end: bytes on disk per
+//! payment, and the time a restart takes to be ready.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use farthing_ledger::{Amount, Currency, TransferId};
+use farthing_payments::{
+    BatchItemOutcome, Command, FeeSchedule, FundingSource, KeyHash, MerchantId, Outcome,
+    PayCommand, PayerId, PaymentId, Record, TopupId,
+};
+use farthing_service::Service;
+use serde_json::{Value, json};
+
+use crate::bench::{bounded_service, set_up, stop};
+
+const MERCHANTS: usize = 1_000;
+const BATCH: usize = 8_190;
+/// Payers made per round of set-up.
+const SETUP_CHUNK: usize = 50_000;
+
+/// A small, fast generator of choices (not of ids).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as usize
+    }
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").expect("a known code")
+}
+
+/// A payment between random parties, with ids from the service's own time-ordered
+/// generator, as a server makes them.
+fn payment(
+    service: &Service,
+    rng: &mut Rng,
+    payers: &[PayerId],
+    merchants: &[MerchantId],
+) -> PayCommand {
+    PayCommand {
+        id: PaymentId::from_u128(service.next_id()),
+        payer: payers[rng.below(payers.len())],
+        merchant: merchants[rng.below(merchants.len())],
+        amount: Amount::from_micros(1 + rng.below(1_000) as u64),
+        currency: usd(),
+        description: None,
+        reference: None,
+        transfer_ids: [TransferId(service.next_id()), TransferId(service.next_id())],
+    }
+}
+
+/// Resident memory of this process, in bytes.
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Bytes of every file under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => disk_bytes(&entry.path()),
+            // Blocks allocated, not the length: fjall's journal file is sparse.
+            Ok(meta) => {
+                use std::os::unix::fs::MetadataExt;
+                meta.blocks() * 512
+            }
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Makes `payers` funded payers and the merchants, in rounds, and returns their ids.
+async fn make_parties(
+    service: &Service,
+    payers: usize,
+) -> anyhow::Result<(Vec<PayerId>, Vec<MerchantId>)> {
+    let mut payer_ids = Vec::with_capacity(payers);
+    let mut merchant_ids = Vec::with_capacity(MERCHANTS);
+    let record = |command| Record {
+        now: farthing_ledger::Timestamp(0),
+        idempotency: None,
+        command,
+    };
+    let mut made = 0;
+    while made < payers {
+        let n = SETUP_CHUNK.min(payers - made);
+        let mut records = Vec::with_capacity(2 * n);
+        for _ in 0..n {
+            let id = PayerId::from_u128(service.next_id());
+            let mut key = [0u8; 32];
+            key[..16].copy_from_slice(&id.to_u128().to_le_bytes());
+            records.push(record(Command::CreatePayer {
+                id,
+                name: format!("payer {made}"),
+                key_hash: KeyHash(key),
+            }));
+            records.push(record(Command::Topup {
+                id: TopupId::from_u128(service.next_id()),
+                payer: id,
+                amount: Amount::from_micros(1_000_000_000_000),
+                currency: usd(),
+                source: FundingSource::Sandbox,
+                transfer_id: TransferId(service.next_id()),
+            }));
+            payer_ids.push(id);
+            made += 1;
+        }
+        set_up(service, &records).await?;
+    }
+    let mut records = Vec::new();
+    for n in 0..MERCHANTS {
+        let id = MerchantId::from_u128(service.next_id());
+        let mut key = [1u8; 32];
+        key[..16].copy_from_slice(&id.to_u128().to_le_bytes());
+        records.push(record(Command::CreateMerchant {
+            id,
+            name: format!("merchant {n}"),
+            key_hash: KeyHash(key),
+            fee: FeeSchedule {
+                bps: 100,
+                fixed: Amount::ZERO,
+            },
+        }));
+        merchant_ids.push(id);
+    }
+    set_up(service, &records).await?;
+    Ok((payer_ids, merchant_ids))
+}
+
+/// Latencies of the single payments, in microseconds, by tenth of the run.
+type Latencies = Arc<Mutex<Vec<Vec<u32>>>>;
+
+pub(crate) async fn soak(
+    root: &std::path::Path,
+    total: u64,
+    payers: usize,
+    say: impl Fn(&str),
+) -> anyhow::Result<Value> {
+    let dir = root.join("soak");
+    let _ = std::fs::remove_dir_all(&dir);
+    let memory = farthing_server::Memory::default();
+    let (service, _, _) = bounded_service(&dir, memory).await?;
+    let started = Instant::now();
+    let (payer_ids, merchant_ids) = make_parties(&service, payers).await?;
+    say(&format!(
+        "soak: {payers} funded payers and {MERCHANTS} merchants made in {:.0} s; resident {} MiB",
+        started.elapsed().as_secs_f64(),
+        resident_bytes() >> 20
+    ));
+    let (payer_ids, merchant_ids) = (Arc::new(payer_ids), Arc::new(merchant_ids));
+
+    // One client beside the batches, one single payment at a time.
+    let tenths = 10usize;
+    let window = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let latencies: Latencies = Arc::new(Mutex::new(vec![Vec::new(); tenths]));
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let single = {
+        let (service, payers, merchants) =
+            (service.clone(), payer_ids.clone(), merchant_ids.clone());
+        let (window, latencies, running) = (window.clone(), latencies.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut rng = Rng(0x5EED_0001);
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let pay = payment(&service, &mut rng, &payers, &merchants);
+                let sent = Instant::now();
+                let executed = service.submit(Command::Pay(pay), None).await?;
+                let waited = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                if !matches!(executed.outcome, Outcome::Paid(_)) {
+                    bail!("a single payment was refused: {:?}", executed.outcome);
+                }
+                let at = window.load(std::sync::atomic::Ordering::Relaxed);
+                latencies.lock().expect("latencies")[at].push(waited);
+                // About 1,000 a second: a steady stream, not a second load.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    let batches = (total / BATCH as u64).max(tenths as u64);
+    let batches_started = Instant::now();
+    let per_tenth = batches / tenths as u64;
+    let mut rng = Rng(0x5EED_0002);
+    let mut rows = Vec::new();
+    let mut made = 0u64;
+    for tenth in 0..tenths {
+        window.store(tenth, std::sync::atomic::Ordering::Relaxed);
+        let begun = Instant::now();
+        for _ in 0..per_tenth {
+            let items: Vec<PayCommand> = (0..BATCH)
+                .map(|_| payment(&service, &mut rng, &payer_ids, &merchant_ids))
+                .collect();
+            let executed = service.submit(Command::PayBatch(items), None).await?;
+            match &executed.outcome {
+                Outcome::PaidBatch(items)
+                    if items
+                        .iter()
+                        .all(|item| matches!(item, BatchItemOutcome::Succeeded(_))) => {}
+                other => bail!("a batch was refused: {other:?}"),
+            }
+            made += BATCH as u64;
+        }
+        let secs = begun.elapsed().as_secs_f64();
+        let rate = (per_tenth * BATCH as u64) as f64 / secs;
+        let mut waits = latencies.lock().expect("latencies")[tenth].clone();
+        waits.sort_unstable();
+        let (p99, max) = (percentile(&waits, 0.99), waits.last().copied().unwrap_or(0));
+        let resident = resident_bytes();
+        say(&format!(
+            "soak: {made} payments; this tenth {rate:.0} payments/s; resident {} MiB; single payments p99 {:.1} ms, longest {:.1} ms ({} sent)",
+            resident >> 20,
+            f64::from(p99) / 1000.0,
+            f64::from(max) / 1000.0,
+            waits.len()
+        ));
+        rows.push(json!({
+            "payments": made,
+            "payments_per_sec": rate.round(),
+            "resident_bytes": resident,
+            "single_p99_micros": p99,
+            "single_max_micros": max,
+            "single_sent": waits.len(),
+        }));
+    }
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    single.await??;
+    let overall = made as f64 / batches_started.elapsed().as_secs_f64();
+    stop(service).await?;
+    let disk = disk_bytes(&dir);
+    say(&format!(
+        "soak: {made} batch payments at {overall:.0}/s overall; {} MiB on disk, {} bytes per payment",
+        disk >> 20,
+        disk / made.max(1)
+    ));
+
+    // A restart on the data directory: ready once open.
+    let began = Instant::now();
+    let (service, replayed, _) = bounded_service(&dir, memory).await?;
+    let restart_secs = began.elapsed().as_secs_f64();
+    let resident_after_restart = resident_bytes();
+    stop(service).await?;
+    say(&format!(
+        "soak: restart ready in {restart_secs:.2} s ({replayed} journal records replayed)"
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(json!({
+        "payers": payers,
+        "merchants": MERCHANTS,
+        "batch_payments": made,
+        "tenths": rows,
+        "payments_per_sec_overall": overall.round(),
+        "disk_bytes": disk,
+        "disk_bytes_per_payment": disk / made.max(1),
+        "restart_secs": restart_secs,
+        "restart_records_replayed": replayed,
+        "resident_bytes_after_restart": resident_after_restart,
+    }))
+}
