@@ -125,8 +125,9 @@ pub struct CacheOptions {
     pub checkpoint_rows: usize,
 }
 
-/// The default memory budget: suits a small machine.
-pub const CACHE_BYTES_DEFAULT: usize = 256 << 20;
+/// The default memory budget for rows not changed since the last checkpoint: about a million
+/// funded payers with their wallets and keys, in about 1.2 GB of memory all told.
+pub const CACHE_BYTES_DEFAULT: usize = 768 << 20;
 /// The default checkpoint interval, in history rows (a payment makes three): about 200,000
 /// payments, some 100 MB in memory, made and written again while the next ones are made.
 pub const CHECKPOINT_ROWS_DEFAULT: usize = 600_000;

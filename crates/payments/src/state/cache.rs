@@ -638,18 +638,17 @@ impl State {
         self.young.rows() + self.ledger.transfer_records().len()
     }
 
-    /// A rough count of the bytes memory holds for this state's rows (not the allocator's
-    /// own), to decide when to forget.
+    /// A rough count of the bytes memory holds for rows it could let go: everything but the
+    /// history made since the last checkpoint began (and the frozen history), which it must
+    /// hold until written. Not the allocator's own; to decide when to forget.
     pub fn held_bytes(&self) -> usize {
         const HISTORY_ROW: usize = 256;
         const PARTY_ROW: usize = 192;
         const ACCOUNT: usize = 160;
         const IDEMPOTENCY_ROW: usize = 384;
-        let history = self.young.rows()
-            + self.ledger.transfer_count()
-            + self.loaded.rows()
-            + self.frozen.as_ref().map_or(0, |frozen| frozen.rows());
-        history * HISTORY_ROW
+        let loaded = self.loaded.rows() + self.ledger.transfer_count()
+            - self.ledger.transfer_records().len();
+        loaded * HISTORY_ROW
             + (self.parties.rows_held()
                 + self.merchant_lists.keys_held()
                 + self.payer_lists.keys_held())
