@@ -69,18 +69,10 @@ async fn a_backup_taken_during_a_stream_of_payments_is_a_consistent_state_that_s
         client.await.unwrap();
     }
     // Checkpoints removed the journal's first segments: the backup had to copy the engine.
-    let first_segment = std::fs::read_dir(source.path().join("journal"))
-        .expect("the journal's segments")
-        .map(|entry| {
-            let name = entry.expect("a segment").file_name();
-            let name = name.to_str().expect("a UTF-8 name").to_string();
-            name.trim_end_matches(".farthing")
-                .parse::<u64>()
-                .expect("a position")
-        })
-        .min()
-        .expect("a segment");
-    assert!(first_segment > 0, "no segment was removed");
+    assert!(
+        common::first_segment(source.path()) > 0,
+        "no segment was removed"
+    );
     drop(server);
 
     // The copy serves on its own: it holds every payment acknowledged before the backup began,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{ADMIN_KEY, Api, Party, Server, TempDir, amount, micros};
+use common::{ADMIN_KEY, Api, Party, Server, TempDir, amount, first_segment, micros};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -217,21 +217,6 @@ const BUSY_CHECKPOINTS: &[&str] = &[
     "--journal-segment-bytes",
     "16384",
 ];
-
-/// The position of the journal's oldest segment: above zero once checkpoints removed some.
-fn first_segment(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir.join("journal"))
-        .expect("the journal's segments")
-        .map(|entry| {
-            let name = entry.expect("a segment").file_name();
-            let name = name.to_str().expect("a UTF-8 name").to_string();
-            name.trim_end_matches(".farthing")
-                .parse::<u64>()
-                .expect("a position")
-        })
-        .min()
-        .expect("a segment")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn payments_acknowledged_survive_kill_9_amid_checkpoints_and_journal_removals() {

@@ -760,3 +760,20 @@ pub fn amount(micros: u64) -> String {
 pub fn unknown_id(prefix: &str) -> String {
     format!("{prefix}_0000000000000000000000zzzz")
 }
+
+/// The position of a data directory's oldest journal segment: above zero once checkpoints have
+/// removed some.
+#[allow(dead_code)]
+pub fn first_segment(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("journal"))
+        .expect("the journal's segments")
+        .map(|entry| {
+            let name = entry.expect("a segment").file_name();
+            let name = name.to_str().expect("a UTF-8 name").to_string();
+            name.trim_end_matches(".farthing")
+                .parse::<u64>()
+                .expect("a position")
+        })
+        .min()
+        .expect("a segment")
+}
