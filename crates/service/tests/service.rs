@@ -777,3 +777,101 @@ async fn a_refused_append_changes_nothing_answers_storage_unavailable_and_the_se
     assert_eq!(service.read_now(|state| state.payment_count()), 1);
     shutdown(service).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installation_in_one_journal_file_starts_on_the_bounded_store_and_answers_as_before() {
+    let dir = TempDir::new("upgrade");
+    let operator = Secret::new("fk_op_upgrade-test-operator-key".to_string());
+    // The installation as earlier builds kept it: one journal file, the whole state in memory.
+    let service = open(&dir, Arc::new(SystemClock), Some(operator.clone()))
+        .await
+        .service;
+    let mut payers = Vec::new();
+    for name in ["Alice", "Bob", "Carol"] {
+        let (payer, _) = create_payer(&service, name).await;
+        topup(&service, payer, units(50), usd()).await;
+        payers.push(payer);
+    }
+    topup(&service, payers[0], units(10), eur()).await;
+    let fee = FeeSchedule {
+        bps: 250,
+        fixed: Amount::ZERO,
+    };
+    let (cafe, _) = create_merchant(&service, "Café", Some(fee)).await;
+    let (books, _) = create_merchant(&service, "Books", None).await;
+    let merchants = vec![cafe, books];
+    let mut made = Vec::new();
+    for n in 0..60u64 {
+        let merchant = merchants[(n % 2) as usize];
+        let outcome = pay(
+            &service,
+            payers[(n % 3) as usize],
+            merchant,
+            Amount::from_micros(10_000 + n),
+            usd(),
+        )
+        .await;
+        made.push(paid(outcome).id);
+    }
+    let refunded = service
+        .submit(
+            Command::Refund {
+                id: RefundId::from_u128(service.next_id()),
+                payment: made[3],
+                amount: None,
+                caller: Principal::Operator,
+                transfer_ids: [
+                    farthing_ledger::TransferId(service.next_id()),
+                    farthing_ledger::TransferId(service.next_id()),
+                ],
+            },
+            None,
+        )
+        .await
+        .expect("submits");
+    assert!(matches!(refunded.outcome, Outcome::Refunded(_)));
+    let mut before = service.read_now(|state| snapshot(state, &payers, &merchants));
+    shutdown(service).await;
+
+    // The bounded store takes the file over as its first segment; replaying it writes a
+    // checkpoint every 20 history rows and forgets every unchanged row after each.
+    let (journal, checkpoints) =
+        farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 4096).expect("opens");
+    let opened = Service::open_cached(
+        Box::new(journal),
+        CacheOptions {
+            checkpoints: Arc::new(checkpoints),
+            cache_bytes: 0,
+            checkpoint_rows: 20,
+        },
+        Config::default(),
+        Arc::new(SystemClock),
+        Arc::new(TimeOrderedIds),
+        Some(operator.clone()),
+    )
+    .await
+    .expect("the bounded store opens the old journal");
+    let service = opened.service;
+    assert!(!dir.path().join("journal.farthing").exists());
+    assert!(dir.path().join("engine").is_dir());
+    let mut after = service.read_now(|state| snapshot(state, &payers, &merchants));
+    // A cache holds some accounts only: its totals are not the whole state's.
+    before.totals.clear();
+    after.totals.clear();
+    assert_eq!(
+        after, before,
+        "the bounded store answers as the whole state did"
+    );
+    assert_eq!(
+        service.authenticate(&operator).await.unwrap(),
+        Some(Principal::Operator)
+    );
+    // And it goes on from there.
+    let outcome = pay(&service, payers[1], books, units(1), usd()).await;
+    let payment = paid(outcome);
+    assert_eq!(
+        service.read_now(|state| state.payment(payment.id).unwrap()),
+        Some(payment)
+    );
+    shutdown(service).await;
+}
