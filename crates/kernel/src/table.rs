@@ -230,6 +230,19 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
         self.rows.len()
     }
 
+    /// [`Table::take_changes`], each change passed to `take` as it is found: one lookup a key,
+    /// for a checkpoint that copies what it needs of each.
+    pub fn take_changes_map<T>(&mut self, mut take: impl FnMut(&K, Slot<&V>) -> T) -> Vec<T> {
+        let keys = std::mem::take(&mut self.changed);
+        let mut out = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let row = self.rows.get_mut(key).expect("a changed key is held");
+            row.changed = false;
+            out.push(take(key, row.slot.as_ref()));
+        }
+        out
+    }
+
     /// Whether anything changed since the changes were last taken.
     pub fn has_changes(&self) -> bool {
         !self.changed.is_empty()
@@ -241,6 +254,16 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             Slot::Present(value) => Some((key, value)),
             Slot::Absent => None,
         })
+    }
+}
+
+impl<V: Copy> Slot<&V> {
+    /// The record, copied, or `None` for an absence.
+    pub fn map_present(self) -> Option<V> {
+        match self {
+            Slot::Present(value) => Some(*value),
+            Slot::Absent => None,
+        }
     }
 }
 
@@ -316,6 +339,19 @@ mod tests {
         assert_eq!(table.get(&1), None);
         assert_eq!(table.len(), 0);
         assert_eq!(table.take_changes(), vec![(1, Slot::Absent)]);
+    }
+
+    #[test]
+    fn changes_taken_through_a_map_are_each_key_once_in_order_and_then_none() {
+        let mut table = tracked();
+        assert!(table.load(7, Slot::Present("seven")));
+        table.put(2, "two");
+        table.update(&7, |value| *value = "sept");
+        table.remove(&2);
+        let taken = table.take_changes_map(|key, slot| (*key, slot.map_present()));
+        assert_eq!(taken, vec![(2, None), (7, Some("sept"))]);
+        assert!(!table.has_changes());
+        assert!(table.take_changes_map(|key, _| *key).is_empty());
     }
 
     #[test]

@@ -536,52 +536,27 @@ impl State {
             .collect();
 
         let parties = self.parties.take_changes();
-        let mut merchant_ids: Vec<_> = self
+        // A new party's lists are put when it is made, so every party to write is among the
+        // lists changed: one pass, one lookup of each.
+        let held = &self.parties;
+        let merchants = self
             .merchant_lists
-            .take_changes()
-            .into_iter()
-            .map(|(id, _)| id)
-            .chain(parties.merchants.iter().map(|merchant| merchant.id))
-            .collect();
-        merchant_ids.sort_unstable();
-        merchant_ids.dedup();
-        let merchants = merchant_ids
-            .into_iter()
-            .map(|id| MerchantState {
-                merchant: self
-                    .parties
-                    .merchant_shared(id)
+            .take_changes_map(|id, lists| MerchantState {
+                merchant: held
+                    .merchant_shared(*id)
                     .expect("a changed merchant is held"),
-                lists: self
-                    .merchant_lists
-                    .get(&id)
-                    .expect("its lists are held")
-                    .clone(),
-            })
-            .collect();
-        let mut payer_ids: Vec<_> = self
-            .payer_lists
-            .take_changes()
-            .into_iter()
-            .map(|(id, _)| id)
-            .chain(parties.payers.iter().map(|payer| payer.id))
-            .collect();
-        payer_ids.sort_unstable();
-        payer_ids.dedup();
-        let payers = payer_ids
-            .into_iter()
-            .map(|id| PayerState {
-                payer: self
-                    .parties
-                    .payer_shared(id)
-                    .expect("a changed payer is held"),
-                lists: self
-                    .payer_lists
-                    .get(&id)
-                    .expect("its lists are held")
-                    .clone(),
-            })
-            .collect();
+                lists: match lists {
+                    Slot::Present(lists) => lists.clone(),
+                    Slot::Absent => unreachable!("lists are never removed"),
+                },
+            });
+        let payers = self.payer_lists.take_changes_map(|id, lists| PayerState {
+            payer: held.payer_shared(*id).expect("a changed payer is held"),
+            lists: match lists {
+                Slot::Present(lists) => lists.clone(),
+                Slot::Absent => unreachable!("lists are never removed"),
+            },
+        });
         let refunded = self
             .refunded
             .take_changes()
