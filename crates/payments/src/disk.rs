@@ -118,11 +118,7 @@ pub(crate) fn refunded_key(id: PaymentId) -> Vec<u8> {
 
 /// An idempotency key as key bytes: its principal's kind and id, then the key itself.
 fn idempotency_key_body(key: &IdempotencyKey) -> Vec<u8> {
-    let (kind, id) = match key.principal {
-        Principal::Operator => (1u8, 0u128),
-        Principal::Merchant(merchant) => (2, merchant.to_u128()),
-        Principal::Payer(payer) => (3, payer.to_u128()),
-    };
+    let (kind, id) = key.principal.code_and_id();
     let mut body = Vec::with_capacity(17 + key.key.len());
     body.push(kind);
     body.extend_from_slice(&id.to_be_bytes());

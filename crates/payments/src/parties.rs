@@ -136,13 +136,18 @@ impl Principal {
     /// The stored form: a kind (1 operator, 2 merchant, 3 payer) and an id (0 for the
     /// operator).
     pub fn put_fields(self, out: &mut impl Put, kind: &'static str, id: &'static str) {
-        let (code, value) = match self {
+        let (code, value) = self.code_and_id();
+        out.code(kind, code);
+        out.id(id, value);
+    }
+
+    /// The stored kind (1 operator, 2 merchant, 3 payer) and id (0 for the operator).
+    pub fn code_and_id(self) -> (u8, u128) {
+        match self {
             Principal::Operator => (1, 0),
             Principal::Merchant(merchant) => (2, merchant.to_u128()),
             Principal::Payer(payer) => (3, payer.to_u128()),
-        };
-        out.code(kind, code);
-        out.id(id, value);
+        }
     }
 
     pub fn get_fields(

@@ -52,8 +52,6 @@ struct Cache {
     accounts_changed: HashSet<AccountId, IdHashBuilder>,
     /// No id of any record applied is larger.
     id_max: u128,
-    /// Statement lines an import brought for objects it had to read from disk.
-    imported_lines: usize,
 }
 
 /// A page of a list, newest first.
@@ -84,8 +82,9 @@ pub struct State {
     owners: HashMap<AccountId, Owner, IdHashBuilder>,
     /// History made since the last checkpoint began (a whole state's, all of it).
     young: Generation,
-    /// History a checkpoint is writing: read from memory until it is on disk.
-    frozen: Option<Arc<Generation>>,
+    /// History a checkpoint is writing, with the position the checkpoint began at: read from
+    /// memory until it is on disk.
+    frozen: Option<(u64, Arc<Generation>)>,
     /// History read back from disk.
     loaded: Generation,
     /// Refund totals of refunded payments.
@@ -632,9 +631,6 @@ impl State {
             // An import's line for an object of an older generation: a row of its own.
             None => {
                 young.lines.insert(object, line);
-                if let Some(cache) = &mut self.cache {
-                    cache.imported_lines += 1;
-                }
             }
         }
         if let Some(tracker) = &mut self.tracker {
@@ -644,11 +640,16 @@ impl State {
 
     // What memory holds.
 
+    /// The history a checkpoint is writing, if one is.
+    fn frozen_history(&self) -> Option<&Generation> {
+        self.frozen.as_ref().map(|(_, history)| &**history)
+    }
+
     /// A payment row in memory, of any generation.
     fn payment_row(&self, id: PaymentId) -> Option<&PaymentRow> {
         self.young
             .payment(id)
-            .or_else(|| self.frozen.as_ref().and_then(|frozen| frozen.payment(id)))
+            .or_else(|| self.frozen_history().and_then(|frozen| frozen.payment(id)))
             .or_else(|| self.loaded.payment(id))
     }
 
@@ -657,8 +658,7 @@ impl State {
             .topups
             .get(&id)
             .or_else(|| {
-                self.frozen
-                    .as_ref()
+                self.frozen_history()
                     .and_then(|frozen| frozen.topups.get(&id))
             })
             .or_else(|| self.loaded.topups.get(&id))
@@ -669,8 +669,7 @@ impl State {
             .refunds
             .get(&id)
             .or_else(|| {
-                self.frozen
-                    .as_ref()
+                self.frozen_history()
                     .and_then(|frozen| frozen.refunds.get(&id))
             })
             .or_else(|| self.loaded.refunds.get(&id))
@@ -680,7 +679,7 @@ impl State {
     fn line_held(&self, object: EntryObject) -> Option<Line> {
         self.young
             .line(object)
-            .or_else(|| self.frozen.as_ref().and_then(|frozen| frozen.line(object)))
+            .or_else(|| self.frozen_history().and_then(|frozen| frozen.line(object)))
             .or_else(|| self.loaded.line(object))
     }
 

@@ -149,40 +149,6 @@ impl Checkpoint {
         })
     }
 
-    /// The history rows, each with its key, in no particular order.
-    pub fn history_rows(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let history = &self.history;
-        let mut rows = Vec::with_capacity(history.rows());
-        for row in &history.payments {
-            rows.push((
-                disk::history_key(row.payment.id.to_u128(), history_kind::PAYMENT).to_vec(),
-                disk::encode(row),
-            ));
-        }
-        for row in history.topups.values() {
-            rows.push((
-                disk::history_key(row.topup.id.to_u128(), history_kind::TOPUP).to_vec(),
-                disk::encode(row),
-            ));
-        }
-        for row in history.refunds.values() {
-            rows.push((
-                disk::history_key(row.refund.id.to_u128(), history_kind::REFUND).to_vec(),
-                disk::encode(row),
-            ));
-        }
-        for (object, line) in &history.lines {
-            rows.push((disk::line_key(*object).to_vec(), disk::encode(line)));
-        }
-        for record in history.transfers.as_slice() {
-            rows.push((
-                disk::transfer_key(record.transfer.id).to_vec(),
-                disk::encode(record),
-            ));
-        }
-        rows
-    }
-
     /// The state rows changed, with the globals last.
     pub fn state_rows(&self) -> Vec<StateRow> {
         let mut rows = Vec::with_capacity(
@@ -252,7 +218,6 @@ impl State {
             disk,
             accounts_changed: HashSet::default(),
             id_max: 0,
-            imported_lines: 0,
         }));
         Ok(state)
     }
@@ -275,7 +240,7 @@ impl State {
         // id, as nearly every id is, costs one comparison.
         let older_id_max = disk
             .history_id_max()
-            .max(self.frozen.as_ref().map_or(0, |frozen| frozen.id_max));
+            .max(self.frozen_history().map_or(0, |frozen| frozen.id_max));
         let older = |id: u128| id <= older_id_max;
         // Lists repeat (two payments of one payer); what is fetched is fetched once.
         let mut asked: HashSet<Vec<u8>> = HashSet::new();
@@ -327,19 +292,20 @@ impl State {
             if !first_time(&disk::history_key(id.to_u128(), history_kind::PAYMENT)) {
                 continue;
             }
-            let held = self.payment_row(*id);
-            let exists = match held {
-                Some(_) => true,
+            // Whether the payment exists, and whether a row read now carries its line.
+            let (exists, read_with_line) = match self.payment_row(*id) {
+                Some(_) => (true, false),
                 None => match read_history::<PaymentRow>(
                     Some(disk),
                     id.to_u128(),
                     history_kind::PAYMENT,
                 )? {
                     Some(row) => {
+                        let with_line = row.line.is_some();
                         fetched.payments.push(row);
-                        true
+                        (true, with_line)
                     }
-                    None => false,
+                    None => (false, false),
                 },
             };
             if exists
@@ -348,7 +314,7 @@ impl State {
             {
                 fetched.refunded.push((*id, refunded));
             }
-            if exists {
+            if exists && !read_with_line {
                 self.fetch_line(disk, EntryObject::Payment(*id), &mut fetched)?;
             }
         }
@@ -359,8 +325,11 @@ impl State {
                 && let Some(row) =
                     read_history::<TopupRow>(Some(disk), id.to_u128(), history_kind::TOPUP)?
             {
+                let with_line = row.line.is_some();
                 fetched.topups.push(row);
-                self.fetch_line(disk, EntryObject::Topup(*id), &mut fetched)?;
+                if !with_line {
+                    self.fetch_line(disk, EntryObject::Topup(*id), &mut fetched)?;
+                }
             }
         }
         for id in &needs.refunds {
@@ -370,8 +339,11 @@ impl State {
                 && let Some(row) =
                     read_history::<RefundRow>(Some(disk), id.to_u128(), history_kind::REFUND)?
             {
+                let with_line = row.line.is_some();
                 fetched.refunds.push(row);
-                self.fetch_line(disk, EntryObject::Refund(*id), &mut fetched)?;
+                if !with_line {
+                    self.fetch_line(disk, EntryObject::Refund(*id), &mut fetched)?;
+                }
             }
         }
         for id in &needs.transfers {
@@ -382,8 +354,7 @@ impl State {
                 continue;
             }
             let frozen = self
-                .frozen
-                .as_ref()
+                .frozen_history()
                 .and_then(|frozen| frozen.transfers.get(id).copied());
             let record = match frozen {
                 Some(record) => Some(record),
@@ -404,26 +375,15 @@ impl State {
     }
 
     /// Adds the line an import brought for `object` as a row of its own, if memory lacks
-    /// the object's line and the disk has one.
+    /// the object's line and the disk has one. For an object whose row (held, or just read)
+    /// does not carry its line.
     fn fetch_line(
         &self,
         disk: &dyn Disk,
         object: EntryObject,
         fetched: &mut Fetched,
     ) -> Result<(), DiskError> {
-        let in_row = fetched
-            .payments
-            .iter()
-            .any(|row| EntryObject::Payment(row.payment.id) == object && row.line.is_some())
-            || fetched
-                .topups
-                .iter()
-                .any(|row| EntryObject::Topup(row.topup.id) == object && row.line.is_some())
-            || fetched
-                .refunds
-                .iter()
-                .any(|row| EntryObject::Refund(row.refund.id) == object && row.line.is_some());
-        if in_row || self.line_held(object).is_some() {
+        if self.line_held(object).is_some() {
             return Ok(());
         }
         if let Some(bytes) = disk.history(&disk::line_key(object))? {
@@ -517,7 +477,6 @@ impl State {
         );
         let cache = self.cache.as_mut().expect("only a cache checkpoints");
         let changed = std::mem::take(&mut cache.accounts_changed);
-        cache.imported_lines = 0;
         let mut young = std::mem::take(&mut self.young);
         young.transfers = self.ledger.take_made_transfers();
         // A bound, not the largest id held: every id of the generation is at most it.
@@ -578,7 +537,7 @@ impl State {
             payments: self.payments_before,
             transfers: self.transfers_before,
         };
-        self.frozen = Some(history.clone());
+        self.frozen = Some((self.records_applied, history.clone()));
         Checkpoint {
             position: self.records_applied,
             history,
@@ -595,12 +554,12 @@ impl State {
 
     /// The checkpoint begun at `position` is on disk: its rows are read from there now.
     pub fn checkpoint_written(&mut self, position: u64) {
-        assert!(
-            self.frozen.is_some(),
-            "a checkpoint was begun before it was written"
+        let begun = self.frozen.take().map(|(begun, _)| begun);
+        assert_eq!(
+            begun,
+            Some(position),
+            "the checkpoint written is the one begun"
         );
-        let _ = position;
-        self.frozen = None;
     }
 
     /// Whether a checkpoint is being written.

@@ -386,8 +386,7 @@ impl State {
             .lines
             .get(&object)
             .or_else(|| {
-                self.frozen
-                    .as_ref()
+                self.frozen_history()
                     .and_then(|frozen| frozen.lines.get(&object))
             })
             .or_else(|| self.loaded.lines.get(&object));

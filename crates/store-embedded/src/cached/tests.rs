@@ -164,7 +164,13 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
             After::CrashMidCheckpoint => {
                 let checkpoint = cache.freeze();
                 engine
-                    .ingest_history(checkpoint.history_rows(), checkpoint.position)
+                    .ingest_history(
+                        checkpoint
+                            .history_in_key_order()
+                            .map(|(key, value)| (key.to_vec(), value))
+                            .collect(),
+                        checkpoint.position,
+                    )
                     .expect("the history step is written");
                 cache = restart(&engine, &journal, &expected);
             }
