@@ -176,11 +176,16 @@ async fn verify(api: &Api, payer: &Party, merchant: &Party, seen: &Seen, topped_
     }
 }
 
-conformance! {
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_payment_acknowledged_before_a_kill_9_survives_and_no_money_appears_or_vanishes() {
-    let dir = TempDir::new();
-    let mut server = Server::start_in(dir.path(), &[]);
+/// Rounds of load on one payer and merchant, each ended by kill -9 mid-stream, then a restart
+/// on the same directory (with `flags`) checked against what the clients saw. Returns the
+/// server left running and how many payments were acknowledged in all.
+async fn kill_9_rounds(
+    dir: &std::path::Path,
+    flags: &[&str],
+    rounds: usize,
+    per_round: usize,
+) -> (Server, u64) {
+    let mut server = Server::start_in(dir, flags);
     let mut api = server.api();
     let merchant = api
         .create_merchant("Shop", Some(175), Some("0.000003"))
@@ -188,11 +193,9 @@ async fn every_payment_acknowledged_before_a_kill_9_survives_and_no_money_appear
     let payer = api.create_payer("Ada").await;
     api.topup(&payer, TOPUP).await;
     let seen = Arc::new(Mutex::new(Seen::default()));
-
-    // Twice: load, kill -9 mid-stream, restart on the same directory, check.
-    for round in 0..2 {
+    for round in 0..rounds {
         let before = seen.lock().unwrap().acked.len();
-        let load = Load::new(&seen, 150);
+        let load = Load::new(&seen, per_round);
         let clients = spawn_clients(&api, &payer, &merchant, 8, round, &load);
         load.enough_acknowledged().await;
         server.kill();
@@ -200,12 +203,21 @@ async fn every_payment_acknowledged_before_a_kill_9_survives_and_no_money_appear
             client.await.expect("client task");
         }
         let snapshot = seen.lock().unwrap().clone();
-        assert!(snapshot.acked.len() >= before + 150);
+        assert!(snapshot.acked.len() >= before + per_round);
 
-        server = Server::start_in(dir.path(), &[]);
+        server = Server::start_in(dir, flags);
         api = server.api();
         verify(&api, &payer, &merchant, &snapshot, micros(TOPUP)).await;
     }
+    let acked = seen.lock().unwrap().acked.len() as u64;
+    (server, acked)
+}
+
+conformance! {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_payment_acknowledged_before_a_kill_9_survives_and_no_money_appears_or_vanishes() {
+    let dir = TempDir::new();
+    kill_9_rounds(dir.path(), &[], 2, 150).await;
 }
 }
 
@@ -221,33 +233,12 @@ const BUSY_CHECKPOINTS: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn payments_acknowledged_survive_kill_9_amid_checkpoints_and_journal_removals() {
     let dir = TempDir::new();
-    let mut server = Server::start_in(dir.path(), BUSY_CHECKPOINTS);
-    let mut api = server.api();
-    let merchant = api
-        .create_merchant("Shop", Some(175), Some("0.000003"))
-        .await;
-    let payer = api.create_payer("Ada").await;
-    api.topup(&payer, TOPUP).await;
-    let seen = Arc::new(Mutex::new(Seen::default()));
     // Six rounds: each kill lands wherever the checkpoints and removals are.
-    for round in 0..6 {
-        let load = Load::new(&seen, 120);
-        let clients = spawn_clients(&api, &payer, &merchant, 8, round, &load);
-        load.enough_acknowledged().await;
-        server.kill();
-        for client in clients {
-            client.await.expect("client task");
-        }
-        let snapshot = seen.lock().unwrap().clone();
-        server = Server::start_in(dir.path(), BUSY_CHECKPOINTS);
-        api = server.api();
-        verify(&api, &payer, &merchant, &snapshot, micros(TOPUP)).await;
-    }
+    let (server, acked) = kill_9_rounds(dir.path(), BUSY_CHECKPOINTS, 6, 120).await;
     assert!(
         first_segment(dir.path()) > 0,
         "checkpoints removed no journal segment"
     );
-    let acked = seen.lock().unwrap().acked.len() as u64;
     assert!(
         server.replayed < acked,
         "a restart replayed {} records of more than {acked}: the checkpoints were not used",
