@@ -858,31 +858,18 @@ fn replay(
     Ok((state, count))
 }
 
-fn load(state: &mut State, fetched: Fetched) -> Result<(), StoreError> {
-    state.load_fetched(fetched).map_err(|error| {
-        StoreError::Database(format!("a row read from disk does not load: {error:?}"))
-    })
-}
-
-/// [`load_for`] by the writer, for the jobs of one commit: what to read is found under the read
-/// lock (readers go on), and only what was read is put in under the write lock.
+/// [`State::load_for`] by the writer, for the jobs of one commit: what to read is found under
+/// the read lock (readers go on), and only what was read is put in under the write lock.
 fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> {
     for _ in 0..LOAD_ROUNDS_MAX {
-        let fetched = {
-            let state = state.read().expect("state lock");
-            if !state.is_cache() {
-                return Ok(());
-            }
-            let mut needs = Needs::default();
-            for job in jobs {
-                needs.append(state.needs_unsorted(job.idempotency.as_ref(), &job.command));
-            }
-            state.fetch(&needs)?
-        };
+        let fetched = state.read().expect("state lock").fetch_for(
+            jobs.iter()
+                .map(|job| (job.idempotency.as_ref(), &job.command)),
+        )?;
         if fetched.is_empty() {
             return Ok(());
         }
-        load(&mut state.write().expect("state lock"), fetched)?;
+        state.write().expect("state lock").load_fetched(fetched)?;
     }
     Ok(())
 }

@@ -185,7 +185,7 @@ fn scan(
     })
 }
 
-/// What [`backup`] copied.
+/// What [`backup()`] copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackupCopied {
     /// The position of the first record copied: 0 unless the source's segments were trimmed.
@@ -194,13 +194,15 @@ pub struct BackupCopied {
     pub bytes: u64,
 }
 
-/// Copies the journal in `from` to a new data directory `to`, consistently, while a server may
-/// be writing to `from`: the journal only grows, and every prefix of whole records is a state
-/// the server was in, so the copy takes the whole records present when it reads and leaves an
-/// append in progress out. `to` must not hold a journal yet. The copy is durable on return.
+/// Copies the store in `from` to a new data directory `to`, which must not hold a journal yet.
+/// The copy is durable on return.
 ///
-/// A segmented journal is copied segment by segment into the same layout
-/// ([`segments::backup`]); a single file into a single file.
+/// - A store with an engine must not be running (its lock is taken): it is opened and copied
+///   as a running server copies itself ([`backup::backup_open`]); a running server is asked
+///   instead ([`backup::ask_running_server`]).
+/// - A journal alone (segments, or an earlier single file) is copied consistently even while
+///   a server appends to it: the journal only grows, and every prefix of whole records is a
+///   state the server was in, so the copy takes the whole records present when it reads.
 pub fn backup(from: &Path, to: &Path) -> Result<BackupCopied, StoreError> {
     if from.join(ENGINE_DIR).exists() {
         // The store is not running (its lock is free): open it and copy as a server would.

@@ -231,7 +231,7 @@ impl State {
     /// cache's writer asks under the read lock, then loads what came back under the write
     /// lock, and asks again while [`Needs::incomplete`] (a refund names its payment before
     /// the payment names its accounts). Empty for a state that is not a cache.
-    pub fn fetch(&self, needs: &Needs) -> Result<Fetched, DiskError> {
+    fn fetch(&self, needs: &Needs) -> Result<Fetched, DiskError> {
         let mut fetched = Fetched::default();
         let Some(disk) = self.disk() else {
             return Ok(fetched);
@@ -396,27 +396,45 @@ impl State {
     /// (a refund names its payment, whose row names the accounts). Nothing for a state that
     /// is not a cache.
     pub fn load_for(&mut self, records: &[Record]) -> Result<(), DiskError> {
-        if !self.is_cache() {
-            return Ok(());
-        }
         for _ in 0..LOAD_ROUNDS_MAX {
-            let mut needs = Needs::default();
-            for record in records {
-                needs.append(self.needs_unsorted(record.idempotency.as_ref(), &record.command));
-            }
-            let fetched = self.fetch(&needs)?;
+            let fetched = self.fetch_for(
+                records
+                    .iter()
+                    .map(|record| (record.idempotency.as_ref(), &record.command)),
+            )?;
             if fetched.is_empty() {
                 return Ok(());
             }
-            self.load_fetched(fetched).map_err(|error| {
-                DiskError(format!("a row read from disk does not load: {error:?}"))
-            })?;
+            self.load_fetched(fetched)?;
         }
         Ok(())
     }
 
-    /// Puts in what [`State::fetch`] read: loads, not changes.
-    pub fn load_fetched(&mut self, fetched: Fetched) -> Result<(), LoadError> {
+    /// Reads from disk what these commands (with their idempotency claims) read and memory
+    /// lacks: one round of [`State::load_for`], for a writer that reads under one lock and
+    /// loads under another. Empty for a state that is not a cache.
+    pub fn fetch_for<'a>(
+        &self,
+        commands: impl IntoIterator<Item = (Option<&'a IdempotencyClaim>, &'a Command)>,
+    ) -> Result<Fetched, DiskError> {
+        if !self.is_cache() {
+            return Ok(Fetched::default());
+        }
+        let mut needs = Needs::default();
+        for (claim, command) in commands {
+            needs.append(self.needs_unsorted(claim, command));
+        }
+        self.fetch(&needs)
+    }
+
+    /// Puts in what [`State::fetch_for`] read: loads, not changes. A row that does not fit what
+    /// memory holds means the disk and the state disagree.
+    pub fn load_fetched(&mut self, fetched: Fetched) -> Result<(), DiskError> {
+        self.load_fetched_rows(fetched)
+            .map_err(|error| DiskError(format!("a row read from disk does not load: {error:?}")))
+    }
+
+    fn load_fetched_rows(&mut self, fetched: Fetched) -> Result<(), LoadError> {
         for (key_hash, principal) in fetched.keys {
             if principal != Principal::Operator {
                 self.insert_key(key_hash, principal)?;

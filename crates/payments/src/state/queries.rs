@@ -20,7 +20,7 @@ impl State {
     /// a refusal without recording anything, since a refusal that changes nothing can be
     /// answered as of any moment its state was current. Checks needing ids not yet chosen
     /// (collisions) are left to [`State::apply`]. A cache answers it once the command's
-    /// reads are loaded ([`State::fetch`]).
+    /// reads are loaded ([`State::load_for`]).
     pub fn refusal(&self, command: &Command) -> Option<Rejection> {
         match command {
             Command::Pay(pay) => {
