@@ -365,6 +365,7 @@ fn time_of(item: &Imported) -> Timestamp {
         Imported::Refund(refund) => refund.created_at,
         Imported::Entry { entry, .. } => entry.created_at,
         Imported::Idempotency(row) => row.made,
+        Imported::Hold(row) => row.hold.resolved_at.unwrap_or(Timestamp(0)),
     }
 }
 
@@ -441,6 +442,7 @@ struct Summary {
     payments: u64,
     topups: u64,
     refunds: u64,
+    holds: u64,
     lines: u64,
     idempotency_keys: u64,
     /// Posted balances by currency and account kind, in micro-units.
@@ -480,6 +482,7 @@ impl Summary {
             Imported::Refund(_) => self.refunds += 1,
             Imported::Entry { .. } => self.lines += 1,
             Imported::Idempotency(_) => self.idempotency_keys += 1,
+            Imported::Hold(_) => self.holds += 1,
         }
     }
 
@@ -493,7 +496,7 @@ impl Summary {
         println!(
             "copy verified: source and target are identical item by item: {} items (operator \
              key {}, merchants {}, payers {}, accounts {}, transfers {}, payments {}, top-ups {}, \
-             refunds {}, statement lines {}, idempotency keys {}); {secs:.1} s in all, {} \
+             refunds {}, holds {}, statement lines {}, idempotency keys {}); {secs:.1} s in all, {} \
              items/s",
             thousands(self.items),
             u8::from(self.operator_key),
@@ -504,6 +507,7 @@ impl Summary {
             thousands(self.payments),
             thousands(self.topups),
             thousands(self.refunds),
+            thousands(self.holds),
             thousands(self.lines),
             thousands(self.idempotency_keys),
             thousands(per_sec),

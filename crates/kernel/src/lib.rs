@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::float_arithmetic)]
 
+mod dyn_fields;
 mod fields;
 mod ledger_records;
 mod table;

@@ -191,6 +191,9 @@ pub struct Ledger {
     /// Holds with a deadline, by deadline. Entries are not removed when a hold resolves early;
     /// expiry checks the hold's state, so a stale entry is skipped.
     expiries: BTreeMap<(Timestamp, TransferId), ()>,
+    /// Holds whose state changed (posted, voided, expired) since [`Ledger::take_hold_changes`],
+    /// for a store that keeps transfer records outside memory. May repeat an id.
+    hold_changes: Vec<TransferId>,
 }
 
 /// Transfer records made here, in the order they were made, with an index by id.
@@ -290,6 +293,8 @@ struct Undo {
     accounts: Vec<Account>,
     holds: Vec<(TransferId, HoldState)>,
     created: Vec<TransferId>,
+    /// How many hold changes were listed when the chain began.
+    hold_changes: usize,
 }
 
 /// The largest total an account may reach, in micro-units: `i64::MAX` (9.2 trillion units), so
@@ -365,12 +370,26 @@ impl Ledger {
         made
     }
 
+    /// The records of holds whose state changed since the last call, as they are now: for a
+    /// store that wrote them when they were made, and must write their new state.
+    pub fn take_hold_changes(&mut self) -> Vec<TransferRecord> {
+        let mut ids = std::mem::take(&mut self.hold_changes);
+        ids.sort_unstable();
+        ids.dedup();
+        ids.iter()
+            .filter_map(|id| self.transfers.get(id).copied())
+            .collect()
+    }
+
     /// Forgets the loaded transfer records that are not pending holds: for a cache whose
-    /// storage holds them.
+    /// storage holds them. Holds whose state changed since [`Ledger::take_hold_changes`] stay
+    /// until it hands them over: storage holds them as they were.
     pub fn forget_loaded_transfers(&mut self) {
+        let changed: std::collections::HashSet<TransferId, IdHashBuilder> =
+            self.hold_changes.iter().copied().collect();
         self.transfers
             .loaded
-            .retain(|_, record| record.hold == Some(HoldState::Pending));
+            .retain(|id, record| record.hold == Some(HoldState::Pending) || changed.contains(id));
     }
 
     /// Forgets an account: for a cache whose storage holds its totals.
@@ -424,12 +443,18 @@ impl Ledger {
     }
 
     /// Puts a transfer record brought from another ledger (an import) among the records made
-    /// here, without moving money: the imported totals hold what it moved. Checked by the
-    /// caller: the id must be new and the record must not be a pending hold.
+    /// here, without moving money: the imported totals hold what it moved, pending amounts
+    /// included. Checked by the caller: the id must be new, and a pending hold must have no
+    /// deadline of its own (holds with one expire by the ledger's clock, which an import
+    /// does not carry).
     pub fn put_imported_transfer_record(&mut self, record: TransferRecord) {
         assert!(
             record.transfer.id.0 != 0 && !self.transfers.contains(&record.transfer.id),
             "an imported transfer record has a new id"
+        );
+        assert!(
+            record.hold != Some(HoldState::Pending) || record.expires_at.is_none(),
+            "an imported hold has no deadline"
         );
         self.transfers.push(record);
     }
@@ -477,6 +502,7 @@ impl Ledger {
                 undo.accounts.clear();
                 undo.holds.clear();
                 undo.created.clear();
+                undo.hold_changes = self.hold_changes.len();
             }
             let in_chain = chain_start.is_some();
             let chain_open_at_end = transfer.linked && index + 1 == batch.len();
@@ -680,6 +706,7 @@ impl Ledger {
                 .get_mut(&pending_id)
                 .expect("hold checked above")
                 .hold = Some(resolved);
+            self.hold_changes.push(pending_id);
         }
         self.transfers.push(TransferRecord {
             transfer: *transfer,
@@ -688,6 +715,48 @@ impl Ledger {
             hold,
             expires_at,
         });
+        Ok(())
+    }
+
+    /// Expires hold `pending_id` now, whatever its own deadline: its amount is released as a
+    /// void releases it, and it is marked expired, with no transfer of its own (so no id that
+    /// another transfer could have taken first). For holds whose deadline is kept outside the
+    /// ledger. Refused, changing nothing, as a void of the same hold would be: a hold that is
+    /// not found, or no longer pending, or whose accounts are not held.
+    pub fn expire_pending(&mut self, pending_id: TransferId) -> Result<(), TransferRejection> {
+        use TransferRejection::*;
+        let hold = match self.transfers.get(&pending_id) {
+            Some(record)
+                if record.outcome.is_ok()
+                    && matches!(record.transfer.kind, TransferKind::Pending { .. }) =>
+            {
+                record
+            }
+            _ => return Err(PendingTransferNotFound),
+        };
+        match hold.hold {
+            Some(HoldState::Pending) => {}
+            Some(HoldState::Posted) => return Err(PendingTransferAlreadyPosted),
+            Some(HoldState::Voided) => return Err(PendingTransferAlreadyVoided),
+            Some(HoldState::Expired) | None => return Err(PendingTransferExpired),
+        }
+        let (debit_id, credit_id, amount) = (
+            hold.transfer.debit,
+            hold.transfer.credit,
+            hold.transfer.amount.micros(),
+        );
+        let [debit, credit] = match self.accounts.get_disjoint_mut([&debit_id, &credit_id]) {
+            [Some(debit), Some(credit)] => [debit, credit],
+            [None, _] => return Err(DebitAccountNotFound),
+            [_, None] => return Err(CreditAccountNotFound),
+        };
+        debit.debits_pending -= amount;
+        credit.credits_pending -= amount;
+        self.transfers
+            .get_mut(&pending_id)
+            .expect("found above")
+            .hold = Some(HoldState::Expired);
+        self.hold_changes.push(pending_id);
         Ok(())
     }
 
@@ -701,6 +770,8 @@ impl Ledger {
                 record.hold = Some(state);
             }
         }
+        // The holds are as they were before the chain: so is the list of those changed.
+        self.hold_changes.truncate(undo.hold_changes);
         // Only what this chain created is removed: a retried id keeps its first record. The
         // chain's records are the newest ones, since a failure ends the chain at once.
         for id in undo.created.drain(..).rev() {
@@ -722,6 +793,7 @@ impl Ledger {
                 continue;
             }
             record.hold = Some(HoldState::Expired);
+            self.hold_changes.push(id);
             let (debit_id, credit_id, amount) = (
                 record.transfer.debit,
                 record.transfer.credit,

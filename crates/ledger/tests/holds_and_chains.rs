@@ -986,3 +986,129 @@ fn creating_an_account_again_is_a_no_op_and_conflicting_fields_are_rejected() {
     );
     assert_eq!(ledger.account_count(), 6);
 }
+
+// =============================================================================================
+// Expiring a hold whose deadline is kept outside the ledger, and the holds a store must write
+// =============================================================================================
+
+#[test]
+fn a_hold_expired_by_hand_is_released_with_no_transfer_and_then_cannot_be_posted() {
+    let mut ledger = ledger();
+    ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 300, 0)]);
+    let transfers = ledger.transfer_count();
+
+    assert_eq!(ledger.expire_pending(TransferId(1)), Ok(()));
+    assert_eq!(hold_state(&ledger, 1), Some(HoldState::Expired));
+    assert_eq!(ledger.transfer_count(), transfers, "no transfer of its own");
+    let wallet = account(&ledger, WALLET);
+    assert_eq!((wallet.debits_posted, wallet.debits_pending), (0, 0));
+    assert_eq!(wallet.available(), START as i128);
+    let merchant = account(&ledger, MERCHANT);
+    assert_eq!((merchant.credits_posted, merchant.credits_pending), (0, 0));
+
+    let before = accounts(&ledger);
+    assert_eq!(
+        ledger.apply(secs(2), &[post(2, 1, 0)]),
+        vec![Err(PendingTransferExpired)]
+    );
+    assert_eq!(
+        ledger.expire_pending(TransferId(1)),
+        Err(PendingTransferExpired)
+    );
+    assert_eq!(accounts(&ledger), before);
+}
+
+#[test]
+fn only_a_pending_hold_expires_by_hand() {
+    let mut ledger = ledger();
+    ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 300, 0)]);
+    ledger.apply(secs(1), &[pending(2, WALLET, MERCHANT, 200, 0)]);
+    ledger.apply(secs(2), &[post(3, 1, 0), void(4, 2)]);
+    let before = accounts(&ledger);
+    assert_eq!(
+        ledger.expire_pending(TransferId(1)),
+        Err(PendingTransferAlreadyPosted)
+    );
+    assert_eq!(
+        ledger.expire_pending(TransferId(2)),
+        Err(PendingTransferAlreadyVoided)
+    );
+    // A posted transfer is no hold, nor is an id never seen.
+    assert_eq!(ledger.expire_pending(TOP_UP), Err(PendingTransferNotFound));
+    assert_eq!(
+        ledger.expire_pending(TransferId(99)),
+        Err(PendingTransferNotFound)
+    );
+    assert_eq!(accounts(&ledger), before);
+}
+
+/// The ids of the holds whose state the ledger hands over as changed.
+fn changed_holds(ledger: &mut Ledger) -> Vec<(TransferId, Option<HoldState>)> {
+    ledger
+        .take_hold_changes()
+        .iter()
+        .map(|record| (record.transfer.id, record.hold))
+        .collect()
+}
+
+#[test]
+fn the_holds_posted_voided_or_expired_are_handed_over_once_each() {
+    let mut ledger = ledger();
+    ledger.apply(
+        secs(1),
+        &[
+            pending(1, WALLET, MERCHANT, 100, 0),
+            pending(2, WALLET, MERCHANT, 100, 0),
+            pending(3, WALLET, MERCHANT, 100, 0),
+        ],
+    );
+    assert_eq!(changed_holds(&mut ledger), vec![], "placing is no change");
+    ledger.apply(secs(2), &[post(4, 1, 50), void(5, 2)]);
+    ledger.expire_pending(TransferId(3)).unwrap();
+    assert_eq!(
+        changed_holds(&mut ledger),
+        vec![
+            (TransferId(1), Some(HoldState::Posted)),
+            (TransferId(2), Some(HoldState::Voided)),
+            (TransferId(3), Some(HoldState::Expired)),
+        ]
+    );
+    assert_eq!(changed_holds(&mut ledger), vec![], "handed over once");
+}
+
+#[test]
+fn a_hold_posted_by_a_chain_that_fails_is_no_change() {
+    let mut ledger = ledger();
+    ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 300, 0)]);
+    // The post succeeds, then the chain fails on a leg the merchant cannot pay: both undone.
+    assert_eq!(
+        ledger.apply(
+            secs(2),
+            &[linked(post(2, 1, 0)), posted(3, MERCHANT, FEES, 301)]
+        ),
+        vec![Err(LinkedEventFailed), Err(ExceedsAvailableBalance)]
+    );
+    assert_eq!(hold_state(&ledger, 1), Some(HoldState::Pending));
+    assert_eq!(changed_holds(&mut ledger), vec![]);
+}
+
+#[test]
+fn a_loaded_hold_settled_since_the_last_hand_over_is_kept_until_handed_over() {
+    // A cache's ledger: the hold's record was written to storage, and is held as loaded.
+    let mut ledger = ledger();
+    ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 300, 0)]);
+    let _written = ledger.take_made_transfers();
+    ledger.apply(secs(2), &[post(2, 1, 0)]);
+    // Storage holds the hold as pending: forgetting it now would lose its new state.
+    ledger.forget_loaded_transfers();
+    assert_eq!(hold_state(&ledger, 1), Some(HoldState::Posted));
+    assert_eq!(
+        changed_holds(&mut ledger),
+        vec![(TransferId(1), Some(HoldState::Posted))]
+    );
+    ledger.forget_loaded_transfers();
+    assert!(
+        ledger.transfer(TransferId(1)).is_none(),
+        "written, then let go"
+    );
+}

@@ -117,6 +117,41 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             w.u8(8);
             w.u64(before.0);
         }
+        Command::Authorize {
+            pay,
+            expires_at,
+            settle_id,
+        } => {
+            w.u8(10);
+            w.pay(pay);
+            w.u64(expires_at.0);
+            w.u128(settle_id.0);
+        }
+        Command::Capture {
+            payment,
+            amount,
+            caller,
+        } => {
+            w.u8(11);
+            w.u128(payment.to_u128());
+            match amount {
+                None => w.u8(0),
+                Some(amount) => {
+                    w.u8(1);
+                    w.u64(amount.micros());
+                }
+            }
+            w.principal(*caller);
+        }
+        Command::Cancel { payment, caller } => {
+            w.u8(12);
+            w.u128(payment.to_u128());
+            w.principal(*caller);
+        }
+        Command::ExpireHolds { at } => {
+            w.u8(13);
+            w.u64(at.0);
+        }
         Command::Import(items) => {
             w.u8(9);
             w.u32(u32::try_from(items.len()).expect("imports are chunked"));
@@ -199,6 +234,27 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         8 => Command::PruneIdempotencyKeys {
             before: Timestamp(r.u64()?),
         },
+        10 => Command::Authorize {
+            pay: r.pay()?,
+            expires_at: Timestamp(r.u64()?),
+            settle_id: TransferId(r.u128()?),
+        },
+        11 => Command::Capture {
+            payment: PaymentId::from_u128(r.u128()?),
+            amount: match r.u8()? {
+                0 => None,
+                1 => Some(Amount::from_micros(r.u64()?)),
+                tag => return Err(DecodeError::UnknownTag(tag)),
+            },
+            caller: r.principal()?,
+        },
+        12 => Command::Cancel {
+            payment: PaymentId::from_u128(r.u128()?),
+            caller: r.principal()?,
+        },
+        13 => Command::ExpireHolds {
+            at: Timestamp(r.u64()?),
+        },
         9 => {
             let count = r.u32()? as usize;
             // Each item takes at least 33 bytes: a corrupt count cannot make us allocate more
@@ -259,17 +315,17 @@ pub fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
         }
         Outcome::Paid(payment) => {
             w.u8(5);
-            w.u128(payment.id.to_u128());
-            w.u128(payment.payer.to_u128());
-            w.u128(payment.merchant.to_u128());
-            w.u64(payment.amount.micros());
-            w.u32(payment.currency.to_u32());
-            w.u64(payment.fee.micros());
-            w.opt_text(&payment.description);
-            w.opt_text(&payment.reference);
-            w.u64(payment.created_at.0);
-            w.u64(payment.amount_refunded.micros());
-            w.u64(payment.fee_refunded.micros());
+            w.paid(payment);
+        }
+        Outcome::HoldChanged(payment) => {
+            w.u8(11);
+            w.paid(payment);
+            let hold = payment.hold.expect("a held payment carries its hold");
+            hold.put(&mut w.bin());
+        }
+        Outcome::HoldsExpired { count } => {
+            w.u8(12);
+            w.u64(u64::try_from(*count).expect("a usize fits in 64 bits"));
         }
         Outcome::PaidBatch(items) => {
             w.u8(6);
@@ -341,19 +397,15 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
             source: r.funding_source()?,
             created_at: Timestamp(r.u64()?),
         }),
-        5 => Outcome::Paid(Payment {
-            id: PaymentId::from_u128(r.u128()?),
-            payer: PayerId::from_u128(r.u128()?),
-            merchant: MerchantId::from_u128(r.u128()?),
-            amount: Amount::from_micros(r.u64()?),
-            currency: r.currency()?,
-            fee: Amount::from_micros(r.u64()?),
-            description: r.opt_text()?,
-            reference: r.opt_text()?,
-            created_at: Timestamp(r.u64()?),
-            amount_refunded: Amount::from_micros(r.u64()?),
-            fee_refunded: Amount::from_micros(r.u64()?),
-        }),
+        5 => Outcome::Paid(r.paid()?),
+        11 => {
+            let mut payment = r.paid()?;
+            payment.hold = Some(r.with(Hold::get)?);
+            Outcome::HoldChanged(payment)
+        }
+        12 => Outcome::HoldsExpired {
+            count: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,
+        },
         6 => {
             let count = r.u32()? as usize;
             // Each item takes at least 2 bytes: a corrupt count cannot make us allocate more
@@ -454,6 +506,10 @@ impl Writer<'_> {
             Rejection::IdempotencyKeyReused => 10,
             Rejection::IdCollision => 11,
             Rejection::ImportDoesNotFit => 12,
+            Rejection::PaymentNotHeld => 13,
+            Rejection::HoldExpired => 14,
+            Rejection::CaptureExceedsAuthorization => 15,
+            Rejection::PaymentNotCaptured => 16,
         });
     }
     fn imported(&mut self, item: &Imported) {
@@ -515,7 +571,24 @@ impl Writer<'_> {
                 out.u8(10);
                 row.put(&mut out);
             }
+            Imported::Hold(row) => {
+                out.u8(11);
+                row.put(&mut out);
+            }
         }
+    }
+    fn paid(&mut self, payment: &Payment) {
+        self.u128(payment.id.to_u128());
+        self.u128(payment.payer.to_u128());
+        self.u128(payment.merchant.to_u128());
+        self.u64(payment.amount.micros());
+        self.u32(payment.currency.to_u32());
+        self.u64(payment.fee.micros());
+        self.opt_text(&payment.description);
+        self.opt_text(&payment.reference);
+        self.u64(payment.created_at.0);
+        self.u64(payment.amount_refunded.micros());
+        self.u64(payment.fee_refunded.micros());
     }
     fn pay(&mut self, pay: &PayCommand) {
         self.u128(pay.id.to_u128());
@@ -542,6 +615,22 @@ impl<'a> Reader<'a> {
         let value = read(&mut input)?;
         self.0 = input.0;
         Ok(value)
+    }
+    fn paid(&mut self) -> Result<Payment, DecodeError> {
+        Ok(Payment {
+            id: PaymentId::from_u128(self.u128()?),
+            payer: PayerId::from_u128(self.u128()?),
+            merchant: MerchantId::from_u128(self.u128()?),
+            amount: Amount::from_micros(self.u64()?),
+            currency: self.currency()?,
+            fee: Amount::from_micros(self.u64()?),
+            description: self.opt_text()?,
+            reference: self.opt_text()?,
+            created_at: Timestamp(self.u64()?),
+            amount_refunded: Amount::from_micros(self.u64()?),
+            fee_refunded: Amount::from_micros(self.u64()?),
+            hold: None,
+        })
     }
     fn u8(&mut self) -> Result<u8, DecodeError> {
         self.with(|r| r.u8())
@@ -588,6 +677,10 @@ impl<'a> Reader<'a> {
             10 => Rejection::IdempotencyKeyReused,
             11 => Rejection::IdCollision,
             12 => Rejection::ImportDoesNotFit,
+            13 => Rejection::PaymentNotHeld,
+            14 => Rejection::HoldExpired,
+            15 => Rejection::CaptureExceedsAuthorization,
+            16 => Rejection::PaymentNotCaptured,
             tag => return Err(DecodeError::UnknownTag(tag)),
         })
     }
@@ -694,6 +787,7 @@ impl<'a> Reader<'a> {
                 }
             }
             10 => Imported::Idempotency(IdempotencyRow::get(&mut input)?),
+            11 => Imported::Hold(HoldRow::get(&mut input)?),
             tag => return Err(DecodeError::UnknownTag(tag)),
         };
         self.0 = input.0;
@@ -762,6 +856,7 @@ impl<'a> Reader<'a> {
                 created_at: Timestamp(self.u64()?),
                 amount_refunded: Amount::from_micros(self.u64()?),
                 fee_refunded: Amount::from_micros(self.u64()?),
+                hold: None,
             }),
             7 => Imported::Topup(Topup {
                 id: TopupId::from_u128(self.u128()?),

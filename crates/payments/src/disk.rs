@@ -23,6 +23,8 @@ pub trait Disk: Send + Sync {
     fn state(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DiskError>;
     /// No history row on disk has an id above this: a larger id is free without a lookup.
     fn history_id_max(&self) -> u128;
+    /// Every state entry whose key starts with `prefix`, in key order.
+    fn scan_state(&self, prefix: &[u8]) -> Rows<'_>;
 }
 
 /// A read the disk could not answer.
@@ -66,6 +68,13 @@ pub mod state_kind {
     pub const MERCHANT: u8 = b'm';
     pub const PAYER: u8 = b'p';
     pub const REFUNDED: u8 = b'r';
+    /// A payment's hold.
+    pub const HOLD: u8 = b'h';
+    /// A live hold: no value. Read whole when a cache starts, so that expiry sees every one.
+    pub const LIVE_HOLD: u8 = b'l';
+    /// A transfer record whose hold state changed after its history row was written: read
+    /// before the history row.
+    pub const TRANSFER: u8 = b'x';
 }
 
 /// A history key.
@@ -110,6 +119,18 @@ pub(crate) fn payer_key(id: PayerId) -> Vec<u8> {
 
 pub(crate) fn key_key(key_hash: &KeyHash) -> Vec<u8> {
     state_key(state_kind::KEY, &key_hash.0)
+}
+
+pub(crate) fn hold_key(id: PaymentId) -> Vec<u8> {
+    state_key(state_kind::HOLD, &id.to_u128().to_be_bytes())
+}
+
+pub(crate) fn live_hold_key(id: PaymentId) -> Vec<u8> {
+    state_key(state_kind::LIVE_HOLD, &id.to_u128().to_be_bytes())
+}
+
+pub(crate) fn transfer_state_key(id: TransferId) -> Vec<u8> {
+    state_key(state_kind::TRANSFER, &id.0.to_be_bytes())
 }
 
 pub(crate) fn refunded_key(id: PaymentId) -> Vec<u8> {
@@ -368,6 +389,4 @@ pub type Rows<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), DiskError
 pub trait DiskScan: Disk {
     /// Every history row a finished checkpoint wrote.
     fn scan_history(&self) -> Rows<'_>;
-    /// Every state entry whose key starts with `prefix`.
-    fn scan_state(&self, prefix: &[u8]) -> Rows<'_>;
 }

@@ -246,7 +246,7 @@ impl Idempotency {
     /// The keys made since the changes were last taken that are still held, in the order
     /// made, and the times of the prunes since.
     pub(crate) fn take_changes(&mut self) -> (Vec<IdempotencyRow>, Vec<Timestamp>) {
-        let changed: Vec<IdempotencyKey> = self
+        let mut changed: std::collections::HashSet<IdempotencyKey> = self
             .keys
             .take_changes()
             .into_iter()
@@ -254,8 +254,22 @@ impl Idempotency {
                 matches!(slot, farthing_kernel::Slot::Present(_)).then_some(key)
             })
             .collect();
-        let rows = changed
-            .iter()
+        // The table lists a key from its first change: a key pruned and then made again would
+        // come at the prune. The pruning order has each key where it was made, and the keys
+        // made since the last call are among its newest.
+        let mut made = Vec::with_capacity(changed.len());
+        for (_, key) in self.order.iter().rev() {
+            if changed.is_empty() {
+                break;
+            }
+            if changed.remove(key) {
+                made.push(key);
+            }
+        }
+        assert!(changed.is_empty(), "every key held is in the pruning order");
+        let rows = made
+            .into_iter()
+            .rev()
             .map(|key| self.row(key).expect("present"))
             .collect();
         (rows, std::mem::take(&mut self.prunes))

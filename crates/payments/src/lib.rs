@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod disk;
 mod history;
+mod holds;
 mod idempotency;
 mod ids;
 mod model;

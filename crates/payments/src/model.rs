@@ -7,6 +7,9 @@ use farthing_ledger::{Account, Amount, Currency, Timestamp, TransferId, Transfer
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 
+pub use crate::holds::{
+    EXPIRED_PER_COMMAND_MAX, HOLD_SECS_DEFAULT, HOLD_SECS_MAX, Hold, HoldRow, HoldStatus,
+};
 pub use crate::idempotency::{
     IDEMPOTENCY_KEY_BYTES_MAX, IdempotencyClaim, IdempotencyKey, IdempotencyRow,
 };
@@ -52,6 +55,32 @@ pub enum Command {
         caller: Principal,
         transfer_ids: [TransferId; 2],
     },
+    /// Places a hold: `pay` authorized, its money held until it is captured, canceled or
+    /// expires at `expires_at`. `pay.transfer_ids` are the hold's pending transfer and the fee
+    /// leg of its capture; `settle_id` posts it (capture) or voids it (cancel).
+    Authorize {
+        pay: PayCommand,
+        expires_at: Timestamp,
+        settle_id: TransferId,
+    },
+    /// Captures a held payment: all of it, or `amount` of it (the rest goes back to the
+    /// wallet).
+    Capture {
+        payment: PaymentId,
+        amount: Option<Amount>,
+        caller: Principal,
+    },
+    /// Cancels a held payment: the money goes back to the wallet.
+    Cancel {
+        payment: PaymentId,
+        caller: Principal,
+    },
+    /// Releases the live holds whose deadline is at or before `at` (no later than the
+    /// record's time), oldest deadline first, at most [`EXPIRED_PER_COMMAND_MAX`]: each
+    /// pending transfer is marked expired, with no transfer of its own.
+    ExpireHolds {
+        at: Timestamp,
+    },
     /// Forgets idempotency keys made before `before`.
     PruneIdempotencyKeys {
         before: Timestamp,
@@ -85,10 +114,11 @@ pub enum Imported {
         owner: Owner,
         account: Account,
     },
-    /// A ledger transfer record, failed ones included, so that its id stays used. Live holds
-    /// are not imported: payments never place them.
+    /// A ledger transfer record, failed ones included, so that its id stays used. A pending
+    /// hold has no deadline of its own: the deadline of a payment's hold is its `Hold`'s.
     Transfer(TransferRecord),
-    /// A payment with its refund totals.
+    /// A payment with its refund totals; a captured hold's with the amount and fee of its
+    /// capture (which its refunds were worked out on), its hold apart.
     Payment(Payment),
     Topup(Topup),
     Refund(Refund),
@@ -99,6 +129,8 @@ pub enum Imported {
     },
     /// An idempotency key with its first answer.
     Idempotency(IdempotencyRow),
+    /// A payment's hold, after the payment and the transfers it names.
+    Hold(HoldRow),
 }
 
 /// One journal record: a command with the time it was applied and its idempotency key.
@@ -128,8 +160,18 @@ pub enum Rejection {
     /// An id chosen for the command is already taken.
     IdCollision,
     /// An imported item names an object the state does not hold, or breaks a rule the state
-    /// keeps (a payment's fee above its amount, a wallet below zero, a live hold).
+    /// keeps (a payment's fee above its amount, a wallet below zero, a hold unlike its
+    /// transfers).
     ImportDoesNotFit,
+    /// Capture or cancel of a payment that is not held: a plain payment, or a hold already
+    /// captured, canceled or expired.
+    PaymentNotHeld,
+    /// Capture of a hold whose deadline has passed.
+    HoldExpired,
+    /// Capture of more than was authorized.
+    CaptureExceedsAuthorization,
+    /// Refund of a payment whose money never moved (held, canceled or expired).
+    PaymentNotCaptured,
 }
 
 impl Rejection {
@@ -164,6 +206,12 @@ pub enum Outcome {
     Paid(Payment),
     PaidBatch(Vec<BatchItemOutcome>),
     Refunded(Refund),
+    /// A hold placed, captured or canceled: the payment as it stands, its hold included.
+    HoldChanged(Payment),
+    /// Holds whose deadline had come were released.
+    HoldsExpired {
+        count: usize,
+    },
     /// Idempotency keys made before the cut-off were forgotten. How many is not said: a store
     /// that keeps them in a database forgets them with one `DELETE`, without reading them.
     Pruned,
@@ -178,7 +226,10 @@ impl Outcome {
     pub fn is_kept_for_idempotency(&self) -> bool {
         match self {
             Outcome::Rejected(rejection) => rejection.is_kept_for_idempotency(),
-            Outcome::OperatorKeySet | Outcome::Pruned | Outcome::Imported { .. } => false,
+            Outcome::OperatorKeySet
+            | Outcome::Pruned
+            | Outcome::Imported { .. }
+            | Outcome::HoldsExpired { .. } => false,
             _ => true,
         }
     }

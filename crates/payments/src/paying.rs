@@ -4,6 +4,7 @@
 use farthing_kernel::{DecodeError, Fields, Get, Put};
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 
+use crate::holds::Hold;
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId};
 
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -20,9 +21,18 @@ pub struct Payment {
     /// What refunds have returned so far, and the part of it taken from the fee.
     pub amount_refunded: Amount,
     pub fee_refunded: Amount,
+    /// For a payment authorized to be captured later: its hold as it stands. State, not part
+    /// of the payment's stored form (`holds`); filled in when a payment is read.
+    pub hold: Option<Hold>,
 }
 
 impl Payment {
+    /// Whether money moved: a plain payment, or a hold that was captured.
+    pub fn is_settled(&self) -> bool {
+        self.hold
+            .is_none_or(|hold| hold.status == crate::holds::HoldStatus::Captured)
+    }
+
     /// What the merchant receives: the amount less the fee (never negative: the fee is capped
     /// at the amount).
     pub fn net(&self) -> Amount {
@@ -87,6 +97,7 @@ impl Fields for Payment {
             created_at: Timestamp(input.int("created_at")?),
             amount_refunded: Amount::from_micros(input.int("amount_refunded")?),
             fee_refunded: Amount::from_micros(input.int("fee_refunded")?),
+            hold: None,
         };
         Ok(payment)
     }

@@ -16,6 +16,7 @@ use farthing_ledger::{
 
 use crate::disk::{Disk, PartyLists};
 use crate::history::{Generation, Line, PaymentRow, RefundRow, Refunded, TopupRow};
+use crate::holds::Holds;
 use crate::idempotency::{Idempotency, IdempotencyLookup};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 use crate::model::*;
@@ -89,6 +90,8 @@ pub struct State {
     loaded: Generation,
     /// Refund totals of refunded payments.
     refunded: Table<PaymentId, Refunded, IdHashBuilder>,
+    /// Holds of payments authorized for capture later, every live one among them.
+    holds: Holds,
     /// The newest payment: the head of the operator's list.
     newest_payment: Option<PaymentId>,
     idempotency: Idempotency,
@@ -124,6 +127,7 @@ impl State {
             frozen: None,
             loaded: Generation::default(),
             refunded: Table::default(),
+            holds: Holds::default(),
             newest_payment: None,
             idempotency: Idempotency::default(),
             records_applied: 0,
@@ -244,6 +248,38 @@ impl State {
                 Ok(refund) => Outcome::Refunded(refund),
                 Err(rejection) => Outcome::Rejected(rejection),
             },
+            Command::Authorize {
+                pay,
+                expires_at,
+                settle_id,
+            } => match self.authorize(now, pay, *expires_at, *settle_id) {
+                Ok(payment) => Outcome::HoldChanged(payment),
+                Err(rejection) => Outcome::Rejected(rejection),
+            },
+            Command::Capture {
+                payment,
+                amount,
+                caller,
+            } => match self.settle_hold(now, *payment, *caller, Settle::Capture(*amount)) {
+                Ok(payment) => Outcome::HoldChanged(payment),
+                Err(rejection) => Outcome::Rejected(rejection),
+            },
+            Command::Cancel { payment, caller } => {
+                match self.settle_hold(now, *payment, *caller, Settle::Cancel) {
+                    Ok(payment) => Outcome::HoldChanged(payment),
+                    Err(rejection) => Outcome::Rejected(rejection),
+                }
+            }
+            Command::ExpireHolds { at } => {
+                let due = self
+                    .holds
+                    .due((*at).min(now), EXPIRED_PER_COMMAND_MAX as usize);
+                for id in &due {
+                    self.settle_hold(now, *id, Principal::Operator, Settle::Expire)
+                        .expect("a due hold expires");
+                }
+                Outcome::HoldsExpired { count: due.len() }
+            }
             Command::PruneIdempotencyKeys { before } => {
                 self.idempotency.prune(*before);
                 Outcome::Pruned
@@ -465,9 +501,215 @@ impl State {
             created_at: now,
             amount_refunded: Amount::ZERO,
             fee_refunded: Amount::ZERO,
+            hold: None,
         };
         self.add_payment(payment, Some(balance_after));
         Ok(&self.young.payments.last().expect("just added").payment)
+    }
+
+    /// Places a hold: the payment's money leaves the wallet's available balance and waits,
+    /// pending, for capture. The payment has no statement line until it is captured.
+    fn authorize(
+        &mut self,
+        now: Timestamp,
+        pay: &PayCommand,
+        expires_at: Timestamp,
+        settle_id: TransferId,
+    ) -> Result<Payment, Rejection> {
+        let fee_schedule = match self.parties.merchant(pay.merchant) {
+            Some(merchant) => merchant.fee,
+            None => return Err(Rejection::MerchantNotFound),
+        };
+        if self.parties.payer(pay.payer).is_none() {
+            return Err(Rejection::PayerNotFound);
+        }
+        if self.payment_row(pay.id).is_some() {
+            return Err(Rejection::IdCollision);
+        }
+        if pay.amount.is_zero() {
+            return Err(Rejection::AmountNotPositive);
+        }
+        let Some(wallet) = self.account_of_owner(Owner::Payer(pay.payer), pay.currency) else {
+            return Err(Rejection::InsufficientFunds);
+        };
+        let [hold_id, fee_id] = pay.transfer_ids;
+        let ids = [hold_id, settle_id, fee_id];
+        if self.transfer_ids_taken(&ids) || ids.iter().any(|id| id.0 == 0) || {
+            let mut sorted = ids;
+            sorted.sort_unstable();
+            sorted[0] == sorted[1] || sorted[1] == sorted[2]
+        } {
+            return Err(Rejection::IdCollision);
+        }
+        if self.certainly_short(wallet, pay) {
+            return Err(Rejection::InsufficientFunds);
+        }
+        let merchant_account = self.account_for(Owner::Merchant(pay.merchant), pay.currency)?;
+        let hold = Transfer {
+            id: hold_id,
+            debit: wallet,
+            credit: merchant_account,
+            amount: pay.amount,
+            kind: TransferKind::Pending { timeout_secs: 0 },
+            linked: false,
+        };
+        if let Err(rejection) = self.ledger.apply(now, &[hold])[0] {
+            return Err(ledger_rejection(rejection));
+        }
+        self.touched(&[wallet, merchant_account]);
+        let payment = Payment {
+            id: pay.id,
+            payer: pay.payer,
+            merchant: pay.merchant,
+            amount: pay.amount,
+            currency: pay.currency,
+            fee: fee_schedule.fee_on(pay.amount),
+            description: pay.description.clone(),
+            reference: pay.reference.clone(),
+            created_at: now,
+            amount_refunded: Amount::ZERO,
+            fee_refunded: Amount::ZERO,
+            hold: None,
+        };
+        self.holds.put(
+            pay.id,
+            Hold {
+                status: HoldStatus::Held,
+                amount_authorized: pay.amount,
+                amount_captured: Amount::ZERO,
+                fee_captured: Amount::ZERO,
+                expires_at,
+                resolved_at: None,
+                transfers: ids,
+            },
+        );
+        self.add_payment(payment, None);
+        Ok(self.payment_held(pay.id).expect("just added"))
+    }
+
+    /// Captures, cancels or expires a held payment. `caller` must see the payment and be
+    /// its merchant or the operator.
+    fn settle_hold(
+        &mut self,
+        now: Timestamp,
+        id: PaymentId,
+        caller: Principal,
+        settle: Settle,
+    ) -> Result<Payment, Rejection> {
+        let Some(payment) = self.payment_held(id) else {
+            return Err(Rejection::PaymentNotFound);
+        };
+        let allowed = match caller {
+            Principal::Operator => true,
+            Principal::Merchant(merchant) => merchant == payment.merchant,
+            Principal::Payer(_) => false,
+        };
+        if !allowed {
+            return Err(Rejection::PaymentNotFound);
+        }
+        let Some(mut hold) = payment.hold.filter(Hold::is_live) else {
+            return Err(Rejection::PaymentNotHeld);
+        };
+        let [hold_id, settle_id, fee_id] = hold.transfers;
+        let wallet = self.account_for(Owner::Payer(payment.payer), payment.currency)?;
+        let merchant_account =
+            self.account_for(Owner::Merchant(payment.merchant), payment.currency)?;
+        match settle {
+            Settle::Capture(requested) => {
+                if now >= hold.expires_at {
+                    return Err(Rejection::HoldExpired);
+                }
+                let amount = requested.unwrap_or(hold.amount_authorized);
+                if amount.is_zero() {
+                    return Err(Rejection::AmountNotPositive);
+                }
+                if amount > hold.amount_authorized {
+                    return Err(Rejection::CaptureExceedsAuthorization);
+                }
+                let fee = match self.parties.merchant(payment.merchant) {
+                    Some(merchant) => merchant.fee.fee_on(amount),
+                    None => return Err(Rejection::MerchantNotFound),
+                };
+                // Ids another transfer took since the hold was placed are refused before
+                // anything moves, so a refused capture records nothing (and burns no id).
+                let used: &[TransferId] = if fee.is_zero() {
+                    &[settle_id]
+                } else {
+                    &[settle_id, fee_id]
+                };
+                if self.transfer_ids_taken(used) {
+                    return Err(Rejection::IdCollision);
+                }
+                let fees_account = self.account_for(Owner::PlatformFees, payment.currency)?;
+                let mut legs = vec![Transfer {
+                    id: settle_id,
+                    debit: wallet,
+                    credit: merchant_account,
+                    amount,
+                    kind: TransferKind::PostPending {
+                        pending_id: hold_id,
+                    },
+                    linked: !fee.is_zero(),
+                }];
+                if !fee.is_zero() {
+                    legs.push(Transfer {
+                        id: fee_id,
+                        debit: merchant_account,
+                        credit: fees_account,
+                        amount: fee,
+                        kind: TransferKind::Posted,
+                        linked: false,
+                    });
+                }
+                if let Some(rejection) = chain_failure(&self.ledger.apply(now, &legs)) {
+                    return Err(ledger_rejection(rejection));
+                }
+                self.touched(&[wallet, merchant_account, fees_account]);
+                hold.status = HoldStatus::Captured;
+                hold.amount_captured = amount;
+                hold.fee_captured = fee;
+                hold.resolved_at = Some(now);
+                self.holds.put(id, hold);
+                let balance_after = self.posted_balance(wallet);
+                self.add_line(payment.payer, EntryObject::Payment(id), balance_after);
+            }
+            Settle::Cancel => {
+                if self.transfer_ids_taken(&[settle_id]) {
+                    return Err(Rejection::IdCollision);
+                }
+                let void = Transfer {
+                    id: settle_id,
+                    debit: wallet,
+                    credit: merchant_account,
+                    amount: Amount::ZERO,
+                    kind: TransferKind::VoidPending {
+                        pending_id: hold_id,
+                    },
+                    linked: false,
+                };
+                if let Err(rejection) = self.ledger.apply(now, &[void])[0] {
+                    return Err(ledger_rejection(rejection));
+                }
+                self.touched(&[wallet, merchant_account]);
+                hold.status = HoldStatus::Canceled;
+                hold.resolved_at = Some(now);
+                self.holds.put(id, hold);
+            }
+            // Expiry needs no id of its own: the ledger marks the hold expired, so that an id
+            // chosen for settling it, and taken since by another transfer, cannot keep it.
+            Settle::Expire => {
+                self.ledger
+                    .expire_pending(hold_id)
+                    .unwrap_or_else(|rejection| {
+                        panic!("a live hold's pending transfer expires: {rejection:?}")
+                    });
+                self.touched(&[wallet, merchant_account]);
+                hold.status = HoldStatus::Expired;
+                hold.resolved_at = Some(now);
+                self.holds.put(id, hold);
+            }
+        }
+        Ok(self.payment_held(id).expect("held above"))
     }
 
     fn refund(
@@ -489,6 +731,9 @@ impl State {
         };
         if !allowed {
             return Err(Rejection::PaymentNotFound);
+        }
+        if !payment.is_settled() {
+            return Err(Rejection::PaymentNotCaptured);
         }
         if self.refund_row(id).is_some() || self.transfer_ids_taken(&transfer_ids) {
             return Err(Rejection::IdCollision);
@@ -683,8 +928,17 @@ impl State {
             .or_else(|| self.loaded.line(object))
     }
 
-    /// A payment in memory as it is now, refunds included.
+    /// A payment in memory as it is now, refunds and its hold included.
     fn payment_held(&self, id: PaymentId) -> Option<Payment> {
+        let mut payment = self.payment_stored(id)?;
+        if let Some(hold) = self.holds.get(&id) {
+            hold.apply_to(&mut payment);
+        }
+        Some(payment)
+    }
+
+    /// A payment in memory as a store keeps its row: refund totals included, its hold apart.
+    fn payment_stored(&self, id: PaymentId) -> Option<Payment> {
         let row = self.payment_row(id)?;
         Some(with_refunds(
             row.payment.clone(),
@@ -704,6 +958,9 @@ fn ids_max(command: &Command) -> u128 {
     };
     match command {
         Command::Pay(command) => pay(command),
+        Command::Authorize {
+            pay: p, settle_id, ..
+        } => pay(p).max(settle_id.0),
         Command::PayBatch(items) => items.iter().map(pay).max().unwrap_or(0),
         Command::Topup {
             id, transfer_id, ..
@@ -730,8 +987,19 @@ fn ids_max(command: &Command) -> u128 {
         Command::SetOperatorKey { .. }
         | Command::CreateMerchant { .. }
         | Command::CreatePayer { .. }
-        | Command::PruneIdempotencyKeys { .. } => 0,
+        | Command::PruneIdempotencyKeys { .. }
+        | Command::Capture { .. }
+        | Command::Cancel { .. }
+        | Command::ExpireHolds { .. } => 0,
     }
+}
+
+/// How a hold is settled.
+#[derive(Clone, Copy)]
+enum Settle {
+    Capture(Option<Amount>),
+    Cancel,
+    Expire,
 }
 
 /// `payment` with the refund totals a refund made since it was recorded.

@@ -40,6 +40,13 @@ pub struct Needs {
     pub accounts: Vec<(Owner, Currency)>,
     /// Ledger transfer ids: a reused id gets the answer its first use got.
     pub transfers: Vec<TransferId>,
+    /// The pending transfers of holds to settle: they exist, and must be loaded (never
+    /// assumed new).
+    pub held_transfers: Vec<TransferId>,
+    /// An expiry's time: the live holds due by then must be loaded, oldest deadline first,
+    /// at most [`EXPIRED_PER_COMMAND_MAX`] for each expiry of the batch, with their payments.
+    /// The latest of a batch's.
+    pub holds_due: Option<Timestamp>,
     /// Idempotency keys presented with the record.
     pub idempotency_keys: Vec<IdempotencyKey>,
     /// Whether asking again, once what is listed is loaded, may list more: a refund whose
@@ -72,6 +79,8 @@ impl Needs {
         self.refunds.extend(other.refunds);
         self.accounts.extend(other.accounts);
         self.transfers.extend(other.transfers);
+        self.held_transfers.extend(other.held_transfers);
+        self.holds_due = self.holds_due.max(other.holds_due);
         self.idempotency_keys.extend(other.idempotency_keys);
     }
 
@@ -89,6 +98,7 @@ impl Needs {
         tidy(&mut self.refunds);
         tidy(&mut self.accounts);
         tidy(&mut self.transfers);
+        tidy(&mut self.held_transfers);
         tidy(&mut self.idempotency_keys);
     }
 
@@ -154,6 +164,10 @@ impl Needs {
                     }
                 }
                 Imported::Idempotency(row) => self.idempotency_keys.push(row.key.clone()),
+                Imported::Hold(row) => {
+                    self.payments.push(row.payment);
+                    self.held_transfers.push(row.hold.transfers[0]);
+                }
             }
         }
     }
@@ -206,6 +220,11 @@ pub struct Changes {
     /// New ledger transfer records, failures included (so that their ids stay failed), in the
     /// order made.
     pub transfers: Vec<TransferRecord>,
+    /// Transfer records held before whose hold state changed (posted, voided, expired), as
+    /// they are now, by id.
+    pub transfers_resolved: Vec<TransferRecord>,
+    /// Holds placed or changed, as they are now, by payment id.
+    pub holds: Vec<HoldRow>,
     /// New idempotency records still held, in the order made.
     pub idempotency: Vec<IdempotencyRow>,
     /// The time of each prune, in order.

@@ -188,17 +188,43 @@ proptest! {
             Imported::Account { .. } => 3,
             Imported::Transfer(_) => 4,
             Imported::Payment(_) => 5,
-            Imported::Topup(_) => 6,
-            Imported::Refund(_) => 7,
-            Imported::Entry { .. } => 8,
-            Imported::Idempotency(_) => 9,
+            Imported::Hold(_) => 6,
+            Imported::Topup(_) => 7,
+            Imported::Refund(_) => 8,
+            Imported::Entry { .. } => 9,
+            Imported::Idempotency(_) => 10,
         };
         prop_assert!(items.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
-        let payments: Vec<Payment> = items
+        let holds: Vec<HoldRow> = items
+            .iter()
+            .filter_map(|item| match item {
+                Imported::Hold(row) => Some(*row),
+                _ => None,
+            })
+            .collect();
+        prop_assert!(
+            holds.windows(2).all(|w| w[0].payment < w[1].payment),
+            "holds by payment"
+        );
+        // Payments as they stand: each with its hold.
+        let stored: Vec<Payment> = items
             .iter()
             .filter_map(|item| match item {
                 Imported::Payment(payment) => Some(payment.clone()),
                 _ => None,
+            })
+            .collect();
+        prop_assert!(
+            stored.iter().all(|payment| payment.hold.is_none()),
+            "a payment's stored form has no hold"
+        );
+        let payments: Vec<Payment> = stored
+            .into_iter()
+            .map(|mut payment| {
+                if let Some(row) = holds.iter().find(|row| row.payment == payment.id) {
+                    row.hold.apply_to(&mut payment);
+                }
+                payment
             })
             .collect();
         let mut newest_first: Vec<Payment> = state
@@ -283,6 +309,7 @@ fn payment(id: u128, payer: u128, merchant: u128) -> Payment {
         created_at: Timestamp(5),
         amount_refunded: Amount::ZERO,
         fee_refunded: Amount::ZERO,
+        hold: None,
     }
 }
 
@@ -444,6 +471,141 @@ fn an_import_refuses_objects_that_break_the_states_rules() {
         },
     });
     refused(state_items, Rejection::ImportDoesNotFit);
+}
+
+/// Payment 10 of payer 1 at merchant 2, held: its pending transfer (id 5) and the hold,
+/// `status` as given, 600 of its 1,000 captured if it was.
+fn held_payment(status: HoldStatus) -> (TransferRecord, Payment, HoldRow) {
+    let (payer, merchant) = (PayerId::from_u128(1), MerchantId::from_u128(2));
+    let pending = TransferRecord {
+        transfer: Transfer {
+            id: TransferId(5),
+            debit: account_id(Owner::Payer(payer), usd()),
+            credit: account_id(Owner::Merchant(merchant), usd()),
+            amount: Amount::from_micros(1_000),
+            kind: TransferKind::Pending { timeout_secs: 0 },
+            linked: false,
+        },
+        timestamp: Timestamp(5),
+        outcome: Ok(()),
+        hold: Some(match status {
+            HoldStatus::Held => HoldState::Pending,
+            HoldStatus::Captured => HoldState::Posted,
+            HoldStatus::Canceled => HoldState::Voided,
+            HoldStatus::Expired => HoldState::Expired,
+        }),
+        expires_at: None,
+    };
+    let captured = status == HoldStatus::Captured;
+    let hold = Hold {
+        status,
+        amount_authorized: Amount::from_micros(1_000),
+        amount_captured: Amount::from_micros(if captured { 600 } else { 0 }),
+        fee_captured: Amount::from_micros(if captured { 6 } else { 0 }),
+        expires_at: Timestamp(50),
+        resolved_at: (status != HoldStatus::Held).then_some(Timestamp(20)),
+        transfers: [TransferId(5), TransferId(6), TransferId(7)],
+    };
+    let mut payment = payment(10, 1, 2);
+    if captured {
+        // As an export lists it: with the figures of the capture.
+        payment.amount = hold.amount_captured;
+        payment.fee = hold.fee_captured;
+    }
+    let row = HoldRow {
+        payment: payment.id,
+        hold,
+    };
+    (pending, payment, row)
+}
+
+#[test]
+fn a_hold_imports_beside_its_payment_and_pending_transfer() {
+    for status in [
+        HoldStatus::Held,
+        HoldStatus::Captured,
+        HoldStatus::Canceled,
+        HoldStatus::Expired,
+    ] {
+        let mut state = State::new();
+        let (pending, payment, row) = held_payment(status);
+        let items = vec![
+            payer(1),
+            merchant(2),
+            Imported::Transfer(pending),
+            Imported::Payment(payment),
+            Imported::Hold(row),
+        ];
+        assert_eq!(import(&mut state, items), Outcome::Imported { count: 5 });
+        let read = state.payment(row.payment).unwrap().expect("imported");
+        assert_eq!(read.hold, Some(row.hold), "{status:?}");
+        assert_eq!(state.live_holds(), usize::from(status == HoldStatus::Held));
+    }
+}
+
+#[test]
+fn an_import_refuses_a_hold_unlike_its_payment_or_its_pending_transfer() {
+    let (pending, payment, row) = held_payment(HoldStatus::Held);
+    let with = |pending: TransferRecord, payment: Payment, row: HoldRow| {
+        vec![
+            Imported::Transfer(pending),
+            Imported::Payment(payment),
+            Imported::Hold(row),
+        ]
+    };
+    // Its payment, or its pending transfer, missing.
+    refused(
+        vec![Imported::Transfer(pending), Imported::Hold(row)],
+        Rejection::PaymentNotFound,
+    );
+    refused(
+        vec![Imported::Payment(payment.clone()), Imported::Hold(row)],
+        Rejection::ImportDoesNotFit,
+    );
+    // Twice.
+    let mut twice = with(pending, payment.clone(), row);
+    twice.push(Imported::Hold(row));
+    refused(twice, Rejection::IdCollision);
+    // Another amount than its transfer's, or than its payment's.
+    let mut other = row;
+    other.hold.amount_authorized = Amount::from_micros(999);
+    refused(
+        with(pending, payment.clone(), other),
+        Rejection::ImportDoesNotFit,
+    );
+    let mut smaller = payment.clone();
+    smaller.amount = Amount::from_micros(999);
+    refused(with(pending, smaller, row), Rejection::ImportDoesNotFit);
+    // Live, but its transfer was posted; or its transfer moves money between other accounts.
+    let mut posted = pending;
+    posted.hold = Some(HoldState::Posted);
+    refused(
+        with(posted, payment.clone(), row),
+        Rejection::ImportDoesNotFit,
+    );
+    let mut elsewhere = pending;
+    elsewhere.transfer.credit = account_id(Owner::PlatformFees, usd());
+    refused(
+        with(elsewhere, payment.clone(), row),
+        Rejection::ImportDoesNotFit,
+    );
+    // Refunded while its money never moved.
+    let mut refunded = payment.clone();
+    refunded.amount_refunded = Amount::from_micros(100);
+    refunded.fee_refunded = Amount::from_micros(1);
+    refused(with(pending, refunded, row), Rejection::ImportDoesNotFit);
+    // Settled without a time, or live with one.
+    let mut resolved = row;
+    resolved.hold.resolved_at = Some(Timestamp(20));
+    refused(
+        with(pending, payment.clone(), resolved),
+        Rejection::ImportDoesNotFit,
+    );
+    // Captured, with its payment listed at the amount authorized rather than captured.
+    let (pending, mut payment, row) = held_payment(HoldStatus::Captured);
+    payment.amount = row.hold.amount_authorized;
+    payment.fee = Amount::from_micros(10);
+    refused(with(pending, payment, row), Rejection::ImportDoesNotFit);
 }
 
 #[test]
@@ -619,6 +781,26 @@ fn any_imported() -> impl Strategy<Value = Imported> {
                     created_at: Timestamp(at),
                     amount_refunded: amounts[2],
                     fee_refunded: amounts[3],
+                    hold: None,
+                })
+            }),
+        (
+            prop::array::uniform4(any::<u128>()),
+            (1..=4u8, prop::array::uniform3(any_amount())),
+            (any::<u64>(), prop::option::of(any::<u64>())),
+        )
+            .prop_map(|(ids, (status, amounts), (expires_at, resolved_at))| {
+                Imported::Hold(HoldRow {
+                    payment: PaymentId::from_u128(ids[0]),
+                    hold: Hold {
+                        status: HoldStatus::of_code(status).expect("a status"),
+                        amount_authorized: amounts[0],
+                        amount_captured: amounts[1],
+                        fee_captured: amounts[2],
+                        expires_at: Timestamp(expires_at),
+                        resolved_at: resolved_at.map(Timestamp),
+                        transfers: [TransferId(ids[1]), TransferId(ids[2]), TransferId(ids[3])],
+                    },
                 })
             }),
         (

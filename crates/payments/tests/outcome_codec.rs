@@ -1,7 +1,7 @@
 //! The stored form of an [`Outcome`]: an idempotency key's first answer, read back on retry
 //! long after it was written, so it must come back exactly and refuse anything else.
 
-use farthing_ledger::{Amount, Currency, Timestamp};
+use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 use farthing_payments::codec::{self, DecodeError};
 use farthing_payments::*;
 use proptest::prelude::*;
@@ -25,12 +25,16 @@ fn pinned_tag(rejection: Rejection) -> u8 {
         Rejection::IdempotencyKeyReused => 10,
         Rejection::IdCollision => 11,
         Rejection::ImportDoesNotFit => 12,
+        Rejection::PaymentNotHeld => 13,
+        Rejection::HoldExpired => 14,
+        Rejection::CaptureExceedsAuthorization => 15,
+        Rejection::PaymentNotCaptured => 16,
     }
 }
 
 /// Every variant of [`Rejection`], once. The test that every decodable tag is listed here
 /// catches a variant the codec knows but this list forgot.
-const EVERY_REJECTION: [Rejection; 12] = [
+const EVERY_REJECTION: [Rejection; 16] = [
     Rejection::PayerNotFound,
     Rejection::MerchantNotFound,
     Rejection::PaymentNotFound,
@@ -43,6 +47,10 @@ const EVERY_REJECTION: [Rejection; 12] = [
     Rejection::IdempotencyKeyReused,
     Rejection::IdCollision,
     Rejection::ImportDoesNotFit,
+    Rejection::PaymentNotHeld,
+    Rejection::HoldExpired,
+    Rejection::CaptureExceedsAuthorization,
+    Rejection::PaymentNotCaptured,
 ];
 
 fn encoded(outcome: &Outcome) -> Vec<u8> {
@@ -181,8 +189,49 @@ fn any_payment() -> impl Strategy<Value = Payment> {
                 created_at,
                 amount_refunded,
                 fee_refunded,
+                hold: None,
             },
         )
+}
+
+fn any_hold() -> impl Strategy<Value = Hold> {
+    (
+        prop::sample::select(vec![
+            HoldStatus::Held,
+            HoldStatus::Captured,
+            HoldStatus::Canceled,
+            HoldStatus::Expired,
+        ]),
+        (any_amount(), any_amount(), any_amount()),
+        any_timestamp(),
+        prop::option::of(any_timestamp()),
+        (any_u128(), any_u128(), any_u128()),
+    )
+        .prop_map(
+            |(
+                status,
+                (amount_authorized, amount_captured, fee_captured),
+                expires_at,
+                resolved_at,
+                (t0, t1, t2),
+            )| Hold {
+                status,
+                amount_authorized,
+                amount_captured,
+                fee_captured,
+                expires_at,
+                resolved_at,
+                transfers: [TransferId(t0), TransferId(t1), TransferId(t2)],
+            },
+        )
+}
+
+/// A payment as a hold's outcome carries it: with its hold.
+fn any_held_payment() -> impl Strategy<Value = Payment> {
+    (any_payment(), any_hold()).prop_map(|(mut payment, hold)| {
+        payment.hold = Some(hold);
+        payment
+    })
 }
 
 fn any_refund() -> impl Strategy<Value = Refund> {
@@ -216,6 +265,9 @@ fn any_outcome() -> impl Strategy<Value = Outcome> {
         any_payment().prop_map(Outcome::Paid),
         prop::collection::vec(any_batch_item(), 0..8).prop_map(Outcome::PaidBatch),
         any_refund().prop_map(Outcome::Refunded),
+        any_held_payment().prop_map(Outcome::HoldChanged),
+        prop_oneof![Just(0), Just(usize::MAX), any::<usize>()]
+            .prop_map(|count| Outcome::HoldsExpired { count }),
         Just(Outcome::Pruned),
         prop_oneof![Just(0), Just(usize::MAX), any::<usize>()]
             .prop_map(|count| Outcome::Imported { count }),
@@ -323,7 +375,7 @@ fn a_rejection_tag_outside_the_list_is_refused() {
 #[test]
 fn an_outcome_tag_the_codec_does_not_know_is_refused() {
     let version = encoded(&Outcome::OperatorKeySet)[0];
-    for tag in [0, 11, u8::MAX] {
+    for tag in [0, 13, u8::MAX] {
         assert_eq!(
             codec::decode_outcome(&[version, tag]),
             Err(DecodeError::UnknownTag(tag))

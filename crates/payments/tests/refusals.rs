@@ -113,3 +113,86 @@ fn refusals_are_told_beforehand_for_unknown_parties_refunds_and_declined_top_ups
     };
     assert_eq!(state.refusal(&declined), Some(Rejection::FundingDeclined));
 }
+
+#[test]
+fn a_hold_whose_settling_id_was_taken_refuses_capture_and_cancel_unchanged_and_still_expires() {
+    let (mut state, payer, merchant) = shop_with_a_funded_payer(1);
+    let usd = currency("USD");
+    let held = PaymentId::from_u128(30);
+    let authorize = Command::Authorize {
+        pay: PayCommand {
+            id: held,
+            payer,
+            merchant,
+            amount: Amount::from_micros(1_000),
+            currency: usd,
+            description: None,
+            reference: None,
+            transfer_ids: [TransferId(300), TransferId(302)],
+        },
+        expires_at: farthing_ledger::Timestamp(farthing_testing::EPOCH + 50),
+        settle_id: TransferId(301),
+    };
+    assert!(matches!(
+        state.apply(&record_at(10, authorize)),
+        Outcome::HoldChanged(_)
+    ));
+    // Ids are chosen at random and never meet; here a payment takes the two the hold keeps for
+    // settling.
+    let mut taking = pay(payer, merchant, 1_000, "USD", 31);
+    if let Command::Pay(pay) = &mut taking {
+        pay.transfer_ids = [TransferId(301), TransferId(302)];
+    }
+    assert!(matches!(
+        state.apply(&record_at(11, taking)),
+        Outcome::Paid(_)
+    ));
+    let before: Vec<Imported> = state.export().collect();
+    let transfers_before = state.ledger_transfer_count();
+    for command in [
+        Command::Capture {
+            payment: held,
+            amount: None,
+            caller: Principal::Merchant(merchant),
+        },
+        Command::Capture {
+            payment: held,
+            amount: Some(Amount::from_micros(10)),
+            caller: Principal::Operator,
+        },
+        Command::Cancel {
+            payment: held,
+            caller: Principal::Operator,
+        },
+    ] {
+        assert_eq!(
+            state.apply(&record_at(20, command)),
+            Outcome::Rejected(Rejection::IdCollision)
+        );
+    }
+    assert_eq!(state.export().collect::<Vec<_>>(), before);
+    assert_eq!(state.ledger_transfer_count(), transfers_before);
+    // Expiry needs no id of its own: the money goes back to the wallet.
+    let balance = |state: &State| state.payer_balances(payer).unwrap().expect("a payer");
+    let held_back = balance(&state);
+    assert_eq!(
+        state.apply(&record_at(
+            60,
+            Command::ExpireHolds {
+                at: farthing_ledger::Timestamp(farthing_testing::EPOCH + 60)
+            }
+        )),
+        Outcome::HoldsExpired { count: 1 }
+    );
+    let payment = state.payment(held).unwrap().expect("held");
+    assert_eq!(
+        payment.hold.map(|hold| hold.status),
+        Some(HoldStatus::Expired)
+    );
+    assert_eq!(
+        balance(&state),
+        vec![(usd, held_back[0].1 + 1_000)],
+        "the hold's amount is available again"
+    );
+    assert_eq!(state.live_holds(), 0);
+}

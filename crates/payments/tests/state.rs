@@ -175,6 +175,28 @@ mod codec_properties {
             any::<u64>().prop_map(|before| Command::PruneIdempotencyKeys {
                 before: Timestamp(before)
             }),
+            (any_pay(), any::<u64>(), any::<u128>()).prop_map(|(pay, expires_at, settle)| {
+                Command::Authorize {
+                    pay,
+                    expires_at: Timestamp(expires_at),
+                    settle_id: TransferId(settle),
+                }
+            }),
+            (
+                any::<u128>(),
+                prop::option::of(any_amount()),
+                any_principal()
+            )
+                .prop_map(|(payment, amount, caller)| Command::Capture {
+                    payment: PaymentId::from_u128(payment),
+                    amount,
+                    caller,
+                }),
+            (any::<u128>(), any_principal()).prop_map(|(payment, caller)| Command::Cancel {
+                payment: PaymentId::from_u128(payment),
+                caller,
+            }),
+            any::<u64>().prop_map(|at| Command::ExpireHolds { at: Timestamp(at) }),
         ]
     }
 
@@ -774,8 +796,13 @@ mod histories {
                     Outcome::Pruned
                 }
 
-                // Imports have properties of their own (tests/import.rs).
+                // Imports have properties of their own (tests/import.rs), and holds are held
+                // to the other ways of keeping a state (tests/working_set.rs, the stores).
                 Command::Import(_) => unreachable!("these histories hold no imports"),
+                Command::Authorize { .. }
+                | Command::Capture { .. }
+                | Command::Cancel { .. }
+                | Command::ExpireHolds { .. } => unreachable!("these histories hold no holds"),
             }
         }
 
@@ -819,6 +846,7 @@ mod histories {
                 created_at: now,
                 amount_refunded: Amount::ZERO,
                 fee_refunded: Amount::ZERO,
+                hold: None,
             };
             self.payments.push(payment.clone());
             Ok(payment)
@@ -1177,6 +1205,10 @@ mod histories {
                 }
 
                 Command::Import(_) => unreachable!("these histories hold no imports"),
+                Command::Authorize { .. }
+                | Command::Capture { .. }
+                | Command::Cancel { .. }
+                | Command::ExpireHolds { .. } => unreachable!("these histories hold no holds"),
             }
         }
 

@@ -2,8 +2,9 @@
 //! the outcome the whole state gives, and its change set, written over the stored objects,
 //! leaves them as the whole state has them.
 //!
-//! Random histories (parties, top-ups, payments and batches, refunds, idempotency keys retried
-//! and reused, prunes, ids, key hashes and transfer ids reused) run on a whole state. Before
+//! Random histories (parties, top-ups, payments and batches, refunds, holds placed, captured,
+//! canceled and expired, idempotency keys retried and reused, prunes, ids, key hashes and
+//! transfer ids reused) run on a whole state. Before
 //! each record (or each batch of records), a working set is loaded from the whole state with
 //! what `needs` lists, as a PostgreSQL loader would load it from tables; the record is applied
 //! to both. A table model of the listed objects, taken before and changed by the working
@@ -24,9 +25,26 @@ const CASES: u32 = 128;
 // Loading, and a table model of storage
 // =============================================================================================
 
+/// The live holds due by `at` among `holds`, as a loader finds them in a table of holds:
+/// oldest deadline first, at most as many as `expiries` expiries void.
+fn holds_due(whole: &State, holds: &[PaymentId], at: Timestamp, expiries: usize) -> Vec<PaymentId> {
+    let mut due: Vec<(Timestamp, PaymentId)> = holds
+        .iter()
+        .filter_map(|id| {
+            let hold = whole.payment(*id).unwrap()?.hold?;
+            (hold.is_live() && hold.expires_at <= at).then_some((hold.expires_at, *id))
+        })
+        .collect();
+    due.sort_unstable();
+    due.dedup();
+    due.truncate(EXPIRED_PER_COMMAND_MAX as usize * expiries);
+    due.into_iter().map(|(_, id)| id).collect()
+}
+
 /// Copies into `working` what `needs` lists and `whole` holds, skipping what `working` already
-/// holds: what a loader reads from the tables.
-fn load(working: &mut State, whole: &State, needs: &Needs) {
+/// holds: what a loader reads from the tables. `holds` lists every payment authorized for
+/// capture later, for the due holds of the batch's `expiries` expiries.
+fn load(working: &mut State, whole: &State, needs: &Needs, holds: &[PaymentId], expiries: usize) {
     let ok = |result: Result<(), LoadError>| result.expect("a loaded object fits the working set");
     if needs.operator_key
         && let Some(key) = whole.operator_key()
@@ -63,7 +81,10 @@ fn load(working: &mut State, whole: &State, needs: &Needs) {
             ok(working.insert_account(owner, account));
         }
     }
-    for id in &needs.payments {
+    let due = needs
+        .holds_due
+        .map_or_else(Vec::new, |at| holds_due(whole, holds, at, expiries));
+    for id in needs.payments.iter().chain(&due) {
         if let Some(payment) = whole.payment(*id).unwrap()
             && working.payment(*id).unwrap().is_none()
         {
@@ -84,7 +105,7 @@ fn load(working: &mut State, whole: &State, needs: &Needs) {
             ok(working.insert_refund(refund.clone()));
         }
     }
-    for id in &needs.transfers {
+    for id in needs.transfers.iter().chain(&needs.held_transfers) {
         if let Some(record) = whole.transfer_record(*id)
             && working.transfer_record(*id).is_none()
         {
@@ -106,19 +127,31 @@ fn load(working: &mut State, whole: &State, needs: &Needs) {
 /// A working set for `records`, loaded from `whole` as a loader does: ask the working set what
 /// the records need, load it, and ask again only while the answer is incomplete and something
 /// new is asked for.
-fn working_set_for(whole: &State, records: &[Record]) -> Result<(State, Needs), TestCaseError> {
+fn working_set_for(
+    whole: &State,
+    records: &[Record],
+    holds: &[PaymentId],
+) -> Result<(State, Needs), TestCaseError> {
     let mut working = State::new_working_set();
+    let expiries = records
+        .iter()
+        .filter(|record| matches!(record.command, Command::ExpireHolds { .. }))
+        .count();
     let needs_of = |working: &State| {
         let mut needs = Needs::default();
-        for record in records {
-            needs.extend(working.needs(record));
-        }
+        needs.extend(
+            working.needs_of_batch(
+                records
+                    .iter()
+                    .map(|record| (record.idempotency.as_ref(), &record.command)),
+            ),
+        );
         needs
     };
     let mut needs = needs_of(&working);
     for round in 1.. {
         prop_assert!(round <= 2, "loading settles in two rounds");
-        load(&mut working, whole, &needs);
+        load(&mut working, whole, &needs, holds, expiries);
         if !needs.incomplete {
             break;
         }
@@ -138,6 +171,7 @@ struct Tables {
     merchants: BTreeMap<MerchantId, Merchant>,
     payers: BTreeMap<PayerId, Payer>,
     accounts: BTreeMap<(Owner, Currency), Account>,
+    /// Payments as they stand: their holds applied.
     payments: BTreeMap<PaymentId, Payment>,
     topups: BTreeMap<TopupId, Topup>,
     refunds: BTreeMap<RefundId, Refund>,
@@ -196,7 +230,7 @@ impl Tables {
                 tables.refunds.insert(*id, refund.clone());
             }
         }
-        for id in &needs.transfers {
+        for id in needs.transfers.iter().chain(&needs.held_transfers) {
             if let Some(record) = state.transfer_record(*id) {
                 tables.transfers.insert(*id, record);
             }
@@ -288,6 +322,26 @@ impl Tables {
         for record in &changes.transfers {
             insert(&mut self.transfers, record.transfer.id, *record)?;
         }
+        for record in &changes.transfers_resolved {
+            let stored = self.transfers.get_mut(&record.transfer.id);
+            prop_assert!(
+                stored.is_some(),
+                "a resolved transfer {:?} is held",
+                record.transfer.id
+            );
+            let stored = stored.expect("checked");
+            prop_assert_eq!(stored.transfer, record.transfer, "only its hold changes");
+            *stored = *record;
+        }
+        for row in &changes.holds {
+            let stored = self.payments.get_mut(&row.payment);
+            prop_assert!(
+                stored.is_some(),
+                "a hold's payment {:?} is held",
+                row.payment
+            );
+            row.hold.apply_to(stored.expect("checked"));
+        }
         for before in &changes.prunes {
             self.idempotency.retain(|_, row| row.made >= *before);
         }
@@ -309,12 +363,17 @@ fn check_batch(
     whole: &mut State,
     embedded: &mut State,
     batch: &[Record],
+    holds: &[PaymentId],
 ) -> Result<(), TestCaseError> {
-    let (mut working, needs) = working_set_for(whole, batch)?;
+    let (mut working, needs) = working_set_for(whole, batch, holds)?;
     let mut needs_of_whole = Needs::default();
-    for record in batch {
-        needs_of_whole.extend(whole.needs(record));
-    }
+    needs_of_whole.extend(
+        whole.needs_of_batch(
+            batch
+                .iter()
+                .map(|record| (record.idempotency.as_ref(), &record.command)),
+        ),
+    );
     prop_assert_eq!(
         &needs,
         &needs_of_whole,
@@ -367,7 +426,7 @@ fn run(history: &[StepSpec], batch_sizes: &[usize]) -> Result<(), TestCaseError>
         if batch.is_empty() {
             break;
         }
-        check_batch(&mut whole, &mut embedded, &batch)?;
+        check_batch(&mut whole, &mut embedded, &batch, &builder.hold_ids)?;
     }
     prop_assert!(!embedded.is_tracking_changes());
     prop_assert!(
@@ -428,13 +487,13 @@ proptest! {
             if batch.is_empty() {
                 break;
             }
-            check_batch(&mut whole, &mut embedded, &batch)?;
+            check_batch(&mut whole, &mut embedded, &batch, &builder.hold_ids)?;
         }
         prop_assert_eq!(whole.export().collect::<Vec<_>>(), items);
         // Records after the import, one batch each.
         for step in &more {
             let record = builder.record(step, &whole);
-            check_batch(&mut whole, &mut embedded, &[record])?;
+            check_batch(&mut whole, &mut embedded, &[record], &builder.hold_ids)?;
         }
     }
 
@@ -607,9 +666,115 @@ fn a_batch_that_replaces_the_operator_key_frees_the_old_one_for_a_new_party() {
     let mut embedded = State::new();
     embedded.apply(&record(Command::SetOperatorKey { key_hash: old }));
     whole.track_changes();
-    check_batch(&mut whole, &mut embedded, &batch).expect("the working set agrees");
+    check_batch(&mut whole, &mut embedded, &batch, &[]).expect("the working set agrees");
     assert_eq!(
         whole.principal(&old).unwrap(),
         Some(Principal::Payer(PayerId::from_u128(3)))
     );
+}
+
+#[test]
+fn expiries_void_the_oldest_deadlines_first_a_thousand_at_a_time_in_a_working_set_too() {
+    let usd = currency("USD");
+    let (payer, merchant) = (PayerId::from_u128(1), MerchantId::from_u128(2));
+    let at = |secs: u64| Timestamp(EPOCH + secs * MICROS_PER_SEC);
+    let record = |now: Timestamp, command| Record {
+        now,
+        idempotency: None,
+        command,
+    };
+    let mut whole = State::new();
+    let mut embedded = State::new();
+    let setup = [
+        Command::CreatePayer {
+            id: payer,
+            name: "p".to_string(),
+            key_hash: KeyHash([1; 32]),
+        },
+        Command::CreateMerchant {
+            id: merchant,
+            name: "m".to_string(),
+            key_hash: KeyHash([2; 32]),
+            fee: FeeSchedule::ZERO,
+        },
+        Command::Topup {
+            id: TopupId::from_u128(3),
+            payer,
+            amount: Amount::from_micros(1_000_000),
+            currency: usd,
+            source: FundingSource::Sandbox,
+            transfer_id: TransferId(3),
+        },
+    ];
+    for command in setup {
+        let record = record(at(0), command);
+        whole.apply(&record);
+        embedded.apply(&record);
+    }
+    // More holds than two expiries void, their deadlines in an order of their own, many
+    // shared (the payment's id decides among those).
+    let count = 2 * EXPIRED_PER_COMMAND_MAX as u128 + 7;
+    let mut holds = Vec::new();
+    for n in 0..count {
+        let id = PaymentId::from_u128((n * 7_919) % count + 100);
+        holds.push(id);
+        let record = record(
+            at(1),
+            Command::Authorize {
+                pay: PayCommand {
+                    id,
+                    payer,
+                    merchant,
+                    amount: Amount::from_micros(1),
+                    currency: usd,
+                    description: None,
+                    reference: None,
+                    transfer_ids: [TransferId(10_000 + 3 * n), TransferId(10_001 + 3 * n)],
+                },
+                expires_at: at(10 + (n * 31) as u64 % 97),
+                settle_id: TransferId(10_002 + 3 * n),
+            },
+        );
+        assert!(matches!(whole.apply(&record), Outcome::HoldChanged(_)));
+        embedded.apply(&record);
+    }
+    whole.track_changes();
+    // By deadline, then by payment: the order expiries take them in.
+    let mut order: Vec<(Timestamp, PaymentId)> = holds
+        .iter()
+        .map(|id| {
+            (
+                whole
+                    .payment(*id)
+                    .unwrap()
+                    .unwrap()
+                    .hold
+                    .unwrap()
+                    .expires_at,
+                *id,
+            )
+        })
+        .collect();
+    order.sort_unstable();
+    let live = |whole: &State| -> Vec<PaymentId> {
+        order
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| whole.payment(*id).unwrap().unwrap().hold.unwrap().is_live())
+            .collect()
+    };
+    // Two expiries in one batch, then one alone: a thousand, a thousand, the rest.
+    let expire = |secs| record(at(200), Command::ExpireHolds { at: at(secs) });
+    check_batch(
+        &mut whole,
+        &mut embedded,
+        &[expire(200), expire(200)],
+        &holds,
+    )
+    .expect("the working set agrees");
+    let last: Vec<PaymentId> = order[order.len() - 7..].iter().map(|(_, id)| *id).collect();
+    assert_eq!(live(&whole), last, "the latest deadlines are left");
+    check_batch(&mut whole, &mut embedded, &[expire(200)], &holds).expect("it agrees");
+    assert_eq!(live(&whole), vec![]);
+    assert_eq!(whole.live_holds(), 0);
 }

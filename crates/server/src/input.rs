@@ -5,7 +5,9 @@ use std::marker::PhantomData;
 
 use axum::http::{HeaderMap, header};
 use farthing_ledger::{Amount, AmountParseError, Currency};
-use farthing_payments::{FEE_BPS_MAX, FeeSchedule, MerchantId, PayerId};
+use farthing_payments::{
+    FEE_BPS_MAX, FeeSchedule, HOLD_SECS_DEFAULT, HOLD_SECS_MAX, MerchantId, PayerId,
+};
 use farthing_service::Config;
 use serde::de::{DeserializeOwned, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, de};
@@ -293,6 +295,45 @@ pub struct CreatePayment {
     pub description: Option<String>,
     #[schema(schema_with = openapi::optional_reference)]
     pub reference: Option<String>,
+    #[schema(schema_with = openapi::capture_method)]
+    pub capture_method: Option<String>,
+    #[schema(schema_with = openapi::hold_seconds)]
+    pub hold_seconds: Option<u64>,
+}
+
+impl CreatePayment {
+    /// How long the money is to be held for capture, or `None` to pay at once.
+    pub fn hold_seconds(&self) -> Result<Option<u64>, ApiError> {
+        let manual = match self.capture_method.as_deref() {
+            None | Some("automatic") => false,
+            Some("manual") => true,
+            Some(_) => {
+                return Err(ApiError::validation(
+                    "`capture_method` must be \"automatic\" or \"manual\"",
+                ));
+            }
+        };
+        match (manual, self.hold_seconds) {
+            (false, None) => Ok(None),
+            (false, Some(_)) => Err(ApiError::validation(
+                "`hold_seconds` applies only with `\"capture_method\": \"manual\"`",
+            )),
+            (true, None) => Ok(Some(HOLD_SECS_DEFAULT)),
+            (true, Some(secs)) if (1..=HOLD_SECS_MAX).contains(&secs) => Ok(Some(secs)),
+            (true, Some(_)) => Err(ApiError::validation(format!(
+                "`hold_seconds` must be a whole number from 1 to {HOLD_SECS_MAX}"
+            ))),
+        }
+    }
+}
+
+/// A capture's body: the amount to capture, all that was authorized by default.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+#[schema(as = CapturePaymentRequest)]
+pub struct CapturePayment {
+    #[schema(schema_with = openapi::capture_amount_request)]
+    pub amount: Option<String>,
 }
 
 // A batch read item by item. Its schema asks only for objects, as the handler does: each is

@@ -302,7 +302,9 @@ fn routes_of(app: App) -> Router {
             post(routes::create_payment_batch).layer(DefaultBodyLimit::max(BATCH_BODY_BYTES_MAX)),
         )
         .route("/v1/payments/{id}", get(routes::get_payment))
-        .route("/v1/payments/{id}/refunds", post(routes::create_refund));
+        .route("/v1/payments/{id}/refunds", post(routes::create_refund))
+        .route("/v1/payments/{id}/capture", post(routes::capture_payment))
+        .route("/v1/payments/{id}/cancel", post(routes::cancel_payment));
     // Without a test clock the route does not exist: time is the wall clock's.
     let router = if test_clock {
         router.route(

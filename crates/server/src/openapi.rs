@@ -78,6 +78,8 @@ pub fn openapi_json() -> &'static str {
         routes::create_payment_batch,
         routes::get_payment,
         routes::create_refund,
+        routes::capture_payment,
+        routes::cancel_payment,
         routes::test_clock,
         routes::advance_test_clock,
     ),
@@ -105,6 +107,7 @@ pub fn openapi_json() -> &'static str {
             input::BatchPayments,
             input::BatchItem,
             input::CreateRefund,
+            input::CapturePayment,
             render::MerchantView,
             render::PayerView,
             render::TopupView,
@@ -126,6 +129,8 @@ pub fn openapi_json() -> &'static str {
             ValidationFailed,
             UnprocessableRequest,
             UnprocessableRefund,
+            UnprocessableCapture,
+            HoldConflict,
             InsufficientFunds,
             FundingDeclined,
             PayloadTooLarge,
@@ -455,6 +460,40 @@ problem_response! {
             "Refund exceeds payment",
             "the refund is larger than what is left of the payment",
         ),
+    );
+    /// 422 for a capture.
+    UnprocessableCapture => problem_with_example(
+        problem(
+            422,
+            "`validation_failed`: the body is not JSON, has unknown fields or wrong types, or \
+             `amount` is invalid, or the `Idempotency-Key` is malformed. \
+             `idempotency_key_reused`: the `Idempotency-Key` was already used by this API key \
+             with a different request. `capture_exceeds_authorization`: the amount to capture is \
+             larger than what was authorized.",
+            &["validation_failed", "idempotency_key_reused", "capture_exceeds_authorization"],
+            &[],
+        ),
+        problem_example(
+            422,
+            "capture_exceeds_authorization",
+            "Capture exceeds authorization",
+            "the amount to capture is larger than the amount authorized",
+        ),
+    );
+    /// 409 for a capture or cancel of a payment that is not held, and for a refund of one
+    /// whose money never moved.
+    HoldConflict => problem(
+        409,
+        "`payment_not_held`: the payment is not waiting for capture (it was paid at once, or \
+         its hold was already captured, canceled or expired). `hold_expired`: the hold's \
+         `capture_before` has passed. `payment_not_captured`: a refund of a payment whose money \
+         never moved (held, canceled or expired).",
+        &["payment_not_held", "hold_expired", "payment_not_captured"],
+        &[(
+            "Payment not held",
+            "the payment is not waiting for capture: it was paid at once, or its hold was \
+             already captured, canceled or expired",
+        )],
     );
     /// 402 `insufficient_funds`.
     InsufficientFunds => problem(
@@ -904,10 +943,53 @@ pub fn topup_status() -> Object {
 }
 
 pub fn payment_status() -> Object {
-    let mut schema = status_succeeded();
-    schema.description =
-        Some("Always `succeeded`: a payment that fails is not created.".to_string());
-    schema
+    string_enum(
+        Some(
+            "`succeeded`: the money moved (a payment that fails is not created). \
+             `requires_capture`: made with `capture_method` `manual`, its amount is held until \
+             it is captured or canceled. `canceled`: a held payment canceled or expired; its \
+             money went back to the payer.",
+        ),
+        &["succeeded", "requires_capture", "canceled"],
+    )
+}
+
+pub fn capture_method() -> Schema {
+    let mut schema = string_enum(
+        Some(
+            "`automatic` (default): the money moves at once. `manual`: the amount is held for \
+             the merchant to capture or cancel.",
+        ),
+        &["automatic", "manual"],
+    );
+    schema.schema_type = SchemaType::from_iter([Type::String, Type::Null]);
+    Schema::Object(schema)
+}
+
+pub fn capture_method_out() -> Object {
+    string_enum(None, &["automatic", "manual"])
+}
+
+pub fn cancellation_reason() -> Object {
+    string_enum(None, &["requested", "expired"])
+}
+
+pub fn hold_seconds() -> Schema {
+    Schema::Object(
+        ObjectBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
+            .minimum(Some(1))
+            .maximum(Some(farthing_payments::HOLD_SECS_MAX))
+            .description(Some(
+                "With `capture_method` `manual` only: how long the hold waits for capture, in \
+                 seconds (default 604,800: 7 days).",
+            ))
+            .build(),
+    )
+}
+
+pub fn capture_amount_request() -> Schema {
+    optional::<Amount>("How much to capture. Default (absent or null): all that was authorized.")
 }
 
 pub fn funding_source() -> Object {

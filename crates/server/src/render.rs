@@ -1,7 +1,7 @@
 //! JSON views of Farthing's objects. Amounts are decimal strings; times are Unix seconds.
 
 use farthing_ledger::{Amount, Currency, Timestamp};
-use farthing_payments::{Entry, EntryObject, Merchant, Payer, Payment, Refund, Topup};
+use farthing_payments::{Entry, EntryObject, HoldStatus, Merchant, Payer, Payment, Refund, Topup};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -160,13 +160,63 @@ pub struct PaymentView<'a> {
     reference: &'a Option<String>,
     #[schema(value_type = openapi::Timestamp)]
     created_at: u64,
+    /// `automatic`: the money moved when the payment was made. `manual`: it was held, to be captured or canceled.
+    #[schema(schema_with = openapi::capture_method_out)]
+    capture_method: &'static str,
+    /// For a held payment: what was authorized (`amount` is what was captured, once it is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::AmountOut>)]
+    amount_authorized: Option<String>,
+    /// For a payment still held: until when it may be captured; afterwards its hold expires and the money goes back to the payer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Timestamp>)]
+    capture_before: Option<u64>,
+    /// When a held payment was captured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Timestamp>)]
+    captured_at: Option<u64>,
+    /// When a held payment was canceled or expired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<openapi::Timestamp>)]
+    canceled_at: Option<u64>,
+    /// Why a held payment was canceled: `requested` (by its merchant or the operator) or `expired` (not captured in time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = openapi::cancellation_reason)]
+    cancellation_reason: Option<&'static str>,
 }
 
 pub fn payment_view(payment: &Payment) -> PaymentView<'_> {
+    let hold = payment.hold;
+    let status = match hold.map(|hold| hold.status) {
+        None | Some(HoldStatus::Captured) => "succeeded",
+        Some(HoldStatus::Held) => "requires_capture",
+        Some(HoldStatus::Canceled | HoldStatus::Expired) => "canceled",
+    };
+    let resolved = |wanted: &[HoldStatus]| {
+        hold.filter(|hold| wanted.contains(&hold.status))
+            .and_then(|hold| hold.resolved_at)
+            .map(seconds)
+    };
     PaymentView {
+        capture_method: if hold.is_some() {
+            "manual"
+        } else {
+            "automatic"
+        },
+        amount_authorized: hold.map(|hold| hold.amount_authorized.to_string()),
+        capture_before: hold
+            .filter(|hold| hold.status == HoldStatus::Held)
+            .map(|hold| seconds(hold.expires_at)),
+        captured_at: resolved(&[HoldStatus::Captured]),
+        canceled_at: resolved(&[HoldStatus::Canceled, HoldStatus::Expired]),
+        cancellation_reason: match hold.map(|hold| hold.status) {
+            Some(HoldStatus::Canceled) => Some("requested"),
+            Some(HoldStatus::Expired) => Some("expired"),
+            _ => None,
+        },
         id: payment.id.to_string(),
         object: "payment",
-        status: "succeeded",
+        status,
         payer: payment.payer.to_string(),
         merchant: payment.merchant.to_string(),
         amount: payment.amount.to_string(),

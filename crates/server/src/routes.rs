@@ -505,7 +505,16 @@ pub async fn merchant_balance(
         the amount, and `net = amount − fee`. A wallet that does not cover the amount is 402 \
         `insufficient_funds`; that decline is kept for the `Idempotency-Key` and replayed on \
         retry. A well-formed `merchant` id that names no merchant is 404 `not_found`; a \
-        malformed one is 422 `validation_failed`.",
+        malformed one is 422 `validation_failed`.\n\n\
+        With `\"capture_method\": \"manual\"` the payment is only authorized: the amount is \
+        held in the wallet (no longer available, not yet moved) and the answer's `status` is \
+        `requires_capture`. The merchant or the operator then captures it (all of it or less, \
+        `POST /v1/payments/{id}/capture`; the fee is taken on what is captured and the rest \
+        goes back to the wallet) or cancels it (`POST /v1/payments/{id}/cancel`). A hold not \
+        captured within `hold_seconds` (default 604,800: 7 days; at most 2,592,000: 30 days) \
+        expires: the payment becomes `canceled` with `cancellation_reason` `expired`, and the \
+        money goes back to the wallet. A held payment shows on the payer's statement once \
+        captured.",
     params(openapi::IdempotencyKey),
     request_body(
         content = input::CreatePayment,
@@ -520,7 +529,8 @@ pub async fn merchant_balance(
     responses(
         (
             status = 201,
-            description = "The payment succeeded.",
+            description = "The payment succeeded, or (with `capture_method` `manual`) its \
+                amount is held for capture.",
             body = render::PaymentView,
             headers(("Idempotent-Replayed")),
         ),
@@ -553,15 +563,19 @@ pub async fn create_payment(
     let merchant = input::merchant_id("merchant", &request.merchant)?;
     let amount = input::amount("amount", &request.amount, config)?;
     let currency = input::currency(&request.currency, config)?;
+    let hold_seconds = request.hold_seconds()?;
     let description = input::optional_text("description", request.description)?;
     let reference = input::optional_text("reference", request.reference)?;
     let claim = claim(&caller, &headers, &method, &uri, &raw)?;
     let command =
         app.service
             .pay_command(payer, merchant, amount, currency, description, reference);
-    let executed = app.service.submit(Command::Pay(command), claim).await?;
+    let executed = match hold_seconds {
+        None => app.service.submit(Command::Pay(command), claim).await?,
+        Some(secs) => app.service.authorize(command, secs, claim).await?,
+    };
     match executed.outcome {
-        Outcome::Paid(payment) => {
+        Outcome::Paid(payment) | Outcome::HoldChanged(payment) => {
             let body = serde_json::to_string(&render::payment_view(&payment))
                 .expect("a payment view serializes");
             Ok(bytes_response(StatusCode::CREATED, body, executed.replayed))
@@ -835,6 +849,7 @@ pub async fn list_payments(
         (status = 401, response = Unauthorized),
         (status = 402, response = InsufficientFunds),
         (status = 404, response = NotFound),
+        (status = 409, response = openapi::HoldConflict),
         (status = 413, response = PayloadTooLarge),
         (status = 422, response = UnprocessableRefund),
         (status = 429, response = RateLimited),
@@ -871,6 +886,148 @@ pub async fn create_refund(
         .refund(caller.principal, payment, amount, claim)
         .await?;
     respond_refund(executed)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/payments/{id}/capture",
+    operation_id = "capturePayment",
+    tag = "Payments",
+    summary = "Capture a held payment",
+    description = "**Keys:** operator, or the payment's merchant. Payer keys and other \
+        merchants' keys are answered 404 `not_found`.\n\n\
+        Moves `amount` of a payment made with `\"capture_method\": \"manual\"` (by default, \
+        all that was authorized) from the payer's held money to the merchant, less the fee on \
+        what is captured; the rest goes back to the wallet at once. The payment becomes \
+        `succeeded`, with `amount` what was captured and `amount_authorized` what was held, \
+        and takes its line on the payer's statement. A payment that is not held (paid at once, \
+        or already captured, canceled or expired) is 409 `payment_not_held`; one whose \
+        `capture_before` has passed is 409 `hold_expired`; more than was authorized is 422 \
+        `capture_exceeds_authorization`. The body may be empty.",
+    params(openapi::PaymentIdInPath, openapi::IdempotencyKey),
+    request_body(
+        content = input::CapturePayment,
+        description = "Optional: an empty (or all-whitespace) body captures all that was \
+            authorized.",
+        example = json!({"amount": "0.0010"}),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "The payment was captured.",
+            body = render::PaymentView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = openapi::HoldConflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = openapi::UnprocessableCapture),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
+pub async fn capture_payment(
+    State(app): State<App>,
+    caller: Caller,
+    PathId(id): PathId,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let payment = held_payment_in_path(&caller, &id)?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
+    let request: input::CapturePayment = if raw.iter().all(u8::is_ascii_whitespace) {
+        input::CapturePayment::default()
+    } else {
+        json_body(&raw)?
+    };
+    let amount = match &request.amount {
+        None => None,
+        Some(text) => Some(input::amount("amount", text, app.service.config())?),
+    };
+    let claim = claim(&caller, &headers, &method, &uri, &raw)?;
+    let executed = app
+        .service
+        .capture(caller.principal, payment, amount, claim)
+        .await?;
+    respond_hold(executed)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/payments/{id}/cancel",
+    operation_id = "cancelPayment",
+    tag = "Payments",
+    summary = "Cancel a held payment",
+    description = "**Keys:** operator, or the payment's merchant. Payer keys and other \
+        merchants' keys are answered 404 `not_found`.\n\n\
+        Gives a payment made with `\"capture_method\": \"manual\"` back to the payer: the \
+        held amount is available in the wallet again, and the payment becomes `canceled` with \
+        `cancellation_reason` `requested`. A payment that is not held (paid at once, or \
+        already captured, canceled or expired) is 409 `payment_not_held`. The body must be \
+        empty.",
+    params(openapi::PaymentIdInPath, openapi::IdempotencyKey),
+    responses(
+        (
+            status = 200,
+            description = "The payment was canceled.",
+            body = render::PaymentView,
+            headers(("Idempotent-Replayed")),
+        ),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 409, response = openapi::HoldConflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = UnprocessableRequest),
+        (status = 429, response = RateLimited),
+        (status = 500, response = InternalError),
+        (status = 503, response = UnavailableWrite),
+    ),
+)]
+pub async fn cancel_payment(
+    State(app): State<App>,
+    caller: Caller,
+    PathId(id): PathId,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let payment = held_payment_in_path(&caller, &id)?;
+    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
+    if !raw.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::validation("canceling a payment takes no body"));
+    }
+    let claim = claim(&caller, &headers, &method, &uri, &raw)?;
+    let executed = app.service.cancel(caller.principal, payment, claim).await?;
+    respond_hold(executed)
+}
+
+/// The payment a capture or cancel names: a payer may not settle holds, and is answered as if
+/// there were none.
+fn held_payment_in_path(caller: &Caller, id: &str) -> Result<PaymentId, ApiError> {
+    let payment = PaymentId::parse(id).ok_or_else(|| ApiError::not_found("payment"))?;
+    if matches!(caller.principal, Principal::Payer(_)) {
+        return Err(ApiError::not_found("payment"));
+    }
+    Ok(payment)
+}
+
+fn respond_hold(executed: Executed) -> ApiResult {
+    match executed.outcome {
+        Outcome::HoldChanged(payment) => {
+            let body = serde_json::to_string(&render::payment_view(&payment))
+                .expect("a payment view serializes");
+            Ok(bytes_response(StatusCode::OK, body, executed.replayed))
+        }
+        Outcome::Rejected(rejection) => {
+            Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
+        }
+        other => Err(unexpected(other)),
+    }
 }
 
 fn respond_refund(executed: Executed) -> ApiResult {
@@ -1064,8 +1221,9 @@ pub async fn advance_test_clock(
         .advance(request.advance_seconds)
         .await
         .map_err(farthing_service::ServiceError::from)?;
-    // What the jump let expire goes at once, not at the next hourly prune.
+    // What the jump let expire goes at once, not at the next hourly prune or expiry tick.
     app.service.prune_expired_now().await?;
+    app.service.expire_holds_now().await?;
     let answer = render::test_clock(now);
     if let Some(claim) = claim {
         let mut claims = app

@@ -166,6 +166,9 @@ struct SharedParts {
     next_prune: AtomicU64,
 }
 
+/// How often the service looks for holds to expire.
+pub const HOLD_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Principals kept at most; the cache starts over when full.
 const PRINCIPAL_CACHE_MAX: usize = 100_000;
 /// Writer tasks per process on a shared store: while one batch commits, the next is gathered
@@ -309,6 +312,7 @@ impl Service {
             submit,
             writer: Arc::new(Mutex::new(Some(Writers::Thread(writer)))),
         };
+        service.start_expiring_holds();
         let generated_operator_key = service.ensure_operator_key(operator_key).await?;
         Ok(Opened {
             service,
@@ -361,6 +365,7 @@ impl Service {
             submit,
             writer: Arc::new(Mutex::new(Some(Writers::Tasks(all_finished)))),
         };
+        service.start_expiring_holds();
         let generated_operator_key = service.ensure_operator_key(operator_key).await?;
         Ok(Opened {
             service,
@@ -438,6 +443,92 @@ impl Service {
         self.submit(Command::PruneIdempotencyKeys { before }, None)
             .await
             .map(|_| ())
+    }
+
+    /// Starts the task that expires holds: every [`HOLD_EXPIRY_TICK`], an
+    /// [`Command::ExpireHolds`] when one is due (every server of a shared store looks; the
+    /// first to expire a hold does, and the others find it settled). It ends when the
+    /// service stops.
+    fn start_expiring_holds(&self) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOLD_EXPIRY_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match service.expire_holds_now().await {
+                    Ok(()) => {}
+                    Err(ServiceError::ShuttingDown) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not expire holds; trying again");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Voids every hold whose deadline has passed, now: what the expiry task does each tick,
+    /// and what a test clock's jump asks for at once.
+    pub async fn expire_holds_now(&self) -> Result<(), ServiceError> {
+        loop {
+            let at = self.now();
+            let due = self
+                .shared
+                .reads
+                .next_hold_deadline()
+                .await?
+                .is_some_and(|deadline| deadline <= at);
+            if !due {
+                return Ok(());
+            }
+            let executed = self.submit(Command::ExpireHolds { at }, None).await?;
+            match executed.outcome {
+                Outcome::HoldsExpired { count } if count == EXPIRED_PER_COMMAND_MAX as usize => {}
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Places a hold for `pay`, to be captured within `hold_secs`.
+    pub async fn authorize(
+        &self,
+        pay: PayCommand,
+        hold_secs: u64,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        let command = Command::Authorize {
+            pay,
+            expires_at: self.now().saturating_add_secs(hold_secs),
+            settle_id: TransferId(self.next_id()),
+        };
+        self.submit(command, idempotency).await
+    }
+
+    /// Captures a held payment, all of it or `amount`.
+    pub async fn capture(
+        &self,
+        caller: Principal,
+        payment: PaymentId,
+        amount: Option<Amount>,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        let command = Command::Capture {
+            payment,
+            amount,
+            caller,
+        };
+        self.submit(command, idempotency).await
+    }
+
+    /// Cancels a held payment.
+    pub async fn cancel(
+        &self,
+        caller: Principal,
+        payment: PaymentId,
+        idempotency: Option<IdempotencyClaim>,
+    ) -> Result<Executed, ServiceError> {
+        self.submit(Command::Cancel { payment, caller }, idempotency)
+            .await
     }
 
     /// The time now, on the service's clock.

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use farthing_ledger::Currency;
+use farthing_ledger::{Currency, Timestamp};
 use farthing_payments::disk::DiskError;
 use farthing_payments::{
     EntryObject, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal, State,
@@ -45,6 +45,10 @@ impl Reads for StateReads {
 
     fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>> {
         ready(self.state().payment(id))
+    }
+
+    fn next_hold_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
+        ready(Ok(self.state().next_hold_deadline()))
     }
 
     fn list_payments(

@@ -27,19 +27,19 @@ impl Disk for Engine {
     fn history_id_max(&self) -> u128 {
         Engine::history_id_max(self)
     }
+
+    fn scan_state(&self, prefix: &[u8]) -> disk::Rows<'_> {
+        Box::new(
+            self.state_prefix(prefix)
+                .map(|row| row.map_err(|error| DiskError(error.to_string()))),
+        )
+    }
 }
 
 impl disk::DiskScan for Engine {
     fn scan_history(&self) -> disk::Rows<'_> {
         Box::new(
             self.history_prefix(&[])
-                .map(|row| row.map_err(|error| DiskError(error.to_string()))),
-        )
-    }
-
-    fn scan_state(&self, prefix: &[u8]) -> disk::Rows<'_> {
-        Box::new(
-            self.state_prefix(prefix)
                 .map(|row| row.map_err(|error| DiskError(error.to_string()))),
         )
     }

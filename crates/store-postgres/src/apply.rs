@@ -97,8 +97,16 @@ async fn apply_with(
 ) -> Result<Vec<Answer>, PgError> {
     let mut attempt = 1;
     let mut assume_new_ids_free = true;
-    // Whether to work the batch out from the forecast (not while it cools down).
-    let mut foresee = forecast.is_some_and(Forecast::usable);
+    // Whether to work the batch out from the forecast (not while it cools down). A batch
+    // that settles a hold reads the hold's record and its accounts' pending totals together,
+    // and only locked accounts are sure to agree with a record read now: it locks first.
+    let settles_holds = records.iter().any(|record| {
+        matches!(
+            record.command,
+            Command::Capture { .. } | Command::Cancel { .. } | Command::ExpireHolds { .. }
+        )
+    });
+    let mut foresee = forecast.is_some_and(Forecast::usable) && !settles_holds;
     loop {
         match apply_once(client, records, assume_new_ids_free, forecast, foresee).await {
             Ok(Attempt::Applied(answers)) => return Ok(answers),

@@ -13,8 +13,8 @@
 
 use farthing_ledger::TransferRecord;
 use farthing_payments::{
-    AccountRow, EntryRow, IdempotencyRow, Imported, KeyHash, MerchantRow, PayerRow, Payment,
-    Refund, Topup,
+    AccountRow, EntryRow, HoldRow, HoldStatus, IdempotencyRow, Imported, KeyHash, MerchantRow,
+    PayerRow, Payment, Refund, Topup,
 };
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, Transaction};
 
@@ -38,7 +38,7 @@ impl Table {
 }
 
 /// The tables in export order.
-const TABLES: [Table; 10] = [
+const TABLES: [Table; 11] = [
     Table {
         columns: || "key_hash",
         from: "FROM operator_keys ORDER BY key_hash",
@@ -64,11 +64,17 @@ const TABLES: [Table; 10] = [
         from: "FROM transfers ORDER BY id",
         item: transfer_item,
     },
-    // Payments in list order, oldest first.
+    // Payments in list order, oldest first; a captured hold's with the figures of its capture.
     Table {
-        columns: columns::<Payment>,
-        from: "FROM payments ORDER BY created_at, batch_position, id",
+        columns: payment_columns,
+        from: "FROM payments LEFT JOIN holds ON holds.payment = payments.id
+               ORDER BY created_at, batch_position, id",
         item: payment_item,
+    },
+    Table {
+        columns: columns::<HoldRow>,
+        from: "FROM holds ORDER BY payment",
+        item: hold_item,
     },
     Table {
         columns: columns::<Topup>,
@@ -223,8 +229,32 @@ fn transfer_item(row: &Row) -> Result<Imported, PgError> {
     Ok(Imported::Transfer(read(row)?))
 }
 
+/// A payment's columns as `State::export` lists it: a captured hold's amount and fee are
+/// those of its capture (which its refunds were worked out on), not those authorized.
+fn payment_columns() -> &'static str {
+    static COLUMNS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COLUMNS.get_or_init(|| {
+        columns::<Payment>()
+            .split(", ")
+            .map(|column| match column {
+                "amount" | "fee" => format!(
+                    "CASE WHEN holds.status = {captured} THEN holds.{column}_captured \
+                     ELSE payments.{column} END",
+                    captured = HoldStatus::Captured.code()
+                ),
+                other => other.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
 fn payment_item(row: &Row) -> Result<Imported, PgError> {
     Ok(Imported::Payment(read(row)?))
+}
+
+fn hold_item(row: &Row) -> Result<Imported, PgError> {
+    Ok(Imported::Hold(read(row)?))
 }
 
 fn topup_item(row: &Row) -> Result<Imported, PgError> {

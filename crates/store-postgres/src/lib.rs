@@ -24,6 +24,7 @@ use tokio_postgres::Client;
 
 mod apply;
 pub mod export;
+mod kinds;
 pub mod query;
 mod rows;
 mod shared;
@@ -70,6 +71,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "test_clock",
         sql: include_str!("../migrations/0002_test_clock.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "holds",
+        sql: include_str!("../migrations/0003_holds.sql"),
     },
 ];
 

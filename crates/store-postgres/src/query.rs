@@ -23,14 +23,14 @@
 use farthing_ledger::Currency;
 use farthing_payments::codec::decode_outcome;
 use farthing_payments::{
-    Entry, EntryObject, EntryRow, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId,
-    Payment, PaymentId, Principal,
+    Entry, EntryObject, EntryRow, Hold, IdempotencyKey, KeyHash, MerchantId, Outcome, Page,
+    PayerId, Payment, PaymentId, Principal,
 };
 use tokio_postgres::{GenericClient, Row};
 
 use crate::PgError;
 use crate::apply::{Id, bytes32, currency_of, id16, principal_columns, principal_of, u128_of};
-use crate::rows::{columns, entry_of, payment_of};
+use crate::rows::{columns, entry_of, read_at};
 
 /// Who holds the key with this hash, or `None` when no one does.
 pub async fn principal(
@@ -124,14 +124,52 @@ pub async fn payment(
     client: &impl GenericClient,
     id: PaymentId,
 ) -> Result<Option<Payment>, PgError> {
-    let payment_columns = columns::<Payment>();
+    let payment_columns = payment_with_hold_columns();
     let row = client
         .query_opt(
-            &format!("SELECT {payment_columns} FROM payments WHERE id = $1"),
+            &format!("SELECT {payment_columns} {PAYMENTS_WITH_HOLDS} WHERE id = $1"),
             &[&id16(id.to_u128())],
         )
         .await?;
-    row.as_ref().map(payment_of).transpose()
+    row.as_ref().map(payment_with_hold_of).transpose()
+}
+
+/// The earliest deadline of a live hold (from the index of live holds).
+pub async fn next_hold_deadline(
+    client: &impl GenericClient,
+) -> Result<Option<farthing_ledger::Timestamp>, PgError> {
+    let row = client
+        .query_one("SELECT min(expires_at) FROM holds WHERE status = 1", &[])
+        .await?;
+    let deadline: Option<i64> = row.get(0);
+    deadline
+        .map(|at| {
+            u64::try_from(at)
+                .map(farthing_ledger::Timestamp)
+                .map_err(|_| PgError::Stored("holds.expires_at is negative".to_string()))
+        })
+        .transpose()
+}
+
+/// Payments with their holds, when they have one.
+const PAYMENTS_WITH_HOLDS: &str = "FROM payments LEFT JOIN holds ON holds.payment = payments.id";
+
+/// A payment's columns, then its hold's (all NULL for a payment without one).
+fn payment_with_hold_columns() -> String {
+    format!("{}, {}", columns::<Payment>(), columns::<Hold>())
+}
+
+/// A payment as it stands, read from [`payment_with_hold_columns`].
+fn payment_with_hold_of(row: &Row) -> Result<Payment, PgError> {
+    let (mut payment, next) = read_at::<Payment>(row, 0)?;
+    let status: Option<i16> = row
+        .try_get(next)
+        .map_err(|error| PgError::Stored(format!("holds.status: {error}")))?;
+    if status.is_some() {
+        let (hold, _) = read_at::<Hold>(row, next)?;
+        hold.apply_to(&mut payment);
+    }
+    Ok(payment)
 }
 
 /// Where a row sits in its list: `(created_at, batch_position, id)`.
@@ -203,13 +241,13 @@ pub async fn list_payments(
         }
     };
     let fetch = fetch_limit(limit);
-    let payment_columns = columns::<Payment>();
+    let payment_columns = payment_with_hold_columns();
     let order = "ORDER BY created_at DESC, batch_position DESC, id DESC LIMIT";
     let rows = match (&party, &cursor) {
         (None, None) => {
             client
                 .query(
-                    &format!("SELECT {payment_columns} FROM payments {order} $1"),
+                    &format!("SELECT {payment_columns} {PAYMENTS_WITH_HOLDS} {order} $1"),
                     &[&fetch],
                 )
                 .await?
@@ -218,7 +256,7 @@ pub async fn list_payments(
             client
                 .query(
                     &format!(
-                        "SELECT {payment_columns} FROM payments
+                        "SELECT {payment_columns} {PAYMENTS_WITH_HOLDS}
                          WHERE (created_at, batch_position, id) < ($1, $2, $3) {order} $4"
                     ),
                     &[at, position, id, &fetch],
@@ -229,7 +267,8 @@ pub async fn list_payments(
             client
                 .query(
                     &format!(
-                        "SELECT {payment_columns} FROM payments WHERE {column} = $1 {order} $2"
+                        "SELECT {payment_columns} {PAYMENTS_WITH_HOLDS}
+                         WHERE {column} = $1 {order} $2"
                     ),
                     &[party, &fetch],
                 )
@@ -239,7 +278,7 @@ pub async fn list_payments(
             client
                 .query(
                     &format!(
-                        "SELECT {payment_columns} FROM payments
+                        "SELECT {payment_columns} {PAYMENTS_WITH_HOLDS}
                          WHERE {column} = $1 AND (created_at, batch_position, id) < ($2, $3, $4)
                          {order} $5"
                     ),
@@ -248,14 +287,12 @@ pub async fn list_payments(
                 .await?
         }
     };
-    page_of(rows, limit, payment_of).map(Some)
+    page_of(rows, limit, payment_with_hold_of).map(Some)
 }
 
-/// A payer's payments, newest first, read through the payer's statement lines: every payment
-/// has one, in the payer's order, so the payments table needs no index by payer (one index
-/// fewer to write per payment). A payer's batches have increasing times (a batch is moved
-/// past the last change to the accounts it locks), so this is the order the payments were
-/// made in.
+/// A payer's payments, newest first, as a merchant's are listed. A payer's batches have
+/// increasing times (a batch is moved past the last change to the accounts it locks), so this
+/// is the order the payments were made in.
 async fn payer_payments(
     client: &impl GenericClient,
     payer: PayerId,
@@ -266,46 +303,36 @@ async fn payer_payments(
     if !party_exists(client, "payers", &payer).await? {
         return Ok(None);
     }
-    let columns = columns::<Payment>()
-        .split(',')
-        .map(|column| format!("p.{}", column.trim()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let from = "FROM statement_lines s JOIN payments p ON p.id = s.object_id
-                WHERE s.payer = $1 AND s.object_kind = 2";
-    let order = "ORDER BY s.created_at DESC, s.batch_position DESC, s.object_id DESC LIMIT";
+    let columns = payment_with_hold_columns();
+    let order = "ORDER BY created_at DESC, batch_position DESC, id DESC LIMIT";
     let fetch = fetch_limit(limit);
     let rows = match starting_after {
         None => {
             client
                 .query(
-                    &format!("SELECT {columns} {from} {order} $2"),
+                    &format!("SELECT {columns} {PAYMENTS_WITH_HOLDS} WHERE payer = $1 {order} $2"),
                     &[&payer, &fetch],
                 )
                 .await?
         }
         Some(cursor) => {
-            // The cursor's line: its time from the payment, then a short range of the key.
             let id = id16(cursor.to_u128());
-            let Some(line) = client
+            let Some(at) = client
                 .query_opt(
-                    "SELECT s.created_at, s.batch_position FROM payments p
-                     JOIN statement_lines s
-                       ON s.payer = p.payer AND s.created_at = p.created_at
-                      AND s.object_id = p.id AND s.object_kind = 2
-                     WHERE p.id = $1 AND p.payer = $2",
+                    "SELECT created_at, batch_position FROM payments
+                     WHERE id = $1 AND payer = $2",
                     &[&id, &payer],
                 )
                 .await?
             else {
                 return Ok(None);
             };
-            let (at, position): (i64, i32) = (line.get(0), line.get(1));
+            let (at, position): (i64, i32) = (at.get(0), at.get(1));
             client
                 .query(
                     &format!(
-                        "SELECT {columns} {from}
-                           AND (s.created_at, s.batch_position, s.object_id) < ($2, $3, $4)
+                        "SELECT {columns} {PAYMENTS_WITH_HOLDS}
+                         WHERE payer = $1 AND (created_at, batch_position, id) < ($2, $3, $4)
                          {order} $5"
                     ),
                     &[&payer, &at, &position, &id, &fetch],
@@ -313,7 +340,7 @@ async fn payer_payments(
                 .await?
         }
     };
-    page_of(rows, limit, payment_of).map(Some)
+    page_of(rows, limit, payment_with_hold_of).map(Some)
 }
 
 /// `object_kind`: 1 top-up, 2 payment, 3 refund.
@@ -358,13 +385,22 @@ pub async fn payer_entries(
                     EntryObject::Payment(_) => "payments",
                     EntryObject::Refund(_) => "refunds",
                 };
-                // The line has its object's time: look there, in statement order.
+                // The line has its object's time (a captured hold's, its capture's): look
+                // there, in statement order.
+                let made = match object {
+                    EntryObject::Payment(_) => {
+                        "COALESCE((SELECT resolved_at FROM holds WHERE payment = $2 AND status = 2),
+                                  (SELECT created_at FROM payments WHERE id = $2))"
+                            .to_string()
+                    }
+                    _ => format!("(SELECT created_at FROM {objects} WHERE id = $2)"),
+                };
                 let Some(row) = client
                     .query_opt(
                         &format!(
                             "SELECT created_at, batch_position FROM statement_lines
                              WHERE payer = $1 AND object_id = $2 AND object_kind = $3
-                               AND created_at = (SELECT created_at FROM {objects} WHERE id = $2)"
+                               AND created_at = {made}"
                         ),
                         &[&payer, &id, &kind],
                     )

@@ -20,7 +20,7 @@ use std::time::Duration;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, QueueMode, RecyclingMethod, Runtime,
 };
-use farthing_ledger::Currency;
+use farthing_ledger::{Currency, Timestamp};
 use farthing_payments::{
     EntryObject, IdempotencyKey, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal,
     Record,
@@ -407,6 +407,14 @@ impl Reads for PgStore {
         Box::pin(self.timed(async move {
             let mut pooled = self.pooled().await?;
             let result = query::payment(pooled.client(), id).await;
+            pooled.finish(result)
+        }))
+    }
+
+    fn next_hold_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::next_hold_deadline(pooled.client()).await;
             pooled.finish(result)
         }))
     }

@@ -692,3 +692,69 @@ async fn large_batches_read_back_as_the_in_memory_state() {
     expected_accounts.sort();
     assert_eq!(stored_accounts(&client).await, expected_accounts);
 }
+
+/// More holds due than two expiries void: a batch of two expiries loads the holds both void
+/// (oldest deadline first, ties by payment), and the third expiry the rest, as in memory.
+#[tokio::test]
+async fn a_batch_of_two_expiries_voids_a_thousand_holds_each_as_in_memory() {
+    let Some(db) = TestDatabase::create("a_batch_of_two_expiries").await else {
+        return;
+    };
+    let mut client = db.migrated().await;
+    let payer = PayerId::from_u128(11);
+    let (merchant, setup) = setup_records(&[payer], 1_000_000);
+    let mut state = State::new();
+    for record in &setup {
+        state.apply(record);
+    }
+    apply_batch(&mut client, &setup).await.unwrap();
+    let count = 2 * u128::from(EXPIRED_PER_COMMAND_MAX) + 7;
+    let authorizations: Vec<Record> = (0..count)
+        .map(|n| {
+            record(
+                1_000_000,
+                Command::Authorize {
+                    pay: PayCommand {
+                        transfer_ids: [TransferId(10_000 + 3 * n), TransferId(10_001 + 3 * n)],
+                        ..pay_item((n * 7_919) % count + 1_000, payer, merchant, 1)
+                    },
+                    // Deadlines in an order of their own, many shared.
+                    expires_at: Timestamp(
+                        farthing_testing::EPOCH + 10_000_000 + (n as u64 * 31) % 97 * 1_000_000,
+                    ),
+                    settle_id: TransferId(10_002 + 3 * n),
+                },
+            )
+        })
+        .collect();
+    // Each batch later than the one before, as a server's are.
+    for (n, batch) in authorizations.chunks(500).enumerate() {
+        let mut batch = batch.to_vec();
+        for record in &mut batch {
+            record.now = Timestamp(record.now.0 + n as u64);
+        }
+        let expected: Vec<Outcome> = batch.iter().map(|record| state.apply(record)).collect();
+        assert_eq!(apply_batch(&mut client, &batch).await.unwrap(), expected);
+    }
+    let expire = record(
+        200_000_000,
+        Command::ExpireHolds {
+            at: Timestamp(farthing_testing::EPOCH + 200_000_000),
+        },
+    );
+    let mut later = expire.clone();
+    later.now = Timestamp(later.now.0 + 1);
+    for batch in [vec![expire.clone(), expire], vec![later]] {
+        let expected: Vec<Outcome> = batch.iter().map(|record| state.apply(record)).collect();
+        assert_eq!(apply_batch(&mut client, &batch).await.unwrap(), expected);
+    }
+    assert_eq!(state.live_holds(), 0);
+    assert_eq!(query::next_hold_deadline(&client).await.unwrap(), None);
+    for n in 0..count {
+        let id = PaymentId::from_u128(n + 1_000);
+        assert_eq!(
+            query::payment(&client, id).await.unwrap(),
+            state.payment(id).unwrap()
+        );
+    }
+}

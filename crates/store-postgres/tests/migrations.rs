@@ -35,6 +35,7 @@ async fn a_fresh_database_gets_every_migration_recorded_once() {
     let tables = tables(&db.url).await;
     for table in [
         "accounts",
+        "holds",
         "idempotency_keys",
         "merchants",
         "operator_keys",

@@ -15,7 +15,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use farthing_ledger::Currency;
+use farthing_ledger::{Currency, Timestamp};
 use farthing_payments::{
     Entry, EntryObject, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId, Payment,
     PaymentId, Principal, Record,
@@ -153,6 +153,8 @@ pub trait Reads: Send + Sync + 'static {
     /// A merchant's available balances, sorted by currency; `None` for an unknown merchant.
     fn merchant_balances(&self, id: MerchantId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>>;
     fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>>;
+    /// The earliest deadline of a live hold: when an expiry is next due.
+    fn next_hold_deadline(&self) -> StoreFuture<'_, Option<Timestamp>>;
     /// Payments `principal` may see, newest first, after `starting_after`; `None` when the
     /// cursor is not one of them.
     fn list_payments(

@@ -1,8 +1,9 @@
 //! Random histories of records, shared by the test suites that hold a store or a working set
 //! to the in-memory state: proptest strategies draw raw choices, and a [`Builder`] resolves
 //! them against the history so far when each step becomes a record (parties, top-ups,
-//! payments and batches, refunds, idempotency keys retried and reused, prunes, and ids, key
-//! hashes and transfer ids reused on purpose).
+//! payments and batches, refunds, holds authorized, captured, canceled and expired,
+//! idempotency keys retried and reused, prunes, and ids, key hashes and transfer ids reused on
+//! purpose).
 //!
 //! Only test code depends on this crate.
 
@@ -68,6 +69,34 @@ pub enum RefundAmount {
     Over,
 }
 
+/// Which payment a capture, a cancel or a refund names.
+#[derive(Clone, Debug)]
+pub enum PaymentPick {
+    /// Any payment the history made (or tried to make).
+    Any(Index),
+    /// A hold placed so far: held, captured, canceled or expired.
+    Held(Index),
+    /// The newest hold still held (else the newest placed): the one a capture most likely
+    /// finds in time.
+    NewestHeld,
+    /// An id no one made.
+    Unknown,
+}
+
+/// How much of a hold a capture takes.
+#[derive(Clone, Copy, Debug)]
+pub enum CaptureAmount {
+    /// No amount: all of it.
+    All,
+    /// All of it, named.
+    Exact,
+    Zero,
+    /// This many 256ths of what was authorized, at least one micro.
+    Part(u8),
+    /// One micro more than was authorized.
+    Over,
+}
+
 #[derive(Clone, Debug)]
 pub enum Caller {
     Operator,
@@ -100,10 +129,31 @@ pub enum OpSpec {
     Pay(PaySpec),
     Batch(Vec<PaySpec>),
     Refund {
-        payment: Pick,
+        payment: PaymentPick,
         amount: RefundAmount,
         caller: Caller,
         reuse: Option<Index>,
+    },
+    /// A payment authorized for capture later, with its deadline this many seconds after the
+    /// record's time (before it, when negative).
+    Authorize {
+        pay: PaySpec,
+        deadline_secs: i64,
+        /// Reuse an earlier transfer id for the settling transfer.
+        reuse_settle: Option<Index>,
+    },
+    Capture {
+        payment: PaymentPick,
+        amount: CaptureAmount,
+        caller: Caller,
+    },
+    Cancel {
+        payment: PaymentPick,
+        caller: Caller,
+    },
+    /// Expiry of the holds due this many seconds before the record's time.
+    ExpireHolds {
+        back_secs: u64,
     },
     Prune {
         age_secs: u64,
@@ -139,6 +189,84 @@ pub fn currency_index() -> impl Strategy<Value = usize> {
 
 pub fn maybe_reuse() -> impl Strategy<Value = Option<Index>> {
     prop_oneof![19 => Just(None), 1 => any::<Index>().prop_map(Some)]
+}
+
+/// The payment a refund names: mostly any payment, as before holds; sometimes a hold (held,
+/// captured, canceled or expired).
+pub fn payment_pick() -> impl Strategy<Value = PaymentPick> {
+    prop_oneof![
+        14 => any::<Index>().prop_map(PaymentPick::Any),
+        3 => any::<Index>().prop_map(PaymentPick::Held),
+        2 => Just(PaymentPick::NewestHeld),
+        1 => Just(PaymentPick::Unknown),
+    ]
+}
+
+pub fn caller() -> impl Strategy<Value = Caller> {
+    prop_oneof![
+        2 => Just(Caller::Operator),
+        4 => Just(Caller::ItsMerchant),
+        1 => any::<Index>().prop_map(Caller::AnotherMerchant),
+        1 => Just(Caller::ItsPayer),
+    ]
+}
+
+/// A hold's deadline after the record's time, in seconds: minutes or hours ahead, so that
+/// captures soon after come in time and the steps' hours pass many deadlines before the
+/// history ends; sometimes already past, or exactly now.
+pub fn deadline_secs() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        2 => -600..0i64,
+        1 => Just(0i64),
+        4 => 1..600i64,
+        3 => 600..(4 * 3_600i64),
+        3 => (4 * 3_600i64)..(24 * 3_600i64),
+    ]
+}
+
+pub fn hold_op() -> impl Strategy<Value = OpSpec> {
+    prop_oneof![
+        6 => (pay_spec(), deadline_secs(), maybe_reuse()).prop_map(
+            |(pay, deadline_secs, reuse_settle)| OpSpec::Authorize {
+                pay,
+                deadline_secs,
+                reuse_settle,
+            }
+        ),
+        8 => (
+            prop_oneof![
+                2 => any::<Index>().prop_map(PaymentPick::Held),
+                4 => Just(PaymentPick::NewestHeld),
+                1 => any::<Index>().prop_map(PaymentPick::Any),
+                1 => Just(PaymentPick::Unknown),
+            ],
+            prop_oneof![
+                4 => Just(CaptureAmount::All),
+                1 => Just(CaptureAmount::Exact),
+                1 => Just(CaptureAmount::Zero),
+                4 => any::<u8>().prop_map(CaptureAmount::Part),
+                1 => Just(CaptureAmount::Over),
+            ],
+            caller(),
+        )
+            .prop_map(|(payment, amount, caller)| OpSpec::Capture {
+                payment,
+                amount,
+                caller,
+            }),
+        2 => (
+            prop_oneof![
+                2 => any::<Index>().prop_map(PaymentPick::Held),
+                2 => Just(PaymentPick::NewestHeld),
+                1 => any::<Index>().prop_map(PaymentPick::Any),
+                1 => Just(PaymentPick::Unknown),
+            ],
+            caller(),
+        )
+            .prop_map(|(payment, caller)| OpSpec::Cancel { payment, caller }),
+        2 => prop_oneof![4 => Just(0u64), 2 => 0..600u64, 1 => 0..(24 * 3_600u64)]
+            .prop_map(|back_secs| OpSpec::ExpireHolds { back_secs }),
+    ]
 }
 
 pub fn pay_spec() -> impl Strategy<Value = PaySpec> {
@@ -193,19 +321,14 @@ pub fn op_spec() -> impl Strategy<Value = OpSpec> {
         8 => pay_spec().prop_map(OpSpec::Pay),
         2 => prop::collection::vec(pay_spec(), 0..5).prop_map(OpSpec::Batch),
         6 => (
-            pick(),
+            payment_pick(),
             prop_oneof![
                 3 => Just(RefundAmount::Rest),
                 1 => Just(RefundAmount::Zero),
                 4 => any::<u8>().prop_map(RefundAmount::Part),
                 1 => Just(RefundAmount::Over),
             ],
-            prop_oneof![
-                2 => Just(Caller::Operator),
-                4 => Just(Caller::ItsMerchant),
-                1 => any::<Index>().prop_map(Caller::AnotherMerchant),
-                1 => Just(Caller::ItsPayer),
-            ],
+            caller(),
             maybe_reuse(),
         )
             .prop_map(|(payment, amount, caller, reuse)| OpSpec::Refund {
@@ -216,6 +339,9 @@ pub fn op_spec() -> impl Strategy<Value = OpSpec> {
             }),
         1 => prop_oneof![Just(0u64), Just(3_600), 0..100_000u64]
             .prop_map(|age_secs| OpSpec::Prune { age_secs }),
+        // Holds: authorized, captured, canceled, expired (about a third of the operations;
+        // the others keep their shares among themselves, and histories are longer).
+        18 => hold_op(),
     ]
 }
 
@@ -259,7 +385,7 @@ pub fn step(op: impl Strategy<Value = OpSpec>) -> impl Strategy<Value = StepSpec
 pub fn history() -> impl Strategy<Value = Vec<StepSpec>> {
     (
         prop::collection::vec(step(setup_op()), 2..10),
-        prop::collection::vec(step(op_spec()), 1..50),
+        prop::collection::vec(step(op_spec()), 1..75),
     )
         .prop_map(|(mut steps, rest)| {
             steps.extend(rest);
@@ -275,6 +401,8 @@ pub struct Builder {
     pub payer_ids: Vec<PayerId>,
     pub merchant_ids: Vec<MerchantId>,
     pub payment_ids: Vec<PaymentId>,
+    /// The payments authorized for capture later (or tried to be), oldest first.
+    pub hold_ids: Vec<PaymentId>,
     pub topup_ids: Vec<TopupId>,
     pub refund_ids: Vec<RefundId>,
     pub key_hashes: Vec<KeyHash>,
@@ -296,6 +424,7 @@ impl Builder {
             payer_ids: Vec::new(),
             merchant_ids: Vec::new(),
             payment_ids: Vec::new(),
+            hold_ids: Vec::new(),
             topup_ids: Vec::new(),
             refund_ids: Vec::new(),
             key_hashes: Vec::new(),
@@ -371,6 +500,100 @@ impl Builder {
         }
     }
 
+    /// As [`Builder::pay`], but a known payer and merchant are picked among those that
+    /// exist, the payer among those with money, and the currency among the payer's when it
+    /// has none in the one drawn: most such payments can be made (holds are settled only
+    /// once placed, so enough must be placed).
+    fn funded_pay(
+        &mut self,
+        spec: &PaySpec,
+        reuse_transfers: &Option<Index>,
+        state: &State,
+    ) -> PayCommand {
+        let mut pay = self.pay(spec, reuse_transfers);
+        let funded: Vec<(PayerId, Vec<Currency>)> = self
+            .payer_ids
+            .iter()
+            .filter_map(|id| {
+                let balances = state
+                    .payer_balances(*id)
+                    .expect("a whole state reads memory")?;
+                let currencies: Vec<Currency> = balances
+                    .into_iter()
+                    .filter(|(_, balance)| *balance > 0)
+                    .map(|(currency, _)| currency)
+                    .collect();
+                (!currencies.is_empty()).then_some((*id, currencies))
+            })
+            .collect();
+        let merchants: Vec<MerchantId> = self
+            .merchant_ids
+            .iter()
+            .copied()
+            .filter(|id| state.merchant(*id).is_some())
+            .collect();
+        if let Pick::Known(index) = &spec.payer
+            && !funded.is_empty()
+        {
+            let (payer, currencies) = &funded[index.index(funded.len())];
+            pay.payer = *payer;
+            if !currencies.contains(&pay.currency) {
+                pay.currency = currencies[index.index(currencies.len())];
+            }
+        }
+        if let Pick::Known(index) = &spec.merchant
+            && !merchants.is_empty()
+        {
+            pay.merchant = merchants[index.index(merchants.len())];
+        }
+        pay
+    }
+
+    /// The payment `pick` names, and how it stands in `state` (`None`: there is none).
+    fn payment(&mut self, pick: &PaymentPick, state: &State) -> (PaymentId, Option<Payment>) {
+        let payments = self.payment_ids.clone();
+        // The holds placed so far, oldest first (an authorization may have been refused).
+        let holds: Vec<Payment> = self
+            .hold_ids
+            .iter()
+            .filter_map(|id| state.payment(*id).expect("a whole state reads memory"))
+            .filter(|payment| payment.hold.is_some())
+            .collect();
+        let id = match pick {
+            PaymentPick::Any(index) => {
+                self.known(&Pick::Known(*index), &payments, PaymentId::from_u128)
+            }
+            PaymentPick::Held(index) if !holds.is_empty() => holds[index.index(holds.len())].id,
+            PaymentPick::NewestHeld if !holds.is_empty() => {
+                holds
+                    .iter()
+                    .rev()
+                    .find(|payment| payment.hold.is_some_and(|hold| hold.is_live()))
+                    .unwrap_or(&holds[holds.len() - 1])
+                    .id
+            }
+            PaymentPick::Held(_) | PaymentPick::NewestHeld | PaymentPick::Unknown => {
+                PaymentId::from_u128(self.fresh())
+            }
+        };
+        let payment = state.payment(id).expect("a whole state reads memory");
+        (id, payment)
+    }
+
+    /// Who `caller` is for `target`.
+    fn caller(&mut self, caller: &Caller, target: Option<&Payment>) -> Principal {
+        let merchants = self.merchant_ids.clone();
+        match (caller, target) {
+            (Caller::Operator, _) => Principal::Operator,
+            (Caller::ItsMerchant, Some(p)) => Principal::Merchant(p.merchant),
+            (Caller::ItsPayer, Some(p)) => Principal::Payer(p.payer),
+            (Caller::AnotherMerchant(index), _) if !merchants.is_empty() => {
+                Principal::Merchant(merchants[index.index(merchants.len())])
+            }
+            _ => Principal::Merchant(MerchantId::from_u128(self.fresh())),
+        }
+    }
+
     fn command(&mut self, step: &StepSpec, state: &State) -> Command {
         let reuse_transfers = &step.reuse_transfers;
         match &step.op {
@@ -438,11 +661,7 @@ impl Builder {
                 let used = self.refund_ids.clone();
                 let id = self.reuse_or_fresh(reuse, &used, RefundId::from_u128);
                 self.refund_ids.push(id);
-                let payments = self.payment_ids.clone();
-                let payment_id = self.known(payment, &payments, PaymentId::from_u128);
-                let target = state
-                    .payment(payment_id)
-                    .expect("a whole state reads memory");
+                let (payment_id, target) = self.payment(payment, state);
                 let remaining = target
                     .as_ref()
                     .map_or(1_000, |p| p.amount.micros() - p.amount_refunded.micros());
@@ -456,16 +675,7 @@ impl Builder {
                     )),
                     RefundAmount::Over => Some(Amount::from_micros(remaining.saturating_add(1))),
                 };
-                let merchants = self.merchant_ids.clone();
-                let caller = match (caller, &target) {
-                    (Caller::Operator, _) => Principal::Operator,
-                    (Caller::ItsMerchant, Some(p)) => Principal::Merchant(p.merchant),
-                    (Caller::ItsPayer, Some(p)) => Principal::Payer(p.payer),
-                    (Caller::AnotherMerchant(index), _) if !merchants.is_empty() => {
-                        Principal::Merchant(merchants[index.index(merchants.len())])
-                    }
-                    _ => Principal::Merchant(MerchantId::from_u128(self.fresh())),
-                };
+                let caller = self.caller(caller, target.as_ref());
                 Command::Refund {
                     id,
                     payment: payment_id,
@@ -474,6 +684,71 @@ impl Builder {
                     transfer_ids: self.transfer_ids(reuse_transfers),
                 }
             }
+            OpSpec::Authorize {
+                pay,
+                deadline_secs,
+                reuse_settle,
+            } => {
+                let pay = self.funded_pay(pay, reuse_transfers, state);
+                self.hold_ids.push(pay.id);
+                let deadline = if *deadline_secs < 0 {
+                    self.now
+                        .saturating_sub(deadline_secs.unsigned_abs() * MICROS_PER_SEC)
+                } else {
+                    self.now + deadline_secs.unsigned_abs() * MICROS_PER_SEC
+                };
+                // Mostly a fresh id; sometimes one an earlier step chose (taken, or held for
+                // another hold's settlement).
+                let used: Vec<TransferId> = self.transfer_ids.iter().flatten().copied().collect();
+                let settle_id = match reuse_settle {
+                    Some(index) if !used.is_empty() => used[index.index(used.len())],
+                    _ => TransferId(self.fresh()),
+                };
+                // A later step that reuses transfer ids may take this hold's.
+                self.transfer_ids.push([settle_id, pay.transfer_ids[1]]);
+                Command::Authorize {
+                    pay,
+                    expires_at: Timestamp(deadline),
+                    settle_id,
+                }
+            }
+            OpSpec::Capture {
+                payment,
+                amount,
+                caller,
+            } => {
+                let (payment_id, target) = self.payment(payment, state);
+                let authorized = target
+                    .as_ref()
+                    .and_then(|p| p.hold)
+                    .map_or(1_000, |hold| hold.amount_authorized.micros());
+                let amount = match amount {
+                    CaptureAmount::All => None,
+                    CaptureAmount::Exact => Some(Amount::from_micros(authorized)),
+                    CaptureAmount::Zero => Some(Amount::ZERO),
+                    CaptureAmount::Part(share) => Some(Amount::from_micros(
+                        u64::try_from(u128::from(authorized) * u128::from(*share) / 256)
+                            .expect("at most the amount authorized")
+                            .max(1),
+                    )),
+                    CaptureAmount::Over => Some(Amount::from_micros(authorized.saturating_add(1))),
+                };
+                Command::Capture {
+                    payment: payment_id,
+                    amount,
+                    caller: self.caller(caller, target.as_ref()),
+                }
+            }
+            OpSpec::Cancel { payment, caller } => {
+                let (payment_id, target) = self.payment(payment, state);
+                Command::Cancel {
+                    payment: payment_id,
+                    caller: self.caller(caller, target.as_ref()),
+                }
+            }
+            OpSpec::ExpireHolds { back_secs } => Command::ExpireHolds {
+                at: Timestamp(self.now.saturating_sub(back_secs * MICROS_PER_SEC)),
+            },
             OpSpec::Prune { age_secs } => Command::PruneIdempotencyKeys {
                 before: Timestamp(self.now.saturating_sub(age_secs * MICROS_PER_SEC)),
             },

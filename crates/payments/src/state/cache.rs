@@ -42,6 +42,7 @@ pub struct Fetched {
     accounts: Vec<AccountRow>,
     payments: Vec<PaymentRow>,
     refunded: Vec<(PaymentId, Refunded)>,
+    holds: Vec<(PaymentId, Option<Hold>)>,
     topups: Vec<TopupRow>,
     refunds: Vec<RefundRow>,
     lines: Vec<(EntryObject, Line)>,
@@ -57,6 +58,7 @@ impl Fetched {
             && self.accounts.is_empty()
             && self.payments.is_empty()
             && self.refunded.is_empty()
+            && self.holds.is_empty()
             && self.topups.is_empty()
             && self.refunds.is_empty()
             && self.lines.is_empty()
@@ -76,6 +78,9 @@ pub struct Checkpoint {
     payers: Vec<PayerState>,
     keys: Vec<(KeyHash, Option<Principal>)>,
     refunded: Vec<(PaymentId, Refunded)>,
+    holds: Vec<HoldRow>,
+    /// Records of holds settled since their history rows were written.
+    transfers_resolved: Vec<TransferRecord>,
     idempotency: Vec<IdempotencyRow>,
     /// Idempotency keys made before this are to be removed from disk.
     pub prune_before: Option<Timestamp>,
@@ -178,6 +183,19 @@ impl Checkpoint {
         for (id, refunded) in &self.refunded {
             rows.push((disk::refunded_key(*id), Some(disk::encode(refunded))));
         }
+        for row in &self.holds {
+            rows.push((disk::hold_key(row.payment), Some(disk::encode(&row.hold))));
+            rows.push((
+                disk::live_hold_key(row.payment),
+                row.hold.is_live().then(Vec::new),
+            ));
+        }
+        for record in &self.transfers_resolved {
+            rows.push((
+                disk::transfer_state_key(record.transfer.id),
+                Some(disk::encode(record)),
+            ));
+        }
         for row in &self.idempotency {
             rows.push((disk::idempotency_key(&row.key), Some(disk::encode(row))));
             rows.push((
@@ -213,6 +231,16 @@ impl State {
                 .parties
                 .load_key(key_hash, Principal::Operator)
                 .map_err(|error| DiskError(format!("the operator key does not load: {error:?}")))?;
+        }
+        // Every live hold, so that expiry sees each one (as many as are live, not history).
+        for entry in disk.scan_state(&[disk::state_kind::LIVE_HOLD]) {
+            let (key, _) = entry?;
+            let id = disk::history_key_id(&key[1..])
+                .map(PaymentId::from_u128)
+                .ok_or_else(|| DiskError("a live hold's key is not an id".to_string()))?;
+            let hold: Hold = read_state(&*disk, &disk::hold_key(id))?
+                .ok_or_else(|| DiskError(format!("the live hold of {id} is missing")))?;
+            let _ = state.holds.load(id, Some(hold));
         }
         state.cache = Some(Box::new(Cache {
             disk,
@@ -314,6 +342,10 @@ impl State {
             {
                 fetched.refunded.push((*id, refunded));
             }
+            if exists && !self.holds.knows(id) {
+                let hold = read_state::<Hold>(disk, &disk::hold_key(*id))?;
+                fetched.holds.push((*id, hold));
+            }
             if exists && !read_with_line {
                 self.fetch_line(disk, EntryObject::Payment(*id), &mut fetched)?;
             }
@@ -346,7 +378,7 @@ impl State {
                 }
             }
         }
-        for id in &needs.transfers {
+        for id in needs.transfers.iter().chain(&needs.held_transfers) {
             if !older(id.0)
                 || !first_time(&disk::transfer_key(*id))
                 || self.ledger.transfer(*id).is_some()
@@ -358,7 +390,13 @@ impl State {
                 .and_then(|frozen| frozen.transfers.get(id).copied());
             let record = match frozen {
                 Some(record) => Some(record),
-                None => read_history::<TransferRecord>(Some(disk), id.0, history_kind::TRANSFER)?,
+                // A hold settled after its row was written has its record in the state.
+                None => match read_state::<TransferRecord>(disk, &disk::transfer_state_key(*id))? {
+                    Some(record) => Some(record),
+                    None => {
+                        read_history::<TransferRecord>(Some(disk), id.0, history_kind::TRANSFER)?
+                    }
+                },
             };
             fetched.transfers.extend(record);
         }
@@ -420,10 +458,7 @@ impl State {
         if !self.is_cache() {
             return Ok(Fetched::default());
         }
-        let mut needs = Needs::default();
-        for (claim, command) in commands {
-            needs.append(self.needs_unsorted(claim, command));
-        }
+        let needs = self.needs_of_batch(commands);
         self.fetch(&needs)
     }
 
@@ -457,6 +492,11 @@ impl State {
         }
         for (id, refunded) in fetched.refunded {
             if !self.refunded.load(id, Slot::Present(refunded)) {
+                return Err(LoadError::AlreadyLoaded);
+            }
+        }
+        for (id, hold) in fetched.holds {
+            if !self.holds.load(id, hold) {
                 return Err(LoadError::AlreadyLoaded);
             }
         }
@@ -543,6 +583,8 @@ impl State {
                 Slot::Absent => None,
             })
             .collect();
+        let holds = self.holds.take_changes();
+        let transfers_resolved = self.ledger.take_hold_changes();
         let (idempotency, prunes) = self.idempotency.take_changes();
         let globals = Globals {
             records_applied: self.records_applied,
@@ -564,8 +606,12 @@ impl State {
             payers,
             keys: parties.keys,
             refunded,
+            holds,
+            transfers_resolved,
             idempotency,
-            prune_before: prunes.last().copied(),
+            // The latest cut-off, not the last prune's: a prune may name an earlier time than
+            // one before it, and what the earlier prune removed must go from disk too.
+            prune_before: prunes.iter().max().copied(),
             globals,
         }
     }
@@ -608,6 +654,7 @@ impl State {
             + self.ledger.account_count() * ACCOUNT
             + self.idempotency.len() * IDEMPOTENCY_ROW
             + self.refunded.keys_held() * 64
+            + self.holds.keys_held() * 128
     }
 
     /// Forgets every row not changed since the last checkpoint began, once that checkpoint
@@ -653,6 +700,7 @@ impl State {
             |id| payer_lists.get(id).is_some(),
         );
         self.refunded.forget_unchanged(|_| false);
+        self.holds.forget_unchanged();
         self.idempotency.forget_unchanged();
         self.loaded = Generation::default();
     }
@@ -720,6 +768,23 @@ impl State {
                 .refunded
                 .load(PaymentId::from_u128(id), Slot::Present(refunded));
         }
+        for entry in disk.scan_state(&[disk::state_kind::HOLD]) {
+            let (key, value) = entry?;
+            let id = disk::history_key_id(&key[1..])
+                .ok_or_else(|| DiskError("a hold's key is not an id".to_string()))?;
+            let _ = state
+                .holds
+                .load(PaymentId::from_u128(id), Some(disk::decode(&value)?));
+        }
+        // Records of holds settled after their rows were written, by id.
+        let mut resolved: std::collections::HashMap<u128, TransferRecord> =
+            std::collections::HashMap::new();
+        for entry in disk.scan_state(&[disk::state_kind::TRANSFER]) {
+            let (key, value) = entry?;
+            let id = disk::history_key_id(&key[1..])
+                .ok_or_else(|| DiskError("a transfer's key is not an id".to_string()))?;
+            resolved.insert(id, disk::decode(&value)?);
+        }
         for entry in disk.scan_state(&[disk::state_kind::IDEMPOTENCY]) {
             let row: IdempotencyRow = disk::decode(&entry?.1)?;
             state.idempotency.put_imported(&row);
@@ -758,7 +823,10 @@ impl State {
                     young.lines.insert(object, disk::decode(&value)?);
                 }
                 history_kind::TRANSFER => {
-                    let record: TransferRecord = disk::decode(&value)?;
+                    let record: TransferRecord = match resolved.remove(&id) {
+                        Some(record) => record,
+                        None => disk::decode(&value)?,
+                    };
                     state.ledger.put_imported_transfer_record(record);
                 }
                 other => {

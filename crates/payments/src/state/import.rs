@@ -4,7 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use farthing_ledger::{AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId};
+use farthing_ledger::{
+    AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId, TransferKind, TransferRecord,
+};
 
 use super::State;
 use crate::disk::PartyLists;
@@ -23,8 +25,9 @@ struct Staged<'a> {
     payers: HashSet<PayerId>,
     accounts: HashSet<(Owner, Currency)>,
     account_ids: HashSet<AccountId>,
-    transfers: HashSet<TransferId>,
+    transfers: HashMap<TransferId, &'a TransferRecord>,
     payments: HashMap<PaymentId, &'a Payment>,
+    holds: HashMap<PaymentId, &'a Hold>,
     topups: HashMap<TopupId, &'a Topup>,
     refunds: HashMap<RefundId, &'a Refund>,
     lines: HashSet<EntryObject>,
@@ -60,12 +63,21 @@ impl State {
             self.young.refunds.values().map(|row| &row.refund).collect();
         refunds.sort_unstable_by_key(|refund| refund.id);
         let idempotency = self.idempotency.rows();
+        let mut holds: Vec<HoldRow> = self
+            .holds
+            .iter()
+            .map(|(payment, hold)| HoldRow {
+                payment: *payment,
+                hold: *hold,
+            })
+            .collect();
+        holds.sort_unstable_by_key(|row| row.payment);
         // Oldest first: each list's chain, walked from its newest item, then reversed.
         let mut payments = Vec::with_capacity(self.young.payments.len());
         let mut at = self.newest_payment;
         while let Some(id) = at {
             let row = self.payment_row(id).expect("a listed payment is held");
-            payments.push(self.payment_held(id).expect("held"));
+            payments.push(self.payment_exported(id).expect("held"));
             at = row.previous;
         }
         payments.reverse();
@@ -117,6 +129,7 @@ impl State {
                     .map(|record| Imported::Transfer(*record)),
             )
             .chain(payments.into_iter().map(Imported::Payment))
+            .chain(holds.into_iter().map(Imported::Hold))
             .chain(
                 topups
                     .into_iter()
@@ -133,6 +146,18 @@ impl State {
                     .map(move |entry| Imported::Entry { payer, entry })
             }))
             .chain(idempotency.into_iter().map(Imported::Idempotency))
+    }
+
+    /// A payment as an export lists it: its row with its refund totals, and a captured hold's
+    /// amount and fee those of its capture, which its refunds were worked out on (so that an
+    /// import can check them without its hold, which comes after it).
+    fn payment_exported(&self, id: PaymentId) -> Option<Payment> {
+        let mut payment = self.payment_stored(id)?;
+        if let Some(hold) = self.holds.get(&id) {
+            hold.apply_to(&mut payment);
+            payment.hold = None;
+        }
+        Some(payment)
     }
 
     /// Applies [`Command::Import`]: checks every item against the state and the items before
@@ -229,9 +254,14 @@ impl State {
             }
             Imported::Transfer(record) => {
                 let id = record.transfer.id;
-                fits(id.0 != 0 && record.hold != Some(HoldState::Pending))?;
-                free(self.ledger.transfer(id).is_some() || staged.transfers.contains(&id))?;
-                staged.transfers.insert(id);
+                // A live hold comes with its payment's hold; the ledger's own deadlines are not
+                // carried.
+                fits(
+                    id.0 != 0
+                        && (record.hold != Some(HoldState::Pending) || record.expires_at.is_none()),
+                )?;
+                free(self.ledger.transfer(id).is_some() || staged.transfers.contains_key(&id))?;
+                staged.transfers.insert(id, record);
             }
             Imported::Payment(payment) => {
                 free(
@@ -244,7 +274,8 @@ impl State {
                 if !self.merchant_held(staged, payment.merchant) {
                     return Err(Rejection::MerchantNotFound);
                 }
-                fits(!payment.amount.is_zero())?;
+                // A hold is an item of its own.
+                fits(payment.hold.is_none() && !payment.amount.is_zero())?;
                 fits(payment.fee <= payment.amount && payment.amount_refunded <= payment.amount)?;
                 // Refunds return the fee in proportion to the running total refunded.
                 let fee_share = payment
@@ -287,16 +318,15 @@ impl State {
                 let shown = match entry.object {
                     EntryObject::Payment(id) => {
                         let payment = self
-                            .payment_held(id)
+                            .payment_stored(id)
                             .or_else(|| staged.payments.get(&id).map(|p| (*p).clone()))
                             .ok_or(Rejection::PaymentNotFound)?;
-                        (
-                            payment.payer,
-                            payment.currency,
-                            false,
-                            payment.amount,
-                            payment.created_at,
-                        )
+                        let hold = self.holds.get(&id).or(staged.holds.get(&id).copied());
+                        let (amount, at) = match hold {
+                            Some(hold) => hold.line_shows(&payment),
+                            None => (payment.amount, payment.created_at),
+                        };
+                        (payment.payer, payment.currency, false, amount, at)
                     }
                     EntryObject::Topup(id) => {
                         let topup = self
@@ -339,6 +369,53 @@ impl State {
             Imported::Idempotency(row) => {
                 free(self.idempotency.contains(&row.key) || staged.idempotency.contains(&row.key))?;
                 staged.idempotency.insert(&row.key);
+            }
+            Imported::Hold(row) => {
+                let id = row.payment;
+                let hold = &row.hold;
+                let payment = self
+                    .payment_stored(id)
+                    .or_else(|| staged.payments.get(&id).map(|p| (*p).clone()))
+                    .ok_or(Rejection::PaymentNotFound)?;
+                free(self.holds.get(&id).is_some() || staged.holds.contains_key(&id))?;
+                fits(hold.amount_captured <= hold.amount_authorized)?;
+                fits(hold.fee_captured <= hold.amount_captured)?;
+                fits(hold.is_live() == hold.resolved_at.is_none())?;
+                // The payment as an export lists it: a captured hold's with the figures of its
+                // capture, which its refund totals were checked against; only money that moved
+                // is refunded.
+                let (amount, fee) = match hold.status {
+                    HoldStatus::Captured => (hold.amount_captured, hold.fee_captured),
+                    _ => (hold.amount_authorized, payment.fee),
+                };
+                fits(payment.amount == amount && payment.fee == fee)?;
+                fits(payment.amount_refunded.is_zero() || hold.status == HoldStatus::Captured)?;
+                // The hold's pending transfer is held, or comes with the import: it moves what
+                // the hold says from the payer's wallet to the merchant, and stands as the hold
+                // does.
+                let [hold_id, ..] = hold.transfers;
+                let pending = self
+                    .ledger
+                    .transfer(hold_id)
+                    .or_else(|| staged.transfers.get(&hold_id).copied())
+                    .ok_or(ImportDoesNotFit)?;
+                let wallet = account_id(Owner::Payer(payment.payer), payment.currency);
+                let merchant = account_id(Owner::Merchant(payment.merchant), payment.currency);
+                let hold_state = match hold.status {
+                    HoldStatus::Held => HoldState::Pending,
+                    HoldStatus::Captured => HoldState::Posted,
+                    HoldStatus::Canceled => HoldState::Voided,
+                    HoldStatus::Expired => HoldState::Expired,
+                };
+                fits(
+                    pending.outcome.is_ok()
+                        && matches!(pending.transfer.kind, TransferKind::Pending { .. })
+                        && pending.transfer.amount == hold.amount_authorized
+                        && pending.transfer.debit == wallet
+                        && pending.transfer.credit == merchant
+                        && pending.hold == Some(hold_state),
+                )?;
+                staged.holds.insert(id, hold);
             }
         }
         Ok(())
@@ -408,6 +485,7 @@ impl State {
             Imported::Idempotency(row) => {
                 self.idempotency.put_imported(row);
             }
+            Imported::Hold(row) => self.holds.put(row.payment, row.hold),
         }
     }
 }

@@ -23,7 +23,7 @@ impl State {
     /// reads are loaded ([`State::load_for`]).
     pub fn refusal(&self, command: &Command) -> Option<Rejection> {
         match command {
-            Command::Pay(pay) => {
+            Command::Pay(pay) | Command::Authorize { pay, .. } => {
                 if self.parties.merchant(pay.merchant).is_none() {
                     return Some(Rejection::MerchantNotFound);
                 }
@@ -73,6 +73,9 @@ impl State {
                 };
                 if !allowed {
                     return Some(Rejection::PaymentNotFound);
+                }
+                if !payment.is_settled() {
+                    return Some(Rejection::PaymentNotCaptured);
                 }
                 let remaining = payment
                     .amount
@@ -137,15 +140,33 @@ impl State {
         usize::try_from(self.payments_before).expect("counts fit") + self.young.payments.len()
     }
 
-    /// A payment, refunds included.
+    /// A payment, refunds and its hold included.
     pub fn payment(&self, id: PaymentId) -> Result<Option<Payment>, DiskError> {
         let Some(row) = self.payment_row_any(id)? else {
             return Ok(None);
         };
-        Ok(Some(with_refunds(
-            row.into_owned().payment,
-            self.refunded_any(id)?,
-        )))
+        self.payment_as_it_stands(row.into_owned().payment)
+            .map(Some)
+    }
+
+    /// A payment's row with what changed since it was made: refund totals and its hold.
+    fn payment_as_it_stands(&self, payment: Payment) -> Result<Payment, DiskError> {
+        let id = payment.id;
+        let mut payment = with_refunds(payment, self.refunded_any(id)?);
+        if let Some(hold) = self.hold_any(id)? {
+            hold.apply_to(&mut payment);
+        }
+        Ok(payment)
+    }
+
+    /// The earliest deadline among live holds: when an expiry is next due.
+    pub fn next_hold_deadline(&self) -> Option<farthing_ledger::Timestamp> {
+        self.holds.next_deadline()
+    }
+
+    /// How many holds are live.
+    pub fn live_holds(&self) -> usize {
+        self.holds.live_count()
     }
 
     /// A refund held in memory.
@@ -236,8 +257,7 @@ impl State {
                 .payment_row_any(id)?
                 .ok_or_else(|| DiskError(format!("a listed payment {id} is missing")))?;
             at = next(&row);
-            let refunded = self.refunded_any(id)?;
-            items.push(with_refunds(row.into_owned().payment, refunded));
+            items.push(self.payment_as_it_stands(row.into_owned().payment)?);
         }
         Ok(Some(Page {
             items,
@@ -366,6 +386,16 @@ impl State {
             .map(|row| row.map(Cow::Owned))
     }
 
+    pub(crate) fn hold_any(&self, id: PaymentId) -> Result<Option<Hold>, DiskError> {
+        if self.holds.knows(&id) {
+            return Ok(self.holds.get(&id).copied());
+        }
+        match self.disk() {
+            Some(disk) => read_state(disk, &disk::hold_key(id)),
+            None => Ok(None),
+        }
+    }
+
     pub(crate) fn refunded_any(&self, id: PaymentId) -> Result<Option<Refunded>, DiskError> {
         if let Some(slot) = self.refunded.slot(&id) {
             return Ok(match slot {
@@ -422,7 +452,12 @@ impl State {
                     return Ok(None);
                 };
                 let p = &row.payment;
-                (p.payer, p.currency, false, p.amount, p.created_at, row.line)
+                // A captured hold's line is made by the capture: what was captured, then.
+                let (amount, at) = match self.hold_any(id)? {
+                    Some(hold) => hold.line_shows(p),
+                    None => (p.amount, p.created_at),
+                };
+                (p.payer, p.currency, false, amount, at, row.line)
             }
             EntryObject::Topup(id) => {
                 let Some(row) = self.topup_row_any(id)? else {

@@ -39,6 +39,35 @@ impl State {
     /// [`State::needs_of`] with lists neither sorted nor free of repeats: what a cache loads
     /// from is found by lookups, so it spares the sort.
     pub fn needs_unsorted(&self, claim: Option<&IdempotencyClaim>, command: &Command) -> Needs {
+        self.needs_after(claim, command, 0)
+    }
+
+    /// What applying these commands (with their idempotency claims) one after another reads:
+    /// [`State::needs_unsorted`] of each, except that an expiry after others in the batch
+    /// reads the due holds those may void before its own, as a batch applied to what was
+    /// loaded must find them. Lists neither sorted nor free of repeats.
+    pub fn needs_of_batch<'a>(
+        &self,
+        commands: impl IntoIterator<Item = (Option<&'a IdempotencyClaim>, &'a Command)>,
+    ) -> Needs {
+        let mut needs = Needs::default();
+        let mut expiries = 0;
+        for (claim, command) in commands {
+            needs.append(self.needs_after(claim, command, expiries));
+            if matches!(command, Command::ExpireHolds { .. }) {
+                expiries += 1;
+            }
+        }
+        needs
+    }
+
+    /// [`State::needs_unsorted`] of a command that follows `expiries` expiries in its batch.
+    fn needs_after(
+        &self,
+        claim: Option<&IdempotencyClaim>,
+        command: &Command,
+        expiries: usize,
+    ) -> Needs {
         let mut needs = Needs::default();
         if let Some(claim) = claim {
             needs.idempotency_keys.push(claim.key.clone());
@@ -100,12 +129,54 @@ impl State {
                     None => needs.incomplete = true,
                 }
             }
+            Command::Authorize { pay, settle_id, .. } => {
+                needs.add_pay(pay);
+                needs.transfers.push(*settle_id);
+            }
+            Command::Capture { payment, .. } | Command::Cancel { payment, .. } => {
+                self.add_hold_needs(*payment, &mut needs);
+            }
+            Command::ExpireHolds { at } => {
+                // A working set learns which holds are due from its store; a whole state or a
+                // cache holds every live one.
+                needs.holds_due = Some(*at);
+                needs.incomplete = true;
+                // Those before it void at most as many, all among the first due by `at` (or
+                // due later than that); it voids at most as many of the rest.
+                let voided = EXPIRED_PER_COMMAND_MAX as usize * (expiries + 1);
+                for id in self.holds.due(*at, voided) {
+                    self.add_hold_needs(id, &mut needs);
+                }
+            }
             // A prune reads nothing: keys a working set holds are forgotten as in a whole
             // state, and the store forgets the rest by their age (`Changes::prunes`).
             Command::PruneIdempotencyKeys { .. } => {}
             Command::Import(items) => needs.add_import(items),
         }
         needs
+    }
+
+    /// What settling `payment`'s hold reads: the payment, then (once it is held) its parties,
+    /// its three accounts and its hold's transfers.
+    fn add_hold_needs(&self, payment: PaymentId, needs: &mut Needs) {
+        needs.payments.push(payment);
+        match self.payment_held(payment) {
+            Some(payment) => {
+                needs.payers.push(payment.payer);
+                needs.merchants.push(payment.merchant);
+                needs.accounts.extend([
+                    (Owner::Payer(payment.payer), payment.currency),
+                    (Owner::Merchant(payment.merchant), payment.currency),
+                    (Owner::PlatformFees, payment.currency),
+                ]);
+                if let Some(hold) = payment.hold {
+                    let [hold_id, settle_id, fee_id] = hold.transfers;
+                    needs.held_transfers.push(hold_id);
+                    needs.transfers.extend([settle_id, fee_id]);
+                }
+            }
+            None => needs.incomplete = true,
+        }
     }
 
     /// An empty state that tracks what applying records changes, to be filled with the loaded
@@ -125,6 +196,7 @@ impl State {
             self.idempotency.track_changes();
             self.parties.track_changes();
             self.refunded.track_changes();
+            self.holds.track_changes();
             self.merchant_lists.track_changes();
             self.payer_lists.track_changes();
             self.tracker = Some(Box::new(Tracker {
@@ -168,14 +240,19 @@ impl State {
             .collect();
         let transfers: Vec<TransferRecord> =
             self.ledger.transfer_records()[taken.transfers_seen..].to_vec();
-        // Only an applied transfer changes totals; a failed one is recorded and moves nothing,
-        // and an imported one moved its money before (the imported totals hold it).
-        let changed: BTreeSet<AccountId> = transfers
-            .iter()
-            .filter(|record| {
-                record.outcome.is_ok() && !taken.imported_transfers.contains(&record.transfer.id)
-            })
-            .flat_map(|record| [record.transfer.debit, record.transfer.credit])
+        let new_transfers: HashSet<TransferId> =
+            transfers.iter().map(|record| record.transfer.id).collect();
+        let transfers_resolved: Vec<TransferRecord> = self
+            .ledger
+            .take_hold_changes()
+            .into_iter()
+            .filter(|record| !new_transfers.contains(&record.transfer.id))
+            .collect();
+        let applied = transfers.iter().filter(|record| {
+            record.outcome.is_ok() && !taken.imported_transfers.contains(&record.transfer.id)
+        });
+        let changed: BTreeSet<AccountId> = net_changed(applied, &transfers_resolved)
+            .into_iter()
             .filter(|id| !created_ids.contains(id))
             .collect();
         let account_totals = changed.into_iter().map(|id| account(self, id)).collect();
@@ -219,8 +296,9 @@ impl State {
         let payments = taken
             .payments
             .iter()
-            .map(|id| self.payment_held(*id).expect("a new payment is held"))
+            .map(|id| self.payment_stored(*id).expect("a new payment is held"))
             .collect();
+        let holds = self.holds.take_changes();
         // By payer, each payer's in the order made.
         let mut entries: Vec<(PayerId, Entry)> = taken
             .lines
@@ -251,6 +329,8 @@ impl State {
             refunds,
             entries,
             transfers,
+            transfers_resolved,
+            holds,
             idempotency,
             prunes,
         }
@@ -354,6 +434,9 @@ impl State {
             return Err(LoadError::AlreadyLoaded);
         }
         let id = payment.id;
+        let hold = payment.hold;
+        let mut payment = payment;
+        payment.hold = None;
         let refunded = Refunded {
             amount_refunded: payment.amount_refunded,
             fee_refunded: payment.fee_refunded,
@@ -369,6 +452,11 @@ impl State {
         if !refunded.amount_refunded.is_zero() {
             let loaded = self.refunded.load(id, Slot::Present(refunded));
             assert!(loaded, "the payment was not held");
+        }
+        // A payment is loaded with its hold, or knowing it has none.
+        if !self.holds.knows(&id) {
+            let loaded = self.holds.load(id, hold);
+            assert!(loaded, "the hold was not known");
         }
         Ok(())
     }
@@ -435,4 +523,52 @@ impl State {
     pub fn idempotency_record(&self, key: &IdempotencyKey) -> Option<IdempotencyRow> {
         self.idempotency.row(key)
     }
+}
+
+/// The accounts whose totals these transfers changed: `applied`, the records made and applied
+/// (a failed one is recorded and moves nothing, and an imported one moved its money before,
+/// so neither is among them), and `resolved`, holds made before whose state changed since.
+///
+/// Posted totals only grow, so a post changes both its accounts. Pending totals go up when a
+/// hold is placed and back down when it is posted, voided or expires: a hold placed and
+/// released in the same changes leaves them as they were, and an account that saw nothing
+/// else is unchanged.
+fn net_changed<'a>(
+    applied: impl Iterator<Item = &'a TransferRecord>,
+    resolved: &[TransferRecord],
+) -> BTreeSet<AccountId> {
+    use farthing_ledger::{HoldState, TransferKind};
+    let mut posted: BTreeSet<AccountId> = BTreeSet::new();
+    // Each account's pending debits and credits, as they moved.
+    let mut pending: std::collections::BTreeMap<AccountId, [i128; 2]> =
+        std::collections::BTreeMap::new();
+    let mut hold = |record: &TransferRecord, sign: i128| {
+        let amount = sign * i128::from(record.transfer.amount.micros());
+        pending.entry(record.transfer.debit).or_default()[0] += amount;
+        pending.entry(record.transfer.credit).or_default()[1] += amount;
+    };
+    for record in applied {
+        match record.transfer.kind {
+            TransferKind::Posted | TransferKind::PostPending { .. } => {
+                posted.extend([record.transfer.debit, record.transfer.credit]);
+            }
+            // Placed now: still held, or already released (its post, if any, is listed).
+            TransferKind::Pending { .. } if record.hold == Some(HoldState::Pending) => {
+                hold(record, 1);
+            }
+            TransferKind::Pending { .. } | TransferKind::VoidPending { .. } => {}
+        }
+    }
+    // Placed before, released now.
+    for record in resolved {
+        if record.hold != Some(HoldState::Pending) {
+            hold(record, -1);
+        }
+    }
+    pending
+        .into_iter()
+        .filter(|(_, delta)| *delta != [0, 0])
+        .map(|(id, _)| id)
+        .chain(posted)
+        .collect()
 }

@@ -1,7 +1,7 @@
 //! A cache over the engine gives the answers a whole state gives, for random histories with
-//! checkpoints written, forgotten rows, checkpoints cut short after their history step, and
-//! restarts (the state in memory lost, the journal's records after the engine's position
-//! replayed).
+//! checkpoints written (some while the next record is applied), forgotten rows, checkpoints
+//! cut short after their history step, and restarts (the state in memory lost, the journal's
+//! records after the engine's position replayed).
 
 use farthing_payments::{
     Command, EntryObject, MerchantId, Outcome, PayerId, PaymentId, Principal, Record, State,
@@ -22,6 +22,9 @@ enum After {
     Checkpoint,
     /// A checkpoint, written, with memory kept.
     CheckpointKeepingMemory,
+    /// A checkpoint begun, and written only once the next step is applied (as a writer goes
+    /// on while the checkpoint thread writes); then memory lets unchanged rows go.
+    CheckpointWhileApplying,
     /// A crash: the state in memory is lost; reopened from the engine and the journal.
     Crash,
     /// A checkpoint whose history step is written, then a crash before its state step.
@@ -35,6 +38,7 @@ fn after() -> impl Strategy<Value = After> {
         12 => Just(After::Nothing),
         3 => Just(After::Checkpoint),
         1 => Just(After::CheckpointKeepingMemory),
+        2 => Just(After::CheckpointWhileApplying),
         1 => Just(After::Crash),
         1 => Just(After::CrashMidCheckpoint),
         1 => Just(After::CrashBeforeWriting),
@@ -66,6 +70,9 @@ fn same_answers(whole: &State, cache: &State, builder: &Builder) -> Result<(), T
     prop_assert_eq!(whole.payer_count(), cache.payer_count());
     prop_assert_eq!(whole.ledger_transfer_count(), cache.ledger_transfer_count());
     prop_assert_eq!(whole.records_applied(), cache.records_applied());
+    // Every live hold is in memory, whatever was forgotten or lost: expiry sees each one.
+    prop_assert_eq!(whole.live_holds(), cache.live_holds());
+    prop_assert_eq!(whole.next_hold_deadline(), cache.next_hold_deadline());
     for key in &builder.key_hashes {
         prop_assert_eq!(whole.principal(key).unwrap(), cache.principal(key).unwrap());
     }
@@ -131,6 +138,17 @@ fn same_answers(whole: &State, cache: &State, builder: &Builder) -> Result<(), T
     Ok(())
 }
 
+/// Two whole states export the same items, compared one by one so that a failure names the
+/// first that differs.
+fn same_export(rebuilt: &State, whole: &State) -> Result<(), TestCaseError> {
+    let (got, want): (Vec<_>, Vec<_>) = (rebuilt.export().collect(), whole.export().collect());
+    for (index, (got, want)) in got.iter().zip(&want).enumerate() {
+        prop_assert_eq!(got, want, "item {}", index);
+    }
+    prop_assert_eq!(got.len(), want.len());
+    Ok(())
+}
+
 fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
     let dir = TempDir::new("cache-history");
     let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
@@ -140,14 +158,27 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
     let mut builder = Builder::new();
     let mut journal: Vec<Record> = Vec::new();
     let mut expected: Vec<Outcome> = Vec::new();
+    // A checkpoint begun before the step just applied, still to be written.
+    let mut writing: Option<Checkpoint> = None;
     for (step, after) in steps.iter().zip(afters.iter().cycle()) {
         let record = builder.record(step, &whole);
         let outcome = whole.apply(&record);
         prop_assert_eq!(&apply(&mut cache, &record), &outcome, "{:?}", record);
         journal.push(record);
         expected.push(outcome);
+        if let Some(checkpoint) = writing.take() {
+            // Reads while it is written come from the frozen rows and what came after.
+            same_answers(&whole, &cache, &builder)?;
+            checkpoints
+                .write(&checkpoint)
+                .expect("the checkpoint is written");
+            cache.checkpoint_written(checkpoint.position);
+            cache.forget_unchanged();
+            same_answers(&whole, &cache, &builder)?;
+        }
         match after {
             After::Nothing => {}
+            After::CheckpointWhileApplying => writing = Some(cache.freeze()),
             After::Checkpoint | After::CheckpointKeepingMemory => {
                 let checkpoint = cache.freeze();
                 // Reads while the checkpoint is being written come from the frozen rows.
@@ -181,6 +212,12 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
         }
         same_answers(&whole, &cache, &builder)?;
     }
+    if let Some(checkpoint) = writing.take() {
+        checkpoints
+            .write(&checkpoint)
+            .expect("the checkpoint is written");
+        cache.checkpoint_written(checkpoint.position);
+    }
     // A whole state rebuilt from the engine and the journal after it holds exactly what the
     // whole state does.
     let mut rebuilt = State::whole_from_disk(&*engine).expect("the engine reads whole");
@@ -188,10 +225,7 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
     for (record, outcome) in journal[from..].iter().zip(&expected[from..]) {
         prop_assert_eq!(&rebuilt.apply(record), outcome);
     }
-    prop_assert_eq!(
-        rebuilt.export().collect::<Vec<_>>(),
-        whole.export().collect::<Vec<_>>()
-    );
+    same_export(&rebuilt, &whole)?;
     same_answers(&whole, &rebuilt, &builder)?;
     // And once more from the engine alone, after a last checkpoint.
     let checkpoint = cache.freeze();
@@ -200,10 +234,7 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
     same_answers(&whole, &cold, &builder)?;
     let rebuilt = State::whole_from_disk(&*engine).expect("the engine reads whole");
     prop_assert_eq!(rebuilt.records_applied(), whole.records_applied());
-    prop_assert_eq!(
-        rebuilt.export().collect::<Vec<_>>(),
-        whole.export().collect::<Vec<_>>()
-    );
+    same_export(&rebuilt, &whole)?;
     prop_assert!(
         !journal
             .iter()
@@ -223,4 +254,100 @@ proptest! {
     ) {
         run(&steps, &afters)?;
     }
+}
+
+/// More holds due than two expiries void, in a cache that forgot their payments and was
+/// restarted: a batch of two expiries loads what both read, and voids what a whole state does.
+#[test]
+fn a_batch_of_expiries_over_a_restarted_cache_voids_what_a_whole_state_does() {
+    use farthing_ledger::{Amount, Timestamp, TransferId};
+    use farthing_payments::{
+        EXPIRED_PER_COMMAND_MAX, FeeSchedule, FundingSource, KeyHash, PayCommand, TopupId,
+    };
+    let usd = farthing_testing::currency("USD");
+    let (payer, merchant) = (PayerId::from_u128(1), MerchantId::from_u128(2));
+    let at = |secs: u64| Timestamp(farthing_testing::EPOCH + secs * 1_000_000);
+    let record = |now, command| Record {
+        now,
+        idempotency: None,
+        command,
+    };
+    let mut records = vec![
+        record(
+            at(0),
+            Command::CreatePayer {
+                id: payer,
+                name: "p".into(),
+                key_hash: KeyHash([1; 32]),
+            },
+        ),
+        record(
+            at(0),
+            Command::CreateMerchant {
+                id: merchant,
+                name: "m".into(),
+                key_hash: KeyHash([2; 32]),
+                fee: FeeSchedule::ZERO,
+            },
+        ),
+        record(
+            at(0),
+            Command::Topup {
+                id: TopupId::from_u128(3),
+                payer,
+                amount: Amount::from_micros(1_000_000),
+                currency: usd,
+                source: FundingSource::Sandbox,
+                transfer_id: TransferId(3),
+            },
+        ),
+    ];
+    let count = 2 * u128::from(EXPIRED_PER_COMMAND_MAX) + 7;
+    for n in 0..count {
+        records.push(record(
+            at(1),
+            Command::Authorize {
+                pay: PayCommand {
+                    id: PaymentId::from_u128((n * 7_919) % count + 100),
+                    payer,
+                    merchant,
+                    amount: Amount::from_micros(1),
+                    currency: usd,
+                    description: None,
+                    reference: None,
+                    transfer_ids: [TransferId(10_000 + 3 * n), TransferId(10_001 + 3 * n)],
+                },
+                expires_at: at(10 + (n * 31) as u64 % 97),
+                settle_id: TransferId(10_002 + 3 * n),
+            },
+        ));
+    }
+    let dir = TempDir::new("cache-expiries");
+    let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
+    let checkpoints = EngineCheckpoints::new(engine.clone());
+    let mut whole = State::new();
+    let mut cache = State::cache_over(engine.clone()).expect("the cache opens");
+    let mut expected = Vec::new();
+    for record in &records {
+        let outcome = whole.apply(record);
+        assert_eq!(apply(&mut cache, record), outcome);
+        expected.push(outcome);
+    }
+    let checkpoint = cache.freeze();
+    checkpoints.write(&checkpoint).expect("written");
+    cache.checkpoint_written(checkpoint.position);
+    cache.forget_unchanged();
+    let mut cache = restart(&engine, &records, &expected);
+    assert_eq!(cache.live_holds(), whole.live_holds());
+
+    let expire = record(at(200), Command::ExpireHolds { at: at(200) });
+    let batch = [expire.clone(), expire];
+    cache.load_for(&batch).expect("the engine reads");
+    for record in &batch {
+        assert_eq!(cache.apply(record), whole.apply(record), "a thousand each");
+    }
+    assert_eq!(cache.live_holds(), 7);
+    assert_eq!(cache.next_hold_deadline(), whole.next_hold_deadline());
+    let builder = Builder::new();
+    same_answers(&whole, &cache, &builder).expect("the same answers");
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use farthing_payments::{AccountRow, MerchantRow, Needs, PayerRow};
+use farthing_payments::{AccountRow, Hold, HoldRow, MerchantRow, PayerRow};
 
 use super::*;
 use crate::rows::*;
@@ -22,15 +22,20 @@ pub(super) struct Wanted {
     refunds: BTreeSet<RefundId>,
     accounts: BTreeSet<(Owner, Currency)>,
     transfers: BTreeSet<TransferId>,
+    /// Pending transfers of holds to settle: loaded, never assumed new.
+    held_transfers: BTreeSet<TransferId>,
+    /// An expiry's time: the live holds due by then are looked up and loaded.
+    holds_due: Option<Timestamp>,
     idempotency_keys: BTreeSet<IdempotencyKey>,
 }
 
 pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
     // Gathered in lists and sorted once: a batch of payments lists thousands of each.
-    let mut all = Needs::default();
-    for record in records {
-        all.append(working.needs(record));
-    }
+    let all = working.needs_of_batch(
+        records
+            .iter()
+            .map(|record| (record.idempotency.as_ref(), &record.command)),
+    );
     Wanted {
         incomplete: all.incomplete,
         operator_key: all.operator_key,
@@ -42,6 +47,8 @@ pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
         refunds: all.refunds.into_iter().collect(),
         accounts: all.accounts.into_iter().collect(),
         transfers: all.transfers.into_iter().collect(),
+        held_transfers: all.held_transfers.into_iter().collect(),
+        holds_due: all.holds_due,
         idempotency_keys: all.idempotency_keys.into_iter().collect(),
     }
 }
@@ -60,6 +67,12 @@ pub(super) fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
     }
     let operator_key = wanted.operator_key && !asked.operator_key;
     asked.operator_key |= wanted.operator_key;
+    let holds_due = wanted.holds_due.filter(|_| asked.holds_due.is_none());
+    asked.holds_due = asked.holds_due.or(wanted.holds_due);
+    // One set of transfer ids asked, whichever list named them: an id one round names as a
+    // transfer (a reused id) and another as a hold's is loaded once.
+    let held_transfers = new(&wanted.held_transfers, &mut asked.transfers);
+    let transfers = new(&wanted.transfers, &mut asked.transfers);
     Wanted {
         incomplete: wanted.incomplete,
         operator_key,
@@ -70,7 +83,9 @@ pub(super) fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
         topups: new(&wanted.topups, &mut asked.topups),
         refunds: new(&wanted.refunds, &mut asked.refunds),
         accounts: BTreeSet::new(),
-        transfers: new(&wanted.transfers, &mut asked.transfers),
+        transfers,
+        held_transfers,
+        holds_due,
         idempotency_keys: new(&wanted.idempotency_keys, &mut asked.idempotency_keys),
     }
 }
@@ -85,18 +100,27 @@ impl Wanted {
             && self.topups.is_empty()
             && self.refunds.is_empty()
             && self.transfers.is_empty()
+            && self.held_transfers.is_empty()
+            && self.holds_due.is_none()
             && self.idempotency_keys.is_empty()
     }
 
-    /// Takes out of the loads the ids of new payments (every payment named but those refunded)
-    /// and of new ledger transfers, and adds them to `assumed`.
-    fn assume_free(&mut self, refunded: &BTreeSet<PaymentId>, assumed: &mut Assumed) {
+    /// Takes out of the loads the ids of new payments (every payment named but those that
+    /// exist: refunded, or whose hold is settled) and of new ledger transfers, and adds them
+    /// to `assumed`.
+    fn assume_free(&mut self, existing: &BTreeSet<PaymentId>, assumed: &mut Assumed) {
         let (kept, new): (Vec<PaymentId>, Vec<PaymentId>) = std::mem::take(&mut self.payments)
             .into_iter()
-            .partition(|id| refunded.contains(id));
+            .partition(|id| existing.contains(id));
         self.payments = kept.into_iter().collect();
         assumed.payments.append(&mut new.into_iter().collect());
-        assumed.transfers.append(&mut self.transfers);
+        // A hold's pending transfer exists: it is loaded (as a hold's), never assumed free.
+        let held = &self.held_transfers;
+        assumed.transfers.extend(
+            std::mem::take(&mut self.transfers)
+                .into_iter()
+                .filter(|id| !held.contains(id)),
+        );
     }
 }
 
@@ -148,14 +172,39 @@ impl Assumed {
     }
 }
 
-/// Payments that records refund: they are loaded (and locked), never assumed new.
-pub(super) fn refunded_payments(records: &[Record]) -> BTreeSet<PaymentId> {
+/// Payments that records refund, capture or cancel: they exist, and are loaded (and
+/// locked), never assumed new.
+pub(super) fn existing_payments(records: &[Record]) -> BTreeSet<PaymentId> {
     records
         .iter()
         .filter_map(|record| match &record.command {
-            Command::Refund { payment, .. } => Some(*payment),
+            Command::Refund { payment, .. }
+            | Command::Capture { payment, .. }
+            | Command::Cancel { payment, .. } => Some(*payment),
             _ => None,
         })
+        .collect()
+}
+
+/// The payments whose holds are due by `at`, as expiries take them: oldest deadline first, at
+/// most as many as `expiries` expiries void (a batch may hold more than one).
+async fn due_holds(
+    transaction: &Transaction<'_>,
+    at: Timestamp,
+    expiries: usize,
+) -> Result<Vec<PaymentId>, PgError> {
+    let limit = i64::try_from(expiries)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(i64::from(farthing_payments::EXPIRED_PER_COMMAND_MAX));
+    let rows = transaction
+        .query_typed(
+            "SELECT payment FROM holds WHERE status = 1 AND expires_at <= $1
+             ORDER BY expires_at, payment LIMIT $2",
+            &[(&big("a time", at.0)?, Type::INT8), (&limit, Type::INT8)],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| Ok(PaymentId::from_u128(u128_of(row.try_get(0)?)?)))
         .collect()
 }
 
@@ -199,8 +248,8 @@ pub(super) async fn load_working_set(
     let mut working = State::new_working_set();
     let mut asked = Wanted::default();
     let mut assumed = Assumed::default();
-    let refunded = if assume_new_ids_free {
-        refunded_payments(records)
+    let mut existing = if assume_new_ids_free {
+        existing_payments(records)
     } else {
         BTreeSet::new()
     };
@@ -209,16 +258,40 @@ pub(super) async fn load_working_set(
     loop {
         let mut wanted = wanted_by(&working, records);
         if assume_new_ids_free {
-            wanted.assume_free(&refunded, &mut assumed);
+            wanted.assume_free(&existing, &mut assumed);
         }
         if let Some(forecast) = forecast {
             take_known_parties(forecast, &wanted, &mut asked, &mut working)?;
         }
-        let fresh = take_new(&wanted, &mut asked);
+        let mut fresh = take_new(&wanted, &mut asked);
+        if let Some(at) = fresh.holds_due {
+            // Read without a lock: each is locked with its payment below, and read again
+            // then, so a hold settled meanwhile is seen settled.
+            let expiries = records
+                .iter()
+                .filter(|record| matches!(record.command, Command::ExpireHolds { .. }))
+                .count();
+            for id in due_holds(transaction, at, expiries).await? {
+                existing.insert(id);
+                if asked.payments.insert(id) {
+                    fresh.payments.insert(id);
+                }
+            }
+        }
         if fresh.is_empty() {
             asked.accounts = wanted.accounts;
             break;
         }
+        // An id assumed free in an earlier round that turns out to be a hold's is loaded
+        // instead: what it holds is read, not assumed.
+        for id in &fresh.held_transfers {
+            assumed.transfers.remove(id);
+        }
+        let transfers_to_load: BTreeSet<TransferId> = fresh
+            .transfers
+            .union(&fresh.held_transfers)
+            .copied()
+            .collect();
         // One round's reads, sent together; the only locks among them are the payments'.
         let (keys, merchants, payers, payments, topups, refunds, transfers, idempotency) = tokio::join!(
             biased;
@@ -228,7 +301,7 @@ pub(super) async fn load_working_set(
             load_payments(transaction, &fresh.payments),
             load_topups(transaction, &fresh.topups),
             load_refunds(transaction, &fresh.refunds),
-            load_transfers(transaction, &fresh.transfers),
+            load_transfers(transaction, &transfers_to_load),
             load_idempotency(transaction, &fresh),
         );
         for (hash, principal) in keys? {
@@ -388,7 +461,9 @@ pub(super) async fn load_payers(
     rows.iter().map(payer_of).collect()
 }
 
-/// Payments, locked: a refund changes its payment's refund totals.
+/// Payments, locked, each with its hold: a refund changes its payment's refund totals, and a
+/// capture, a cancel or an expiry its hold. The holds are read once the payments are locked,
+/// so that they are read as the last writer to hold those locks left them.
 pub(super) async fn load_payments(
     transaction: &Transaction<'_>,
     ids: &BTreeSet<PaymentId>,
@@ -398,7 +473,21 @@ pub(super) async fn load_payments(
         columns::<Payment>()
     );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
-    rows.iter().map(payment_of).collect()
+    let mut payments: Vec<Payment> = rows.iter().map(payment_of).collect::<Result<_, _>>()?;
+    let holds: Vec<HoldRow> = crate::kinds::load_by_keys(
+        transaction,
+        "holds",
+        payments.iter().map(|p| p.id.to_u128()),
+    )
+    .await?;
+    let mut holds: HashMap<PaymentId, Hold> = holds
+        .into_iter()
+        .map(|row| (row.payment, row.hold))
+        .collect();
+    for payment in &mut payments {
+        payment.hold = holds.remove(&payment.id);
+    }
+    Ok(payments)
 }
 
 pub(super) async fn load_topups(

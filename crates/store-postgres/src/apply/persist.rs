@@ -39,6 +39,8 @@ pub(super) async fn persist(
         refunds,
         entries,
         transfers,
+        resolved,
+        holds,
         idempotency,
         taken,
         copies,
@@ -60,6 +62,8 @@ pub(super) async fn persist(
         persist_refunds(transaction, changes),
         persist_entries(transaction, changes),
         persist_transfers(transaction, &changes.transfers),
+        persist_transfers_resolved(transaction, &changes.transfers_resolved),
+        persist_holds(transaction, changes),
         persist_idempotency(transaction, changes),
         any_taken(transaction, unwritten.0, unwritten.1),
         prepare_copies(transaction, changes),
@@ -77,6 +81,8 @@ pub(super) async fn persist(
         refunds,
         entries,
         transfers,
+        resolved,
+        holds,
         idempotency,
         taken.map(|taken| new_id_taken = taken),
         copies.map(|copies| prepared = copies),
@@ -862,6 +868,35 @@ pub(super) fn outcome_column(outcome: Result<(), TransferRejection>) -> i16 {
         Ok(()) => 0,
         Err(rejection) => transfer_rejection_code(rejection),
     }
+}
+
+/// The new hold state of transfer records written before.
+pub(super) async fn persist_transfers_resolved(
+    transaction: &Transaction<'_>,
+    records: &[TransferRecord],
+) -> Result<(), PgError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Id> = records.iter().map(|r| id16(r.transfer.id.0)).collect();
+    let holds: Vec<Option<i16>> = records.iter().map(|r| hold_column(r.hold)).collect();
+    transaction
+        .execute_typed(
+            "UPDATE transfers SET hold_state = u.hold_state
+             FROM unnest($1::UUID[], $2::SMALLINT[]) AS u(id, hold_state)
+             WHERE transfers.id = u.id",
+            &[(&ids, Type::UUID_ARRAY), (&holds, Type::INT2_ARRAY)],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Holds placed or changed: new rows, or the row's new state.
+pub(super) async fn persist_holds(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+) -> Result<(), PgError> {
+    crate::kinds::upsert(transaction, "holds", &changes.holds).await
 }
 
 pub(super) async fn persist_transfers(
