@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use farthing_ledger::{AccountKind, Currency, Timestamp};
-use farthing_payments::{Command, Imported, Outcome, Record, State, codec};
+use farthing_payments::{Command, HoldKind, Imported, Outcome, Record, State, codec};
 use farthing_store::{Journal, StoreError};
 use farthing_store_embedded::{
     ENGINE_DIR, EngineCheckpoints, JOURNAL_FILE, RECORD_BYTES_MAX, SEGMENTS_DIR, SegmentedJournal,
@@ -365,7 +365,12 @@ fn time_of(item: &Imported) -> Timestamp {
         Imported::Refund(refund) => refund.created_at,
         Imported::Entry { entry, .. } => entry.created_at,
         Imported::Idempotency(row) => row.made,
-        Imported::Hold(row) => row.hold.resolved_at.unwrap_or(Timestamp(0)),
+        // A settled hold's time is when it settled.
+        Imported::Row(row) => row
+            .decode::<HoldKind>()
+            .and_then(Result::ok)
+            .and_then(|row| row.hold.resolved_at)
+            .unwrap_or(Timestamp(0)),
     }
 }
 
@@ -442,7 +447,7 @@ struct Summary {
     payments: u64,
     topups: u64,
     refunds: u64,
-    holds: u64,
+    rows: u64,
     lines: u64,
     idempotency_keys: u64,
     /// Posted balances by currency and account kind, in micro-units.
@@ -482,7 +487,7 @@ impl Summary {
             Imported::Refund(_) => self.refunds += 1,
             Imported::Entry { .. } => self.lines += 1,
             Imported::Idempotency(_) => self.idempotency_keys += 1,
-            Imported::Hold(_) => self.holds += 1,
+            Imported::Row(_) => self.rows += 1,
         }
     }
 
@@ -496,7 +501,7 @@ impl Summary {
         println!(
             "copy verified: source and target are identical item by item: {} items (operator \
              key {}, merchants {}, payers {}, accounts {}, transfers {}, payments {}, top-ups {}, \
-             refunds {}, holds {}, statement lines {}, idempotency keys {}); {secs:.1} s in all, {} \
+             refunds {}, state rows {}, statement lines {}, idempotency keys {}); {secs:.1} s in all, {} \
              items/s",
             thousands(self.items),
             u8::from(self.operator_key),
@@ -507,7 +512,7 @@ impl Summary {
             thousands(self.payments),
             thousands(self.topups),
             thousands(self.refunds),
-            thousands(self.holds),
+            thousands(self.rows),
             thousands(self.lines),
             thousands(self.idempotency_keys),
             thousands(per_sec),

@@ -571,9 +571,11 @@ impl Writer<'_> {
                 out.u8(10);
                 row.put(&mut out);
             }
-            Imported::Hold(row) => {
+            Imported::Row(row) => {
+                // The kind's tag, then the row's own binary form.
                 out.u8(11);
-                row.put(&mut out);
+                out.u8(row.tag);
+                out.0.extend_from_slice(&row.bytes);
             }
         }
     }
@@ -787,7 +789,13 @@ impl<'a> Reader<'a> {
                 }
             }
             10 => Imported::Idempotency(IdempotencyRow::get(&mut input)?),
-            11 => Imported::Hold(HoldRow::get(&mut input)?),
+            11 => {
+                let tag = input.u8()?;
+                let info =
+                    crate::kinds::KindInfo::of_tag(tag).ok_or(DecodeError::UnknownTag(tag))?;
+                let (id, bytes) = (info.get)(&mut input)?;
+                Imported::Row(StoredRow { tag, id, bytes })
+            }
             tag => return Err(DecodeError::UnknownTag(tag)),
         };
         self.0 = input.0;

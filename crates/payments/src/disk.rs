@@ -68,10 +68,8 @@ pub mod state_kind {
     pub const MERCHANT: u8 = b'm';
     pub const PAYER: u8 = b'p';
     pub const REFUNDED: u8 = b'r';
-    /// A payment's hold.
-    pub const HOLD: u8 = b'h';
-    /// A live hold: no value. Read whole when a cache starts, so that expiry sees every one.
-    pub const LIVE_HOLD: u8 = b'l';
+    // Registered kinds of state row take their own tags (`crate::kinds`; a hold's is `h`),
+    // and `l` marks pinned rows (`crate::kinds::PINNED`).
     /// A transfer record whose hold state changed after its history row was written: read
     /// before the history row.
     pub const TRANSFER: u8 = b'x';
@@ -121,12 +119,23 @@ pub(crate) fn key_key(key_hash: &KeyHash) -> Vec<u8> {
     state_key(state_kind::KEY, &key_hash.0)
 }
 
-pub(crate) fn hold_key(id: PaymentId) -> Vec<u8> {
-    state_key(state_kind::HOLD, &id.to_u128().to_be_bytes())
+/// The state key of a registered kind's row: its tag, then its id.
+pub fn row_key(tag: u8, id: u128) -> Vec<u8> {
+    state_key(tag, &id.to_be_bytes())
 }
 
-pub(crate) fn live_hold_key(id: PaymentId) -> Vec<u8> {
-    state_key(state_kind::LIVE_HOLD, &id.to_u128().to_be_bytes())
+/// The marker of a pinned row: [`crate::kinds::PINNED`], the row's tag, its id.
+pub(crate) fn pinned_key(tag: u8, id: u128) -> Vec<u8> {
+    let mut body = Vec::with_capacity(17);
+    body.push(tag);
+    body.extend_from_slice(&id.to_be_bytes());
+    state_key(crate::kinds::PINNED, &body)
+}
+
+/// The tag and id a pinned row's marker names.
+pub(crate) fn pinned_of(key: &[u8]) -> Option<(u8, u128)> {
+    let (&tag, id) = key.get(1..)?.split_first()?;
+    Some((tag, history_key_id(id)?))
 }
 
 pub(crate) fn transfer_state_key(id: TransferId) -> Vec<u8> {

@@ -13,12 +13,11 @@
 //! payment's id. Every hold still live is held in memory with its deadline, whatever the
 //! store: expiry finds them without a search.
 
-use std::collections::{BTreeSet, HashSet};
-
-use farthing_kernel::{DecodeError, Fields, Get, Put, Slot, Table};
-use farthing_ledger::{Amount, IdHashBuilder, Timestamp, TransferId};
+use farthing_kernel::{DecodeError, Fields, Get, Put};
+use farthing_ledger::{Amount, Timestamp, TransferId};
 
 use crate::ids::PaymentId;
+use crate::kinds::{Kind, Rows};
 use crate::paying::Payment;
 
 /// The longest a hold may wait for capture: 30 days, as card networks allow at most.
@@ -159,100 +158,46 @@ impl Fields for Hold {
     }
 }
 
-/// The holds a state holds, by payment, and every live one by deadline.
-#[derive(Default)]
-pub(crate) struct Holds {
-    rows: Table<PaymentId, Hold, IdHashBuilder>,
-    /// Live holds held, by deadline: never forgotten, so that expiry sees every one.
-    live: BTreeSet<(Timestamp, PaymentId)>,
-}
+/// Holds as a kind of state row: keyed by their payment, a live one pinned in memory by its
+/// deadline.
+pub struct HoldKind;
 
-impl Holds {
-    pub(crate) fn get(&self, id: &PaymentId) -> Option<&Hold> {
-        self.rows.get(id)
+impl Kind for HoldKind {
+    const TAG: u8 = b'h';
+    const TABLE: &'static str = "holds";
+    type Row = HoldRow;
+
+    fn id(row: &HoldRow) -> u128 {
+        row.payment.to_u128()
     }
 
-    /// Whether memory knows `id`'s hold, or that it has none.
-    pub(crate) fn knows(&self, id: &PaymentId) -> bool {
-        self.rows.slot(id).is_some()
+    fn pin(row: &HoldRow) -> Option<u64> {
+        row.hold.is_live().then_some(row.hold.expires_at.0)
+    }
+}
+
+/// The holds a state holds, by payment, every live one among them.
+impl Rows<HoldKind> {
+    pub(crate) fn hold(&self, id: &PaymentId) -> Option<&Hold> {
+        self.get(id.to_u128()).map(|row| &row.hold)
     }
 
     /// Puts a hold made or changed here.
-    pub(crate) fn put(&mut self, id: PaymentId, hold: Hold) {
-        if let Some(before) = self.rows.get(&id) {
-            self.live.remove(&(before.expires_at, id));
-        }
-        if hold.is_live() {
-            self.live.insert((hold.expires_at, id));
-        }
-        self.rows.put(id, hold);
-    }
-
-    /// Puts what storage holds for `id`'s hold (`None`: the payment has none). False when
-    /// memory knows it already.
-    pub(crate) fn load(&mut self, id: PaymentId, hold: Option<Hold>) -> bool {
-        if self.rows.slot(&id).is_some() {
-            return false;
-        }
-        if let Some(hold) = hold
-            && hold.is_live()
-        {
-            self.live.insert((hold.expires_at, id));
-        }
-        let slot = match hold {
-            Some(hold) => Slot::Present(hold),
-            None => Slot::Absent,
-        };
-        self.rows.load(id, slot)
+    pub(crate) fn put_hold(&mut self, payment: PaymentId, hold: Hold) {
+        self.put(HoldRow { payment, hold });
     }
 
     /// Live holds whose deadline is at or before `now`, oldest deadline first, at most
     /// `limit`.
     pub(crate) fn due(&self, now: Timestamp, limit: usize) -> Vec<PaymentId> {
-        self.live
-            .iter()
-            .take_while(|(deadline, _)| *deadline <= now)
-            .take(limit)
-            .map(|(_, id)| *id)
+        self.pinned_upto(now.0, limit)
+            .into_iter()
+            .map(PaymentId::from_u128)
             .collect()
     }
 
     /// The earliest deadline of a live hold held.
     pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
-        self.live.first().map(|(deadline, _)| *deadline)
-    }
-
-    pub(crate) fn live_count(&self) -> usize {
-        self.live.len()
-    }
-
-    pub(crate) fn track_changes(&mut self) {
-        self.rows.track_changes();
-    }
-
-    /// Holds changed since the last call, as they are now, by payment id.
-    pub(crate) fn take_changes(&mut self) -> Vec<HoldRow> {
-        let mut rows: Vec<HoldRow> = self
-            .rows
-            .take_changes()
-            .into_iter()
-            .filter_map(|(payment, slot)| slot.map_present().map(|hold| HoldRow { payment, hold }))
-            .collect();
-        rows.sort_unstable_by_key(|row| row.payment);
-        rows
-    }
-
-    /// Forgets holds neither changed since the last checkpoint began nor live.
-    pub(crate) fn forget_unchanged(&mut self) {
-        let live: HashSet<PaymentId> = self.live.iter().map(|(_, id)| *id).collect();
-        self.rows.forget_unchanged(|id| live.contains(id));
-    }
-
-    pub(crate) fn keys_held(&self) -> usize {
-        self.rows.keys_held()
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&PaymentId, &Hold)> {
-        self.rows.iter()
+        self.first_pin().map(Timestamp)
     }
 }

@@ -16,6 +16,7 @@ mod history;
 mod holds;
 mod idempotency;
 mod ids;
+pub mod kinds;
 mod model;
 mod parties;
 mod paying;

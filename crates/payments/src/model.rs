@@ -8,11 +8,12 @@ use farthing_ledger::{Account, Amount, Currency, Timestamp, TransferId, Transfer
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 
 pub use crate::holds::{
-    EXPIRED_PER_COMMAND_MAX, HOLD_SECS_DEFAULT, HOLD_SECS_MAX, Hold, HoldRow, HoldStatus,
+    EXPIRED_PER_COMMAND_MAX, HOLD_SECS_DEFAULT, HOLD_SECS_MAX, Hold, HoldKind, HoldRow, HoldStatus,
 };
 pub use crate::idempotency::{
     IDEMPOTENCY_KEY_BYTES_MAX, IdempotencyClaim, IdempotencyKey, IdempotencyRow,
 };
+pub use crate::kinds::{Kind, StoredRow};
 pub use crate::parties::{
     FEE_BPS_MAX, FeeSchedule, KeyHash, Merchant, MerchantRow, Payer, PayerRow, Principal,
 };
@@ -129,8 +130,24 @@ pub enum Imported {
     },
     /// An idempotency key with its first answer.
     Idempotency(IdempotencyRow),
-    /// A payment's hold, after the payment and the transfers it names.
-    Hold(HoldRow),
+    /// A state row of a registered kind ([`crate::kinds`]): a payment's hold, after the
+    /// payment and the transfers it names.
+    Row(StoredRow),
+}
+
+impl Imported {
+    /// A payment's hold as an import item.
+    pub fn hold(row: HoldRow) -> Imported {
+        Imported::Row(StoredRow::of::<HoldKind>(&row))
+    }
+
+    /// The hold this item brings, if it is one.
+    pub fn as_hold(&self) -> Option<HoldRow> {
+        match self {
+            Imported::Row(row) => row.decode::<HoldKind>().and_then(Result::ok),
+            _ => None,
+        }
+    }
 }
 
 /// One journal record: a command with the time it was applied and its idempotency key.

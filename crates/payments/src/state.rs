@@ -16,9 +16,9 @@ use farthing_ledger::{
 
 use crate::disk::{Disk, PartyLists};
 use crate::history::{Generation, Line, PaymentRow, RefundRow, Refunded, TopupRow};
-use crate::holds::Holds;
 use crate::idempotency::{Idempotency, IdempotencyLookup};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
+use crate::kinds::{Kinds, Rows};
 use crate::model::*;
 use crate::parties::Parties;
 
@@ -90,8 +90,8 @@ pub struct State {
     loaded: Generation,
     /// Refund totals of refunded payments.
     refunded: Table<PaymentId, Refunded, IdHashBuilder>,
-    /// Holds of payments authorized for capture later, every live one among them.
-    holds: Holds,
+    /// State rows of every registered kind ([`crate::kinds`]): holds among them.
+    kinds: Kinds,
     /// The newest payment: the head of the operator's list.
     newest_payment: Option<PaymentId>,
     idempotency: Idempotency,
@@ -127,7 +127,7 @@ impl State {
             frozen: None,
             loaded: Generation::default(),
             refunded: Table::default(),
-            holds: Holds::default(),
+            kinds: Kinds::default(),
             newest_payment: None,
             idempotency: Idempotency::default(),
             records_applied: 0,
@@ -272,7 +272,7 @@ impl State {
             }
             Command::ExpireHolds { at } => {
                 let due = self
-                    .holds
+                    .holds()
                     .due((*at).min(now), EXPIRED_PER_COMMAND_MAX as usize);
                 for id in &due {
                     self.settle_hold(now, *id, Principal::Operator, Settle::Expire)
@@ -571,7 +571,7 @@ impl State {
             fee_refunded: Amount::ZERO,
             hold: None,
         };
-        self.holds.put(
+        self.holds_mut().put_hold(
             pay.id,
             Hold {
                 status: HoldStatus::Held,
@@ -669,7 +669,7 @@ impl State {
                 hold.amount_captured = amount;
                 hold.fee_captured = fee;
                 hold.resolved_at = Some(now);
-                self.holds.put(id, hold);
+                self.holds_mut().put_hold(id, hold);
                 let balance_after = self.posted_balance(wallet);
                 self.add_line(payment.payer, EntryObject::Payment(id), balance_after);
             }
@@ -693,7 +693,7 @@ impl State {
                 self.touched(&[wallet, merchant_account]);
                 hold.status = HoldStatus::Canceled;
                 hold.resolved_at = Some(now);
-                self.holds.put(id, hold);
+                self.holds_mut().put_hold(id, hold);
             }
             // Expiry needs no id of its own: the ledger marks the hold expired, so that an id
             // chosen for settling it, and taken since by another transfer, cannot keep it.
@@ -706,7 +706,7 @@ impl State {
                 self.touched(&[wallet, merchant_account]);
                 hold.status = HoldStatus::Expired;
                 hold.resolved_at = Some(now);
-                self.holds.put(id, hold);
+                self.holds_mut().put_hold(id, hold);
             }
         }
         Ok(self.payment_held(id).expect("held above"))
@@ -885,6 +885,15 @@ impl State {
 
     // What memory holds.
 
+    /// The holds memory holds, every live one among them.
+    fn holds(&self) -> &Rows<HoldKind> {
+        self.kinds.of::<HoldKind>()
+    }
+
+    fn holds_mut(&mut self) -> &mut Rows<HoldKind> {
+        self.kinds.of_mut::<HoldKind>()
+    }
+
     /// The history a checkpoint is writing, if one is.
     fn frozen_history(&self) -> Option<&Generation> {
         self.frozen.as_ref().map(|(_, history)| &**history)
@@ -931,7 +940,7 @@ impl State {
     /// A payment in memory as it is now, refunds and its hold included.
     fn payment_held(&self, id: PaymentId) -> Option<Payment> {
         let mut payment = self.payment_stored(id)?;
-        if let Some(hold) = self.holds.get(&id) {
+        if let Some(hold) = self.holds().hold(&id) {
             hold.apply_to(&mut payment);
         }
         Some(payment)

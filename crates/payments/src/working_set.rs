@@ -43,6 +43,9 @@ pub struct Needs {
     /// The pending transfers of holds to settle: they exist, and must be loaded (never
     /// assumed new).
     pub held_transfers: Vec<TransferId>,
+    /// State rows of registered kinds ([`crate::kinds`]), by tag and id: those a record reads
+    /// or must find free.
+    pub rows: Vec<(u8, u128)>,
     /// An expiry's time: the live holds due by then must be loaded, oldest deadline first,
     /// at most [`EXPIRED_PER_COMMAND_MAX`] for each expiry of the batch, with their payments.
     /// The latest of a batch's.
@@ -80,6 +83,7 @@ impl Needs {
         self.accounts.extend(other.accounts);
         self.transfers.extend(other.transfers);
         self.held_transfers.extend(other.held_transfers);
+        self.rows.extend(other.rows);
         self.holds_due = self.holds_due.max(other.holds_due);
         self.idempotency_keys.extend(other.idempotency_keys);
     }
@@ -99,7 +103,15 @@ impl Needs {
         tidy(&mut self.accounts);
         tidy(&mut self.transfers);
         tidy(&mut self.held_transfers);
+        tidy(&mut self.rows);
         tidy(&mut self.idempotency_keys);
+    }
+
+    /// A payment read as it stands: its row, and its hold (a state row of its own) or that
+    /// it has none.
+    pub(crate) fn add_payment_read(&mut self, payment: PaymentId) {
+        self.payments.push(payment);
+        self.rows.push((HoldKind::TAG, payment.to_u128()));
     }
 
     /// A payment's reads: its parties, the payer's wallet, the merchant's account and the fee
@@ -159,14 +171,18 @@ impl Needs {
                     self.payers.push(*payer);
                     match entry.object {
                         EntryObject::Topup(id) => self.topups.push(id),
-                        EntryObject::Payment(id) => self.payments.push(id),
+                        EntryObject::Payment(id) => self.add_payment_read(id),
                         EntryObject::Refund(id) => self.refunds.push(id),
                     }
                 }
                 Imported::Idempotency(row) => self.idempotency_keys.push(row.key.clone()),
-                Imported::Hold(row) => {
-                    self.payments.push(row.payment);
-                    self.held_transfers.push(row.hold.transfers[0]);
+                Imported::Row(row) => {
+                    self.rows.push((row.tag, row.id));
+                    // A hold names its payment and its pending transfer.
+                    if let Some(Ok(hold)) = row.decode::<HoldKind>() {
+                        self.payments.push(hold.payment);
+                        self.held_transfers.push(hold.hold.transfers[0]);
+                    }
                 }
             }
         }
@@ -223,8 +239,9 @@ pub struct Changes {
     /// Transfer records held before whose hold state changed (posted, voided, expired), as
     /// they are now, by id.
     pub transfers_resolved: Vec<TransferRecord>,
-    /// Holds placed or changed, as they are now, by payment id.
-    pub holds: Vec<HoldRow>,
+    /// State rows of registered kinds made or changed, as they are now: by kind (in
+    /// [`crate::kinds::KINDS`] order), then by id.
+    pub rows: Vec<StoredRow>,
     /// New idempotency records still held, in the order made.
     pub idempotency: Vec<IdempotencyRow>,
     /// The time of each prune, in order.

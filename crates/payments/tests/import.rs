@@ -188,7 +188,7 @@ proptest! {
             Imported::Account { .. } => 3,
             Imported::Transfer(_) => 4,
             Imported::Payment(_) => 5,
-            Imported::Hold(_) => 6,
+            Imported::Row(_) => 6,
             Imported::Topup(_) => 7,
             Imported::Refund(_) => 8,
             Imported::Entry { .. } => 9,
@@ -197,10 +197,7 @@ proptest! {
         prop_assert!(items.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
         let holds: Vec<HoldRow> = items
             .iter()
-            .filter_map(|item| match item {
-                Imported::Hold(row) => Some(*row),
-                _ => None,
-            })
+            .filter_map(Imported::as_hold)
             .collect();
         prop_assert!(
             holds.windows(2).all(|w| w[0].payment < w[1].payment),
@@ -534,7 +531,7 @@ fn a_hold_imports_beside_its_payment_and_pending_transfer() {
             merchant(2),
             Imported::Transfer(pending),
             Imported::Payment(payment),
-            Imported::Hold(row),
+            Imported::hold(row),
         ];
         assert_eq!(import(&mut state, items), Outcome::Imported { count: 5 });
         let read = state.payment(row.payment).unwrap().expect("imported");
@@ -550,21 +547,21 @@ fn an_import_refuses_a_hold_unlike_its_payment_or_its_pending_transfer() {
         vec![
             Imported::Transfer(pending),
             Imported::Payment(payment),
-            Imported::Hold(row),
+            Imported::hold(row),
         ]
     };
     // Its payment, or its pending transfer, missing.
     refused(
-        vec![Imported::Transfer(pending), Imported::Hold(row)],
+        vec![Imported::Transfer(pending), Imported::hold(row)],
         Rejection::PaymentNotFound,
     );
     refused(
-        vec![Imported::Payment(payment.clone()), Imported::Hold(row)],
+        vec![Imported::Payment(payment.clone()), Imported::hold(row)],
         Rejection::ImportDoesNotFit,
     );
     // Twice.
     let mut twice = with(pending, payment.clone(), row);
-    twice.push(Imported::Hold(row));
+    twice.push(Imported::hold(row));
     refused(twice, Rejection::IdCollision);
     // Another amount than its transfer's, or than its payment's.
     let mut other = row;
@@ -790,7 +787,7 @@ fn any_imported() -> impl Strategy<Value = Imported> {
             (any::<u64>(), prop::option::of(any::<u64>())),
         )
             .prop_map(|(ids, (status, amounts), (expires_at, resolved_at))| {
-                Imported::Hold(HoldRow {
+                Imported::hold(HoldRow {
                     payment: PaymentId::from_u128(ids[0]),
                     hold: Hold {
                         status: HoldStatus::of_code(status).expect("a status"),

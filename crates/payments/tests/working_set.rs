@@ -91,6 +91,13 @@ fn load(working: &mut State, whole: &State, needs: &Needs, holds: &[PaymentId], 
             ok(working.insert_payment(payment.clone()));
         }
     }
+    let due_rows = due.iter().map(|id| (HoldKind::TAG, id.to_u128()));
+    for (tag, id) in needs.rows.iter().copied().chain(due_rows) {
+        if !working.knows_row(tag, id) {
+            let row = whole.stored_row(tag, id);
+            ok(working.insert_row(tag, id, row.as_ref().map(|row| row.bytes.as_slice())));
+        }
+    }
     for id in &needs.topups {
         if let Some(topup) = whole.topup_record(*id)
             && working.topup_record(*id).is_none()
@@ -333,7 +340,8 @@ impl Tables {
             prop_assert_eq!(stored.transfer, record.transfer, "only its hold changes");
             *stored = *record;
         }
-        for row in &changes.holds {
+        for row in &changes.rows {
+            let row = row.decode::<HoldKind>().expect("holds are the only kind")?;
             let stored = self.payments.get_mut(&row.payment);
             prop_assert!(
                 stored.is_some(),

@@ -12,9 +12,11 @@
 //! payer's statement lines likewise.
 
 use farthing_ledger::TransferRecord;
+use farthing_payments::StoredRow;
+use farthing_payments::kinds::{KINDS, KindInfo};
 use farthing_payments::{
-    AccountRow, EntryRow, HoldRow, HoldStatus, IdempotencyRow, Imported, KeyHash, MerchantRow,
-    PayerRow, Payment, Refund, Topup,
+    AccountRow, EntryRow, HoldStatus, IdempotencyRow, Imported, KeyHash, MerchantRow, PayerRow,
+    Payment, Refund, Topup,
 };
 use tokio_postgres::{Client, IsolationLevel, Portal, Row, Transaction};
 
@@ -37,8 +39,28 @@ impl Table {
     }
 }
 
+/// Where the state rows of registered kinds come in the export order: after payments (a
+/// hold names its payment).
+const KINDS_AFTER: usize = 6;
+
+/// What an export reads next: one of [`TABLES`], or the table of a registered kind.
+enum Source {
+    Table(&'static Table),
+    Kind(&'static KindInfo),
+}
+
+/// Every source in export order: the tables, with the registered kinds after payments.
+fn sources() -> impl Iterator<Item = Source> {
+    let (before, after) = TABLES.split_at(KINDS_AFTER);
+    before
+        .iter()
+        .map(Source::Table)
+        .chain(KINDS.iter().map(Source::Kind))
+        .chain(after.iter().map(Source::Table))
+}
+
 /// The tables in export order.
-const TABLES: [Table; 11] = [
+const TABLES: [Table; 10] = [
     Table {
         columns: || "key_hash",
         from: "FROM operator_keys ORDER BY key_hash",
@@ -70,11 +92,6 @@ const TABLES: [Table; 11] = [
         from: "FROM payments LEFT JOIN holds ON holds.payment = payments.id
                ORDER BY created_at, batch_position, id",
         item: payment_item,
-    },
-    Table {
-        columns: columns::<HoldRow>,
-        from: "FROM holds ORDER BY payment",
-        item: hold_item,
     },
     Table {
         columns: columns::<Topup>,
@@ -146,12 +163,14 @@ impl Items<'_> {
     /// been read.
     pub async fn next_chunk(&mut self, rows_max: usize) -> Result<Vec<Imported>, PgError> {
         let rows_max = i32::try_from(rows_max.max(1)).unwrap_or(i32::MAX);
-        while let Some(table) = TABLES.get(self.table) {
+        while let Some(source) = sources().nth(self.table) {
+            let sql = match &source {
+                Source::Table(table) => table.sql(),
+                Source::Kind(info) => crate::kinds::export_sql(info),
+            };
             let portal = match &self.portal {
                 Some(portal) => portal,
-                None => self
-                    .portal
-                    .insert(self.transaction.bind(&table.sql(), &[]).await?),
+                None => self.portal.insert(self.transaction.bind(&sql, &[]).await?),
             };
             let rows = self.transaction.query_portal(portal, rows_max).await?;
             if rows.len() < rows_max as usize {
@@ -159,7 +178,20 @@ impl Items<'_> {
                 self.table += 1;
             }
             if !rows.is_empty() {
-                return rows.iter().map(table.item).collect();
+                return match source {
+                    Source::Table(table) => rows.iter().map(table.item).collect(),
+                    Source::Kind(info) => rows
+                        .iter()
+                        .map(|row| {
+                            let (id, bytes) = read_with(row, info.get)?;
+                            Ok(Imported::Row(StoredRow {
+                                tag: info.tag,
+                                id,
+                                bytes,
+                            }))
+                        })
+                        .collect(),
+                };
             }
         }
         Ok(Vec::new())
@@ -251,10 +283,6 @@ fn payment_columns() -> &'static str {
 
 fn payment_item(row: &Row) -> Result<Imported, PgError> {
     Ok(Imported::Payment(read(row)?))
-}
-
-fn hold_item(row: &Row) -> Result<Imported, PgError> {
-    Ok(Imported::Hold(read(row)?))
 }
 
 fn topup_item(row: &Row) -> Result<Imported, PgError> {

@@ -1,16 +1,18 @@
-//! Tables written and read from a record's one description ([`Fields`]), with no SQL written
+//! Tables written and read from a record's one description (`Fields`), with no SQL written
 //! for the kind itself: rows keyed by their first column are upserted from column arrays
-//! (`INSERT … SELECT FROM unnest(…) ON CONFLICT … DO UPDATE`) and loaded by key. A new kind
-//! of state row needs its migration and nothing here.
+//! (`INSERT … SELECT FROM unnest(…) ON CONFLICT … DO UPDATE`) and loaded by key. Every kind
+//! registered in `farthing_payments::kinds::KINDS` is kept this way: a new kind of state row
+//! needs its migration and nothing here.
 
-use farthing_kernel::{ColumnType, Columns, Fields, Put};
+use farthing_kernel::{Column, ColumnType, Put};
 use farthing_ledger::Currency;
+use farthing_payments::StoredRow;
+use farthing_payments::kinds::KindInfo;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Transaction};
 
 use crate::PgError;
 use crate::apply::{Id, id16};
-use crate::rows::{columns, read};
 
 /// One column's values across the rows of a statement, typed as PostgreSQL binds them.
 enum Array {
@@ -77,8 +79,7 @@ struct ColumnArrays {
 }
 
 impl ColumnArrays {
-    fn of<T: Fields>() -> ColumnArrays {
-        let columns = Columns::list::<T>();
+    fn of_columns(columns: &[Column]) -> ColumnArrays {
         ColumnArrays {
             names: columns.iter().map(|column| column.name).collect(),
             types: columns.iter().map(|column| column.ty).collect(),
@@ -88,9 +89,15 @@ impl ColumnArrays {
         }
     }
 
-    fn add<T: Fields>(&mut self, record: &T) -> Result<(), PgError> {
+    /// Adds a row of a registered kind, from its stored form.
+    fn add_stored(&mut self, info: &KindInfo, bytes: &[u8]) -> Result<(), PgError> {
         self.at = 0;
-        record.put(self);
+        (info.put)(bytes, self)
+            .map_err(|error| PgError::Stored(format!("a {} row: {error}", info.table)))?;
+        self.finish_row()
+    }
+
+    fn finish_row(&mut self) -> Result<(), PgError> {
         if self.at != self.arrays.len() {
             return Err(PgError::Stored(format!(
                 "a record put {} fields for {} columns",
@@ -215,20 +222,37 @@ impl Put for ColumnArrays {
     }
 }
 
-/// Writes `rows` into `table`, whose columns are `T`'s fields and whose key is the first of
-/// them: new keys are inserted, known ones take the row's values. One statement.
-pub(crate) async fn upsert<T: Fields>(
+/// Writes the changed rows of every registered kind into its table.
+pub(crate) async fn upsert_stored(
+    transaction: &Transaction<'_>,
+    rows: &[StoredRow],
+) -> Result<(), PgError> {
+    for info in farthing_payments::kinds::KINDS {
+        if let Some(arrays) = arrays_of_kind(info, rows)? {
+            upsert_arrays(transaction, info.table, &arrays).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The rows of one kind among `rows`, as column arrays; `None` when there are none.
+fn arrays_of_kind(info: &KindInfo, rows: &[StoredRow]) -> Result<Option<ColumnArrays>, PgError> {
+    let mut arrays = None;
+    for row in rows {
+        if row.tag == info.tag {
+            arrays
+                .get_or_insert_with(|| ColumnArrays::of_columns(&(info.columns)()))
+                .add_stored(info, &row.bytes)?;
+        }
+    }
+    Ok(arrays)
+}
+
+async fn upsert_arrays(
     transaction: &Transaction<'_>,
     table: &str,
-    rows: &[T],
+    arrays: &ColumnArrays,
 ) -> Result<(), PgError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut arrays = ColumnArrays::of::<T>();
-    for row in rows {
-        arrays.add(row)?;
-    }
     let names = &arrays.names;
     let unnest: Vec<String> = arrays
         .types
@@ -263,26 +287,60 @@ pub(crate) async fn upsert<T: Fields>(
     Ok(())
 }
 
-/// The rows of `table` (whose columns are `T`'s fields, keyed by the first) with these keys.
-/// With `lock`, they are locked until the transaction ends.
-pub(crate) async fn load_by_keys<T: Fields + 'static>(
+/// The rows of a registered kind with these ids, locked in id order until the transaction
+/// ends, in their stored form.
+pub(crate) async fn load_stored(
     transaction: &Transaction<'_>,
-    table: &str,
-    keys: impl Iterator<Item = u128>,
-) -> Result<Vec<T>, PgError> {
-    let keys: Vec<Id> = keys.map(id16).collect();
-    if keys.is_empty() {
+    info: &KindInfo,
+    ids: impl Iterator<Item = u128>,
+) -> Result<Vec<StoredRow>, PgError> {
+    let ids: Vec<Id> = ids.map(id16).collect();
+    if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let key = Columns::list::<T>()[0].name;
+    let columns = (info.columns)();
+    let key = columns[0].name;
     let rows: Vec<Row> = transaction
         .query_typed(
             &format!(
-                "SELECT {} FROM {table} WHERE {key} = ANY($1)",
-                columns::<T>()
+                "SELECT {} FROM {} WHERE {key} = ANY($1) ORDER BY {key} FOR UPDATE",
+                select_list(&columns),
+                info.table
             ),
-            &[(&keys, Type::UUID_ARRAY)],
+            &[(&ids, Type::UUID_ARRAY)],
         )
         .await?;
-    rows.iter().map(read).collect()
+    rows.iter()
+        .map(|row| {
+            let (id, bytes) = crate::rows::read_with(row, info.get)?;
+            Ok(StoredRow {
+                tag: info.tag,
+                id,
+                bytes,
+            })
+        })
+        .collect()
+}
+
+/// Every row of a registered kind, by id, as an export reads them.
+pub(crate) fn export_sql(info: &KindInfo) -> String {
+    let columns = (info.columns)();
+    format!(
+        "SELECT {} FROM {} ORDER BY {}",
+        select_list(&columns),
+        info.table,
+        columns[0].name
+    )
+}
+
+/// A select list for these columns, those the driver does not read as such cast to text.
+pub(crate) fn select_list(columns: &[Column]) -> String {
+    columns
+        .iter()
+        .map(|column| match column.ty {
+            ColumnType::Wide | ColumnType::Currency => format!("{}::TEXT", column.name),
+            _ => column.name.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -65,6 +65,24 @@ pub(crate) fn read_at<T: Fields>(row: &Row, start: usize) -> Result<(T, usize), 
     }
 }
 
+/// A record of a kind known only by a registry entry, read through its `get`.
+pub(crate) fn read_with<T>(
+    row: &Row,
+    get: fn(&mut dyn Get) -> Result<T, DecodeError>,
+) -> Result<T, PgError> {
+    let mut input = RowGet {
+        row,
+        at: 0,
+        column: "",
+    };
+    get(&mut input).map_err(|error| {
+        PgError::Stored(format!(
+            "column {} holds what this build cannot read ({error})",
+            input.column
+        ))
+    })
+}
+
 /// Reads a row's columns in order.
 struct RowGet<'a> {
     row: &'a Row,

@@ -42,7 +42,8 @@ pub struct Fetched {
     accounts: Vec<AccountRow>,
     payments: Vec<PaymentRow>,
     refunded: Vec<(PaymentId, Refunded)>,
-    holds: Vec<(PaymentId, Option<Hold>)>,
+    /// State rows of registered kinds: tag, id, and the stored row if there is one.
+    rows: Vec<(u8, u128, Option<Vec<u8>>)>,
     topups: Vec<TopupRow>,
     refunds: Vec<RefundRow>,
     lines: Vec<(EntryObject, Line)>,
@@ -58,7 +59,7 @@ impl Fetched {
             && self.accounts.is_empty()
             && self.payments.is_empty()
             && self.refunded.is_empty()
-            && self.holds.is_empty()
+            && self.rows.is_empty()
             && self.topups.is_empty()
             && self.refunds.is_empty()
             && self.lines.is_empty()
@@ -78,7 +79,8 @@ pub struct Checkpoint {
     payers: Vec<PayerState>,
     keys: Vec<(KeyHash, Option<Principal>)>,
     refunded: Vec<(PaymentId, Refunded)>,
-    holds: Vec<HoldRow>,
+    /// State rows of registered kinds changed, each with whether it is pinned.
+    rows: Vec<(StoredRow, bool)>,
     /// Records of holds settled since their history rows were written.
     transfers_resolved: Vec<TransferRecord>,
     idempotency: Vec<IdempotencyRow>,
@@ -183,12 +185,9 @@ impl Checkpoint {
         for (id, refunded) in &self.refunded {
             rows.push((disk::refunded_key(*id), Some(disk::encode(refunded))));
         }
-        for row in &self.holds {
-            rows.push((disk::hold_key(row.payment), Some(disk::encode(&row.hold))));
-            rows.push((
-                disk::live_hold_key(row.payment),
-                row.hold.is_live().then(Vec::new),
-            ));
+        for (row, pinned) in &self.rows {
+            rows.push((disk::row_key(row.tag, row.id), Some(row.bytes.clone())));
+            rows.push((disk::pinned_key(row.tag, row.id), pinned.then(Vec::new)));
         }
         for record in &self.transfers_resolved {
             rows.push((
@@ -209,6 +208,26 @@ impl Checkpoint {
 }
 
 impl State {
+    /// Loads a state row of a registered kind read from disk (`None`: there is none).
+    pub(crate) fn load_row(
+        &mut self,
+        tag: u8,
+        id: u128,
+        bytes: Option<&[u8]>,
+    ) -> Result<(), DiskError> {
+        let rows = self
+            .kinds
+            .tag_mut(tag)
+            .ok_or_else(|| DiskError(format!("a row of unknown kind {tag}")))?;
+        match rows.load_stored(id, bytes) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DiskError(format!("the row {tag}/{id} was loaded twice"))),
+            Err(error) => Err(DiskError(format!(
+                "the row {tag}/{id} does not decode: {error}"
+            ))),
+        }
+    }
+
     /// A cache over `disk`, standing where the disk's last checkpoint left it: replay the
     /// journal from [`State::records_applied`] on.
     pub fn cache_over(disk: Arc<dyn Disk>) -> Result<State, DiskError> {
@@ -232,15 +251,17 @@ impl State {
                 .load_key(key_hash, Principal::Operator)
                 .map_err(|error| DiskError(format!("the operator key does not load: {error:?}")))?;
         }
-        // Every live hold, so that expiry sees each one (as many as are live, not history).
-        for entry in disk.scan_state(&[disk::state_kind::LIVE_HOLD]) {
+        // Every pinned row (a live hold), so that what sweeps them sees each one: as many as
+        // are pinned, not history.
+        for entry in disk.scan_state(&[crate::kinds::PINNED]) {
             let (key, _) = entry?;
-            let id = disk::history_key_id(&key[1..])
-                .map(PaymentId::from_u128)
-                .ok_or_else(|| DiskError("a live hold's key is not an id".to_string()))?;
-            let hold: Hold = read_state(&*disk, &disk::hold_key(id))?
-                .ok_or_else(|| DiskError(format!("the live hold of {id} is missing")))?;
-            let _ = state.holds.load(id, Some(hold));
+            let (tag, id) = disk::pinned_of(&key).ok_or_else(|| {
+                DiskError("a pinned row's key is not a tag and an id".to_string())
+            })?;
+            let bytes = disk
+                .state(&disk::row_key(tag, id))?
+                .ok_or_else(|| DiskError(format!("the pinned row {tag}/{id} is missing")))?;
+            state.load_row(tag, id, Some(&bytes))?;
         }
         state.cache = Some(Box::new(Cache {
             disk,
@@ -342,10 +363,6 @@ impl State {
             {
                 fetched.refunded.push((*id, refunded));
             }
-            if exists && !self.holds.knows(id) {
-                let hold = read_state::<Hold>(disk, &disk::hold_key(*id))?;
-                fetched.holds.push((*id, hold));
-            }
             if exists && !read_with_line {
                 self.fetch_line(disk, EntryObject::Payment(*id), &mut fetched)?;
             }
@@ -399,6 +416,12 @@ impl State {
                 },
             };
             fetched.transfers.extend(record);
+        }
+        for &(tag, id) in &needs.rows {
+            let key = disk::row_key(tag, id);
+            if self.kinds.tag(tag).is_some_and(|rows| !rows.knows(id)) && first_time(&key) {
+                fetched.rows.push((tag, id, disk.state(&key)?));
+            }
         }
         for key in &needs.idempotency_keys {
             if !self.idempotency.knows(key)
@@ -464,7 +487,10 @@ impl State {
 
     /// Puts in what [`State::fetch_for`] read: loads, not changes. A row that does not fit what
     /// memory holds means the disk and the state disagree.
-    pub fn load_fetched(&mut self, fetched: Fetched) -> Result<(), DiskError> {
+    pub fn load_fetched(&mut self, mut fetched: Fetched) -> Result<(), DiskError> {
+        for (tag, id, bytes) in std::mem::take(&mut fetched.rows) {
+            self.load_row(tag, id, bytes.as_deref())?;
+        }
         self.load_fetched_rows(fetched)
             .map_err(|error| DiskError(format!("a row read from disk does not load: {error:?}")))
     }
@@ -492,11 +518,6 @@ impl State {
         }
         for (id, refunded) in fetched.refunded {
             if !self.refunded.load(id, Slot::Present(refunded)) {
-                return Err(LoadError::AlreadyLoaded);
-            }
-        }
-        for (id, hold) in fetched.holds {
-            if !self.holds.load(id, hold) {
                 return Err(LoadError::AlreadyLoaded);
             }
         }
@@ -583,7 +604,11 @@ impl State {
                 Slot::Absent => None,
             })
             .collect();
-        let holds = self.holds.take_changes();
+        let rows = self
+            .kinds
+            .all_mut()
+            .flat_map(|rows| rows.take_changes())
+            .collect();
         let transfers_resolved = self.ledger.take_hold_changes();
         let (idempotency, prunes) = self.idempotency.take_changes();
         let globals = Globals {
@@ -606,7 +631,7 @@ impl State {
             payers,
             keys: parties.keys,
             refunded,
-            holds,
+            rows,
             transfers_resolved,
             idempotency,
             // The latest cut-off, not the last prune's: a prune may name an earlier time than
@@ -654,7 +679,7 @@ impl State {
             + self.ledger.account_count() * ACCOUNT
             + self.idempotency.len() * IDEMPOTENCY_ROW
             + self.refunded.keys_held() * 64
-            + self.holds.keys_held() * 128
+            + self.kinds.all().map(|rows| rows.keys_held()).sum::<usize>() * 128
     }
 
     /// Forgets every row not changed since the last checkpoint began, once that checkpoint
@@ -700,7 +725,9 @@ impl State {
             |id| payer_lists.get(id).is_some(),
         );
         self.refunded.forget_unchanged(|_| false);
-        self.holds.forget_unchanged();
+        for rows in self.kinds.all_mut() {
+            rows.forget_unchanged();
+        }
         self.idempotency.forget_unchanged();
         self.loaded = Generation::default();
     }
@@ -768,13 +795,14 @@ impl State {
                 .refunded
                 .load(PaymentId::from_u128(id), Slot::Present(refunded));
         }
-        for entry in disk.scan_state(&[disk::state_kind::HOLD]) {
-            let (key, value) = entry?;
-            let id = disk::history_key_id(&key[1..])
-                .ok_or_else(|| DiskError("a hold's key is not an id".to_string()))?;
-            let _ = state
-                .holds
-                .load(PaymentId::from_u128(id), Some(disk::decode(&value)?));
+        for info in crate::kinds::KINDS {
+            for entry in disk.scan_state(&[info.tag]) {
+                let (key, value) = entry?;
+                let id = disk::history_key_id(&key[1..]).ok_or_else(|| {
+                    DiskError(format!("a row of kind {}'s key is not an id", info.tag))
+                })?;
+                state.load_row(info.tag, id, Some(&value))?;
+            }
         }
         // Records of holds settled after their rows were written, by id.
         let mut resolved: std::collections::HashMap<u128, TransferRecord> =

@@ -27,7 +27,8 @@ struct Staged<'a> {
     account_ids: HashSet<AccountId>,
     transfers: HashMap<TransferId, &'a TransferRecord>,
     payments: HashMap<PaymentId, &'a Payment>,
-    holds: HashMap<PaymentId, &'a Hold>,
+    holds: HashMap<PaymentId, Hold>,
+    rows: HashSet<(u8, u128)>,
     topups: HashMap<TopupId, &'a Topup>,
     refunds: HashMap<RefundId, &'a Refund>,
     lines: HashSet<EntryObject>,
@@ -63,15 +64,11 @@ impl State {
             self.young.refunds.values().map(|row| &row.refund).collect();
         refunds.sort_unstable_by_key(|refund| refund.id);
         let idempotency = self.idempotency.rows();
-        let mut holds: Vec<HoldRow> = self
-            .holds
-            .iter()
-            .map(|(payment, hold)| HoldRow {
-                payment: *payment,
-                hold: *hold,
-            })
+        let rows: Vec<StoredRow> = self
+            .kinds
+            .all()
+            .flat_map(|rows| rows.stored_rows())
             .collect();
-        holds.sort_unstable_by_key(|row| row.payment);
         // Oldest first: each list's chain, walked from its newest item, then reversed.
         let mut payments = Vec::with_capacity(self.young.payments.len());
         let mut at = self.newest_payment;
@@ -129,7 +126,7 @@ impl State {
                     .map(|record| Imported::Transfer(*record)),
             )
             .chain(payments.into_iter().map(Imported::Payment))
-            .chain(holds.into_iter().map(Imported::Hold))
+            .chain(rows.into_iter().map(Imported::Row))
             .chain(
                 topups
                     .into_iter()
@@ -153,7 +150,7 @@ impl State {
     /// import can check them without its hold, which comes after it).
     fn payment_exported(&self, id: PaymentId) -> Option<Payment> {
         let mut payment = self.payment_stored(id)?;
-        if let Some(hold) = self.holds.get(&id) {
+        if let Some(hold) = self.holds().hold(&id) {
             hold.apply_to(&mut payment);
             payment.hold = None;
         }
@@ -321,7 +318,7 @@ impl State {
                             .payment_stored(id)
                             .or_else(|| staged.payments.get(&id).map(|p| (*p).clone()))
                             .ok_or(Rejection::PaymentNotFound)?;
-                        let hold = self.holds.get(&id).or(staged.holds.get(&id).copied());
+                        let hold = self.holds().hold(&id).or(staged.holds.get(&id));
                         let (amount, at) = match hold {
                             Some(hold) => hold.line_shows(&payment),
                             None => (payment.amount, payment.created_at),
@@ -370,54 +367,68 @@ impl State {
                 free(self.idempotency.contains(&row.key) || staged.idempotency.contains(&row.key))?;
                 staged.idempotency.insert(&row.key);
             }
-            Imported::Hold(row) => {
-                let id = row.payment;
-                let hold = &row.hold;
-                let payment = self
-                    .payment_stored(id)
-                    .or_else(|| staged.payments.get(&id).map(|p| (*p).clone()))
-                    .ok_or(Rejection::PaymentNotFound)?;
-                free(self.holds.get(&id).is_some() || staged.holds.contains_key(&id))?;
-                fits(hold.amount_captured <= hold.amount_authorized)?;
-                fits(hold.fee_captured <= hold.amount_captured)?;
-                fits(hold.is_live() == hold.resolved_at.is_none())?;
-                // The payment as an export lists it: a captured hold's with the figures of its
-                // capture, which its refund totals were checked against; only money that moved
-                // is refunded.
-                let (amount, fee) = match hold.status {
-                    HoldStatus::Captured => (hold.amount_captured, hold.fee_captured),
-                    _ => (hold.amount_authorized, payment.fee),
-                };
-                fits(payment.amount == amount && payment.fee == fee)?;
-                fits(payment.amount_refunded.is_zero() || hold.status == HoldStatus::Captured)?;
-                // The hold's pending transfer is held, or comes with the import: it moves what
-                // the hold says from the payer's wallet to the merchant, and stands as the hold
-                // does.
-                let [hold_id, ..] = hold.transfers;
-                let pending = self
-                    .ledger
-                    .transfer(hold_id)
-                    .or_else(|| staged.transfers.get(&hold_id).copied())
-                    .ok_or(ImportDoesNotFit)?;
-                let wallet = account_id(Owner::Payer(payment.payer), payment.currency);
-                let merchant = account_id(Owner::Merchant(payment.merchant), payment.currency);
-                let hold_state = match hold.status {
-                    HoldStatus::Held => HoldState::Pending,
-                    HoldStatus::Captured => HoldState::Posted,
-                    HoldStatus::Canceled => HoldState::Voided,
-                    HoldStatus::Expired => HoldState::Expired,
-                };
-                fits(
-                    pending.outcome.is_ok()
-                        && matches!(pending.transfer.kind, TransferKind::Pending { .. })
-                        && pending.transfer.amount == hold.amount_authorized
-                        && pending.transfer.debit == wallet
-                        && pending.transfer.credit == merchant
-                        && pending.hold == Some(hold_state),
-                )?;
-                staged.holds.insert(id, hold);
+            Imported::Row(row) => {
+                let rows = self.kinds.tag(row.tag).ok_or(ImportDoesNotFit)?;
+                free(rows.has(row.id) || staged.rows.contains(&(row.tag, row.id)))?;
+                if let Some(hold) = row.decode::<HoldKind>() {
+                    let hold = hold.map_err(|_| ImportDoesNotFit)?;
+                    fits(hold.payment.to_u128() == row.id)?;
+                    self.check_hold_import(staged, &hold)?;
+                }
+                staged.rows.insert((row.tag, row.id));
             }
         }
+        Ok(())
+    }
+
+    /// Whether an imported hold fits its payment and its pending transfer.
+    fn check_hold_import(&self, staged: &mut Staged, row: &HoldRow) -> Result<(), Rejection> {
+        use Rejection::ImportDoesNotFit;
+        let fits = |holds: bool| if holds { Ok(()) } else { Err(ImportDoesNotFit) };
+        let id = row.payment;
+        let hold = &row.hold;
+        let payment = self
+            .payment_stored(id)
+            .or_else(|| staged.payments.get(&id).map(|p| (*p).clone()))
+            .ok_or(Rejection::PaymentNotFound)?;
+        fits(hold.amount_captured <= hold.amount_authorized)?;
+        fits(hold.fee_captured <= hold.amount_captured)?;
+        fits(hold.is_live() == hold.resolved_at.is_none())?;
+        // The payment as an export lists it: a captured hold's with the figures of its
+        // capture, which its refund totals were checked against; only money that moved
+        // is refunded.
+        let (amount, fee) = match hold.status {
+            HoldStatus::Captured => (hold.amount_captured, hold.fee_captured),
+            _ => (hold.amount_authorized, payment.fee),
+        };
+        fits(payment.amount == amount && payment.fee == fee)?;
+        fits(payment.amount_refunded.is_zero() || hold.status == HoldStatus::Captured)?;
+        // The hold's pending transfer is held, or comes with the import: it moves what
+        // the hold says from the payer's wallet to the merchant, and stands as the hold
+        // does.
+        let [hold_id, ..] = hold.transfers;
+        let pending = self
+            .ledger
+            .transfer(hold_id)
+            .or_else(|| staged.transfers.get(&hold_id).copied())
+            .ok_or(ImportDoesNotFit)?;
+        let wallet = account_id(Owner::Payer(payment.payer), payment.currency);
+        let merchant = account_id(Owner::Merchant(payment.merchant), payment.currency);
+        let hold_state = match hold.status {
+            HoldStatus::Held => HoldState::Pending,
+            HoldStatus::Captured => HoldState::Posted,
+            HoldStatus::Canceled => HoldState::Voided,
+            HoldStatus::Expired => HoldState::Expired,
+        };
+        fits(
+            pending.outcome.is_ok()
+                && matches!(pending.transfer.kind, TransferKind::Pending { .. })
+                && pending.transfer.amount == hold.amount_authorized
+                && pending.transfer.debit == wallet
+                && pending.transfer.credit == merchant
+                && pending.hold == Some(hold_state),
+        )?;
+        staged.holds.insert(id, *hold);
         Ok(())
     }
 
@@ -485,7 +496,13 @@ impl State {
             Imported::Idempotency(row) => {
                 self.idempotency.put_imported(row);
             }
-            Imported::Hold(row) => self.holds.put(row.payment, row.hold),
+            Imported::Row(row) => {
+                self.kinds
+                    .tag_mut(row.tag)
+                    .expect("a checked row's kind is registered")
+                    .put_stored(row)
+                    .expect("a checked row decodes");
+            }
         }
     }
 }

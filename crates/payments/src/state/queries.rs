@@ -161,12 +161,12 @@ impl State {
 
     /// The earliest deadline among live holds: when an expiry is next due.
     pub fn next_hold_deadline(&self) -> Option<farthing_ledger::Timestamp> {
-        self.holds.next_deadline()
+        self.holds().next_deadline()
     }
 
     /// How many holds are live.
     pub fn live_holds(&self) -> usize {
-        self.holds.live_count()
+        self.holds().pinned_count()
     }
 
     /// A refund held in memory.
@@ -387,11 +387,17 @@ impl State {
     }
 
     pub(crate) fn hold_any(&self, id: PaymentId) -> Result<Option<Hold>, DiskError> {
-        if self.holds.knows(&id) {
-            return Ok(self.holds.get(&id).copied());
+        Ok(self.row_any::<HoldKind>(id.to_u128())?.map(|row| row.hold))
+    }
+
+    /// A state row of kind `K`, from memory or else from disk.
+    pub(crate) fn row_any<K: Kind>(&self, id: u128) -> Result<Option<K::Row>, DiskError> {
+        let rows = self.kinds.of::<K>();
+        if crate::kinds::AnyRows::knows(rows, id) {
+            return Ok(rows.get(id).cloned());
         }
         match self.disk() {
-            Some(disk) => read_state(disk, &disk::hold_key(id)),
+            Some(disk) => read_state(disk, &disk::row_key(K::TAG, id)),
             None => Ok(None),
         }
     }

@@ -112,7 +112,7 @@ impl State {
                 transfer_ids,
                 ..
             } => {
-                needs.payments.push(*payment);
+                needs.add_payment_read(*payment);
                 needs.refunds.push(*id);
                 needs.transfers.extend(transfer_ids);
                 match self.payment_held(*payment) {
@@ -144,7 +144,7 @@ impl State {
                 // Those before it void at most as many, all among the first due by `at` (or
                 // due later than that); it voids at most as many of the rest.
                 let voided = EXPIRED_PER_COMMAND_MAX as usize * (expiries + 1);
-                for id in self.holds.due(*at, voided) {
+                for id in self.holds().due(*at, voided) {
                     self.add_hold_needs(id, &mut needs);
                 }
             }
@@ -159,7 +159,7 @@ impl State {
     /// What settling `payment`'s hold reads: the payment, then (once it is held) its parties,
     /// its three accounts and its hold's transfers.
     fn add_hold_needs(&self, payment: PaymentId, needs: &mut Needs) {
-        needs.payments.push(payment);
+        needs.add_payment_read(payment);
         match self.payment_held(payment) {
             Some(payment) => {
                 needs.payers.push(payment.payer);
@@ -196,7 +196,9 @@ impl State {
             self.idempotency.track_changes();
             self.parties.track_changes();
             self.refunded.track_changes();
-            self.holds.track_changes();
+            for rows in self.kinds.all_mut() {
+                rows.track_changes();
+            }
             self.merchant_lists.track_changes();
             self.payer_lists.track_changes();
             self.tracker = Some(Box::new(Tracker {
@@ -298,7 +300,12 @@ impl State {
             .iter()
             .map(|id| self.payment_stored(*id).expect("a new payment is held"))
             .collect();
-        let holds = self.holds.take_changes();
+        let rows = self
+            .kinds
+            .all_mut()
+            .flat_map(|rows| rows.take_changes())
+            .map(|(row, _)| row)
+            .collect();
         // By payer, each payer's in the order made.
         let mut entries: Vec<(PayerId, Entry)> = taken
             .lines
@@ -330,7 +337,7 @@ impl State {
             entries,
             transfers,
             transfers_resolved,
-            holds,
+            rows,
             idempotency,
             prunes,
         }
@@ -434,7 +441,7 @@ impl State {
             return Err(LoadError::AlreadyLoaded);
         }
         let id = payment.id;
-        let hold = payment.hold;
+        // Its hold, if it has one, is a state row of its own (`insert_row`).
         let mut payment = payment;
         payment.hold = None;
         let refunded = Refunded {
@@ -452,11 +459,6 @@ impl State {
         if !refunded.amount_refunded.is_zero() {
             let loaded = self.refunded.load(id, Slot::Present(refunded));
             assert!(loaded, "the payment was not held");
-        }
-        // A payment is loaded with its hold, or knowing it has none.
-        if !self.holds.knows(&id) {
-            let loaded = self.holds.load(id, hold);
-            assert!(loaded, "the hold was not known");
         }
         Ok(())
     }
@@ -479,6 +481,30 @@ impl State {
             .refunds
             .insert(refund.id, RefundRow { refund, line: None });
         Ok(())
+    }
+
+    /// Loads a state row of a registered kind, or (`None`) that there is none under `id`.
+    pub fn insert_row(&mut self, tag: u8, id: u128, bytes: Option<&[u8]>) -> Result<(), LoadError> {
+        let rows = self.kinds.tag_mut(tag).ok_or(LoadError::BadId)?;
+        match rows.load_stored(id, bytes) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(LoadError::AlreadyLoaded),
+            Err(_) => Err(LoadError::BadId),
+        }
+    }
+
+    /// Whether memory knows the row of kind `tag` under `id`, or that there is none.
+    pub fn knows_row(&self, tag: u8, id: u128) -> bool {
+        self.kinds.tag(tag).is_some_and(|rows| rows.knows(id))
+    }
+
+    /// A state row of a registered kind, in its stored form, if memory holds one.
+    pub fn stored_row(&self, tag: u8, id: u128) -> Option<StoredRow> {
+        self.kinds
+            .tag(tag)?
+            .stored_rows()
+            .into_iter()
+            .find(|row| row.id == id)
     }
 
     /// Loads a ledger transfer record, failed ones included.

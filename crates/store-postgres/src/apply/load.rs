@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use farthing_payments::{AccountRow, Hold, HoldRow, MerchantRow, PayerRow};
+use farthing_payments::{AccountRow, HoldKind, Kind, MerchantRow, PayerRow};
 
 use super::*;
 use crate::rows::*;
@@ -24,6 +24,8 @@ pub(super) struct Wanted {
     transfers: BTreeSet<TransferId>,
     /// Pending transfers of holds to settle: loaded, never assumed new.
     held_transfers: BTreeSet<TransferId>,
+    /// State rows of registered kinds, by tag and id.
+    rows: BTreeSet<(u8, u128)>,
     /// An expiry's time: the live holds due by then are looked up and loaded.
     holds_due: Option<Timestamp>,
     idempotency_keys: BTreeSet<IdempotencyKey>,
@@ -49,6 +51,7 @@ pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
         transfers: all.transfers.into_iter().collect(),
         held_transfers: all.held_transfers.into_iter().collect(),
         holds_due: all.holds_due,
+        rows: all.rows.into_iter().collect(),
         idempotency_keys: all.idempotency_keys.into_iter().collect(),
     }
 }
@@ -86,6 +89,7 @@ pub(super) fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
         transfers,
         held_transfers,
         holds_due,
+        rows: new(&wanted.rows, &mut asked.rows),
         idempotency_keys: new(&wanted.idempotency_keys, &mut asked.idempotency_keys),
     }
 }
@@ -102,6 +106,7 @@ impl Wanted {
             && self.transfers.is_empty()
             && self.held_transfers.is_empty()
             && self.holds_due.is_none()
+            && self.rows.is_empty()
             && self.idempotency_keys.is_empty()
     }
 
@@ -276,6 +281,11 @@ pub(super) async fn load_working_set(
                 if asked.payments.insert(id) {
                     fresh.payments.insert(id);
                 }
+                // And its hold, read (and locked) once the payment is.
+                let row = (HoldKind::TAG, id.to_u128());
+                if asked.rows.insert(row) {
+                    fresh.rows.insert(row);
+                }
             }
         }
         if fresh.is_empty() {
@@ -343,6 +353,7 @@ pub(super) async fn load_working_set(
                 working.insert_idempotency_record(row),
             )?;
         }
+        load_rows(transaction, &mut working, &fresh.rows).await?;
         if !wanted.incomplete {
             asked.accounts = wanted.accounts;
             break;
@@ -473,21 +484,38 @@ pub(super) async fn load_payments(
         columns::<Payment>()
     );
     let rows = rows_by_ids(transaction, &sql, ids.iter().map(|id| id.to_u128())).await?;
-    let mut payments: Vec<Payment> = rows.iter().map(payment_of).collect::<Result<_, _>>()?;
-    let holds: Vec<HoldRow> = crate::kinds::load_by_keys(
-        transaction,
-        "holds",
-        payments.iter().map(|p| p.id.to_u128()),
-    )
-    .await?;
-    let mut holds: HashMap<PaymentId, Hold> = holds
-        .into_iter()
-        .map(|row| (row.payment, row.hold))
-        .collect();
-    for payment in &mut payments {
-        payment.hold = holds.remove(&payment.id);
+    rows.iter().map(payment_of).collect()
+}
+
+/// State rows of registered kinds, locked in id order per kind; an id with no row is loaded
+/// as absent. Read after the round's payments are locked: a hold is settled only by a writer
+/// that holds its payment.
+async fn load_rows(
+    transaction: &Transaction<'_>,
+    working: &mut State,
+    wanted: &BTreeSet<(u8, u128)>,
+) -> Result<(), PgError> {
+    for info in farthing_payments::kinds::KINDS {
+        let ids: Vec<u128> = wanted
+            .iter()
+            .filter(|(tag, _)| *tag == info.tag)
+            .map(|(_, id)| *id)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let found: HashMap<u128, Vec<u8>> =
+            crate::kinds::load_stored(transaction, info, ids.iter().copied())
+                .await?
+                .into_iter()
+                .map(|row| (row.id, row.bytes))
+                .collect();
+        for id in ids {
+            let bytes = found.get(&id).map(Vec::as_slice);
+            loaded("a state row", working.insert_row(info.tag, id, bytes))?;
+        }
     }
-    Ok(payments)
+    Ok(())
 }
 
 pub(super) async fn load_topups(

@@ -891,12 +891,12 @@ pub(super) async fn persist_transfers_resolved(
     Ok(())
 }
 
-/// Holds placed or changed: new rows, or the row's new state.
+/// State rows of registered kinds made or changed: new rows, or the row's new state.
 pub(super) async fn persist_holds(
     transaction: &Transaction<'_>,
     changes: &Changes,
 ) -> Result<(), PgError> {
-    crate::kinds::upsert(transaction, "holds", &changes.holds).await
+    crate::kinds::upsert_stored(transaction, &changes.rows).await
 }
 
 pub(super) async fn persist_transfers(
