@@ -120,12 +120,17 @@ impl Wanted {
         self.payments = kept.into_iter().collect();
         assumed.payments.append(&mut new.into_iter().collect());
         // A hold's pending transfer exists: it is loaded (as a hold's), never assumed free.
+        // (Without one, as in a batch of payments, the whole set moves at once.)
         let held = &self.held_transfers;
-        assumed.transfers.extend(
-            std::mem::take(&mut self.transfers)
-                .into_iter()
-                .filter(|id| !held.contains(id)),
-        );
+        if held.is_empty() {
+            assumed.transfers.append(&mut self.transfers);
+        } else {
+            assumed.transfers.extend(
+                std::mem::take(&mut self.transfers)
+                    .into_iter()
+                    .filter(|id| !held.contains(id)),
+            );
+        }
     }
 }
 
