@@ -596,21 +596,7 @@ impl Ledger {
                 )
             }
             TransferKind::PostPending { pending_id } | TransferKind::VoidPending { pending_id } => {
-                let hold = match self.transfers.get(&pending_id) {
-                    Some(record)
-                        if record.outcome.is_ok()
-                            && matches!(record.transfer.kind, TransferKind::Pending { .. }) =>
-                    {
-                        record
-                    }
-                    _ => return Err(PendingTransferNotFound),
-                };
-                match hold.hold {
-                    Some(HoldState::Pending) => {}
-                    Some(HoldState::Posted) => return Err(PendingTransferAlreadyPosted),
-                    Some(HoldState::Voided) => return Err(PendingTransferAlreadyVoided),
-                    Some(HoldState::Expired) | None => return Err(PendingTransferExpired),
-                }
+                let hold = self.pending_hold(pending_id)?;
                 if transfer.debit != hold.transfer.debit || transfer.credit != hold.transfer.credit
                 {
                     return Err(PendingTransferHasDifferentAccounts);
@@ -725,21 +711,7 @@ impl Ledger {
     /// not found, or no longer pending, or whose accounts are not held.
     pub fn expire_pending(&mut self, pending_id: TransferId) -> Result<(), TransferRejection> {
         use TransferRejection::*;
-        let hold = match self.transfers.get(&pending_id) {
-            Some(record)
-                if record.outcome.is_ok()
-                    && matches!(record.transfer.kind, TransferKind::Pending { .. }) =>
-            {
-                record
-            }
-            _ => return Err(PendingTransferNotFound),
-        };
-        match hold.hold {
-            Some(HoldState::Pending) => {}
-            Some(HoldState::Posted) => return Err(PendingTransferAlreadyPosted),
-            Some(HoldState::Voided) => return Err(PendingTransferAlreadyVoided),
-            Some(HoldState::Expired) | None => return Err(PendingTransferExpired),
-        }
+        let hold = self.pending_hold(pending_id)?;
         let (debit_id, credit_id, amount) = (
             hold.transfer.debit,
             hold.transfer.credit,
@@ -758,6 +730,27 @@ impl Ledger {
             .hold = Some(HoldState::Expired);
         self.hold_changes.push(pending_id);
         Ok(())
+    }
+
+    /// The applied pending transfer `pending_id`, if its hold is still pending; else why a
+    /// post, void or expiry of it is refused.
+    fn pending_hold(&self, pending_id: TransferId) -> Result<&TransferRecord, TransferRejection> {
+        use TransferRejection::*;
+        let hold = match self.transfers.get(&pending_id) {
+            Some(record)
+                if record.outcome.is_ok()
+                    && matches!(record.transfer.kind, TransferKind::Pending { .. }) =>
+            {
+                record
+            }
+            _ => return Err(PendingTransferNotFound),
+        };
+        match hold.hold {
+            Some(HoldState::Pending) => Ok(hold),
+            Some(HoldState::Posted) => Err(PendingTransferAlreadyPosted),
+            Some(HoldState::Voided) => Err(PendingTransferAlreadyVoided),
+            Some(HoldState::Expired) | None => Err(PendingTransferExpired),
+        }
     }
 
     /// Undoes the applied part of a failed chain, newest first.

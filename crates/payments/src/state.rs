@@ -447,7 +447,11 @@ impl State {
         Outcome::ToppedUp(topup)
     }
 
-    fn pay(&mut self, now: Timestamp, pay: &PayCommand) -> Result<&Payment, Rejection> {
+    /// The checks a new payment, paid at once or held, passes first: its merchant (whose fee
+    /// schedule it gives) and payer exist, its id is free, its amount is positive, and the
+    /// payer has a wallet in its currency (which it gives: without one there is nothing to
+    /// spend).
+    fn new_payment_checked(&self, pay: &PayCommand) -> Result<(FeeSchedule, AccountId), Rejection> {
         let fee_schedule = match self.parties.merchant(pay.merchant) {
             Some(merchant) => merchant.fee,
             None => return Err(Rejection::MerchantNotFound),
@@ -461,10 +465,14 @@ impl State {
         if pay.amount.is_zero() {
             return Err(Rejection::AmountNotPositive);
         }
-        // A payer without a wallet in this currency has nothing to spend.
-        let Some(wallet) = self.account_of_owner(Owner::Payer(pay.payer), pay.currency) else {
-            return Err(Rejection::InsufficientFunds);
-        };
+        match self.account_of_owner(Owner::Payer(pay.payer), pay.currency) {
+            Some(wallet) => Ok((fee_schedule, wallet)),
+            None => Err(Rejection::InsufficientFunds),
+        }
+    }
+
+    fn pay(&mut self, now: Timestamp, pay: &PayCommand) -> Result<&Payment, Rejection> {
+        let (fee_schedule, wallet) = self.new_payment_checked(pay)?;
         if self.transfer_ids_taken(&pay.transfer_ids) {
             return Err(Rejection::IdCollision);
         }
@@ -516,22 +524,7 @@ impl State {
         expires_at: Timestamp,
         settle_id: TransferId,
     ) -> Result<Payment, Rejection> {
-        let fee_schedule = match self.parties.merchant(pay.merchant) {
-            Some(merchant) => merchant.fee,
-            None => return Err(Rejection::MerchantNotFound),
-        };
-        if self.parties.payer(pay.payer).is_none() {
-            return Err(Rejection::PayerNotFound);
-        }
-        if self.payment_row(pay.id).is_some() {
-            return Err(Rejection::IdCollision);
-        }
-        if pay.amount.is_zero() {
-            return Err(Rejection::AmountNotPositive);
-        }
-        let Some(wallet) = self.account_of_owner(Owner::Payer(pay.payer), pay.currency) else {
-            return Err(Rejection::InsufficientFunds);
-        };
+        let (fee_schedule, wallet) = self.new_payment_checked(pay)?;
         let [hold_id, fee_id] = pay.transfer_ids;
         let ids = [hold_id, settle_id, fee_id];
         if self.transfer_ids_taken(&ids) || ids.iter().any(|id| id.0 == 0) || {

@@ -327,6 +327,23 @@ impl CreatePayment {
     }
 }
 
+/// A body whose only field is an optional `amount`: a refund's, a capture's.
+pub trait OptionalAmount {
+    fn amount(&self) -> Option<&str>;
+}
+
+impl OptionalAmount for CreateRefund {
+    fn amount(&self) -> Option<&str> {
+        self.amount.as_deref()
+    }
+}
+
+impl OptionalAmount for CapturePayment {
+    fn amount(&self) -> Option<&str> {
+        self.amount.as_deref()
+    }
+}
+
 /// A capture's body: the amount to capture, all that was authorized by default.
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]

@@ -866,20 +866,9 @@ pub async fn create_refund(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let payment = PaymentId::parse(&id).ok_or_else(|| ApiError::not_found("payment"))?;
-    if matches!(caller.principal, Principal::Payer(_)) {
-        return Err(ApiError::not_found("payment"));
-    }
+    let payment = payment_settled_by(&caller, &id)?;
     let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
-    let request: input::CreateRefund = if raw.iter().all(u8::is_ascii_whitespace) {
-        input::CreateRefund::default()
-    } else {
-        json_body(&raw)?
-    };
-    let amount = match &request.amount {
-        None => None,
-        Some(text) => Some(input::amount("amount", text, app.service.config())?),
-    };
+    let amount = amount_in_optional_body::<input::CreateRefund>(&raw, app.service.config())?;
     let claim = claim(&caller, &headers, &method, &uri, &raw)?;
     let executed = app
         .service
@@ -937,17 +926,9 @@ pub async fn capture_payment(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let payment = held_payment_in_path(&caller, &id)?;
+    let payment = payment_settled_by(&caller, &id)?;
     let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
-    let request: input::CapturePayment = if raw.iter().all(u8::is_ascii_whitespace) {
-        input::CapturePayment::default()
-    } else {
-        json_body(&raw)?
-    };
-    let amount = match &request.amount {
-        None => None,
-        Some(text) => Some(input::amount("amount", text, app.service.config())?),
-    };
+    let amount = amount_in_optional_body::<input::CapturePayment>(&raw, app.service.config())?;
     let claim = claim(&caller, &headers, &method, &uri, &raw)?;
     let executed = app
         .service
@@ -996,7 +977,7 @@ pub async fn cancel_payment(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let payment = held_payment_in_path(&caller, &id)?;
+    let payment = payment_settled_by(&caller, &id)?;
     let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
     if !raw.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::validation("canceling a payment takes no body"));
@@ -1006,14 +987,30 @@ pub async fn cancel_payment(
     respond_hold(executed)
 }
 
-/// The payment a capture or cancel names: a payer may not settle holds, and is answered as if
-/// there were none.
-fn held_payment_in_path(caller: &Caller, id: &str) -> Result<PaymentId, ApiError> {
+/// The payment a refund, capture or cancel names: only its merchant and the operator settle
+/// a payment, and a payer is answered as if there were none.
+fn payment_settled_by(caller: &Caller, id: &str) -> Result<PaymentId, ApiError> {
     let payment = PaymentId::parse(id).ok_or_else(|| ApiError::not_found("payment"))?;
     if matches!(caller.principal, Principal::Payer(_)) {
         return Err(ApiError::not_found("payment"));
     }
     Ok(payment)
+}
+
+/// The `amount` of a body that may be empty (all of what is left, then).
+fn amount_in_optional_body<T: serde::de::DeserializeOwned + Default + input::OptionalAmount>(
+    raw: &Bytes,
+    config: &farthing_service::Config,
+) -> Result<Option<farthing_ledger::Amount>, ApiError> {
+    let request: T = if raw.iter().all(u8::is_ascii_whitespace) {
+        T::default()
+    } else {
+        json_body(raw)?
+    };
+    request
+        .amount()
+        .map(|text| input::amount("amount", text, config))
+        .transpose()
 }
 
 fn respond_hold(executed: Executed) -> ApiResult {
