@@ -75,7 +75,7 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
             bail!("the server stopped before it started");
         }
     };
-    let (merchants, payers, earlier) = seed(&service).await?;
+    let (merchants, payers, earlier, held) = seed(&service).await?;
     let base = format!("http://{addr}");
     println!("Farthing demo is running at {base} ({place})");
     println!();
@@ -139,6 +139,16 @@ pub async fn run(mut options: Options) -> anyhow::Result<()> {
         earlier.id, news.key
     );
     println!();
+    println!(
+        "# {} held 2.00 of {}'s wallet for a play session ({}); it captures what was played, \
+         and the rest goes back",
+        game.name, held.payer, held.id
+    );
+    println!(
+        "curl -s -X POST {base}/v1/payments/{}/capture -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"amount\":\"0.60\"}}'",
+        held.id, game.key
+    );
+    println!();
     println!("# The platform's metrics, for the operator");
     println!(
         "curl -s {base}/metrics -H 'Authorization: Bearer {}'",
@@ -161,7 +171,9 @@ struct EarlierPayment {
     payer: &'static str,
 }
 
-async fn seed(service: &Service) -> anyhow::Result<(Vec<Seeded>, Vec<Seeded>, EarlierPayment)> {
+async fn seed(
+    service: &Service,
+) -> anyhow::Result<(Vec<Seeded>, Vec<Seeded>, EarlierPayment, EarlierPayment)> {
     let usd = Currency::parse("USD").context("USD")?;
     let kes = Currency::parse("KES").context("KES")?;
     let amount = |text: &str| Amount::parse_decimal(text).expect("demo amounts are valid");
@@ -246,5 +258,25 @@ async fn seed(service: &Service) -> anyhow::Result<(Vec<Seeded>, Vec<Seeded>, Ea
         id: payment.id.to_string(),
         payer: ben.name,
     };
-    Ok((merchants, payers, earlier))
+    // And Pixel Quest holds 2.00 of Ben's wallet for a play session, to capture what is played.
+    let game = &merchants[1];
+    let session = service.pay_command(
+        farthing_payments::PayerId::parse(&ben.id).context("a seeded payer id")?,
+        farthing_payments::MerchantId::parse(&game.id).context("a seeded merchant id")?,
+        amount("2"),
+        usd,
+        Some("Play session".to_string()),
+        None,
+    );
+    let authorized = service
+        .authorize(session, farthing_payments::HOLD_SECS_DEFAULT, None)
+        .await?;
+    let Outcome::HoldChanged(session) = authorized.outcome else {
+        bail!("could not seed a held payment");
+    };
+    let held = EarlierPayment {
+        id: session.id.to_string(),
+        payer: ben.name,
+    };
+    Ok((merchants, payers, earlier, held))
 }

@@ -145,7 +145,7 @@ fn run_demo(database_url: Option<&str>) {
     let curls: Vec<&String> = lines.iter().filter(|l| l.starts_with("curl ")).collect();
     assert_eq!(
         curls.len(),
-        8,
+        9,
         "the demo prints curl lines to try: {lines:#?}"
     );
 
@@ -187,10 +187,15 @@ fn run_demo(database_url: Option<&str>) {
     assert_eq!(refund["status"], "succeeded", "{refund}");
     assert_eq!(refund["amount"], "0.25");
     assert_eq!(refund["payment"], listed["data"][1]["id"]);
+    // The capture line settles the hold the demo placed: what was played, the rest released.
+    let captured = run(curls[7]);
+    assert_eq!(captured["status"], "succeeded", "{captured}");
+    assert_eq!(captured["amount"], "0.60");
+    assert_eq!(captured["amount_authorized"], "2.00");
     // The metrics line is the operator's, and answers Prometheus text.
     let metrics = Command::new("sh")
         .arg("-c")
-        .arg(curls[7])
+        .arg(curls[8])
         .output()
         .expect("run the metrics line");
     let metrics = String::from_utf8_lossy(&metrics.stdout);
