@@ -852,20 +852,8 @@ impl<'a> Reader<'a> {
                 },
             },
             5 => Imported::Transfer(self.transfer_record()?),
-            6 => Imported::Payment(Payment {
-                id: PaymentId::from_u128(self.u128()?),
-                payer: PayerId::from_u128(self.u128()?),
-                merchant: MerchantId::from_u128(self.u128()?),
-                amount: Amount::from_micros(self.u64()?),
-                currency: self.currency()?,
-                fee: Amount::from_micros(self.u64()?),
-                description: self.opt_text()?,
-                reference: self.opt_text()?,
-                created_at: Timestamp(self.u64()?),
-                amount_refunded: Amount::from_micros(self.u64()?),
-                fee_refunded: Amount::from_micros(self.u64()?),
-                hold: None,
-            }),
+            // Version 1 wrote a payment item as an outcome's payment is still written.
+            6 => Imported::Payment(self.paid()?),
             7 => Imported::Topup(Topup {
                 id: TopupId::from_u128(self.u128()?),
                 payer: PayerId::from_u128(self.u128()?),

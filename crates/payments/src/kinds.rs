@@ -142,6 +142,11 @@ impl<K: Kind> Rows<K> {
         self.table.get(&id)
     }
 
+    /// Whether memory knows the row under `id`, or that there is none.
+    pub fn knows(&self, id: u128) -> bool {
+        self.table.slot(&id).is_some()
+    }
+
     /// Puts a row made or changed here.
     pub fn put(&mut self, row: K::Row) {
         let id = K::id(&row);
@@ -224,7 +229,7 @@ impl<K: Kind> AnyRows for Rows<K> {
     }
 
     fn knows(&self, id: u128) -> bool {
-        self.table.slot(&id).is_some()
+        Rows::knows(self, id)
     }
 
     fn has(&self, id: u128) -> bool {

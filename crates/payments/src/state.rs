@@ -589,17 +589,7 @@ impl State {
         caller: Principal,
         settle: Settle,
     ) -> Result<Payment, Rejection> {
-        let Some(payment) = self.payment_held(id) else {
-            return Err(Rejection::PaymentNotFound);
-        };
-        let allowed = match caller {
-            Principal::Operator => true,
-            Principal::Merchant(merchant) => merchant == payment.merchant,
-            Principal::Payer(_) => false,
-        };
-        if !allowed {
-            return Err(Rejection::PaymentNotFound);
-        }
+        let payment = self.payment_settled_by(id, caller)?;
         let Some(mut hold) = payment.hold.filter(Hold::is_live) else {
             return Err(Rejection::PaymentNotHeld);
         };
@@ -714,17 +704,7 @@ impl State {
         caller: Principal,
         transfer_ids: [TransferId; 2],
     ) -> Result<Refund, Rejection> {
-        let Some(payment) = self.payment_held(payment_id) else {
-            return Err(Rejection::PaymentNotFound);
-        };
-        let allowed = match caller {
-            Principal::Operator => true,
-            Principal::Merchant(merchant) => merchant == payment.merchant,
-            Principal::Payer(_) => false,
-        };
-        if !allowed {
-            return Err(Rejection::PaymentNotFound);
-        }
+        let payment = self.payment_settled_by(payment_id, caller)?;
         if !payment.is_settled() {
             return Err(Rejection::PaymentNotCaptured);
         }
@@ -928,6 +908,17 @@ impl State {
             .line(object)
             .or_else(|| self.frozen_history().and_then(|frozen| frozen.line(object)))
             .or_else(|| self.loaded.line(object))
+    }
+
+    /// A payment `caller` may refund, capture or cancel: its merchant's, or any for the
+    /// operator. Any other is answered as if it did not exist.
+    fn payment_settled_by(&self, id: PaymentId, caller: Principal) -> Result<Payment, Rejection> {
+        let payment = self.payment_held(id).ok_or(Rejection::PaymentNotFound)?;
+        match caller {
+            Principal::Operator => Ok(payment),
+            Principal::Merchant(merchant) if merchant == payment.merchant => Ok(payment),
+            Principal::Merchant(_) | Principal::Payer(_) => Err(Rejection::PaymentNotFound),
+        }
     }
 
     /// A payment in memory as it is now, refunds and its hold included.

@@ -120,12 +120,23 @@ impl Needs {
         self.payers.push(pay.payer);
         self.merchants.push(pay.merchant);
         self.payments.push(pay.id);
-        self.accounts.extend([
-            (Owner::Payer(pay.payer), pay.currency),
-            (Owner::Merchant(pay.merchant), pay.currency),
-            (Owner::PlatformFees, pay.currency),
-        ]);
+        self.add_payment_accounts(pay.payer, pay.merchant, pay.currency);
         self.transfers.extend(pay.transfer_ids);
+    }
+
+    /// The three accounts a payment's money moves between: the payer's wallet, the
+    /// merchant's account and the platform's fees, in its currency.
+    pub(crate) fn add_payment_accounts(
+        &mut self,
+        payer: PayerId,
+        merchant: MerchantId,
+        currency: Currency,
+    ) {
+        self.accounts.extend([
+            (Owner::Payer(payer), currency),
+            (Owner::Merchant(merchant), currency),
+            (Owner::PlatformFees, currency),
+        ]);
     }
 
     /// An import's reads: every id and key its items bring (which must be free) and every

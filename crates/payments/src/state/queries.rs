@@ -63,17 +63,10 @@ impl State {
                 caller,
                 ..
             } => {
-                let Some(payment) = self.payment_held(*payment) else {
-                    return Some(Rejection::PaymentNotFound);
+                let payment = match self.payment_settled_by(*payment, *caller) {
+                    Ok(payment) => payment,
+                    Err(rejection) => return Some(rejection),
                 };
-                let allowed = match caller {
-                    Principal::Operator => true,
-                    Principal::Merchant(merchant) => *merchant == payment.merchant,
-                    Principal::Payer(_) => false,
-                };
-                if !allowed {
-                    return Some(Rejection::PaymentNotFound);
-                }
                 if !payment.is_settled() {
                     return Some(Rejection::PaymentNotCaptured);
                 }
@@ -393,7 +386,7 @@ impl State {
     /// A state row of kind `K`, from memory or else from disk.
     pub(crate) fn row_any<K: Kind>(&self, id: u128) -> Result<Option<K::Row>, DiskError> {
         let rows = self.kinds.of::<K>();
-        if crate::kinds::AnyRows::knows(rows, id) {
+        if rows.knows(id) {
             return Ok(rows.get(id).cloned());
         }
         match self.disk() {

@@ -120,11 +120,11 @@ impl State {
                         // The statement line goes to the payer; the money moves between the
                         // payment's three accounts.
                         needs.payers.push(payment.payer);
-                        needs.accounts.extend([
-                            (Owner::Payer(payment.payer), payment.currency),
-                            (Owner::Merchant(payment.merchant), payment.currency),
-                            (Owner::PlatformFees, payment.currency),
-                        ]);
+                        needs.add_payment_accounts(
+                            payment.payer,
+                            payment.merchant,
+                            payment.currency,
+                        );
                     }
                     None => needs.incomplete = true,
                 }
@@ -164,11 +164,7 @@ impl State {
             Some(payment) => {
                 needs.payers.push(payment.payer);
                 needs.merchants.push(payment.merchant);
-                needs.accounts.extend([
-                    (Owner::Payer(payment.payer), payment.currency),
-                    (Owner::Merchant(payment.merchant), payment.currency),
-                    (Owner::PlatformFees, payment.currency),
-                ]);
+                needs.add_payment_accounts(payment.payer, payment.merchant, payment.currency);
                 if let Some(hold) = payment.hold {
                     let [hold_id, settle_id, fee_id] = hold.transfers;
                     needs.held_transfers.push(hold_id);
