@@ -574,17 +574,7 @@ pub async fn create_payment(
         None => app.service.submit(Command::Pay(command), claim).await?,
         Some(secs) => app.service.authorize(command, secs, claim).await?,
     };
-    match executed.outcome {
-        Outcome::Paid(payment) | Outcome::HoldChanged(payment) => {
-            let body = serde_json::to_string(&render::payment_view(&payment))
-                .expect("a payment view serializes");
-            Ok(bytes_response(StatusCode::CREATED, body, executed.replayed))
-        }
-        Outcome::Rejected(rejection) => {
-            Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
-        }
-        other => Err(unexpected(other)),
-    }
+    respond_payment(executed, StatusCode::CREATED)
 }
 
 #[utoipa::path(
@@ -934,7 +924,7 @@ pub async fn capture_payment(
         .service
         .capture(caller.principal, payment, amount, claim)
         .await?;
-    respond_hold(executed)
+    respond_payment(executed, StatusCode::OK)
 }
 
 #[utoipa::path(
@@ -984,7 +974,7 @@ pub async fn cancel_payment(
     }
     let claim = claim(&caller, &headers, &method, &uri, &raw)?;
     let executed = app.service.cancel(caller.principal, payment, claim).await?;
-    respond_hold(executed)
+    respond_payment(executed, StatusCode::OK)
 }
 
 /// The payment a refund, capture or cancel names: only its merchant and the operator settle
@@ -1013,12 +1003,13 @@ fn amount_in_optional_body<T: serde::de::DeserializeOwned + Default + input::Opt
         .transpose()
 }
 
-fn respond_hold(executed: Executed) -> ApiResult {
+/// A payment made, held, captured or canceled, answered with `status`.
+fn respond_payment(executed: Executed, status: StatusCode) -> ApiResult {
     match executed.outcome {
-        Outcome::HoldChanged(payment) => {
+        Outcome::Paid(payment) | Outcome::HoldChanged(payment) => {
             let body = serde_json::to_string(&render::payment_view(&payment))
                 .expect("a payment view serializes");
-            Ok(bytes_response(StatusCode::OK, body, executed.replayed))
+            Ok(bytes_response(status, body, executed.replayed))
         }
         Outcome::Rejected(rejection) => {
             Err(ApiError::from_rejection(rejection).replayed(executed.replayed))
