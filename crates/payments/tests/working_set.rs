@@ -683,8 +683,6 @@ fn a_batch_that_replaces_the_operator_key_frees_the_old_one_for_a_new_party() {
 
 #[test]
 fn expiries_void_the_oldest_deadlines_first_a_thousand_at_a_time_in_a_working_set_too() {
-    let usd = currency("USD");
-    let (payer, merchant) = (PayerId::from_u128(1), MerchantId::from_u128(2));
     let at = |secs: u64| Timestamp(EPOCH + secs * MICROS_PER_SEC);
     let record = |now: Timestamp, command| Record {
         now,
@@ -693,58 +691,14 @@ fn expiries_void_the_oldest_deadlines_first_a_thousand_at_a_time_in_a_working_se
     };
     let mut whole = State::new();
     let mut embedded = State::new();
-    let setup = [
-        Command::CreatePayer {
-            id: payer,
-            name: "p".to_string(),
-            key_hash: KeyHash([1; 32]),
-        },
-        Command::CreateMerchant {
-            id: merchant,
-            name: "m".to_string(),
-            key_hash: KeyHash([2; 32]),
-            fee: FeeSchedule::ZERO,
-        },
-        Command::Topup {
-            id: TopupId::from_u128(3),
-            payer,
-            amount: Amount::from_micros(1_000_000),
-            currency: usd,
-            source: FundingSource::Sandbox,
-            transfer_id: TransferId(3),
-        },
-    ];
-    for command in setup {
-        let record = record(at(0), command);
-        whole.apply(&record);
-        embedded.apply(&record);
-    }
-    // More holds than two expiries void, their deadlines in an order of their own, many
-    // shared (the payment's id decides among those).
-    let count = 2 * EXPIRED_PER_COMMAND_MAX as u128 + 7;
-    let mut holds = Vec::new();
-    for n in 0..count {
-        let id = PaymentId::from_u128((n * 7_919) % count + 100);
-        holds.push(id);
-        let record = record(
-            at(1),
-            Command::Authorize {
-                pay: PayCommand {
-                    id,
-                    payer,
-                    merchant,
-                    amount: Amount::from_micros(1),
-                    currency: usd,
-                    description: None,
-                    reference: None,
-                    transfer_ids: [TransferId(10_000 + 3 * n), TransferId(10_001 + 3 * n)],
-                },
-                expires_at: at(10 + (n * 31) as u64 % 97),
-                settle_id: TransferId(10_002 + 3 * n),
-            },
+    let (records, holds) = farthing_testing::many_holds();
+    for record in &records {
+        let outcome = whole.apply(record);
+        assert!(
+            !matches!(outcome, Outcome::Rejected(_)),
+            "{record:?}: {outcome:?}"
         );
-        assert!(matches!(whole.apply(&record), Outcome::HoldChanged(_)));
-        embedded.apply(&record);
+        embedded.apply(record);
     }
     whole.track_changes();
     // By deadline, then by payment: the order expiries take them in.

@@ -39,6 +39,69 @@ pub fn record_at(at: u64, command: Command) -> Record {
         command,
     }
 }
+/// A payer, a merchant and a funded wallet, then more holds than two expiries take (two
+/// thousand and seven, of one micro-unit each), all at [`EPOCH`], their deadlines 10 to 106
+/// seconds after it in an order of their own and many shared (the payment's id decides among
+/// those): for the tests of expiry in batches. The records, and the held payments' ids.
+pub fn many_holds() -> (Vec<Record>, Vec<PaymentId>) {
+    let usd = currency("USD");
+    let (payer, merchant) = (PayerId::from_u128(1), MerchantId::from_u128(2));
+    let mut records = vec![
+        record_at(
+            0,
+            Command::CreatePayer {
+                id: payer,
+                name: "p".into(),
+                key_hash: KeyHash([1; 32]),
+            },
+        ),
+        record_at(
+            0,
+            Command::CreateMerchant {
+                id: merchant,
+                name: "m".into(),
+                key_hash: KeyHash([2; 32]),
+                fee: FeeSchedule::ZERO,
+            },
+        ),
+        record_at(
+            0,
+            Command::Topup {
+                id: TopupId::from_u128(3),
+                payer,
+                amount: Amount::from_micros(1_000_000),
+                currency: usd,
+                source: FundingSource::Sandbox,
+                transfer_id: TransferId(3),
+            },
+        ),
+    ];
+    let count = 2 * u128::from(EXPIRED_PER_COMMAND_MAX) + 7;
+    let mut holds = Vec::new();
+    for n in 0..count {
+        let id = PaymentId::from_u128((n * 7_919) % count + 100);
+        holds.push(id);
+        records.push(record_at(
+            MICROS_PER_SEC,
+            Command::Authorize {
+                pay: PayCommand {
+                    id,
+                    payer,
+                    merchant,
+                    amount: Amount::from_micros(1),
+                    currency: usd,
+                    description: None,
+                    reference: None,
+                    transfer_ids: [TransferId(10_000 + 3 * n), TransferId(10_001 + 3 * n)],
+                },
+                expires_at: Timestamp(EPOCH + (10 + (n * 31) as u64 % 97) * MICROS_PER_SEC),
+                settle_id: TransferId(10_002 + 3 * n),
+            },
+        ));
+    }
+    (records, holds)
+}
+
 // =============================================================================================
 // Generation: raw choices, resolved against the history when the step is built (trimmed from
 // tests/state.rs, with key hashes and transfer ids reused too).

@@ -260,68 +260,14 @@ proptest! {
 /// restarted: a batch of two expiries loads what both read, and voids what a whole state does.
 #[test]
 fn a_batch_of_expiries_over_a_restarted_cache_voids_what_a_whole_state_does() {
-    use farthing_ledger::{Amount, Timestamp, TransferId};
-    use farthing_payments::{
-        EXPIRED_PER_COMMAND_MAX, FeeSchedule, FundingSource, KeyHash, PayCommand, TopupId,
-    };
-    let usd = farthing_testing::currency("USD");
-    let (payer, merchant) = (PayerId::from_u128(1), MerchantId::from_u128(2));
+    use farthing_ledger::Timestamp;
     let at = |secs: u64| Timestamp(farthing_testing::EPOCH + secs * 1_000_000);
     let record = |now, command| Record {
         now,
         idempotency: None,
         command,
     };
-    let mut records = vec![
-        record(
-            at(0),
-            Command::CreatePayer {
-                id: payer,
-                name: "p".into(),
-                key_hash: KeyHash([1; 32]),
-            },
-        ),
-        record(
-            at(0),
-            Command::CreateMerchant {
-                id: merchant,
-                name: "m".into(),
-                key_hash: KeyHash([2; 32]),
-                fee: FeeSchedule::ZERO,
-            },
-        ),
-        record(
-            at(0),
-            Command::Topup {
-                id: TopupId::from_u128(3),
-                payer,
-                amount: Amount::from_micros(1_000_000),
-                currency: usd,
-                source: FundingSource::Sandbox,
-                transfer_id: TransferId(3),
-            },
-        ),
-    ];
-    let count = 2 * u128::from(EXPIRED_PER_COMMAND_MAX) + 7;
-    for n in 0..count {
-        records.push(record(
-            at(1),
-            Command::Authorize {
-                pay: PayCommand {
-                    id: PaymentId::from_u128((n * 7_919) % count + 100),
-                    payer,
-                    merchant,
-                    amount: Amount::from_micros(1),
-                    currency: usd,
-                    description: None,
-                    reference: None,
-                    transfer_ids: [TransferId(10_000 + 3 * n), TransferId(10_001 + 3 * n)],
-                },
-                expires_at: at(10 + (n * 31) as u64 % 97),
-                settle_id: TransferId(10_002 + 3 * n),
-            },
-        ));
-    }
+    let (records, _) = farthing_testing::many_holds();
     let dir = TempDir::new("cache-expiries");
     let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
     let checkpoints = EngineCheckpoints::new(engine.clone());
