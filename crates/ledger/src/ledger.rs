@@ -191,6 +191,9 @@ pub struct Ledger {
     /// Holds with a deadline, by deadline. Entries are not removed when a hold resolves early;
     /// expiry checks the hold's state, so a stale entry is skipped.
     expiries: BTreeMap<(Timestamp, TransferId), ()>,
+    /// Whether [`Ledger::hold_changes`] is kept: only for a store that takes it (a whole
+    /// ledger nobody writes back would keep one id per settled hold for ever).
+    tracks_hold_changes: bool,
     /// Holds whose state changed (posted, voided, expired) since [`Ledger::take_hold_changes`],
     /// for a store that keeps transfer records outside memory. May repeat an id.
     hold_changes: Vec<TransferId>,
@@ -372,6 +375,17 @@ impl Ledger {
 
     /// The records of holds whose state changed since the last call, as they are now: for a
     /// store that wrote them when they were made, and must write their new state.
+    /// Keeps the holds whose state changes from here on, for [`Ledger::take_hold_changes`].
+    pub fn track_hold_changes(&mut self) {
+        self.tracks_hold_changes = true;
+    }
+
+    fn note_hold_change(&mut self, id: TransferId) {
+        if self.tracks_hold_changes {
+            self.hold_changes.push(id);
+        }
+    }
+
     pub fn take_hold_changes(&mut self) -> Vec<TransferRecord> {
         let mut ids = std::mem::take(&mut self.hold_changes);
         ids.sort_unstable();
@@ -692,7 +706,7 @@ impl Ledger {
                 .get_mut(&pending_id)
                 .expect("hold checked above")
                 .hold = Some(resolved);
-            self.hold_changes.push(pending_id);
+            self.note_hold_change(pending_id);
         }
         self.transfers.push(TransferRecord {
             transfer: *transfer,
@@ -728,7 +742,7 @@ impl Ledger {
             .get_mut(&pending_id)
             .expect("found above")
             .hold = Some(HoldState::Expired);
-        self.hold_changes.push(pending_id);
+        self.note_hold_change(pending_id);
         Ok(())
     }
 
@@ -786,12 +800,12 @@ impl Ledger {
                 continue;
             }
             record.hold = Some(HoldState::Expired);
-            self.hold_changes.push(id);
             let (debit_id, credit_id, amount) = (
                 record.transfer.debit,
                 record.transfer.credit,
                 record.transfer.amount.micros(),
             );
+            self.note_hold_change(id);
             let [Some(debit), Some(credit)] =
                 self.accounts.get_disjoint_mut([&debit_id, &credit_id])
             else {

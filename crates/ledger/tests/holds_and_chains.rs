@@ -1054,6 +1054,7 @@ fn changed_holds(ledger: &mut Ledger) -> Vec<(TransferId, Option<HoldState>)> {
 #[test]
 fn the_holds_posted_voided_or_expired_are_handed_over_once_each() {
     let mut ledger = ledger();
+    ledger.track_hold_changes();
     ledger.apply(
         secs(1),
         &[
@@ -1077,8 +1078,25 @@ fn the_holds_posted_voided_or_expired_are_handed_over_once_each() {
 }
 
 #[test]
+fn a_ledger_nobody_writes_back_keeps_no_hold_changes() {
+    let mut ledger = ledger();
+    ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 100, 0)]);
+    ledger.apply(secs(2), &[post(2, 1, 0)]);
+    assert_eq!(changed_holds(&mut ledger), vec![]);
+    // Tracked from here on: only what settles after.
+    ledger.track_hold_changes();
+    ledger.apply(secs(3), &[pending(3, WALLET, MERCHANT, 100, 0)]);
+    ledger.apply(secs(4), &[void(4, 3)]);
+    assert_eq!(
+        changed_holds(&mut ledger),
+        vec![(TransferId(3), Some(HoldState::Voided))]
+    );
+}
+
+#[test]
 fn a_hold_posted_by_a_chain_that_fails_is_no_change() {
     let mut ledger = ledger();
+    ledger.track_hold_changes();
     ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 300, 0)]);
     // The post succeeds, then the chain fails on a leg the merchant cannot pay: both undone.
     assert_eq!(
@@ -1096,6 +1114,7 @@ fn a_hold_posted_by_a_chain_that_fails_is_no_change() {
 fn a_loaded_hold_settled_since_the_last_hand_over_is_kept_until_handed_over() {
     // A cache's ledger: the hold's record was written to storage, and is held as loaded.
     let mut ledger = ledger();
+    ledger.track_hold_changes();
     ledger.apply(secs(1), &[pending(1, WALLET, MERCHANT, 300, 0)]);
     let _written = ledger.take_made_transfers();
     ledger.apply(secs(2), &[post(2, 1, 0)]);

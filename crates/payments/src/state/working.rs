@@ -192,6 +192,7 @@ impl State {
             self.idempotency.track_changes();
             self.parties.track_changes();
             self.refunded.track_changes();
+            self.ledger.track_hold_changes();
             for rows in self.kinds.all_mut() {
                 rows.track_changes();
             }
