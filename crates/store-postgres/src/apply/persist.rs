@@ -40,7 +40,7 @@ pub(super) async fn persist(
         entries,
         transfers,
         resolved,
-        holds,
+        rows,
         idempotency,
         taken,
         copies,
@@ -63,7 +63,7 @@ pub(super) async fn persist(
         persist_entries(transaction, changes),
         persist_transfers(transaction, &changes.transfers),
         persist_transfers_resolved(transaction, &changes.transfers_resolved),
-        persist_holds(transaction, changes),
+        crate::kinds::upsert_stored(transaction, &changes.rows),
         persist_idempotency(transaction, changes),
         any_taken(transaction, unwritten.0, unwritten.1),
         prepare_copies(transaction, changes),
@@ -82,7 +82,7 @@ pub(super) async fn persist(
         entries,
         transfers,
         resolved,
-        holds,
+        rows,
         idempotency,
         taken.map(|taken| new_id_taken = taken),
         copies.map(|copies| prepared = copies),
@@ -889,14 +889,6 @@ pub(super) async fn persist_transfers_resolved(
         )
         .await?;
     Ok(())
-}
-
-/// State rows of registered kinds made or changed: new rows, or the row's new state.
-pub(super) async fn persist_holds(
-    transaction: &Transaction<'_>,
-    changes: &Changes,
-) -> Result<(), PgError> {
-    crate::kinds::upsert_stored(transaction, &changes.rows).await
 }
 
 pub(super) async fn persist_transfers(
