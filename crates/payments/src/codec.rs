@@ -102,13 +102,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             w.u8(7);
             w.u128(id.to_u128());
             w.u128(payment.to_u128());
-            match amount {
-                None => w.u8(0),
-                Some(amount) => {
-                    w.u8(1);
-                    w.u64(amount.micros());
-                }
-            }
+            w.opt_amount(*amount);
             w.principal(*caller);
             w.u128(transfer_ids[0].0);
             w.u128(transfer_ids[1].0);
@@ -134,13 +128,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
         } => {
             w.u8(11);
             w.u128(payment.to_u128());
-            match amount {
-                None => w.u8(0),
-                Some(amount) => {
-                    w.u8(1);
-                    w.u64(amount.micros());
-                }
-            }
+            w.opt_amount(*amount);
             w.principal(*caller);
         }
         Command::Cancel { payment, caller } => {
@@ -223,11 +211,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             payment: PaymentId::from_u128(r.u128()?),
             // "The rest" and an explicit amount (even zero) must stay apart: a zero refund is
             // refused, and replay must refuse it again rather than refund everything.
-            amount: match r.u8()? {
-                0 => None,
-                1 => Some(Amount::from_micros(r.u64()?)),
-                tag => return Err(DecodeError::UnknownTag(tag)),
-            },
+            amount: r.opt_amount()?,
             caller: r.principal()?,
             transfer_ids: [TransferId(r.u128()?), TransferId(r.u128()?)],
         },
@@ -241,11 +225,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         },
         11 => Command::Capture {
             payment: PaymentId::from_u128(r.u128()?),
-            amount: match r.u8()? {
-                0 => None,
-                1 => Some(Amount::from_micros(r.u64()?)),
-                tag => return Err(DecodeError::UnknownTag(tag)),
-            },
+            amount: r.opt_amount()?,
             caller: r.principal()?,
         },
         12 => Command::Cancel {
@@ -579,6 +559,16 @@ impl Writer<'_> {
             }
         }
     }
+    /// An optional amount ("the rest" or "all of it" when absent): absent and zero stay apart.
+    fn opt_amount(&mut self, amount: Option<Amount>) {
+        match amount {
+            None => self.u8(0),
+            Some(amount) => {
+                self.u8(1);
+                self.u64(amount.micros());
+            }
+        }
+    }
     fn paid(&mut self, payment: &Payment) {
         self.u128(payment.id.to_u128());
         self.u128(payment.payer.to_u128());
@@ -617,6 +607,13 @@ impl<'a> Reader<'a> {
         let value = read(&mut input)?;
         self.0 = input.0;
         Ok(value)
+    }
+    fn opt_amount(&mut self) -> Result<Option<Amount>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(Amount::from_micros(self.u64()?))),
+            tag => Err(DecodeError::UnknownTag(tag)),
+        }
     }
     fn paid(&mut self) -> Result<Payment, DecodeError> {
         Ok(Payment {

@@ -69,6 +69,26 @@ pub struct PayCommand {
     pub transfer_ids: [TransferId; 2],
 }
 
+impl PayCommand {
+    /// The payment this command makes at `now`, with `fee`, nothing refunded yet.
+    pub fn made(&self, now: Timestamp, fee: Amount) -> Payment {
+        Payment {
+            id: self.id,
+            payer: self.payer,
+            merchant: self.merchant,
+            amount: self.amount,
+            currency: self.currency,
+            fee,
+            description: self.description.clone(),
+            reference: self.reference.clone(),
+            created_at: now,
+            amount_refunded: Amount::ZERO,
+            fee_refunded: Amount::ZERO,
+            hold: None,
+        }
+    }
+}
+
 impl Fields for Payment {
     fn put(&self, out: &mut impl Put) {
         out.id("id", self.id.to_u128());

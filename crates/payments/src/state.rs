@@ -497,20 +497,7 @@ impl State {
         }
         self.touched(&[wallet, merchant_account, fees_account]);
         let balance_after = self.posted_balance(wallet);
-        let payment = Payment {
-            id: pay.id,
-            payer: pay.payer,
-            merchant: pay.merchant,
-            amount: pay.amount,
-            currency: pay.currency,
-            fee,
-            description: pay.description.clone(),
-            reference: pay.reference.clone(),
-            created_at: now,
-            amount_refunded: Amount::ZERO,
-            fee_refunded: Amount::ZERO,
-            hold: None,
-        };
+        let payment = pay.made(now, fee);
         self.add_payment(payment, Some(balance_after));
         Ok(&self.young.payments.last().expect("just added").payment)
     }
@@ -550,20 +537,7 @@ impl State {
             return Err(ledger_rejection(rejection));
         }
         self.touched(&[wallet, merchant_account]);
-        let payment = Payment {
-            id: pay.id,
-            payer: pay.payer,
-            merchant: pay.merchant,
-            amount: pay.amount,
-            currency: pay.currency,
-            fee: fee_schedule.fee_on(pay.amount),
-            description: pay.description.clone(),
-            reference: pay.reference.clone(),
-            created_at: now,
-            amount_refunded: Amount::ZERO,
-            fee_refunded: Amount::ZERO,
-            hold: None,
-        };
+        let payment = pay.made(now, fee_schedule.fee_on(pay.amount));
         self.holds_mut().put_hold(
             pay.id,
             Hold {
