@@ -59,25 +59,10 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// Every migration this build knows, oldest first. Until the PostgreSQL backend ships, the
-/// first migration may still change; after that, migrations are only ever added.
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "parties_ledger_payments",
-        sql: include_str!("../migrations/0001_parties_ledger_payments.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "test_clock",
-        sql: include_str!("../migrations/0002_test_clock.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "holds",
-        sql: include_str!("../migrations/0003_holds.sql"),
-    },
-];
+/// Every migration this build knows, oldest first: each file of `migrations/`, listed by
+/// `build.rs` (`NNNN_<name>.sql`, numbered from 1 without a gap). Until the PostgreSQL backend
+/// ships, the first migration may still change; after that, migrations are only ever added.
+pub const MIGRATIONS: &[Migration] = include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
