@@ -268,10 +268,18 @@ async fn seed(
         Some("Play session".to_string()),
         None,
     );
-    let authorized = service
-        .authorize(session, farthing_payments::HOLD_SECS_DEFAULT, None)
-        .await?;
-    let Outcome::HoldChanged(session) = authorized.outcome else {
+    let authorize = farthing_payments::HoldCommand::Authorize {
+        pay: session,
+        expires_at: service
+            .now()
+            .saturating_add_secs(farthing_payments::HOLD_SECS_DEFAULT),
+        settle_id: farthing_ledger::TransferId(service.next_id()),
+    };
+    let authorized = service.submit(authorize.into(), None).await?;
+    let Outcome::Room(farthing_payments::RoomOutcome::Holds(
+        farthing_payments::HoldOutcome::Changed(session),
+    )) = authorized.outcome
+    else {
         bail!("could not seed a held payment");
     };
     let held = EarlierPayment {

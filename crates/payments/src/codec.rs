@@ -111,35 +111,7 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             w.u8(8);
             w.u64(before.0);
         }
-        Command::Authorize {
-            pay,
-            expires_at,
-            settle_id,
-        } => {
-            w.u8(10);
-            w.pay(pay);
-            w.u64(expires_at.0);
-            w.u128(settle_id.0);
-        }
-        Command::Capture {
-            payment,
-            amount,
-            caller,
-        } => {
-            w.u8(11);
-            w.u128(payment.to_u128());
-            w.opt_amount(*amount);
-            w.principal(*caller);
-        }
-        Command::Cancel { payment, caller } => {
-            w.u8(12);
-            w.u128(payment.to_u128());
-            w.principal(*caller);
-        }
-        Command::ExpireHolds { at } => {
-            w.u8(13);
-            w.u64(at.0);
-        }
+        Command::Room(command) => command.encode(&mut w),
         Command::Import(items) => {
             w.u8(9);
             w.u32(u32::try_from(items.len()).expect("imports are chunked"));
@@ -218,23 +190,6 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         8 => Command::PruneIdempotencyKeys {
             before: Timestamp(r.u64()?),
         },
-        10 => Command::Authorize {
-            pay: r.pay()?,
-            expires_at: Timestamp(r.u64()?),
-            settle_id: TransferId(r.u128()?),
-        },
-        11 => Command::Capture {
-            payment: PaymentId::from_u128(r.u128()?),
-            amount: r.opt_amount()?,
-            caller: r.principal()?,
-        },
-        12 => Command::Cancel {
-            payment: PaymentId::from_u128(r.u128()?),
-            caller: r.principal()?,
-        },
-        13 => Command::ExpireHolds {
-            at: Timestamp(r.u64()?),
-        },
         9 => {
             let count = r.u32()? as usize;
             // Each item takes at least 33 bytes: a corrupt count cannot make us allocate more
@@ -249,7 +204,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
             }
             Command::Import(items)
         }
-        tag => return Err(DecodeError::UnknownTag(tag)),
+        tag => match RoomCommand::decode(tag, &mut r) {
+            Some(command) => Command::Room(command?),
+            None => return Err(DecodeError::UnknownTag(tag)),
+        },
     };
     if !r.0.is_empty() {
         return Err(DecodeError::TrailingBytes);
@@ -297,16 +255,6 @@ pub fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
             w.u8(5);
             w.paid(payment);
         }
-        Outcome::HoldChanged(payment) => {
-            w.u8(11);
-            w.paid(payment);
-            let hold = payment.hold.expect("a held payment carries its hold");
-            hold.put(&mut w.bin());
-        }
-        Outcome::HoldsExpired { count } => {
-            w.u8(12);
-            w.u64(u64::try_from(*count).expect("a usize fits in 64 bits"));
-        }
         Outcome::PaidBatch(items) => {
             w.u8(6);
             w.u32(u32::try_from(items.len()).expect("batches are bounded"));
@@ -343,6 +291,7 @@ pub fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
             w.u8(10);
             w.u64(u64::try_from(*count).expect("a usize fits in 64 bits"));
         }
+        Outcome::Room(outcome) => outcome.encode(&mut w),
     }
 }
 
@@ -378,14 +327,6 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
             created_at: Timestamp(r.u64()?),
         }),
         5 => Outcome::Paid(r.paid()?),
-        11 => {
-            let mut payment = r.paid()?;
-            payment.hold = Some(r.with(Hold::get)?);
-            Outcome::HoldChanged(payment)
-        }
-        12 => Outcome::HoldsExpired {
-            count: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,
-        },
         6 => {
             let count = r.u32()? as usize;
             // Each item takes at least 2 bytes: a corrupt count cannot make us allocate more
@@ -415,7 +356,10 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
         10 => Outcome::Imported {
             count: usize::try_from(r.u64()?).map_err(|_| DecodeError::OutOfRange)?,
         },
-        tag => return Err(DecodeError::UnknownTag(tag)),
+        tag => match RoomOutcome::decode(tag, &mut r) {
+            Some(outcome) => Outcome::Room(outcome?),
+            None => return Err(DecodeError::UnknownTag(tag)),
+        },
     };
     if !r.0.is_empty() {
         return Err(DecodeError::TrailingBytes);
@@ -423,35 +367,36 @@ pub fn decode_outcome(bytes: &[u8]) -> Result<Outcome, DecodeError> {
     Ok(outcome)
 }
 
-struct Writer<'a>(&'a mut Vec<u8>);
+/// Writes the journal's primitives: what a room's commands and outcomes are written with.
+pub struct Writer<'a>(pub(crate) &'a mut Vec<u8>);
 
 impl Writer<'_> {
     /// The kernel's binary form, which every primitive here is written in.
-    fn bin(&mut self) -> Binary<'_> {
+    pub(crate) fn bin(&mut self) -> Binary<'_> {
         Binary(self.0)
     }
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.bin().u8(v);
     }
-    fn u32(&mut self, v: u32) {
+    pub(crate) fn u32(&mut self, v: u32) {
         self.bin().u32(v);
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.bin().u64(v);
     }
-    fn u128(&mut self, v: u128) {
+    pub(crate) fn u128(&mut self, v: u128) {
         self.bin().u128(v);
     }
-    fn bytes32(&mut self, v: &[u8; 32]) {
+    pub(crate) fn bytes32(&mut self, v: &[u8; 32]) {
         self.bin().digest("", v);
     }
-    fn text(&mut self, v: &str) {
+    pub(crate) fn text(&mut self, v: &str) {
         self.bin().text("", v);
     }
-    fn opt_text(&mut self, v: &Option<String>) {
+    pub(crate) fn opt_text(&mut self, v: &Option<String>) {
         self.bin().opt_text("", v.as_deref());
     }
-    fn principal(&mut self, p: Principal) {
+    pub(crate) fn principal(&mut self, p: Principal) {
         match p {
             Principal::Operator => self.u8(1),
             Principal::Merchant(id) => {
@@ -464,7 +409,7 @@ impl Writer<'_> {
             }
         }
     }
-    fn funding_source(&mut self, source: FundingSource) {
+    pub(crate) fn funding_source(&mut self, source: FundingSource) {
         self.u8(match source {
             FundingSource::Sandbox => 1,
             FundingSource::SandboxDecline => 2,
@@ -472,7 +417,7 @@ impl Writer<'_> {
     }
     /// Stable tags, one per variant: a stored tag never changes meaning, and a new variant
     /// takes a new tag (this match has no catch-all, so it cannot be forgotten).
-    fn rejection(&mut self, rejection: Rejection) {
+    pub(crate) fn rejection(&mut self, rejection: Rejection) {
         self.u8(match rejection {
             Rejection::PayerNotFound => 1,
             Rejection::MerchantNotFound => 2,
@@ -486,13 +431,10 @@ impl Writer<'_> {
             Rejection::IdempotencyKeyReused => 10,
             Rejection::IdCollision => 11,
             Rejection::ImportDoesNotFit => 12,
-            Rejection::PaymentNotHeld => 13,
-            Rejection::HoldExpired => 14,
-            Rejection::CaptureExceedsAuthorization => 15,
-            Rejection::PaymentNotCaptured => 16,
+            Rejection::Room(rejection) => rejection.tag(),
         });
     }
-    fn imported(&mut self, item: &Imported) {
+    pub(crate) fn imported(&mut self, item: &Imported) {
         let mut out = Binary(self.0);
         match item {
             Imported::OperatorKey(key_hash) => {
@@ -560,7 +502,7 @@ impl Writer<'_> {
         }
     }
     /// An optional amount ("the rest" or "all of it" when absent): absent and zero stay apart.
-    fn opt_amount(&mut self, amount: Option<Amount>) {
+    pub(crate) fn opt_amount(&mut self, amount: Option<Amount>) {
         match amount {
             None => self.u8(0),
             Some(amount) => {
@@ -569,7 +511,7 @@ impl Writer<'_> {
             }
         }
     }
-    fn paid(&mut self, payment: &Payment) {
+    pub(crate) fn paid(&mut self, payment: &Payment) {
         self.u128(payment.id.to_u128());
         self.u128(payment.payer.to_u128());
         self.u128(payment.merchant.to_u128());
@@ -582,7 +524,7 @@ impl Writer<'_> {
         self.u64(payment.amount_refunded.micros());
         self.u64(payment.fee_refunded.micros());
     }
-    fn pay(&mut self, pay: &PayCommand) {
+    pub(crate) fn pay(&mut self, pay: &PayCommand) {
         self.u128(pay.id.to_u128());
         self.u128(pay.payer.to_u128());
         self.u128(pay.merchant.to_u128());
@@ -595,11 +537,12 @@ impl Writer<'_> {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// Reads what [`Writer`] wrote.
+pub struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Reader<'a> {
     /// Reads with the kernel's binary form, then goes on after what it read.
-    fn with<T>(
+    pub(crate) fn with<T>(
         &mut self,
         read: impl FnOnce(&mut BinaryReader<'a>) -> Result<T, DecodeError>,
     ) -> Result<T, DecodeError> {
@@ -608,14 +551,14 @@ impl<'a> Reader<'a> {
         self.0 = input.0;
         Ok(value)
     }
-    fn opt_amount(&mut self) -> Result<Option<Amount>, DecodeError> {
+    pub(crate) fn opt_amount(&mut self) -> Result<Option<Amount>, DecodeError> {
         match self.u8()? {
             0 => Ok(None),
             1 => Ok(Some(Amount::from_micros(self.u64()?))),
             tag => Err(DecodeError::UnknownTag(tag)),
         }
     }
-    fn paid(&mut self) -> Result<Payment, DecodeError> {
+    pub(crate) fn paid(&mut self) -> Result<Payment, DecodeError> {
         Ok(Payment {
             id: PaymentId::from_u128(self.u128()?),
             payer: PayerId::from_u128(self.u128()?),
@@ -631,38 +574,38 @@ impl<'a> Reader<'a> {
             hold: None,
         })
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         self.with(|r| r.u8())
     }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         self.with(|r| r.u32())
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         self.with(|r| r.u64())
     }
-    fn u128(&mut self) -> Result<u128, DecodeError> {
+    pub(crate) fn u128(&mut self) -> Result<u128, DecodeError> {
         self.with(|r| r.u128())
     }
-    fn bytes32(&mut self) -> Result<[u8; 32], DecodeError> {
+    pub(crate) fn bytes32(&mut self) -> Result<[u8; 32], DecodeError> {
         self.with(|r| r.digest(""))
     }
-    fn text(&mut self) -> Result<String, DecodeError> {
+    pub(crate) fn text(&mut self) -> Result<String, DecodeError> {
         self.with(|r| r.text(""))
     }
-    fn opt_text(&mut self) -> Result<Option<String>, DecodeError> {
+    pub(crate) fn opt_text(&mut self) -> Result<Option<String>, DecodeError> {
         self.with(|r| r.opt_text(""))
     }
-    fn currency(&mut self) -> Result<Currency, DecodeError> {
+    pub(crate) fn currency(&mut self) -> Result<Currency, DecodeError> {
         self.with(|r| r.currency(""))
     }
-    fn funding_source(&mut self) -> Result<FundingSource, DecodeError> {
+    pub(crate) fn funding_source(&mut self) -> Result<FundingSource, DecodeError> {
         Ok(match self.u8()? {
             1 => FundingSource::Sandbox,
             2 => FundingSource::SandboxDecline,
             tag => return Err(DecodeError::UnknownTag(tag)),
         })
     }
-    fn rejection(&mut self) -> Result<Rejection, DecodeError> {
+    pub(crate) fn rejection(&mut self) -> Result<Rejection, DecodeError> {
         Ok(match self.u8()? {
             1 => Rejection::PayerNotFound,
             2 => Rejection::MerchantNotFound,
@@ -676,14 +619,13 @@ impl<'a> Reader<'a> {
             10 => Rejection::IdempotencyKeyReused,
             11 => Rejection::IdCollision,
             12 => Rejection::ImportDoesNotFit,
-            13 => Rejection::PaymentNotHeld,
-            14 => Rejection::HoldExpired,
-            15 => Rejection::CaptureExceedsAuthorization,
-            16 => Rejection::PaymentNotCaptured,
-            tag => return Err(DecodeError::UnknownTag(tag)),
+            tag => match RoomRejection::of_tag(tag) {
+                Some(rejection) => Rejection::Room(rejection),
+                None => return Err(DecodeError::UnknownTag(tag)),
+            },
         })
     }
-    fn principal(&mut self) -> Result<Principal, DecodeError> {
+    pub(crate) fn principal(&mut self) -> Result<Principal, DecodeError> {
         Ok(match self.u8()? {
             1 => Principal::Operator,
             2 => Principal::Merchant(MerchantId::from_u128(self.u128()?)),
@@ -691,13 +633,13 @@ impl<'a> Reader<'a> {
             tag => return Err(DecodeError::UnknownTag(tag)),
         })
     }
-    fn bool(&mut self) -> Result<bool, DecodeError> {
+    pub(crate) fn bool(&mut self) -> Result<bool, DecodeError> {
         self.with(|r| r.flag(""))
     }
-    fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
+    pub(crate) fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
         self.with(|r| r.opt_int(""))
     }
-    fn owner(&mut self) -> Result<Owner, DecodeError> {
+    pub(crate) fn owner(&mut self) -> Result<Owner, DecodeError> {
         Ok(match self.u8()? {
             1 => Owner::Payer(PayerId::from_u128(self.u128()?)),
             2 => Owner::Merchant(MerchantId::from_u128(self.u128()?)),
@@ -706,7 +648,7 @@ impl<'a> Reader<'a> {
             tag => return Err(DecodeError::UnknownTag(tag)),
         })
     }
-    fn transfer_record(&mut self) -> Result<TransferRecord, DecodeError> {
+    pub(crate) fn transfer_record(&mut self) -> Result<TransferRecord, DecodeError> {
         let id = TransferId(self.u128()?);
         let debit = AccountId(self.u64()?);
         let credit = AccountId(self.u64()?);
@@ -748,7 +690,7 @@ impl<'a> Reader<'a> {
         })
     }
     /// An import's item as version 2 writes it.
-    fn imported(&mut self) -> Result<Imported, DecodeError> {
+    pub(crate) fn imported(&mut self) -> Result<Imported, DecodeError> {
         let tag = self.u8()?;
         let mut input = BinaryReader(self.0);
         let item = match tag {
@@ -800,7 +742,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An import's item as version 1 wrote it, field by field.
-    fn imported_first(&mut self) -> Result<Imported, DecodeError> {
+    pub(crate) fn imported_first(&mut self) -> Result<Imported, DecodeError> {
         Ok(match self.u8()? {
             1 => Imported::OperatorKey(KeyHash(self.bytes32()?)),
             2 => {
@@ -907,7 +849,7 @@ impl<'a> Reader<'a> {
             tag => return Err(DecodeError::UnknownTag(tag)),
         })
     }
-    fn pay(&mut self) -> Result<PayCommand, DecodeError> {
+    pub(crate) fn pay(&mut self) -> Result<PayCommand, DecodeError> {
         Ok(PayCommand {
             id: PaymentId::from_u128(self.u128()?),
             payer: PayerId::from_u128(self.u128()?),

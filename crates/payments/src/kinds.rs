@@ -94,8 +94,7 @@ fn new_rows<K: Kind>() -> Box<dyn AnyRows> {
     Box::new(Rows::<K>::default())
 }
 
-/// Every kind of state row, in the order exports list them. Adding a kind is one line here.
-pub const KINDS: &[KindInfo] = &[KindInfo::of::<crate::holds::HoldKind>()];
+pub use crate::rooms::KINDS;
 
 /// A state row in its stored form, with its kind's tag and its id.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -207,6 +206,8 @@ pub(crate) trait AnyRows: Send + Sync {
     fn knows(&self, id: u128) -> bool;
     /// Whether memory holds a row under `id`.
     fn has(&self, id: u128) -> bool;
+    /// The row memory holds under `id`, in its stored form.
+    fn get_stored(&self, id: u128) -> Option<StoredRow>;
     /// Loads what storage holds under `id`. False when memory knows it already.
     fn load_stored(&mut self, id: u128, bytes: Option<&[u8]>) -> Result<bool, DecodeError>;
     fn track_changes(&mut self);
@@ -234,6 +235,10 @@ impl<K: Kind> AnyRows for Rows<K> {
 
     fn has(&self, id: u128) -> bool {
         self.table.get(&id).is_some()
+    }
+
+    fn get_stored(&self, id: u128) -> Option<StoredRow> {
+        self.table.get(&id).map(StoredRow::of::<K>)
     }
 
     fn load_stored(&mut self, id: u128, bytes: Option<&[u8]>) -> Result<bool, DecodeError> {
@@ -380,7 +385,7 @@ mod tests {
 
     #[test]
     fn a_row_goes_through_its_registry_entry_unchanged() {
-        use crate::holds::{Hold, HoldKind, HoldRow, HoldStatus};
+        use crate::rooms::holds::{Hold, HoldKind, HoldRow, HoldStatus};
         use farthing_ledger::{Amount, Timestamp, TransferId};
         let row = HoldRow {
             payment: crate::PaymentId::from_u128(7),

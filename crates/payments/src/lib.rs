@@ -13,13 +13,13 @@
 pub mod codec;
 pub mod disk;
 mod history;
-mod holds;
 mod idempotency;
 mod ids;
 pub mod kinds;
 mod model;
 mod parties;
 mod paying;
+pub mod rooms;
 mod state;
 mod statements;
 mod wallets;

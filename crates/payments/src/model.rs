@@ -7,9 +7,6 @@ use farthing_ledger::{Account, Amount, Currency, Timestamp, TransferId, Transfer
 
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 
-pub use crate::holds::{
-    EXPIRED_PER_COMMAND_MAX, HOLD_SECS_DEFAULT, HOLD_SECS_MAX, Hold, HoldKind, HoldRow, HoldStatus,
-};
 pub use crate::idempotency::{
     IDEMPOTENCY_KEY_BYTES_MAX, IdempotencyClaim, IdempotencyKey, IdempotencyRow,
 };
@@ -18,6 +15,11 @@ pub use crate::parties::{
     FEE_BPS_MAX, FeeSchedule, KeyHash, Merchant, MerchantRow, Payer, PayerRow, Principal,
 };
 pub use crate::paying::{PayCommand, Payment, Refund};
+pub use crate::rooms::holds::{
+    EXPIRED_PER_COMMAND_MAX, HOLD_SECS_DEFAULT, HOLD_SECS_MAX, Hold, HoldCommand, HoldKind,
+    HoldOutcome, HoldRejection, HoldRow, HoldStatus, Holds,
+};
+pub use crate::rooms::{Explained, RefusalKind, Room, RoomCommand, RoomOutcome, RoomRejection};
 pub use crate::statements::{Entry, EntryObject, EntryRow};
 pub use crate::wallets::{AccountRow, FundingSource, Owner, Topup};
 
@@ -56,32 +58,6 @@ pub enum Command {
         caller: Principal,
         transfer_ids: [TransferId; 2],
     },
-    /// Places a hold: `pay` authorized, its money held until it is captured, canceled or
-    /// expires at `expires_at`. `pay.transfer_ids` are the hold's pending transfer and the fee
-    /// leg of its capture; `settle_id` posts it (capture) or voids it (cancel).
-    Authorize {
-        pay: PayCommand,
-        expires_at: Timestamp,
-        settle_id: TransferId,
-    },
-    /// Captures a held payment: all of it, or `amount` of it (the rest goes back to the
-    /// wallet).
-    Capture {
-        payment: PaymentId,
-        amount: Option<Amount>,
-        caller: Principal,
-    },
-    /// Cancels a held payment: the money goes back to the wallet.
-    Cancel {
-        payment: PaymentId,
-        caller: Principal,
-    },
-    /// Releases the live holds whose deadline is at or before `at` (no later than the
-    /// record's time), oldest deadline first, at most [`EXPIRED_PER_COMMAND_MAX`]: each
-    /// pending transfer is marked expired, with no transfer of its own.
-    ExpireHolds {
-        at: Timestamp,
-    },
     /// Forgets idempotency keys made before `before`.
     PruneIdempotencyKeys {
         before: Timestamp,
@@ -90,6 +66,8 @@ pub enum Command {
     /// ids, times and totals: how an installation moves between storage backends
     /// (`farthing copy`). All of it goes in or, when an item does not fit, none of it.
     Import(Vec<Imported>),
+    /// A command of a room ([`crate::rooms`]): holds, and each capability registered there.
+    Room(RoomCommand),
 }
 
 /// One object of a state, as [`Command::Import`] carries it and
@@ -180,15 +158,8 @@ pub enum Rejection {
     /// keeps (a payment's fee above its amount, a wallet below zero, a hold unlike its
     /// transfers).
     ImportDoesNotFit,
-    /// Capture or cancel of a payment that is not held: a plain payment, or a hold already
-    /// captured, canceled or expired.
-    PaymentNotHeld,
-    /// Capture of a hold whose deadline has passed.
-    HoldExpired,
-    /// Capture of more than was authorized.
-    CaptureExceedsAuthorization,
-    /// Refund of a payment whose money never moved (held, canceled or expired).
-    PaymentNotCaptured,
+    /// A refusal of a room ([`crate::rooms`]).
+    Room(RoomRejection),
 }
 
 impl Rejection {
@@ -196,12 +167,13 @@ impl Rejection {
     /// see again on retry; a request that was wrong from the start is not kept, so that a
     /// corrected retry goes through.
     pub fn is_kept_for_idempotency(self) -> bool {
-        matches!(
-            self,
+        match self {
             Rejection::InsufficientFunds
-                | Rejection::FundingDeclined
-                | Rejection::MerchantBalanceInsufficient
-        )
+            | Rejection::FundingDeclined
+            | Rejection::MerchantBalanceInsufficient => true,
+            Rejection::Room(rejection) => rejection.is_kept_for_idempotency(),
+            _ => false,
+        }
     }
 }
 
@@ -223,12 +195,6 @@ pub enum Outcome {
     Paid(Payment),
     PaidBatch(Vec<BatchItemOutcome>),
     Refunded(Refund),
-    /// A hold placed, captured or canceled: the payment as it stands, its hold included.
-    HoldChanged(Payment),
-    /// Holds whose deadline had come were released.
-    HoldsExpired {
-        count: usize,
-    },
     /// Idempotency keys made before the cut-off were forgotten. How many is not said: a store
     /// that keeps them in a database forgets them with one `DELETE`, without reading them.
     Pruned,
@@ -237,16 +203,16 @@ pub enum Outcome {
         count: usize,
     },
     Rejected(Rejection),
+    /// What a room's command did ([`crate::rooms`]).
+    Room(RoomOutcome),
 }
 
 impl Outcome {
     pub fn is_kept_for_idempotency(&self) -> bool {
         match self {
             Outcome::Rejected(rejection) => rejection.is_kept_for_idempotency(),
-            Outcome::OperatorKeySet
-            | Outcome::Pruned
-            | Outcome::Imported { .. }
-            | Outcome::HoldsExpired { .. } => false,
+            Outcome::Room(outcome) => outcome.is_kept_for_idempotency(),
+            Outcome::OperatorKeySet | Outcome::Pruned | Outcome::Imported { .. } => false,
             _ => true,
         }
     }

@@ -4,8 +4,8 @@
 use farthing_kernel::{DecodeError, Fields, Get, Put};
 use farthing_ledger::{Amount, Currency, Timestamp, TransferId};
 
-use crate::holds::Hold;
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId};
+use crate::rooms::holds::{Hold, HoldStatus};
 
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Payment {
@@ -30,7 +30,7 @@ impl Payment {
     /// Whether money moved: a plain payment, or a hold that was captured.
     pub fn is_settled(&self) -> bool {
         self.hold
-            .is_none_or(|hold| hold.status == crate::holds::HoldStatus::Captured)
+            .is_none_or(|hold| hold.status == HoldStatus::Captured)
     }
 
     /// What the merchant receives: the amount less the fee (never negative: the fee is capped
@@ -70,6 +70,14 @@ pub struct PayCommand {
 }
 
 impl PayCommand {
+    /// The largest id it names: its payment's and its transfers'.
+    pub fn ids_max(&self) -> u128 {
+        self.id
+            .to_u128()
+            .max(self.transfer_ids[0].0)
+            .max(self.transfer_ids[1].0)
+    }
+
     /// The payment this command makes at `now`, with `fee`, nothing refunded yet.
     pub fn made(&self, now: Timestamp, fee: Amount) -> Payment {
         Payment {

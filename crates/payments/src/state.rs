@@ -248,43 +248,15 @@ impl State {
                 Ok(refund) => Outcome::Refunded(refund),
                 Err(rejection) => Outcome::Rejected(rejection),
             },
-            Command::Authorize {
-                pay,
-                expires_at,
-                settle_id,
-            } => match self.authorize(now, pay, *expires_at, *settle_id) {
-                Ok(payment) => Outcome::HoldChanged(payment),
-                Err(rejection) => Outcome::Rejected(rejection),
-            },
-            Command::Capture {
-                payment,
-                amount,
-                caller,
-            } => match self.settle_hold(now, *payment, *caller, Settle::Capture(*amount)) {
-                Ok(payment) => Outcome::HoldChanged(payment),
-                Err(rejection) => Outcome::Rejected(rejection),
-            },
-            Command::Cancel { payment, caller } => {
-                match self.settle_hold(now, *payment, *caller, Settle::Cancel) {
-                    Ok(payment) => Outcome::HoldChanged(payment),
-                    Err(rejection) => Outcome::Rejected(rejection),
-                }
-            }
-            Command::ExpireHolds { at } => {
-                let due = self
-                    .holds()
-                    .due((*at).min(now), EXPIRED_PER_COMMAND_MAX as usize);
-                for id in &due {
-                    self.settle_hold(now, *id, Principal::Operator, Settle::Expire)
-                        .expect("a due hold expires");
-                }
-                Outcome::HoldsExpired { count: due.len() }
-            }
             Command::PruneIdempotencyKeys { before } => {
                 self.idempotency.prune(*before);
                 Outcome::Pruned
             }
             Command::Import(items) => self.import(items),
+            Command::Room(command) => match command.execute(self, now) {
+                Ok(outcome) => Outcome::Room(outcome),
+                Err(rejection) => Outcome::Rejected(rejection),
+            },
         }
     }
 
@@ -297,7 +269,11 @@ impl State {
     /// The account of `owner` in `currency`, made on first use. Its id is derived from the
     /// owner and the currency, so every process and every copy computes the same one; an id
     /// already held by another owner (a 2⁻⁶⁴ event) refuses the command.
-    fn account_for(&mut self, owner: Owner, currency: Currency) -> Result<AccountId, Rejection> {
+    pub(crate) fn account_for(
+        &mut self,
+        owner: Owner,
+        currency: Currency,
+    ) -> Result<AccountId, Rejection> {
         if let Some(id) = self.account_of_owner(owner, currency) {
             return Ok(id);
         }
@@ -318,7 +294,7 @@ impl State {
     }
 
     /// Notes accounts whose totals changed, for a cache's next checkpoint.
-    fn touched(&mut self, accounts: &[AccountId]) {
+    pub(crate) fn touched(&mut self, accounts: &[AccountId]) {
         if let Some(cache) = &mut self.cache {
             cache.accounts_changed.extend(accounts.iter().copied());
         }
@@ -341,14 +317,14 @@ impl State {
     /// Whether any of these ledger ids was used before. A command's transfers must be new: a
     /// reused id would make the ledger answer with its first outcome, and the command would
     /// then look done while moving no money.
-    fn transfer_ids_taken(&self, ids: &[TransferId]) -> bool {
+    pub(crate) fn transfer_ids_taken(&self, ids: &[TransferId]) -> bool {
         ids.iter().any(|id| self.ledger.transfer(*id).is_some())
     }
 
     /// Whether the ledger would refuse `pay` for want of funds in `wallet`: the wallet cannot
     /// cover the amount, and no total the payment's legs touch could overflow first (the
     /// ledger checks overflow before balance, and then answers `AmountTooLarge`).
-    fn certainly_short(&self, wallet: AccountId, pay: &PayCommand) -> bool {
+    pub(crate) fn certainly_short(&self, wallet: AccountId, pay: &PayCommand) -> bool {
         let amount = pay.amount.micros();
         let account = self.ledger.account(wallet).expect("account exists");
         if account.available() >= i128::from(amount) {
@@ -373,7 +349,7 @@ impl State {
             && credits_fit(Owner::PlatformFees)
     }
 
-    fn posted_balance(&self, account: AccountId) -> Amount {
+    pub(crate) fn posted_balance(&self, account: AccountId) -> Amount {
         let balance = self
             .ledger
             .account(account)
@@ -451,7 +427,10 @@ impl State {
     /// schedule it gives) and payer exist, its id is free, its amount is positive, and the
     /// payer has a wallet in its currency (which it gives: without one there is nothing to
     /// spend).
-    fn new_payment_checked(&self, pay: &PayCommand) -> Result<(FeeSchedule, AccountId), Rejection> {
+    pub(crate) fn new_payment_checked(
+        &self,
+        pay: &PayCommand,
+    ) -> Result<(FeeSchedule, AccountId), Rejection> {
         let fee_schedule = match self.parties.merchant(pay.merchant) {
             Some(merchant) => merchant.fee,
             None => return Err(Rejection::MerchantNotFound),
@@ -502,173 +481,6 @@ impl State {
         Ok(&self.young.payments.last().expect("just added").payment)
     }
 
-    /// Places a hold: the payment's money leaves the wallet's available balance and waits,
-    /// pending, for capture. The payment has no statement line until it is captured.
-    fn authorize(
-        &mut self,
-        now: Timestamp,
-        pay: &PayCommand,
-        expires_at: Timestamp,
-        settle_id: TransferId,
-    ) -> Result<Payment, Rejection> {
-        let (fee_schedule, wallet) = self.new_payment_checked(pay)?;
-        let [hold_id, fee_id] = pay.transfer_ids;
-        let ids = [hold_id, settle_id, fee_id];
-        if self.transfer_ids_taken(&ids) || ids.iter().any(|id| id.0 == 0) || {
-            let mut sorted = ids;
-            sorted.sort_unstable();
-            sorted[0] == sorted[1] || sorted[1] == sorted[2]
-        } {
-            return Err(Rejection::IdCollision);
-        }
-        if self.certainly_short(wallet, pay) {
-            return Err(Rejection::InsufficientFunds);
-        }
-        let merchant_account = self.account_for(Owner::Merchant(pay.merchant), pay.currency)?;
-        let hold = Transfer {
-            id: hold_id,
-            debit: wallet,
-            credit: merchant_account,
-            amount: pay.amount,
-            kind: TransferKind::Pending { timeout_secs: 0 },
-            linked: false,
-        };
-        if let Err(rejection) = self.ledger.apply(now, &[hold])[0] {
-            return Err(ledger_rejection(rejection));
-        }
-        self.touched(&[wallet, merchant_account]);
-        let payment = pay.made(now, fee_schedule.fee_on(pay.amount));
-        self.holds_mut().put_hold(
-            pay.id,
-            Hold {
-                status: HoldStatus::Held,
-                amount_authorized: pay.amount,
-                amount_captured: Amount::ZERO,
-                fee_captured: Amount::ZERO,
-                expires_at,
-                resolved_at: None,
-                transfers: ids,
-            },
-        );
-        self.add_payment(payment, None);
-        Ok(self.payment_held(pay.id).expect("just added"))
-    }
-
-    /// Captures, cancels or expires a held payment. `caller` must see the payment and be
-    /// its merchant or the operator.
-    fn settle_hold(
-        &mut self,
-        now: Timestamp,
-        id: PaymentId,
-        caller: Principal,
-        settle: Settle,
-    ) -> Result<Payment, Rejection> {
-        let payment = self.payment_settled_by(id, caller)?;
-        let Some(mut hold) = payment.hold.filter(Hold::is_live) else {
-            return Err(Rejection::PaymentNotHeld);
-        };
-        let [hold_id, settle_id, fee_id] = hold.transfers;
-        let wallet = self.account_for(Owner::Payer(payment.payer), payment.currency)?;
-        let merchant_account =
-            self.account_for(Owner::Merchant(payment.merchant), payment.currency)?;
-        match settle {
-            Settle::Capture(requested) => {
-                if now >= hold.expires_at {
-                    return Err(Rejection::HoldExpired);
-                }
-                let amount = requested.unwrap_or(hold.amount_authorized);
-                if amount.is_zero() {
-                    return Err(Rejection::AmountNotPositive);
-                }
-                if amount > hold.amount_authorized {
-                    return Err(Rejection::CaptureExceedsAuthorization);
-                }
-                let fee = match self.parties.merchant(payment.merchant) {
-                    Some(merchant) => merchant.fee.fee_on(amount),
-                    None => return Err(Rejection::MerchantNotFound),
-                };
-                // Ids another transfer took since the hold was placed are refused before
-                // anything moves, so a refused capture records nothing (and burns no id).
-                let used: &[TransferId] = if fee.is_zero() {
-                    &[settle_id]
-                } else {
-                    &[settle_id, fee_id]
-                };
-                if self.transfer_ids_taken(used) {
-                    return Err(Rejection::IdCollision);
-                }
-                let fees_account = self.account_for(Owner::PlatformFees, payment.currency)?;
-                let mut legs = vec![Transfer {
-                    id: settle_id,
-                    debit: wallet,
-                    credit: merchant_account,
-                    amount,
-                    kind: TransferKind::PostPending {
-                        pending_id: hold_id,
-                    },
-                    linked: !fee.is_zero(),
-                }];
-                if !fee.is_zero() {
-                    legs.push(Transfer {
-                        id: fee_id,
-                        debit: merchant_account,
-                        credit: fees_account,
-                        amount: fee,
-                        kind: TransferKind::Posted,
-                        linked: false,
-                    });
-                }
-                if let Some(rejection) = chain_failure(&self.ledger.apply(now, &legs)) {
-                    return Err(ledger_rejection(rejection));
-                }
-                self.touched(&[wallet, merchant_account, fees_account]);
-                hold.status = HoldStatus::Captured;
-                hold.amount_captured = amount;
-                hold.fee_captured = fee;
-                hold.resolved_at = Some(now);
-                self.holds_mut().put_hold(id, hold);
-                let balance_after = self.posted_balance(wallet);
-                self.add_line(payment.payer, EntryObject::Payment(id), balance_after);
-            }
-            Settle::Cancel => {
-                if self.transfer_ids_taken(&[settle_id]) {
-                    return Err(Rejection::IdCollision);
-                }
-                let void = Transfer {
-                    id: settle_id,
-                    debit: wallet,
-                    credit: merchant_account,
-                    amount: Amount::ZERO,
-                    kind: TransferKind::VoidPending {
-                        pending_id: hold_id,
-                    },
-                    linked: false,
-                };
-                if let Err(rejection) = self.ledger.apply(now, &[void])[0] {
-                    return Err(ledger_rejection(rejection));
-                }
-                self.touched(&[wallet, merchant_account]);
-                hold.status = HoldStatus::Canceled;
-                hold.resolved_at = Some(now);
-                self.holds_mut().put_hold(id, hold);
-            }
-            // Expiry needs no id of its own: the ledger marks the hold expired, so that an id
-            // chosen for settling it, and taken since by another transfer, cannot keep it.
-            Settle::Expire => {
-                self.ledger
-                    .expire_pending(hold_id)
-                    .unwrap_or_else(|rejection| {
-                        panic!("a live hold's pending transfer expires: {rejection:?}")
-                    });
-                self.touched(&[wallet, merchant_account]);
-                hold.status = HoldStatus::Expired;
-                hold.resolved_at = Some(now);
-                self.holds_mut().put_hold(id, hold);
-            }
-        }
-        Ok(self.payment_held(id).expect("held above"))
-    }
-
     fn refund(
         &mut self,
         now: Timestamp,
@@ -680,7 +492,7 @@ impl State {
     ) -> Result<Refund, Rejection> {
         let payment = self.payment_settled_by(payment_id, caller)?;
         if !payment.is_settled() {
-            return Err(Rejection::PaymentNotCaptured);
+            return Err(HoldRejection::PaymentNotCaptured.into());
         }
         if self.refund_row(id).is_some() || self.transfer_ids_taken(&transfer_ids) {
             return Err(Rejection::IdCollision);
@@ -761,7 +573,7 @@ impl State {
     /// Puts a new payment at the head of its payer's, its merchant's and the operator's
     /// lists, and with `balance_after` its line at the head of the payer's statement (an
     /// import brings the line later, as an item of its own).
-    fn add_payment(&mut self, payment: Payment, balance_after: Option<Amount>) {
+    pub(crate) fn add_payment(&mut self, payment: Payment, balance_after: Option<Amount>) {
         let id = payment.id;
         let heads = self.payer_lists.update(&payment.payer, |lists| {
             (
@@ -796,7 +608,7 @@ impl State {
 
     /// Puts `object`'s statement line at the head of `payer`'s statement. The object is held
     /// and has no line yet.
-    fn add_line(&mut self, payer: PayerId, object: EntryObject, balance_after: Amount) {
+    pub(crate) fn add_line(&mut self, payer: PayerId, object: EntryObject, balance_after: Amount) {
         let previous = self
             .payer_lists
             .update(&payer, |lists| lists.newest_line.replace(object))
@@ -830,14 +642,36 @@ impl State {
         }
     }
 
+    /// Applies ledger transfers (a room's legs), with their outcomes in order.
+    pub(crate) fn transfer(
+        &mut self,
+        now: Timestamp,
+        transfers: &[Transfer],
+    ) -> Vec<Result<(), TransferRejection>> {
+        self.ledger.apply(now, transfers)
+    }
+
+    /// Marks the pending transfer `id` expired, its amount back in its accounts' available
+    /// balances. It is a live hold's: anything else is a bug.
+    pub(crate) fn expire_pending(&mut self, id: TransferId) {
+        self.ledger.expire_pending(id).unwrap_or_else(|rejection| {
+            panic!("a live hold's pending transfer expires: {rejection:?}")
+        });
+    }
+
+    /// The fee schedule of `merchant`, if it is held.
+    pub(crate) fn merchant_fee(&self, merchant: MerchantId) -> Option<FeeSchedule> {
+        self.parties.merchant(merchant).map(|merchant| merchant.fee)
+    }
+
     // What memory holds.
 
     /// The holds memory holds, every live one among them.
-    fn holds(&self) -> &Rows<HoldKind> {
+    pub(crate) fn holds(&self) -> &Rows<HoldKind> {
         self.kinds.of::<HoldKind>()
     }
 
-    fn holds_mut(&mut self) -> &mut Rows<HoldKind> {
+    pub(crate) fn holds_mut(&mut self) -> &mut Rows<HoldKind> {
         self.kinds.of_mut::<HoldKind>()
     }
 
@@ -886,7 +720,11 @@ impl State {
 
     /// A payment `caller` may refund, capture or cancel: its merchant's, or any for the
     /// operator. Any other is answered as if it did not exist.
-    fn payment_settled_by(&self, id: PaymentId, caller: Principal) -> Result<Payment, Rejection> {
+    pub(crate) fn payment_settled_by(
+        &self,
+        id: PaymentId,
+        caller: Principal,
+    ) -> Result<Payment, Rejection> {
         let payment = self.payment_held(id).ok_or(Rejection::PaymentNotFound)?;
         match caller {
             Principal::Operator => Ok(payment),
@@ -896,7 +734,7 @@ impl State {
     }
 
     /// A payment in memory as it is now, refunds and its hold included.
-    fn payment_held(&self, id: PaymentId) -> Option<Payment> {
+    pub(crate) fn payment_held(&self, id: PaymentId) -> Option<Payment> {
         let mut payment = self.payment_stored(id)?;
         if let Some(hold) = self.holds().hold(&id) {
             hold.apply_to(&mut payment);
@@ -917,18 +755,10 @@ impl State {
 /// The largest id a command names (payments, top-ups, refunds, transfers, and what an import
 /// brings): a cache's bound on the ids of its history.
 fn ids_max(command: &Command) -> u128 {
-    let pay = |pay: &PayCommand| {
-        pay.id
-            .to_u128()
-            .max(pay.transfer_ids[0].0)
-            .max(pay.transfer_ids[1].0)
-    };
     match command {
-        Command::Pay(command) => pay(command),
-        Command::Authorize {
-            pay: p, settle_id, ..
-        } => pay(p).max(settle_id.0),
-        Command::PayBatch(items) => items.iter().map(pay).max().unwrap_or(0),
+        Command::Pay(pay) => pay.ids_max(),
+        Command::PayBatch(items) => items.iter().map(PayCommand::ids_max).max().unwrap_or(0),
+        Command::Room(command) => command.ids_max(),
         Command::Topup {
             id, transfer_id, ..
         } => id.to_u128().max(transfer_id.0),
@@ -954,19 +784,8 @@ fn ids_max(command: &Command) -> u128 {
         Command::SetOperatorKey { .. }
         | Command::CreateMerchant { .. }
         | Command::CreatePayer { .. }
-        | Command::PruneIdempotencyKeys { .. }
-        | Command::Capture { .. }
-        | Command::Cancel { .. }
-        | Command::ExpireHolds { .. } => 0,
+        | Command::PruneIdempotencyKeys { .. } => 0,
     }
-}
-
-/// How a hold is settled.
-#[derive(Clone, Copy)]
-enum Settle {
-    Capture(Option<Amount>),
-    Cancel,
-    Expire,
 }
 
 /// `payment` with the refund totals a refund made since it was recorded.
@@ -1022,7 +841,9 @@ fn legs(parts: [(AccountId, AccountId, Amount); 2], ids: [TransferId; 2]) -> Vec
 /// Why a linked chain of legs failed, if it did: the failing leg's own rejection. Its partners
 /// only report `LinkedEventFailed`, and may come first (a payment whose merchant leg fits but
 /// whose fee leg does not).
-fn chain_failure(outcomes: &[Result<(), TransferRejection>]) -> Option<TransferRejection> {
+pub(crate) fn chain_failure(
+    outcomes: &[Result<(), TransferRejection>],
+) -> Option<TransferRejection> {
     let mut failures = outcomes.iter().filter_map(|outcome| outcome.err());
     let first = failures.next()?;
     Some(
@@ -1033,7 +854,7 @@ fn chain_failure(outcomes: &[Result<(), TransferRejection>]) -> Option<TransferR
     )
 }
 
-fn ledger_rejection(rejection: TransferRejection) -> Rejection {
+pub(crate) fn ledger_rejection(rejection: TransferRejection) -> Rejection {
     match rejection {
         TransferRejection::ExceedsAvailableBalance => Rejection::InsufficientFunds,
         TransferRejection::Overflow => Rejection::AmountTooLarge,

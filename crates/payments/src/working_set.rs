@@ -28,8 +28,11 @@ pub struct Needs {
     pub key_hashes: Vec<KeyHash>,
     pub merchants: Vec<MerchantId>,
     pub payers: Vec<PayerId>,
-    /// Payments refunded, and ids of new payments (which must be free).
+    /// Payments read (refunded, settled), and ids of new payments (which must be free).
     pub payments: Vec<PaymentId>,
+    /// The payments read that exist (a refund's, a hold's settled): a loader loads (and
+    /// locks) them, and never assumes them new.
+    pub payments_existing: Vec<PaymentId>,
     /// Ids of new top-ups (which must be free).
     pub topups: Vec<TopupId>,
     /// Ids of new refunds (which must be free).
@@ -46,10 +49,11 @@ pub struct Needs {
     /// State rows of registered kinds ([`crate::kinds`]), by tag and id: those a record reads
     /// or must find free.
     pub rows: Vec<(u8, u128)>,
-    /// An expiry's time: the live holds due by then must be loaded, oldest deadline first,
-    /// at most [`EXPIRED_PER_COMMAND_MAX`] for each expiry of the batch, with their payments.
-    /// The latest of a batch's.
-    pub holds_due: Option<Timestamp>,
+    /// An expiry's time and how many holds it may release: the live holds due by then must
+    /// be loaded, oldest deadline first, at most that many, with their payments
+    /// ([`EXPIRED_PER_COMMAND_MAX`] for each expiry of the batch). The latest of a batch's,
+    /// and the most.
+    pub holds_due: Option<(Timestamp, usize)>,
     /// Idempotency keys presented with the record.
     pub idempotency_keys: Vec<IdempotencyKey>,
     /// Whether asking again, once what is listed is loaded, may list more: a refund whose
@@ -78,13 +82,19 @@ impl Needs {
         self.merchants.extend(other.merchants);
         self.payers.extend(other.payers);
         self.payments.extend(other.payments);
+        self.payments_existing.extend(other.payments_existing);
         self.topups.extend(other.topups);
         self.refunds.extend(other.refunds);
         self.accounts.extend(other.accounts);
         self.transfers.extend(other.transfers);
         self.held_transfers.extend(other.held_transfers);
         self.rows.extend(other.rows);
-        self.holds_due = self.holds_due.max(other.holds_due);
+        self.holds_due = match (self.holds_due, other.holds_due) {
+            (Some((by, most)), Some((other_by, other_most))) => {
+                Some((by.max(other_by), most.max(other_most)))
+            }
+            (due, other) => due.or(other),
+        };
         self.idempotency_keys.extend(other.idempotency_keys);
     }
 
@@ -98,6 +108,7 @@ impl Needs {
         tidy(&mut self.merchants);
         tidy(&mut self.payers);
         tidy(&mut self.payments);
+        tidy(&mut self.payments_existing);
         tidy(&mut self.topups);
         tidy(&mut self.refunds);
         tidy(&mut self.accounts);
@@ -137,6 +148,13 @@ impl Needs {
             (Owner::Merchant(merchant), currency),
             (Owner::PlatformFees, currency),
         ]);
+    }
+
+    /// A payment that exists read as it stands (one refunded, or whose hold is settled):
+    /// [`Needs::add_payment_read`], and listed as existing.
+    pub(crate) fn add_payment_existing(&mut self, payment: PaymentId) {
+        self.add_payment_read(payment);
+        self.payments_existing.push(payment);
     }
 
     /// An import's reads: every id and key its items bring (which must be free) and every

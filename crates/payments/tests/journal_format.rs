@@ -328,7 +328,7 @@ fn hold_records() -> Vec<Record> {
         record(
             20,
             None,
-            Command::Authorize {
+            Command::from(HoldCommand::Authorize {
                 pay: PayCommand {
                     id: payment,
                     payer: PayerId::from_u128(3),
@@ -341,49 +341,49 @@ fn hold_records() -> Vec<Record> {
                 },
                 expires_at: Timestamp(40),
                 settle_id: TransferId(21),
-            },
+            }),
         ),
         record(
             30,
             Some(claim),
-            Command::Capture {
+            Command::from(HoldCommand::Capture {
                 payment,
                 amount: Some(Amount::from_micros(600)),
                 caller: Principal::Merchant(merchant),
-            },
+            }),
         ),
         record(
             31,
             None,
-            Command::Capture {
+            Command::from(HoldCommand::Capture {
                 payment,
                 amount: None,
                 caller: Principal::Operator,
-            },
+            }),
         ),
         record(
             32,
             None,
-            Command::Capture {
+            Command::from(HoldCommand::Capture {
                 payment,
                 amount: Some(Amount::ZERO),
                 caller: Principal::Payer(PayerId::from_u128(3)),
-            },
+            }),
         ),
         record(
             33,
             None,
-            Command::Cancel {
+            Command::from(HoldCommand::Cancel {
                 payment,
                 caller: Principal::Operator,
-            },
+            }),
         ),
         record(
             u64::MAX,
             None,
-            Command::ExpireHolds {
+            Command::from(HoldCommand::Expire {
                 at: Timestamp(u64::MAX - 1),
-            },
+            }),
         ),
         import_of_holds(),
     ]

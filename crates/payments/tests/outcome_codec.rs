@@ -25,10 +25,12 @@ fn pinned_tag(rejection: Rejection) -> u8 {
         Rejection::IdempotencyKeyReused => 10,
         Rejection::IdCollision => 11,
         Rejection::ImportDoesNotFit => 12,
-        Rejection::PaymentNotHeld => 13,
-        Rejection::HoldExpired => 14,
-        Rejection::CaptureExceedsAuthorization => 15,
-        Rejection::PaymentNotCaptured => 16,
+        Rejection::Room(RoomRejection::Holds(rejection)) => match rejection {
+            HoldRejection::PaymentNotHeld => 13,
+            HoldRejection::HoldExpired => 14,
+            HoldRejection::CaptureExceedsAuthorization => 15,
+            HoldRejection::PaymentNotCaptured => 16,
+        },
     }
 }
 
@@ -47,10 +49,12 @@ const EVERY_REJECTION: [Rejection; 16] = [
     Rejection::IdempotencyKeyReused,
     Rejection::IdCollision,
     Rejection::ImportDoesNotFit,
-    Rejection::PaymentNotHeld,
-    Rejection::HoldExpired,
-    Rejection::CaptureExceedsAuthorization,
-    Rejection::PaymentNotCaptured,
+    Rejection::Room(RoomRejection::Holds(HoldRejection::PaymentNotHeld)),
+    Rejection::Room(RoomRejection::Holds(HoldRejection::HoldExpired)),
+    Rejection::Room(RoomRejection::Holds(
+        HoldRejection::CaptureExceedsAuthorization,
+    )),
+    Rejection::Room(RoomRejection::Holds(HoldRejection::PaymentNotCaptured)),
 ];
 
 fn encoded(outcome: &Outcome) -> Vec<u8> {
@@ -265,9 +269,9 @@ fn any_outcome() -> impl Strategy<Value = Outcome> {
         any_payment().prop_map(Outcome::Paid),
         prop::collection::vec(any_batch_item(), 0..8).prop_map(Outcome::PaidBatch),
         any_refund().prop_map(Outcome::Refunded),
-        any_held_payment().prop_map(Outcome::HoldChanged),
+        any_held_payment().prop_map(|payment| Outcome::from(HoldOutcome::Changed(payment))),
         prop_oneof![Just(0), Just(usize::MAX), any::<usize>()]
-            .prop_map(|count| Outcome::HoldsExpired { count }),
+            .prop_map(|count| Outcome::from(HoldOutcome::Expired { count })),
         Just(Outcome::Pruned),
         prop_oneof![Just(0), Just(usize::MAX), any::<usize>()]
             .prop_map(|count| Outcome::Imported { count }),

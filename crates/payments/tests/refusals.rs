@@ -119,7 +119,7 @@ fn a_hold_whose_settling_id_was_taken_refuses_capture_and_cancel_unchanged_and_s
     let (mut state, payer, merchant) = shop_with_a_funded_payer(1);
     let usd = currency("USD");
     let held = PaymentId::from_u128(30);
-    let authorize = Command::Authorize {
+    let authorize = Command::from(HoldCommand::Authorize {
         pay: PayCommand {
             id: held,
             payer,
@@ -132,10 +132,10 @@ fn a_hold_whose_settling_id_was_taken_refuses_capture_and_cancel_unchanged_and_s
         },
         expires_at: farthing_ledger::Timestamp(farthing_testing::EPOCH + 50),
         settle_id: TransferId(301),
-    };
+    });
     assert!(matches!(
         state.apply(&record_at(10, authorize)),
-        Outcome::HoldChanged(_)
+        Outcome::Room(RoomOutcome::Holds(HoldOutcome::Changed(_)))
     ));
     // Ids are chosen at random and never meet; here a payment takes the two the hold keeps for
     // settling.
@@ -150,20 +150,20 @@ fn a_hold_whose_settling_id_was_taken_refuses_capture_and_cancel_unchanged_and_s
     let before: Vec<Imported> = state.export().collect();
     let transfers_before = state.ledger_transfer_count();
     for command in [
-        Command::Capture {
+        Command::from(HoldCommand::Capture {
             payment: held,
             amount: None,
             caller: Principal::Merchant(merchant),
-        },
-        Command::Capture {
+        }),
+        Command::from(HoldCommand::Capture {
             payment: held,
             amount: Some(Amount::from_micros(10)),
             caller: Principal::Operator,
-        },
-        Command::Cancel {
+        }),
+        Command::from(HoldCommand::Cancel {
             payment: held,
             caller: Principal::Operator,
-        },
+        }),
     ] {
         assert_eq!(
             state.apply(&record_at(20, command)),
@@ -178,11 +178,11 @@ fn a_hold_whose_settling_id_was_taken_refuses_capture_and_cancel_unchanged_and_s
     assert_eq!(
         state.apply(&record_at(
             60,
-            Command::ExpireHolds {
+            Command::from(HoldCommand::Expire {
                 at: farthing_ledger::Timestamp(farthing_testing::EPOCH + 60)
-            }
+            })
         )),
-        Outcome::HoldsExpired { count: 1 }
+        Outcome::from(HoldOutcome::Expired { count: 1 })
     );
     let payment = state.payment(held).unwrap().expect("held");
     assert_eq!(

@@ -176,27 +176,31 @@ mod codec_properties {
                 before: Timestamp(before)
             }),
             (any_pay(), any::<u64>(), any::<u128>()).prop_map(|(pay, expires_at, settle)| {
-                Command::Authorize {
+                Command::from(HoldCommand::Authorize {
                     pay,
                     expires_at: Timestamp(expires_at),
                     settle_id: TransferId(settle),
-                }
+                })
             }),
             (
                 any::<u128>(),
                 prop::option::of(any_amount()),
                 any_principal()
             )
-                .prop_map(|(payment, amount, caller)| Command::Capture {
+                .prop_map(|(payment, amount, caller)| Command::from(
+                    HoldCommand::Capture {
+                        payment: PaymentId::from_u128(payment),
+                        amount,
+                        caller,
+                    }
+                )),
+            (any::<u128>(), any_principal()).prop_map(|(payment, caller)| Command::from(
+                HoldCommand::Cancel {
                     payment: PaymentId::from_u128(payment),
-                    amount,
                     caller,
-                }),
-            (any::<u128>(), any_principal()).prop_map(|(payment, caller)| Command::Cancel {
-                payment: PaymentId::from_u128(payment),
-                caller,
-            }),
-            any::<u64>().prop_map(|at| Command::ExpireHolds { at: Timestamp(at) }),
+                }
+            )),
+            any::<u64>().prop_map(|at| Command::from(HoldCommand::Expire { at: Timestamp(at) })),
         ]
     }
 
@@ -799,10 +803,12 @@ mod histories {
                 // Imports have properties of their own (tests/import.rs), and holds are held
                 // to the other ways of keeping a state (tests/working_set.rs, the stores).
                 Command::Import(_) => unreachable!("these histories hold no imports"),
-                Command::Authorize { .. }
-                | Command::Capture { .. }
-                | Command::Cancel { .. }
-                | Command::ExpireHolds { .. } => unreachable!("these histories hold no holds"),
+                Command::Room(RoomCommand::Holds(HoldCommand::Authorize { .. }))
+                | Command::Room(RoomCommand::Holds(HoldCommand::Capture { .. }))
+                | Command::Room(RoomCommand::Holds(HoldCommand::Cancel { .. }))
+                | Command::Room(RoomCommand::Holds(HoldCommand::Expire { .. })) => {
+                    unreachable!("these histories hold no holds")
+                }
             }
         }
 
@@ -1205,10 +1211,12 @@ mod histories {
                 }
 
                 Command::Import(_) => unreachable!("these histories hold no imports"),
-                Command::Authorize { .. }
-                | Command::Capture { .. }
-                | Command::Cancel { .. }
-                | Command::ExpireHolds { .. } => unreachable!("these histories hold no holds"),
+                Command::Room(RoomCommand::Holds(HoldCommand::Authorize { .. }))
+                | Command::Room(RoomCommand::Holds(HoldCommand::Capture { .. }))
+                | Command::Room(RoomCommand::Holds(HoldCommand::Cancel { .. }))
+                | Command::Room(RoomCommand::Holds(HoldCommand::Expire { .. })) => {
+                    unreachable!("these histories hold no holds")
+                }
             }
         }
 

@@ -26,8 +26,8 @@ const CASES: u32 = 128;
 // =============================================================================================
 
 /// The live holds due by `at` among `holds`, as a loader finds them in a table of holds:
-/// oldest deadline first, at most as many as `expiries` expiries void.
-fn holds_due(whole: &State, holds: &[PaymentId], at: Timestamp, expiries: usize) -> Vec<PaymentId> {
+/// oldest deadline first, at most `most`.
+fn holds_due(whole: &State, holds: &[PaymentId], at: Timestamp, most: usize) -> Vec<PaymentId> {
     let mut due: Vec<(Timestamp, PaymentId)> = holds
         .iter()
         .filter_map(|id| {
@@ -37,14 +37,14 @@ fn holds_due(whole: &State, holds: &[PaymentId], at: Timestamp, expiries: usize)
         .collect();
     due.sort_unstable();
     due.dedup();
-    due.truncate(EXPIRED_PER_COMMAND_MAX as usize * expiries);
+    due.truncate(most);
     due.into_iter().map(|(_, id)| id).collect()
 }
 
 /// Copies into `working` what `needs` lists and `whole` holds, skipping what `working` already
 /// holds: what a loader reads from the tables. `holds` lists every payment authorized for
-/// capture later, for the due holds of the batch's `expiries` expiries.
-fn load(working: &mut State, whole: &State, needs: &Needs, holds: &[PaymentId], expiries: usize) {
+/// capture later, for the due holds the batch's expiries ask for.
+fn load(working: &mut State, whole: &State, needs: &Needs, holds: &[PaymentId]) {
     let ok = |result: Result<(), LoadError>| result.expect("a loaded object fits the working set");
     if needs.operator_key
         && let Some(key) = whole.operator_key()
@@ -83,7 +83,7 @@ fn load(working: &mut State, whole: &State, needs: &Needs, holds: &[PaymentId], 
     }
     let due = needs
         .holds_due
-        .map_or_else(Vec::new, |at| holds_due(whole, holds, at, expiries));
+        .map_or_else(Vec::new, |(at, most)| holds_due(whole, holds, at, most));
     for id in needs.payments.iter().chain(&due) {
         if let Some(payment) = whole.payment(*id).unwrap()
             && working.payment(*id).unwrap().is_none()
@@ -140,10 +140,6 @@ fn working_set_for(
     holds: &[PaymentId],
 ) -> Result<(State, Needs), TestCaseError> {
     let mut working = State::new_working_set();
-    let expiries = records
-        .iter()
-        .filter(|record| matches!(record.command, Command::ExpireHolds { .. }))
-        .count();
     let needs_of = |working: &State| {
         let mut needs = Needs::default();
         needs.extend(
@@ -158,7 +154,7 @@ fn working_set_for(
     let mut needs = needs_of(&working);
     for round in 1.. {
         prop_assert!(round <= 2, "loading settles in two rounds");
-        load(&mut working, whole, &needs, holds, expiries);
+        load(&mut working, whole, &needs, holds);
         if !needs.incomplete {
             break;
         }
@@ -726,7 +722,7 @@ fn expiries_void_the_oldest_deadlines_first_a_thousand_at_a_time_in_a_working_se
             .collect()
     };
     // Two expiries in one batch, then one alone: a thousand, a thousand, the rest.
-    let expire = |secs| record(at(200), Command::ExpireHolds { at: at(secs) });
+    let expire = |secs| record(at(200), Command::from(HoldCommand::Expire { at: at(secs) }));
     check_batch(
         &mut whole,
         &mut embedded,

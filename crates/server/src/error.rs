@@ -2,7 +2,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use farthing_payments::Rejection;
+use farthing_payments::{RefusalKind, Rejection};
 use farthing_service::ServiceError;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -213,31 +213,16 @@ impl ApiError {
                 "Retry",
                 "a generated id was already taken; retry the request",
             ),
-            PaymentNotHeld => ApiError::new(
-                StatusCode::CONFLICT,
-                "payment_not_held",
-                "Payment not held",
-                "the payment is not waiting for capture: it was paid at once, or its hold was \
-                 already captured, canceled or expired",
-            ),
-            HoldExpired => ApiError::new(
-                StatusCode::CONFLICT,
-                "hold_expired",
-                "Hold expired",
-                "the hold's deadline for capture has passed; the money goes back to the payer",
-            ),
-            CaptureExceedsAuthorization => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "capture_exceeds_authorization",
-                "Capture exceeds authorization",
-                "the amount to capture is larger than the amount authorized",
-            ),
-            PaymentNotCaptured => ApiError::new(
-                StatusCode::CONFLICT,
-                "payment_not_captured",
-                "Payment not captured",
-                "no money moved for this payment: it is held, or was canceled or expired",
-            ),
+            Room(rejection) => {
+                let explained = rejection.explain();
+                let status = match explained.kind {
+                    RefusalKind::NotFound => StatusCode::NOT_FOUND,
+                    RefusalKind::Conflict => StatusCode::CONFLICT,
+                    RefusalKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+                    RefusalKind::PaymentRequired => StatusCode::PAYMENT_REQUIRED,
+                };
+                ApiError::new(status, explained.code, explained.title, explained.detail)
+            }
             // Only `farthing copy` imports; no request asks for one.
             ImportDoesNotFit => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -327,7 +327,8 @@ impl CreatePayment {
     }
 }
 
-/// A body whose only field is an optional `amount`: a refund's, a capture's.
+/// A body whose only field is an optional `amount`: a refund's, a capture's
+/// (`rooms::holds`).
 pub trait OptionalAmount {
     fn amount(&self) -> Option<&str>;
 }
@@ -336,21 +337,6 @@ impl OptionalAmount for CreateRefund {
     fn amount(&self) -> Option<&str> {
         self.amount.as_deref()
     }
-}
-
-impl OptionalAmount for CapturePayment {
-    fn amount(&self) -> Option<&str> {
-        self.amount.as_deref()
-    }
-}
-
-/// A capture's body: the amount to capture, all that was authorized by default.
-#[derive(Deserialize, ToSchema, Default)]
-#[serde(deny_unknown_fields)]
-#[schema(as = CapturePaymentRequest)]
-pub struct CapturePayment {
-    #[schema(schema_with = openapi::capture_amount_request)]
-    pub amount: Option<String>,
 }
 
 // A batch read item by item. Its schema asks only for objects, as the handler does: each is

@@ -14,6 +14,7 @@ mod metrics;
 mod openapi;
 mod ratelimit;
 mod render;
+mod rooms;
 mod routes;
 mod serve;
 
@@ -303,8 +304,7 @@ fn routes_of(app: App) -> Router {
         )
         .route("/v1/payments/{id}", get(routes::get_payment))
         .route("/v1/payments/{id}/refunds", post(routes::create_refund))
-        .route("/v1/payments/{id}/capture", post(routes::capture_payment))
-        .route("/v1/payments/{id}/cancel", post(routes::cancel_payment));
+        .merge(rooms::router());
     // Without a test clock the route does not exist: time is the wall clock's.
     let router = if test_clock {
         router.route(

@@ -18,16 +18,24 @@ use utoipa::openapi::schema::{
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Components, ContentBuilder, OpenApi as Document, RefOr, Required};
-use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
+use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::{error, input, metrics, render, routes};
 
 /// The document, written once, on first use.
 static OPENAPI_JSON: LazyLock<String> = LazyLock::new(|| {
-    ApiDoc::openapi()
+    document()
         .to_pretty_json()
         .expect("the OpenAPI document serializes")
 });
+
+/// The whole document: the core's operations and every room's, then what they share.
+pub fn document() -> Document {
+    let mut document = ApiDoc::openapi();
+    document.merge(crate::rooms::openapi());
+    Shared.modify(&mut document);
+    document
+}
 
 /// The OpenAPI document served at `/openapi.json`, as JSON text.
 pub fn openapi_json() -> &'static str {
@@ -78,8 +86,6 @@ pub fn openapi_json() -> &'static str {
         routes::create_payment_batch,
         routes::get_payment,
         routes::create_refund,
-        routes::capture_payment,
-        routes::cancel_payment,
         routes::test_clock,
         routes::advance_test_clock,
     ),
@@ -107,7 +113,6 @@ pub fn openapi_json() -> &'static str {
             input::BatchPayments,
             input::BatchItem,
             input::CreateRefund,
-            input::CapturePayment,
             render::MerchantView,
             render::PayerView,
             render::TopupView,
@@ -129,7 +134,6 @@ pub fn openapi_json() -> &'static str {
             ValidationFailed,
             UnprocessableRequest,
             UnprocessableRefund,
-            UnprocessableCapture,
             HoldConflict,
             InsufficientFunds,
             FundingDeclined,
@@ -140,7 +144,7 @@ pub fn openapi_json() -> &'static str {
             UnavailableWrite,
         ),
     ),
-    modifiers(&Shared),
+
 )]
 pub struct ApiDoc;
 
@@ -393,14 +397,18 @@ macro_rules! problem_response {
             $(#[$doc])*
             pub struct $name;
 
-            impl<'r> ToResponse<'r> for $name {
-                fn response() -> (&'r str, RefOr<Response>) {
-                    (stringify!($name), RefOr::T($build))
+            impl<'r> utoipa::ToResponse<'r> for $name {
+                fn response() -> (
+                    &'r str,
+                    utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+                ) {
+                    (stringify!($name), utoipa::openapi::RefOr::T($build))
                 }
             }
         )*
     };
 }
+pub(crate) use problem_response;
 
 problem_response! {
     /// 401 `unauthorized`.
@@ -459,25 +467,6 @@ problem_response! {
             "refund_exceeds_payment",
             "Refund exceeds payment",
             "the refund is larger than what is left of the payment",
-        ),
-    );
-    /// 422 for a capture.
-    UnprocessableCapture => problem_with_example(
-        problem(
-            422,
-            "`validation_failed`: the body is not JSON, has unknown fields or wrong types, or \
-             `amount` is invalid, or the `Idempotency-Key` is malformed. \
-             `idempotency_key_reused`: the `Idempotency-Key` was already used by this API key \
-             with a different request. `capture_exceeds_authorization`: the amount to capture is \
-             larger than what was authorized.",
-            &["validation_failed", "idempotency_key_reused", "capture_exceeds_authorization"],
-            &[],
-        ),
-        problem_example(
-            422,
-            "capture_exceeds_authorization",
-            "Capture exceeds authorization",
-            "the amount to capture is larger than the amount authorized",
         ),
     );
     /// 409 for a capture or cancel of a payment that is not held, and for a refund of one
@@ -584,7 +573,12 @@ const UNAVAILABLE: &str = "`shutting_down`: the server is draining before it exi
 /// An `application/problem+json` response of `status` whose code is one of `codes`, with an
 /// example for each `(title, detail)` given: one example is the media type's `example`, several
 /// are its `examples`, named by code and in the order of `codes`.
-fn problem(status: u16, description: &str, codes: &[&str], examples: &[(&str, &str)]) -> Response {
+pub(crate) fn problem(
+    status: u16,
+    description: &str,
+    codes: &[&str],
+    examples: &[(&str, &str)],
+) -> Response {
     let code = if let [code] = codes {
         constant_bare(json!(code))
     } else {
@@ -629,7 +623,7 @@ fn problem(status: u16, description: &str, codes: &[&str], examples: &[(&str, &s
 
 /// `response` with `example` as its one example, for a problem whose example is not of its
 /// first code.
-fn problem_with_example(mut response: Response, example: Value) -> Response {
+pub(crate) fn problem_with_example(mut response: Response, example: Value) -> Response {
     for content in response.content.values_mut() {
         if let RefOr::T(content) = content {
             content.example = Some(example.clone());
@@ -638,7 +632,7 @@ fn problem_with_example(mut response: Response, example: Value) -> Response {
     response
 }
 
-fn problem_example(status: u16, code: &str, title: &str, detail: &str) -> Value {
+pub(crate) fn problem_example(status: u16, code: &str, title: &str, detail: &str) -> Value {
     serde_json::to_value(error::Problem::new(status, code, title, detail))
         .expect("a problem serializes")
 }

@@ -22,7 +22,7 @@ use crate::openapi::{
 };
 use crate::{App, BATCH_BODY_BYTES_MAX, Caller, REQUEST_BODY_BYTES_MAX, render};
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 /// The id in a route's path. One that is not even text (`/v1/payments/%ff`) names nothing:
 /// 404, as any id that is not found.
@@ -39,11 +39,11 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     }
 }
 
-fn json_response(status: StatusCode, value: &Value, replayed: bool) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: &Value, replayed: bool) -> Response {
     bytes_response(status, value.to_string(), replayed)
 }
 
-fn bytes_response(status: StatusCode, body: String, replayed: bool) -> Response {
+pub(crate) fn bytes_response(status: StatusCode, body: String, replayed: bool) -> Response {
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -57,7 +57,7 @@ fn bytes_response(status: StatusCode, body: String, replayed: bool) -> Response 
 }
 
 /// The body of a POST, within `limit` bytes and declared as JSON when it is not empty.
-fn body(
+pub(crate) fn body(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     limit: usize,
@@ -80,7 +80,7 @@ fn body(
 /// The idempotency claim of a POST, if it carries an `Idempotency-Key`. Two requests are the
 /// same when their method, path and parsed bodies are: the body's canonical form is compared,
 /// not its bytes, so a client that re-serializes a request replays it.
-fn claim(
+pub(crate) fn claim(
     caller: &Caller,
     headers: &HeaderMap,
     method: &Method,
@@ -113,7 +113,7 @@ fn claim(
     }))
 }
 
-fn unexpected(outcome: Outcome) -> ApiError {
+pub(crate) fn unexpected(outcome: Outcome) -> ApiError {
     tracing::error!(?outcome, "an outcome that does not answer this command");
     ApiError::from_status(StatusCode::INTERNAL_SERVER_ERROR)
 }
@@ -570,10 +570,15 @@ pub async fn create_payment(
     let command =
         app.service
             .pay_command(payer, merchant, amount, currency, description, reference);
-    let executed = match hold_seconds {
-        None => app.service.submit(Command::Pay(command), claim).await?,
-        Some(secs) => app.service.authorize(command, secs, claim).await?,
+    let command = match hold_seconds {
+        None => Command::Pay(command),
+        Some(secs) => Command::from(HoldCommand::Authorize {
+            pay: command,
+            expires_at: app.service.now().saturating_add_secs(secs),
+            settle_id: farthing_ledger::TransferId(app.service.next_id()),
+        }),
     };
+    let executed = app.service.submit(command, claim).await?;
     respond_payment(executed, StatusCode::CREATED)
 }
 
@@ -867,119 +872,9 @@ pub async fn create_refund(
     respond_refund(executed)
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/payments/{id}/capture",
-    operation_id = "capturePayment",
-    tag = "Payments",
-    summary = "Capture a held payment",
-    description = "**Keys:** operator, or the payment's merchant. Payer keys and other \
-        merchants' keys are answered 404 `not_found`.\n\n\
-        Moves `amount` of a payment made with `\"capture_method\": \"manual\"` (by default, \
-        all that was authorized) from the payer's held money to the merchant, less the fee on \
-        what is captured; the rest goes back to the wallet at once. The payment becomes \
-        `succeeded`, with `amount` what was captured and `amount_authorized` what was held, \
-        and takes its line on the payer's statement. A payment that is not held (paid at once, \
-        or already captured, canceled or expired) is 409 `payment_not_held`; one whose \
-        `capture_before` has passed is 409 `hold_expired`; more than was authorized is 422 \
-        `capture_exceeds_authorization`. The body may be empty.",
-    params(openapi::PaymentIdInPath, openapi::IdempotencyKey),
-    request_body(
-        content = input::CapturePayment,
-        description = "Optional: an empty (or all-whitespace) body captures all that was \
-            authorized.",
-        example = json!({"amount": "0.0010"}),
-    ),
-    responses(
-        (
-            status = 200,
-            description = "The payment was captured.",
-            body = render::PaymentView,
-            headers(("Idempotent-Replayed")),
-        ),
-        (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound),
-        (status = 409, response = openapi::HoldConflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 422, response = openapi::UnprocessableCapture),
-        (status = 429, response = RateLimited),
-        (status = 500, response = InternalError),
-        (status = 503, response = UnavailableWrite),
-    ),
-)]
-pub async fn capture_payment(
-    State(app): State<App>,
-    caller: Caller,
-    PathId(id): PathId,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    let payment = payment_settled_by(&caller, &id)?;
-    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
-    let amount = amount_in_optional_body::<input::CapturePayment>(&raw, app.service.config())?;
-    let claim = claim(&caller, &headers, &method, &uri, &raw)?;
-    let executed = app
-        .service
-        .capture(caller.principal, payment, amount, claim)
-        .await?;
-    respond_payment(executed, StatusCode::OK)
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/payments/{id}/cancel",
-    operation_id = "cancelPayment",
-    tag = "Payments",
-    summary = "Cancel a held payment",
-    description = "**Keys:** operator, or the payment's merchant. Payer keys and other \
-        merchants' keys are answered 404 `not_found`.\n\n\
-        Gives a payment made with `\"capture_method\": \"manual\"` back to the payer: the \
-        held amount is available in the wallet again, and the payment becomes `canceled` with \
-        `cancellation_reason` `requested`. A payment that is not held (paid at once, or \
-        already captured, canceled or expired) is 409 `payment_not_held`. The body must be \
-        empty.",
-    params(openapi::PaymentIdInPath, openapi::IdempotencyKey),
-    responses(
-        (
-            status = 200,
-            description = "The payment was canceled.",
-            body = render::PaymentView,
-            headers(("Idempotent-Replayed")),
-        ),
-        (status = 401, response = Unauthorized),
-        (status = 404, response = NotFound),
-        (status = 409, response = openapi::HoldConflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 422, response = UnprocessableRequest),
-        (status = 429, response = RateLimited),
-        (status = 500, response = InternalError),
-        (status = 503, response = UnavailableWrite),
-    ),
-)]
-pub async fn cancel_payment(
-    State(app): State<App>,
-    caller: Caller,
-    PathId(id): PathId,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    let payment = payment_settled_by(&caller, &id)?;
-    let raw = body(&headers, raw, REQUEST_BODY_BYTES_MAX)?;
-    if !raw.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::validation("canceling a payment takes no body"));
-    }
-    let claim = claim(&caller, &headers, &method, &uri, &raw)?;
-    let executed = app.service.cancel(caller.principal, payment, claim).await?;
-    respond_payment(executed, StatusCode::OK)
-}
-
 /// The payment a refund, capture or cancel names: only its merchant and the operator settle
 /// a payment, and a payer is answered as if there were none.
-fn payment_settled_by(caller: &Caller, id: &str) -> Result<PaymentId, ApiError> {
+pub(crate) fn payment_settled_by(caller: &Caller, id: &str) -> Result<PaymentId, ApiError> {
     let payment = PaymentId::parse(id).ok_or_else(|| ApiError::not_found("payment"))?;
     if matches!(caller.principal, Principal::Payer(_)) {
         return Err(ApiError::not_found("payment"));
@@ -988,7 +883,9 @@ fn payment_settled_by(caller: &Caller, id: &str) -> Result<PaymentId, ApiError> 
 }
 
 /// The `amount` of a body that may be empty (all of what is left, then).
-fn amount_in_optional_body<T: serde::de::DeserializeOwned + Default + input::OptionalAmount>(
+pub(crate) fn amount_in_optional_body<
+    T: serde::de::DeserializeOwned + Default + input::OptionalAmount,
+>(
     raw: &Bytes,
     config: &farthing_service::Config,
 ) -> Result<Option<farthing_ledger::Amount>, ApiError> {
@@ -1004,9 +901,10 @@ fn amount_in_optional_body<T: serde::de::DeserializeOwned + Default + input::Opt
 }
 
 /// A payment made, held, captured or canceled, answered with `status`.
-fn respond_payment(executed: Executed, status: StatusCode) -> ApiResult {
+pub(crate) fn respond_payment(executed: Executed, status: StatusCode) -> ApiResult {
     match executed.outcome {
-        Outcome::Paid(payment) | Outcome::HoldChanged(payment) => {
+        Outcome::Paid(payment)
+        | Outcome::Room(RoomOutcome::Holds(HoldOutcome::Changed(payment))) => {
             let body = serde_json::to_string(&render::payment_view(&payment))
                 .expect("a payment view serializes");
             Ok(bytes_response(status, body, executed.replayed))

@@ -1,6 +1,6 @@
 //! The OpenAPI document served at `/openapi.json` describes what the code does: every route the
-//! router registers, with the same methods; every error code `error.rs` can produce; and no
-//! reference that leads nowhere.
+//! router and each room register, with the same methods; every error code `error.rs` and each
+//! room's refusals can produce; and no reference that leads nowhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -60,13 +60,36 @@ fn first_string_literal(text: &str) -> Option<(&str, &str)> {
     Some((&text[start..start + length], &text[start + length + 1..]))
 }
 
-/// Every `.route("path", method(...)...)` call of the router, as path → methods. Calls may span
-/// several lines; the methods are the `get(`/`post(`/… method-router calls inside them.
+/// The sources that register routes: the router's, then each room's (`src/rooms/*.rs`).
+fn router_sources() -> Vec<String> {
+    let rooms = concat!(env!("CARGO_MANIFEST_DIR"), "/src/rooms");
+    let mut sources = vec![ROUTER_SOURCE.to_string()];
+    let mut files: Vec<_> = std::fs::read_dir(rooms)
+        .expect("the rooms' routes read")
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "rs"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no room registers routes");
+    for file in files {
+        sources.push(std::fs::read_to_string(file).expect("a room's routes read"));
+    }
+    sources
+}
+
+/// Every `.route("path", method(...)...)` call of the router and the rooms, as path →
+/// methods. Calls may span several lines; the methods are the `get(`/`post(`/… method-router
+/// calls inside them.
 fn router_routes() -> BTreeMap<String, BTreeSet<String>> {
     let mut routes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (at, _) in ROUTER_SOURCE.match_indices(".route(") {
+    let sources = router_sources();
+    for (source, at) in sources.iter().flat_map(|source| {
+        source
+            .match_indices(".route(")
+            .map(move |(at, _)| (source, at))
+    }) {
         let open = at + ".route".len();
-        let call = &ROUTER_SOURCE[open..call_end(ROUTER_SOURCE, open)];
+        let call = &source[open..call_end(source, open)];
         let (path, handlers) = first_string_literal(call).expect("a route names its path");
         let mut methods = BTreeSet::new();
         for method in HTTP_METHODS {
@@ -85,9 +108,11 @@ fn router_routes() -> BTreeMap<String, BTreeSet<String>> {
     routes
 }
 
-/// Every code given to `ApiError::new` in `error.rs`: its second argument.
+/// Every code given to `ApiError::new` in `error.rs` (its second argument), and every code
+/// of a room's refusals, which `error.rs` answers through `explained.code`.
 fn error_codes() -> BTreeSet<String> {
     let mut codes = BTreeSet::new();
+    let mut rooms_answered = false;
     for (at, _) in ERRORS_SOURCE.match_indices("ApiError::new(") {
         let open = at + "ApiError::new".len();
         let call = &ERRORS_SOURCE[open + 1..call_end(ERRORS_SOURCE, open) - 1];
@@ -95,6 +120,10 @@ fn error_codes() -> BTreeSet<String> {
             .split_once(',')
             .expect("ApiError::new takes a status first");
         let rest = rest.trim_start();
+        if rest.starts_with("explained.code") {
+            rooms_answered = true;
+            continue;
+        }
         assert!(
             rest.starts_with('"'),
             "the code of ApiError::new({call}) is not a string literal"
@@ -102,6 +131,14 @@ fn error_codes() -> BTreeSet<String> {
         let (code, _) = first_string_literal(rest).expect("a code literal");
         codes.insert(code.to_string());
     }
+    assert!(rooms_answered, "error.rs answers rooms' refusals");
+    let every = farthing_payments::RoomRejection::every();
+    assert!(!every.is_empty(), "rooms refuse something");
+    codes.extend(
+        every
+            .iter()
+            .map(|rejection| rejection.explain().code.to_string()),
+    );
     codes
 }
 
@@ -244,6 +281,8 @@ fn every_error_code_that_error_rs_can_produce_is_documented() {
         "rate_limited",
         "shutting_down",
         "storage_unavailable",
+        "payment_not_held",
+        "capture_exceeds_authorization",
     ] {
         assert!(codes.contains(code), "{code} was not found in error.rs");
     }

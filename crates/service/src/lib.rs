@@ -446,7 +446,7 @@ impl Service {
     }
 
     /// Starts the task that expires holds: every [`HOLD_EXPIRY_TICK`], an
-    /// [`Command::ExpireHolds`] when one is due (every server of a shared store looks; the
+    /// [`HoldCommand::Expire`] when one is due (every server of a shared store looks; the
     /// first to expire a hold does, and the others find it settled). It ends when the
     /// service stops.
     fn start_expiring_holds(&self) {
@@ -481,54 +481,15 @@ impl Service {
             if !due {
                 return Ok(());
             }
-            let executed = self.submit(Command::ExpireHolds { at }, None).await?;
+            let executed = self
+                .submit(Command::from(HoldCommand::Expire { at }), None)
+                .await?;
             match executed.outcome {
-                Outcome::HoldsExpired { count } if count == EXPIRED_PER_COMMAND_MAX as usize => {}
+                Outcome::Room(RoomOutcome::Holds(HoldOutcome::Expired { count }))
+                    if count == EXPIRED_PER_COMMAND_MAX as usize => {}
                 _ => return Ok(()),
             }
         }
-    }
-
-    /// Places a hold for `pay`, to be captured within `hold_secs`.
-    pub async fn authorize(
-        &self,
-        pay: PayCommand,
-        hold_secs: u64,
-        idempotency: Option<IdempotencyClaim>,
-    ) -> Result<Executed, ServiceError> {
-        let command = Command::Authorize {
-            pay,
-            expires_at: self.now().saturating_add_secs(hold_secs),
-            settle_id: TransferId(self.next_id()),
-        };
-        self.submit(command, idempotency).await
-    }
-
-    /// Captures a held payment, all of it or `amount`.
-    pub async fn capture(
-        &self,
-        caller: Principal,
-        payment: PaymentId,
-        amount: Option<Amount>,
-        idempotency: Option<IdempotencyClaim>,
-    ) -> Result<Executed, ServiceError> {
-        let command = Command::Capture {
-            payment,
-            amount,
-            caller,
-        };
-        self.submit(command, idempotency).await
-    }
-
-    /// Cancels a held payment.
-    pub async fn cancel(
-        &self,
-        caller: Principal,
-        payment: PaymentId,
-        idempotency: Option<IdempotencyClaim>,
-    ) -> Result<Executed, ServiceError> {
-        self.submit(Command::Cancel { payment, caller }, idempotency)
-            .await
     }
 
     /// The time now, on the service's clock.
@@ -625,6 +586,27 @@ impl Service {
     ) -> Result<Option<Payment>, ServiceError> {
         let payment = self.shared.reads.payment(id).await?;
         Ok(payment.filter(|payment| State::may_see(caller, payment)))
+    }
+
+    /// The state row of a room's kind `K` under `id`, from whichever store: what a room's
+    /// routes read its objects with. Who may see it is the room's to decide.
+    pub async fn row<K: Kind>(&self, id: u128) -> Result<Option<K::Row>, ServiceError> {
+        let Some(stored) = self.shared.reads.row(K::TAG, id).await? else {
+            return Ok(None);
+        };
+        match stored.decode::<K>() {
+            Some(Ok(row)) => Ok(Some(row)),
+            Some(Err(error)) => Err(StoreError::Database(format!(
+                "a {} row does not read: {error}",
+                K::TABLE
+            ))
+            .into()),
+            None => Err(StoreError::Database(format!(
+                "a {} row came back under another tag",
+                K::TABLE
+            ))
+            .into()),
+        }
     }
 
     /// Payments `caller` may see, newest first, after `starting_after`; `None` when the

@@ -7,6 +7,7 @@ use farthing_ledger::{Currency, Timestamp};
 use farthing_payments::disk::DiskError;
 use farthing_payments::{
     EntryObject, KeyHash, MerchantId, Page, PayerId, Payment, PaymentId, Principal, State,
+    StoredRow,
 };
 use farthing_store::{Reads, StatementPage, StoreError, StoreFuture};
 
@@ -45,6 +46,10 @@ impl Reads for StateReads {
 
     fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>> {
         ready(self.state().payment(id))
+    }
+
+    fn row(&self, tag: u8, id: u128) -> StoreFuture<'_, Option<StoredRow>> {
+        ready(self.state().row(tag, id))
     }
 
     fn next_hold_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {

@@ -875,3 +875,56 @@ async fn an_installation_in_one_journal_file_starts_on_the_bounded_store_and_ans
     );
     shutdown(service).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_row_is_read_by_its_id_as_it_stands_and_an_unknown_id_reads_none() {
+    let dir = TempDir::new("room_row");
+    let service = open(&dir, manual_clock(), None).await.service;
+    let (payer, _) = create_payer(&service, "Ada").await;
+    let (merchant, _) = create_merchant(&service, "Shop", None).await;
+    topup(&service, payer, units(5), usd()).await;
+    let pay = service.pay_command(payer, merchant, units(2), usd(), None, None);
+    let id = pay.id;
+    let authorize = HoldCommand::Authorize {
+        pay,
+        expires_at: Timestamp(EPOCH + 60_000_000),
+        settle_id: farthing_ledger::TransferId(service.next_id()),
+    };
+    let placed = service
+        .submit(authorize.into(), None)
+        .await
+        .expect("submits");
+    assert!(matches!(
+        placed.outcome,
+        Outcome::Room(RoomOutcome::Holds(HoldOutcome::Changed(_)))
+    ));
+
+    let row = service
+        .row::<HoldKind>(id.to_u128())
+        .await
+        .expect("reads")
+        .expect("the hold is there");
+    assert_eq!(row.payment, id);
+    assert_eq!(row.hold.status, HoldStatus::Held);
+    assert_eq!(row.hold.amount_authorized, units(2));
+
+    let capture = HoldCommand::Capture {
+        payment: id,
+        amount: Some(units(1)),
+        caller: Principal::Merchant(merchant),
+    };
+    service.submit(capture.into(), None).await.expect("submits");
+    let row = service
+        .row::<HoldKind>(id.to_u128())
+        .await
+        .expect("reads")
+        .expect("the hold is there");
+    assert_eq!(row.hold.status, HoldStatus::Captured);
+    assert_eq!(row.hold.amount_captured, units(1));
+
+    assert_eq!(
+        service.row::<HoldKind>(u128::MAX - 3).await.expect("reads"),
+        None
+    );
+    shutdown(service).await;
+}

@@ -100,11 +100,9 @@ async fn apply_with(
     // Whether to work the batch out from the forecast (not while it cools down). A batch
     // that settles a hold reads the hold's record and its accounts' pending totals together,
     // and only locked accounts are sure to agree with a record read now: it locks first.
-    let settles_holds = records.iter().any(|record| {
-        matches!(
-            record.command,
-            Command::Capture { .. } | Command::Cancel { .. } | Command::ExpireHolds { .. }
-        )
+    let settles_holds = records.iter().any(|record| match &record.command {
+        Command::Room(command) => command.settles_pending(),
+        _ => false,
     });
     let mut foresee = forecast.is_some_and(Forecast::usable) && !settles_holds;
     loop {

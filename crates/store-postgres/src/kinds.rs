@@ -9,7 +9,7 @@ use farthing_ledger::Currency;
 use farthing_payments::StoredRow;
 use farthing_payments::kinds::KindInfo;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Row, Transaction};
+use tokio_postgres::{GenericClient, Row, Transaction};
 
 use crate::PgError;
 use crate::apply::{Id, id16};
@@ -320,6 +320,36 @@ pub(crate) async fn load_stored(
             })
         })
         .collect()
+}
+
+/// The row of the registered kind `tag` under `id`, unlocked (a read of the API's).
+pub(crate) async fn row(
+    client: &impl GenericClient,
+    tag: u8,
+    id: u128,
+) -> Result<Option<StoredRow>, PgError> {
+    let Some(info) = KindInfo::of_tag(tag) else {
+        return Ok(None);
+    };
+    let columns = (info.columns)();
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {} = $1",
+        select_list(&columns),
+        info.table,
+        columns[0].name
+    );
+    let row = client
+        .query_typed_opt(&sql, &[(&id16(id), Type::UUID)])
+        .await?;
+    row.map(|row| {
+        let (id, bytes) = crate::rows::read_with(&row, info.get)?;
+        Ok(StoredRow {
+            tag: info.tag,
+            id,
+            bytes,
+        })
+    })
+    .transpose()
 }
 
 /// Every row of a registered kind, by id, as an export reads them.

@@ -134,6 +134,15 @@ pub async fn payment(
     row.as_ref().map(payment_with_hold_of).transpose()
 }
 
+/// The state row of the registered kind `tag` under `id` ([`Reads::row`](farthing_store::Reads)).
+pub async fn row(
+    client: &impl GenericClient,
+    tag: u8,
+    id: u128,
+) -> Result<Option<farthing_payments::StoredRow>, PgError> {
+    crate::kinds::row(client, tag, id).await
+}
+
 /// The earliest deadline of a live hold (from the index of live holds).
 pub async fn next_hold_deadline(
     client: &impl GenericClient,

@@ -411,6 +411,14 @@ impl Reads for PgStore {
         }))
     }
 
+    fn row(&self, tag: u8, id: u128) -> StoreFuture<'_, Option<farthing_payments::StoredRow>> {
+        Box::pin(self.timed(async move {
+            let mut pooled = self.pooled().await?;
+            let result = query::row(pooled.client(), tag, id).await;
+            pooled.finish(result)
+        }))
+    }
+
     fn next_hold_deadline(&self) -> StoreFuture<'_, Option<Timestamp>> {
         Box::pin(self.timed(async move {
             let mut pooled = self.pooled().await?;

@@ -713,7 +713,7 @@ async fn a_batch_of_two_expiries_voids_a_thousand_holds_each_as_in_memory() {
         .map(|n| {
             record(
                 1_000_000,
-                Command::Authorize {
+                Command::from(HoldCommand::Authorize {
                     pay: PayCommand {
                         transfer_ids: [TransferId(10_000 + 3 * n), TransferId(10_001 + 3 * n)],
                         ..pay_item((n * 7_919) % count + 1_000, payer, merchant, 1)
@@ -723,7 +723,7 @@ async fn a_batch_of_two_expiries_voids_a_thousand_holds_each_as_in_memory() {
                         farthing_testing::EPOCH + 10_000_000 + (n as u64 * 31) % 97 * 1_000_000,
                     ),
                     settle_id: TransferId(10_002 + 3 * n),
-                },
+                }),
             )
         })
         .collect();
@@ -738,9 +738,9 @@ async fn a_batch_of_two_expiries_voids_a_thousand_holds_each_as_in_memory() {
     }
     let expire = record(
         200_000_000,
-        Command::ExpireHolds {
+        Command::from(HoldCommand::Expire {
             at: Timestamp(farthing_testing::EPOCH + 200_000_000),
-        },
+        }),
     );
     let mut later = expire.clone();
     later.now = Timestamp(later.now.0 + 1);

@@ -18,7 +18,7 @@ use std::pin::Pin;
 use farthing_ledger::{Currency, Timestamp};
 use farthing_payments::{
     Entry, EntryObject, IdempotencyKey, KeyHash, MerchantId, Outcome, Page, PayerId, Payment,
-    PaymentId, Principal, Record,
+    PaymentId, Principal, Record, StoredRow,
 };
 
 /// A storage failure. A rejection of a payment is never a `StoreError`: those are outcomes.
@@ -153,6 +153,9 @@ pub trait Reads: Send + Sync + 'static {
     /// A merchant's available balances, sorted by currency; `None` for an unknown merchant.
     fn merchant_balances(&self, id: MerchantId) -> StoreFuture<'_, Option<Vec<(Currency, i128)>>>;
     fn payment(&self, id: PaymentId) -> StoreFuture<'_, Option<Payment>>;
+    /// The state row of the registered kind `tag` under `id` ([`farthing_payments::kinds`]),
+    /// in its stored form: how a room's objects are read, with no query of their own.
+    fn row(&self, tag: u8, id: u128) -> StoreFuture<'_, Option<StoredRow>>;
     /// The earliest deadline of a live hold: when an expiry is next due.
     fn next_hold_deadline(&self) -> StoreFuture<'_, Option<Timestamp>>;
     /// Payments `principal` may see, newest first, after `starting_after`; `None` when the

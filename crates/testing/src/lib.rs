@@ -83,7 +83,7 @@ pub fn many_holds() -> (Vec<Record>, Vec<PaymentId>) {
         holds.push(id);
         records.push(record_at(
             MICROS_PER_SEC,
-            Command::Authorize {
+            Command::from(HoldCommand::Authorize {
                 pay: PayCommand {
                     id,
                     payer,
@@ -96,7 +96,7 @@ pub fn many_holds() -> (Vec<Record>, Vec<PaymentId>) {
                 },
                 expires_at: Timestamp(EPOCH + (10 + (n * 31) as u64 % 97) * MICROS_PER_SEC),
                 settle_id: TransferId(10_002 + 3 * n),
-            },
+            }),
         ));
     }
     (records, holds)
@@ -769,11 +769,11 @@ impl Builder {
                 };
                 // A later step that reuses transfer ids may take this hold's.
                 self.transfer_ids.push([settle_id, pay.transfer_ids[1]]);
-                Command::Authorize {
+                Command::from(HoldCommand::Authorize {
                     pay,
                     expires_at: Timestamp(deadline),
                     settle_id,
-                }
+                })
             }
             OpSpec::Capture {
                 payment,
@@ -796,22 +796,22 @@ impl Builder {
                     )),
                     CaptureAmount::Over => Some(Amount::from_micros(authorized.saturating_add(1))),
                 };
-                Command::Capture {
+                Command::from(HoldCommand::Capture {
                     payment: payment_id,
                     amount,
                     caller: self.caller(caller, target.as_ref()),
-                }
+                })
             }
             OpSpec::Cancel { payment, caller } => {
                 let (payment_id, target) = self.payment(payment, state);
-                Command::Cancel {
+                Command::from(HoldCommand::Cancel {
                     payment: payment_id,
                     caller: self.caller(caller, target.as_ref()),
-                }
+                })
             }
-            OpSpec::ExpireHolds { back_secs } => Command::ExpireHolds {
+            OpSpec::ExpireHolds { back_secs } => Command::from(HoldCommand::Expire {
                 at: Timestamp(self.now.saturating_sub(back_secs * MICROS_PER_SEC)),
-            },
+            }),
             OpSpec::Prune { age_secs } => Command::PruneIdempotencyKeys {
                 before: Timestamp(self.now.saturating_sub(age_secs * MICROS_PER_SEC)),
             },

@@ -23,24 +23,8 @@ impl State {
     /// reads are loaded ([`State::load_for`]).
     pub fn refusal(&self, command: &Command) -> Option<Rejection> {
         match command {
-            Command::Pay(pay) | Command::Authorize { pay, .. } => {
-                if self.parties.merchant(pay.merchant).is_none() {
-                    return Some(Rejection::MerchantNotFound);
-                }
-                if self.parties.payer(pay.payer).is_none() {
-                    return Some(Rejection::PayerNotFound);
-                }
-                if pay.amount.is_zero() {
-                    return Some(Rejection::AmountNotPositive);
-                }
-                match self.account_of_owner(Owner::Payer(pay.payer), pay.currency) {
-                    None => Some(Rejection::InsufficientFunds),
-                    Some(wallet) if self.certainly_short(wallet, pay) => {
-                        Some(Rejection::InsufficientFunds)
-                    }
-                    Some(_) => None,
-                }
-            }
+            Command::Pay(pay) => self.pay_refusal(pay),
+            Command::Room(command) => command.refused(self),
             Command::Topup {
                 payer,
                 amount,
@@ -68,7 +52,7 @@ impl State {
                     Err(rejection) => return Some(rejection),
                 };
                 if !payment.is_settled() {
-                    return Some(Rejection::PaymentNotCaptured);
+                    return Some(HoldRejection::PaymentNotCaptured.into());
                 }
                 let remaining = payment
                     .amount
@@ -78,6 +62,25 @@ impl State {
                 (amount.is_zero() || amount > remaining).then_some(Rejection::RefundExceedsPayment)
             }
             _ => None,
+        }
+    }
+
+    /// How a new payment (paid at once or held) would be refused now, from its checks before
+    /// money moves; see [`State::refusal`].
+    pub(crate) fn pay_refusal(&self, pay: &PayCommand) -> Option<Rejection> {
+        if self.parties.merchant(pay.merchant).is_none() {
+            return Some(Rejection::MerchantNotFound);
+        }
+        if self.parties.payer(pay.payer).is_none() {
+            return Some(Rejection::PayerNotFound);
+        }
+        if pay.amount.is_zero() {
+            return Some(Rejection::AmountNotPositive);
+        }
+        match self.account_of_owner(Owner::Payer(pay.payer), pay.currency) {
+            None => Some(Rejection::InsufficientFunds),
+            Some(wallet) if self.certainly_short(wallet, pay) => Some(Rejection::InsufficientFunds),
+            Some(_) => None,
         }
     }
 
@@ -381,6 +384,26 @@ impl State {
 
     pub(crate) fn hold_any(&self, id: PaymentId) -> Result<Option<Hold>, DiskError> {
         Ok(self.row_any::<HoldKind>(id.to_u128())?.map(|row| row.hold))
+    }
+
+    /// The state row of the registered kind `tag` under `id`, in its stored form, from
+    /// memory or else from disk: how a room's object is read through any backend
+    /// ([`StoredRow::decode`] gives it back as its row).
+    pub fn row(&self, tag: u8, id: u128) -> Result<Option<StoredRow>, DiskError> {
+        let Some(rows) = self.kinds.tag(tag) else {
+            return Ok(None);
+        };
+        if rows.knows(id) {
+            return Ok(rows.get_stored(id));
+        }
+        match self.disk() {
+            Some(disk) => {
+                Ok(disk
+                    .state(&disk::row_key(tag, id))?
+                    .map(|bytes| StoredRow { tag, id, bytes }))
+            }
+            None => Ok(None),
+        }
     }
 
     /// A state row of kind `K`, from memory or else from disk.

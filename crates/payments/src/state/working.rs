@@ -12,6 +12,7 @@ use crate::disk::PartyLists;
 use crate::history::{PaymentRow, RefundRow, Refunded, TopupRow};
 use crate::ids::{PayerId, PaymentId};
 use crate::model::*;
+use crate::rooms::RoomBatches;
 use crate::working_set::*;
 
 /// Working sets: what a record reads, loading objects into a state that holds only those, and
@@ -39,34 +40,32 @@ impl State {
     /// [`State::needs_of`] with lists neither sorted nor free of repeats: what a cache loads
     /// from is found by lookups, so it spares the sort.
     pub fn needs_unsorted(&self, claim: Option<&IdempotencyClaim>, command: &Command) -> Needs {
-        self.needs_after(claim, command, 0)
+        self.needs_after(claim, command, &mut RoomBatches::default())
     }
 
     /// What applying these commands (with their idempotency claims) one after another reads:
-    /// [`State::needs_unsorted`] of each, except that an expiry after others in the batch
-    /// reads the due holds those may void before its own, as a batch applied to what was
-    /// loaded must find them. Lists neither sorted nor free of repeats.
+    /// [`State::needs_unsorted`] of each, except that a room's command reads what earlier
+    /// ones of the batch leave for it (an expiry after others reads the due holds those may
+    /// release before its own), as a batch applied to what was loaded must find them. Lists
+    /// neither sorted nor free of repeats.
     pub fn needs_of_batch<'a>(
         &self,
         commands: impl IntoIterator<Item = (Option<&'a IdempotencyClaim>, &'a Command)>,
     ) -> Needs {
         let mut needs = Needs::default();
-        let mut expiries = 0;
+        let mut batch = RoomBatches::default();
         for (claim, command) in commands {
-            needs.append(self.needs_after(claim, command, expiries));
-            if matches!(command, Command::ExpireHolds { .. }) {
-                expiries += 1;
-            }
+            needs.append(self.needs_after(claim, command, &mut batch));
         }
         needs
     }
 
-    /// [`State::needs_unsorted`] of a command that follows `expiries` expiries in its batch.
+    /// [`State::needs_unsorted`] of a command that follows what `batch` says of its batch.
     fn needs_after(
         &self,
         claim: Option<&IdempotencyClaim>,
         command: &Command,
-        expiries: usize,
+        batch: &mut RoomBatches,
     ) -> Needs {
         let mut needs = Needs::default();
         if let Some(claim) = claim {
@@ -112,7 +111,7 @@ impl State {
                 transfer_ids,
                 ..
             } => {
-                needs.add_payment_read(*payment);
+                needs.add_payment_existing(*payment);
                 needs.refunds.push(*id);
                 needs.transfers.extend(transfer_ids);
                 match self.payment_held(*payment) {
@@ -129,50 +128,13 @@ impl State {
                     None => needs.incomplete = true,
                 }
             }
-            Command::Authorize { pay, settle_id, .. } => {
-                needs.add_pay(pay);
-                needs.transfers.push(*settle_id);
-            }
-            Command::Capture { payment, .. } | Command::Cancel { payment, .. } => {
-                self.add_hold_needs(*payment, &mut needs);
-            }
-            Command::ExpireHolds { at } => {
-                // A working set learns which holds are due from its store; a whole state or a
-                // cache holds every live one.
-                needs.holds_due = Some(*at);
-                needs.incomplete = true;
-                // Those before it void at most as many, all among the first due by `at` (or
-                // due later than that); it voids at most as many of the rest.
-                let voided = EXPIRED_PER_COMMAND_MAX as usize * (expiries + 1);
-                for id in self.holds().due(*at, voided) {
-                    self.add_hold_needs(id, &mut needs);
-                }
-            }
             // A prune reads nothing: keys a working set holds are forgotten as in a whole
             // state, and the store forgets the rest by their age (`Changes::prunes`).
             Command::PruneIdempotencyKeys { .. } => {}
             Command::Import(items) => needs.add_import(items),
+            Command::Room(command) => command.needs(self, batch, &mut needs),
         }
         needs
-    }
-
-    /// What settling `payment`'s hold reads: the payment, then (once it is held) its parties,
-    /// its three accounts and its hold's transfers.
-    fn add_hold_needs(&self, payment: PaymentId, needs: &mut Needs) {
-        needs.add_payment_read(payment);
-        match self.payment_held(payment) {
-            Some(payment) => {
-                needs.payers.push(payment.payer);
-                needs.merchants.push(payment.merchant);
-                needs.add_payment_accounts(payment.payer, payment.merchant, payment.currency);
-                if let Some(hold) = payment.hold {
-                    let [hold_id, settle_id, fee_id] = hold.transfers;
-                    needs.held_transfers.push(hold_id);
-                    needs.transfers.extend([settle_id, fee_id]);
-                }
-            }
-            None => needs.incomplete = true,
-        }
     }
 
     /// An empty state that tracks what applying records changes, to be filled with the loaded

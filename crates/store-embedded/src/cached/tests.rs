@@ -78,6 +78,14 @@ fn same_answers(whole: &State, cache: &State, builder: &Builder) -> Result<(), T
     }
     for id in &builder.payment_ids {
         prop_assert_eq!(whole.payment(*id).unwrap(), cache.payment(*id).unwrap());
+        // Rows of every registered kind, from memory or from the engine alike.
+        for info in farthing_payments::kinds::KINDS {
+            let id = id.to_u128();
+            prop_assert_eq!(
+                whole.row(info.tag, id).unwrap(),
+                cache.row(info.tag, id).unwrap()
+            );
+        }
     }
     let mut principals = vec![Principal::Operator];
     for payer in builder
@@ -286,7 +294,10 @@ fn a_batch_of_expiries_over_a_restarted_cache_voids_what_a_whole_state_does() {
     let mut cache = restart(&engine, &records, &expected);
     assert_eq!(cache.live_holds(), whole.live_holds());
 
-    let expire = record(at(200), Command::ExpireHolds { at: at(200) });
+    let expire = record(
+        at(200),
+        Command::from(farthing_payments::HoldCommand::Expire { at: at(200) }),
+    );
     let batch = [expire.clone(), expire];
     cache.load_for(&batch).expect("the engine reads");
     for record in &batch {

@@ -18,6 +18,8 @@ pub(super) struct Wanted {
     merchants: BTreeSet<MerchantId>,
     payers: BTreeSet<PayerId>,
     payments: BTreeSet<PaymentId>,
+    /// Payments read that exist: never assumed new.
+    payments_existing: BTreeSet<PaymentId>,
     topups: BTreeSet<TopupId>,
     refunds: BTreeSet<RefundId>,
     accounts: BTreeSet<(Owner, Currency)>,
@@ -27,7 +29,7 @@ pub(super) struct Wanted {
     /// State rows of registered kinds, by tag and id.
     rows: BTreeSet<(u8, u128)>,
     /// An expiry's time: the live holds due by then are looked up and loaded.
-    holds_due: Option<Timestamp>,
+    holds_due: Option<(Timestamp, usize)>,
     idempotency_keys: BTreeSet<IdempotencyKey>,
 }
 
@@ -45,6 +47,7 @@ pub(super) fn wanted_by(working: &State, records: &[Record]) -> Wanted {
         merchants: all.merchants.into_iter().collect(),
         payers: all.payers.into_iter().collect(),
         payments: all.payments.into_iter().collect(),
+        payments_existing: all.payments_existing.into_iter().collect(),
         topups: all.topups.into_iter().collect(),
         refunds: all.refunds.into_iter().collect(),
         accounts: all.accounts.into_iter().collect(),
@@ -83,6 +86,7 @@ pub(super) fn take_new(wanted: &Wanted, asked: &mut Wanted) -> Wanted {
         merchants: new(&wanted.merchants, &mut asked.merchants),
         payers: new(&wanted.payers, &mut asked.payers),
         payments: new(&wanted.payments, &mut asked.payments),
+        payments_existing: BTreeSet::new(),
         topups: new(&wanted.topups, &mut asked.topups),
         refunds: new(&wanted.refunds, &mut asked.refunds),
         accounts: BTreeSet::new(),
@@ -182,30 +186,14 @@ impl Assumed {
     }
 }
 
-/// Payments that records refund, capture or cancel: they exist, and are loaded (and
-/// locked), never assumed new.
-pub(super) fn existing_payments(records: &[Record]) -> BTreeSet<PaymentId> {
-    records
-        .iter()
-        .filter_map(|record| match &record.command {
-            Command::Refund { payment, .. }
-            | Command::Capture { payment, .. }
-            | Command::Cancel { payment, .. } => Some(*payment),
-            _ => None,
-        })
-        .collect()
-}
-
 /// The payments whose holds are due by `at`, as expiries take them: oldest deadline first, at
-/// most as many as `expiries` expiries void (a batch may hold more than one).
+/// most `most` (what a batch's expiries may release together, [`Needs::holds_due`]).
 async fn due_holds(
     transaction: &Transaction<'_>,
     at: Timestamp,
-    expiries: usize,
+    most: usize,
 ) -> Result<Vec<PaymentId>, PgError> {
-    let limit = i64::try_from(expiries)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(i64::from(farthing_payments::EXPIRED_PER_COMMAND_MAX));
+    let limit = i64::try_from(most).unwrap_or(i64::MAX);
     let rows = transaction
         .query_typed(
             "SELECT payment FROM holds WHERE status = 1 AND expires_at <= $1
@@ -258,30 +246,25 @@ pub(super) async fn load_working_set(
     let mut working = State::new_working_set();
     let mut asked = Wanted::default();
     let mut assumed = Assumed::default();
-    let mut existing = if assume_new_ids_free {
-        existing_payments(records)
-    } else {
-        BTreeSet::new()
-    };
+    // Payments read that exist (refunded, or whose hold is settled): loaded and locked,
+    // never assumed new.
+    let mut existing = BTreeSet::new();
     // A refund names only its payment: its payer and accounts are known once that is loaded,
     // in a second round. A batch without such a record is done in one.
     loop {
         let mut wanted = wanted_by(&working, records);
         if assume_new_ids_free {
+            existing.extend(std::mem::take(&mut wanted.payments_existing));
             wanted.assume_free(&existing, &mut assumed);
         }
         if let Some(forecast) = forecast {
             take_known_parties(forecast, &wanted, &mut asked, &mut working)?;
         }
         let mut fresh = take_new(&wanted, &mut asked);
-        if let Some(at) = fresh.holds_due {
+        if let Some((at, most)) = fresh.holds_due {
             // Read without a lock: each is locked with its payment below, and read again
             // then, so a hold settled meanwhile is seen settled.
-            let expiries = records
-                .iter()
-                .filter(|record| matches!(record.command, Command::ExpireHolds { .. }))
-                .count();
-            for id in due_holds(transaction, at, expiries).await? {
+            for id in due_holds(transaction, at, most).await? {
                 existing.insert(id);
                 if asked.payments.insert(id) {
                     fresh.payments.insert(id);
