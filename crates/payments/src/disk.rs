@@ -8,6 +8,7 @@
 
 use farthing_kernel::{Binary, BinaryReader, DecodeError, Fields, Get, Put};
 use farthing_ledger::{AccountId, Currency, Timestamp, TransferId};
+use smallvec::SmallVec;
 
 use crate::ids::{MerchantId, PayerId, PaymentId};
 use crate::model::*;
@@ -200,7 +201,9 @@ pub struct PartyLists {
     pub newest_payment: Option<PaymentId>,
     /// The payer's newest statement line (merchants have no statement).
     pub newest_line: Option<EntryObject>,
-    pub accounts: Vec<(Currency, AccountId)>,
+    /// Most parties hold one currency: its account is kept in place, with no allocation of
+    /// its own (a million cached payers hold a million of these).
+    pub accounts: SmallVec<[(Currency, AccountId); 1]>,
 }
 
 impl Fields for PartyLists {
@@ -231,7 +234,7 @@ impl Fields for PartyLists {
             None
         };
         let count = input.word("account_count")?;
-        let mut accounts = Vec::new();
+        let mut accounts = SmallVec::new();
         for _ in 0..count {
             accounts.push((
                 input.currency("currency")?,
