@@ -46,6 +46,14 @@ pub struct BenchArgs {
     /// Soak: funded payers the payments are spread over.
     #[arg(long, default_value_t = 1_000_000)]
     soak_payers: usize,
+    /// Soak: the cache budget in MiB, as `serve --cache-mib` takes it (the server's default
+    /// unless given).
+    #[arg(long, default_value_t = farthing_service::CACHE_BYTES_DEFAULT >> 20)]
+    soak_cache_mib: usize,
+    /// Soak: history rows between checkpoints, as `serve --checkpoint-rows` takes it (the
+    /// server's default unless given).
+    #[arg(long, default_value_t = farthing_service::CHECKPOINT_ROWS_DEFAULT)]
+    soak_checkpoint_rows: usize,
     /// Seconds of load per HTTP measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -161,9 +169,18 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         };
     }
     if parts.contains(&"soak") {
-        report["soak"] = crate::soak::soak(&root, args.soak_payments, args.soak_payers, |line| {
-            say(&args, line)
-        })
+        let memory = farthing_server::Memory {
+            cache_bytes: args.soak_cache_mib << 20,
+            checkpoint_rows: args.soak_checkpoint_rows.max(1),
+            ..farthing_server::Memory::default()
+        };
+        report["soak"] = crate::soak::soak(
+            &root,
+            args.soak_payments,
+            args.soak_payers,
+            memory,
+            |line| say(&args, line),
+        )
         .await?;
     }
     let _ = std::fs::remove_dir_all(&root);

@@ -166,11 +166,11 @@ pub(crate) async fn soak(
     root: &std::path::Path,
     total: u64,
     payers: usize,
+    memory: farthing_server::Memory,
     say: impl Fn(&str),
 ) -> anyhow::Result<Value> {
     let dir = root.join("soak");
     let _ = std::fs::remove_dir_all(&dir);
-    let memory = farthing_server::Memory::default();
     let (service, _, _) = bounded_service(&dir, memory).await?;
     let started = Instant::now();
     let (payer_ids, merchant_ids) = make_parties(&service, payers).await?;

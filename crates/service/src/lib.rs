@@ -109,8 +109,9 @@ enum Message {
     Job(Job),
     /// Commit what is queued, then stop.
     Stop,
-    /// The checkpoint begun at this position is on disk.
-    CheckpointWritten(u64),
+    /// A checkpoint is on disk: its position waits in the checkpointer's own channel. (A
+    /// wake-up only: a writer held back by a checkpoint waits on that channel, not on this.)
+    CheckpointWritten,
 }
 
 /// The embedded store's bounded memory (ADR 0004): a disk behind the journal, written by
@@ -125,9 +126,11 @@ pub struct CacheOptions {
     pub checkpoint_rows: usize,
 }
 
-/// The default memory budget for rows not changed since the last checkpoint: about a million
-/// funded payers with their wallets and keys, in about 1.2 GB of memory all told.
-pub const CACHE_BYTES_DEFAULT: usize = 768 << 20;
+/// The default memory budget for rows not changed since the last checkpoint: about 1.4 GB of
+/// memory all told with a million funded payers paying at random (measured with
+/// `farthing bench --only soak`), most of them held and the rest read back from disk when they
+/// pay.
+pub const CACHE_BYTES_DEFAULT: usize = 640 << 20;
 /// The default checkpoint interval, in history rows (a payment makes three): about 200,000
 /// payments, some 100 MB in memory, made and written again while the next ones are made.
 pub const CHECKPOINT_ROWS_DEFAULT: usize = 600_000;
@@ -449,13 +452,29 @@ impl Service {
     /// [`HoldCommand::Expire`] when one is due (every server of a shared store looks; the
     /// first to expire a hold does, and the others find it settled). It ends when the
     /// service stops.
+    ///
+    /// Between ticks it holds the service only weakly: once the service is shut down and
+    /// dropped, nothing of it (the store, the data directory's lock) outlives it waiting for
+    /// the next tick.
     fn start_expiring_holds(&self) {
-        let service = self.clone();
+        let shared = Arc::downgrade(&self.shared);
+        let submit = self.submit.downgrade();
+        let writer = Arc::downgrade(&self.writer);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOLD_EXPIRY_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let (Some(shared), Some(submit), Some(writer)) =
+                    (shared.upgrade(), submit.upgrade(), writer.upgrade())
+                else {
+                    return;
+                };
+                let service = Service {
+                    shared,
+                    submit,
+                    writer,
+                };
                 match service.expire_holds_now().await {
                     Ok(()) => {}
                     Err(ServiceError::ShuttingDown) => return,
@@ -949,13 +968,24 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
 
 /// Writes checkpoints on a thread of its own, so that neither the writer nor readers wait for
 /// the disk, and tells the writer when each is written.
+///
+/// While one is written the writer goes on, up to a bound: once the history made since it
+/// began reaches [`YOUNG_CHECKPOINTS_MAX`] intervals, the writer waits for it. Without that, a
+/// writer faster than the disk would grow the history in memory for as long as it stays
+/// faster; with it, memory is bounded and the sustained rate is what the disk keeps up with.
 struct Checkpointer {
     options: CacheOptions,
     send: std::sync::mpsc::Sender<Checkpoint>,
+    /// The positions of checkpoints written, in order.
+    written: std::sync::mpsc::Receiver<u64>,
     thread: Option<JoinHandle<()>>,
     /// Whether a checkpoint is being written.
     in_flight: bool,
 }
+
+/// How many checkpoint intervals of history the writer makes while one checkpoint is written
+/// before it waits for it.
+const YOUNG_CHECKPOINTS_MAX: usize = 2;
 
 /// How long a failed checkpoint waits before it is tried again.
 const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -966,6 +996,7 @@ impl Checkpointer {
         done: mpsc::Sender<Message>,
     ) -> Result<Checkpointer, StoreError> {
         let (send, receive) = std::sync::mpsc::channel::<Checkpoint>();
+        let (written_send, written) = std::sync::mpsc::channel::<u64>();
         let checkpoints = options.checkpoints.clone();
         let thread = std::thread::Builder::new()
             .name("farthing-checkpoints".into())
@@ -987,12 +1018,18 @@ impl Checkpointer {
                     let position = checkpoint.position;
                     drop(checkpoint);
                     // Refused once the writer has stopped: the journal replays it then.
-                    let _ = done.blocking_send(Message::CheckpointWritten(position));
+                    if written_send.send(position).is_err() {
+                        return;
+                    }
+                    // Wakes a writer waiting for work; a full queue means it is busy, and it
+                    // looks at `written` before each commit anyway.
+                    let _ = done.try_send(Message::CheckpointWritten);
                 }
             })?;
         Ok(Checkpointer {
             options,
             send,
+            written,
             thread: Some(thread),
             in_flight: false,
         })
@@ -1015,6 +1052,29 @@ impl Checkpointer {
         self.send
             .send(checkpoint)
             .expect("the checkpoint thread outlives the writer");
+    }
+
+    /// Takes in the checkpoints written since last asked; first, while the one being written
+    /// holds the writer back (the history made since it began is over its bound), waits for
+    /// it.
+    fn catch_up(&mut self, journal: &mut dyn Journal, state: &RwLock<State>) {
+        if self.in_flight {
+            let young = state.read().expect("state lock").young_rows();
+            if young >= YOUNG_CHECKPOINTS_MAX * self.options.checkpoint_rows {
+                let began = Instant::now();
+                if let Ok(position) = self.written.recv() {
+                    tracing::info!(
+                        young_rows = young,
+                        micros = began.elapsed().as_micros() as u64,
+                        "the writer waited for a checkpoint"
+                    );
+                    self.written(position, journal, state);
+                }
+            }
+        }
+        while let Ok(position) = self.written.try_recv() {
+            self.written(position, journal, state);
+        }
     }
 
     /// A checkpoint is on disk: the journal before it goes, its rows are read from disk, and
@@ -1077,15 +1137,14 @@ fn write_loop(
             match message {
                 Message::Job(job) => jobs.push(job),
                 Message::Stop => receive.close(),
-                Message::CheckpointWritten(position) => {
-                    if let Some(checkpointer) = &mut checkpointer {
-                        checkpointer.written(position, &mut *journal, state);
-                    }
-                }
+                Message::CheckpointWritten => {}
             }
             if jobs.len() < RECORDS_PER_COMMIT_MAX {
                 next = receive.try_recv().ok();
             }
+        }
+        if let Some(checkpointer) = &mut checkpointer {
+            checkpointer.catch_up(&mut *journal, state);
         }
         if jobs.is_empty() {
             continue;
@@ -1167,13 +1226,13 @@ async fn shared_write_loop(shared: &Shared, receive: &tokio::sync::Mutex<mpsc::R
                 None => return,
                 Some(Message::Job(job)) => jobs.push(job),
                 Some(Message::Stop) => receive.close(),
-                Some(Message::CheckpointWritten(_)) => {}
+                Some(Message::CheckpointWritten) => {}
             }
             while jobs.len() < RECORDS_PER_COMMIT_MAX {
                 match receive.try_recv() {
                     Ok(Message::Job(job)) => jobs.push(job),
                     Ok(Message::Stop) => receive.close(),
-                    Ok(Message::CheckpointWritten(_)) => {}
+                    Ok(Message::CheckpointWritten) => {}
                     Err(_) => break,
                 }
             }

@@ -928,3 +928,110 @@ async fn a_rooms_row_is_read_by_its_id_as_it_stands_and_an_unknown_id_reads_none
     );
     shutdown(service).await;
 }
+
+/// Checkpoints that wait at a gate before writing, to hold one in flight.
+struct Gated {
+    inner: Arc<dyn farthing_store::Checkpoints>,
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl farthing_store::Checkpoints for Gated {
+    fn disk(&self) -> Arc<dyn farthing_payments::disk::Disk> {
+        self.inner.disk()
+    }
+
+    fn write(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.write(checkpoint)
+    }
+}
+
+async fn open_bounded(
+    dir: &TempDir,
+    checkpoints: Arc<dyn farthing_store::Checkpoints>,
+    journal: Box<dyn Journal>,
+    checkpoint_rows: usize,
+) -> Service {
+    Service::open_cached(
+        journal,
+        CacheOptions {
+            checkpoints,
+            cache_bytes: 0,
+            checkpoint_rows,
+        },
+        Config::default(),
+        Arc::new(SystemClock),
+        Arc::new(TimeOrderedIds),
+        None,
+    )
+    .await
+    .unwrap_or_else(|error| panic!("the bounded store in {:?} opens: {error}", dir.path()))
+    .service
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing_memory() {
+    const CHECKPOINT_ROWS: usize = 30;
+    let dir = TempDir::new("held_back");
+    let (journal, checkpoints) =
+        farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 20).expect("opens");
+    let gate = Arc::new(Gated {
+        inner: Arc::new(checkpoints),
+        open: Mutex::new(false),
+        opened: Condvar::new(),
+    });
+    let service = open_bounded(&dir, gate.clone(), Box::new(journal), CHECKPOINT_ROWS).await;
+    let (payer, _) = create_payer(&service, "Ada").await;
+    let (merchant, _) = create_merchant(&service, "Shop", None).await;
+    topup(&service, payer, units(100), usd()).await;
+
+    // Payments one at a time while the first checkpoint cannot be written: the history made
+    // since it began grows to its bound, and then a payment waits.
+    let mut answered = 0;
+    let waiting = loop {
+        let mut next = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                pay(&service, payer, merchant, Amount::from_micros(1_000), usd()).await
+            })
+        };
+        match tokio::time::timeout(Duration::from_millis(500), &mut next).await {
+            Ok(outcome) => {
+                paid(outcome.expect("the payment task ends"));
+                answered += 1;
+                assert!(answered < 200, "the writer never waited for its checkpoint");
+            }
+            Err(_) => break next,
+        }
+    };
+    let young = service.read_now(|state| state.young_rows());
+    assert!(
+        (2 * CHECKPOINT_ROWS..2 * CHECKPOINT_ROWS + 10).contains(&young),
+        "held back at {young} history rows"
+    );
+
+    // Once the checkpoint is written, the waiting payment goes through, and so do others.
+    *gate.open.lock().unwrap() = true;
+    gate.opened.notify_all();
+    paid(waiting.await.expect("the waiting payment task ends"));
+    paid(pay(&service, payer, merchant, Amount::from_micros(1_000), usd()).await);
+    shutdown(service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_store_opens_again_at_once_after_a_shutdown() {
+    let dir = TempDir::new("reopen");
+    for round in 0..3 {
+        let (journal, checkpoints) =
+            farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 20)
+                .unwrap_or_else(|error| panic!("round {round}: the store opens again: {error}"));
+        let service = open_bounded(&dir, Arc::new(checkpoints), Box::new(journal), 600).await;
+        create_payer(&service, "Ada").await;
+        shutdown(service).await;
+    }
+}
