@@ -126,14 +126,16 @@ pub struct CacheOptions {
     pub checkpoint_rows: usize,
 }
 
-/// The default memory budget for rows not changed since the last checkpoint: about 1.4 GB of
+/// The default memory budget for rows not changed since the last checkpoint: about 1.2 GB of
 /// memory all told with a million funded payers paying at random (measured with
 /// `farthing bench --only soak`), most of them held and the rest read back from disk when they
 /// pay.
 pub const CACHE_BYTES_DEFAULT: usize = 640 << 20;
-/// The default checkpoint interval, in history rows (a payment makes three): about 200,000
-/// payments, some 100 MB in memory, made and written again while the next ones are made.
-pub const CHECKPOINT_ROWS_DEFAULT: usize = 600_000;
+/// The default checkpoint interval, in history rows (a payment makes three): about 100,000
+/// payments, some 80 MB in memory, made and written again while the next ones are made.
+/// (Twice as many hold about 300 MB more with a million payers paying at random, and sustain
+/// about 15% more payments per second: `farthing bench --only soak`, BENCHMARKS.md.)
+pub const CHECKPOINT_ROWS_DEFAULT: usize = 300_000;
 
 struct Job {
     command: Command,
@@ -969,10 +971,11 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
 /// Writes checkpoints on a thread of its own, so that neither the writer nor readers wait for
 /// the disk, and tells the writer when each is written.
 ///
-/// While one is written the writer goes on, up to a bound: once the history made since it
-/// began reaches [`YOUNG_CHECKPOINTS_MAX`] intervals, the writer waits for it. Without that, a
-/// writer faster than the disk would grow the history in memory for as long as it stays
-/// faster; with it, memory is bounded and the sustained rate is what the disk keeps up with.
+/// While one is written the writer goes on, up to a bound: past one interval of history made
+/// since it began, each commit first waits a little for it ([`PACE_MAX`]), and at
+/// [`YOUNG_CHECKPOINTS_MAX`] intervals the writer waits for it whole. Without that, a writer
+/// faster than the disk would grow the history in memory for as long as it stays faster;
+/// with it, memory is bounded and the sustained rate is what the disk keeps up with.
 struct Checkpointer {
     options: CacheOptions,
     send: std::sync::mpsc::Sender<Checkpoint>,
@@ -986,6 +989,9 @@ struct Checkpointer {
 /// How many checkpoint intervals of history the writer makes while one checkpoint is written
 /// before it waits for it.
 const YOUNG_CHECKPOINTS_MAX: usize = 2;
+/// The longest a commit waits for the checkpoint being written before the bound: past one
+/// interval, a commit waits up to this, more the nearer the bound.
+const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(40);
 
 /// How long a failed checkpoint waits before it is tried again.
 const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -1060,16 +1066,29 @@ impl Checkpointer {
     fn catch_up(&mut self, journal: &mut dyn Journal, state: &RwLock<State>) {
         if self.in_flight {
             let young = state.read().expect("state lock").young_rows();
-            if young >= YOUNG_CHECKPOINTS_MAX * self.options.checkpoint_rows {
-                let began = Instant::now();
-                if let Ok(position) = self.written.recv() {
-                    tracing::info!(
-                        young_rows = young,
-                        micros = began.elapsed().as_micros() as u64,
-                        "the writer waited for a checkpoint"
-                    );
-                    self.written(position, journal, state);
-                }
+            let interval = self.options.checkpoint_rows;
+            let began = Instant::now();
+            let written = if young >= YOUNG_CHECKPOINTS_MAX * interval {
+                self.written.recv().ok()
+            } else if young > interval {
+                // Past one interval, each commit waits a little more the further it is
+                // (up to `PACE_MAX` near the bound): the writer slows to the disk's pace
+                // in small steps, rather than stopping all at once at the bound.
+                let over =
+                    (young - interval) as f64 / ((YOUNG_CHECKPOINTS_MAX - 1) * interval) as f64;
+                self.written
+                    .recv_timeout(PACE_MAX.mul_f64(over.min(1.0)))
+                    .ok()
+            } else {
+                None
+            };
+            if let Some(position) = written {
+                tracing::debug!(
+                    young_rows = young,
+                    micros = began.elapsed().as_micros() as u64,
+                    "the writer waited for a checkpoint"
+                );
+                self.written(position, journal, state);
             }
         }
         while let Ok(position) = self.written.try_recv() {
