@@ -92,6 +92,23 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("farthing-bench-{}", std::process::id()));
     std::fs::create_dir_all(&root)?;
+    // The data of every part goes, whether the run ends well or not: a failed soak leaves
+    // tens of gigabytes.
+    let measured = measure(&args, &parts, &root).await;
+    let _ = std::fs::remove_dir_all(&root);
+    let report = measured?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// Runs the parts named, with their data under `root`, and gives the report.
+async fn measure(
+    args: &BenchArgs,
+    parts: &[&str],
+    root: &std::path::Path,
+) -> anyhow::Result<Value> {
     let mut report = json!({
         "machine": machine(),
         "quick": args.quick,
@@ -99,7 +116,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     if parts.contains(&"ledger") {
         let figure = tokio::task::block_in_place(|| ledger_core(args.quick));
         say(
-            &args,
+            args,
             &format!(
                 "ledger core, in memory, 8,190 per batch over 10,000 accounts: {} transfers/s",
                 thousands(figure)
@@ -110,7 +127,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     if parts.contains(&"store")
         && let Some(url) = &args.database_url
     {
-        let rows = durable_postgres_section(&args, url).await?;
+        let rows = durable_postgres_section(args, url).await?;
         report["durable_store_backend"] = json!("postgresql");
         report["durable_store"] = json!(rows);
     } else if parts.contains(&"store") {
@@ -121,7 +138,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
                 let figure = durable_store(&dir, accounts, batch, args.quick).await?;
                 let _ = std::fs::remove_dir_all(&dir);
                 say(
-                    &args,
+                    args,
                     &format!(
                         "durable store, batch {batch:>5}, {label}: {} transfers/s",
                         thousands(figure)
@@ -137,7 +154,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         let (payments, rate, bytes) = tokio::task::block_in_place(|| recovery(&dir, args.quick))?;
         let _ = std::fs::remove_dir_all(&dir);
         say(
-            &args,
+            args,
             &format!(
                 "recovery: {} payments replayed from a {} MiB journal at {} payments/s ({} bytes per payment on disk)",
                 thousands(payments as f64),
@@ -153,7 +170,7 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         let (ledger_bytes, party_bytes, payment_bytes) =
             tokio::task::block_in_place(|| memory_per_account(args.quick));
         say(
-            &args,
+            args,
             &format!(
                 "memory (heap): {ledger_bytes:.0} bytes per ledger account; {party_bytes:.0} bytes per payer with a funded wallet; {payment_bytes:.0} bytes per payment held"
             ),
@@ -164,8 +181,8 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     }
     if parts.contains(&"http") {
         report["http"] = match &args.database_url {
-            Some(url) => http_postgres(&args, url).await?,
-            None => http(&args, &root).await?,
+            Some(url) => http_postgres(args, url).await?,
+            None => http(args, root).await?,
         };
     }
     if parts.contains(&"soak") {
@@ -174,20 +191,13 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             checkpoint_rows: args.soak_checkpoint_rows.max(1),
             ..farthing_server::Memory::default()
         };
-        report["soak"] = crate::soak::soak(
-            &root,
-            args.soak_payments,
-            args.soak_payers,
-            memory,
-            |line| say(&args, line),
-        )
-        .await?;
+        report["soak"] =
+            crate::soak::soak(root, args.soak_payments, args.soak_payers, memory, |line| {
+                say(args, line)
+            })
+            .await?;
     }
-    let _ = std::fs::remove_dir_all(&root);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
+    Ok(report)
 }
 
 fn say(args: &BenchArgs, line: &str) {

@@ -116,3 +116,25 @@ fn a_quick_postgres_bench_reports_the_durable_figures() {
         "--only store runs only the store"
     );
 }
+
+/// A bench that fails part-way leaves none of its data behind: a failed soak would otherwise
+/// leave tens of gigabytes.
+#[test]
+fn a_failed_bench_removes_its_data() {
+    let dir = std::env::temp_dir().join(format!("farthing-bench-fails-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_farthing"))
+        .args(["bench", "--quick", "--only", "ledger,store", "--dir"])
+        .arg(&dir)
+        // Nothing listens on port 1: the store part cannot connect, after the ledger part ran.
+        .args(["--database-url", "postgres://postgres@127.0.0.1:1/nothing"])
+        .output()
+        .expect("run farthing bench");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the directory reads")
+        .map(|entry| entry.expect("an entry").file_name())
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!output.status.success(), "the bench was meant to fail");
+    assert!(left.is_empty(), "the failed bench left {left:?}");
+}
