@@ -4,9 +4,9 @@
 //! The journal, the idempotency keys, every backend's loaders and the state's dispatch then
 //! carry a room's commands with no code of their own for it: a room's command travels as
 //! [`Command::Room`](crate::Command::Room), its outcome as
-//! [`Outcome::Room`](crate::Outcome::Room), its refusal as
-//! [`Rejection::Room`](crate::Rejection::Room), each encoded under the tags the room claims
-//! (which [`tests`] hold apart from every other room's and from the core's).
+//! [`Outcome::Room`](crate::Outcome::Room), its refusal as [`Rejection::Room`], each
+//! encoded under the tags the room claims (which this module's tests hold apart from every
+//! other room's and from the core's).
 
 use std::fmt::Debug;
 
