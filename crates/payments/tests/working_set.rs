@@ -94,7 +94,7 @@ fn load(working: &mut State, whole: &State, needs: &Needs, holds: &[PaymentId]) 
     let due_rows = due.iter().map(|id| (HoldKind::TAG, id.to_u128()));
     for (tag, id) in needs.rows.iter().copied().chain(due_rows) {
         if !working.knows_row(tag, id) {
-            let row = whole.stored_row(tag, id);
+            let row = whole.row(tag, id).unwrap();
             ok(working.insert_row(tag, id, row.as_ref().map(|row| row.bytes.as_slice())));
         }
     }

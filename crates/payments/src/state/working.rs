@@ -457,15 +457,6 @@ impl State {
         self.kinds.tag(tag).is_some_and(|rows| rows.knows(id))
     }
 
-    /// A state row of a registered kind, in its stored form, if memory holds one.
-    pub fn stored_row(&self, tag: u8, id: u128) -> Option<StoredRow> {
-        self.kinds
-            .tag(tag)?
-            .stored_rows()
-            .into_iter()
-            .find(|row| row.id == id)
-    }
-
     /// Loads a ledger transfer record, failed ones included.
     pub fn insert_transfer_record(&mut self, record: TransferRecord) -> Result<(), LoadError> {
         if self.ledger.transfer(record.transfer.id).is_some() {
