@@ -1074,11 +1074,11 @@ impl Checkpointer {
                 // Past one interval, each commit waits a little more the further it is
                 // (up to `PACE_MAX` near the bound): the writer slows to the disk's pace
                 // in small steps, rather than stopping all at once at the bound.
-                let over =
-                    (young - interval) as f64 / ((YOUNG_CHECKPOINTS_MAX - 1) * interval) as f64;
-                self.written
-                    .recv_timeout(PACE_MAX.mul_f64(over.min(1.0)))
-                    .ok()
+                let span = (YOUNG_CHECKPOINTS_MAX - 1) * interval;
+                let over = young - interval;
+                let pause = PACE_MAX.saturating_mul(u32::try_from(over).unwrap_or(u32::MAX))
+                    / u32::try_from(span).unwrap_or(u32::MAX);
+                self.written.recv_timeout(pause).ok()
             } else {
                 None
             };
