@@ -1024,6 +1024,83 @@ async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_payment_queued_beside_a_large_batch_is_committed_before_it() {
+    const CHECKPOINT_ROWS: usize = 30;
+    const BATCH: usize = 1_000;
+    let dir = TempDir::new("small_first");
+    let (journal, checkpoints) =
+        farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 30).expect("opens");
+    let gate = Arc::new(Gated {
+        inner: Arc::new(checkpoints),
+        open: Mutex::new(false),
+        opened: Condvar::new(),
+    });
+    let service = open_bounded(&dir, gate.clone(), Box::new(journal), CHECKPOINT_ROWS).await;
+    let (payer, _) = create_payer(&service, "Ada").await;
+    let (merchant, _) = create_merchant(&service, "Shop", None).await;
+    topup(&service, payer, units(100), usd()).await;
+
+    // Hold the writer at its bound (a checkpoint that cannot be written), so that what comes
+    // next queues up behind it: first a large batch, then a single payment.
+    let waiting = loop {
+        let mut next = {
+            let service = service.clone();
+            tokio::spawn(async move {
+                pay(&service, payer, merchant, Amount::from_micros(1_000), usd()).await
+            })
+        };
+        if tokio::time::timeout(Duration::from_millis(500), &mut next)
+            .await
+            .is_err()
+        {
+            break next;
+        }
+    };
+    let batch = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let items = (0..BATCH)
+                .map(|_| {
+                    service.pay_command(payer, merchant, Amount::from_micros(1), usd(), None, None)
+                })
+                .collect();
+            service.submit(Command::PayBatch(items), None).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let single = {
+        let service = service.clone();
+        tokio::spawn(
+            async move { pay(&service, payer, merchant, Amount::from_micros(7), usd()).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    *gate.open.lock().unwrap() = true;
+    gate.opened.notify_all();
+    paid(waiting.await.expect("the waiting payment task ends"));
+    let single = paid(single.await.expect("the single payment task ends"));
+    let batch = batch.await.expect("the batch task ends").expect("submits");
+    assert!(matches!(batch.outcome, Outcome::PaidBatch(ref items) if items.len() == BATCH));
+    shutdown(service).await;
+    // The gate holds the engine open.
+    drop(gate);
+
+    // The journal holds the single payment before the batch, though the batch came first: it
+    // was held back so that the single payment did not wait for it.
+    let (mut journal, _) =
+        farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 30).expect("opens");
+    let mut order = Vec::new();
+    journal
+        .replay(&mut |record| match record.command {
+            Command::Pay(command) if command.id == single.id => order.push("single"),
+            Command::PayBatch(items) if items.len() == BATCH => order.push("batch"),
+            _ => {}
+        })
+        .expect("replays");
+    assert_eq!(order, ["single", "batch"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounded_store_opens_again_at_once_after_a_shutdown() {
     let dir = TempDir::new("reopen");
     for round in 0..3 {
