@@ -4,28 +4,6 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hash};
 
-/// Which of the records a cache could forget it does forget: `sixteenths` of every sixteen,
-/// counted in the order a table holds them from `offset` on (vary it from one forgetting to the
-/// next, so that the same records are not always the ones spared).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Share {
-    pub sixteenths: u32,
-    pub offset: u32,
-}
-
-impl Share {
-    /// Every record that may be forgotten.
-    pub const ALL: Share = Share {
-        sixteenths: 16,
-        offset: 0,
-    };
-
-    /// Whether the `nth` record that may be forgotten is.
-    pub fn picks(self, nth: u32) -> bool {
-        nth % 16 < self.sixteenths
-    }
-}
-
 /// What a table holds under a key.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Slot<V> {
@@ -233,31 +211,17 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
     /// whose storage holds them), keeping those `keep` names; returns how many were
     /// forgotten. Changed records stay until their changes are taken and written.
     pub fn forget_unchanged(&mut self, keep: impl Fn(&K) -> bool) -> usize {
-        let forgotten = self.forget_share(keep, Share::ALL);
-        self.rows.shrink_to_fit();
-        forgotten
-    }
-
-    /// [`Table::forget_unchanged`] for the `share` of the records it would forget: the others
-    /// stay. The table keeps its capacity, which the records loaded next fill again without
-    /// growing it (a cache's budget bounds it).
-    pub fn forget_share(&mut self, keep: impl Fn(&K) -> bool, share: Share) -> usize {
         let before = self.rows.len();
         let mut present = 0;
-        let mut forgettable = share.offset;
         self.rows.retain(|key, row| {
-            let stays = row.changed
-                || keep(key)
-                || !share.picks({
-                    forgettable = forgettable.wrapping_add(1);
-                    forgettable
-                });
+            let stays = row.changed || keep(key);
             if stays && matches!(row.slot, Slot::Present(_)) {
                 present += 1;
             }
             stays
         });
         self.present = present;
+        self.rows.shrink_to_fit();
         before - self.rows.len()
     }
 
@@ -405,56 +369,6 @@ mod tests {
         assert_eq!(table.take_changes(), vec![(4, Slot::Present(&"four"))]);
         assert_eq!(table.forget_unchanged(|_| false), 2);
         assert!(table.is_empty());
-    }
-
-    #[test]
-    fn forgetting_a_share_lets_that_share_of_the_forgettable_records_go() {
-        let mut table = tracked();
-        for key in 0..160 {
-            assert!(table.load(key, Slot::Present("loaded")));
-        }
-        table.put(1_000, "changed");
-        // Keys below 16 are asked for: never forgotten, and not counted among the others.
-        let keep = |key: &u32| *key < 16;
-        let share = Share {
-            sixteenths: 4,
-            offset: 5,
-        };
-        assert_eq!(table.forget_share(keep, share), 36);
-        assert_eq!(table.len(), 161 - 36);
-        for key in 0..16 {
-            assert!(table.get(&key).is_some(), "{key} was asked for");
-        }
-        assert!(table.get(&1_000).is_some());
-        // Another offset spares others: forgetting goes on until only the kept are left.
-        let mut offset = 0;
-        while table.len() > 17 {
-            offset += 3;
-            table.forget_share(
-                keep,
-                Share {
-                    sixteenths: 4,
-                    offset,
-                },
-            );
-            assert!(offset < 300, "forgetting shares ends");
-        }
-        assert_eq!(
-            table.forget_share(
-                keep,
-                Share {
-                    sixteenths: 0,
-                    offset: 0
-                }
-            ),
-            0
-        );
-        assert_eq!(
-            table.take_changes(),
-            vec![(1_000, Slot::Present(&"changed"))]
-        );
-        assert_eq!(table.forget_unchanged(keep), 1);
-        assert_eq!(table.len(), 16);
     }
 
     #[test]

@@ -145,12 +145,13 @@ impl Idempotency {
         self.pruned_before = before;
     }
 
-    /// Forgets the `share` of the keys that have not changed since the changes were last taken
-    /// (a cache whose disk holds them).
-    pub(crate) fn forget_unchanged(&mut self, share: farthing_kernel::Share) {
-        self.keys.forget_share(|_| false, share);
+    /// Forgets every key that has not changed since the changes were last taken (a cache
+    /// whose disk holds them).
+    pub(crate) fn forget_unchanged(&mut self) {
+        self.keys.forget_unchanged(|_| false);
         let keys = &self.keys;
         self.order.retain(|(_, key)| keys.contains(key));
+        self.order.shrink_to_fit();
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -213,9 +213,8 @@ pub(crate) trait AnyRows: Send + Sync {
     fn track_changes(&mut self);
     /// Rows changed since the last call, by id, each with whether it is pinned.
     fn take_changes(&mut self) -> Vec<(StoredRow, bool)>;
-    /// Forgets the `share` of the rows neither changed since the changes were last taken nor
-    /// pinned.
-    fn forget_unchanged(&mut self, share: farthing_kernel::Share);
+    /// Forgets rows neither changed since the changes were last taken nor pinned.
+    fn forget_unchanged(&mut self);
     fn keys_held(&self) -> usize;
     /// Every row held, by id.
     fn stored_rows(&self) -> Vec<StoredRow>;
@@ -265,10 +264,10 @@ impl<K: Kind> AnyRows for Rows<K> {
         rows
     }
 
-    fn forget_unchanged(&mut self, share: farthing_kernel::Share) {
+    fn forget_unchanged(&mut self) {
         let pinned: std::collections::HashSet<u128> =
             self.pinned.iter().map(|(_, id)| *id).collect();
-        self.table.forget_share(|id| pinned.contains(id), share);
+        self.table.forget_unchanged(|id| pinned.contains(id));
     }
 
     fn keys_held(&self) -> usize {

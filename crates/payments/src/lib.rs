@@ -25,7 +25,6 @@ mod statements;
 mod wallets;
 mod working_set;
 
-pub use farthing_kernel::Share;
 pub use history::{Line, PaymentRow, RefundRow, Refunded, TopupRow};
 pub use idempotency::IdempotencyLookup;
 pub use ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};

@@ -326,21 +326,17 @@ impl Parties {
     }
 
     /// Forgets what has not changed since the changes were last taken (a cache whose disk
-    /// holds it): the `share` of the keys but the operator's, and every party but those `keep`
-    /// names (a party goes with its lists, which the caller has forgotten by share).
+    /// holds it), but the operator's key and the parties `keep` names.
     pub(crate) fn forget_unchanged(
         &mut self,
         keep_merchant: impl Fn(&MerchantId) -> bool,
         keep_payer: impl Fn(&PayerId) -> bool,
-        share: farthing_kernel::Share,
     ) {
         let operator_key = self.operator_key;
         self.keys
-            .forget_share(|key_hash| Some(*key_hash) == operator_key, share);
-        self.merchants
-            .forget_share(keep_merchant, farthing_kernel::Share::ALL);
-        self.payers
-            .forget_share(keep_payer, farthing_kernel::Share::ALL);
+            .forget_unchanged(|key_hash| Some(*key_hash) == operator_key);
+        self.merchants.forget_unchanged(keep_merchant);
+        self.payers.forget_unchanged(keep_payer);
     }
 
     pub(crate) fn merchant_changed(&self, id: &MerchantId) -> bool {

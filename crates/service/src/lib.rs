@@ -974,9 +974,9 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
 /// While one is written the writer goes on, up to a bound: past one interval of history made
 /// since it began, each commit first waits a little for it, in proportion to the payments it
 /// holds (a full batch up to [`PACE_MAX`]), and at [`YOUNG_CHECKPOINTS_MAX`] intervals the
-/// writer waits for it whole. Without that, a writer
-/// faster than the disk would grow the history in memory for as long as it stays faster;
-/// with it, memory is bounded and the sustained rate is what the disk keeps up with.
+/// writer waits for it whole. Without that, a writer faster than the disk would grow the
+/// history in memory for as long as it stays faster; with it, memory is bounded and the
+/// sustained rate is what the disk keeps up with.
 struct Checkpointer {
     options: CacheOptions,
     send: std::sync::mpsc::Sender<Checkpoint>,
@@ -985,23 +985,6 @@ struct Checkpointer {
     thread: Option<JoinHandle<()>>,
     /// Whether a checkpoint is being written.
     in_flight: bool,
-    /// How many times memory was over its budget: each time, other rows are spared.
-    forgettings: u32,
-}
-
-/// The share of its forgettable rows a cache holding `held` bytes, over its budget, lets go:
-/// enough to come down to three quarters of the budget, as if every row held could go. What
-/// changed since the last checkpoint cannot, so a cache mostly of changes comes down less, and
-/// the next checkpoint written lets more go.
-fn forget_share(held: usize, budget: usize, forgettings: u32) -> Share {
-    let target = budget / 4 * 3;
-    let over = held.saturating_sub(target) as u128;
-    let sixteenths = (over * 16).div_ceil((held as u128).max(1)).clamp(1, 16);
-    Share {
-        sixteenths: u32::try_from(sixteenths).expect("at most 16"),
-        // Seven is prime to sixteen: each forgetting counts from another place.
-        offset: forgettings.wrapping_mul(7),
-    }
 }
 
 /// How many checkpoint intervals of history the writer makes while one checkpoint is written
@@ -1057,7 +1040,6 @@ impl Checkpointer {
             written,
             thread: Some(thread),
             in_flight: false,
-            forgettings: 0,
         })
     }
 
@@ -1097,9 +1079,9 @@ impl Checkpointer {
             } else if young > interval {
                 // Past one interval, each commit waits a little more the further it is
                 // (up to `PACE_MAX` near the bound): the writer slows to the disk's pace
-                // in small steps, rather than stopping all at once at the bound.
-                // A commit waits in proportion to the payments it holds, a full batch the
-                // whole of it: a commit of a few single payments barely waits.
+                // in small steps, rather than stopping all at once at the bound. A commit
+                // waits in proportion to the payments it holds, a full batch the whole of
+                // it: a commit of a few single payments barely waits.
                 let span = (YOUNG_CHECKPOINTS_MAX - 1) * interval;
                 let over = young - interval;
                 let share = payments.min(PAYMENTS_PER_BATCH_MAX);
@@ -1137,11 +1119,8 @@ impl Checkpointer {
         let held = state.held_bytes();
         if held > self.options.cache_bytes {
             let began = Instant::now();
-            self.forgettings = self.forgettings.wrapping_add(1);
-            let share = forget_share(held, self.options.cache_bytes, self.forgettings);
-            state.forget_share(share);
+            state.forget_unchanged();
             tracing::info!(
-                sixteenths = share.sixteenths,
                 held_before = held,
                 held_after = state.held_bytes(),
                 micros = began.elapsed().as_micros() as u64,
@@ -1453,28 +1432,5 @@ fn batch_time(last: &AtomicU64, clock_now: Timestamp) -> Timestamp {
             Ok(_) => return Timestamp(now),
             Err(actual) => previous = actual,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashSet;
-
-    #[test]
-    fn a_cache_over_its_budget_forgets_the_share_that_brings_it_to_three_quarters() {
-        let budget = 1_600;
-        // Just over: a quarter of what it holds, rounded up.
-        assert_eq!(forget_share(1_601, budget, 1).sixteenths, 5);
-        // Twice the budget: 2,000 of 3,200 bytes, ten sixteenths.
-        assert_eq!(forget_share(3_200, budget, 1).sixteenths, 10);
-        // Far over, or no budget at all: everything that may go.
-        assert_eq!(forget_share(1 << 40, budget, 1).sixteenths, 16);
-        assert_eq!(forget_share(10, 0, 1).sixteenths, 16);
-        // Each forgetting counts from another place, all sixteen in turn.
-        let offsets: HashSet<u32> = (0..16)
-            .map(|n| forget_share(3_200, budget, n).offset % 16)
-            .collect();
-        assert_eq!(offsets.len(), 16);
     }
 }

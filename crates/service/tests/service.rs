@@ -974,10 +974,11 @@ async fn open_bounded(
     .service
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing_memory() {
-    const CHECKPOINT_ROWS: usize = 30;
-    let dir = TempDir::new("held_back");
+/// A bounded store whose checkpoints wait at a closed gate, with a funded payer and a merchant.
+async fn gated_shop(
+    dir: &TempDir,
+    checkpoint_rows: usize,
+) -> (Service, Arc<Gated>, PayerId, MerchantId) {
     let (journal, checkpoints) =
         farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 20).expect("opens");
     let gate = Arc::new(Gated {
@@ -985,10 +986,18 @@ async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing
         open: Mutex::new(false),
         opened: Condvar::new(),
     });
-    let service = open_bounded(&dir, gate.clone(), Box::new(journal), CHECKPOINT_ROWS).await;
+    let service = open_bounded(dir, gate.clone(), Box::new(journal), checkpoint_rows).await;
     let (payer, _) = create_payer(&service, "Ada").await;
     let (merchant, _) = create_merchant(&service, "Shop", None).await;
     topup(&service, payer, units(100), usd()).await;
+    (service, gate, payer, merchant)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing_memory() {
+    const CHECKPOINT_ROWS: usize = 30;
+    let dir = TempDir::new("held_back");
+    let (service, gate, payer, merchant) = gated_shop(&dir, CHECKPOINT_ROWS).await;
 
     // Payments one at a time while the first checkpoint cannot be written: the history made
     // since it began grows to its bound, and then a payment waits.
@@ -1028,17 +1037,7 @@ async fn a_single_payment_queued_beside_a_large_batch_is_committed_before_it() {
     const CHECKPOINT_ROWS: usize = 30;
     const BATCH: usize = 1_000;
     let dir = TempDir::new("small_first");
-    let (journal, checkpoints) =
-        farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 30).expect("opens");
-    let gate = Arc::new(Gated {
-        inner: Arc::new(checkpoints),
-        open: Mutex::new(false),
-        opened: Condvar::new(),
-    });
-    let service = open_bounded(&dir, gate.clone(), Box::new(journal), CHECKPOINT_ROWS).await;
-    let (payer, _) = create_payer(&service, "Ada").await;
-    let (merchant, _) = create_merchant(&service, "Shop", None).await;
-    topup(&service, payer, units(100), usd()).await;
+    let (service, gate, payer, merchant) = gated_shop(&dir, CHECKPOINT_ROWS).await;
 
     // Hold the writer at its bound (a checkpoint that cannot be written), so that what comes
     // next queues up behind it: first a large batch, then a single payment.

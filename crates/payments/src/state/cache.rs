@@ -10,15 +10,14 @@
 //!    (a move, not a copy) and the state rows changed since the last one are copied out.
 //! 3. The store writes the [`Checkpoint`] to disk, away from the lock, while the state goes on
 //!    applying records and answering reads, the frozen rows still among them.
-//! 4. [`State::checkpoint_written`] lets the frozen generation go, and over its budget
-//!    [`State::forget_share`] lets memory shrink: rows not changed since the checkpoint began
-//!    are on disk, and a share of them goes (a party goes with its lists, whichever share of
-//!    lists went), so most of what was read stays read.
+//! 4. [`State::checkpoint_written`] lets the frozen generation go, and
+//!    [`State::forget_unchanged`] lets memory shrink: rows not changed since the checkpoint
+//!    began are on disk.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use farthing_kernel::{Share, Slot};
+use farthing_kernel::Slot;
 use farthing_ledger::{AccountId, Timestamp, TransferRecord};
 
 use super::queries::{read_history, read_state};
@@ -686,13 +685,6 @@ impl State {
     /// Forgets every row not changed since the last checkpoint began, once that checkpoint
     /// is written: the disk holds them. What changed since stays until the next checkpoint.
     pub fn forget_unchanged(&mut self) {
-        self.forget_share(Share::ALL);
-    }
-
-    /// [`State::forget_unchanged`] for the `share` of the rows it would forget: a cache over
-    /// its budget lets some of what it read go and keeps the rest, rather than reading
-    /// everything again.
-    pub fn forget_share(&mut self, share: Share) {
         assert!(
             self.frozen.is_none(),
             "rows are forgotten once their checkpoint is written"
@@ -709,40 +701,34 @@ impl State {
                 keep.insert(record.transfer.credit);
             }
         }
-        let mut forgettable = share.offset;
         let forgotten: Vec<AccountId> = self
             .owners
             .keys()
             .copied()
-            .filter(|id| {
-                !keep.contains(id) && {
-                    forgettable = forgettable.wrapping_add(1);
-                    share.picks(forgettable)
-                }
-            })
+            .filter(|id| !keep.contains(id))
             .collect();
         for id in forgotten {
             self.owners.remove(&id);
             self.ledger.forget_account(id);
         }
+        self.owners.shrink_to_fit();
         self.ledger.forget_loaded_transfers();
 
         let parties = &self.parties;
         self.merchant_lists
-            .forget_share(|id| parties.merchant_changed(id), share);
+            .forget_unchanged(|id| parties.merchant_changed(id));
         self.payer_lists
-            .forget_share(|id| parties.payer_changed(id), share);
+            .forget_unchanged(|id| parties.payer_changed(id));
         let (merchant_lists, payer_lists) = (&self.merchant_lists, &self.payer_lists);
         self.parties.forget_unchanged(
             |id| merchant_lists.get(id).is_some(),
             |id| payer_lists.get(id).is_some(),
-            share,
         );
-        self.refunded.forget_share(|_| false, share);
+        self.refunded.forget_unchanged(|_| false);
         for rows in self.kinds.all_mut() {
-            rows.forget_unchanged(share);
+            rows.forget_unchanged();
         }
-        self.idempotency.forget_unchanged(share);
+        self.idempotency.forget_unchanged();
         self.loaded = Generation::default();
     }
 }

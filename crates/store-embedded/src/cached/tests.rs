@@ -4,7 +4,7 @@
 //! records after the engine's position replayed).
 
 use farthing_payments::{
-    Command, EntryObject, MerchantId, Outcome, PayerId, PaymentId, Principal, Record, Share, State,
+    Command, EntryObject, MerchantId, Outcome, PayerId, PaymentId, Principal, Record, State,
 };
 use farthing_testing::{Builder, StepSpec, TempDir, history};
 use proptest::prelude::*;
@@ -22,9 +22,6 @@ enum After {
     Checkpoint,
     /// A checkpoint, written, with memory kept.
     CheckpointKeepingMemory,
-    /// A checkpoint, written; then memory lets a share of its unchanged rows go (sixteenths,
-    /// and where the count starts).
-    CheckpointForgettingShare(u32, u32),
     /// A checkpoint begun, and written only once the next step is applied (as a writer goes
     /// on while the checkpoint thread writes); then memory lets unchanged rows go.
     CheckpointWhileApplying,
@@ -41,7 +38,6 @@ fn after() -> impl Strategy<Value = After> {
         12 => Just(After::Nothing),
         3 => Just(After::Checkpoint),
         1 => Just(After::CheckpointKeepingMemory),
-        2 => (0..16u32, 0..16u32).prop_map(|(sixteenths, offset)| After::CheckpointForgettingShare(sixteenths, offset)),
         2 => Just(After::CheckpointWhileApplying),
         1 => Just(After::Crash),
         1 => Just(After::CrashMidCheckpoint),
@@ -191,9 +187,7 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
         match after {
             After::Nothing => {}
             After::CheckpointWhileApplying => writing = Some(cache.freeze()),
-            After::Checkpoint
-            | After::CheckpointKeepingMemory
-            | After::CheckpointForgettingShare(..) => {
+            After::Checkpoint | After::CheckpointKeepingMemory => {
                 let checkpoint = cache.freeze();
                 // Reads while the checkpoint is being written come from the frozen rows.
                 same_answers(&whole, &cache, &builder)?;
@@ -201,13 +195,8 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
                     .write(&checkpoint)
                     .expect("the checkpoint is written");
                 cache.checkpoint_written(checkpoint.position);
-                match *after {
-                    After::Checkpoint => cache.forget_unchanged(),
-                    After::CheckpointForgettingShare(sixteenths, offset) => {
-                        cache.forget_share(Share { sixteenths, offset });
-                        same_answers(&whole, &cache, &builder)?;
-                    }
-                    _ => {}
+                if matches!(after, After::Checkpoint) {
+                    cache.forget_unchanged();
                 }
             }
             After::Crash => cache = restart(&engine, &journal, &expected),
