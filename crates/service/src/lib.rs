@@ -1046,13 +1046,14 @@ impl Checkpointer {
     /// Begins a checkpoint if enough history was made since the last one and none is being
     /// written. Under the write lock: freezing is a move plus a copy of the state rows changed.
     fn maybe_begin(&mut self, state: &RwLock<State>) {
-        if self.in_flight {
+        // Asked under the read lock: only this thread changes the state, so the answer holds
+        // until it takes the write lock, which most commits then need not wait for.
+        if self.in_flight
+            || state.read().expect("state lock").young_rows() < self.options.checkpoint_rows
+        {
             return;
         }
         let mut state = state.write().expect("state lock");
-        if state.young_rows() < self.options.checkpoint_rows {
-            return;
-        }
         let began = Instant::now();
         let checkpoint = state.freeze();
         tracing::info!(
