@@ -995,6 +995,19 @@ const YOUNG_CHECKPOINTS_MAX: usize = 2;
 /// waits its share of it.
 const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(40);
 
+/// How long a commit of `payments` waits for the checkpoint being written, when the history
+/// made since it began is `over` rows past one interval, of the `span` up to the bound: the
+/// further it is, the longer (up to [`PACE_MAX`] near the bound), so the writer slows to the
+/// disk's pace in small steps rather than stopping all at once at the bound; and in
+/// proportion to the payments it holds, a full batch the whole of it, so a commit of a few
+/// single payments barely waits.
+fn pace(over: usize, span: usize, payments: usize) -> std::time::Duration {
+    let share = payments.min(PAYMENTS_PER_BATCH_MAX) as u128;
+    let nanos = PACE_MAX.as_nanos() * over.min(span) as u128 * share
+        / (span.max(1) as u128 * PAYMENTS_PER_BATCH_MAX as u128);
+    std::time::Duration::from_nanos(u64::try_from(nanos).expect("at most PACE_MAX"))
+}
+
 /// How long a failed checkpoint waits before it is tried again.
 const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -1078,18 +1091,8 @@ impl Checkpointer {
             let written = if young >= YOUNG_CHECKPOINTS_MAX * interval {
                 self.written.recv().ok()
             } else if young > interval {
-                // Past one interval, each commit waits a little more the further it is
-                // (up to `PACE_MAX` near the bound): the writer slows to the disk's pace
-                // in small steps, rather than stopping all at once at the bound. A commit
-                // waits in proportion to the payments it holds, a full batch the whole of
-                // it: a commit of a few single payments barely waits.
                 let span = (YOUNG_CHECKPOINTS_MAX - 1) * interval;
-                let over = young - interval;
-                let share = payments.min(PAYMENTS_PER_BATCH_MAX);
-                let pause = (PACE_MAX.saturating_mul(u32::try_from(over).unwrap_or(u32::MAX))
-                    / u32::try_from(span).unwrap_or(u32::MAX))
-                .saturating_mul(u32::try_from(share).unwrap_or(u32::MAX))
-                    / u32::try_from(PAYMENTS_PER_BATCH_MAX).unwrap_or(u32::MAX);
+                let pause = pace(young - interval, span, payments);
                 self.written.recv_timeout(pause).ok()
             } else {
                 None
@@ -1433,5 +1436,33 @@ fn batch_time(last: &AtomicU64, clock_now: Timestamp) -> Timestamp {
             Ok(_) => return Timestamp(now),
             Err(actual) => previous = actual,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_commit_waits_in_proportion_to_how_far_past_one_interval_and_to_its_payments() {
+        let full = PAYMENTS_PER_BATCH_MAX;
+        // A full batch: nothing at one interval, half way half of it, all of it at the bound.
+        assert_eq!(pace(0, 1_000, full), Duration::ZERO);
+        assert_eq!(pace(500, 1_000, full), PACE_MAX / 2);
+        assert_eq!(pace(1_000, 1_000, full), PACE_MAX);
+        // Past the bound, or more than a batch, waits no longer.
+        assert_eq!(pace(5_000, 1_000, 4 * full), PACE_MAX);
+        // A single payment waits its share of a batch's wait; none, none.
+        assert_eq!(
+            pace(1_000, 1_000, 1),
+            PACE_MAX / u32::try_from(full).unwrap()
+        );
+        assert_eq!(pace(1_000, 1_000, 0), Duration::ZERO);
+        // Half a batch half way waits a quarter.
+        assert_eq!(
+            pace(500, 1_000, full / 2),
+            PACE_MAX * (full / 2) as u32 / full as u32 / 2
+        );
     }
 }
