@@ -94,6 +94,8 @@ const COMPACTION_THREADS: usize = 1;
 /// default is 4). Each checkpoint's state changes are spread over every payer, so a merge
 /// rewrites most of the level below whatever it brings; merging a quarter as often costs a
 /// quarter of that, and a point read checks a few more bloom filters, which stay in memory.
+/// fjall stores a keyspace's strategy when it makes it and reads it back on every open, so an
+/// engine made before this was set keeps merging at 4: slower under load, the same answers.
 const STATE_L0_TABLES: u8 = 16;
 
 /// A state change: `Some` puts the value, `None` removes the key.
