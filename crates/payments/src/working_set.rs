@@ -98,6 +98,42 @@ impl Needs {
         self.idempotency_keys.extend(other.idempotency_keys);
     }
 
+    /// Splits what is listed into `count` parts (at least one), each list dealt out in runs of
+    /// about equal length, the flags and the expiry with the first: reading every part reads
+    /// what reading the whole would.
+    pub fn split(self, count: usize) -> Vec<Needs> {
+        fn deal<T>(list: Vec<T>, parts: &mut [Needs], field: impl Fn(&mut Needs) -> &mut Vec<T>) {
+            let run = list.len().div_ceil(parts.len()).max(1);
+            let mut items = list.into_iter();
+            for part in parts.iter_mut() {
+                field(part).extend(items.by_ref().take(run));
+            }
+        }
+        let mut parts: Vec<Needs> = (0..count.max(1)).map(|_| Needs::default()).collect();
+        parts[0].operator_key = self.operator_key;
+        parts[0].incomplete = self.incomplete;
+        parts[0].holds_due = self.holds_due;
+        deal(self.key_hashes, &mut parts, |part| &mut part.key_hashes);
+        deal(self.merchants, &mut parts, |part| &mut part.merchants);
+        deal(self.payers, &mut parts, |part| &mut part.payers);
+        deal(self.payments, &mut parts, |part| &mut part.payments);
+        deal(self.payments_existing, &mut parts, |part| {
+            &mut part.payments_existing
+        });
+        deal(self.topups, &mut parts, |part| &mut part.topups);
+        deal(self.refunds, &mut parts, |part| &mut part.refunds);
+        deal(self.accounts, &mut parts, |part| &mut part.accounts);
+        deal(self.transfers, &mut parts, |part| &mut part.transfers);
+        deal(self.held_transfers, &mut parts, |part| {
+            &mut part.held_transfers
+        });
+        deal(self.rows, &mut parts, |part| &mut part.rows);
+        deal(self.idempotency_keys, &mut parts, |part| {
+            &mut part.idempotency_keys
+        });
+        parts
+    }
+
     /// Sorts every list and drops repeats.
     pub(crate) fn normalize(&mut self) {
         fn tidy<T: Ord>(list: &mut Vec<T>) {

@@ -383,6 +383,17 @@ fn check_batch(
         &needs_of_whole,
         "the working set asks for what the whole state does"
     );
+    // Read a part at a time (a writer reading ahead for a large batch), the parts together
+    // list what the whole does.
+    for count in [1, 2, 3, 7] {
+        let parts = needs.clone().split(count);
+        prop_assert_eq!(parts.len(), count);
+        let mut joined = Needs::default();
+        for part in parts {
+            joined.extend(part);
+        }
+        prop_assert_eq!(&joined, &needs, "{} parts together list the whole", count);
+    }
     let before = Tables::of(whole, &needs);
     prop_assert!(
         whole.take_changes().is_empty(),

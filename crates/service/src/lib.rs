@@ -968,6 +968,16 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
     Ok(())
 }
 
+/// Reads from disk what `needs` lists and memory lacks, and puts it in: one part of what a
+/// held-back job reads, ahead of its commit (which reads again whatever is still missing).
+fn read_ahead(state: &RwLock<State>, needs: &Needs) -> Result<(), StoreError> {
+    let fetched = state.read().expect("state lock").fetch_needs(needs)?;
+    if !fetched.is_empty() {
+        state.write().expect("state lock").load_fetched(fetched)?;
+    }
+    Ok(())
+}
+
 /// Writes checkpoints on a thread of its own, so that neither the writer nor readers wait for
 /// the disk, and tells the writer when each is written.
 ///
@@ -1080,32 +1090,77 @@ impl Checkpointer {
             .expect("the checkpoint thread outlives the writer");
     }
 
-    /// Takes in the checkpoints written since last asked; first, while the one being written
-    /// holds the writer back (the history made since it began is over its bound), waits for
-    /// it.
+    /// How long a commit of `payments` waits for the checkpoint being written, by the history
+    /// made since it began: nothing within one interval; past it, a pause in proportion
+    /// ([`pace`]); at [`YOUNG_CHECKPOINTS_MAX`] intervals, until it is written. A commit of
+    /// fewer than [`LARGE_JOB_PAYMENTS`] adds little, and waits whole only one interval
+    /// later: single payments are not held behind a checkpoint that the batches beside them
+    /// outran.
+    fn hold_for(&self, state: &RwLock<State>, payments: usize) -> Hold {
+        if !self.in_flight || payments == 0 {
+            return Hold::None;
+        }
+        let young = state.read().expect("state lock").young_rows();
+        let interval = self.options.checkpoint_rows;
+        let bound = if payments >= LARGE_JOB_PAYMENTS {
+            YOUNG_CHECKPOINTS_MAX
+        } else {
+            YOUNG_CHECKPOINTS_MAX + 1
+        } * interval;
+        if young >= bound {
+            Hold::UntilWritten
+        } else if young > interval {
+            let span = (YOUNG_CHECKPOINTS_MAX - 1) * interval;
+            Hold::For(pace(young - interval, span, payments))
+        } else {
+            Hold::None
+        }
+    }
+
+    /// Waits up to `timeout` (for ever with `None`) for the checkpoint being written, and
+    /// takes it in if it was: whether it was.
+    fn wait_written(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+        journal: &mut dyn Journal,
+        state: &RwLock<State>,
+    ) -> bool {
+        if !self.in_flight {
+            return true;
+        }
+        let began = Instant::now();
+        let written = match timeout {
+            None => self.written.recv().ok(),
+            Some(timeout) => self.written.recv_timeout(timeout).ok(),
+        };
+        let Some(position) = written else {
+            return false;
+        };
+        tracing::debug!(
+            micros = began.elapsed().as_micros() as u64,
+            "the writer waited for a checkpoint"
+        );
+        self.written(position, journal, state);
+        true
+    }
+
+    /// Takes in the checkpoints written since last asked, after waiting for the one being
+    /// written as long as a commit of `payments` must ([`Checkpointer::hold_for`]).
     fn catch_up(&mut self, journal: &mut dyn Journal, state: &RwLock<State>, payments: usize) {
-        if self.in_flight {
-            let young = state.read().expect("state lock").young_rows();
-            let interval = self.options.checkpoint_rows;
-            let began = Instant::now();
-            let written = if young >= YOUNG_CHECKPOINTS_MAX * interval {
-                self.written.recv().ok()
-            } else if young > interval {
-                let span = (YOUNG_CHECKPOINTS_MAX - 1) * interval;
-                let pause = pace(young - interval, span, payments);
-                self.written.recv_timeout(pause).ok()
-            } else {
-                None
-            };
-            if let Some(position) = written {
-                tracing::debug!(
-                    young_rows = young,
-                    micros = began.elapsed().as_micros() as u64,
-                    "the writer waited for a checkpoint"
-                );
-                self.written(position, journal, state);
+        match self.hold_for(state, payments) {
+            Hold::None => {}
+            Hold::For(pause) => {
+                self.wait_written(Some(pause), journal, state);
+            }
+            Hold::UntilWritten => {
+                self.wait_written(None, journal, state);
             }
         }
+        self.take_written(journal, state);
+    }
+
+    /// Takes in the checkpoints written since last asked.
+    fn take_written(&mut self, journal: &mut dyn Journal, state: &RwLock<State>) {
         while let Ok(position) = self.written.try_recv() {
             self.written(position, journal, state);
         }
@@ -1146,6 +1201,11 @@ impl Checkpointer {
 /// them and answers. Appending first means the state in memory only ever holds what is
 /// durable, and a refused append (a full disk) changes nothing and is answered with
 /// `StorageUnavailable`.
+///
+/// Large jobs (by [`LARGE_JOB_PAYMENTS`]) are held back while what they read is read from
+/// disk a part at a time, and while they wait for a checkpoint that is behind ([`HeldBack`]):
+/// small jobs queued meanwhile are committed first, so a single payment never waits for a
+/// batch's reads, only at most for one part of them, or for a batch already being committed.
 fn write_loop(
     shared: Arc<Shared>,
     mut journal: Box<dyn Journal>,
@@ -1161,23 +1221,20 @@ fn write_loop(
     let Storage::Local(state) = &shared.storage else {
         unreachable!("the journal writer runs over the embedded store")
     };
-    // Large jobs held back from the last commit, so that the small ones beside them were
-    // answered without waiting for them. They go first in the next commit, never held twice.
-    let mut held_back: Vec<Job> = Vec::new();
+    let mut held = HeldBack::default();
     let mut last_now = state.read().expect("state lock").last_time();
     let mut next_prune = Timestamp(0);
     loop {
-        let was_held_back = !held_back.is_empty();
-        jobs.append(&mut held_back);
         // After a stop, the queue refuses new jobs but still yields those already in it, so
-        // everything accepted before the stop is committed and answered.
-        let mut next = if was_held_back {
-            receive.try_recv().ok()
-        } else {
+        // everything accepted before the stop is committed and answered. It blocks only when
+        // no large job is held back.
+        let mut next = if held.jobs.is_empty() {
             match receive.blocking_recv() {
                 Some(message) => Some(message),
                 None => break,
             }
+        } else {
+            receive.try_recv().ok()
         };
         while let Some(message) = next.take() {
             match message {
@@ -1185,16 +1242,38 @@ fn write_loop(
                 Message::Stop => receive.close(),
                 Message::CheckpointWritten => {}
             }
-            if jobs.len() < RECORDS_PER_COMMIT_MAX {
+            if jobs.len() + held.jobs.len() < RECORDS_PER_COMMIT_MAX {
                 next = receive.try_recv().ok();
             }
         }
-        if !was_held_back {
-            hold_back_large(&mut jobs, &mut held_back);
+        let (large, small): (Vec<Job>, Vec<Job>) = jobs
+            .drain(..)
+            .partition(|job| job_payments(&job.command) >= LARGE_JOB_PAYMENTS);
+        jobs = small;
+        if !large.is_empty() {
+            held.add(large, state);
+        }
+        let mut paced = false;
+        if !held.jobs.is_empty()
+            && held.advance(
+                state,
+                &receive,
+                !jobs.is_empty(),
+                checkpointer.as_mut(),
+                &mut *journal,
+            )
+        {
+            // Queued before the small ones now beside them, they go first.
+            jobs.splice(0..0, std::mem::take(&mut held).jobs);
+            paced = true;
         }
         if let Some(checkpointer) = &mut checkpointer {
-            let payments = jobs.iter().map(|job| job_payments(&job.command)).sum();
-            checkpointer.catch_up(&mut *journal, state, payments);
+            if paced {
+                checkpointer.take_written(&mut *journal, state);
+            } else {
+                let payments = jobs.iter().map(|job| job_payments(&job.command)).sum();
+                checkpointer.catch_up(&mut *journal, state, payments);
+            }
         }
         if jobs.is_empty() {
             continue;
@@ -1260,11 +1339,15 @@ fn write_loop(
     }
 }
 
-/// Payments in a job of at least this many are held back from a commit that also holds
-/// smaller jobs, into the next one: a single payment queued beside a full batch is then
+/// Payments in a job of at least this many make it large: it is held back while what it
+/// reads is read ([`HeldBack`]), and small jobs queued beside it are committed first, each
 /// answered after its own fsync, not after the batch is applied. The extra fsync costs a
 /// fraction of a millisecond against the tens a batch this size takes.
 const LARGE_JOB_PAYMENTS: usize = 1_000;
+/// Payments whose reads a held-back job reads at a time, between looks at the queue.
+const READ_PART_PAYMENTS: usize = 500;
+/// The longest a held-back job waits for a checkpoint between looks at the queue.
+const HOLD_SLICE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The payments a job makes (a batch's items), or one.
 fn job_payments(command: &Command) -> usize {
@@ -1274,17 +1357,104 @@ fn job_payments(command: &Command) -> usize {
     }
 }
 
-/// Moves the large jobs (by [`LARGE_JOB_PAYMENTS`]) of a commit that also holds small ones into
-/// `held_back`, keeping the order of each. A commit of large jobs only, or of small jobs only,
-/// stays whole.
-fn hold_back_large(jobs: &mut Vec<Job>, held_back: &mut Vec<Job>) {
-    let large = |job: &Job| job_payments(&job.command) >= LARGE_JOB_PAYMENTS;
-    if !jobs.iter().any(large) || jobs.iter().all(large) {
-        return;
+/// How long a commit waits for the checkpoint being written ([`Checkpointer::hold_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hold {
+    None,
+    For(std::time::Duration),
+    UntilWritten,
+}
+
+/// Large jobs waiting to be committed: first what they read is read from disk a part at a
+/// time, then they wait as long as a checkpoint being written asks. Each time the writer
+/// comes round it takes at least one step (a part read, or a slice of the wait) and goes on
+/// while nothing else is queued, so small jobs queued meanwhile wait at most one step, and
+/// however many of them come, the large jobs still get done.
+#[derive(Default)]
+struct HeldBack {
+    jobs: Vec<Job>,
+    /// What is left to read, a part each.
+    to_read: Vec<Needs>,
+    /// Once everything is read: how long the commit waits for the checkpoint being written.
+    until: Option<Until>,
+}
+
+/// Until when a held-back job waits for the checkpoint being written.
+#[derive(Clone, Copy)]
+enum Until {
+    Time(Instant),
+    Written,
+}
+
+impl HeldBack {
+    /// Holds back `jobs` as well, with what they read split into parts.
+    fn add(&mut self, jobs: Vec<Job>, state: &RwLock<State>) {
+        let state = state.read().expect("state lock");
+        // A state that holds everything reads nothing.
+        if state.is_cache() {
+            let payments: usize = jobs.iter().map(|job| job_payments(&job.command)).sum();
+            let needs = state.needs_of_batch(
+                jobs.iter()
+                    .map(|job| (job.idempotency.as_ref(), &job.command)),
+            );
+            self.to_read
+                .extend(needs.split(payments.div_ceil(READ_PART_PAYMENTS)));
+        }
+        self.jobs.extend(jobs);
+        // What was decided of the wait before these came counted without them.
+        self.until = None;
     }
-    let (large_jobs, small): (Vec<Job>, Vec<Job>) = jobs.drain(..).partition(large);
-    *jobs = small;
-    held_back.extend(large_jobs);
+
+    /// Goes on with the held-back jobs: one step, and more while no other job waits (in
+    /// `queue`, or already taken from it: `others_waiting`). Whether they are ready to be
+    /// committed.
+    fn advance(
+        &mut self,
+        state: &RwLock<State>,
+        queue: &mpsc::Receiver<Message>,
+        others_waiting: bool,
+        mut checkpointer: Option<&mut Checkpointer>,
+        journal: &mut dyn Journal,
+    ) -> bool {
+        loop {
+            if let Some(part) = self.to_read.pop() {
+                if let Err(error) = read_ahead(state, &part) {
+                    // The commit reads again what it lacks, and answers 503 if the disk still
+                    // refuses.
+                    tracing::warn!(%error, "could not read ahead what a large job reads");
+                    self.to_read.clear();
+                }
+            } else {
+                let Some(checkpointer) = checkpointer.as_deref_mut() else {
+                    return true;
+                };
+                let until = *self.until.get_or_insert_with(|| {
+                    let payments = self.jobs.iter().map(|job| job_payments(&job.command)).sum();
+                    match checkpointer.hold_for(state, payments) {
+                        Hold::None => Until::Time(Instant::now()),
+                        Hold::For(pause) => Until::Time(Instant::now() + pause),
+                        Hold::UntilWritten => Until::Written,
+                    }
+                });
+                let slice = match until {
+                    Until::Written => HOLD_SLICE,
+                    Until::Time(deadline) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return true;
+                        }
+                        left.min(HOLD_SLICE)
+                    }
+                };
+                if checkpointer.wait_written(Some(slice), journal, state) {
+                    return true;
+                }
+            }
+            if others_waiting || !queue.is_empty() {
+                return false;
+            }
+        }
+    }
 }
 
 /// A writer over a shared store: takes the jobs waiting (up to [`RECORDS_PER_COMMIT_MAX`]),

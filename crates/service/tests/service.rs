@@ -1000,7 +1000,8 @@ async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing
     let (service, gate, payer, merchant) = gated_shop(&dir, CHECKPOINT_ROWS).await;
 
     // Payments one at a time while the first checkpoint cannot be written: the history made
-    // since it began grows to its bound, and then a payment waits.
+    // since it began grows to its bound (for commits of single payments, one interval past
+    // the bound of large ones), and then a payment waits.
     let mut answered = 0;
     let waiting = loop {
         let mut next = {
@@ -1020,7 +1021,7 @@ async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing
     };
     let young = service.read_now(|state| state.young_rows());
     assert!(
-        (2 * CHECKPOINT_ROWS..2 * CHECKPOINT_ROWS + 10).contains(&young),
+        (3 * CHECKPOINT_ROWS..3 * CHECKPOINT_ROWS + 10).contains(&young),
         "held back at {young} history rows"
     );
 
@@ -1097,6 +1098,61 @@ async fn a_single_payment_queued_beside_a_large_batch_is_committed_before_it() {
         })
         .expect("replays");
     assert_eq!(order, ["single", "batch"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_payment_goes_through_while_a_large_batch_waits_for_a_checkpoint_behind() {
+    const CHECKPOINT_ROWS: usize = 30;
+    const BATCH: usize = 1_000;
+    let dir = TempDir::new("single_past_bound");
+    let (service, gate, payer, merchant) = gated_shop(&dir, CHECKPOINT_ROWS).await;
+
+    // Single payments while the first checkpoint cannot be written, until the history made
+    // since it began is past the bound of large commits.
+    while service.read_now(|state| state.young_rows()) < 2 * CHECKPOINT_ROWS {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(5),
+            pay(&service, payer, merchant, Amount::from_micros(1_000), usd()),
+        )
+        .await
+        .expect("a single payment below its own bound is answered");
+        paid(answered);
+    }
+    let batch = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let items = (0..BATCH)
+                .map(|_| {
+                    service.pay_command(payer, merchant, Amount::from_micros(1), usd(), None, None)
+                })
+                .collect();
+            service.submit(Command::PayBatch(items), None).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!batch.is_finished(), "the batch waits for the checkpoint");
+
+    // A single payment queued after the batch is answered while the batch still waits.
+    let single = tokio::time::timeout(
+        Duration::from_secs(5),
+        pay(&service, payer, merchant, Amount::from_micros(7), usd()),
+    )
+    .await
+    .expect("the single payment does not wait for the checkpoint");
+    paid(single);
+    assert!(
+        !batch.is_finished(),
+        "the batch still waits for the checkpoint"
+    );
+
+    *gate.open.lock().unwrap() = true;
+    gate.opened.notify_all();
+    let batch = batch.await.expect("the batch task ends").expect("submits");
+    assert!(
+        matches!(batch.outcome, Outcome::PaidBatch(ref items) if items.len() == BATCH
+            && items.iter().all(|item| matches!(item, BatchItemOutcome::Succeeded(_))))
+    );
+    shutdown(service).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -485,6 +485,16 @@ impl State {
         self.fetch(&needs)
     }
 
+    /// Reads from disk what `needs` lists and memory lacks, as [`State::fetch_for`] does for
+    /// commands: for a writer that reads what a large batch needs a part at a time
+    /// ([`Needs::split`]) before the batch itself. Empty for a state that is not a cache.
+    pub fn fetch_needs(&self, needs: &Needs) -> Result<Fetched, DiskError> {
+        if !self.is_cache() {
+            return Ok(Fetched::default());
+        }
+        self.fetch(needs)
+    }
+
     /// Puts in what [`State::fetch_for`] read: loads, not changes. A row that does not fit what
     /// memory holds means the disk and the state disagree.
     pub fn load_fetched(&mut self, mut fetched: Fetched) -> Result<(), DiskError> {
