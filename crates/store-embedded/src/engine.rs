@@ -415,10 +415,32 @@ impl Engine {
 /// Sorts `rows` by key and keeps, of each key given more than once, the last one given:
 /// ingestion takes strictly increasing keys.
 fn keep_last_of_each_key<V>(rows: &mut Vec<(Vec<u8>, V)>) {
-    // Reversed, a stable sort puts each key's last value first among its equals, and `dedup`
-    // keeps the first of each run.
-    rows.reverse();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    // Sorted by key, each key's last value first among its equals, so that `dedup` keeps it.
+    // The sort compares each key's first 16 bytes as one integer held beside its place, and
+    // reads the keys themselves only on a tie: a checkpoint's few hundred thousand keys, each
+    // behind a pointer, took a sixth of its time to sort by comparing them directly.
+    fn prefix(key: &[u8]) -> u128 {
+        let mut bytes = [0u8; 16];
+        let n = key.len().min(16);
+        bytes[..n].copy_from_slice(&key[..n]);
+        u128::from_be_bytes(bytes)
+    }
+    let mut order: Vec<(u128, usize)> = rows
+        .iter()
+        .enumerate()
+        .map(|(at, (key, _))| (prefix(key), at))
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| rows[a.1].0.cmp(&rows[b.1].0))
+            .then(b.1.cmp(&a.1))
+    });
+    let mut taken: Vec<Option<(Vec<u8>, V)>> = rows.drain(..).map(Some).collect();
+    rows.extend(
+        order
+            .into_iter()
+            .map(|(_, at)| taken[at].take().expect("each place once")),
+    );
     rows.dedup_by(|later, kept| later.0 == kept.0);
 }
 
