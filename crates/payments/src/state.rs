@@ -53,6 +53,8 @@ struct Cache {
     accounts_changed: HashSet<AccountId, IdHashBuilder>,
     /// No id of any record applied is larger.
     id_max: u128,
+    /// How many times rows have left memory ([`State::evictions`]).
+    evictions: u64,
 }
 
 /// A page of a list, newest first.
@@ -250,6 +252,7 @@ impl State {
             },
             Command::PruneIdempotencyKeys { before } => {
                 self.idempotency.prune(*before);
+                self.count_eviction();
                 Outcome::Pruned
             }
             Command::Import(items) => self.import(items),

@@ -1067,13 +1067,18 @@ impl Checkpointer {
     }
 
     /// Begins a checkpoint if enough history was made since the last one and none is being
-    /// written. Under the write lock: freezing is a move plus a copy of the state rows changed.
-    fn maybe_begin(&mut self, state: &RwLock<State>) {
+    /// written. Under the write lock: freezing is a move plus a copy of the state rows changed,
+    /// tens of milliseconds with a million payers, so while other jobs wait (`others_waiting`)
+    /// it waits for a later commit, up to half an interval more.
+    fn maybe_begin(&mut self, state: &RwLock<State>, others_waiting: bool) {
         // Asked under the read lock: only this thread changes the state, so the answer holds
         // until it takes the write lock, which most commits then need not wait for.
-        if self.in_flight
-            || state.read().expect("state lock").young_rows() < self.options.checkpoint_rows
-        {
+        let due = if others_waiting {
+            self.options.checkpoint_rows + self.options.checkpoint_rows / 2
+        } else {
+            self.options.checkpoint_rows
+        };
+        if self.in_flight || state.read().expect("state lock").young_rows() < due {
             return;
         }
         let mut state = state.write().expect("state lock");
@@ -1254,6 +1259,8 @@ fn write_loop(
             held.add(large, state);
         }
         let mut paced = false;
+        // The held-back jobs at the front of the commit, and when reading for them began.
+        let mut read_ahead = None;
         if !held.jobs.is_empty()
             && held.advance(
                 state,
@@ -1264,6 +1271,7 @@ fn write_loop(
             )
         {
             // Queued before the small ones now beside them, they go first.
+            read_ahead = held.all_read_since().map(|since| (held.jobs.len(), since));
             jobs.splice(0..0, std::mem::take(&mut held).jobs);
             paced = true;
         }
@@ -1278,11 +1286,17 @@ fn write_loop(
         if jobs.is_empty() {
             continue;
         }
+        // Unless a row left memory since (a checkpoint written, rows forgotten, keys pruned),
+        // what was read ahead is still there, and only the others' reads are looked for.
+        let read_ahead_jobs = match read_ahead {
+            Some((count, since)) if since == state.read().expect("state lock").evictions() => count,
+            _ => 0,
+        };
         let started = std::time::Instant::now();
         // Time never goes backwards in the journal, whatever the wall clock does.
         let now = clock.now().max(last_now);
         last_now = now;
-        if let Err(error) = load_for_jobs(state, &jobs) {
+        if let Err(error) = load_for_jobs(state, &jobs[read_ahead_jobs..]) {
             tracing::error!(%error, "could not read what a commit needs from disk; answering 503");
             for job in jobs.drain(..) {
                 let _ = job.reply.send(Err(ServiceError::StorageUnavailable));
@@ -1331,7 +1345,7 @@ fn write_loop(
         // After the answers: beginning a checkpoint holds the state lock for a while, and the
         // commit that made it due need not wait for that.
         if let Some(checkpointer) = &mut checkpointer {
-            checkpointer.maybe_begin(state);
+            checkpointer.maybe_begin(state, !receive.is_empty());
         }
     }
     if let Some(checkpointer) = checkpointer {
@@ -1377,6 +1391,9 @@ struct HeldBack {
     to_read: Vec<Needs>,
     /// Once everything is read: how long the commit waits for the checkpoint being written.
     until: Option<Until>,
+    /// [`State::evictions`] when reading began, if every part read so far was read whole and
+    /// nothing they list is left to be found by a second look.
+    read_since: Option<u64>,
 }
 
 /// Until when a held-back job waits for the checkpoint being written.
@@ -1397,12 +1414,24 @@ impl HeldBack {
                 jobs.iter()
                     .map(|job| (job.idempotency.as_ref(), &job.command)),
             );
+            if self.jobs.is_empty() {
+                self.read_since = Some(state.evictions());
+            }
+            if needs.incomplete {
+                self.read_since = None;
+            }
             self.to_read
                 .extend(needs.split(payments.div_ceil(READ_PART_PAYMENTS)));
         }
         self.jobs.extend(jobs);
         // What was decided of the wait before these came counted without them.
         self.until = None;
+    }
+
+    /// Once every part is read: [`State::evictions`] when reading began. While it stays the
+    /// same, memory holds all the held-back jobs read, and their commit need not look again.
+    fn all_read_since(&self) -> Option<u64> {
+        self.read_since.filter(|_| self.to_read.is_empty())
     }
 
     /// Goes on with the held-back jobs: one step, and more while no other job waits (in
@@ -1423,6 +1452,7 @@ impl HeldBack {
                     // refuses.
                     tracing::warn!(%error, "could not read ahead what a large job reads");
                     self.to_read.clear();
+                    self.read_since = None;
                 }
             } else {
                 let Some(checkpointer) = checkpointer.as_deref_mut() else {

@@ -1156,6 +1156,62 @@ async fn a_single_payment_goes_through_while_a_large_batch_waits_for_a_checkpoin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_back_batch_whose_payer_left_memory_while_it_waited_reads_it_again() {
+    const CHECKPOINT_ROWS: usize = 30;
+    const BATCH: u64 = 1_000;
+    let dir = TempDir::new("read_again");
+    let (service, gate, ada, merchant) = gated_shop(&dir, CHECKPOINT_ROWS).await;
+    // Bob is funded before the first checkpoint begins, and does nothing after it.
+    let (bob, _) = create_payer(&service, "Bob").await;
+    topup(&service, bob, units(1), usd()).await;
+
+    // Ada's single payments take the history past the bound of large commits while the first
+    // checkpoint cannot be written.
+    while service.read_now(|state| state.young_rows()) < 2 * CHECKPOINT_ROWS {
+        paid(pay(&service, ada, merchant, Amount::from_micros(1_000), usd()).await);
+    }
+    // Bob's batch is held back: what it reads (Bob, in memory) is read ahead, and it waits for
+    // the checkpoint.
+    let batch = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let items = (0..BATCH)
+                .map(|_| {
+                    service.pay_command(bob, merchant, Amount::from_micros(1), usd(), None, None)
+                })
+                .collect();
+            service.submit(Command::PayBatch(items), None).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!batch.is_finished(), "the batch waits for the checkpoint");
+
+    // Written, the checkpoint lets Bob go from memory (a cache of no bytes forgets every row
+    // not changed since it began) before the batch is committed: the batch reads him again.
+    *gate.open.lock().unwrap() = true;
+    gate.opened.notify_all();
+    let batch = batch.await.expect("the batch task ends").expect("submits");
+    match &batch.outcome {
+        Outcome::PaidBatch(items) => {
+            assert_eq!(items.len() as u64, BATCH);
+            for item in items {
+                assert!(
+                    matches!(item, BatchItemOutcome::Succeeded(_)),
+                    "each payment of Bob's succeeds: {item:?}"
+                );
+            }
+        }
+        other => panic!("expected a paid batch, got {other:?}"),
+    }
+    let balance = service
+        .read(move |state| state.payer_balances(bob).unwrap().expect("known")[0].1)
+        .await
+        .expect("reads");
+    assert_eq!(balance, i128::from(MICROS_PER_UNIT - BATCH));
+    shutdown(service).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounded_store_opens_again_at_once_after_a_shutdown() {
     let dir = TempDir::new("reopen");
     for round in 0..3 {

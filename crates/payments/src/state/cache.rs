@@ -267,8 +267,23 @@ impl State {
             disk,
             accounts_changed: HashSet::default(),
             id_max: 0,
+            evictions: 0,
         }));
         Ok(state)
+    }
+
+    /// How many times rows have left memory: a checkpoint written (its history is read from
+    /// disk from then on), unchanged rows forgotten, idempotency keys pruned. While it stays
+    /// the same, what memory held still is, so rows read for a record ahead of it need not be
+    /// looked for again. 0 for a state that is not a cache.
+    pub fn evictions(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |cache| cache.evictions)
+    }
+
+    pub(super) fn count_eviction(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            cache.evictions += 1;
+        }
     }
 
     /// Whether this state is a cache over a disk.
@@ -654,6 +669,7 @@ impl State {
     /// The checkpoint begun at `position` is on disk: its rows are read from there now.
     pub fn checkpoint_written(&mut self, position: u64) {
         let begun = self.frozen.take().map(|(begun, _)| begun);
+        self.count_eviction();
         assert_eq!(
             begun,
             Some(position),
@@ -699,9 +715,10 @@ impl State {
             self.frozen.is_none(),
             "rows are forgotten once their checkpoint is written"
         );
-        let Some(cache) = &self.cache else {
+        let Some(cache) = &mut self.cache else {
             return;
         };
+        cache.evictions += 1;
         // Accounts made, or changed by a transfer, since the checkpoint began.
         let mut keep = cache.accounts_changed.clone();
         for record in self.ledger.all_transfer_records() {
