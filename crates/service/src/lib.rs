@@ -1251,11 +1251,10 @@ fn write_loop(
                 next = receive.try_recv().ok();
             }
         }
-        let (large, small): (Vec<Job>, Vec<Job>) = jobs
-            .drain(..)
-            .partition(|job| job_payments(&job.command) >= LARGE_JOB_PAYMENTS);
-        jobs = small;
-        if !large.is_empty() {
+        let large = |job: &Job| job_payments(&job.command) >= LARGE_JOB_PAYMENTS;
+        if jobs.iter().any(large) {
+            let (large, small): (Vec<Job>, Vec<Job>) = jobs.drain(..).partition(large);
+            jobs.extend(small);
             held.add(large, state);
         }
         let mut paced = false;
