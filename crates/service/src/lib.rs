@@ -1260,15 +1260,19 @@ fn write_loop(
         let mut paced = false;
         // The held-back jobs at the front of the commit, and when reading for them began.
         let mut read_ahead = None;
-        if !held.jobs.is_empty()
+        let ready = !held.jobs.is_empty()
             && held.advance(
                 state,
                 &receive,
                 !jobs.is_empty(),
                 checkpointer.as_mut(),
                 &mut *journal,
-            )
-        {
+            );
+        if ready && !jobs.is_empty() && !held.made_way {
+            // Small jobs taken beside held-back ones that are ready are committed first, once:
+            // a single payment then waits for its own fsync, not for a batch being applied.
+            held.made_way = true;
+        } else if ready {
             // Queued before the small ones now beside them, they go first.
             read_ahead = held.all_read_since().map(|since| (held.jobs.len(), since));
             jobs.splice(0..0, std::mem::take(&mut held).jobs);
@@ -1393,6 +1397,8 @@ struct HeldBack {
     /// [`State::evictions`] when reading began, if every part read so far was read whole and
     /// nothing they list is left to be found by a second look.
     read_since: Option<u64>,
+    /// Whether, once ready, they let small jobs beside them go first.
+    made_way: bool,
 }
 
 /// Until when a held-back job waits for the checkpoint being written.
