@@ -974,6 +974,25 @@ async fn open_bounded(
     .service
 }
 
+/// Submits a batch of `count` payments of one micro-unit from `payer` to `merchant`, on a task
+/// of its own.
+fn spawn_batch(
+    service: &Service,
+    payer: PayerId,
+    merchant: MerchantId,
+    count: usize,
+) -> tokio::task::JoinHandle<Result<Executed, ServiceError>> {
+    let service = service.clone();
+    tokio::spawn(async move {
+        let items = (0..count)
+            .map(|_| {
+                service.pay_command(payer, merchant, Amount::from_micros(1), usd(), None, None)
+            })
+            .collect();
+        service.submit(Command::PayBatch(items), None).await
+    })
+}
+
 /// A bounded store whose checkpoints wait at a closed gate, with a funded payer and a merchant.
 async fn gated_shop(
     dir: &TempDir,
@@ -1056,17 +1075,7 @@ async fn a_single_payment_queued_beside_a_large_batch_is_committed_before_it() {
             break next;
         }
     };
-    let batch = {
-        let service = service.clone();
-        tokio::spawn(async move {
-            let items = (0..BATCH)
-                .map(|_| {
-                    service.pay_command(payer, merchant, Amount::from_micros(1), usd(), None, None)
-                })
-                .collect();
-            service.submit(Command::PayBatch(items), None).await
-        })
-    };
+    let batch = spawn_batch(&service, payer, merchant, BATCH);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let single = {
         let service = service.clone();
@@ -1118,17 +1127,7 @@ async fn a_single_payment_goes_through_while_a_large_batch_waits_for_a_checkpoin
         .expect("a single payment below its own bound is answered");
         paid(answered);
     }
-    let batch = {
-        let service = service.clone();
-        tokio::spawn(async move {
-            let items = (0..BATCH)
-                .map(|_| {
-                    service.pay_command(payer, merchant, Amount::from_micros(1), usd(), None, None)
-                })
-                .collect();
-            service.submit(Command::PayBatch(items), None).await
-        })
-    };
+    let batch = spawn_batch(&service, payer, merchant, BATCH);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!batch.is_finished(), "the batch waits for the checkpoint");
 
@@ -1172,17 +1171,7 @@ async fn a_held_back_batch_whose_payer_left_memory_while_it_waited_reads_it_agai
     }
     // Bob's batch is held back: what it reads (Bob, in memory) is read ahead, and it waits for
     // the checkpoint.
-    let batch = {
-        let service = service.clone();
-        tokio::spawn(async move {
-            let items = (0..BATCH)
-                .map(|_| {
-                    service.pay_command(bob, merchant, Amount::from_micros(1), usd(), None, None)
-                })
-                .collect();
-            service.submit(Command::PayBatch(items), None).await
-        })
-    };
+    let batch = spawn_batch(&service, bob, merchant, BATCH as usize);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!batch.is_finished(), "the batch waits for the checkpoint");
 
