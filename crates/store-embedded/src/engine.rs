@@ -158,7 +158,7 @@ impl Engine {
             None => 0,
             Some(guard) => {
                 let key = guard.key().map_err(engine_error)?;
-                history_key_id(&key)
+                leading_u128(&key)
             }
         };
         Ok(Engine {
@@ -269,7 +269,7 @@ impl Engine {
         // Raised before the rows can be read: an id at or below it may be on disk.
         {
             let mut max = self.history_id_max.0.lock().expect("id lock");
-            *max = (*max).max(history_key_id(&last));
+            *max = (*max).max(leading_u128(&last));
         }
         ingestion.finish().map_err(engine_error)
     }
@@ -419,16 +419,10 @@ fn keep_last_of_each_key<V>(rows: &mut Vec<(Vec<u8>, V)>) {
     // The sort compares each key's first 16 bytes as one integer held beside its place, and
     // reads the keys themselves only on a tie: a checkpoint's few hundred thousand keys, each
     // behind a pointer, took a sixth of its time to sort by comparing them directly.
-    fn prefix(key: &[u8]) -> u128 {
-        let mut bytes = [0u8; 16];
-        let n = key.len().min(16);
-        bytes[..n].copy_from_slice(&key[..n]);
-        u128::from_be_bytes(bytes)
-    }
     let mut order: Vec<(u128, usize)> = rows
         .iter()
         .enumerate()
-        .map(|(at, (key, _))| (prefix(key), at))
+        .map(|(at, (key, _))| (leading_u128(key), at))
         .collect();
     order.sort_unstable_by(|a, b| {
         a.0.cmp(&b.0)
@@ -444,8 +438,9 @@ fn keep_last_of_each_key<V>(rows: &mut Vec<(Vec<u8>, V)>) {
     rows.dedup_by(|later, kept| later.0 == kept.0);
 }
 
-/// A history key's id: its first 16 bytes, big-endian (shorter keys are padded with zeros).
-fn history_key_id(key: &[u8]) -> u128 {
+/// A key's first 16 bytes as one big-endian integer, shorter keys padded with zeros: a history
+/// key's id, and an integer that orders keys as their bytes do, but for ties.
+fn leading_u128(key: &[u8]) -> u128 {
     let mut id = [0u8; 16];
     let n = key.len().min(16);
     id[..n].copy_from_slice(&key[..n]);
