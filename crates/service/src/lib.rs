@@ -969,7 +969,8 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
 }
 
 /// Reads from disk what `needs` lists and memory lacks, and puts it in: one part of what a
-/// held-back job reads, ahead of its commit (which reads again whatever is still missing).
+/// held-back job reads, ahead of its commit (which looks again if a row has left memory
+/// since reading began).
 fn read_ahead(state: &RwLock<State>, needs: &Needs) -> Result<(), StoreError> {
     let fetched = state.read().expect("state lock").fetch_needs(needs)?;
     if !fetched.is_empty() {
@@ -1123,7 +1124,7 @@ impl Checkpointer {
     }
 
     /// Waits up to `timeout` (for ever with `None`) for the checkpoint being written, and
-    /// takes it in if it was: whether it was.
+    /// takes it in if it was: whether the wait is over (written, or never to be).
     fn wait_written(
         &mut self,
         timeout: Option<std::time::Duration>,
@@ -1133,20 +1134,30 @@ impl Checkpointer {
         if !self.in_flight {
             return true;
         }
+        use std::sync::mpsc::RecvTimeoutError;
         let began = Instant::now();
         let written = match timeout {
-            None => self.written.recv().ok(),
-            Some(timeout) => self.written.recv_timeout(timeout).ok(),
+            None => self
+                .written
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
+            Some(timeout) => self.written.recv_timeout(timeout),
         };
-        let Some(position) = written else {
-            return false;
-        };
-        tracing::debug!(
-            micros = began.elapsed().as_micros() as u64,
-            "the writer waited for a checkpoint"
-        );
-        self.written(position, journal, state);
-        true
+        match written {
+            Ok(position) => {
+                tracing::debug!(
+                    micros = began.elapsed().as_micros() as u64,
+                    "the writer waited for a checkpoint"
+                );
+                self.written(position, journal, state);
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            // The checkpoint thread is gone, so nothing will be written: waiting for it would
+            // stop the writer for good. The journal keeps every record, as it does while a
+            // checkpoint fails.
+            Err(RecvTimeoutError::Disconnected) => true,
+        }
     }
 
     /// Takes in the checkpoints written since last asked, after waiting for the one being

@@ -974,6 +974,28 @@ async fn open_bounded(
     .service
 }
 
+impl Gated {
+    /// Lets the checkpoint waiting at the gate, and every later one, be written.
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+/// Single payments from `payer` to `merchant`, each answered within 5 s, until the history made
+/// since the last checkpoint began holds at least `rows`.
+async fn pay_until_young(service: &Service, payer: PayerId, merchant: MerchantId, rows: usize) {
+    while service.read_now(|state| state.young_rows()) < rows {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(5),
+            pay(service, payer, merchant, Amount::from_micros(1_000), usd()),
+        )
+        .await
+        .expect("a single payment below its own bound is answered");
+        paid(answered);
+    }
+}
+
 /// Submits a batch of `count` payments of one micro-unit from `payer` to `merchant`, on a task
 /// of its own.
 fn spawn_batch(
@@ -1045,8 +1067,7 @@ async fn a_writer_faster_than_its_checkpoints_waits_for_them_rather_than_growing
     );
 
     // Once the checkpoint is written, the waiting payment goes through, and so do others.
-    *gate.open.lock().unwrap() = true;
-    gate.opened.notify_all();
+    gate.open();
     paid(waiting.await.expect("the waiting payment task ends"));
     paid(pay(&service, payer, merchant, Amount::from_micros(1_000), usd()).await);
     shutdown(service).await;
@@ -1084,8 +1105,7 @@ async fn a_single_payment_queued_beside_a_large_batch_is_committed_before_it() {
         )
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    *gate.open.lock().unwrap() = true;
-    gate.opened.notify_all();
+    gate.open();
     paid(waiting.await.expect("the waiting payment task ends"));
     let single = paid(single.await.expect("the single payment task ends"));
     let batch = batch.await.expect("the batch task ends").expect("submits");
@@ -1118,15 +1138,7 @@ async fn a_single_payment_goes_through_while_a_large_batch_waits_for_a_checkpoin
 
     // Single payments while the first checkpoint cannot be written, until the history made
     // since it began is past the bound of large commits.
-    while service.read_now(|state| state.young_rows()) < 2 * CHECKPOINT_ROWS {
-        let answered = tokio::time::timeout(
-            Duration::from_secs(5),
-            pay(&service, payer, merchant, Amount::from_micros(1_000), usd()),
-        )
-        .await
-        .expect("a single payment below its own bound is answered");
-        paid(answered);
-    }
+    pay_until_young(&service, payer, merchant, 2 * CHECKPOINT_ROWS).await;
     let batch = spawn_batch(&service, payer, merchant, BATCH);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!batch.is_finished(), "the batch waits for the checkpoint");
@@ -1144,8 +1156,7 @@ async fn a_single_payment_goes_through_while_a_large_batch_waits_for_a_checkpoin
         "the batch still waits for the checkpoint"
     );
 
-    *gate.open.lock().unwrap() = true;
-    gate.opened.notify_all();
+    gate.open();
     let batch = batch.await.expect("the batch task ends").expect("submits");
     assert!(
         matches!(batch.outcome, Outcome::PaidBatch(ref items) if items.len() == BATCH
@@ -1166,9 +1177,7 @@ async fn a_held_back_batch_whose_payer_left_memory_while_it_waited_reads_it_agai
 
     // Ada's single payments take the history past the bound of large commits while the first
     // checkpoint cannot be written.
-    while service.read_now(|state| state.young_rows()) < 2 * CHECKPOINT_ROWS {
-        paid(pay(&service, ada, merchant, Amount::from_micros(1_000), usd()).await);
-    }
+    pay_until_young(&service, ada, merchant, 2 * CHECKPOINT_ROWS).await;
     // Bob's batch is held back: what it reads (Bob, in memory) is read ahead, and it waits for
     // the checkpoint.
     let batch = spawn_batch(&service, bob, merchant, BATCH as usize);
@@ -1177,8 +1186,7 @@ async fn a_held_back_batch_whose_payer_left_memory_while_it_waited_reads_it_agai
 
     // Written, the checkpoint lets Bob go from memory (a cache of no bytes forgets every row
     // not changed since it began) before the batch is committed: the batch reads him again.
-    *gate.open.lock().unwrap() = true;
-    gate.opened.notify_all();
+    gate.open();
     let batch = batch.await.expect("the batch task ends").expect("submits");
     match &batch.outcome {
         Outcome::PaidBatch(items) => {
@@ -1197,6 +1205,50 @@ async fn a_held_back_batch_whose_payer_left_memory_while_it_waited_reads_it_agai
         .await
         .expect("reads");
     assert_eq!(balance, i128::from(MICROS_PER_UNIT - BATCH));
+    shutdown(service).await;
+}
+
+/// Checkpoints whose writing fails outright: the thread that writes them ends.
+struct Broken {
+    inner: Arc<dyn farthing_store::Checkpoints>,
+}
+
+impl farthing_store::Checkpoints for Broken {
+    fn disk(&self) -> Arc<dyn farthing_payments::disk::Disk> {
+        self.inner.disk()
+    }
+
+    fn write(&self, _: &Checkpoint) -> Result<(), StoreError> {
+        panic!("a checkpoint writer that breaks (expected in this test)")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_past_the_bound_is_committed_when_the_checkpoint_thread_is_gone() {
+    const CHECKPOINT_ROWS: usize = 30;
+    let dir = TempDir::new("checkpoints_gone");
+    let (journal, checkpoints) =
+        farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 20).expect("opens");
+    let broken = Arc::new(Broken {
+        inner: Arc::new(checkpoints),
+    });
+    let service = open_bounded(&dir, broken, Box::new(journal), CHECKPOINT_ROWS).await;
+    let (payer, _) = create_payer(&service, "Ada").await;
+    let (merchant, _) = create_merchant(&service, "Shop", None).await;
+    topup(&service, payer, units(100), usd()).await;
+    pay_until_young(&service, payer, merchant, 2 * CHECKPOINT_ROWS).await;
+
+    // The first checkpoint will never be written: a batch held for it goes on rather than
+    // waiting for ever, and its payments are in the journal.
+    let batch = tokio::time::timeout(
+        Duration::from_secs(5),
+        spawn_batch(&service, payer, merchant, 1_000),
+    )
+    .await
+    .expect("the batch is answered")
+    .expect("the batch task ends")
+    .expect("submits");
+    assert!(matches!(batch.outcome, Outcome::PaidBatch(ref items) if items.len() == 1_000));
     shutdown(service).await;
 }
 
