@@ -159,6 +159,9 @@ async fn make_parties(
     Ok((payer_ids, merchant_ids))
 }
 
+/// The longest a single payment should wait (issue targets: 250 ms at any moment).
+const LONG_WAIT_MICROS: u32 = 250_000;
+
 /// Latencies of the single payments, in microseconds, by tenth of the run.
 type Latencies = Arc<Mutex<Vec<Vec<u32>>>>;
 
@@ -199,6 +202,12 @@ pub(crate) async fn soak(
                 let waited = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                 if !matches!(executed.outcome, Outcome::Paid(_)) {
                     bail!("a single payment was refused: {:?}", executed.outcome);
+                }
+                if waited >= LONG_WAIT_MICROS {
+                    tracing::info!(
+                        millis = waited / 1000,
+                        "soak: a single payment waited past the target"
+                    );
                 }
                 let at = window.load(std::sync::atomic::Ordering::Relaxed);
                 latencies.lock().expect("latencies")[at].push(waited);

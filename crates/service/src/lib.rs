@@ -963,9 +963,34 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
         if fetched.is_empty() {
             return Ok(());
         }
-        state.write().expect("state lock").load_fetched(fetched)?;
+        locked(state, "load", |state| state.load_fetched(fetched))?;
     }
     Ok(())
+}
+
+/// A hold of the state's write lock long enough for requests to feel it: readers and the
+/// next commit wait behind it.
+const LONG_LOCK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Runs `step` under the state's write lock, and notes in the log (at `info`) a hold past
+/// [`LONG_LOCK`], naming the step.
+fn locked<T>(
+    state: &RwLock<State>,
+    step_name: &'static str,
+    step: impl FnOnce(&mut State) -> T,
+) -> T {
+    let mut state = state.write().expect("state lock");
+    let began = Instant::now();
+    let out = step(&mut state);
+    let held = began.elapsed();
+    if held >= LONG_LOCK {
+        tracing::info!(
+            step = step_name,
+            millis = held.as_millis() as u64,
+            "the state was locked long enough for requests to wait"
+        );
+    }
+    out
 }
 
 /// Reads from disk what `needs` lists and memory lacks, and puts it in: one part of what a
@@ -974,7 +999,7 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
 fn read_ahead(state: &RwLock<State>, needs: &Needs) -> Result<(), StoreError> {
     let fetched = state.read().expect("state lock").fetch_needs(needs)?;
     if !fetched.is_empty() {
-        state.write().expect("state lock").load_fetched(fetched)?;
+        locked(state, "read ahead", |state| state.load_fetched(fetched))?;
     }
     Ok(())
 }
@@ -1334,8 +1359,7 @@ fn write_loop(
         if prunes {
             next_prune = now.saturating_add_secs(60 * 60);
         }
-        {
-            let mut state = state.write().expect("state lock");
+        locked(state, "apply", |state| {
             for (index, record) in records.iter().enumerate() {
                 // Whether the answer comes from an earlier request with the same key, possibly
                 // one earlier in this very batch.
@@ -1350,7 +1374,7 @@ fn write_loop(
                     outcomes.push((outcome, replayed));
                 }
             }
-        }
+        });
         shared.metrics.count_commit(records.len(), started);
         records.clear();
         for (job, outcome) in jobs.drain(..).zip(outcomes.drain(..)) {
