@@ -1,8 +1,9 @@
 //! Records of one kind, by key, with what changed since a backend last wrote them back.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hash};
+
+use farthing_ledger::ShardedMap;
 
 /// What a table holds under a key.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -23,7 +24,8 @@ struct Row<V> {
 /// once per key however often the key changed, in the order keys first changed. A table that
 /// does not track (a whole state nobody writes back) remembers nothing.
 pub struct Table<K, V, S = std::hash::RandomState> {
-    rows: HashMap<K, Row<V>, S>,
+    /// Sharded, so that a table of millions never grows all at once under the state lock.
+    rows: ShardedMap<K, Row<V>, S>,
     /// Keys changed since the changes were last taken, each once.
     changed: Vec<K>,
     /// Present records.
@@ -34,7 +36,7 @@ pub struct Table<K, V, S = std::hash::RandomState> {
 impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Default for Table<K, V, S> {
     fn default() -> Self {
         Table {
-            rows: HashMap::default(),
+            rows: ShardedMap::default(),
             changed: Vec::new(),
             present: 0,
             tracking: false,
@@ -201,7 +203,12 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
         }
         keys.into_iter()
             .map(|key| {
-                let slot = self.rows[&key].slot.as_ref();
+                let slot = self
+                    .rows
+                    .get(&key)
+                    .expect("a changed key is held")
+                    .slot
+                    .as_ref();
                 (key, slot)
             })
             .collect()
@@ -213,7 +220,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
     pub fn forget_unchanged(&mut self, keep: impl Fn(&K) -> bool) -> usize {
         let before = self.rows.len();
         let mut present = 0;
-        self.rows.retain(|key, row| {
+        self.rows.retain_in_new_memory(|key, row| {
             let stays = row.changed || keep(key);
             if stays && matches!(row.slot, Slot::Present(_)) {
                 present += 1;
@@ -221,7 +228,6 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             stays
         });
         self.present = present;
-        self.rows.shrink_to_fit();
         before - self.rows.len()
     }
 

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::hash::IdHashBuilder;
+use crate::map::ShardedMap;
 use crate::money::{Amount, Currency};
 
 /// Microseconds since the Unix epoch. Time is an argument of the ledger, never read by it.
@@ -186,7 +187,7 @@ pub struct TransferRecord {
 /// The whole ledger: accounts and every transfer id ever seen.
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    accounts: HashMap<AccountId, Account, IdHashBuilder>,
+    accounts: ShardedMap<AccountId, Account, IdHashBuilder>,
     transfers: TransferTable,
     /// Holds with a deadline, by deadline. Entries are not removed when a hold resolves early;
     /// expiry checks the hold's state, so a stale entry is skipped.
@@ -406,9 +407,11 @@ impl Ledger {
             .retain(|id, record| record.hold == Some(HoldState::Pending) || changed.contains(id));
     }
 
-    /// Forgets an account: for a cache whose storage holds its totals.
-    pub fn forget_account(&mut self, id: AccountId) {
-        self.accounts.remove(&id);
+    /// Forgets every account `keep` does not name: for a cache whose storage holds their
+    /// totals. The accounts kept move to new memory of the same capacity
+    /// ([`ShardedMap::retain_in_new_memory`]), so reading the others back grows nothing.
+    pub fn forget_accounts_except(&mut self, keep: impl Fn(&AccountId) -> bool) {
+        self.accounts.retain_in_new_memory(|id, _| keep(id));
     }
 
     /// Puts an account loaded from storage, with its totals, into the ledger: for a working

@@ -25,6 +25,7 @@
 
 mod hash;
 mod ledger;
+mod map;
 mod money;
 
 pub use hash::{IdHashBuilder, IdHasher};
@@ -33,4 +34,5 @@ pub use ledger::{
     TRANSFERS_PER_BATCH_MAX, Timestamp, Transfer, TransferId, TransferKind, TransferRecord,
     TransferRecords, TransferRejection,
 };
+pub use map::{SHARDS, ShardedMap};
 pub use money::{AMOUNT_DECIMALS_MAX, Amount, AmountParseError, Currency, MICROS_PER_UNIT};

@@ -5,13 +5,13 @@
 //! (some objects in memory, the rest on disk behind [`Disk`], [`cache`]). The rules are the
 //! same in all three: a record's reads are loaded before it is applied.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use farthing_kernel::Table;
 use farthing_ledger::{
-    AccountId, Amount, Currency, IdHashBuilder, Ledger, Timestamp, Transfer, TransferId,
-    TransferKind, TransferRejection,
+    AccountId, Amount, Currency, IdHashBuilder, Ledger, ShardedMap, Timestamp, Transfer,
+    TransferId, TransferKind, TransferRejection,
 };
 
 use crate::disk::{Disk, PartyLists};
@@ -82,7 +82,7 @@ pub struct State {
     merchant_lists: Table<MerchantId, PartyLists, IdHashBuilder>,
     payer_lists: Table<PayerId, PartyLists, IdHashBuilder>,
     /// The owner of every account held.
-    owners: HashMap<AccountId, Owner, IdHashBuilder>,
+    owners: ShardedMap<AccountId, Owner, IdHashBuilder>,
     /// History made since the last checkpoint began (a whole state's, all of it).
     young: Generation,
     /// History a checkpoint is writing, with the position the checkpoint began at: read from
@@ -124,7 +124,7 @@ impl State {
             parties: Parties::default(),
             merchant_lists: Table::default(),
             payer_lists: Table::default(),
-            owners: HashMap::default(),
+            owners: ShardedMap::default(),
             young: Generation::default(),
             frozen: None,
             loaded: Generation::default(),

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use farthing_kernel::Slot;
-use farthing_ledger::{AccountId, Timestamp, TransferRecord};
+use farthing_ledger::{Timestamp, TransferRecord};
 
 use super::queries::{read_history, read_state};
 use super::{Cache, State, account_id};
@@ -728,17 +728,11 @@ impl State {
                 keep.insert(record.transfer.credit);
             }
         }
-        let forgotten: Vec<AccountId> = self
-            .owners
-            .keys()
-            .copied()
-            .filter(|id| !keep.contains(id))
-            .collect();
-        for id in forgotten {
-            self.owners.remove(&id);
-            self.ledger.forget_account(id);
-        }
-        self.owners.shrink_to_fit();
+        // Only accounts with an owner are read back from disk.
+        let owners = &self.owners;
+        self.ledger
+            .forget_accounts_except(|id| keep.contains(id) || !owners.contains_key(id));
+        self.owners.retain_in_new_memory(|id, _| keep.contains(id));
         self.ledger.forget_loaded_transfers();
 
         let parties = &self.parties;
