@@ -49,6 +49,23 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+/// Gives the heap's free memory back to the operating system: glibc keeps freed blocks below
+/// its mmap threshold for reuse, resident, until asked (`malloc_trim`). Other C libraries
+/// return memory their own way, and nothing is done there.
+pub fn give_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's `malloc_trim` takes a byte count, touches only the allocator's own
+        // free lists (under its own locks) and may be called from any thread at any time.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 /// Heap bytes allocated (net of frees) while `measure` ran.
 pub fn heap_bytes_of<T>(measure: impl FnOnce() -> T) -> (T, isize) {
     ENABLED.store(true, Relaxed);

@@ -189,6 +189,7 @@ async fn measure(
         let memory = farthing_server::Memory {
             cache_bytes: args.soak_cache_mib << 20,
             checkpoint_rows: args.soak_checkpoint_rows.max(1),
+            give_back: Some(crate::alloc::give_back),
             ..farthing_server::Memory::default()
         };
         report["soak"] =
@@ -424,6 +425,7 @@ pub(crate) async fn bounded_service(
             checkpoints: Arc::new(checkpoints),
             cache_bytes: memory.cache_bytes,
             checkpoint_rows: memory.checkpoint_rows,
+            give_back: memory.give_back,
         },
         Config::default(),
         Arc::new(SystemClock),

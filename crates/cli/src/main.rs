@@ -259,6 +259,7 @@ impl ServeArgs {
                 cache_bytes: self.cache_mib << 20,
                 checkpoint_rows: self.checkpoint_rows.max(1),
                 journal_segment_bytes: self.journal_segment_bytes.max(4096),
+                give_back: Some(alloc::give_back),
                 ..farthing_server::Memory::default()
             },
             auth_failures_per_min: self.edge.auth_failures_per_min,

@@ -220,7 +220,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
     pub fn forget_unchanged(&mut self, keep: impl Fn(&K) -> bool) -> usize {
         let before = self.rows.len();
         let mut present = 0;
-        self.rows.retain_in_new_memory(|key, row| {
+        self.rows.retain_and_fit(|key, row| {
             let stays = row.changed || keep(key);
             if stays && matches!(row.slot, Slot::Present(_)) {
                 present += 1;

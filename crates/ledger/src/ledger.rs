@@ -408,10 +408,9 @@ impl Ledger {
     }
 
     /// Forgets every account `keep` does not name: for a cache whose storage holds their
-    /// totals. The accounts kept move to new memory of the same capacity
-    /// ([`ShardedMap::retain_in_new_memory`]), so reading the others back grows nothing.
+    /// totals ([`ShardedMap::retain_and_fit`]).
     pub fn forget_accounts_except(&mut self, keep: impl Fn(&AccountId) -> bool) {
-        self.accounts.retain_in_new_memory(|id, _| keep(id));
+        self.accounts.retain_and_fit(|id, _| keep(id));
     }
 
     /// Puts an account loaded from storage, with its totals, into the ledger: for a working

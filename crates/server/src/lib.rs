@@ -168,6 +168,9 @@ pub struct Memory {
     /// The size at which the journal starts a new segment; segments a checkpoint holds are
     /// removed whole.
     pub journal_segment_bytes: u64,
+    /// Asks the process's allocator to give free memory back to the operating system, called
+    /// after the cache lets rows go (see [`farthing_service::CacheOptions::give_back`]).
+    pub give_back: Option<fn()>,
 }
 
 /// The engine's block cache by default.
@@ -180,6 +183,7 @@ impl Default for Memory {
             checkpoint_rows: farthing_service::CHECKPOINT_ROWS_DEFAULT,
             engine_cache_bytes: ENGINE_CACHE_BYTES_DEFAULT,
             journal_segment_bytes: farthing_store_embedded::SEGMENT_BYTES_MAX,
+            give_back: None,
         }
     }
 }
@@ -367,6 +371,7 @@ pub async fn run(
                     checkpoints: Arc::new(checkpoints),
                     cache_bytes: options.memory.cache_bytes,
                     checkpoint_rows: options.memory.checkpoint_rows,
+                    give_back: options.memory.give_back,
                 },
                 options.config,
                 clock,

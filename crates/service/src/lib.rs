@@ -124,6 +124,12 @@ pub struct CacheOptions {
     /// History rows (payments, top-ups, refunds, transfer records) made between two
     /// checkpoints.
     pub checkpoint_rows: usize,
+    /// Called after the state lets unchanged rows go, off the lock: asks the process's
+    /// allocator to give the freed memory back to the operating system. An allocator that
+    /// keeps freed blocks for reuse (glibc's, for blocks below its mmap threshold, such as
+    /// the shards of the cache's tables) would otherwise hold on to them, and resident memory
+    /// would not fall when the cache does. The binary owns the allocator, so it says how.
+    pub give_back: Option<fn()>,
 }
 
 /// The default memory budget for rows not changed since the last checkpoint: about 1.2 GB of
@@ -948,6 +954,10 @@ fn replay(
     }
     if let Some(position) = checkpointed {
         journal.trim(position)?;
+        // Rows were let go after each checkpoint: once at the end is enough.
+        if let Some(give_back) = cache.give_back {
+            give_back();
+        }
     }
     Ok((state, count))
 }
@@ -1226,6 +1236,15 @@ impl Checkpointer {
                 micros = began.elapsed().as_micros() as u64,
                 "unchanged rows forgotten (state locked)"
             );
+            drop(state);
+            if let Some(give_back) = self.options.give_back {
+                let began = Instant::now();
+                give_back();
+                tracing::info!(
+                    micros = began.elapsed().as_micros() as u64,
+                    "freed memory given back"
+                );
+            }
         }
     }
 

@@ -778,6 +778,21 @@ async fn a_refused_append_changes_nothing_answers_storage_unavailable_and_the_se
     shutdown(service).await;
 }
 
+/// Times the writer asked the allocator to give memory back, in the stores `open_bounded`
+/// opens (only their writers call it: their journals are too short to checkpoint in replay).
+static WRITER_GAVE_BACK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_writer_give_back() {
+    WRITER_GAVE_BACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Times the allocator was asked to give memory back, by the one test that counts it.
+static GIVEN_BACK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_give_back() {
+    GIVEN_BACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_installation_in_one_journal_file_starts_on_the_bounded_store_and_answers_as_before() {
     let dir = TempDir::new("upgrade");
@@ -843,6 +858,7 @@ async fn an_installation_in_one_journal_file_starts_on_the_bounded_store_and_ans
             checkpoints: Arc::new(checkpoints),
             cache_bytes: 0,
             checkpoint_rows: 20,
+            give_back: Some(count_give_back),
         },
         Config::default(),
         Arc::new(SystemClock),
@@ -851,6 +867,10 @@ async fn an_installation_in_one_journal_file_starts_on_the_bounded_store_and_ans
     )
     .await
     .expect("the bounded store opens the old journal");
+    assert!(
+        GIVEN_BACK.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "having let rows go, replay asks the allocator to give the memory back"
+    );
     let service = opened.service;
     assert!(!dir.path().join("journal.farthing").exists());
     assert!(dir.path().join("engine").is_dir());
@@ -963,6 +983,7 @@ async fn open_bounded(
             checkpoints,
             cache_bytes: 0,
             checkpoint_rows,
+            give_back: Some(count_writer_give_back),
         },
         Config::default(),
         Arc::new(SystemClock),
@@ -1205,6 +1226,10 @@ async fn a_held_back_batch_whose_payer_left_memory_while_it_waited_reads_it_agai
         .await
         .expect("reads");
     assert_eq!(balance, i128::from(MICROS_PER_UNIT - BATCH));
+    assert!(
+        WRITER_GAVE_BACK.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "having let rows go, the writer asks the allocator to give the memory back"
+    );
     shutdown(service).await;
 }
 

@@ -732,7 +732,7 @@ impl State {
         let owners = &self.owners;
         self.ledger
             .forget_accounts_except(|id| keep.contains(id) || !owners.contains_key(id));
-        self.owners.retain_in_new_memory(|id, _| keep.contains(id));
+        self.owners.retain_and_fit(|id, _| keep.contains(id));
         self.ledger.forget_loaded_transfers();
 
         let parties = &self.parties;
