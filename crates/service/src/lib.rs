@@ -1041,6 +1041,18 @@ const YOUNG_CHECKPOINTS_MAX: usize = 2;
 /// waits its share of it.
 const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(40);
 
+/// Whether a checkpoint is due with `young` history rows made since the last one began, at
+/// `interval` rows between checkpoints: at one interval; while other jobs wait, half an
+/// interval later, so that they are committed before freezing holds the lock, but no later.
+fn checkpoint_due(young: usize, interval: usize, others_waiting: bool) -> bool {
+    let due = if others_waiting {
+        interval + interval / 2
+    } else {
+        interval
+    };
+    young >= due
+}
+
 /// How long a commit of `payments` waits for the checkpoint being written, when the history
 /// made since it began is `over` rows past one interval, of the `span` up to the bound: the
 /// further it is, the longer (up to [`PACE_MAX`] near the bound), so the writer slows to the
@@ -1109,12 +1121,13 @@ impl Checkpointer {
     fn maybe_begin(&mut self, state: &RwLock<State>, others_waiting: bool) {
         // Asked under the read lock: only this thread changes the state, so the answer holds
         // until it takes the write lock, which most commits then need not wait for.
-        let due = if others_waiting {
-            self.options.checkpoint_rows + self.options.checkpoint_rows / 2
-        } else {
-            self.options.checkpoint_rows
-        };
-        if self.in_flight || state.read().expect("state lock").young_rows() < due {
+        if self.in_flight
+            || !checkpoint_due(
+                state.read().expect("state lock").young_rows(),
+                self.options.checkpoint_rows,
+                others_waiting,
+            )
+        {
             return;
         }
         let mut state = state.write().expect("state lock");
@@ -1702,6 +1715,19 @@ fn batch_time(last: &AtomicU64, clock_now: Timestamp) -> Timestamp {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_checkpoint_waits_for_queued_jobs_half_an_interval_at_most() {
+        let interval = 300_000;
+        // Nothing queued: due at one interval, not a row before.
+        assert!(!checkpoint_due(interval - 1, interval, false));
+        assert!(checkpoint_due(interval, interval, false));
+        // Jobs queued: it waits past one interval, up to half an interval more, never longer.
+        assert!(!checkpoint_due(interval, interval, true));
+        assert!(!checkpoint_due(interval + interval / 2 - 1, interval, true));
+        assert!(checkpoint_due(interval + interval / 2, interval, true));
+        assert!(checkpoint_due(3 * interval, interval, true));
+    }
 
     #[test]
     fn a_commit_waits_in_proportion_to_how_far_past_one_interval_and_to_its_payments() {
