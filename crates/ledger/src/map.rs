@@ -122,10 +122,6 @@ impl<K: Eq + Hash, V, S: BuildHasher + Default> ShardedMap<K, V, S> {
         self.shards.iter().flat_map(HashMap::iter)
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &K> {
-        self.shards.iter().flat_map(HashMap::keys)
-    }
-
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.shards.iter().flat_map(HashMap::values)
     }

@@ -715,10 +715,10 @@ impl State {
             self.frozen.is_none(),
             "rows are forgotten once their checkpoint is written"
         );
-        let Some(cache) = &mut self.cache else {
+        self.count_eviction();
+        let Some(cache) = &self.cache else {
             return;
         };
-        cache.evictions += 1;
         // Accounts made, or changed by a transfer, since the checkpoint began.
         let mut keep = cache.accounts_changed.clone();
         for record in self.ledger.all_transfer_records() {
