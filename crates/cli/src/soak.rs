@@ -159,7 +159,7 @@ async fn make_parties(
     Ok((payer_ids, merchant_ids))
 }
 
-/// The longest a single payment should wait (issue targets: 250 ms at any moment).
+/// The longest a single payment beside the batches should wait, at any moment.
 const LONG_WAIT_MICROS: u32 = 250_000;
 
 /// Latencies of the single payments, in microseconds, by tenth of the run.
