@@ -4,8 +4,9 @@
 //!
 //! Stored forms: object ids are 16 bytes big-endian; times are BIGINT microseconds; account ids
 //! are the derived 64-bit id bit-cast to BIGINT; currencies are their three letters. New
-//! payments and statement lines also get their `batch_position`, their place in the batch's
-//! `Changes` (the order made), which orders lists between rows of one time (see `query`).
+//! payments and statement lines also get their `batch_position`, which orders lists between
+//! rows of one time (see `query`); a payment's own statement line is kept in its row (see
+//! `lines`).
 //!
 //! Round trips: the statements of one loading round, and all the statements that persist a
 //! batch, are sent together (tokio-postgres pipelines requests issued concurrently on one
@@ -237,9 +238,16 @@ async fn apply_once(
     let loaded = Instant::now();
     let applied = run.later.as_deref().unwrap_or(records);
     let (payments, transfers) = assumed.unwritten(&working, applied, &run.executed, &run.changes);
+    let made_from = if run.changes.payments.is_empty() {
+        None
+    } else {
+        payment_lines_from(&transaction, forecast).await?
+    };
+    let lines = Lines::plan(&run.changes, made_from)?;
     let written = persist(
         &transaction,
         &run.changes,
+        &lines,
         run.now,
         (&payments, &transfers),
         before.is_none(),
@@ -366,11 +374,13 @@ impl Drop for Doubt<'_> {
 
 mod columns;
 mod forecast;
+mod lines;
 mod load;
 mod persist;
 
 pub(crate) use columns::*;
 pub use forecast::Forecast;
 use forecast::*;
+use lines::*;
 use load::*;
 use persist::*;

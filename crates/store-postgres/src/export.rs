@@ -103,10 +103,10 @@ const TABLES: [Table; 10] = [
         from: "FROM refunds ORDER BY id",
         item: refund_item,
     },
-    // Statement lines by payer, each payer's in statement order.
+    // Statement lines by payer, each payer's in statement order, wherever they are kept.
     Table {
         columns: columns::<EntryRow>,
-        from: "FROM statement_lines ORDER BY payer, created_at, batch_position, object_id",
+        from: "FROM statement ORDER BY payer, created_at, batch_position, object_id",
         item: entry_item,
     },
     Table {

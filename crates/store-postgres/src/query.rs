@@ -5,8 +5,9 @@
 //! **Order of lists.** In memory, "newest first" is the reverse of the order records were
 //! applied in. Without a global sequence, a stored payment or statement line carries its
 //! `created_at` (the time of the record that made it; the records of one batch share one time)
-//! and its `batch_position`, its place among the rows of its kind its batch made (the order of
-//! `Changes::payments` and `Changes::entries`, which is the order made). Lists are ordered by
+//! and its `batch_position`, which grows in the order made among a batch's payments and among
+//! each payer's lines (see the store's `Lines`: a payment's own line is kept in its row, and a
+//! statement reads both places). Lists are ordered by
 //! `(created_at DESC, batch_position DESC, id DESC)` and a `starting_after` cursor is resolved
 //! to that triple and compared as a row value, so a page is one index range scan. On one
 //! server, whose batches get distinct times, this is exactly the in-memory order. Across
@@ -361,6 +362,38 @@ fn object_columns(object: EntryObject) -> (i16, Id) {
     }
 }
 
+/// A page of a payer's statement (`$1`, at most `$2` lines, after the line at `($3, $4, $5)`
+/// when `after`), from both places lines are kept: each read newest first through its own
+/// index with its own limit, and the two merged. (Through the `statement` view as one query,
+/// the planner may read all of a payer's payments and sort them.)
+fn statement_page(after: bool) -> String {
+    let entry_columns = columns::<EntryRow>();
+    let (lines_after, payments_after) = if after {
+        (
+            "AND (created_at, batch_position, object_id) < ($3, $4, $5)",
+            "AND (created_at, batch_position, id) < ($3, $4, $5)",
+        )
+    } else {
+        ("", "")
+    };
+    format!(
+        "SELECT {entry_columns} FROM (
+             (SELECT payer, object_id, object_kind, currency, credit, amount, balance_after,
+                     created_at, batch_position
+              FROM statement_lines WHERE payer = $1 {lines_after}
+              ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT $2)
+             UNION ALL
+             (SELECT payer, id, 2::SMALLINT, currency, FALSE, amount, balance_after,
+                     created_at, batch_position
+              FROM payments
+              WHERE payer = $1 AND balance_after IS NOT NULL
+                AND created_at >= (SELECT made_from FROM payment_lines) {payments_after}
+              ORDER BY created_at DESC, batch_position DESC, id DESC LIMIT $2)
+         ) AS lines
+         ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT $2"
+    )
+}
+
 /// A payer's statement, newest first, after the line for object `starting_after`, as
 /// `State::payer_entries` gives it. `None` when the payer is unknown or the cursor is not an
 /// object on this payer's statement.
@@ -375,61 +408,51 @@ pub async fn payer_entries(
         return Ok(None);
     }
     let fetch = fetch_limit(limit);
-    let entry_columns = columns::<EntryRow>();
-    let order = "ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT";
-    let rows =
-        match starting_after {
-            None => client
-                .query(
+    let rows = match starting_after {
+        None => {
+            client
+                .query(&statement_page(false), &[&payer, &fetch])
+                .await?
+        }
+        Some(object) => {
+            let (kind, id) = object_columns(object);
+            let objects = match object {
+                EntryObject::Topup(_) => "topups",
+                EntryObject::Payment(_) => "payments",
+                EntryObject::Refund(_) => "refunds",
+            };
+            // The line has its object's time (a captured hold's, its capture's): look
+            // there, in statement order.
+            let made = match object {
+                EntryObject::Payment(_) => {
+                    "COALESCE((SELECT resolved_at FROM holds WHERE payment = $2 AND status = 2),
+                              (SELECT created_at FROM payments WHERE id = $2))"
+                        .to_string()
+                }
+                _ => format!("(SELECT created_at FROM {objects} WHERE id = $2)"),
+            };
+            let Some(row) = client
+                .query_opt(
                     &format!(
-                        "SELECT {entry_columns} FROM statement_lines WHERE payer = $1 {order} $2"
+                        "SELECT created_at, batch_position FROM statement
+                         WHERE payer = $1 AND object_id = $2 AND object_kind = $3
+                           AND created_at = {made}"
                     ),
-                    &[&payer, &fetch],
+                    &[&payer, &id, &kind],
                 )
-                .await?,
-            Some(object) => {
-                let (kind, id) = object_columns(object);
-                let objects = match object {
-                    EntryObject::Topup(_) => "topups",
-                    EntryObject::Payment(_) => "payments",
-                    EntryObject::Refund(_) => "refunds",
-                };
-                // The line has its object's time (a captured hold's, its capture's): look
-                // there, in statement order.
-                let made = match object {
-                    EntryObject::Payment(_) => {
-                        "COALESCE((SELECT resolved_at FROM holds WHERE payment = $2 AND status = 2),
-                                  (SELECT created_at FROM payments WHERE id = $2))"
-                            .to_string()
-                    }
-                    _ => format!("(SELECT created_at FROM {objects} WHERE id = $2)"),
-                };
-                let Some(row) = client
-                    .query_opt(
-                        &format!(
-                            "SELECT created_at, batch_position FROM statement_lines
-                             WHERE payer = $1 AND object_id = $2 AND object_kind = $3
-                               AND created_at = {made}"
-                        ),
-                        &[&payer, &id, &kind],
-                    )
-                    .await?
-                else {
-                    return Ok(None);
-                };
-                let (at, position): (i64, i32) = (row.get(0), row.get(1));
-                client
-                    .query(
-                        &format!(
-                            "SELECT {entry_columns} FROM statement_lines
-                         WHERE payer = $1 AND (created_at, batch_position, object_id) < ($2, $3, $4)
-                         {order} $5"
-                        ),
-                        &[&payer, &at, &position, &id, &fetch],
-                    )
-                    .await?
-            }
-        };
+                .await?
+            else {
+                return Ok(None);
+            };
+            let (at, position): (i64, i32) = (row.get(0), row.get(1));
+            client
+                .query(
+                    &statement_page(true),
+                    &[&payer, &fetch, &at, &position, &id],
+                )
+                .await?
+        }
+    };
     page_of(rows, limit, entry_of).map(Some)
 }
 

@@ -124,6 +124,92 @@ async fn a_database_set_up_by_a_newer_farthing_is_refused() {
     }
 }
 
+/// A database with history, set up before payments kept their statement lines in their rows:
+/// the migration that starts it keeps every earlier line where it is, and only payments made
+/// after everything there keep theirs in their rows.
+#[tokio::test]
+async fn payments_keep_their_lines_only_after_the_history_a_database_had() {
+    let Some(db) = TestDatabase::create("payments_keep_their_lines_only_after").await else {
+        return;
+    };
+    let mut client = connect(&db.url).await.unwrap();
+    let before_lines = MIGRATIONS
+        .iter()
+        .position(|m| m.name == "payment_lines")
+        .expect("the migration is listed");
+    for migration in &MIGRATIONS[..before_lines] {
+        client.batch_execute(migration.sql).await.unwrap();
+    }
+    client
+        .batch_execute(
+            "INSERT INTO payments (id, payer, merchant, amount, currency, fee, created_at,
+                                   batch_position)
+             VALUES ('00000000-0000-0000-0000-0000000000a0',
+                     '00000000-0000-0000-0000-000000000001',
+                     '00000000-0000-0000-0000-000000000002', 100, 'USD', 0, 700, 0);
+             INSERT INTO statement_lines (payer, object_id, object_kind, currency, credit, amount,
+                                          balance_after, created_at, batch_position)
+             VALUES ('00000000-0000-0000-0000-000000000001',
+                     '00000000-0000-0000-0000-0000000000b0', 1, 'USD', TRUE, 500, 500, 900, 0),
+                    ('00000000-0000-0000-0000-000000000001',
+                     '00000000-0000-0000-0000-0000000000a0', 2, 'USD', FALSE, 100, 400, 700, 0);",
+        )
+        .await
+        .unwrap();
+    let recorded: Vec<String> = MIGRATIONS[..before_lines]
+        .iter()
+        .map(|m| {
+            format!(
+                "INSERT INTO farthing_migrations (version, name, applied_at)
+                 VALUES ({}, '{}', 0);",
+                m.version, m.name
+            )
+        })
+        .collect();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE farthing_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,
+                                               applied_at BIGINT NOT NULL);
+             {}",
+            recorded.concat()
+        ))
+        .await
+        .unwrap();
+    let migrated = migrate(&mut client).await.unwrap();
+    assert_eq!(migrated.applied[0], MIGRATIONS[before_lines].version);
+    let made_from: i64 = client
+        .query_one("SELECT made_from FROM payment_lines", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(made_from, 901, "one past the latest line or payment");
+    // The old lines read as they did, once each.
+    let statement: Vec<(i16, i64)> = client
+        .query(
+            "SELECT object_kind, created_at FROM statement ORDER BY created_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(statement, [(2, 700), (1, 900)]);
+
+    // A fresh database keeps every payment's line in its row.
+    let Some(fresh) = TestDatabase::create("payments_keep_their_lines_fresh").await else {
+        return;
+    };
+    let mut client = connect(&fresh.url).await.unwrap();
+    migrate(&mut client).await.unwrap();
+    let made_from: i64 = client
+        .query_one("SELECT made_from FROM payment_lines", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(made_from, 0);
+}
+
 #[tokio::test]
 async fn the_schema_refuses_amounts_and_fees_that_break_the_rules() {
     let Some(db) = TestDatabase::create("the_schema_refuses_bad_amounts").await else {

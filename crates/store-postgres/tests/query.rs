@@ -23,18 +23,30 @@ const LIMITS: [usize; 4] = [1, 2, 3, 100];
 static SOMEONE_ELSES_PAYMENT: AtomicUsize = AtomicUsize::new(0);
 static UNKNOWN_PAYMENT: AtomicUsize = AtomicUsize::new(0);
 static SOMEONE_ELSES_ENTRY: AtomicUsize = AtomicUsize::new(0);
+/// Histories with payments' lines kept in their rows, and kept apart (as before the migration
+/// that keeps them in rows, or for a captured hold).
+static LINES_IN_ROWS: AtomicUsize = AtomicUsize::new(0);
+static LINES_APART: AtomicUsize = AtomicUsize::new(0);
 
 /// Applies `history` to the in-memory state and to PostgreSQL in batches of the given sizes
 /// (cycled). The records of one batch share one time, and batches get strictly increasing
 /// times, as one server's writer gives them: that is what the stored order relies on.
+///
+/// With `upgraded_at`, the database is as if migrated to keep payments' statement lines in
+/// their rows just before that batch: the batches before it keep every line apart, as a
+/// database written before the migration does.
 async fn apply_history(
     client: &mut Client,
     history: &[StepSpec],
     sizes: &[usize],
+    upgraded_at: Option<usize>,
 ) -> Result<(State, Builder), TestCaseError> {
     let mut state = State::new();
     let mut builder = Builder::new();
     let mut steps = history.iter();
+    if upgraded_at.is_some() {
+        set_made_from(client, i64::MAX).await;
+    }
     for (batch_index, &size) in sizes.iter().cycle().enumerate() {
         let mut batch: Vec<Record> = steps
             .by_ref()
@@ -50,12 +62,23 @@ async fn apply_history(
             record.now = now;
         }
         builder.now = builder.now.max(now.0);
+        if upgraded_at == Some(batch_index) {
+            set_made_from(client, now.0 as i64).await;
+        }
         let expected: Vec<Outcome> = batch.iter().map(|record| state.apply(record)).collect();
         let got = apply_batch(client, &batch).await;
         prop_assert!(got.is_ok(), "batch {:?} failed: {:?}", batch, got);
         prop_assert_eq!(got.unwrap(), expected, "batch {:?}", batch);
     }
     Ok((state, builder))
+}
+
+/// Sets the time from which payments keep their statement lines in their rows.
+async fn set_made_from(client: &Client, at: i64) {
+    client
+        .execute("UPDATE payment_lines SET made_from = $1", &[&at])
+        .await
+        .expect("payment_lines updates");
 }
 
 /// Walks every page of a principal's payments, following cursors, comparing each page.
@@ -143,7 +166,11 @@ async fn compare_entry_pages(
     }
 }
 
-async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCaseError> {
+async fn run_history(
+    history: &[StepSpec],
+    sizes: &[usize],
+    upgraded_at: Option<usize>,
+) -> Result<(), TestCaseError> {
     let db = TestDatabase::create("every_query_answers_as_the_in_memory_state")
         .await
         .expect("checked before");
@@ -151,7 +178,23 @@ async fn run_history(history: &[StepSpec], sizes: &[usize]) -> Result<(), TestCa
         .await
         .expect("connect to the test database");
     migrate(&mut client).await.expect("migrate");
-    let (state, builder) = apply_history(&mut client, history, sizes).await?;
+    let (state, builder) = apply_history(&mut client, history, sizes, upgraded_at).await?;
+    let kept = |table: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .expect("count");
+            row.get::<_, i64>(0)
+        }
+    };
+    if kept("payments WHERE balance_after IS NOT NULL").await > 0 {
+        LINES_IN_ROWS.fetch_add(1, Ordering::Relaxed);
+    }
+    if kept("statement_lines WHERE object_kind = 2").await > 0 {
+        LINES_APART.fetch_add(1, Ordering::Relaxed);
+    }
     let client = &client;
 
     // Every id the history named, made or not, and one it never did.
@@ -327,10 +370,18 @@ fn every_query_answers_as_the_in_memory_state_after_a_random_history() {
         .enable_all()
         .build()
         .expect("a runtime");
-    let cases = (history(), prop::collection::vec(1..8usize, 1..4));
-    let result = proptest::test_runner::TestRunner::new(config).run(&cases, |(history, sizes)| {
-        runtime.block_on(run_history(&history, &sizes))
-    });
+    // Now and then a database upgraded partway through its history.
+    let cases = (
+        history(),
+        prop::collection::vec(1..8usize, 1..4),
+        prop::option::weighted(0.5, 0..6usize),
+    );
+    let result = proptest::test_runner::TestRunner::new(config).run(
+        &cases,
+        |(history, sizes, upgraded_at)| {
+            runtime.block_on(run_history(&history, &sizes, upgraded_at))
+        },
+    );
     if let Err(error) = result {
         panic!("{error}");
     }
@@ -338,6 +389,8 @@ fn every_query_answers_as_the_in_memory_state_after_a_random_history() {
         ("someone else's payment", &SOMEONE_ELSES_PAYMENT),
         ("an unknown payment", &UNKNOWN_PAYMENT),
         ("someone else's statement line", &SOMEONE_ELSES_ENTRY),
+        ("payment lines kept in their rows", &LINES_IN_ROWS),
+        ("payment lines kept apart", &LINES_APART),
     ] {
         assert!(
             counter.load(Ordering::Relaxed) > 0,

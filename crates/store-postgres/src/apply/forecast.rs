@@ -52,6 +52,9 @@ pub struct Forecast {
     /// its locks. (One that locked first would find its accounts without the changes it
     /// assumed, and be worked out again.)
     turn: tokio::sync::watch::Sender<u64>,
+    /// The `payment_lines` row: written once by the migration that made it, never changed,
+    /// so read once.
+    pub(super) payment_lines: std::sync::OnceLock<Timestamp>,
 }
 
 /// Counts of the batches applied with a forecast.
@@ -112,6 +115,7 @@ impl Forecast {
             counts: Counts::default(),
             capacity,
             turn: tokio::sync::watch::Sender::new(0),
+            payment_lines: std::sync::OnceLock::new(),
         }
     }
 

@@ -19,6 +19,7 @@ pub(super) enum Persisted {
 pub(super) async fn persist(
     transaction: &Transaction<'_>,
     changes: &Changes,
+    lines: &Lines,
     now: Timestamp,
     unwritten: (&BTreeSet<PaymentId>, &BTreeSet<TransferId>),
     with_accounts: bool,
@@ -57,16 +58,16 @@ pub(super) async fn persist(
             }
         },
         persist_topups(transaction, changes),
-        persist_payments(transaction, changes),
+        persist_payments(transaction, changes, lines),
         persist_payments_refunded(transaction, changes),
         persist_refunds(transaction, changes),
-        persist_entries(transaction, changes),
+        persist_entries(transaction, changes, lines),
         persist_transfers(transaction, &changes.transfers),
         persist_transfers_resolved(transaction, &changes.transfers_resolved),
         crate::kinds::upsert_stored(transaction, &changes.rows),
         persist_idempotency(transaction, changes),
         any_taken(transaction, unwritten.0, unwritten.1),
-        prepare_copies(transaction, changes),
+        prepare_copies(transaction, changes, lines),
     );
     let mut new_id_taken = false;
     let mut prepared = Vec::new();
@@ -243,6 +244,7 @@ pub(super) async fn persist_topups(
 pub(super) async fn persist_payments(
     transaction: &Transaction<'_>,
     changes: &Changes,
+    lines: &Lines,
 ) -> Result<(), PgError> {
     let payments = &changes.payments;
     if payments.is_empty() {
@@ -251,7 +253,8 @@ pub(super) async fn persist_payments(
     if payments.len() >= COPY_ROWS_MIN {
         return Ok(());
     }
-    let positions = batch_positions(payments.len())?;
+    let (positions, balances): (Vec<i32>, Vec<Option<i64>>) =
+        lines.payments.iter().copied().unzip();
     let mut c = Columns::default();
     let mut description = Vec::new();
     let mut reference = Vec::new();
@@ -273,11 +276,11 @@ pub(super) async fn persist_payments(
         .execute_typed(
             "INSERT INTO payments (id, payer, merchant, amount, currency, fee, description,
                                    reference, created_at, amount_refunded, fee_refunded,
-                                   batch_position)
+                                   batch_position, balance_after)
              SELECT * FROM unnest($1::UUID[], $2::UUID[], $3::UUID[], $4::BIGINT[],
                                   $5::TEXT[], $6::BIGINT[], $7::TEXT[], $8::TEXT[],
                                   $9::BIGINT[], $10::BIGINT[], $11::BIGINT[],
-                                  $12::INTEGER[])",
+                                  $12::INTEGER[], $13::BIGINT[])",
             &[
                 (&c.id, Type::UUID_ARRAY),
                 (&c.payer, Type::UUID_ARRAY),
@@ -291,6 +294,7 @@ pub(super) async fn persist_payments(
                 (&c.amount2, Type::INT8_ARRAY),
                 (&c.fee2, Type::INT8_ARRAY),
                 (&positions, Type::INT4_ARRAY),
+                (&balances, Type::INT8_ARRAY),
             ],
         )
         .await?;
@@ -367,22 +371,30 @@ pub(super) async fn persist_refunds(
     Ok(())
 }
 
-/// Statement lines, with their place among the lines the batch made.
+/// The statement lines not kept in payment rows, with their positions (see [`Lines`]).
 pub(super) async fn persist_entries(
     transaction: &Transaction<'_>,
     changes: &Changes,
+    lines: &Lines,
 ) -> Result<(), PgError> {
-    let entries = &changes.entries;
-    if entries.is_empty() {
+    if lines.entries.is_empty() {
         return Ok(());
     }
-    if entries.len() >= COPY_ROWS_MIN {
+    if lines.entries.len() >= COPY_ROWS_MIN {
         return Ok(());
     }
-    let positions = batch_positions(entries.len())?;
+    let positions: Vec<i32> = lines
+        .entries
+        .iter()
+        .map(|(_, position)| *position)
+        .collect();
     let mut c = Columns::default();
     let mut credit = Vec::new();
-    for (payer, entry) in entries {
+    for (payer, entry) in lines
+        .entries
+        .iter()
+        .map(|(index, _)| &changes.entries[*index])
+    {
         let (kind, id) = entry_object_columns(entry.object);
         c.payer.push(id16(payer.to_u128()));
         c.id.push(id16(id));
@@ -608,13 +620,14 @@ pub(super) async fn copy_in(
 pub(super) async fn prepare_copies(
     transaction: &Transaction<'_>,
     changes: &Changes,
+    lines: &Lines,
 ) -> Result<Vec<(Statement, Bytes)>, PgError> {
     let mut copies = Vec::new();
     if changes.payments.len() >= COPY_ROWS_MIN {
-        copies.push(copy_payments(&changes.payments)?);
+        copies.push(copy_payments(&changes.payments, &lines.payments)?);
     }
-    if changes.entries.len() >= COPY_ROWS_MIN {
-        copies.push(copy_entries(&changes.entries)?);
+    if lines.entries.len() >= COPY_ROWS_MIN {
+        copies.push(copy_entries(&changes.entries, &lines.entries)?);
     }
     if changes.transfers.len() >= COPY_ROWS_MIN {
         copies.push(copy_transfers(&changes.transfers)?);
@@ -628,10 +641,12 @@ pub(super) async fn prepare_copies(
         .collect())
 }
 
-pub(super) fn copy_payments(payments: &[Payment]) -> Result<(&'static str, CopyRows), PgError> {
-    let positions = batch_positions(payments.len())?;
-    let mut rows = CopyRows::new(12, payments.len() * 160);
-    for (payment, position) in payments.iter().zip(positions) {
+pub(super) fn copy_payments(
+    payments: &[Payment],
+    placed: &[(i32, Option<i64>)],
+) -> Result<(&'static str, CopyRows), PgError> {
+    let mut rows = CopyRows::new(13, payments.len() * 170);
+    for (payment, &(position, balance)) in payments.iter().zip(placed) {
         rows.row();
         rows.id(payment.id.to_u128());
         rows.id(payment.payer.to_u128());
@@ -645,10 +660,15 @@ pub(super) fn copy_payments(payments: &[Payment]) -> Result<(&'static str, CopyR
         rows.int8(big("an amount", payment.amount_refunded.micros())?);
         rows.int8(big("a fee", payment.fee_refunded.micros())?);
         rows.int4(position);
+        match balance {
+            Some(balance) => rows.int8(balance),
+            None => rows.null(),
+        }
     }
     Ok((
         "COPY payments (id, payer, merchant, amount, currency, fee, description, reference,
-                        created_at, amount_refunded, fee_refunded, batch_position)
+                        created_at, amount_refunded, fee_refunded, batch_position,
+                        balance_after)
          FROM STDIN (FORMAT binary)",
         rows,
     ))
@@ -656,10 +676,13 @@ pub(super) fn copy_payments(payments: &[Payment]) -> Result<(&'static str, CopyR
 
 pub(super) fn copy_entries(
     entries: &[(PayerId, Entry)],
+    apart: &[(usize, i32)],
 ) -> Result<(&'static str, CopyRows), PgError> {
-    let positions = batch_positions(entries.len())?;
-    let mut rows = CopyRows::new(9, entries.len() * 120);
-    for ((payer, entry), position) in entries.iter().zip(positions) {
+    let mut rows = CopyRows::new(9, apart.len() * 120);
+    for ((payer, entry), position) in apart
+        .iter()
+        .map(|&(index, position)| (&entries[index], position))
+    {
         let (kind, id) = entry_object_columns(entry.object);
         rows.row();
         rows.id(payer.to_u128());
