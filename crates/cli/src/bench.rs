@@ -414,7 +414,7 @@ pub(crate) async fn bounded_service(
     memory: farthing_server::Memory,
 ) -> anyhow::Result<(Service, u64, f64)> {
     let started = Instant::now();
-    let (journal, checkpoints) = farthing_store_embedded::cached::open_with(
+    let (journal, checkpoints) = farthing_store_embedded::cached::open_serving(
         dir,
         memory.engine_cache_bytes,
         memory.journal_segment_bytes,

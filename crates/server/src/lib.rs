@@ -351,7 +351,7 @@ pub async fn run(
     let mut control = None;
     let opened = match &options.storage {
         StorageChoice::Embedded(data_dir) => {
-            let (journal, checkpoints) = farthing_store_embedded::cached::open_with(
+            let (journal, checkpoints) = farthing_store_embedded::cached::open_serving(
                 data_dir,
                 options.memory.engine_cache_bytes,
                 options.memory.journal_segment_bytes,

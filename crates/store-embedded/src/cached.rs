@@ -108,6 +108,17 @@ pub fn open_with(
     Ok((journal, EngineCheckpoints::new(Arc::new(engine))))
 }
 
+/// [`open_with`] as a server opens it: journal segments are made ahead of time, so that
+/// appends overwrite blocks already on disk (`Segments::with_spares`).
+pub fn open_serving(
+    data_dir: &Path,
+    engine_cache_bytes: u64,
+    segment_bytes_max: u64,
+) -> Result<(SegmentedJournal, EngineCheckpoints), StoreError> {
+    let (journal, checkpoints) = open_with(data_dir, engine_cache_bytes, segment_bytes_max)?;
+    Ok((journal.with_spares(), checkpoints))
+}
+
 /// What [`verify`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {

@@ -11,6 +11,14 @@
 //!   payloads they carry (group commit). When the last segment has reached the size limit, the
 //!   next append first starts a new segment (magic written and synced, the directory synced),
 //!   so one append never spans two files.
+//! - **Spares** (a server's journal, [`Segments::with_spares`], `cached::open_serving`): a
+//!   thread makes the next segment ahead of time, its magic followed by zeros up to the size
+//!   limit, synced, as `spare`; a rollover renames it into place. Appends then overwrite blocks already
+//!   allocated and on disk, so their `fdatasync` has no file size or block map to commit: on
+//!   ext4 it does not wait for the filesystem's journal, and with it for other files' writes
+//!   (ADR 0004). Zeros are never a frame, so the end of the records is where the zeros begin.
+//!   A segment not made ahead (the first, or the one written when the process started) is left
+//!   for the spare as soon as one is ready and it holds a record.
 //! - **Recovery** cuts a torn tail of the last segment, as the single file's does. An earlier
 //!   segment was whole and durable before the one after it was created, so any damage in it
 //!   is refused, never cut. A last segment that holds no record is what is left of a rollover
@@ -57,10 +65,22 @@ const SEGMENT_SUFFIX: &str = ".farthing";
 const POSITION_DIGITS: usize = 20;
 /// How many times a backup starts over when the server trims a segment it was about to copy.
 const BACKUP_ATTEMPTS_MAX: u32 = 3;
+/// The next segment, made ahead of time (no `.farthing` suffix: not a segment until renamed).
+const SPARE: &str = "spare";
+/// A spare being made.
+const SPARE_PARTIAL: &str = "spare.partial";
 
 /// What [`Segments::replay_from`] calls with each record: its position, its payload. An `Err`
 /// ends the replay with it.
 pub type VisitPayload<'a> = dyn FnMut(u64, &[u8]) -> Result<(), StoreError> + 'a;
+
+/// The next segment, made ahead of time.
+enum Spare {
+    /// A thread is making it.
+    Making(std::thread::JoinHandle<std::io::Result<()>>),
+    /// [`SPARE`] is whole and synced.
+    Ready,
+}
 
 /// A segmented journal of byte payloads, owning its data directory's lock.
 pub struct Segments {
@@ -77,6 +97,13 @@ pub struct Segments {
     /// The position the next payload appended will have.
     end: u64,
     buffer: Vec<u8>,
+    /// Whether rollovers take a spare made ahead of time ([`Segments::with_spares`]).
+    spares: bool,
+    /// The next spare, being made or ready, until a rollover takes it.
+    spare: Option<Spare>,
+    /// Whether the last segment's file already reaches the size limit: a spare taken, or a
+    /// segment that was full or made ahead before a restart.
+    room_made: bool,
     /// Held for the journal's lifetime: one process per data directory.
     _lock: File,
 }
@@ -98,6 +125,15 @@ impl Segments {
             sync_dir(data_dir)?;
         }
         adopt_single_file(data_dir, &dir)?;
+        // A spare left by an earlier process may be unfinished: a new one is made if wanted.
+        for leftover in [SPARE, SPARE_PARTIAL] {
+            match fs::remove_file(dir.join(leftover)) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(error.into());
+                }
+                _ => {}
+            }
+        }
         let mut firsts: VecDeque<u64> = list_segments(&dir)?.into();
         if firsts.is_empty() {
             create_segment(&dir, 0)?;
@@ -107,7 +143,7 @@ impl Segments {
             let last = *firsts.back().expect("at least one segment");
             let path = segment_path(&dir, last);
             let bytes = fs::read(&path)?;
-            if MAGIC.starts_with(&bytes) && firsts.len() > 1 {
+            if holds_no_record(&bytes) && firsts.len() > 1 {
                 // Created by a rollover that did not finish, or that failed: it holds no record,
                 // and the segment before it may have gone on growing since. Appends continue
                 // there (it is full, so the next append rolls over again).
@@ -123,6 +159,7 @@ impl Segments {
             break recover_last(&path, &bytes)?;
         };
         let last = *firsts.back().expect("at least one segment");
+        let room_made = file.metadata()?.len() >= segment_bytes_max;
         Ok(Segments {
             dir,
             segment_bytes_max,
@@ -131,8 +168,83 @@ impl Segments {
             len,
             end: last + count,
             buffer: Vec::with_capacity(1 << 20),
+            spares: false,
+            spare: None,
+            room_made,
             _lock: lock,
         })
+    }
+
+    /// From now on, the next segment is made ahead of time by a thread of its own, and a
+    /// rollover renames it into place (see the module's notes). Without a spare ready, a
+    /// rollover makes its segment as before.
+    pub fn with_spares(mut self) -> Segments {
+        self.spares = true;
+        self.make_spare();
+        self
+    }
+
+    /// Starts making a spare, unless one is being made or waits to be taken.
+    fn make_spare(&mut self) {
+        if !self.spares || self.spare.is_some() {
+            return;
+        }
+        let (dir, bytes) = (self.dir.clone(), self.segment_bytes_max);
+        match std::thread::Builder::new()
+            .name("farthing-spare".into())
+            .spawn(move || make_spare(&dir, bytes))
+        {
+            Ok(handle) => self.spare = Some(Spare::Making(handle)),
+            Err(error) => tracing::warn!(%error, "cannot start making a spare segment"),
+        }
+    }
+
+    /// Whether to roll over early, into a spare that is ready, from a segment that was not made
+    /// ahead (the first one, or one written before a restart) and already holds a record:
+    /// the appends after it then overwrite blocks already on disk.
+    fn spare_waits_for_room(&mut self) -> bool {
+        if self.room_made || self.end == *self.firsts.back().expect("at least one segment") {
+            return false;
+        }
+        self.settle_spare(false);
+        matches!(self.spare, Some(Spare::Ready))
+    }
+
+    /// Whether a spare is ready to be renamed into place; if so, it is taken. One still being
+    /// made is left to finish, for a later rollover.
+    fn spare_ready(&mut self) -> bool {
+        self.settle_spare(false);
+        if matches!(self.spare, Some(Spare::Ready)) {
+            self.spare = None;
+            return true;
+        }
+        false
+    }
+
+    /// Waits until the spare being made, if any, is ready or has failed (so that the next
+    /// rollover takes it): for tests and measurements.
+    pub fn wait_for_spare(&mut self) {
+        self.settle_spare(true);
+    }
+
+    /// Learns whether the spare being made is ready, when it has finished (or `wait`s for it).
+    fn settle_spare(&mut self, wait: bool) {
+        let Some(Spare::Making(handle)) = &self.spare else {
+            return;
+        };
+        if !wait && !handle.is_finished() {
+            return;
+        }
+        let Some(Spare::Making(handle)) = self.spare.take() else {
+            return;
+        };
+        match handle.join() {
+            Ok(Ok(())) => self.spare = Some(Spare::Ready),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "making a spare segment failed; segments are made as needed");
+            }
+            Err(_) => tracing::warn!("the thread making a spare segment panicked"),
+        }
     }
 
     /// The position of the first record the journal still holds (0 until it is trimmed).
@@ -165,7 +277,7 @@ impl Segments {
         if count == 0 {
             return Ok(());
         }
-        if self.len >= self.segment_bytes_max {
+        if self.len >= self.segment_bytes_max || self.spare_waits_for_room() {
             self.roll()?;
         }
         frame::append_durably(&mut self.file, self.len, &self.buffer)?;
@@ -186,9 +298,15 @@ impl Segments {
             first > *self.firsts.back().expect("at least one segment"),
             "a full segment holds at least one record"
         );
-        self.file = create_segment(&self.dir, first)?;
+        self.room_made = self.spare_ready();
+        self.file = if self.room_made {
+            take_spare(&self.dir, first)?
+        } else {
+            create_segment(&self.dir, first)?
+        };
         self.firsts.push_back(first);
         self.len = MAGIC.len() as u64;
+        self.make_spare();
         Ok(())
     }
 
@@ -297,6 +415,14 @@ impl Segments {
     }
 }
 
+impl Drop for Segments {
+    /// Lets a spare being made finish while the directory is still locked, so that the next
+    /// process to open it never meets this one's spare half made.
+    fn drop(&mut self) {
+        self.settle_spare(true);
+    }
+}
+
 /// The records port over segments: what a server may open in place of
 /// [`FileJournal`](crate::FileJournal) once a checkpoint trims the journal. Replaying gives
 /// every record from position 0, so it refuses a trimmed journal.
@@ -309,6 +435,15 @@ pub struct SegmentedJournal {
 }
 
 impl SegmentedJournal {
+    /// From now on, segments are made ahead of time ([`Segments::with_spares`]), as a server's
+    /// are.
+    pub fn with_spares(self) -> SegmentedJournal {
+        SegmentedJournal {
+            segments: self.segments.with_spares(),
+            ..self
+        }
+    }
+
     /// Opens (or creates) the segmented journal in `data_dir`, in segments of
     /// [`SEGMENT_BYTES_MAX`].
     pub fn open(data_dir: &Path) -> Result<SegmentedJournal, StoreError> {
@@ -441,6 +576,52 @@ fn create_segment(dir: &Path, first: u64) -> Result<File, StoreError> {
     Ok(file)
 }
 
+/// Makes a spare segment in `dir`: the magic, then zeros up to `bytes`, synced, then renamed
+/// to [`SPARE`].
+fn make_spare(dir: &Path, bytes: u64) -> std::io::Result<()> {
+    let partial = dir.join(SPARE_PARTIAL);
+    let made = fill_spare(&partial, bytes).and_then(|()| fs::rename(&partial, dir.join(SPARE)));
+    if made.is_err() {
+        // A full disk, say: what was written is given back.
+        let _ = fs::remove_file(&partial);
+    }
+    made
+}
+
+fn fill_spare(partial: &Path, bytes: u64) -> std::io::Result<()> {
+    let mut file = File::create(partial)?;
+    file.write_all(MAGIC)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut written = MAGIC.len() as u64;
+    while written < bytes {
+        let chunk = zeros
+            .len()
+            .min(usize::try_from(bytes - written).unwrap_or(usize::MAX));
+        file.write_all(&zeros[..chunk])?;
+        written += chunk as u64;
+    }
+    file.sync_all()
+}
+
+/// Renames the spare into place as the segment whose first record will be at `first`, with
+/// its directory entry synced, and opens it after its magic. On `Err` after the rename, the
+/// segment holds no record, and recovery removes it.
+fn take_spare(dir: &Path, first: u64) -> Result<File, StoreError> {
+    let path = segment_path(dir, first);
+    fs::rename(dir.join(SPARE), &path)?;
+    sync_dir(dir)?;
+    let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
+    file.seek(SeekFrom::Start(MAGIC.len() as u64))?;
+    Ok(file)
+}
+
+/// Whether a segment's bytes hold no record: its magic or part of it, then nothing but zeros
+/// (a spare renamed into place).
+fn holds_no_record(bytes: &[u8]) -> bool {
+    MAGIC.starts_with(bytes)
+        || (bytes.starts_with(MAGIC) && bytes[MAGIC.len()..].iter().all(|byte| *byte == 0))
+}
+
 /// Opens the last segment, whose bytes are `bytes`, for appending: cuts a torn tail, writes
 /// the magic of a segment whose creation did not finish, and returns the file, the length of
 /// its whole frames and their count.
@@ -453,7 +634,9 @@ fn recover_last(path: &Path, bytes: &[u8]) -> Result<(File, u64, u64), StoreErro
         return Ok((file, MAGIC.len() as u64, 0));
     }
     let (end, count) = frame::scan(bytes, path, &|_| true, &mut |_, _| Ok(()))?;
-    if end < bytes.len() {
+    // Zeros after the records are a spare's room, kept for appends to come. Anything else is
+    // an append that did not finish: cut, so that no part of it is read after later appends.
+    if end < bytes.len() && !bytes[end..].iter().all(|byte| *byte == 0) {
         tracing::warn!(
             segment = %path.display(),
             discarded_bytes = bytes.len() - end,
@@ -559,7 +742,7 @@ fn copy_segments(from: &Path, to: &Path) -> Result<Option<BackupCopied>, StoreEr
         let Some(bytes) = read(last)? else {
             return Ok(None);
         };
-        if MAGIC.starts_with(&bytes) {
+        if holds_no_record(&bytes) {
             firsts.pop();
         }
     }

@@ -3,7 +3,9 @@
 //! removes whole segments from the front, never the last, and a crash part way leaves a journal
 //! that replays from the trim position; a torn tail of the last segment is cut; damage in an
 //! earlier segment, and segments that do not meet, are refused; a single-file journal becomes
-//! the first segment; a backup copies whole records and reads back as the same journal.
+//! the first segment; a backup copies whole records and reads back as the same journal; with
+//! spares, a rollover takes a segment made ahead (the magic and zeros), the zeros are never
+//! read as records, and an append torn inside them is cut.
 
 mod common;
 
@@ -77,11 +79,12 @@ fn segment_files(dir: &TempDir) -> Vec<(u64, PathBuf)> {
     let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir.path().join(SEGMENTS_DIR))
         .expect("the segments' directory")
         .map(|entry| entry.expect("an entry").path())
-        .map(|path| {
+        .filter_map(|path| {
             let name = path.file_name().expect("a name").to_str().expect("UTF-8");
-            let digits = name.strip_suffix(".farthing").expect("a segment");
+            // A spare is not a segment until a rollover renames it.
+            let digits = name.strip_suffix(".farthing")?;
             assert_eq!(digits.len(), 20, "{name}");
-            (digits.parse().expect("a position"), path)
+            Some((digits.parse().expect("a position"), path))
         })
         .collect();
     files.sort();
@@ -659,4 +662,128 @@ fn appending_to_the_segmented_journal_before_replaying_is_refused() {
     let dir = TempDir::new("segments-no-replay");
     let mut journal = SegmentedJournal::open(dir.path()).expect("opens");
     let _ = journal.append(&records(0..1));
+}
+
+fn open_small_with_spares(dir: &TempDir) -> Segments {
+    let mut segments = open_small(dir).with_spares();
+    segments.wait_for_spare();
+    segments
+}
+
+fn spare_path(dir: &TempDir) -> PathBuf {
+    dir.path().join(SEGMENTS_DIR).join("spare")
+}
+
+#[test]
+fn a_rollover_takes_the_spare_made_ahead_and_its_zeros_are_never_read_as_records() {
+    let dir = TempDir::new("segments-spares");
+    let mut segments = open_small_with_spares(&dir);
+    assert_eq!(file_len(&spare_path(&dir)), SMALL_SEGMENT_BYTES_MAX);
+    // The first segment was not made ahead: once it holds a record, the next append moves to
+    // the spare, though the first is far from full.
+    append(&mut segments, 0..1);
+    assert_eq!(segment_files(&dir).len(), 1);
+    append(&mut segments, 1..2);
+    let files = segment_files(&dir);
+    assert_eq!(
+        files.iter().map(|(first, _)| *first).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    segments.wait_for_spare();
+    let mut rollovers = 0;
+    for start in (2..62).step_by(3) {
+        let before = segment_files(&dir).len();
+        append(&mut segments, start..start + 3);
+        let files = segment_files(&dir);
+        if files.len() > before {
+            rollovers += 1;
+            // Made ahead: as long as a full segment, though it holds one append.
+            let (first, path) = files.last().expect("a segment");
+            assert_eq!(*first, start);
+            assert_eq!(file_len(path), SMALL_SEGMENT_BYTES_MAX, "segment {first}");
+        }
+        // The next spare is ready before the next rollover.
+        segments.wait_for_spare();
+    }
+    assert!(rollovers >= 3, "{rollovers} rollovers");
+    drop(segments);
+    // Reopened (with spares or without), the zeros after the last append are room, not
+    // damage: nothing is cut, and every record comes back once.
+    let last = segment_files(&dir).last().expect("a segment").1.clone();
+    let len_before = file_len(&last);
+    let mut segments = open_small(&dir);
+    assert_eq!(file_len(&last), len_before, "the room is kept");
+    assert!(!spare_path(&dir).exists(), "a spare left behind is removed");
+    assert_eq!(segments.end_position(), 62);
+    assert_eq!(replay_from(&segments, 0).expect("replays"), expected(0..62));
+    append(&mut segments, 62..63);
+    drop(segments);
+    let segments = open_small_with_spares(&dir);
+    assert_eq!(replay_from(&segments, 0).expect("replays"), expected(0..63));
+    let copy = TempDir::new("segments-spares-backup");
+    let copied = backup(dir.path(), copy.path()).expect("backs up");
+    assert_eq!(copied.records, 63 - segments.first_position());
+}
+
+#[test]
+fn an_append_torn_inside_a_spare_is_cut_so_that_no_part_of_it_is_read_after_later_appends() {
+    let dir = TempDir::new("segments-spares-torn");
+    let mut segments = open_small_with_spares(&dir);
+    // Fill the first segment, then roll over into the spare with one append.
+    while segment_files(&dir).len() < 2 {
+        let at = segments.end_position();
+        append(&mut segments, at..at + 3);
+    }
+    let (first, last) = segment_files(&dir).last().expect("a segment").clone();
+    assert!(first > 0, "rolled over");
+    let end = segments.end_position();
+    drop(segments);
+    assert_eq!(file_len(&last), SMALL_SEGMENT_BYTES_MAX, "room made ahead");
+    // A later append that reached the disk only in part: some of its bytes inside the zeros.
+    let records_end = {
+        let bytes = std::fs::read(&last).expect("reads");
+        bytes.iter().rposition(|byte| *byte != 0).expect("records") + 1
+    };
+    let mut file = OpenOptions::new().write(true).open(&last).expect("opens");
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(records_end as u64 + 5))
+        .expect("seeks");
+    file.write_all(b"half an append").expect("writes");
+    drop(file);
+    let mut segments = open_small(&dir);
+    assert_eq!(segments.end_position(), end);
+    assert_eq!(file_len(&last), records_end as u64, "the torn tail is cut");
+    assert_eq!(
+        replay_from(&segments, 0).expect("replays"),
+        expected(0..end)
+    );
+    append(&mut segments, end..end + 1);
+    drop(segments);
+    let segments = open_small(&dir);
+    assert_eq!(
+        replay_from(&segments, 0).expect("replays"),
+        expected(0..end + 1)
+    );
+}
+
+#[test]
+fn a_spare_renamed_into_place_with_no_record_in_it_is_removed_and_appends_continue_before_it() {
+    let dir = TempDir::new("segments-spare-unfinished");
+    {
+        let mut segments = Segments::open(dir.path(), SEGMENT_BYTES_MAX).expect("opens");
+        fill(&mut segments, 10, 3);
+    }
+    // A rollover at position 7 that renamed its spare into place and stopped.
+    let stale = dir
+        .path()
+        .join(SEGMENTS_DIR)
+        .join(format!("{:020}.farthing", 7));
+    let mut spare = b"FARTHJ01".to_vec();
+    spare.resize(4096, 0);
+    std::fs::write(&stale, &spare).expect("writes");
+    let mut segments = Segments::open(dir.path(), SEGMENT_BYTES_MAX).expect("opens");
+    assert!(!stale.exists(), "removed");
+    assert_eq!(segments.end_position(), 10);
+    append(&mut segments, 10..12);
+    assert_eq!(replay_from(&segments, 0).expect("replays"), expected(0..12));
 }

@@ -767,12 +767,12 @@ pub fn unknown_id(prefix: &str) -> String {
 pub fn first_segment(dir: &Path) -> u64 {
     std::fs::read_dir(dir.join("journal"))
         .expect("the journal's segments")
-        .map(|entry| {
-            let name = entry.expect("a segment").file_name();
+        .filter_map(|entry| {
+            let name = entry.expect("an entry").file_name();
             let name = name.to_str().expect("a UTF-8 name").to_string();
-            name.trim_end_matches(".farthing")
-                .parse::<u64>()
-                .expect("a position")
+            // The next segment made ahead (`spare`) is not one yet.
+            let position = name.strip_suffix(".farthing")?;
+            Some(position.parse::<u64>().expect("a position"))
         })
         .min()
         .expect("a segment")
