@@ -80,7 +80,31 @@ pub(crate) fn scan(
 /// at the start of `bytes`. The damaged frame's own length field is not trusted to find the
 /// next frame: the damage may be in it.
 fn damage_is_followed_by_valid_frame(bytes: &[u8], is_record: &dyn Fn(&[u8]) -> bool) -> bool {
-    (1..bytes.len()).any(|start| read_frame(&bytes[start..]).is_some_and(is_record))
+    // Every valid frame's header holds a byte that is not zero (a length, or else a checksum,
+    // which for an empty payload is not zero), so none starts after the last such byte: the
+    // zeros of a segment made ahead are not searched one offset at a time.
+    let Some(last) = last_nonzero(bytes) else {
+        return false;
+    };
+    (1..=last).any(|start| read_frame(&bytes[start..]).is_some_and(is_record))
+}
+
+/// Where the last byte that is not zero is, if any.
+fn last_nonzero(bytes: &[u8]) -> Option<usize> {
+    const CHUNK: usize = 4096;
+    let mut end = bytes.len();
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &bytes[start..end];
+        if chunk.iter().fold(0u8, |any, byte| any | byte) != 0 {
+            return chunk
+                .iter()
+                .rposition(|byte| *byte != 0)
+                .map(|at| start + at);
+        }
+        end = start;
+    }
+    None
 }
 
 /// The payload of the frame at the start of `bytes`, if it is whole and its checksum holds.
@@ -139,5 +163,32 @@ pub(crate) fn damaged_before_last(path: &Path, end: usize) -> StoreError {
             "{}: a damaged or unfinished record in a segment that has a segment after it",
             path.display()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_are_never_a_frame_and_the_search_after_damage_still_finds_one_before_them() {
+        // An empty payload's checksum is not zero, so no run of zeros reads as a frame.
+        assert!(read_frame(&[0u8; 64]).is_none());
+        let mut empty = Vec::new();
+        push_frame(&mut empty, |_| {});
+        assert!(read_frame(&empty).is_some());
+        assert_ne!(&empty[4..8], &[0, 0, 0, 0]);
+        // Damage, then a whole frame, then the zeros of a segment made ahead: found.
+        for payload in [&b""[..], b"a record", b"ends in zeros\0\0\0"] {
+            let mut bytes = b"damaged!".to_vec();
+            push_frame(&mut bytes, |out| out.extend_from_slice(payload));
+            bytes.resize(bytes.len() + 10_000, 0);
+            assert!(damage_is_followed_by_valid_frame(&bytes, &|_| true));
+        }
+        let mut bytes = b"damaged!".to_vec();
+        bytes.resize(10_000, 0);
+        assert!(!damage_is_followed_by_valid_frame(&bytes, &|_| true));
+        assert_eq!(last_nonzero(&bytes), Some(7));
+        assert_eq!(last_nonzero(&[0u8; 9_000]), None);
     }
 }

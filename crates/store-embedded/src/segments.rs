@@ -175,12 +175,11 @@ impl Segments {
         })
     }
 
-    /// From now on, the next segment is made ahead of time by a thread of its own, and a
-    /// rollover renames it into place (see the module's notes). Without a spare ready, a
-    /// rollover makes its segment as before.
+    /// From now on, the next segment is made ahead of time by a thread of its own, begun at
+    /// the next append, and a rollover renames it into place (see the module's notes). Without
+    /// a spare ready, a rollover makes its segment as before.
     pub fn with_spares(mut self) -> Segments {
         self.spares = true;
-        self.make_spare();
         self
     }
 
@@ -221,9 +220,10 @@ impl Segments {
         false
     }
 
-    /// Waits until the spare being made, if any, is ready or has failed (so that the next
-    /// rollover takes it): for tests and measurements.
+    /// Begins a spare if none is being made or ready, and waits until it is ready or has
+    /// failed (so that the next rollover takes it): for tests and measurements.
     pub fn wait_for_spare(&mut self) {
+        self.make_spare();
         self.settle_spare(true);
     }
 
@@ -280,6 +280,9 @@ impl Segments {
         if self.len >= self.segment_bytes_max || self.spare_waits_for_room() {
             self.roll()?;
         }
+        // The first spare is begun at the first append, so that making it does not compete
+        // with a restart's replay.
+        self.make_spare();
         frame::append_durably(&mut self.file, self.len, &self.buffer)?;
         self.len += self.buffer.len() as u64;
         self.end += count;
