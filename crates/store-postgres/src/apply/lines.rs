@@ -2,9 +2,9 @@
 //! line.
 //!
 //! A payment's own line (the payer's debit of the payment's amount, at the payment's time) is
-//! kept in the payment's row as its `balance_after`, and read back through the `statement`
-//! view; every other line (top-ups, refunds, captured holds) goes to `statement_lines`. That
-//! saves a row and an index entry per payment, the largest share of a batch's writing.
+//! kept in the payment's row as its `balance_after`, and read back beside the others (the
+//! `statement` view, and statement pages in `query`); every other line (top-ups, refunds,
+//! captured holds) goes to `statement_lines`. That saves a row and an index entry per payment.
 //!
 //! Positions order rows of one time. The operator's and a merchant's lists order a batch's
 //! payments by position, so payments' positions grow in the order they were made; a payer's
