@@ -67,7 +67,7 @@ impl Lines {
         }
         // Each entry's payment, when the entry is exactly that payment's own line.
         let mut taken = vec![false; changes.payments.len()];
-        let held: Vec<Option<usize>> = changes
+        let in_row: Vec<Option<usize>> = changes
             .entries
             .iter()
             .map(|(payer, entry)| {
@@ -81,7 +81,6 @@ impl Lines {
                     && !entry.credit
                     && entry.amount == payment.amount
                     && entry.created_at == payment.created_at
-                    && i64::try_from(entry.balance_after.micros()).is_ok()
                     && !taken[k];
                 if own {
                     taken[k] = true;
@@ -89,7 +88,7 @@ impl Lines {
                 own.then_some(k)
             })
             .collect();
-        let kept_apart = held.iter().filter(|k| k.is_none()).count();
+        let kept_apart = in_row.iter().filter(|k| k.is_none()).count();
         if kept_apart == changes.entries.len() {
             return Lines::apart(changes);
         }
@@ -107,9 +106,9 @@ impl Lines {
         let mut entries = Vec::with_capacity(kept_apart);
         // Per payer: the least position its next line may take.
         let mut next_free: HashMap<PayerId, i32> = HashMap::new();
-        for (index, ((payer, entry), held)) in changes.entries.iter().zip(&held).enumerate() {
+        for (index, ((payer, entry), in_row)) in changes.entries.iter().zip(&in_row).enumerate() {
             let free = next_free.entry(*payer).or_insert(0);
-            let position = match held {
+            let position = match in_row {
                 Some(k) => {
                     let position = position_of(*k);
                     if position < *free {
