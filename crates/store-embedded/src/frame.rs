@@ -89,6 +89,11 @@ fn damage_is_followed_by_valid_frame(bytes: &[u8], is_record: &dyn Fn(&[u8]) -> 
     (1..=last).any(|start| read_frame(&bytes[start..]).is_some_and(is_record))
 }
 
+/// Whether `bytes` are all zeros (as the room of a segment made ahead is).
+pub(crate) fn all_zeros(bytes: &[u8]) -> bool {
+    last_nonzero(bytes).is_none()
+}
+
 /// Where the last byte that is not zero is, if any.
 fn last_nonzero(bytes: &[u8]) -> Option<usize> {
     const CHUNK: usize = 4096;

@@ -13,10 +13,10 @@
 //!   so one append never spans two files.
 //! - **Spares** (a server's journal, [`Segments::with_spares`], `cached::open_serving`): a
 //!   thread makes the next segment ahead of time, its magic followed by zeros up to the size
-//!   limit, synced, as `spare`; a rollover renames it into place. Appends then overwrite blocks already
-//!   allocated and on disk, so their `fdatasync` has no file size or block map to commit: on
-//!   ext4 it does not wait for the filesystem's journal, and with it for other files' writes
-//!   (ADR 0004). Zeros are never a frame, so the end of the records is where the zeros begin.
+//!   limit, synced, as `spare`; a rollover renames it into place. Appends then overwrite
+//!   blocks already allocated and on disk, so their `fdatasync` has no file size or block map
+//!   to commit: on ext4 it does not wait for the filesystem's journal, and with it for other
+//!   files' writes (ADR 0004). Zeros are never a frame, so the end of the records is where the zeros begin.
 //!   A segment not made ahead (the first, or the one written when the process started) is left
 //!   for the spare as soon as one is ready and it holds a record.
 //! - **Recovery** cuts a torn tail of the last segment, as the single file's does. An earlier
@@ -280,8 +280,8 @@ impl Segments {
         if self.len >= self.segment_bytes_max || self.spare_waits_for_room() {
             self.roll()?;
         }
-        // The first spare is begun at the first append, so that making it does not compete
-        // with a restart's replay.
+        // The next spare is begun here: after a rollover took the last one, and at a
+        // process's first append (not during a restart's replay, which it would slow).
         self.make_spare();
         frame::append_durably(&mut self.file, self.len, &self.buffer)?;
         self.len += self.buffer.len() as u64;
@@ -309,7 +309,6 @@ impl Segments {
         };
         self.firsts.push_back(first);
         self.len = MAGIC.len() as u64;
-        self.make_spare();
         Ok(())
     }
 
@@ -622,7 +621,7 @@ fn take_spare(dir: &Path, first: u64) -> Result<File, StoreError> {
 /// (a spare renamed into place).
 fn holds_no_record(bytes: &[u8]) -> bool {
     MAGIC.starts_with(bytes)
-        || (bytes.starts_with(MAGIC) && bytes[MAGIC.len()..].iter().all(|byte| *byte == 0))
+        || (bytes.starts_with(MAGIC) && frame::all_zeros(&bytes[MAGIC.len()..]))
 }
 
 /// Opens the last segment, whose bytes are `bytes`, for appending: cuts a torn tail, writes
@@ -639,7 +638,7 @@ fn recover_last(path: &Path, bytes: &[u8]) -> Result<(File, u64, u64), StoreErro
     let (end, count) = frame::scan(bytes, path, &|_| true, &mut |_, _| Ok(()))?;
     // Zeros after the records are a spare's room, kept for appends to come. Anything else is
     // an append that did not finish: cut, so that no part of it is read after later appends.
-    if end < bytes.len() && !bytes[end..].iter().all(|byte| *byte == 0) {
+    if end < bytes.len() && !frame::all_zeros(&bytes[end..]) {
         tracing::warn!(
             segment = %path.display(),
             discarded_bytes = bytes.len() - end,
