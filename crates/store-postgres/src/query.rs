@@ -362,35 +362,27 @@ fn object_columns(object: EntryObject) -> (i16, Id) {
     }
 }
 
-/// A page of a payer's statement (`$1`, at most `$2` lines, after the line at `($3, $4, $5)`
-/// when `after`), from both places lines are kept: each read newest first through its own
-/// index with its own limit, and the two merged. (Through the `statement` view as one query,
-/// the planner may read all of a payer's payments and sort them.)
+/// A page of a payer's statement (`$1`, at most `$2` lines, after the line at `($4, $5, $6)`
+/// when `after`), from both places lines are kept, each read newest first through its own
+/// index with its own limit, and the two merged. Payments' own lines are bounded below by `$3`,
+/// `payment_lines.made_from` (migration 0005 says why it is a parameter).
 fn statement_page(after: bool) -> String {
     let entry_columns = columns::<EntryRow>();
-    let (lines_after, payments_after) = if after {
-        (
-            "AND (created_at, batch_position, object_id) < ($3, $4, $5)",
-            "AND (created_at, batch_position, id) < ($3, $4, $5)",
-        )
+    let after = if after {
+        "AND (created_at, batch_position, object_id) < ($4, $5, $6)"
     } else {
-        ("", "")
+        ""
     };
+    let order = "ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT $2";
     format!(
         "SELECT {entry_columns} FROM (
-             (SELECT payer, object_id, object_kind, currency, credit, amount, balance_after,
-                     created_at, batch_position
-              FROM statement_lines WHERE payer = $1 {lines_after}
-              ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT $2)
+             (SELECT {entry_columns}, batch_position FROM statement_lines
+              WHERE payer = $1 {after} {order})
              UNION ALL
-             (SELECT payer, id, 2::SMALLINT, currency, FALSE, amount, balance_after,
-                     created_at, batch_position
-              FROM payments
-              WHERE payer = $1 AND balance_after IS NOT NULL
-                AND created_at >= (SELECT made_from FROM payment_lines) {payments_after}
-              ORDER BY created_at DESC, batch_position DESC, id DESC LIMIT $2)
+             (SELECT {entry_columns}, batch_position FROM payment_own_lines
+              WHERE payer = $1 AND created_at >= $3 {after} {order})
          ) AS lines
-         ORDER BY created_at DESC, batch_position DESC, object_id DESC LIMIT $2"
+         {order}"
     )
 }
 
@@ -404,14 +396,22 @@ pub async fn payer_entries(
     starting_after: Option<EntryObject>,
 ) -> Result<Option<Page<Entry>>, PgError> {
     let payer = id16(payer.to_u128());
-    if !party_exists(client, "payers", &payer).await? {
+    let known = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM payers WHERE id = $1),
+                    (SELECT made_from FROM payment_lines)",
+            &[&payer],
+        )
+        .await?;
+    if !known.get::<_, bool>(0) {
         return Ok(None);
     }
+    let made_from: i64 = known.get(1);
     let fetch = fetch_limit(limit);
     let rows = match starting_after {
         None => {
             client
-                .query(&statement_page(false), &[&payer, &fetch])
+                .query(&statement_page(false), &[&payer, &fetch, &made_from])
                 .await?
         }
         Some(object) => {
@@ -448,7 +448,7 @@ pub async fn payer_entries(
             client
                 .query(
                     &statement_page(true),
-                    &[&payer, &fetch, &at, &position, &id],
+                    &[&payer, &fetch, &made_from, &at, &position, &id],
                 )
                 .await?
         }
