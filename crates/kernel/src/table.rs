@@ -16,18 +16,30 @@ pub enum Slot<V> {
 
 struct Row<V> {
     slot: Slot<V>,
-    changed: bool,
+    /// The round of changes ([`Table::take_changes`] ends one) in which the row last changed;
+    /// 0 for a row never changed here.
+    changed_in: u32,
+    /// Whether the key is among those changed and not yet handed over.
+    pending: bool,
 }
 
 /// Records of one kind by key. Once [`Table::track_changes`] is called, every change (a new
-/// record, an update, a removal) is remembered until [`Table::take_changes`] hands it over,
-/// once per key however often the key changed, in the order keys first changed. A table that
+/// record, an update, a removal) is remembered until it is handed over, once per key however
+/// often the key changed since it was last handed over, in the order keys first changed.
+/// [`Table::take_changes`] hands changes over and ends the round: no key counts as changed
+/// after it ([`Table::is_changed`]). [`Table::stage_changes_map`] hands them over within the
+/// round, so that a caller can copy what changed a little at a time, while it is still in
+/// the processor's cache, and the round's end copies only what changed since. A table that
 /// does not track (a whole state nobody writes back) remembers nothing.
 pub struct Table<K, V, S = std::hash::RandomState> {
     /// Sharded, so that a table of millions never grows all at once under the state lock.
     rows: ShardedMap<K, Row<V>, S>,
-    /// Keys changed since the changes were last taken, each once.
-    changed: Vec<K>,
+    /// Keys changed since the changes were last handed over, each once.
+    pending: Vec<K>,
+    /// The round of changes under way. Ending a round counts up instead of visiting each row
+    /// changed in it; the count wraps after 2³² rounds, when a row last changed exactly that
+    /// many rounds before would count as changed (and be kept in memory a round longer).
+    round: u32,
     /// Present records.
     present: usize,
     tracking: bool,
@@ -37,7 +49,8 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Default for Table<K, V, 
     fn default() -> Self {
         Table {
             rows: ShardedMap::default(),
-            changed: Vec::new(),
+            pending: Vec::new(),
+            round: 1,
             present: 0,
             tracking: false,
         }
@@ -99,7 +112,8 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 }
                 vacant.insert(Row {
                     slot,
-                    changed: false,
+                    changed_in: 0,
+                    pending: false,
                 });
                 true
             }
@@ -121,15 +135,19 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 self.present += 1;
                 vacant.insert(Row {
                     slot: Slot::Present(value),
-                    changed: false,
+                    changed_in: 0,
+                    pending: false,
                 });
             }
         }
     }
 
-    /// Whether the record under `key` changed since the changes were last taken.
+    /// Whether the record under `key` changed since the changes were last taken (in this
+    /// round, whether handed over by a stage or not).
     pub fn is_changed(&self, key: &K) -> bool {
-        self.rows.get(key).is_some_and(|row| row.changed)
+        self.rows
+            .get(key)
+            .is_some_and(|row| row.changed_in == self.round)
     }
 
     /// Puts a record under `key`, replacing what was there: a change.
@@ -159,19 +177,23 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 let had = usize::from(matches!(row.slot, Slot::Present(_)));
                 self.present = self.present - had + adds;
                 row.slot = slot;
-                if self.tracking && !row.changed {
-                    row.changed = true;
-                    self.changed.push(occupied.key().clone());
+                if self.tracking {
+                    row.changed_in = self.round;
+                    if !row.pending {
+                        row.pending = true;
+                        self.pending.push(occupied.key().clone());
+                    }
                 }
             }
             Entry::Vacant(vacant) => {
                 self.present += adds;
                 if self.tracking {
-                    self.changed.push(vacant.key().clone());
+                    self.pending.push(vacant.key().clone());
                 }
                 vacant.insert(Row {
                     slot,
-                    changed: self.tracking,
+                    changed_in: if self.tracking { self.round } else { 0 },
+                    pending: self.tracking,
                 });
             }
         }
@@ -184,23 +206,28 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             return None;
         };
         let result = change(value);
-        if self.tracking && !row.changed {
-            row.changed = true;
-            self.changed.push(key.clone());
+        if self.tracking {
+            row.changed_in = self.round;
+            if !row.pending {
+                row.pending = true;
+                self.pending.push(key.clone());
+            }
         }
         Some(result)
     }
 
-    /// Every change since the changes were last taken: each changed key once, with what it
-    /// holds now, in the order the keys first changed. The table then counts none.
+    /// Every change not yet handed over: each changed key once, with what it holds now, in
+    /// the order the keys first changed since they were last handed over. Ends the round: no
+    /// key counts as changed after it.
     pub fn take_changes(&mut self) -> Vec<(K, Slot<&V>)> {
-        let keys = std::mem::take(&mut self.changed);
+        let keys = std::mem::take(&mut self.pending);
         for key in &keys {
             self.rows
                 .get_mut(key)
                 .expect("a changed key is held")
-                .changed = false;
+                .pending = false;
         }
+        self.end_round();
         keys.into_iter()
             .map(|key| {
                 let slot = self
@@ -214,14 +241,20 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             .collect()
     }
 
+    fn end_round(&mut self) {
+        // Round 0 is never under way: it marks rows never changed.
+        self.round = self.round.checked_add(1).unwrap_or(1);
+    }
+
     /// Forgets every record that has not changed since the changes were last taken (a cache
     /// whose storage holds them), keeping those `keep` names; returns how many were
     /// forgotten. Changed records stay until their changes are taken and written.
     pub fn forget_unchanged(&mut self, keep: impl Fn(&K) -> bool) -> usize {
         let before = self.rows.len();
         let mut present = 0;
+        let round = self.round;
         self.rows.retain_and_fit(|key, row| {
-            let stays = row.changed || keep(key);
+            let stays = row.changed_in == round || keep(key);
             if stays && matches!(row.slot, Slot::Present(_)) {
                 present += 1;
             }
@@ -238,20 +271,32 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
 
     /// [`Table::take_changes`], each change passed to `take` as it is found: one lookup a key,
     /// for a checkpoint that copies what it needs of each.
-    pub fn take_changes_map<T>(&mut self, mut take: impl FnMut(&K, Slot<&V>) -> T) -> Vec<T> {
-        let keys = std::mem::take(&mut self.changed);
-        let mut out = Vec::with_capacity(keys.len());
-        for key in &keys {
-            let row = self.rows.get_mut(key).expect("a changed key is held");
-            row.changed = false;
-            out.push(take(key, row.slot.as_ref()));
-        }
+    pub fn take_changes_map<T>(&mut self, take: impl FnMut(&K, Slot<&V>) -> T) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.pending.len());
+        self.hand_over(&mut out, take);
+        self.end_round();
         out
     }
 
-    /// Whether anything changed since the changes were last taken.
+    /// Hands every change not yet handed over to `take`, as [`Table::take_changes_map`] does,
+    /// and adds what it makes of each to `out`; the round goes on. A key changed again after
+    /// this is handed over again.
+    pub fn stage_changes_map<T>(&mut self, out: &mut Vec<T>, take: impl FnMut(&K, Slot<&V>) -> T) {
+        self.hand_over(out, take);
+    }
+
+    fn hand_over<T>(&mut self, out: &mut Vec<T>, mut take: impl FnMut(&K, Slot<&V>) -> T) {
+        out.reserve(self.pending.len());
+        for key in self.pending.drain(..) {
+            let row = self.rows.get_mut(&key).expect("a changed key is held");
+            row.pending = false;
+            out.push(take(&key, row.slot.as_ref()));
+        }
+    }
+
+    /// Whether anything changed that was not yet handed over.
     pub fn has_changes(&self) -> bool {
-        !self.changed.is_empty()
+        !self.pending.is_empty()
     }
 
     /// Every record held, in no particular order.
@@ -375,6 +420,49 @@ mod tests {
         assert_eq!(table.take_changes(), vec![(4, Slot::Present(&"four"))]);
         assert_eq!(table.forget_unchanged(|_| false), 2);
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn a_stage_hands_changes_over_within_the_round_and_a_key_changed_again_comes_again() {
+        let mut table = tracked();
+        assert!(table.load(1, Slot::Present("one")));
+        assert!(table.load(2, Slot::Present("two")));
+        table.put(3, "three");
+        table.update(&1, |value| *value = "un");
+        let mut staged = Vec::new();
+        table.stage_changes_map(&mut staged, |key, slot| (*key, slot.map_present()));
+        assert_eq!(staged, vec![(3, Some("three")), (1, Some("un"))]);
+        assert!(!table.has_changes());
+        // Staged rows still count as changed in the round: memory keeps them.
+        assert!(table.is_changed(&1) && table.is_changed(&3) && !table.is_changed(&2));
+        assert_eq!(table.forget_unchanged(|_| false), 1);
+        assert_eq!(table.slot(&2), None);
+
+        table.update(&3, |value| *value = "trois");
+        table.remove(&1);
+        table.stage_changes_map(&mut staged, |key, slot| (*key, slot.map_present()));
+        assert_eq!(&staged[2..], &[(3, Some("trois")), (1, None)]);
+        table.put(4, "four");
+        // The round's end hands over only what changed since the last stage.
+        assert_eq!(
+            table.take_changes_map(|key, slot| (*key, slot.map_present())),
+            vec![(4, Some("four"))]
+        );
+        assert!(!table.is_changed(&3) && !table.is_changed(&4));
+        assert_eq!(table.forget_unchanged(|_| false), 3);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn a_row_changed_in_an_earlier_round_is_not_changed_in_this_one() {
+        let mut table = tracked();
+        table.put(1, "one");
+        assert_eq!(table.take_changes().len(), 1);
+        table.put(2, "two");
+        assert!(!table.is_changed(&1));
+        assert!(table.is_changed(&2));
+        assert_eq!(table.forget_unchanged(|_| false), 1);
+        assert_eq!(table.get(&2), Some(&"two"));
     }
 
     #[test]

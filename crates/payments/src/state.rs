@@ -51,6 +51,10 @@ struct Cache {
     /// Accounts made or changed since the last checkpoint began: kept up as they change, so
     /// that beginning a checkpoint finds them without a pass over the history.
     accounts_changed: HashSet<AccountId, IdHashBuilder>,
+    /// Accounts changed since rows were last staged ([`State::stage_changes`]).
+    accounts_unstaged: HashSet<AccountId, IdHashBuilder>,
+    /// Rows copied for the next checkpoint since the last one began.
+    staged: cache::Staged,
     /// No id of any record applied is larger.
     id_max: u128,
     /// How many times rows have left memory ([`State::evictions`]).
@@ -300,6 +304,7 @@ impl State {
     pub(crate) fn touched(&mut self, accounts: &[AccountId]) {
         if let Some(cache) = &mut self.cache {
             cache.accounts_changed.extend(accounts.iter().copied());
+            cache.accounts_unstaged.extend(accounts.iter().copied());
         }
     }
 

@@ -1406,6 +1406,9 @@ fn write_loop(
                     outcomes.push((outcome, replayed));
                 }
             }
+            // What the round changed is copied for the next checkpoint now, while it is
+            // still in the processor's cache, not all at once when the checkpoint begins.
+            state.stage_changes();
         });
         shared.metrics.count_commit(records.len(), started);
         records.clear();

@@ -18,6 +18,9 @@ const CACHE_BYTES: u64 = 8 << 20;
 #[derive(Clone, Copy, Debug)]
 enum After {
     Nothing,
+    /// The rows changed so far copied for the next checkpoint, as a writer does after each
+    /// round.
+    Stage,
     /// A checkpoint, written; then memory lets unchanged rows go.
     Checkpoint,
     /// A checkpoint, written, with memory kept.
@@ -35,7 +38,8 @@ enum After {
 
 fn after() -> impl Strategy<Value = After> {
     prop_oneof![
-        12 => Just(After::Nothing),
+        10 => Just(After::Nothing),
+        4 => Just(After::Stage),
         3 => Just(After::Checkpoint),
         1 => Just(After::CheckpointKeepingMemory),
         2 => Just(After::CheckpointWhileApplying),
@@ -186,6 +190,7 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
         }
         match after {
             After::Nothing => {}
+            After::Stage => cache.stage_changes(),
             After::CheckpointWhileApplying => writing = Some(cache.freeze()),
             After::Checkpoint | After::CheckpointKeepingMemory => {
                 let checkpoint = cache.freeze();
