@@ -1380,7 +1380,16 @@ fn write_loop(
         }
         let prunes = now >= next_prune;
         batch_records(&mut jobs, now, prunes, &mut records);
-        if let Err(error) = journal.append(&records) {
+        let appending = Instant::now();
+        let appended = journal.append(&records);
+        if appending.elapsed() >= LONG_LOCK {
+            tracing::info!(
+                millis = appending.elapsed().as_millis() as u64,
+                records = records.len(),
+                "a commit's append to the journal took long enough for requests to wait"
+            );
+        }
+        if let Err(error) = appended {
             tracing::error!(%error, "the journal refused an append; answering 503 and going on");
             records.clear();
             for job in jobs.drain(..) {
