@@ -294,6 +294,11 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
         }
     }
 
+    /// How many keys changed that were not yet handed over.
+    pub fn changes_pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Whether anything changed that was not yet handed over.
     pub fn has_changes(&self) -> bool {
         !self.pending.is_empty()

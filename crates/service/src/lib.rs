@@ -1415,9 +1415,13 @@ fn write_loop(
                     outcomes.push((outcome, replayed));
                 }
             }
-            // What the round changed is copied for the next checkpoint now, while it is
-            // still in the processor's cache, not all at once when the checkpoint begins.
-            state.stage_changes();
+            // What the rounds changed is copied for the next checkpoint once there is enough
+            // of it, while it is still in the processor's cache, not all at once when the
+            // checkpoint begins. Small rounds wait: each copy of an account that every payment
+            // changes (a merchant's, the fees') is another row for the checkpoint to write.
+            if state.changes_unstaged() >= STAGE_ROWS_MIN {
+                state.stage_changes();
+            }
         });
         shared.metrics.count_commit(records.len(), started);
         records.clear();
@@ -1434,6 +1438,11 @@ fn write_loop(
         checkpointer.stop();
     }
 }
+
+/// Accounts and payers changed since their rows were last copied for the next checkpoint at
+/// which the writer copies them ([`State::stage_changes`]): a batch's round copies its own;
+/// single payments' commits wait for a few hundred of them.
+const STAGE_ROWS_MIN: usize = 1_024;
 
 /// Payments in a job of at least this many make it large: it is held back while what it
 /// reads is read ([`HeldBack`]), and small jobs queued beside it are committed first, each

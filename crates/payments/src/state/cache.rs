@@ -98,6 +98,9 @@ pub(crate) struct Staged {
     payers: Vec<PayerState>,
 }
 
+/// Accounts the set of those changed since the last stage keeps room for, whatever it held.
+const STAGED_ACCOUNTS_ROOM: usize = 4_096;
+
 /// A state change for the disk: `None` removes the key.
 pub type StateRow = (Vec<u8>, Option<Vec<u8>>);
 
@@ -667,16 +670,17 @@ impl State {
     }
 
     /// Copies the accounts and payers changed since the last copy for the next checkpoint. A
-    /// writer calls it after each round it applies, while what the round changed is still in
-    /// the processor's cache; beginning a checkpoint then copies only what changed since,
-    /// instead of every row changed since the last checkpoint, which for a million payers
-    /// held the state lock for tens of milliseconds. A state that is not a cache copies
-    /// nothing.
+    /// writer calls it after a round that changed many ([`State::changes_unstaged`]), while
+    /// they are still in the processor's cache; beginning a checkpoint then copies only what
+    /// changed since, instead of every row changed since the last checkpoint, which for a
+    /// million payers held the state lock for tens of milliseconds. A state that is not a
+    /// cache copies nothing.
     pub fn stage_changes(&mut self) {
         let Some(cache) = self.cache.as_mut() else {
             return;
         };
         let (ledger, owners) = (&self.ledger, &self.owners);
+        let unstaged = cache.accounts_unstaged.len();
         cache
             .staged
             .accounts
@@ -685,6 +689,12 @@ impl State {
                 let owner = *owners.get(&id)?;
                 Some(AccountRow { owner, account })
             }));
+        // Draining visits every bucket: a set grown by one large round (a replay, a set-up)
+        // would cost each small commit after it that much again.
+        let room = unstaged.max(STAGED_ACCOUNTS_ROOM);
+        if cache.accounts_unstaged.capacity() > 4 * room {
+            cache.accounts_unstaged.shrink_to(room);
+        }
         let held = &self.parties;
         self.payer_lists
             .stage_changes_map(&mut cache.staged.payers, |id, lists| PayerState {
@@ -694,6 +704,14 @@ impl State {
                     Slot::Absent => unreachable!("lists are never removed"),
                 },
             });
+    }
+
+    /// How many accounts and payers changed since their rows were last copied
+    /// ([`State::stage_changes`]).
+    pub fn changes_unstaged(&self) -> usize {
+        self.cache.as_ref().map_or(0, |cache| {
+            cache.accounts_unstaged.len() + self.payer_lists.changes_pending()
+        })
     }
 
     /// The checkpoint begun at `position` is on disk: its rows are read from there now.
