@@ -40,6 +40,9 @@ pub struct Table<K, V, S = std::hash::RandomState> {
     /// changed in it; the count wraps after 2³² rounds, when a row last changed exactly that
     /// many rounds before would count as changed (and be kept in memory a round longer).
     round: u32,
+    /// Keys handed over by a stage in this round, and keys that changed again after that.
+    staged: usize,
+    again: usize,
     /// Present records.
     present: usize,
     tracking: bool,
@@ -51,6 +54,8 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Default for Table<K, V, 
             rows: ShardedMap::default(),
             pending: Vec::new(),
             round: 1,
+            staged: 0,
+            again: 0,
             present: 0,
             tracking: false,
         }
@@ -177,12 +182,17 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 let had = usize::from(matches!(row.slot, Slot::Present(_)));
                 self.present = self.present - had + adds;
                 row.slot = slot;
+                let newly_pending = self.tracking && !row.pending;
+                if newly_pending {
+                    // Changed in this round and not pending: a stage handed it over.
+                    self.again += usize::from(row.changed_in == self.round);
+                    row.pending = true;
+                }
                 if self.tracking {
                     row.changed_in = self.round;
-                    if !row.pending {
-                        row.pending = true;
-                        self.pending.push(occupied.key().clone());
-                    }
+                }
+                if newly_pending {
+                    self.pending.push(occupied.key().clone());
                 }
             }
             Entry::Vacant(vacant) => {
@@ -206,12 +216,13 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             return None;
         };
         let result = change(value);
+        if self.tracking && !row.pending {
+            self.again += usize::from(row.changed_in == self.round);
+            row.pending = true;
+            self.pending.push(key.clone());
+        }
         if self.tracking {
             row.changed_in = self.round;
-            if !row.pending {
-                row.pending = true;
-                self.pending.push(key.clone());
-            }
         }
         Some(result)
     }
@@ -241,7 +252,16 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             .collect()
     }
 
+    /// Keys handed over by a stage in this round, and how many of them changed again since:
+    /// when most do, staging copies the same rows over and over, and the round's end would
+    /// copy each once.
+    pub fn staged_and_again(&self) -> (usize, usize) {
+        (self.staged, self.again)
+    }
+
     fn end_round(&mut self) {
+        self.staged = 0;
+        self.again = 0;
         // Round 0 is never under way: it marks rows never changed.
         self.round = self.round.checked_add(1).unwrap_or(1);
     }
@@ -282,6 +302,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
     /// and adds what it makes of each to `out`; the round goes on. A key changed again after
     /// this is handed over again.
     pub fn stage_changes_map<T>(&mut self, out: &mut Vec<T>, take: impl FnMut(&K, Slot<&V>) -> T) {
+        self.staged += self.pending.len();
         self.hand_over(out, take);
     }
 
@@ -443,8 +464,10 @@ mod tests {
         assert_eq!(table.forget_unchanged(|_| false), 1);
         assert_eq!(table.slot(&2), None);
 
+        assert_eq!(table.staged_and_again(), (2, 0));
         table.update(&3, |value| *value = "trois");
         table.remove(&1);
+        assert_eq!(table.staged_and_again(), (2, 2));
         table.stage_changes_map(&mut staged, |key, slot| (*key, slot.map_present()));
         assert_eq!(&staged[2..], &[(3, Some("trois")), (1, None)]);
         table.put(4, "four");
@@ -454,6 +477,7 @@ mod tests {
             vec![(4, Some("four"))]
         );
         assert!(!table.is_changed(&3) && !table.is_changed(&4));
+        assert_eq!(table.staged_and_again(), (0, 0));
         assert_eq!(table.forget_unchanged(|_| false), 3);
         assert!(table.is_empty());
     }

@@ -53,6 +53,9 @@ struct Cache {
     accounts_changed: HashSet<AccountId, IdHashBuilder>,
     /// Accounts changed since rows were last staged ([`State::stage_changes`]).
     accounts_unstaged: HashSet<AccountId, IdHashBuilder>,
+    /// Accounts staged since the last checkpoint began, and how many changed again since.
+    accounts_staged: usize,
+    accounts_again: usize,
     /// Rows copied for the next checkpoint since the last one began.
     staged: cache::Staged,
     /// No id of any record applied is larger.
@@ -303,8 +306,13 @@ impl State {
     /// Notes accounts whose totals changed, for a cache's next checkpoint.
     pub(crate) fn touched(&mut self, accounts: &[AccountId]) {
         if let Some(cache) = &mut self.cache {
-            cache.accounts_changed.extend(accounts.iter().copied());
-            cache.accounts_unstaged.extend(accounts.iter().copied());
+            for &id in accounts {
+                let first = cache.accounts_changed.insert(id);
+                // Changed before in this checkpoint's round and not waiting: staged since.
+                if cache.accounts_unstaged.insert(id) && !first {
+                    cache.accounts_again += 1;
+                }
+            }
         }
     }
 

@@ -1418,8 +1418,9 @@ fn write_loop(
             // What the rounds changed is copied for the next checkpoint once there is enough
             // of it, while it is still in the processor's cache, not all at once when the
             // checkpoint begins. Small rounds wait: each copy of an account that every payment
-            // changes (a merchant's, the fees') is another row for the checkpoint to write.
-            if state.changes_unstaged() >= STAGE_ROWS_MIN {
+            // changes (a merchant's, the fees') is another row for the checkpoint to write; and
+            // once most rows staged have changed again, the checkpoint's beginning copies them.
+            if state.changes_unstaged() >= STAGE_ROWS_MIN && state.staging_pays() {
                 state.stage_changes();
             }
         });

@@ -279,6 +279,8 @@ impl State {
             disk,
             accounts_changed: HashSet::default(),
             accounts_unstaged: HashSet::default(),
+            accounts_staged: 0,
+            accounts_again: 0,
             staged: Staged::default(),
             id_max: 0,
             evictions: 0,
@@ -596,6 +598,7 @@ impl State {
         self.stage_changes();
         let cache = self.cache.as_mut().expect("only a cache checkpoints");
         cache.accounts_changed.clear();
+        (cache.accounts_staged, cache.accounts_again) = (0, 0);
         let Staged { accounts, payers } = std::mem::take(&mut cache.staged);
         let mut young = std::mem::take(&mut self.young);
         young.transfers = self.ledger.take_made_transfers();
@@ -681,6 +684,7 @@ impl State {
         };
         let (ledger, owners) = (&self.ledger, &self.owners);
         let unstaged = cache.accounts_unstaged.len();
+        cache.accounts_staged += unstaged;
         cache
             .staged
             .accounts
@@ -711,6 +715,20 @@ impl State {
     pub fn changes_unstaged(&self) -> usize {
         self.cache.as_ref().map_or(0, |cache| {
             cache.accounts_unstaged.len() + self.payer_lists.changes_pending()
+        })
+    }
+
+    /// Whether staging now would copy mostly rows not copied before in this checkpoint's
+    /// round: at most half of what was staged since the checkpoint began changed again since.
+    /// With few payers, each round changes most of the rows the last one did, and copying
+    /// them round after round would hand the checkpoint the same rows many times over, where
+    /// beginning the checkpoint copies each once (and cheaply: few rows, all in cache).
+    pub fn staging_pays(&self) -> bool {
+        self.cache.as_ref().is_some_and(|cache| {
+            let (payers_staged, payers_again) = self.payer_lists.staged_and_again();
+            let staged = cache.accounts_staged + payers_staged;
+            let again = cache.accounts_again + payers_again;
+            2 * again <= staged
         })
     }
 

@@ -313,3 +313,32 @@ fn a_batch_of_expiries_over_a_restarted_cache_voids_what_a_whole_state_does() {
     let builder = Builder::new();
     same_answers(&whole, &cache, &builder).expect("the same answers");
 }
+
+/// Staging stops paying once most of what it copied has changed again (one payer holding
+/// again and again), and pays again once a checkpoint begins a new round.
+#[test]
+fn staging_stops_once_most_staged_rows_change_again_and_starts_again_with_the_next_checkpoint() {
+    let (records, _) = farthing_testing::many_holds();
+    let dir = TempDir::new("cache-staging");
+    let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
+    let mut cache = State::cache_over(engine).expect("the cache opens");
+    // The payer, the merchant, the wallet's funding and a first hold.
+    let (first, rest) = records.split_at(5);
+    for record in first {
+        apply(&mut cache, record);
+    }
+    assert!(cache.changes_unstaged() > 0);
+    assert!(cache.staging_pays(), "nothing staged has changed again");
+    cache.stage_changes();
+    assert_eq!(cache.changes_unstaged(), 0);
+    assert!(cache.staging_pays());
+    // Every later hold changes the same wallet, merchant account and payer again.
+    for record in &rest[..10] {
+        apply(&mut cache, record);
+    }
+    assert!(cache.changes_unstaged() > 0);
+    assert!(!cache.staging_pays(), "the same rows changed again");
+    let _checkpoint = cache.freeze();
+    assert_eq!(cache.changes_unstaged(), 0, "the checkpoint took them");
+    assert!(cache.staging_pays(), "a new round");
+}
