@@ -1442,7 +1442,7 @@ fn write_loop(
 
 /// Accounts and payers changed since their rows were last copied for the next checkpoint at
 /// which the writer copies them ([`State::stage_changes`]): a batch's round copies its own;
-/// single payments' commits wait for a few hundred of them.
+/// single payments' commits leave theirs until this many have changed.
 const STAGE_ROWS_MIN: usize = 1_024;
 
 /// Payments in a job of at least this many make it large: it is held back while what it
