@@ -23,6 +23,21 @@ struct Row<V> {
     pending: bool,
 }
 
+impl<V> Row<V> {
+    /// Notes a change to the row in `round`: whether its key is newly pending (to be handed
+    /// over). A row changed in this round and not pending was handed over by a stage since,
+    /// and counts as changed `again`.
+    fn note_change(&mut self, round: u32, again: &mut usize) -> bool {
+        let newly_pending = !self.pending;
+        if newly_pending {
+            *again += usize::from(self.changed_in == round);
+            self.pending = true;
+        }
+        self.changed_in = round;
+        newly_pending
+    }
+}
+
 /// Records of one kind by key. Once [`Table::track_changes`] is called, every change (a new
 /// record, an update, a removal) is remembered until it is handed over, once per key however
 /// often the key changed since it was last handed over, in the order keys first changed.
@@ -182,16 +197,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 let had = usize::from(matches!(row.slot, Slot::Present(_)));
                 self.present = self.present - had + adds;
                 row.slot = slot;
-                let newly_pending = self.tracking && !row.pending;
-                if newly_pending {
-                    // Changed in this round and not pending: a stage handed it over.
-                    self.again += usize::from(row.changed_in == self.round);
-                    row.pending = true;
-                }
-                if self.tracking {
-                    row.changed_in = self.round;
-                }
-                if newly_pending {
+                if self.tracking && row.note_change(self.round, &mut self.again) {
                     self.pending.push(occupied.key().clone());
                 }
             }
@@ -216,13 +222,8 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
             return None;
         };
         let result = change(value);
-        if self.tracking && !row.pending {
-            self.again += usize::from(row.changed_in == self.round);
-            row.pending = true;
+        if self.tracking && row.note_change(self.round, &mut self.again) {
             self.pending.push(key.clone());
-        }
-        if self.tracking {
-            row.changed_in = self.round;
         }
         Some(result)
     }

@@ -978,12 +978,12 @@ fn load_for_jobs(state: &RwLock<State>, jobs: &[Job]) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// A hold of the state's write lock long enough for requests to feel it: readers and the
-/// next commit wait behind it.
-const LONG_LOCK: std::time::Duration = std::time::Duration::from_millis(100);
+/// A step of the writer long enough for requests to feel it: a hold of the state's write lock
+/// (readers and the next commit wait behind it), or a commit's append (its requests do).
+const LONG_STEP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs `step` under the state's write lock, and notes in the log (at `info`) a hold past
-/// [`LONG_LOCK`], naming the step.
+/// [`LONG_STEP`], naming the step.
 fn locked<T>(
     state: &RwLock<State>,
     step_name: &'static str,
@@ -993,7 +993,7 @@ fn locked<T>(
     let began = Instant::now();
     let out = step(&mut state);
     let held = began.elapsed();
-    if held >= LONG_LOCK {
+    if held >= LONG_STEP {
         tracing::info!(
             step = step_name,
             millis = held.as_millis() as u64,
@@ -1382,9 +1382,10 @@ fn write_loop(
         batch_records(&mut jobs, now, prunes, &mut records);
         let appending = Instant::now();
         let appended = journal.append(&records);
-        if appending.elapsed() >= LONG_LOCK {
+        let append_took = appending.elapsed();
+        if append_took >= LONG_STEP {
             tracing::info!(
-                millis = appending.elapsed().as_millis() as u64,
+                millis = append_took.as_millis() as u64,
                 records = records.len(),
                 "a commit's append to the journal took long enough for requests to wait"
             );
