@@ -128,8 +128,9 @@ struct ServeArgs {
     #[arg(long, env = "FARTHING_TEST_CLOCK", value_parser = clap::builder::BoolishValueParser::new())]
     test_clock: bool,
     /// Embedded store: about how many MiB of payers, accounts and history to keep in memory
-    /// beyond what changed since the last checkpoint; the rest is read from disk. Memory
-    /// stays bounded by this, not by history.
+    /// beyond what changed since the last checkpoint; the rest is read from disk. Past it,
+    /// the least recently used rows go, a few at a time. Memory stays bounded by this, not by
+    /// history.
     #[arg(long, env = "FARTHING_CACHE_MIB", default_value_t = farthing_service::CACHE_BYTES_DEFAULT >> 20)]
     cache_mib: usize,
     /// Embedded store: history rows (a payment makes three) between checkpoints, which write

@@ -47,4 +47,4 @@ pub use fields::{
 pub use ledger_records::{
     hold_state_code, hold_state_of, transfer_rejection_of, transfer_rejection_tag,
 };
-pub use table::{Slot, Table};
+pub use table::{LastUse, Slot, Table};

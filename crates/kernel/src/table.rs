@@ -2,6 +2,8 @@
 
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hash};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use farthing_ledger::ShardedMap;
 
@@ -21,9 +23,45 @@ struct Row<V> {
     changed_in: u32,
     /// Whether the key is among those changed and not yet handed over.
     pending: bool,
+    /// When the row was last read, loaded or changed: a cache lets the least recently used
+    /// rows go first.
+    used: LastUse,
+}
+
+/// The round of changes in which something was last used (read, loaded or changed), for a
+/// cache that lets the least recently used go first. Marked through a shared reference, by
+/// any reader: an atomic, written only at the first use in a round.
+pub struct LastUse(AtomicU32);
+
+impl LastUse {
+    pub fn new(round: u32) -> LastUse {
+        LastUse(AtomicU32::new(round))
+    }
+
+    /// Notes a use in `round`.
+    #[inline]
+    pub fn mark(&self, round: u32) {
+        if self.0.load(Ordering::Relaxed) != round {
+            self.0.store(round, Ordering::Relaxed);
+        }
+    }
+
+    /// How many rounds have begun since the last use, in `round` (0: used in it).
+    pub fn rounds_since(&self, round: u32) -> u32 {
+        round.wrapping_sub(self.0.load(Ordering::Relaxed))
+    }
 }
 
 impl<V> Row<V> {
+    fn new(slot: Slot<V>, changed_in: u32, pending: bool, round: u32) -> Row<V> {
+        Row {
+            slot,
+            changed_in,
+            pending,
+            used: LastUse::new(round),
+        }
+    }
+
     /// Notes a change to the row in `round`: whether its key is newly pending (to be handed
     /// over). A row changed in this round and not pending was handed over by a stage since,
     /// and counts as changed `again`.
@@ -34,6 +72,7 @@ impl<V> Row<V> {
             self.pending = true;
         }
         self.changed_in = round;
+        self.used.mark(round);
         newly_pending
     }
 }
@@ -91,20 +130,38 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
         self.tracking
     }
 
-    /// The record under `key`, if the table holds one.
+    /// The record under `key`, if the table holds one. A use of the row
+    /// ([`Table::forget_unchanged_in`] lets the least recently used go first).
     pub fn get(&self, key: &K) -> Option<&V> {
-        match self.rows.get(key) {
-            Some(Row {
-                slot: Slot::Present(value),
-                ..
-            }) => Some(value),
+        match self.slot(key) {
+            Some(Slot::Present(value)) => Some(value),
             _ => None,
         }
     }
 
     /// What the table knows of `key`: a record, its absence, or nothing (`None`: not loaded).
+    /// A use of the row, as [`Table::get`] is.
     pub fn slot(&self, key: &K) -> Option<&Slot<V>> {
-        self.rows.get(key).map(|row| &row.slot)
+        let row = self.rows.get(key)?;
+        row.used.mark(self.round);
+        Some(&row.slot)
+    }
+
+    /// Whether the table holds a record under `key`, without counting it as a use: for
+    /// deciding what to keep.
+    pub fn holds(&self, key: &K) -> bool {
+        matches!(
+            self.rows.get(key),
+            Some(Row {
+                slot: Slot::Present(_),
+                ..
+            })
+        )
+    }
+
+    /// The round under way: ends each time the changes are taken.
+    pub fn round(&self) -> u32 {
+        self.round
     }
 
     pub fn contains(&self, key: &K) -> bool {
@@ -130,11 +187,7 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 if matches!(slot, Slot::Present(_)) {
                     self.present += 1;
                 }
-                vacant.insert(Row {
-                    slot,
-                    changed_in: 0,
-                    pending: false,
-                });
+                vacant.insert(Row::new(slot, 0, false, self.round));
                 true
             }
         }
@@ -150,14 +203,11 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                     self.present += 1;
                 }
                 row.slot = Slot::Present(value);
+                row.used.mark(self.round);
             }
             Entry::Vacant(vacant) => {
                 self.present += 1;
-                vacant.insert(Row {
-                    slot: Slot::Present(value),
-                    changed_in: 0,
-                    pending: false,
-                });
+                vacant.insert(Row::new(Slot::Present(value), 0, false, self.round));
             }
         }
     }
@@ -206,11 +256,12 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
                 if self.tracking {
                     self.pending.push(vacant.key().clone());
                 }
-                vacant.insert(Row {
+                vacant.insert(Row::new(
                     slot,
-                    changed_in: if self.tracking { self.round } else { 0 },
-                    pending: self.tracking,
-                });
+                    if self.tracking { self.round } else { 0 },
+                    self.tracking,
+                    self.round,
+                ));
             }
         }
     }
@@ -271,17 +322,31 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
     /// whose storage holds them), keeping those `keep` names; returns how many were
     /// forgotten. Changed records stay until their changes are taken and written.
     pub fn forget_unchanged(&mut self, keep: impl Fn(&K) -> bool) -> usize {
+        self.forget_unchanged_in(0..farthing_ledger::SHARDS, 0, keep)
+    }
+
+    /// [`Table::forget_unchanged`] for the keys of `shards` (of [`farthing_ledger::SHARDS`],
+    /// by the table's own hash), and only records not used (read, loaded or changed) in the
+    /// last `unused_for` rounds (0: however recently): so a cache can let rows go a few
+    /// shards at a time, the least recently used first.
+    pub fn forget_unchanged_in(
+        &mut self,
+        shards: Range<usize>,
+        unused_for: u32,
+        keep: impl Fn(&K) -> bool,
+    ) -> usize {
         let before = self.rows.len();
-        let mut present = 0;
         let round = self.round;
-        self.rows.retain_and_fit(|key, row| {
-            let stays = row.changed_in == round || keep(key);
-            if stays && matches!(row.slot, Slot::Present(_)) {
-                present += 1;
+        let mut forgotten_present = 0;
+        self.rows.retain_and_fit_shards(shards, |key, row| {
+            let stays =
+                row.changed_in == round || row.used.rounds_since(round) < unused_for || keep(key);
+            if !stays && matches!(row.slot, Slot::Present(_)) {
+                forgotten_present += 1;
             }
             stays
         });
-        self.present = present;
+        self.present -= forgotten_present;
         before - self.rows.len()
     }
 
@@ -493,6 +558,60 @@ mod tests {
         assert!(table.is_changed(&2));
         assert_eq!(table.forget_unchanged(|_| false), 1);
         assert_eq!(table.get(&2), Some(&"two"));
+    }
+
+    #[test]
+    fn forgetting_in_shards_lets_go_only_their_rows_and_only_those_unused_long_enough() {
+        use farthing_ledger::SHARDS;
+        let mut table: Table<u32, u32, farthing_ledger::IdHashBuilder> = Table::new();
+        table.track_changes();
+        for key in 0..1_000 {
+            assert!(table.load(key, Slot::Present(key)));
+        }
+        // Three rounds: rows loaded in the first; half read in the third.
+        table.take_changes();
+        table.take_changes();
+        for key in (0..1_000).filter(|key| key % 2 == 0) {
+            assert_eq!(table.get(&key), Some(&key));
+        }
+        // A row changed in this round stays whatever its shard and use.
+        table.put(1, 10);
+        // Looking without using: not a use.
+        assert!((0..1_000).all(|key| table.holds(&key)));
+
+        // Shards 0..8 only, rows unused for at least one round: the odd keys there but 1.
+        // Whether a key falls in shards 0..8: a map of it alone, emptied there, is empty.
+        let in_range = |key: &u32| {
+            let mut probe: ShardedMap<u32, (), farthing_ledger::IdHashBuilder> = ShardedMap::new();
+            probe.insert(*key, ());
+            probe.retain_and_fit_shards(0..8, |_, _| false);
+            probe.is_empty()
+        };
+        let forgotten = table.forget_unchanged_in(0..8, 1, |_| false);
+        let expected: Vec<u32> = (0..1_000)
+            .filter(|key| key % 2 == 1 && *key != 1 && in_range(key))
+            .collect();
+        assert!(!expected.is_empty() && expected.len() < 500 && !expected.contains(&3));
+        assert_eq!(forgotten, expected.len());
+        for key in 0..1_000 {
+            assert_eq!(table.holds(&key), !expected.contains(&key), "key {key}");
+        }
+        assert_eq!(table.len(), 1_000 - expected.len());
+
+        // Rows unused for three rounds or more: none are (the odd ones were used by loading,
+        // two rounds ago), so nothing goes.
+        assert_eq!(table.forget_unchanged_in(0..SHARDS, 3, |_| false), 0);
+        // Unused for two: every odd key left but 1, and the rows `keep` names stay.
+        let forgotten = table.forget_unchanged_in(0..SHARDS, 2, |key| *key == 3);
+        assert_eq!(forgotten, 500 - 2 - expected.len());
+        assert!(table.holds(&1) && table.holds(&3) && !table.holds(&5));
+        // However recently used: everything not changed in this round but what `keep` names.
+        assert_eq!(
+            table.forget_unchanged_in(0..SHARDS, 0, |key| *key == 3),
+            500
+        );
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.get(&1), Some(&10));
     }
 
     #[test]

@@ -409,8 +409,19 @@ impl Ledger {
 
     /// Forgets every account `keep` does not name: for a cache whose storage holds their
     /// totals ([`ShardedMap::retain_and_fit`]).
-    pub fn forget_accounts_except(&mut self, keep: impl Fn(&AccountId) -> bool) {
-        self.accounts.retain_and_fit(|id, _| keep(id));
+    pub fn forget_accounts_except(&mut self, keep: impl FnMut(&AccountId) -> bool) {
+        self.forget_accounts_in(0..crate::map::SHARDS, keep);
+    }
+
+    /// [`Ledger::forget_accounts_except`] among the accounts of `shards` (of
+    /// [`crate::SHARDS`]) only: a cache lets accounts go a few shards at a time.
+    pub fn forget_accounts_in(
+        &mut self,
+        shards: std::ops::Range<usize>,
+        mut keep: impl FnMut(&AccountId) -> bool,
+    ) {
+        self.accounts
+            .retain_and_fit_shards(shards, |id, _| keep(id));
     }
 
     /// Puts an account loaded from storage, with its totals, into the ledger: for a working

@@ -129,8 +129,18 @@ impl<K: Eq + Hash, V, S: BuildHasher + Default> ShardedMap<K, V, S> {
     /// Keeps the entries `keep` names and fits each shard to what it keeps, so the memory let
     /// go can be given back. Reading the rows back later grows the shards again, each on its
     /// own: never every row at once.
-    pub fn retain_and_fit(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
-        for shard in self.shards.iter_mut() {
+    pub fn retain_and_fit(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        self.retain_and_fit_shards(0..SHARDS, keep);
+    }
+
+    /// [`ShardedMap::retain_and_fit`] in the shards `shards` only (a range within
+    /// [`SHARDS`]): so the rows can be let go a few shards at a time.
+    pub fn retain_and_fit_shards(
+        &mut self,
+        shards: std::ops::Range<usize>,
+        mut keep: impl FnMut(&K, &mut V) -> bool,
+    ) {
+        for shard in &mut self.shards[shards] {
             shard.retain(&mut keep);
             shard.shrink_to_fit();
         }

@@ -145,12 +145,14 @@ impl Idempotency {
         self.pruned_before = before;
     }
 
-    /// Forgets every key that has not changed since the changes were last taken (a cache
-    /// whose disk holds them).
-    pub(crate) fn forget_unchanged(&mut self) {
-        self.keys.forget_unchanged(|_| false);
+    /// Forgets the keys not changed since the changes were last taken (a cache whose disk
+    /// holds them), in `shards` only, and only those not used in the last `unused_for` rounds.
+    pub(crate) fn forget_unchanged_in(&mut self, shards: std::ops::Range<usize>, unused_for: u32) {
+        if self.keys.forget_unchanged_in(shards, unused_for, |_| false) == 0 {
+            return;
+        }
         let keys = &self.keys;
-        self.order.retain(|(_, key)| keys.contains(key));
+        self.order.retain(|(_, key)| keys.holds(key));
         self.order.shrink_to_fit();
     }
 

@@ -213,8 +213,9 @@ pub(crate) trait AnyRows: Send + Sync {
     fn track_changes(&mut self);
     /// Rows changed since the last call, by id, each with whether it is pinned.
     fn take_changes(&mut self) -> Vec<(StoredRow, bool)>;
-    /// Forgets rows neither changed since the changes were last taken nor pinned.
-    fn forget_unchanged(&mut self);
+    /// Forgets rows neither changed since the changes were last taken nor pinned, in `shards`
+    /// only, and only those not used in the last `unused_for` rounds.
+    fn forget_unchanged_in(&mut self, shards: std::ops::Range<usize>, unused_for: u32);
     fn keys_held(&self) -> usize;
     /// Every row held, by id.
     fn stored_rows(&self) -> Vec<StoredRow>;
@@ -264,10 +265,11 @@ impl<K: Kind> AnyRows for Rows<K> {
         rows
     }
 
-    fn forget_unchanged(&mut self) {
+    fn forget_unchanged_in(&mut self, shards: std::ops::Range<usize>, unused_for: u32) {
         let pinned: std::collections::HashSet<u128> =
             self.pinned.iter().map(|(_, id)| *id).collect();
-        self.table.forget_unchanged(|id| pinned.contains(id));
+        self.table
+            .forget_unchanged_in(shards, unused_for, |id| pinned.contains(id));
     }
 
     fn keys_held(&self) -> usize {

@@ -29,5 +29,7 @@ pub use history::{Line, PaymentRow, RefundRow, Refunded, TopupRow};
 pub use idempotency::IdempotencyLookup;
 pub use ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
 pub use model::*;
-pub use state::{Checkpoint, CurrencyTotals, Fetched, LOAD_ROUNDS_MAX, Page, State, account_id};
+pub use state::{
+    CACHE_SHARDS, Checkpoint, CurrencyTotals, Fetched, LOAD_ROUNDS_MAX, Page, State, account_id,
+};
 pub use working_set::{Changes, LoadError, Needs, PaymentRefunded};

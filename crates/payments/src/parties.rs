@@ -221,6 +221,11 @@ impl Parties {
         self.payers.get(&id).cloned()
     }
 
+    /// Whether memory holds the payer's record, without counting it as a use.
+    pub(crate) fn holds_payer(&self, id: PayerId) -> bool {
+        self.payers.holds(&id)
+    }
+
     pub(crate) fn payer(&self, id: PayerId) -> Option<&Payer> {
         self.payers.get(&id).map(|payer| &**payer)
     }
@@ -327,16 +332,24 @@ impl Parties {
 
     /// Forgets what has not changed since the changes were last taken (a cache whose disk
     /// holds it), but the operator's key and the parties `keep` names.
-    pub(crate) fn forget_unchanged(
+    /// In `shards` of each table only, and only what was not used in the last `unused_for`
+    /// rounds ([`farthing_kernel::Table::forget_unchanged_in`]).
+    pub(crate) fn forget_unchanged_in(
         &mut self,
+        shards: std::ops::Range<usize>,
+        unused_for: u32,
         keep_merchant: impl Fn(&MerchantId) -> bool,
         keep_payer: impl Fn(&PayerId) -> bool,
     ) {
         let operator_key = self.operator_key;
         self.keys
-            .forget_unchanged(|key_hash| Some(*key_hash) == operator_key);
-        self.merchants.forget_unchanged(keep_merchant);
-        self.payers.forget_unchanged(keep_payer);
+            .forget_unchanged_in(shards.clone(), unused_for, |key_hash| {
+                Some(*key_hash) == operator_key
+            });
+        self.merchants
+            .forget_unchanged_in(shards.clone(), unused_for, keep_merchant);
+        self.payers
+            .forget_unchanged_in(shards, unused_for, keep_payer);
     }
 
     pub(crate) fn merchant_changed(&self, id: &MerchantId) -> bool {

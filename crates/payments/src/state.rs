@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use farthing_kernel::Table;
+use farthing_kernel::{LastUse, Table};
 use farthing_ledger::{
     AccountId, Amount, Currency, IdHashBuilder, Ledger, ShardedMap, Timestamp, Transfer,
     TransferId, TransferKind, TransferRejection,
@@ -27,7 +27,7 @@ mod import;
 mod queries;
 mod working;
 
-pub use cache::{Checkpoint, Fetched, LOAD_ROUNDS_MAX};
+pub use cache::{CACHE_SHARDS, Checkpoint, Fetched, LOAD_ROUNDS_MAX};
 
 /// What a working set has done since its changes were last taken, beyond what its tables
 /// track themselves.
@@ -80,6 +80,22 @@ pub struct CurrencyTotals {
     pub accounts: usize,
 }
 
+/// An account's owner, and when the account was last used: a cache lets the accounts used
+/// least recently go first.
+struct Owned {
+    owner: Owner,
+    used: LastUse,
+}
+
+impl Owned {
+    fn new(owner: Owner, round: u32) -> Owned {
+        Owned {
+            owner,
+            used: LastUse::new(round),
+        }
+    }
+}
+
 /// Farthing's state. Only [`State::apply`] changes what it means; loading and forgetting
 /// change only what it holds in memory.
 pub struct State {
@@ -89,7 +105,7 @@ pub struct State {
     merchant_lists: Table<MerchantId, PartyLists, IdHashBuilder>,
     payer_lists: Table<PayerId, PartyLists, IdHashBuilder>,
     /// The owner of every account held.
-    owners: ShardedMap<AccountId, Owner, IdHashBuilder>,
+    owners: ShardedMap<AccountId, Owned, IdHashBuilder>,
     /// History made since the last checkpoint began (a whole state's, all of it).
     young: Generation,
     /// History a checkpoint is writing, with the position the checkpoint began at: read from
@@ -270,10 +286,20 @@ impl State {
         }
     }
 
-    /// The id of `owner`'s account in `currency`, if it is held.
+    /// The id of `owner`'s account in `currency`, if it is held: a use of the account.
     fn account_of_owner(&self, owner: Owner, currency: Currency) -> Option<AccountId> {
         let id = account_id(owner, currency);
-        (self.owners.get(&id) == Some(&owner)).then_some(id)
+        let owned = self.owners.get(&id)?;
+        (owned.owner == owner).then(|| {
+            owned.used.mark(self.round());
+            id
+        })
+    }
+
+    /// The round of changes under way: the tables end theirs together, each time a checkpoint
+    /// takes the changes. How recently a row was used is counted in rounds.
+    fn round(&self) -> u32 {
+        self.payer_lists.round()
     }
 
     /// The account of `owner` in `currency`, made on first use. Its id is derived from the
@@ -294,7 +320,7 @@ impl State {
         self.ledger
             .create_account(id, owner.account_kind(), currency)
             .expect("a fresh account id is free");
-        self.owners.insert(id, owner);
+        self.owners.insert(id, Owned::new(owner, self.round()));
         if let Some(tracker) = &mut self.tracker {
             tracker.accounts_created.push((owner, currency));
         }

@@ -1031,6 +1031,40 @@ struct Checkpointer {
     thread: Option<JoinHandle<()>>,
     /// Whether a checkpoint is being written.
     in_flight: bool,
+    /// The shard of the cache's tables that forgetting goes on from: it goes round them all.
+    hand: usize,
+    /// Memory being brought back to its budget, if it is.
+    forgetting: Option<Forgetting>,
+}
+
+/// Memory being brought back under its budget a few shards at a time ([`Checkpointer::forget_some`]).
+struct Forgetting {
+    /// Rows unused for at least this many rounds go: it halves after each turn of the hand
+    /// that leaves memory above its mark, down to 0 (every row not changed).
+    unused_for: u32,
+    /// Shards gone over since `unused_for` last changed.
+    visited: usize,
+    held_before: usize,
+    began: Instant,
+    /// The time the lock was held, all told and at most at once.
+    locked: std::time::Duration,
+    longest: std::time::Duration,
+}
+
+/// How recently used a row may be, at most, in the first turn of forgetting: rows unused for
+/// this many rounds of changes (checkpoints) go first.
+const FORGET_UNUSED_FOR_FIRST: u32 = 8;
+/// Shards of the cache's tables let go in one step: a divisor of [`CACHE_SHARDS`].
+const FORGET_SHARDS_STEP: usize = 2;
+const _: () = assert!(CACHE_SHARDS.is_multiple_of(FORGET_SHARDS_STEP));
+/// The longest one hold of the state lock for forgetting: shards are let go a step at a time
+/// until it has passed, and the writer commits between two holds.
+const FORGET_HOLD: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Memory let go until what it holds is this far under its budget, so that forgetting does
+/// not begin again at the next checkpoint.
+fn forget_mark(budget: usize) -> usize {
+    budget - budget / 8
 }
 
 /// How many checkpoint intervals of history the writer makes while one checkpoint is written
@@ -1111,6 +1145,8 @@ impl Checkpointer {
             written,
             thread: Some(thread),
             in_flight: false,
+            hand: 0,
+            forgetting: None,
         })
     }
 
@@ -1223,15 +1259,79 @@ impl Checkpointer {
         self.take_written(journal, state);
     }
 
-    /// Takes in the checkpoints written since last asked.
+    /// Takes in the checkpoints written since last asked, and goes on forgetting.
     fn take_written(&mut self, journal: &mut dyn Journal, state: &RwLock<State>) {
         while let Ok(position) = self.written.try_recv() {
             self.written(position, journal, state);
         }
+        self.forget_some(state);
+    }
+
+    /// Lets rows go, a few shards at a time from the hand, under one short hold of the lock
+    /// ([`FORGET_HOLD`]), while memory is being brought back under its budget. Only while no
+    /// checkpoint is being written: rows changed before it began are not on disk yet.
+    fn forget_some(&mut self, state: &RwLock<State>) {
+        if self.in_flight {
+            return;
+        }
+        let Some(forgetting) = &mut self.forgetting else {
+            return;
+        };
+        let mark = forget_mark(self.options.cache_bytes);
+        let began = Instant::now();
+        let mut locked = state.write().expect("state lock");
+        let mut held = locked.held_bytes();
+        // Whether a whole turn let go every row not changed, and memory is still above its
+        // mark: what it holds changed since the checkpoint began, and stays until the next.
+        let mut exhausted = false;
+        while held > mark {
+            let next = self.hand;
+            locked.forget_unused_in(next..next + FORGET_SHARDS_STEP, forgetting.unused_for);
+            self.hand = (next + FORGET_SHARDS_STEP) % CACHE_SHARDS;
+            forgetting.visited += FORGET_SHARDS_STEP;
+            held = locked.held_bytes();
+            if forgetting.visited == CACHE_SHARDS {
+                if forgetting.unused_for == 0 {
+                    exhausted = true;
+                    break;
+                }
+                // A turn left memory above its mark: rows used more recently go too.
+                forgetting.unused_for /= 2;
+                forgetting.visited = 0;
+            }
+            if began.elapsed() >= FORGET_HOLD {
+                break;
+            }
+        }
+        drop(locked);
+        let hold = began.elapsed();
+        forgetting.locked += hold;
+        forgetting.longest = forgetting.longest.max(hold);
+        if held > mark && !exhausted {
+            return;
+        }
+        tracing::info!(
+            held_before = forgetting.held_before,
+            held_after = held,
+            millis = forgetting.began.elapsed().as_millis() as u64,
+            locked_micros = forgetting.locked.as_micros() as u64,
+            longest_micros = forgetting.longest.as_micros() as u64,
+            unused_for = forgetting.unused_for,
+            "memory brought back under its budget"
+        );
+        self.forgetting = None;
+        if let Some(give_back) = self.options.give_back {
+            let began = Instant::now();
+            give_back();
+            tracing::info!(
+                micros = began.elapsed().as_micros() as u64,
+                "freed memory given back"
+            );
+        }
     }
 
     /// A checkpoint is on disk: the journal before it goes, its rows are read from disk, and
-    /// memory lets unchanged rows go once it holds more than its budget.
+    /// once memory holds more than its budget, forgetting begins ([`Checkpointer::forget_some`]).
     fn written(&mut self, position: u64, journal: &mut dyn Journal, state: &RwLock<State>) {
         self.in_flight = false;
         if let Err(error) = journal.trim(position) {
@@ -1240,24 +1340,16 @@ impl Checkpointer {
         let mut state = state.write().expect("state lock");
         state.checkpoint_written(position);
         let held = state.held_bytes();
-        if held > self.options.cache_bytes {
-            let began = Instant::now();
-            state.forget_unchanged();
-            tracing::info!(
-                held_before = held,
-                held_after = state.held_bytes(),
-                micros = began.elapsed().as_micros() as u64,
-                "unchanged rows forgotten (state locked)"
-            );
-            drop(state);
-            if let Some(give_back) = self.options.give_back {
-                let began = Instant::now();
-                give_back();
-                tracing::info!(
-                    micros = began.elapsed().as_micros() as u64,
-                    "freed memory given back"
-                );
-            }
+        drop(state);
+        if held > self.options.cache_bytes && self.forgetting.is_none() {
+            self.forgetting = Some(Forgetting {
+                unused_for: FORGET_UNUSED_FOR_FIRST,
+                visited: 0,
+                held_before: held,
+                began: Instant::now(),
+                locked: std::time::Duration::ZERO,
+                longest: std::time::Duration::ZERO,
+            });
         }
     }
 

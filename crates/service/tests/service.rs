@@ -971,17 +971,31 @@ impl farthing_store::Checkpoints for Gated {
     }
 }
 
+/// A bounded store over `journal` and `checkpoints` that lets every unchanged row go after
+/// each checkpoint.
 async fn open_bounded(
     dir: &TempDir,
     checkpoints: Arc<dyn farthing_store::Checkpoints>,
     journal: Box<dyn Journal>,
     checkpoint_rows: usize,
 ) -> Service {
+    open_bounded_within(dir, checkpoints, journal, checkpoint_rows, 0).await
+}
+
+/// A bounded store that keeps about `cache_bytes` of rows not changed since the last
+/// checkpoint.
+async fn open_bounded_within(
+    dir: &TempDir,
+    checkpoints: Arc<dyn farthing_store::Checkpoints>,
+    journal: Box<dyn Journal>,
+    checkpoint_rows: usize,
+    cache_bytes: usize,
+) -> Service {
     Service::open_cached(
         journal,
         CacheOptions {
             checkpoints,
-            cache_bytes: 0,
+            cache_bytes,
             checkpoint_rows,
             give_back: Some(count_writer_give_back),
         },
@@ -1288,4 +1302,61 @@ async fn a_bounded_store_opens_again_at_once_after_a_shutdown() {
         create_payer(&service, "Ada").await;
         shutdown(service).await;
     }
+}
+
+/// Past its budget, the writer brings memory back under it a few shards at a time between
+/// commits, letting the payers unused since they were made go and keeping those whose
+/// balances are read all along, though they never change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_budget_memory_comes_back_under_it_and_the_payers_in_use_stay() {
+    const BUDGET: usize = 128 << 10;
+    let dir = TempDir::new("service-budget");
+    let (journal, checkpoints) =
+        farthing_store_embedded::cached::open_with(dir.path(), 8 << 20, 1 << 20).expect("opens");
+    let service =
+        open_bounded_within(&dir, Arc::new(checkpoints), Box::new(journal), 100, BUDGET).await;
+    let (merchant, _) = create_merchant(&service, "Shop", None).await;
+    let mut payers = Vec::new();
+    for n in 0..400 {
+        let (payer, _) = create_payer(&service, &format!("payer {n}")).await;
+        topup(&service, payer, units(10), usd()).await;
+        payers.push(payer);
+    }
+    // Reads come from memory or from disk; only commands bring rows back into memory. So the
+    // payers read are the ten made last, still in memory when the reading begins.
+    let (resting, read, busy) = (&payers[..389], &payers[389..399], payers[399]);
+    // One payer pays, checkpoint after checkpoint; ten others have their balances read.
+    for _ in 0..400 {
+        paid(pay(&service, busy, merchant, Amount::from_micros(1_000), usd()).await);
+        for payer in read {
+            let balances = service
+                .read_now(|state| state.payer_balances(*payer))
+                .expect("reads");
+            assert_eq!(balances, Some(vec![(usd(), 10_000_000)]));
+        }
+    }
+    let (held, read_held, resting_held) = service.read_now(|state| {
+        let holds = |payers: &[PayerId]| {
+            payers
+                .iter()
+                .filter(|payer| state.holds_payer(**payer, usd()))
+                .count()
+        };
+        (state.held_bytes(), holds(read), holds(resting))
+    });
+    assert!(held <= BUDGET, "{held} bytes held, past {BUDGET}");
+    assert_eq!(read_held, read.len(), "the payers read all along stay");
+    assert!(
+        resting_held < resting.len() / 2,
+        "{resting_held} of {} resting payers still held",
+        resting.len()
+    );
+    // What went reads back as it was.
+    for payer in resting {
+        let balances = service
+            .read_now(|state| state.payer_balances(*payer))
+            .expect("reads");
+        assert_eq!(balances, Some(vec![(usd(), 10_000_000)]));
+    }
+    shutdown(service).await;
 }

@@ -26,12 +26,17 @@ use crate::disk::{
     self, Disk, DiskError, GLOBALS_KEY, Globals, KeyOwner, MerchantState, PayerState, history_kind,
 };
 use crate::history::{Generation, Line, PaymentRow, RefundRow, Refunded, TopupRow};
-use crate::ids::PaymentId;
+use crate::ids::{PayerId, PaymentId};
 use crate::model::*;
 use crate::working_set::{LoadError, Needs};
+use farthing_ledger::{AccountId, Currency, IdHashBuilder};
 
 /// Rounds of loading at most: a refund names its payment, whose row names its accounts.
 pub const LOAD_ROUNDS_MAX: usize = 4;
+
+/// The shards each of a cache's tables is kept in: [`State::forget_unused_in`] lets rows go a
+/// range of them at a time.
+pub const CACHE_SHARDS: usize = farthing_ledger::SHARDS;
 
 /// What a cache read from its disk for a batch: the rows memory lacked.
 #[derive(Default, Debug)]
@@ -690,7 +695,7 @@ impl State {
             .accounts
             .extend(cache.accounts_unstaged.drain().filter_map(|id| {
                 let account = *ledger.account(id)?;
-                let owner = *owners.get(&id)?;
+                let owner = owners.get(&id)?.owner;
                 Some(AccountRow { owner, account })
             }));
         // Draining visits every bucket: a set grown by one large round (a replay, a set-up)
@@ -774,48 +779,89 @@ impl State {
             + self.kinds.all().map(|rows| rows.keys_held()).sum::<usize>() * 128
     }
 
+    /// Whether memory holds `payer`'s record, its lists and its wallet in `currency`, so that
+    /// paying reads nothing from disk: what a cache keeps, for checks.
+    pub fn holds_payer(&self, payer: PayerId, currency: Currency) -> bool {
+        let wallet = account_id(Owner::Payer(payer), currency);
+        self.parties.holds_payer(payer)
+            && self.payer_lists.holds(&payer)
+            && self.owners.contains_key(&wallet)
+            && self.ledger.account(wallet).is_some()
+    }
+
     /// Forgets every row not changed since the last checkpoint began, once that checkpoint
     /// is written: the disk holds them. What changed since stays until the next checkpoint.
     pub fn forget_unchanged(&mut self) {
+        self.forget_unused_in(0..CACHE_SHARDS, 0);
+    }
+
+    /// [`State::forget_unchanged`] for the rows in `shards` of each table (of
+    /// [`CACHE_SHARDS`]), and only rows not used (read, loaded or changed) in the last
+    /// `unused_for` rounds of changes (a round ends as each checkpoint begins; 0: however
+    /// recently). So memory can be brought back to its budget a few shards at a time, under
+    /// short holds of the lock, letting the least recently used rows go first. The history
+    /// read back from disk goes whole, each time.
+    pub fn forget_unused_in(&mut self, shards: std::ops::Range<usize>, unused_for: u32) {
         assert!(
             self.frozen.is_none(),
             "rows are forgotten once their checkpoint is written"
         );
         self.count_eviction();
+        let round = self.round();
         let Some(cache) = &self.cache else {
             return;
         };
-        // Accounts made, or changed by a transfer, since the checkpoint began.
-        let mut keep = cache.accounts_changed.clone();
-        for record in self.ledger.all_transfer_records() {
-            // A pending hold's accounts stay: its expiry moves their totals.
-            if record.hold == Some(farthing_ledger::HoldState::Pending) {
-                keep.insert(record.transfer.debit);
-                keep.insert(record.transfer.credit);
-            }
-        }
-        // Only accounts with an owner are read back from disk.
+        // Accounts made, or changed by a transfer, since the checkpoint began; and those of
+        // a pending hold, whose expiry moves their totals.
+        let changed = &cache.accounts_changed;
+        let held: HashSet<AccountId, IdHashBuilder> = self
+            .ledger
+            .all_transfer_records()
+            .filter(|record| record.hold == Some(farthing_ledger::HoldState::Pending))
+            .flat_map(|record| [record.transfer.debit, record.transfer.credit])
+            .collect();
+        // Only accounts with an owner are read back from disk, and the owner goes with them.
         let owners = &self.owners;
-        self.ledger
-            .forget_accounts_except(|id| keep.contains(id) || !owners.contains_key(id));
-        self.owners.retain_and_fit(|id, _| keep.contains(id));
+        let mut forgotten = Vec::new();
+        self.ledger.forget_accounts_in(shards.clone(), |id| {
+            let stays = changed.contains(id)
+                || held.contains(id)
+                || owners
+                    .get(id)
+                    .is_none_or(|owned| owned.used.rounds_since(round) < unused_for);
+            if !stays {
+                forgotten.push(*id);
+            }
+            stays
+        });
+        for id in &forgotten {
+            self.owners.remove(id);
+        }
+        // The owners' shards are the accounts' (one key, one hash): they shrink to fit too.
+        self.owners
+            .retain_and_fit_shards(shards.clone(), |_, _| true);
         self.ledger.forget_loaded_transfers();
 
         let parties = &self.parties;
         self.merchant_lists
-            .forget_unchanged(|id| parties.merchant_changed(id));
+            .forget_unchanged_in(shards.clone(), unused_for, |id| {
+                parties.merchant_changed(id)
+            });
         self.payer_lists
-            .forget_unchanged(|id| parties.payer_changed(id));
+            .forget_unchanged_in(shards.clone(), unused_for, |id| parties.payer_changed(id));
         let (merchant_lists, payer_lists) = (&self.merchant_lists, &self.payer_lists);
-        self.parties.forget_unchanged(
-            |id| merchant_lists.get(id).is_some(),
-            |id| payer_lists.get(id).is_some(),
+        self.parties.forget_unchanged_in(
+            shards.clone(),
+            unused_for,
+            |id| merchant_lists.holds(id),
+            |id| payer_lists.holds(id),
         );
-        self.refunded.forget_unchanged(|_| false);
+        self.refunded
+            .forget_unchanged_in(shards.clone(), unused_for, |_| false);
         for rows in self.kinds.all_mut() {
-            rows.forget_unchanged();
+            rows.forget_unchanged_in(shards.clone(), unused_for);
         }
-        self.idempotency.forget_unchanged();
+        self.idempotency.forget_unchanged_in(shards, unused_for);
         self.loaded = Generation::default();
     }
 }

@@ -8,7 +8,7 @@ use farthing_ledger::{
     AccountId, Currency, HoldState, TOTAL_MICROS_MAX, TransferId, TransferKind, TransferRecord,
 };
 
-use super::State;
+use super::{Owned, State};
 use crate::disk::PartyLists;
 use crate::history::{RefundRow, TopupRow};
 use crate::ids::{MerchantId, PayerId, PaymentId, RefundId, TopupId};
@@ -50,9 +50,9 @@ impl State {
         let mut accounts: Vec<((Owner, Currency), AccountId)> = self
             .owners
             .iter()
-            .map(|(id, owner)| {
+            .map(|(id, owned)| {
                 let currency = self.ledger.account(*id).expect("held").currency;
-                ((*owner, currency), *id)
+                ((owned.owner, currency), *id)
             })
             .collect();
         accounts.sort_unstable_by_key(|(key, _)| *key);
@@ -452,7 +452,8 @@ impl State {
                 self.ledger
                     .insert_account(*account)
                     .expect("a checked account fits the ledger");
-                self.owners.insert(account.id, *owner);
+                self.owners
+                    .insert(account.id, Owned::new(*owner, self.round()));
                 self.list_account(*owner, account.currency, account.id);
                 if let Some(tracker) = &mut self.tracker {
                     tracker.accounts_created.push((*owner, account.currency));

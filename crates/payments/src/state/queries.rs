@@ -544,6 +544,9 @@ impl State {
 
     pub(crate) fn account_any(&self, id: AccountId) -> Result<Option<Account>, DiskError> {
         if let Some(account) = self.ledger.account(id) {
+            if let Some(owned) = self.owners.get(&id) {
+                owned.used.mark(self.round());
+            }
             return Ok(Some(*account));
         }
         match self.disk() {

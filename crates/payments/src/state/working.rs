@@ -7,7 +7,7 @@ use std::sync::Arc;
 use farthing_kernel::Slot;
 use farthing_ledger::{Account, AccountId, Currency, TransferId, TransferRecord};
 
-use super::{State, Tracker, account_id};
+use super::{Owned, State, Tracker, account_id};
 use crate::disk::PartyLists;
 use crate::history::{PaymentRow, RefundRow, Refunded, TopupRow};
 use crate::ids::{PayerId, PaymentId};
@@ -371,7 +371,8 @@ impl State {
         self.ledger
             .insert_account(account)
             .map_err(|_| LoadError::BadId)?;
-        self.owners.insert(account.id, owner);
+        self.owners
+            .insert(account.id, Owned::new(owner, self.round()));
         Ok(())
     }
 

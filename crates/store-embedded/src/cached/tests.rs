@@ -1,10 +1,12 @@
 //! A cache over the engine gives the answers a whole state gives, for random histories with
-//! checkpoints written (some while the next record is applied), forgotten rows, checkpoints
-//! cut short after their history step, and restarts (the state in memory lost, the journal's
-//! records after the engine's position replayed).
+//! checkpoints written (some while the next record is applied), forgotten rows (all, or the
+//! least recently used of some shards), checkpoints cut short after their history step, and
+//! restarts (the state in memory lost, the journal's records after the engine's position
+//! replayed).
 
 use farthing_payments::{
-    Command, EntryObject, MerchantId, Outcome, PayerId, PaymentId, Principal, Record, State,
+    CACHE_SHARDS, Command, EntryObject, MerchantId, Outcome, PayerId, PaymentId, Principal, Record,
+    State,
 };
 use farthing_testing::{Builder, StepSpec, TempDir, history};
 use proptest::prelude::*;
@@ -34,6 +36,13 @@ enum After {
     CrashMidCheckpoint,
     /// A checkpoint begun, then a crash before anything is written.
     CrashBeforeWriting,
+    /// Memory lets go the rows of some shards not used for some rounds (as a writer brings
+    /// memory back to its budget a step at a time), unless a checkpoint is being written.
+    ForgetSome {
+        from: usize,
+        shards: usize,
+        unused_for: u32,
+    },
 }
 
 fn after() -> impl Strategy<Value = After> {
@@ -46,6 +55,13 @@ fn after() -> impl Strategy<Value = After> {
         1 => Just(After::Crash),
         1 => Just(After::CrashMidCheckpoint),
         1 => Just(After::CrashBeforeWriting),
+        3 => (0..CACHE_SHARDS, 1..=CACHE_SHARDS, 0u32..3).prop_map(|(from, shards, unused_for)| {
+            After::ForgetSome {
+                from,
+                shards,
+                unused_for,
+            }
+        }),
     ]
 }
 
@@ -191,6 +207,15 @@ fn run(steps: &[StepSpec], afters: &[After]) -> Result<(), TestCaseError> {
         match after {
             After::Nothing => {}
             After::Stage => cache.stage_changes(),
+            After::ForgetSome {
+                from,
+                shards,
+                unused_for,
+            } => {
+                if writing.is_none() {
+                    cache.forget_unused_in(*from..(from + shards).min(CACHE_SHARDS), *unused_for);
+                }
+            }
             After::CheckpointWhileApplying => writing = Some(cache.freeze()),
             After::Checkpoint | After::CheckpointKeepingMemory => {
                 let checkpoint = cache.freeze();
@@ -341,4 +366,117 @@ fn staging_stops_once_most_staged_rows_change_again_and_starts_again_with_the_ne
     let _checkpoint = cache.freeze();
     assert_eq!(cache.changes_unstaged(), 0, "the checkpoint took them");
     assert!(cache.staging_pays(), "a new round");
+}
+
+/// Forgetting by use: payers that paid or whose balances were read in the last round stay,
+/// whatever their shard; payers unused since they were made go, their wallets and owners
+/// with them, and read back from disk as they were; forgetting however recently used lets
+/// every row not changed go.
+#[test]
+fn forgetting_by_use_keeps_the_payers_used_lately_and_lets_the_others_go() {
+    use farthing_ledger::{Amount, TransferId};
+    use farthing_payments::{FeeSchedule, FundingSource, PayCommand, TopupId};
+    use farthing_testing::{currency, key_hash, record_at};
+
+    let usd = currency("USD");
+    let dir = TempDir::new("cache-forget-by-use");
+    let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
+    let checkpoints = EngineCheckpoints::new(engine.clone());
+    let mut cache = State::cache_over(engine).expect("the cache opens");
+    let checkpoint = |cache: &mut State| {
+        let checkpoint = cache.freeze();
+        checkpoints
+            .write(&checkpoint)
+            .expect("the checkpoint is written");
+        cache.checkpoint_written(checkpoint.position);
+    };
+    let merchant = MerchantId::from_u128(1);
+    let payers: Vec<PayerId> = (0..300).map(|n| PayerId::from_u128(1_000 + n)).collect();
+    let mut records = vec![record_at(
+        0,
+        Command::CreateMerchant {
+            id: merchant,
+            name: "shop".into(),
+            key_hash: key_hash(1),
+            fee: FeeSchedule {
+                bps: 0,
+                fixed: Amount::ZERO,
+            },
+        },
+    )];
+    for (n, payer) in (0u128..).zip(&payers) {
+        records.push(record_at(
+            0,
+            Command::CreatePayer {
+                id: *payer,
+                name: format!("payer {n}"),
+                key_hash: key_hash(1_000 + n),
+            },
+        ));
+        records.push(record_at(
+            0,
+            Command::Topup {
+                id: TopupId::from_u128(10_000 + n),
+                payer: *payer,
+                amount: Amount::from_micros(1_000_000),
+                currency: usd,
+                source: FundingSource::Sandbox,
+                transfer_id: TransferId(20_000 + n),
+            },
+        ));
+    }
+    for record in &records {
+        apply(&mut cache, record);
+    }
+    checkpoint(&mut cache);
+
+    // The first hundred pay; the second hundred have their balances read; the rest rest.
+    for (n, payer) in (0u128..).zip(&payers[..100]) {
+        let paid = apply(
+            &mut cache,
+            &record_at(
+                1,
+                Command::Pay(PayCommand {
+                    id: PaymentId::from_u128(30_000 + n),
+                    payer: *payer,
+                    merchant,
+                    amount: Amount::from_micros(1),
+                    currency: usd,
+                    description: None,
+                    reference: None,
+                    transfer_ids: [TransferId(40_000 + 2 * n), TransferId(40_001 + 2 * n)],
+                }),
+            ),
+        );
+        assert!(matches!(paid, Outcome::Paid(_)), "{paid:?}");
+    }
+    for payer in &payers[100..200] {
+        let balances = cache.payer_balances(*payer).expect("reads");
+        assert_eq!(balances, Some(vec![(usd, 1_000_000)]));
+    }
+    checkpoint(&mut cache);
+    assert!(payers.iter().all(|payer| cache.holds_payer(*payer, usd)));
+
+    // Rows unused for two rounds or more go: the payers untouched since they were made.
+    cache.forget_unused_in(0..CACHE_SHARDS, 2);
+    for (n, payer) in payers.iter().enumerate() {
+        assert_eq!(cache.holds_payer(*payer, usd), n < 200, "payer {n}");
+    }
+    for payer in &payers[200..] {
+        let balances = cache.payer_balances(*payer).expect("reads");
+        assert_eq!(
+            balances,
+            Some(vec![(usd, 1_000_000)]),
+            "read back from disk"
+        );
+    }
+
+    // However recently used: every row not changed since the last checkpoint began goes.
+    cache.forget_unused_in(0..CACHE_SHARDS, 0);
+    assert!(payers.iter().all(|payer| !cache.holds_payer(*payer, usd)));
+    for (n, payer) in payers.iter().enumerate() {
+        let expected = if n < 100 { 999_999 } else { 1_000_000 };
+        let balances = cache.payer_balances(*payer).expect("reads");
+        assert_eq!(balances, Some(vec![(usd, expected)]), "payer {n}");
+    }
 }
