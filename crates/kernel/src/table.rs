@@ -3,7 +3,7 @@
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, Hash};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use farthing_ledger::ShardedMap;
 
@@ -30,25 +30,29 @@ struct Row<V> {
 
 /// The round of changes in which something was last used (read, loaded or changed), for a
 /// cache that lets the least recently used go first. Marked through a shared reference, by
-/// any reader: an atomic, written only at the first use in a round.
-pub struct LastUse(AtomicU32);
+/// any reader: an atomic, written only at the first use in a round. Two bytes, so that a
+/// row of a million-row table stays the size it was (a row's other fields leave them free):
+/// the rounds count modulo 2¹⁶, so a row unused for 65,536 rounds (about half a day of
+/// checkpoints back to back) counts as recently used again, and goes a turn or two later.
+pub struct LastUse(AtomicU16);
 
 impl LastUse {
     pub fn new(round: u32) -> LastUse {
-        LastUse(AtomicU32::new(round))
+        LastUse(AtomicU16::new(round as u16))
     }
 
     /// Notes a use in `round`.
     #[inline]
     pub fn mark(&self, round: u32) {
+        let round = round as u16;
         if self.0.load(Ordering::Relaxed) != round {
             self.0.store(round, Ordering::Relaxed);
         }
     }
 
-    /// How many rounds have begun since the last use, in `round` (0: used in it).
+    /// How many rounds have begun since the last use, in `round` (0: used in it), modulo 2¹⁶.
     pub fn rounds_since(&self, round: u32) -> u32 {
-        round.wrapping_sub(self.0.load(Ordering::Relaxed))
+        u32::from((round as u16).wrapping_sub(self.0.load(Ordering::Relaxed)))
     }
 }
 

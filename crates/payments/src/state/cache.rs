@@ -695,7 +695,7 @@ impl State {
             .accounts
             .extend(cache.accounts_unstaged.drain().filter_map(|id| {
                 let account = *ledger.account(id)?;
-                let owner = owners.get(&id)?.owner;
+                let owner = owners.get(&id)?.owner();
                 Some(AccountRow { owner, account })
             }));
         // Draining visits every bucket: a set grown by one large round (a replay, a set-up)

@@ -52,7 +52,7 @@ impl State {
             .iter()
             .map(|(id, owned)| {
                 let currency = self.ledger.account(*id).expect("held").currency;
-                ((owned.owner, currency), *id)
+                ((owned.owner(), currency), *id)
             })
             .collect();
         accounts.sort_unstable_by_key(|(key, _)| *key);
