@@ -1318,7 +1318,12 @@ impl Checkpointer {
             locked_micros = forgetting.locked.as_micros() as u64,
             longest_micros = forgetting.longest.as_micros() as u64,
             unused_for = forgetting.unused_for,
-            "memory brought back under its budget"
+            "{}",
+            if exhausted {
+                "memory let go of every row it could; the rest changed since the checkpoint began"
+            } else {
+                "memory brought back under its budget"
+            }
         );
         self.forgetting = None;
         if let Some(give_back) = self.options.give_back {
