@@ -87,8 +87,14 @@ struct Kept {
 #[derive(Default)]
 pub(crate) struct Idempotency {
     keys: farthing_kernel::Table<IdempotencyKey, Kept>,
-    /// Keys in the order they were made.
+    /// Keys in the order they were made. It may also name keys let go since it was last
+    /// cleared of them (`let_go`): a prune passes over those, and a key read back is put in
+    /// again where it was made.
     order: std::collections::VecDeque<(Timestamp, IdempotencyKey)>,
+    /// Keys let go since `order` was last cleared of them: it is cleared once they are half
+    /// of it, so forgetting a few shards at a time costs a pass over it now and then, not at
+    /// every step.
+    let_go: usize,
     /// The time of each prune since the changes were last taken, when tracking.
     prunes: Vec<Timestamp>,
     /// The latest prune's time: keys made before it are gone, whatever storage still holds.
@@ -148,12 +154,14 @@ impl Idempotency {
     /// Forgets the keys not changed since the changes were last taken (a cache whose disk
     /// holds them), in `shards` only, and only those not used in the last `unused_for` rounds.
     pub(crate) fn forget_unchanged_in(&mut self, shards: std::ops::Range<usize>, unused_for: u32) {
-        if self.keys.forget_unchanged_in(shards, unused_for, |_| false) == 0 {
+        self.let_go += self.keys.forget_unchanged_in(shards, unused_for, |_| false);
+        if self.let_go == 0 || 2 * self.let_go < self.order.len() {
             return;
         }
         let keys = &self.keys;
         self.order.retain(|(_, key)| keys.holds(key));
         self.order.shrink_to_fit();
+        self.let_go = 0;
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -185,7 +193,17 @@ impl Idempotency {
             return true;
         }
         let at = self.order.partition_point(|(made, _)| *made <= row.made);
-        self.order.insert(at, (row.made, row.key.clone()));
+        // The order may still name the key, from before it was let go: among those made at
+        // the same time, just before `at`.
+        let named = self
+            .order
+            .range(..at)
+            .rev()
+            .take_while(|(made, _)| *made == row.made)
+            .any(|(_, key)| *key == row.key);
+        if !named {
+            self.order.insert(at, (row.made, row.key.clone()));
+        }
         let loaded = self.keys.load(
             row.key,
             farthing_kernel::Slot::Present(Kept {
@@ -275,5 +293,80 @@ impl Idempotency {
             .map(|key| self.row(key).expect("present"))
             .collect();
         (rows, std::mem::take(&mut self.prunes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u32) -> IdempotencyKey {
+        IdempotencyKey {
+            principal: Principal::Operator,
+            key: format!("key {n}"),
+        }
+    }
+
+    fn claim(n: u32) -> IdempotencyClaim {
+        IdempotencyClaim {
+            key: key(n),
+            fingerprint: [n as u8; 32],
+        }
+    }
+
+    /// Keys let go a few shards at a time leave the pruning order as it was until they are
+    /// half of it; a key read back is named in it once; pruning and the changes taken are
+    /// what they would be with the order cleared at every step.
+    #[test]
+    fn keys_let_go_a_few_shards_at_a_time_leave_the_order_right() {
+        let mut kept = Idempotency::default();
+        kept.track_changes();
+        for n in 0..200 {
+            kept.keep(
+                &claim(n),
+                Outcome::OperatorKeySet,
+                Timestamp(u64::from(n / 10)),
+            );
+        }
+        let (made, _) = kept.take_changes();
+        assert_eq!(made.len(), 200);
+        let rows: Vec<IdempotencyRow> = (0..200).map(|n| kept.row(&key(n)).unwrap()).collect();
+
+        // A few shards: some keys go, and the order still names them.
+        kept.forget_unchanged_in(0..4, 0);
+        let gone: Vec<u32> = (0..200).filter(|n| !kept.contains(&key(*n))).collect();
+        assert!(!gone.is_empty() && 2 * gone.len() < 200);
+        assert_eq!(kept.order.len(), 200);
+        // Read back, a key is named once, where it was made.
+        let back = gone[0];
+        assert!(kept.load(rows[back as usize].clone()));
+        assert_eq!(
+            kept.order
+                .iter()
+                .filter(|(_, key)| *key == self::key(back))
+                .count(),
+            1
+        );
+
+        // Every shard: once half are gone, the order names only the keys held.
+        kept.forget_unchanged_in(0..farthing_ledger::SHARDS, 0);
+        assert_eq!(kept.len(), 0);
+        assert!(kept.order.is_empty(), "{} left", kept.order.len());
+
+        // Keys read back and a new one: pruning takes those made before its time, in order,
+        // and the changes taken are the new key alone.
+        for n in [5, 149, 199] {
+            assert!(kept.load(rows[n].clone()));
+        }
+        kept.keep(&claim(500), Outcome::OperatorKeySet, Timestamp(30));
+        kept.prune(Timestamp(15));
+        assert!(!kept.contains(&key(5)) && !kept.contains(&key(149)));
+        assert!(kept.contains(&key(199)) && kept.contains(&key(500)));
+        let (made, prunes) = kept.take_changes();
+        assert_eq!(
+            made.iter().map(|row| row.key.clone()).collect::<Vec<_>>(),
+            vec![key(500)]
+        );
+        assert_eq!(prunes, vec![Timestamp(15)]);
     }
 }
