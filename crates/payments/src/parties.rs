@@ -331,9 +331,9 @@ impl Parties {
     }
 
     /// Forgets what has not changed since the changes were last taken (a cache whose disk
-    /// holds it), but the operator's key and the parties `keep` names.
-    /// In `shards` of each table only, and only what was not used in the last `unused_for`
-    /// rounds ([`farthing_kernel::Table::forget_unchanged_in`]).
+    /// holds it), but the operator's key and the parties `keep` names: in `shards` of each
+    /// table only, and only what was not used in the last `unused_for` rounds
+    /// ([`farthing_kernel::Table::forget_unchanged_in`]).
     pub(crate) fn forget_unchanged_in(
         &mut self,
         shards: std::ops::Range<usize>,
