@@ -49,6 +49,39 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+/// Blocks at least this large are mapped on their own and unmapped when freed (glibc's
+/// `M_MMAP_THRESHOLD`).
+const MAPPED_BLOCK_BYTES_MIN: std::ffi::c_int = 1 << 20;
+
+/// Sets the C allocator up for a process whose memory must stay near a budget.
+///
+/// glibc maps large blocks on their own, but after the first such block is freed it raises
+/// the size that counts as large, up to 32 MiB, and from then on keeps blocks below it in its
+/// heap when they are freed: resident, for reuse. A checkpoint's transient vectors and hash
+/// tables are of that size, so a bounded-memory server held 600-690 MiB of freed memory
+/// beside 850-980 MiB in use. A fixed threshold of 1 MiB maps every large block and gives
+/// it back when freed (230-310 MiB freed and kept; ADR 0004). An operator's own
+/// `glibc.malloc.mmap_threshold` tunable is left as set. Other C libraries manage their
+/// memory their own way, and nothing is done there.
+pub fn settle() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        unsafe extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        let tuned = std::env::var("GLIBC_TUNABLES")
+            .is_ok_and(|tunables| tunables.contains("glibc.malloc.mmap_threshold"));
+        if !tuned {
+            // SAFETY: `mallopt` changes the allocator's settings under its own lock and may be
+            // called at any time; this runs before any thread is started.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, MAPPED_BLOCK_BYTES_MIN);
+            }
+        }
+    }
+}
+
 /// Gives the heap's free memory back to the operating system: glibc keeps freed blocks below
 /// its mmap threshold for reuse, resident, until asked (`malloc_trim`). Other C libraries
 /// return memory their own way, and nothing is done there.
@@ -63,6 +96,38 @@ pub fn give_back() {
         unsafe {
             malloc_trim(0);
         }
+    }
+}
+
+/// The C allocator's own figures: bytes in use by the program, and bytes freed but kept by
+/// the allocator (resident unless given back). `None` where the C library does not say.
+pub fn heap_figures() -> Option<(u64, u64)> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        #[repr(C)]
+        struct MallInfo2 {
+            arena: usize,
+            ordblks: usize,
+            smblks: usize,
+            hblks: usize,
+            hblkhd: usize,
+            usmblks: usize,
+            fsmblks: usize,
+            uordblks: usize,
+            fordblks: usize,
+            keepcost: usize,
+        }
+        unsafe extern "C" {
+            fn mallinfo2() -> MallInfo2;
+        }
+        // SAFETY: glibc's `mallinfo2` (2.33 and later) takes nothing and returns its figures
+        // by value, reading the allocator's arenas under their own locks.
+        let info = unsafe { mallinfo2() };
+        Some(((info.uordblks + info.hblkhd) as u64, info.fordblks as u64))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
     }
 }
 

@@ -371,6 +371,7 @@ fn backup(args: &BackupArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    alloc::settle();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -247,9 +247,12 @@ pub(crate) async fn soak(
         waits.sort_unstable();
         let (p99, max) = (percentile(&waits, 0.99), waits.last().copied().unwrap_or(0));
         let resident = resident_bytes();
+        let (heap_in_use, heap_free) = crate::alloc::heap_figures().unwrap_or((0, 0));
         say(&format!(
-            "soak: {made} payments; this tenth {rate:.0} payments/s; resident {} MiB; single payments p99 {:.1} ms, longest {:.1} ms ({} sent)",
+            "soak: {made} payments; this tenth {rate:.0} payments/s; resident {} MiB (heap in use {} MiB, freed and kept {} MiB); single payments p99 {:.1} ms, longest {:.1} ms ({} sent)",
             resident >> 20,
+            heap_in_use >> 20,
+            heap_free >> 20,
             f64::from(p99) / 1000.0,
             f64::from(max) / 1000.0,
             waits.len()
@@ -258,6 +261,8 @@ pub(crate) async fn soak(
             "payments": made,
             "payments_per_sec": rate.round(),
             "resident_bytes": resident,
+            "heap_in_use_bytes": heap_in_use,
+            "heap_freed_kept_bytes": heap_free,
             "single_p99_micros": p99,
             "single_max_micros": max,
             "single_sent": waits.len(),
