@@ -51,16 +51,17 @@ unsafe impl GlobalAlloc for Counting {
 
 /// Blocks at least this large are mapped on their own and unmapped when freed (glibc's
 /// `M_MMAP_THRESHOLD`).
-const MAPPED_BLOCK_BYTES_MIN: std::ffi::c_int = 1 << 20;
+const MAPPED_BLOCK_BYTES_MIN: std::ffi::c_int = 4 << 20;
 
 /// Sets the C allocator up for a process whose memory must stay near a budget.
 ///
 /// glibc maps large blocks on their own, but after the first such block is freed it raises
 /// the size that counts as large, up to 32 MiB, and from then on keeps blocks below it in its
 /// heap when they are freed: resident, for reuse. A checkpoint's transient vectors and hash
-/// tables are of that size, so a bounded-memory server held 600-690 MiB of freed memory
-/// beside 850-980 MiB in use. A fixed threshold of 1 MiB maps every large block and gives
-/// it back when freed (230-310 MiB freed and kept; ADR 0004). An operator's own
+/// tables are of that size, so a bounded-memory server held 580-690 MiB of freed memory
+/// beside 850-980 MiB in use. A fixed threshold of 4 MiB maps every large block and gives
+/// it back when freed (180-320 MiB freed and kept; ADR 0004); at 1 MiB, a batch request's
+/// buffers would be fresh mappings each time, zeroed page by page. An operator's own
 /// `glibc.malloc.mmap_threshold` tunable is left as set. Other C libraries manage their
 /// memory their own way, and nothing is done there.
 pub fn settle() {

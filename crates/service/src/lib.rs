@@ -132,12 +132,12 @@ pub struct CacheOptions {
     pub give_back: Option<fn()>,
 }
 
-/// The default memory budget for rows not changed since the last checkpoint: about 1.2-1.35 GB
-/// of memory all told with a million funded payers paying at random (measured with
-/// `farthing bench --only soak`), most of them held and the rest read back from disk when they
-/// pay. Memory is kept near it (the least recently used rows go), not emptied past it, so it
-/// is set lower than when a forget let every unchanged row go (640 MiB then).
-pub const CACHE_BYTES_DEFAULT: usize = 576 << 20;
+/// The default memory budget for rows not changed since the last checkpoint: about 1.2 GB of
+/// memory all told with a million funded payers paying at random (measured with `farthing
+/// bench --only soak`, with the allocator the binary sets up), most of them held and the rest
+/// read back from disk when they pay. Memory is kept near it (the least recently used rows
+/// go), not emptied past it.
+pub const CACHE_BYTES_DEFAULT: usize = 768 << 20;
 /// The default checkpoint interval, in history rows (a payment makes three): about 100,000
 /// payments, some 80 MB in memory, made and written again while the next ones are made.
 /// (Twice as many hold about 300 MB more with a million payers paying at random, and sustain
