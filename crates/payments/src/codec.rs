@@ -639,14 +639,15 @@ impl<'a> Reader<'a> {
     pub(crate) fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
         self.with(|r| r.opt_int(""))
     }
+    /// An owner's kind, then its id for the kinds that have one ([`Owner::parts`]).
     pub(crate) fn owner(&mut self) -> Result<Owner, DecodeError> {
-        Ok(match self.u8()? {
-            1 => Owner::Payer(PayerId::from_u128(self.u128()?)),
-            2 => Owner::Merchant(MerchantId::from_u128(self.u128()?)),
-            3 => Owner::PlatformFees,
-            4 => Owner::ExternalFunding,
-            tag => return Err(DecodeError::UnknownTag(tag)),
-        })
+        let kind = self.u8()?;
+        let id = if matches!(kind, 1 | 2) {
+            self.u128()?
+        } else {
+            0
+        };
+        Owner::from_parts(kind, id)
     }
     pub(crate) fn transfer_record(&mut self) -> Result<TransferRecord, DecodeError> {
         let id = TransferId(self.u128()?);

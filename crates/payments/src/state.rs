@@ -91,7 +91,7 @@ struct Owned {
 
 impl Owned {
     fn new(owner: Owner, round: u32) -> Owned {
-        let (kind, id) = owner_parts(owner);
+        let (kind, id) = owner.parts();
         Owned {
             id: [(id >> 64) as u64, id as u64],
             kind,
@@ -101,12 +101,7 @@ impl Owned {
 
     fn owner(&self) -> Owner {
         let id = (u128::from(self.id[0]) << 64) | u128::from(self.id[1]);
-        match self.kind {
-            1 => Owner::Payer(PayerId::from_u128(id)),
-            2 => Owner::Merchant(MerchantId::from_u128(id)),
-            3 => Owner::PlatformFees,
-            _ => Owner::ExternalFunding,
-        }
+        Owner::from_parts(self.kind, id).expect("made from an owner's parts")
     }
 }
 
@@ -853,23 +848,12 @@ fn with_refunds(mut payment: Payment, refunded: Option<Refunded>) -> Payment {
     payment
 }
 
-/// An owner as a kind (1 to 4, as [`Owned::owner`] reads it back) and an id (0 for the
-/// platform's own).
-fn owner_parts(owner: Owner) -> (u8, u128) {
-    match owner {
-        Owner::Payer(payer) => (1, payer.to_u128()),
-        Owner::Merchant(merchant) => (2, merchant.to_u128()),
-        Owner::PlatformFees => (3, 0),
-        Owner::ExternalFunding => (4, 0),
-    }
-}
-
 /// The ledger id of `owner`'s account in `currency`: a 64-bit mix of both. Owner ids are
 /// random 128-bit values chosen by the server, never by callers, so a fast mixing function
 /// spreads them as well as a cryptographic hash would; collisions are still checked.
 pub fn account_id(owner: Owner, currency: Currency) -> AccountId {
     use std::hash::Hasher;
-    let (kind, id) = owner_parts(owner);
+    let (kind, id) = owner.parts();
     let mut hasher = farthing_ledger::IdHasher::default();
     hasher.write_u8(kind);
     hasher.write_u128(id);

@@ -51,22 +51,21 @@ pub struct Topup {
 }
 
 impl Owner {
-    /// The stored form: a kind (1 payer, 2 merchant, 3 platform fees, 4 external funding) and
-    /// an id (0 for the last two).
-    pub fn put_fields(self, out: &mut impl Put) {
-        let (kind, id) = match self {
+    /// The owner as a kind (1 payer, 2 merchant, 3 platform fees, 4 external funding) and an
+    /// id (0 for the last two): its stored form everywhere, and what its accounts' ids are
+    /// derived from.
+    pub fn parts(self) -> (u8, u128) {
+        match self {
             Owner::Payer(payer) => (1, payer.to_u128()),
             Owner::Merchant(merchant) => (2, merchant.to_u128()),
             Owner::PlatformFees => (3, 0),
             Owner::ExternalFunding => (4, 0),
-        };
-        out.code("owner_kind", kind);
-        out.id("owner_id", id);
+        }
     }
 
-    pub fn get_fields(input: &mut impl Get) -> Result<Owner, DecodeError> {
-        let kind = input.code("owner_kind")?;
-        let id = input.id("owner_id")?;
+    /// The owner of [`Owner::parts`]; an unknown kind, or an id given to an owner that has
+    /// none, is refused.
+    pub fn from_parts(kind: u8, id: u128) -> Result<Owner, DecodeError> {
         match (kind, id) {
             (1, id) => Ok(Owner::Payer(PayerId::from_u128(id))),
             (2, id) => Ok(Owner::Merchant(MerchantId::from_u128(id))),
@@ -74,6 +73,19 @@ impl Owner {
             (4, 0) => Ok(Owner::ExternalFunding),
             (kind, _) => Err(DecodeError::UnknownTag(kind)),
         }
+    }
+
+    /// The stored form: [`Owner::parts`].
+    pub fn put_fields(self, out: &mut impl Put) {
+        let (kind, id) = self.parts();
+        out.code("owner_kind", kind);
+        out.id("owner_id", id);
+    }
+
+    pub fn get_fields(input: &mut impl Get) -> Result<Owner, DecodeError> {
+        let kind = input.code("owner_kind")?;
+        let id = input.id("owner_id")?;
+        Owner::from_parts(kind, id)
     }
 }
 
@@ -139,5 +151,30 @@ impl Fields for Topup {
             source: FundingSource::of_code(source).ok_or(DecodeError::UnknownTag(source))?,
             created_at: Timestamp(input.int("created_at")?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every owner comes back from its parts; an unknown kind, or an id on an owner that has
+    /// none, is refused.
+    #[test]
+    fn an_owner_comes_back_from_its_parts_and_nothing_else_does() {
+        let id = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
+        for owner in [
+            Owner::Payer(PayerId::from_u128(id)),
+            Owner::Merchant(MerchantId::from_u128(id)),
+            Owner::PlatformFees,
+            Owner::ExternalFunding,
+        ] {
+            let (kind, id) = owner.parts();
+            assert_eq!(Owner::from_parts(kind, id), Ok(owner));
+        }
+        assert_eq!(Owner::from_parts(0, 0), Err(DecodeError::UnknownTag(0)));
+        assert_eq!(Owner::from_parts(5, 0), Err(DecodeError::UnknownTag(5)));
+        assert_eq!(Owner::from_parts(3, 1), Err(DecodeError::UnknownTag(3)));
+        assert_eq!(Owner::from_parts(4, id), Err(DecodeError::UnknownTag(4)));
     }
 }

@@ -82,13 +82,9 @@ pub(crate) fn principal_of(kind: i16, id: Id) -> Result<Principal, PgError> {
     })
 }
 
-/// `owner_kind`: 1 payer, 2 merchant, 3 platform fees, 4 external funding (nil id for the
-/// last two).
+/// `owner_kind` and `owner_id`: [`Owner::parts`] (1 payer, 2 merchant, 3 platform fees,
+/// 4 external funding; the nil id for the last two).
 pub(crate) fn owner_columns(owner: Owner) -> (i16, Id) {
-    match owner {
-        Owner::Payer(id) => (1, id16(id.to_u128())),
-        Owner::Merchant(id) => (2, id16(id.to_u128())),
-        Owner::PlatformFees => (3, Id::NIL),
-        Owner::ExternalFunding => (4, Id::NIL),
-    }
+    let (kind, id) = owner.parts();
+    (i16::from(kind), id16(id))
 }
