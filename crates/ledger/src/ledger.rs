@@ -209,14 +209,42 @@ pub struct Ledger {
 pub struct TransferRecords {
     records: Vec<TransferRecord>,
     index: HashMap<TransferId, usize, IdHashBuilder>,
+    /// No record here has a larger id. Ids grow with time, so a new id is above it and is
+    /// known absent without a look into the index (a cache miss in a large one).
+    id_max: IdMax,
+}
+
+/// The largest id put in a table, for answering "absent" to a larger one without looking.
+/// Kept when ids leave: a stale bound only costs a look.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdMax(Option<u128>);
+
+impl IdMax {
+    /// Notes an id put in the table.
+    #[inline]
+    pub fn note(&mut self, id: u128) {
+        self.0 = Some(self.0.map_or(id, |max| max.max(id)));
+    }
+
+    /// Whether the table may hold `id`: false means certainly not.
+    #[inline]
+    pub fn may_hold(&self, id: u128) -> bool {
+        self.0.is_some_and(|max| id <= max)
+    }
 }
 
 impl TransferRecords {
     pub fn get(&self, id: &TransferId) -> Option<&TransferRecord> {
+        if !self.id_max.may_hold(id.0) {
+            return None;
+        }
         self.index.get(id).map(|&at| &self.records[at])
     }
 
     fn get_mut(&mut self, id: &TransferId) -> Option<&mut TransferRecord> {
+        if !self.id_max.may_hold(id.0) {
+            return None;
+        }
         self.index.get(id).map(|&at| &mut self.records[at])
     }
 
@@ -234,6 +262,7 @@ impl TransferRecords {
     }
 
     fn push(&mut self, record: TransferRecord) {
+        self.id_max.note(record.transfer.id.0);
         let previous = self.index.insert(record.transfer.id, self.records.len());
         assert!(previous.is_none(), "a transfer id is recorded once");
         self.records.push(record);
@@ -256,18 +285,32 @@ impl TransferRecords {
 struct TransferTable {
     made: TransferRecords,
     loaded: HashMap<TransferId, TransferRecord, IdHashBuilder>,
+    loaded_id_max: IdMax,
 }
 
 impl TransferTable {
     fn get(&self, id: &TransferId) -> Option<&TransferRecord> {
-        self.made.get(id).or_else(|| self.loaded.get(id))
+        self.made.get(id).or_else(|| {
+            if self.loaded_id_max.may_hold(id.0) {
+                self.loaded.get(id)
+            } else {
+                None
+            }
+        })
     }
 
     fn get_mut(&mut self, id: &TransferId) -> Option<&mut TransferRecord> {
         match self.made.get_mut(id) {
             Some(record) => Some(record),
-            None => self.loaded.get_mut(id),
+            None if self.loaded_id_max.may_hold(id.0) => self.loaded.get_mut(id),
+            None => None,
         }
+    }
+
+    /// Puts in a record not made here (loaded, or a hold handed over with the made ones).
+    fn load(&mut self, record: TransferRecord) {
+        self.loaded_id_max.note(record.transfer.id.0);
+        self.loaded.insert(record.transfer.id, record);
     }
 
     fn contains(&self, id: &TransferId) -> bool {
@@ -368,7 +411,7 @@ impl Ledger {
         let made = std::mem::take(&mut self.transfers.made);
         for record in made.as_slice() {
             if record.hold == Some(HoldState::Pending) {
-                self.transfers.loaded.insert(record.transfer.id, *record);
+                self.transfers.load(*record);
             }
         }
         made
@@ -465,7 +508,7 @@ impl Ledger {
         {
             self.expiries.insert((deadline, id), ());
         }
-        self.transfers.loaded.insert(id, record);
+        self.transfers.load(record);
         Ok(())
     }
 

@@ -30,7 +30,7 @@ mod money;
 
 pub use hash::{IdHashBuilder, IdHasher};
 pub use ledger::{
-    Account, AccountId, AccountKind, AccountRejection, HoldState, Ledger, TOTAL_MICROS_MAX,
+    Account, AccountId, AccountKind, AccountRejection, HoldState, IdMax, Ledger, TOTAL_MICROS_MAX,
     TRANSFERS_PER_BATCH_MAX, Timestamp, Transfer, TransferId, TransferKind, TransferRecord,
     TransferRecords, TransferRejection,
 };

@@ -1131,3 +1131,57 @@ fn a_loaded_hold_settled_since_the_last_hand_over_is_kept_until_handed_over() {
         "written, then let go"
     );
 }
+
+#[test]
+fn ids_below_the_largest_recorded_are_found_whatever_order_they_came_in() {
+    // New ids are usually larger than every id before them, and the ledger answers "absent"
+    // for those without looking; every other id must still be found, made or loaded.
+    let mut ledger = ledger();
+    for id in [5_000, 2_000, 3_000] {
+        assert_eq!(
+            ledger.apply(secs(1), &[posted(id, WALLET, MERCHANT, 10)]),
+            vec![Ok(())]
+        );
+    }
+    for id in [1_000, 2_000, 3_000, 5_000] {
+        assert_eq!(outcome(&ledger, id), Ok(()), "id {id}");
+    }
+    for id in [1, 2_500, 5_001, u128::MAX] {
+        assert!(ledger.transfer(TransferId(id)).is_none(), "id {id}");
+    }
+    // A reused id below the largest is the same transfer again (no money moves) or refused.
+    assert_eq!(
+        ledger.apply(secs(2), &[posted(2_000, WALLET, MERCHANT, 10)]),
+        vec![Ok(())]
+    );
+    assert_eq!(
+        ledger.apply(secs(2), &[posted(2_000, WALLET, MERCHANT, 11)]),
+        vec![Err(ExistsWithDifferentFields)]
+    );
+    assert_eq!(account(&ledger, WALLET).debits_posted, 30);
+
+    // Handed over: the pending hold stays as a loaded record, the rest go, and the records
+    // made from now on start from nothing, smaller ids included.
+    assert_eq!(
+        ledger.apply(secs(3), &[pending(1_500, WALLET, MERCHANT, 100, 0)]),
+        vec![Ok(())]
+    );
+    let written = ledger.take_made_transfers();
+    assert_eq!(written.len(), 5, "the top-up, three payments and the hold");
+    assert!(ledger.transfer(TransferId(5_000)).is_none());
+    assert_eq!(hold_state(&ledger, 1_500), Some(HoldState::Pending));
+    assert_eq!(
+        ledger.apply(secs(4), &[posted(900, WALLET, MERCHANT, 1)]),
+        vec![Ok(())]
+    );
+    assert_eq!(outcome(&ledger, 900), Ok(()));
+    assert_eq!(ledger.apply(secs(4), &[post(950, 1_500, 0)]), vec![Ok(())]);
+    assert_eq!(hold_state(&ledger, 1_500), Some(HoldState::Posted));
+
+    // A record loaded from storage with an id above every other is found too.
+    let mut loaded = *ledger.transfer(TransferId(900)).unwrap();
+    loaded.transfer.id = TransferId(9_000);
+    ledger.insert_transfer_record(loaded).unwrap();
+    assert_eq!(outcome(&ledger, 9_000), Ok(()));
+    assert!(ledger.transfer(TransferId(9_001)).is_none());
+}

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use farthing_kernel::{DecodeError, Fields, Get, Put};
-use farthing_ledger::{Amount, IdHashBuilder, TransferRecords};
+use farthing_ledger::{Amount, IdHashBuilder, IdMax, TransferRecords};
 
 use crate::ids::{PaymentId, RefundId, TopupId};
 use crate::model::*;
@@ -78,16 +78,23 @@ pub(crate) struct Generation {
     pub(crate) transfers: TransferRecords,
     /// No row of this generation has a larger id (set when it is frozen).
     pub(crate) id_max: u128,
+    /// No payment here has a larger id: a new id, above it, is known absent without a look
+    /// into the index.
+    payment_id_max: IdMax,
 }
 
 impl Generation {
     pub(crate) fn payment(&self, id: PaymentId) -> Option<&PaymentRow> {
+        if !self.payment_id_max.may_hold(id.to_u128()) {
+            return None;
+        }
         self.payment_index
             .get(&id)
             .map(|&index| &self.payments[index])
     }
 
     pub(crate) fn push_payment(&mut self, row: PaymentRow) {
+        self.payment_id_max.note(row.payment.id.to_u128());
         let earlier = self
             .payment_index
             .insert(row.payment.id, self.payments.len());
@@ -224,5 +231,50 @@ impl Fields for Refunded {
             amount_refunded: Amount::from_micros(input.int("amount_refunded")?),
             fee_refunded: Amount::from_micros(input.int("fee_refunded")?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{MerchantId, PayerId};
+    use farthing_ledger::{Currency, Timestamp};
+
+    fn row(id: u128) -> PaymentRow {
+        PaymentRow {
+            payment: Payment {
+                id: PaymentId::from_u128(id),
+                payer: PayerId::from_u128(7),
+                merchant: MerchantId::from_u128(8),
+                amount: Amount::from_micros(100),
+                currency: Currency::parse("USD").unwrap(),
+                fee: Amount::ZERO,
+                description: None,
+                reference: None,
+                created_at: Timestamp(id as u64),
+                amount_refunded: Amount::ZERO,
+                fee_refunded: Amount::ZERO,
+                hold: None,
+            },
+            previous_of_payer: None,
+            previous_of_merchant: None,
+            previous: None,
+            line: None,
+        }
+    }
+
+    #[test]
+    fn a_generation_finds_its_payments_in_any_order_and_no_id_above_the_largest() {
+        let mut generation = Generation::default();
+        assert_eq!(generation.payment(PaymentId::from_u128(0)), None);
+        for id in [50, 20, 30] {
+            generation.push_payment(row(id));
+        }
+        for id in [20, 30, 50] {
+            assert_eq!(generation.payment(PaymentId::from_u128(id)), Some(&row(id)));
+        }
+        for id in [0, 10, 25, 51, u128::MAX] {
+            assert_eq!(generation.payment(PaymentId::from_u128(id)), None);
+        }
     }
 }
