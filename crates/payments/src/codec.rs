@@ -639,7 +639,8 @@ impl<'a> Reader<'a> {
     pub(crate) fn opt_u64(&mut self) -> Result<Option<u64>, DecodeError> {
         self.with(|r| r.opt_int(""))
     }
-    /// An owner's kind, then its id for the kinds that have one ([`Owner::parts`]).
+    /// An owner as version 1 wrote it: its kind ([`Owner::parts`]), then its id only for a
+    /// payer (1) or a merchant (2). Later versions write both parts always (`Owner::put_fields`).
     pub(crate) fn owner(&mut self) -> Result<Owner, DecodeError> {
         let kind = self.u8()?;
         let id = if matches!(kind, 1 | 2) {
