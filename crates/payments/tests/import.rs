@@ -535,7 +535,7 @@ fn a_hold_imports_beside_its_payment_and_pending_transfer() {
         ];
         assert_eq!(import(&mut state, items), Outcome::Imported { count: 5 });
         let read = state.payment(row.payment).unwrap().expect("imported");
-        assert_eq!(read.hold, Some(row.hold), "{status:?}");
+        assert_eq!(read.hold.as_deref(), Some(&row.hold), "{status:?}");
         assert_eq!(state.live_holds(), usize::from(status == HoldStatus::Held));
     }
 }

@@ -233,7 +233,7 @@ fn any_hold() -> impl Strategy<Value = Hold> {
 /// A payment as a hold's outcome carries it: with its hold.
 fn any_held_payment() -> impl Strategy<Value = Payment> {
     (any_payment(), any_hold()).prop_map(|(mut payment, hold)| {
-        payment.hold = Some(hold);
+        payment.hold = Some(Box::new(hold));
         payment
     })
 }

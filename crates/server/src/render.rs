@@ -186,7 +186,7 @@ pub struct PaymentView<'a> {
 }
 
 pub fn payment_view(payment: &Payment) -> PaymentView<'_> {
-    let hold = payment.hold;
+    let hold = payment.hold.as_deref().copied();
     let status = match hold.map(|hold| hold.status) {
         None | Some(HoldStatus::Captured) => "succeeded",
         Some(HoldStatus::Held) => "requires_capture",

@@ -631,7 +631,7 @@ impl Builder {
                 holds
                     .iter()
                     .rev()
-                    .find(|payment| payment.hold.is_some_and(|hold| hold.is_live()))
+                    .find(|payment| payment.hold.as_deref().is_some_and(Hold::is_live))
                     .unwrap_or(&holds[holds.len() - 1])
                     .id
             }
@@ -783,7 +783,7 @@ impl Builder {
                 let (payment_id, target) = self.payment(payment, state);
                 let authorized = target
                     .as_ref()
-                    .and_then(|p| p.hold)
+                    .and_then(|p| p.hold.as_deref().copied())
                     .map_or(1_000, |hold| hold.amount_authorized.micros());
                 let amount = match amount {
                     CaptureAmount::All => None,

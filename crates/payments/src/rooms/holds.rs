@@ -99,7 +99,7 @@ impl Hold {
             payment.amount = self.amount_captured;
             payment.fee = self.fee_captured;
         }
-        payment.hold = Some(*self);
+        payment.hold = Some(Box::new(*self));
     }
 
     /// The amount and time the statement line of `payment` (as its row has it) shows: a hold
@@ -337,7 +337,7 @@ impl Room for Holds {
             HoldOutcome::Changed(payment) => {
                 w.u8(11);
                 w.paid(payment);
-                let hold = payment.hold.expect("a held payment carries its hold");
+                let hold = payment.hold.as_deref().expect("a held payment carries its hold");
                 hold.put(&mut w.bin());
             }
             HoldOutcome::Expired { count } => {
@@ -351,7 +351,7 @@ impl Room for Holds {
         Ok(match tag {
             11 => {
                 let mut payment = r.paid()?;
-                payment.hold = Some(r.with(Hold::get)?);
+                payment.hold = Some(Box::new(r.with(Hold::get)?));
                 HoldOutcome::Changed(payment)
             }
             12 => HoldOutcome::Expired {
@@ -605,7 +605,7 @@ fn settle(
     settle: Settle,
 ) -> Result<Payment, Rejection> {
     let payment = state.payment_settled_by(id, caller)?;
-    let Some(mut hold) = payment.hold.filter(Hold::is_live) else {
+    let Some(mut hold) = payment.hold.as_deref().copied().filter(Hold::is_live) else {
         return Err(HoldRejection::PaymentNotHeld.into());
     };
     let [hold_id, settle_id, fee_id] = hold.transfers;

@@ -267,7 +267,7 @@ mod tests {
         // Payer 1: top-up, payment 10, top-up, payment 12, top-up; payer 2: payment 11, a held
         // payment 13 (no line), then a refund-like credit line.
         let mut held = payment(13, 2, 7, 100);
-        held.hold = Some(Hold {
+        held.hold = Some(Box::new(Hold {
             status: HoldStatus::Held,
             amount_authorized: Amount::from_micros(7),
             amount_captured: Amount::ZERO,
@@ -275,7 +275,7 @@ mod tests {
             expires_at: Timestamp(200),
             resolved_at: None,
             transfers: [TransferId(1), TransferId(2), TransferId(3)],
-        });
+        }));
         let changes = Changes {
             payments: vec![
                 payment(10, 1, 3, 100),
