@@ -259,16 +259,15 @@ async fn apply_once(
     }
     let persisted = Instant::now();
     // Worked out from the forecast: once the batches worked out before it hold their
-    // accounts, lock this one's, and go on only if they hold what it assumed.
+    // accounts, take this one's, and go on only if they held what it assumed.
     if let (Some(before), Some(forecast), Some(ticket)) = (&before, forecast, doubt.ticket) {
         forecast.wait_turn(ticket).await;
-        let locked = load_accounts(&transaction, &wanted).await?;
+        let held = take_foreseen_accounts(&transaction, before, &run.changes, run.now).await?;
         forecast.pass_turn(ticket);
-        if figures_of(&locked) != *before {
+        if !held {
             tracing::debug!("the forecast was wrong, applying again from locked accounts");
             return Ok(Attempt::Mispredicted);
         }
-        persist_accounts(&transaction, &run.changes, run.now).await?;
     }
     let checked = Instant::now();
     transaction.commit().await?;

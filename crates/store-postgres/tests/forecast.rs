@@ -2,8 +2,9 @@
 //! (from `FARTHING_TEST_DATABASE_URL`; without it each test says it was skipped). Outcomes and
 //! balances are those of the in-memory state when another process changed the accounts after
 //! the forecast learnt them; writers sharing one forecast beside a writer without one neither
-//! lose, make nor overdraw money; and a batch that fails after it was worked out (an id it makes
-//! is taken, or it is cancelled) leaves no wrong figures for a batch worked out after it.
+//! lose, make nor overdraw money; a batch that fails after it was worked out (an id it makes
+//! is taken, or it is cancelled) leaves no wrong figures for a batch worked out after it; and a
+//! change that left an account's totals as they were still moves the next batch past it.
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
 use common::TestDatabase;
-use farthing_ledger::{Amount, MICROS_PER_UNIT, TransferId};
+use farthing_ledger::{Amount, MICROS_PER_UNIT, Timestamp, TransferId};
 use farthing_payments::*;
 use farthing_store_postgres::export::export_all;
 use farthing_store_postgres::{
@@ -213,6 +214,209 @@ async fn a_stale_forecast_never_changes_an_outcome() {
         .unwrap();
     assert_eq!(outcomes(got), expected, "paid as the whole state pays it");
     assert_holds(&mut ours, &state, wallet).await;
+}
+
+/// Another process holds money in the wallet and gives it back: the totals are as the forecast
+/// says, only the time they last changed is not. A batch worked out from the forecast would
+/// take a time before that change although it commits after it; it is applied again from the
+/// locked accounts, and its payment comes after the release in every list.
+#[tokio::test]
+async fn a_batch_is_timed_after_a_change_that_left_the_totals_as_they_were() {
+    let Some(db) =
+        TestDatabase::create("a_batch_is_timed_after_a_change_that_left_the_totals_as_they_were")
+            .await
+    else {
+        return;
+    };
+    let mut ours = db.migrated().await;
+    let mut theirs = connect(&db.url).await.expect("a second connection");
+    let (merchant, wallet) = (MerchantId::from_u128(1), PayerId::from_u128(2));
+    let mut state = State::new();
+    let forecast = Forecast::default();
+    let setup = [
+        record(0, create_merchant(merchant)),
+        record(0, create_payer(wallet)),
+        record(0, topup(10, wallet, 100 * UNIT)),
+    ];
+    let expected = expect(&mut state, &setup);
+    assert_eq!(apply_batch(&mut ours, &setup).await.unwrap(), expected);
+    let batch = [record(1, pay(1_000, wallet, merchant, 10 * UNIT))];
+    let expected = expect(&mut state, &batch);
+    let got = apply_batch_foreseen(&mut ours, &batch, &forecast)
+        .await
+        .unwrap();
+    assert_eq!(outcomes(got), expected);
+
+    // Another process places a hold at 10 and cancels it at 20.
+    let Command::Pay(held) = pay(2_000, wallet, merchant, 30 * UNIT) else {
+        unreachable!("pay makes a payment")
+    };
+    let hold = [record(
+        10,
+        Command::from(HoldCommand::Authorize {
+            pay: held,
+            expires_at: Timestamp(farthing_testing::EPOCH + 3_600_000_000),
+            settle_id: TransferId(2_002),
+        }),
+    )];
+    let cancel = [record(
+        20,
+        Command::from(HoldCommand::Cancel {
+            payment: PaymentId::from_u128(2_000),
+            caller: Principal::Merchant(merchant),
+        }),
+    )];
+    for batch in [&hold[..], &cancel[..]] {
+        let expected = expect(&mut state, batch);
+        assert!(matches!(expected[..], [Outcome::Room(_)]), "{expected:?}");
+        assert_eq!(apply_batch(&mut theirs, batch).await.unwrap(), expected);
+    }
+
+    // This process pays with a clock at 5.
+    let batch = [record(5, pay(1_001, wallet, merchant, 10 * UNIT))];
+    let got = apply_batch_foreseen(&mut ours, &batch, &forecast)
+        .await
+        .unwrap();
+    let [Outcome::Paid(payment)] = &outcomes(got)[..] else {
+        panic!("paid")
+    };
+    assert!(
+        payment.created_at > Timestamp(farthing_testing::EPOCH + 20),
+        "made at {:?}, before the release it committed after",
+        payment.created_at
+    );
+    let newest = query::list_payments(&ours, Principal::Payer(wallet), 1, None)
+        .await
+        .unwrap()
+        .expect("the payer's payments");
+    assert_eq!(newest.items[0].id, payment.id, "the newest payment");
+}
+
+/// Two processes, each with two writers sharing its own forecast, pay from many wallets to the
+/// same few merchants (and the platform's fee account). Each process keeps finding the shared
+/// accounts changed by the other, so its batches mix worked-out and lock-first ones; both kinds
+/// must take the accounts in one order (by id), or two batches wait on each other in a cycle
+/// until PostgreSQL breaks it as a deadlock, a second later. No attempt is redone, and every
+/// payment is kept as it was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_forecasts_take_shared_accounts_without_deadlocks() {
+    let Some(db) = TestDatabase::create("two_processes_with_forecasts_without_deadlocks").await
+    else {
+        return;
+    };
+    const WALLETS: u128 = 400;
+    const MERCHANTS: u128 = 4;
+    const SIZE: usize = 60;
+    const BATCHES: usize = 30;
+    let mut client = db.migrated().await;
+    let merchants: Vec<MerchantId> = (1..=MERCHANTS).map(MerchantId::from_u128).collect();
+    let wallets: Vec<PayerId> = (11..11 + WALLETS).map(PayerId::from_u128).collect();
+    let mut setup: Vec<Record> = merchants
+        .iter()
+        .map(|&merchant| record(0, create_merchant(merchant)))
+        .collect();
+    for (n, &wallet) in wallets.iter().enumerate() {
+        setup.push(record(0, create_payer(wallet)));
+        setup.push(record(0, topup(1_000 + n as u128, wallet, 1_000 * UNIT)));
+    }
+    apply_batch(&mut client, &setup).await.unwrap();
+    // Every merchant's and the fee account exist before the race.
+    let opening: Vec<Record> = merchants
+        .iter()
+        .enumerate()
+        .map(|(n, &merchant)| record(0, pay(10_000 + n as u128, wallets[0], merchant, UNIT)))
+        .collect();
+    apply_batch(&mut client, &opening).await.unwrap();
+
+    let mut random = Random(0xDEAD_10C5);
+    let mut batches = |first_id: u128| -> Arc<Vec<Vec<Record>>> {
+        Arc::new(
+            (0..BATCHES)
+                .map(|b| {
+                    (0..SIZE)
+                        .map(|i| {
+                            let id = first_id + (b * SIZE + i) as u128;
+                            let wallet = wallets[random.below(WALLETS as u64) as usize];
+                            let merchant = merchants[random.below(MERCHANTS as u64) as usize];
+                            record(
+                                1 + b as u64,
+                                pay(id, wallet, merchant, 1 + random.below(UNIT)),
+                            )
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
+    };
+    let processes = [batches(1_000_000), batches(2_000_000)];
+    let start = Arc::new(tokio::sync::Barrier::new(4));
+    let mut forecasts = Vec::new();
+    let mut writers = Vec::new();
+    for batches in &processes {
+        let forecast = Arc::new(Forecast::default());
+        forecasts.push(forecast.clone());
+        let queue = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let (url, batches, forecast, queue, start) = (
+                db.url.clone(),
+                batches.clone(),
+                forecast.clone(),
+                queue.clone(),
+                start.clone(),
+            );
+            writers.push(tokio::spawn(async move {
+                let mut client = connect(&url).await.expect("a writer's connection");
+                start.wait().await;
+                let mut paid = Vec::new();
+                loop {
+                    let taken = queue.fetch_add(1, Ordering::Relaxed);
+                    let Some(batch) = batches.get(taken) else {
+                        return paid;
+                    };
+                    let answers = apply_batch_foreseen(&mut client, batch, &forecast)
+                        .await
+                        .expect("a batch applies");
+                    paid.extend(outcomes(answers).into_iter().filter_map(
+                        |outcome| match outcome {
+                            Outcome::Paid(payment) => Some(payment.id),
+                            _ => None,
+                        },
+                    ));
+                }
+            }));
+        }
+    }
+    let mut paid = Vec::new();
+    for writer in writers {
+        paid.extend(writer.await.unwrap());
+    }
+    assert_eq!(
+        paid.len(),
+        2 * BATCHES * SIZE,
+        "every payment fits its wallet"
+    );
+    let conflicts: Vec<u64> = forecasts
+        .iter()
+        .map(|forecast| forecast.conflicts())
+        .collect();
+    assert_eq!(conflicts, [0, 0], "attempts redone after a deadlock");
+    let stored = export_all(&mut client).await.expect("export");
+    assert_eq!(overdrawn(&stored), vec![], "no wallet is overdrawn");
+    let stored: BTreeMap<PaymentId, ()> = stored
+        .iter()
+        .filter_map(|item| match item {
+            Imported::Payment(payment) if payment.id.to_u128() >= 1_000_000 => {
+                Some((payment.id, ()))
+            }
+            _ => None,
+        })
+        .collect();
+    paid.sort();
+    assert_eq!(
+        stored.into_keys().collect::<Vec<_>>(),
+        paid,
+        "the payments stored are those answered paid"
+    );
 }
 
 /// SplitMix64: the same payments on every run.

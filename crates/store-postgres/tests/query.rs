@@ -15,8 +15,11 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tokio_postgres::Client;
 
-/// Histories per run: each gets a database of its own.
+/// Histories per round: each gets a database of its own.
 const CASES: u32 = 16;
+
+/// Rounds at most, while some case below was not yet reached.
+const ROUNDS_MAX: usize = 5;
 const LIMITS: [usize; 4] = [1, 2, 3, 100];
 
 /// Cursors answered `None` over the whole run, by why: the runs must reach each case.
@@ -376,22 +379,34 @@ fn every_query_answers_as_the_in_memory_state_after_a_random_history() {
         prop::collection::vec(1..8usize, 1..4),
         prop::option::weighted(0.5, 0..6usize),
     );
-    let result = proptest::test_runner::TestRunner::new(config).run(
-        &cases,
-        |(history, sizes, upgraded_at)| {
-            runtime.block_on(run_history(&history, &sizes, upgraded_at))
-        },
-    );
-    if let Err(error) = result {
-        panic!("{error}");
-    }
-    for (case, counter) in [
+    // Random histories reach each case below only now and then (one in three or so has
+    // payments' lines kept apart): a run that missed one goes on with more histories, a few
+    // rounds at most, so the check is of what the histories can reach, not of luck.
+    let cases_reached = [
         ("someone else's payment", &SOMEONE_ELSES_PAYMENT),
         ("an unknown payment", &UNKNOWN_PAYMENT),
         ("someone else's statement line", &SOMEONE_ELSES_ENTRY),
         ("payment lines kept in their rows", &LINES_IN_ROWS),
         ("payment lines kept apart", &LINES_APART),
-    ] {
+    ];
+    for _round in 0..ROUNDS_MAX {
+        let result = proptest::test_runner::TestRunner::new(config.clone()).run(
+            &cases,
+            |(history, sizes, upgraded_at)| {
+                runtime.block_on(run_history(&history, &sizes, upgraded_at))
+            },
+        );
+        if let Err(error) = result {
+            panic!("{error}");
+        }
+        if cases_reached
+            .iter()
+            .all(|(_, counter)| counter.load(Ordering::Relaxed) > 0)
+        {
+            break;
+        }
+    }
+    for (case, counter) in cases_reached {
         assert!(
             counter.load(Ordering::Relaxed) > 0,
             "no history had a cursor of {case}"

@@ -21,8 +21,8 @@ pub(crate) type Accounts = HashMap<(Owner, Currency), Known>;
 /// What one process expects its accounts to hold: each as the last batch this process
 /// committed or worked out left it. A batch first learns the accounts the forecast does not
 /// know, as they stand committed (read without locking them), then is worked out from these
-/// figures, writes its new rows, and only then locks its accounts (in id order) and checks
-/// that they hold exactly what it assumed. If any does not (another process changed it, or a
+/// figures, writes its new rows, and only then takes its accounts and checks that they hold
+/// exactly what it assumed (see `take_foreseen_accounts`). If any does not (another process changed it, or a
 /// batch it followed failed), the batch is rolled back and applied again the usual way, from
 /// accounts locked and read first.
 ///
@@ -117,6 +117,12 @@ impl Forecast {
             turn: tokio::sync::watch::Sender::new(0),
             payment_lines: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Attempts at batches applied with this forecast that were redone after a serialization
+    /// failure, a deadlock or a unique violation.
+    pub fn conflicts(&self) -> u64 {
+        self.counts.conflicts.load(Ordering::Relaxed)
     }
 
     /// The accounts known now.

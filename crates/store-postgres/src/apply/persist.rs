@@ -1,6 +1,8 @@
 //! Writing a batch's changes back: one statement per table, sent together, then the large
 //! tables' rows with binary `COPY`.
 
+use farthing_ledger::AccountId;
+
 use super::*;
 
 /// Whether [`persist`] wrote the change set.
@@ -791,6 +793,150 @@ pub(super) async fn persist_accounts(
     changes: &Changes,
     now: Timestamp,
 ) -> Result<(), PgError> {
+    insert_accounts(transaction, changes, now).await?;
+    let now = big("a time", now.0)?;
+    if !changes.account_totals.is_empty() {
+        let mut ids = Vec::new();
+        let mut totals: [Vec<i64>; 4] = Default::default();
+        for account in &changes.account_totals {
+            ids.push(account.id.0 as i64);
+            for (column, value) in totals.iter_mut().zip(account_totals(account)) {
+                column.push(big("a total", value)?);
+            }
+        }
+        transaction
+            .execute_typed(
+                "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp,
+                                     debits_pending = u.dpe, credits_pending = u.cpe,
+                                     changed_at = $6
+                 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
+                             $5::BIGINT[]) AS u(id, dp, cp, dpe, cpe)
+                 WHERE accounts.id = u.id",
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&totals[0], Type::INT8_ARRAY),
+                    (&totals[1], Type::INT8_ARRAY),
+                    (&totals[2], Type::INT8_ARRAY),
+                    (&totals[3], Type::INT8_ARRAY),
+                    (&now, Type::INT8),
+                ],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Takes the accounts of a batch worked out from the forecast, which assumed `before` of them,
+/// and returns whether every one held what it assumed. One `UPDATE` takes them all, in id
+/// order, and compares each row with the figures assumed as it writes it: PostgreSQL works the
+/// new row out from the latest committed version (once the batch holding the row has
+/// committed), so the comparison sees what a lock would show, with one row operation per
+/// account rather than a lock and then an update. Those the batch changed get their new totals
+/// and `now`; those it only read are written back as they were, which locks them as well. On
+/// a difference the caller rolls the batch back, so no row keeps what this wrote.
+///
+/// Rows are taken in id order, as the lock-first path takes them, so that batches of two
+/// processes never wait on each other in a cycle. The plan is kept to joins that visit the
+/// rows by id: a nested loop from the sorted ids (few accounts in a large table) or a merge
+/// join along the primary key (a large share of the table). A hash join or a scan of the heap
+/// would visit them in the table's order, which changes as rows are rewritten.
+pub(super) async fn take_foreseen_accounts(
+    transaction: &Transaction<'_>,
+    before: &Accounts,
+    changes: &Changes,
+    now: Timestamp,
+) -> Result<bool, PgError> {
+    let mut taken: Vec<(AccountId, [u64; 4], [u64; 5], u64)> = before
+        .values()
+        .map(|known| {
+            let [dp, cp, dpe, cpe] = account_totals(&known.account);
+            let was = [dp, cp, dpe, cpe, known.changed_at.0];
+            (
+                known.account.id,
+                [dp, cp, dpe, cpe],
+                was,
+                known.changed_at.0,
+            )
+        })
+        .collect();
+    taken.sort_unstable_by_key(|(id, ..)| id.0 as i64);
+    for account in &changes.account_totals {
+        // Every account a batch changes it first read (or made, and then it is not here).
+        let Ok(at) = taken.binary_search_by_key(&(account.id.0 as i64), |(id, ..)| id.0 as i64)
+        else {
+            return Ok(false);
+        };
+        taken[at].1 = account_totals(account);
+        taken[at].3 = now.0;
+    }
+    insert_accounts(transaction, changes, now).await?;
+    if taken.is_empty() {
+        return Ok(true);
+    }
+    let mut ids = Vec::with_capacity(taken.len());
+    let mut totals: [Vec<i64>; 4] = Default::default();
+    let mut was: [Vec<i64>; 5] = Default::default();
+    let mut times = Vec::with_capacity(taken.len());
+    for (id, after, before, at) in &taken {
+        ids.push(id.0 as i64);
+        for (column, value) in totals.iter_mut().zip(after) {
+            column.push(big("a total", *value)?);
+        }
+        for (column, value) in was.iter_mut().zip(before) {
+            column.push(big("a figure", *value)?);
+        }
+        times.push(big("a time", *at)?);
+    }
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 11] = [
+        (&ids, Type::INT8_ARRAY),
+        (&totals[0], Type::INT8_ARRAY),
+        (&totals[1], Type::INT8_ARRAY),
+        (&totals[2], Type::INT8_ARRAY),
+        (&totals[3], Type::INT8_ARRAY),
+        (&was[0], Type::INT8_ARRAY),
+        (&was[1], Type::INT8_ARRAY),
+        (&was[2], Type::INT8_ARRAY),
+        (&was[3], Type::INT8_ARRAY),
+        (&was[4], Type::INT8_ARRAY),
+        (&times, Type::INT8_ARRAY),
+    ];
+    // A row that differs gets a time no batch has (-1) and is not counted.
+    let (_, row) = tokio::try_join!(
+        transaction.batch_execute(
+            "SET LOCAL enable_hashjoin = off; SET LOCAL enable_seqscan = off;
+             SET LOCAL enable_bitmapscan = off"
+        ),
+        transaction.query_typed_one(
+            "WITH taken AS (
+                 UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp,
+                                     debits_pending = u.dpe, credits_pending = u.cpe,
+                                     changed_at = CASE
+                                         WHEN (accounts.debits_posted, accounts.credits_posted,
+                                               accounts.debits_pending, accounts.credits_pending,
+                                               accounts.changed_at)
+                                            = (u.was_dp, u.was_cp, u.was_dpe, u.was_cpe,
+                                               u.was_at)
+                                         THEN u.at ELSE -1 END
+                 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
+                             $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
+                             $9::BIGINT[], $10::BIGINT[], $11::BIGINT[])
+                      AS u(id, dp, cp, dpe, cpe, was_dp, was_cp, was_dpe, was_cpe, was_at, at)
+                 WHERE accounts.id = u.id
+                 RETURNING accounts.changed_at = u.at AS held)
+             SELECT count(*) FILTER (WHERE held) FROM taken",
+            &params,
+        ),
+    )?;
+    let held: i64 = row.try_get(0)?;
+    Ok(usize::try_from(held).is_ok_and(|held| held == ids.len()))
+}
+
+/// Inserts the accounts a batch made.
+async fn insert_accounts(
+    transaction: &Transaction<'_>,
+    changes: &Changes,
+    now: Timestamp,
+) -> Result<(), PgError> {
     let now = big("a time", now.0)?;
     if !changes.accounts_created.is_empty() {
         let mut ids = Vec::new();
@@ -823,34 +969,6 @@ pub(super) async fn persist_accounts(
                     (&owner_ids, Type::UUID_ARRAY),
                     (&currencies, Type::TEXT_ARRAY),
                     (&kinds, Type::INT2_ARRAY),
-                    (&totals[0], Type::INT8_ARRAY),
-                    (&totals[1], Type::INT8_ARRAY),
-                    (&totals[2], Type::INT8_ARRAY),
-                    (&totals[3], Type::INT8_ARRAY),
-                    (&now, Type::INT8),
-                ],
-            )
-            .await?;
-    }
-    if !changes.account_totals.is_empty() {
-        let mut ids = Vec::new();
-        let mut totals: [Vec<i64>; 4] = Default::default();
-        for account in &changes.account_totals {
-            ids.push(account.id.0 as i64);
-            for (column, value) in totals.iter_mut().zip(account_totals(account)) {
-                column.push(big("a total", value)?);
-            }
-        }
-        transaction
-            .execute_typed(
-                "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp,
-                                     debits_pending = u.dpe, credits_pending = u.cpe,
-                                     changed_at = $6
-                 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[],
-                             $5::BIGINT[]) AS u(id, dp, cp, dpe, cpe)
-                 WHERE accounts.id = u.id",
-                &[
-                    (&ids, Type::INT8_ARRAY),
                     (&totals[0], Type::INT8_ARRAY),
                     (&totals[1], Type::INT8_ARRAY),
                     (&totals[2], Type::INT8_ARRAY),
