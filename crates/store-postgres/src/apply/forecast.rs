@@ -22,9 +22,9 @@ pub(crate) type Accounts = HashMap<(Owner, Currency), Known>;
 /// committed or worked out left it. A batch first learns the accounts the forecast does not
 /// know, as they stand committed (read without locking them), then is worked out from these
 /// figures, writes its new rows, and only then takes its accounts and checks that they hold
-/// exactly what it assumed (see `take_foreseen_accounts`). If any does not (another process changed it, or a
-/// batch it followed failed), the batch is rolled back and applied again the usual way, from
-/// accounts locked and read first.
+/// exactly what it assumed (see `take_foreseen_accounts`). If any does not (another process
+/// changed it, or a batch it followed failed), the batch is rolled back and applied again the
+/// usual way, from accounts locked and read first.
 ///
 /// So two batches of one process overlap: the second writes its payments while the first still
 /// holds the accounts they share, and takes those locks the moment the first commits. Nothing

@@ -1,8 +1,6 @@
 //! Writing a batch's changes back: one statement per table, sent together, then the large
 //! tables' rows with binary `COPY`.
 
-use farthing_ledger::AccountId;
-
 use super::*;
 
 /// Whether [`persist`] wrote the change set.
@@ -846,28 +844,18 @@ pub(super) async fn take_foreseen_accounts(
     changes: &Changes,
     now: Timestamp,
 ) -> Result<bool, PgError> {
-    let mut taken: Vec<(AccountId, [u64; 4], [u64; 5], u64)> = before
-        .values()
-        .map(|known| {
-            let [dp, cp, dpe, cpe] = account_totals(&known.account);
-            let was = [dp, cp, dpe, cpe, known.changed_at.0];
-            (
-                known.account.id,
-                [dp, cp, dpe, cpe],
-                was,
-                known.changed_at.0,
-            )
-        })
-        .collect();
-    taken.sort_unstable_by_key(|(id, ..)| id.0 as i64);
+    // Each account as the batch found it, with its new totals if the batch changed it.
+    let mut taken: Vec<(Known, Option<&Account>)> =
+        before.values().map(|known| (*known, None)).collect();
+    let id = |known: &Known| known.account.id.0 as i64;
+    taken.sort_unstable_by_key(|(known, _)| id(known));
     for account in &changes.account_totals {
         // Every account a batch changes it first read (or made, and then it is not here).
-        let Ok(at) = taken.binary_search_by_key(&(account.id.0 as i64), |(id, ..)| id.0 as i64)
+        let Ok(at) = taken.binary_search_by_key(&(account.id.0 as i64), |(known, _)| id(known))
         else {
             return Ok(false);
         };
-        taken[at].1 = account_totals(account);
-        taken[at].3 = now.0;
+        taken[at].1 = Some(account);
     }
     insert_accounts(transaction, changes, now).await?;
     if taken.is_empty() {
@@ -877,15 +865,24 @@ pub(super) async fn take_foreseen_accounts(
     let mut totals: [Vec<i64>; 4] = Default::default();
     let mut was: [Vec<i64>; 5] = Default::default();
     let mut times = Vec::with_capacity(taken.len());
-    for (id, after, before, at) in &taken {
-        ids.push(id.0 as i64);
-        for (column, value) in totals.iter_mut().zip(after) {
-            column.push(big("a total", *value)?);
+    for (known, changed) in &taken {
+        ids.push(id(known));
+        let after = changed.unwrap_or(&known.account);
+        for (column, value) in totals.iter_mut().zip(account_totals(after)) {
+            column.push(big("a total", value)?);
         }
-        for (column, value) in was.iter_mut().zip(before) {
-            column.push(big("a figure", *value)?);
+        let figures = account_totals(&known.account)
+            .into_iter()
+            .chain([known.changed_at.0]);
+        for (column, value) in was.iter_mut().zip(figures) {
+            column.push(big("a figure", value)?);
         }
-        times.push(big("a time", *at)?);
+        let at = if changed.is_some() {
+            now
+        } else {
+            known.changed_at
+        };
+        times.push(big("a time", at.0)?);
     }
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 11] = [
         (&ids, Type::INT8_ARRAY),
