@@ -311,14 +311,7 @@ async fn two_processes_with_forecasts_take_shared_accounts_without_deadlocks() {
     let mut client = db.migrated().await;
     let merchants: Vec<MerchantId> = (1..=MERCHANTS).map(MerchantId::from_u128).collect();
     let wallets: Vec<PayerId> = (11..11 + WALLETS).map(PayerId::from_u128).collect();
-    let mut setup: Vec<Record> = merchants
-        .iter()
-        .map(|&merchant| record(0, create_merchant(merchant)))
-        .collect();
-    for (n, &wallet) in wallets.iter().enumerate() {
-        setup.push(record(0, create_payer(wallet)));
-        setup.push(record(0, topup(1_000 + n as u128, wallet, 1_000 * UNIT)));
-    }
+    let setup = funded(&merchants, &wallets, 1_000 * UNIT, 1_000);
     apply_batch(&mut client, &setup).await.unwrap();
     // Every merchant's and the fee account exist before the race.
     let opening: Vec<Record> = merchants
@@ -329,26 +322,16 @@ async fn two_processes_with_forecasts_take_shared_accounts_without_deadlocks() {
     apply_batch(&mut client, &opening).await.unwrap();
 
     let mut random = Random(0xDEAD_10C5);
-    let mut batches = |first_id: u128| -> Arc<Vec<Vec<Record>>> {
-        Arc::new(
-            (0..BATCHES)
-                .map(|b| {
-                    (0..SIZE)
-                        .map(|i| {
-                            let id = first_id + (b * SIZE + i) as u128;
-                            let wallet = wallets[random.below(WALLETS as u64) as usize];
-                            let merchant = merchants[random.below(MERCHANTS as u64) as usize];
-                            record(
-                                1 + b as u64,
-                                pay(id, wallet, merchant, 1 + random.below(UNIT)),
-                            )
-                        })
-                        .collect()
-                })
-                .collect(),
-        )
-    };
-    let processes = [batches(1_000_000), batches(2_000_000)];
+    let parties = (&wallets[..], &merchants[..]);
+    let processes = [1_000_000, 2_000_000].map(|first_id| {
+        Arc::new(random_batches(
+            &mut random,
+            parties,
+            first_id,
+            (BATCHES, SIZE),
+            UNIT,
+        ))
+    });
     let start = Arc::new(tokio::sync::Barrier::new(4));
     let mut forecasts = Vec::new();
     let mut writers = Vec::new();
@@ -357,38 +340,23 @@ async fn two_processes_with_forecasts_take_shared_accounts_without_deadlocks() {
         forecasts.push(forecast.clone());
         let queue = Arc::new(AtomicUsize::new(0));
         for _ in 0..2 {
-            let (url, batches, forecast, queue, start) = (
+            writers.push(forecast_writer(
                 db.url.clone(),
                 batches.clone(),
                 forecast.clone(),
                 queue.clone(),
                 start.clone(),
-            );
-            writers.push(tokio::spawn(async move {
-                let mut client = connect(&url).await.expect("a writer's connection");
-                start.wait().await;
-                let mut paid = Vec::new();
-                loop {
-                    let taken = queue.fetch_add(1, Ordering::Relaxed);
-                    let Some(batch) = batches.get(taken) else {
-                        return paid;
-                    };
-                    let answers = apply_batch_foreseen(&mut client, batch, &forecast)
-                        .await
-                        .expect("a batch applies");
-                    paid.extend(outcomes(answers).into_iter().filter_map(
-                        |outcome| match outcome {
-                            Outcome::Paid(payment) => Some(payment.id),
-                            _ => None,
-                        },
-                    ));
-                }
-            }));
+            ));
         }
     }
     let mut paid = Vec::new();
     for writer in writers {
-        paid.extend(writer.await.unwrap());
+        for (_, outcomes) in writer.await.unwrap() {
+            paid.extend(outcomes.into_iter().filter_map(|outcome| match outcome {
+                Outcome::Paid(payment) => Some(payment.id),
+                _ => None,
+            }));
+        }
     }
     assert_eq!(
         paid.len(),
@@ -436,6 +404,76 @@ impl Random {
     }
 }
 
+/// The merchants, and the payers each with a wallet topped up with `funds` (the top-ups' ids
+/// count up from `first_topup`).
+fn funded(
+    merchants: &[MerchantId],
+    wallets: &[PayerId],
+    funds: u64,
+    first_topup: u128,
+) -> Vec<Record> {
+    let mut setup: Vec<Record> = merchants
+        .iter()
+        .map(|&merchant| record(0, create_merchant(merchant)))
+        .collect();
+    for (n, &wallet) in wallets.iter().enumerate() {
+        setup.push(record(0, create_payer(wallet)));
+        setup.push(record(0, topup(first_topup + n as u128, wallet, funds)));
+    }
+    setup
+}
+
+/// `count` batches of `size` payments, each from a random wallet to a random merchant of 1 to
+/// `most` micro-units, with ids counting up from `first_id`; batch `b` comes at time `1 + b`.
+fn random_batches(
+    random: &mut Random,
+    (wallets, merchants): (&[PayerId], &[MerchantId]),
+    first_id: u128,
+    (count, size): (usize, usize),
+    most: u64,
+) -> Vec<Vec<Record>> {
+    (0..count)
+        .map(|b| {
+            (0..size)
+                .map(|i| {
+                    let id = first_id + (b * size + i) as u128;
+                    let wallet = wallets[random.below(wallets.len() as u64) as usize];
+                    let merchant = merchants[random.below(merchants.len() as u64) as usize];
+                    let amount = 1 + random.below(most);
+                    record(1 + b as u64, pay(id, wallet, merchant, amount))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One writer of a process: once everyone has started, takes the next of `batches` from
+/// `queue` until none is left and applies it with the process's `forecast`. Returns each batch
+/// it applied, by its place in `batches`, with the outcomes.
+fn forecast_writer(
+    url: String,
+    batches: Arc<Vec<Vec<Record>>>,
+    forecast: Arc<Forecast>,
+    queue: Arc<AtomicUsize>,
+    start: Arc<tokio::sync::Barrier>,
+) -> tokio::task::JoinHandle<Vec<(usize, Vec<Outcome>)>> {
+    tokio::spawn(async move {
+        let mut client = connect(&url).await.expect("a writer's connection");
+        start.wait().await;
+        let mut answered = Vec::new();
+        loop {
+            let taken = queue.fetch_add(1, Ordering::Relaxed);
+            let Some(batch) = batches.get(taken) else {
+                return answered;
+            };
+            let answers = apply_batch_foreseen(&mut client, batch, &forecast)
+                .await
+                .expect("a batch of this process applies");
+            answered.push((taken, outcomes(answers)));
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_sharing_a_forecast_beside_another_process_keep_every_account_right() {
     let Some(db) = TestDatabase::create("writers_sharing_a_forecast_beside_another_process").await
@@ -451,14 +489,7 @@ async fn writers_sharing_a_forecast_beside_another_process_keep_every_account_ri
     let mut client = db.migrated().await;
     let merchants: Vec<MerchantId> = (1..=MERCHANTS).map(MerchantId::from_u128).collect();
     let wallets: Vec<PayerId> = (11..11 + WALLETS).map(PayerId::from_u128).collect();
-    let mut setup: Vec<Record> = merchants
-        .iter()
-        .map(|&merchant| record(0, create_merchant(merchant)))
-        .collect();
-    for (n, &wallet) in wallets.iter().enumerate() {
-        setup.push(record(0, create_payer(wallet)));
-        setup.push(record(0, topup(100 + n as u128, wallet, FUNDS)));
-    }
+    let setup = funded(&merchants, &wallets, FUNDS, 100);
     let set_up = apply_batch(&mut client, &setup).await.unwrap();
     assert!(
         set_up.iter().all(|o| !matches!(o, Outcome::Rejected(_))),
@@ -468,54 +499,32 @@ async fn writers_sharing_a_forecast_beside_another_process_keep_every_account_ri
     // 3 000 payments of up to 20 (10 on average) from wallets of 1 000 each: about a third
     // fit.
     let mut random = Random(0x5EED);
-    let mut batches = |first_id: u128, count: usize| -> Vec<Vec<Record>> {
-        (0..count)
-            .map(|b| {
-                (0..SIZE)
-                    .map(|i| {
-                        let id = first_id + (b * SIZE + i) as u128;
-                        let wallet = wallets[random.below(WALLETS as u64) as usize];
-                        let merchant = merchants[random.below(MERCHANTS as u64) as usize];
-                        let amount = 1 + random.below(20 * UNIT);
-                        record(1 + b as u64, pay(id, wallet, merchant, amount))
-                    })
-                    .collect()
-            })
-            .collect()
-    };
-    let ours = Arc::new(batches(1_000_000, OURS));
-    let theirs = batches(2_000_000, THEIRS);
+    let parties = (&wallets[..], &merchants[..]);
+    let ours = Arc::new(random_batches(
+        &mut random,
+        parties,
+        1_000_000,
+        (OURS, SIZE),
+        20 * UNIT,
+    ));
+    let theirs = random_batches(&mut random, parties, 2_000_000, (THEIRS, SIZE), 20 * UNIT);
 
     // Two writers of this process take batches from one queue and share one forecast; another
     // process writes at the same time without one.
     let forecast = Arc::new(Forecast::default());
     let queue = Arc::new(AtomicUsize::new(0));
     let start = Arc::new(tokio::sync::Barrier::new(3));
-    let mut writers = Vec::new();
-    for _ in 0..2 {
-        let (url, ours, forecast, queue, start) = (
-            db.url.clone(),
-            ours.clone(),
-            forecast.clone(),
-            queue.clone(),
-            start.clone(),
-        );
-        writers.push(tokio::spawn(async move {
-            let mut client = connect(&url).await.expect("a writer's connection");
-            start.wait().await;
-            let mut answered = Vec::new();
-            loop {
-                let taken = queue.fetch_add(1, Ordering::Relaxed);
-                let Some(batch) = ours.get(taken) else {
-                    return answered;
-                };
-                let answers = apply_batch_foreseen(&mut client, batch, &forecast)
-                    .await
-                    .expect("a batch of this process applies");
-                answered.push((taken, outcomes(answers)));
-            }
-        }));
-    }
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            forecast_writer(
+                db.url.clone(),
+                ours.clone(),
+                forecast.clone(),
+                queue.clone(),
+                start.clone(),
+            )
+        })
+        .collect();
     let other = {
         let (url, theirs, start) = (db.url.clone(), theirs.clone(), start.clone());
         tokio::spawn(async move {
