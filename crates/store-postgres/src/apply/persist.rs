@@ -897,7 +897,9 @@ pub(super) async fn take_foreseen_accounts(
         (&was[4], Type::INT8_ARRAY),
         (&times, Type::INT8_ARRAY),
     ];
-    // A row that differs gets a time no batch has (-1) and is not counted.
+    // A row that differs gets a time no batch has (-1) and is not counted. The planner
+    // settings last until the transaction ends: this must stay its last statement before the
+    // commit.
     let (_, row) = tokio::try_join!(
         transaction.batch_execute(
             "SET LOCAL enable_hashjoin = off; SET LOCAL enable_seqscan = off;
