@@ -133,7 +133,7 @@ struct ServeArgs {
     /// history.
     #[arg(long, env = "FARTHING_CACHE_MIB", default_value_t = farthing_service::CACHE_BYTES_DEFAULT >> 20)]
     cache_mib: usize,
-    /// Embedded store: history rows (a payment makes three) between checkpoints, which write
+    /// Embedded store: history rows (a payment makes one) between checkpoints, which write
     /// the state to disk in the background; a restart replays only the journal after the last.
     #[arg(long, env = "FARTHING_CHECKPOINT_ROWS", default_value_t = farthing_service::CHECKPOINT_ROWS_DEFAULT)]
     checkpoint_rows: usize,

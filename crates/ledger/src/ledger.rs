@@ -334,6 +334,13 @@ impl TransferTable {
     }
 }
 
+/// Whether a batch's transfers leave records in the ledger.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Records {
+    Kept,
+    Unkept,
+}
+
 /// Undo information for a linked chain in progress.
 #[derive(Default)]
 struct Undo {
@@ -559,6 +566,34 @@ impl Ledger {
         now: Timestamp,
         batch: &[Transfer],
     ) -> Vec<Result<(), TransferRejection>> {
+        self.apply_keeping(now, batch, Records::Kept)
+    }
+
+    /// Applies posted transfers as [`Ledger::apply`] does, but keeps no record of them, made or
+    /// failed: the caller keeps what they moved (a payment's row says which accounts, how much
+    /// and when) and answers for their ids, which the ledger then cannot hold against a later
+    /// transfer. An id the ledger holds is still refused as in `apply`. A payment's two legs go
+    /// this way: a record of each would double what a payment keeps in memory and on disk.
+    pub fn apply_unrecorded(
+        &mut self,
+        now: Timestamp,
+        batch: &[Transfer],
+    ) -> Vec<Result<(), TransferRejection>> {
+        assert!(
+            batch
+                .iter()
+                .all(|transfer| transfer.kind == TransferKind::Posted),
+            "only posted transfers go unrecorded: a hold is found again by its record"
+        );
+        self.apply_keeping(now, batch, Records::Unkept)
+    }
+
+    fn apply_keeping(
+        &mut self,
+        now: Timestamp,
+        batch: &[Transfer],
+        records: Records,
+    ) -> Vec<Result<(), TransferRejection>> {
         assert!(batch.len() <= TRANSFERS_PER_BATCH_MAX, "batch too large");
         self.expire_holds(now);
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -581,7 +616,12 @@ impl Ledger {
             } else if chain_open_at_end {
                 Err(TransferRejection::LinkedEventChainOpen)
             } else {
-                self.apply_one(now, transfer, if in_chain { Some(&mut undo) } else { None })
+                self.apply_one(
+                    now,
+                    transfer,
+                    if in_chain { Some(&mut undo) } else { None },
+                    records,
+                )
             };
             if outcome.is_err() && in_chain && !chain_failed {
                 chain_failed = true;
@@ -591,13 +631,13 @@ impl Ledger {
                     *earlier = Err(TransferRejection::LinkedEventFailed);
                 }
                 for (earlier, outcome) in batch[start..index].iter().zip(&outcomes[start..index]) {
-                    self.record_failure(now, earlier, *outcome);
+                    self.record_failure(now, earlier, *outcome, records);
                 }
             }
             // A failure is final as soon as it is known (a chain's members succeed only once
             // the chain closes), so record it now: a later transfer of this batch with the same
             // id is then a retry of a failed id, like in any later batch.
-            self.record_failure(now, transfer, outcome);
+            self.record_failure(now, transfer, outcome, records);
             outcomes.push(outcome);
             if !transfer.linked && in_chain {
                 chain_start = None;
@@ -616,8 +656,10 @@ impl Ledger {
         now: Timestamp,
         transfer: &Transfer,
         outcome: Result<(), TransferRejection>,
+        records: Records,
     ) {
         if let Err(rejection) = outcome
+            && records == Records::Kept
             && transfer.id.0 != 0
             && rejection != TransferRejection::ExistsWithDifferentFields
             && !self.transfers.contains(&transfer.id)
@@ -637,6 +679,7 @@ impl Ledger {
         now: Timestamp,
         transfer: &Transfer,
         undo: Option<&mut Undo>,
+        records: Records,
     ) -> Result<(), TransferRejection> {
         use TransferRejection::*;
         if transfer.id.0 == 0 {
@@ -738,7 +781,9 @@ impl Ledger {
             if let Some((pending_id, _)) = pending {
                 undo.holds.push((pending_id, HoldState::Pending));
             }
-            undo.created.push(transfer.id);
+            if records == Records::Kept {
+                undo.created.push(transfer.id);
+            }
         }
         *debit = new_debit;
         *credit = new_credit;
@@ -764,13 +809,15 @@ impl Ledger {
                 .hold = Some(resolved);
             self.note_hold_change(pending_id);
         }
-        self.transfers.push(TransferRecord {
-            transfer: *transfer,
-            timestamp: now,
-            outcome: Ok(()),
-            hold,
-            expires_at,
-        });
+        if records == Records::Kept {
+            self.transfers.push(TransferRecord {
+                transfer: *transfer,
+                timestamp: now,
+                outcome: Ok(()),
+                hold,
+                expires_at,
+            });
+        }
         Ok(())
     }
 

@@ -1185,3 +1185,75 @@ fn ids_below_the_largest_recorded_are_found_whatever_order_they_came_in() {
     assert_eq!(outcome(&ledger, 9_000), Ok(()));
     assert!(ledger.transfer(TransferId(9_001)).is_none());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transfers applied without records
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn an_unrecorded_chain_moves_money_as_a_recorded_one_and_leaves_no_record() {
+    let chain = [
+        linked(posted(1, WALLET, MERCHANT, 360)),
+        posted(2, WALLET, FEES, 40),
+    ];
+    let mut recorded = ledger();
+    assert_eq!(recorded.apply(secs(1), &chain), vec![Ok(()), Ok(())]);
+    let mut unrecorded = ledger();
+    assert_eq!(
+        unrecorded.apply_unrecorded(secs(1), &chain),
+        vec![Ok(()), Ok(())]
+    );
+    assert_eq!(accounts(&unrecorded), accounts(&recorded));
+    assert_eq!(account(&unrecorded, WALLET).posted_balance(), 600);
+    assert!(unrecorded.transfer(TransferId(1)).is_none());
+    assert!(unrecorded.transfer(TransferId(2)).is_none());
+    // Only the top-up is kept.
+    assert_eq!(unrecorded.transfer_count(), 1);
+    assert_eq!(recorded.transfer_count(), 3);
+}
+
+#[test]
+fn a_failed_unrecorded_chain_changes_nothing_and_spends_no_id() {
+    let mut ledger = ledger();
+    let accounts_before = accounts(&ledger);
+    let chain = [
+        linked(posted(1, WALLET, MERCHANT, 600)),
+        posted(2, WALLET, FEES, 600),
+    ];
+    assert_eq!(
+        ledger.apply_unrecorded(secs(1), &chain),
+        vec![Err(LinkedEventFailed), Err(ExceedsAvailableBalance)]
+    );
+    assert_eq!(accounts(&ledger), accounts_before);
+    assert_eq!(ledger.transfer_count(), 1);
+    // The same ids then go through, where a recorded failure would have kept them failed.
+    assert_eq!(
+        ledger.apply_unrecorded(secs(2), &[posted(1, WALLET, MERCHANT, 600)]),
+        vec![Ok(())]
+    );
+    assert_eq!(account(&ledger, WALLET).posted_balance(), 400);
+}
+
+#[test]
+fn an_unrecorded_transfer_reusing_a_recorded_id_is_refused() {
+    let mut ledger = ledger();
+    let accounts_before = accounts(&ledger);
+    assert_eq!(
+        ledger.apply_unrecorded(
+            secs(1),
+            &[Transfer {
+                id: TOP_UP,
+                ..posted(0, WALLET, MERCHANT, 10)
+            }]
+        ),
+        vec![Err(ExistsWithDifferentFields)]
+    );
+    assert_eq!(accounts(&ledger), accounts_before);
+}
+
+#[test]
+#[should_panic(expected = "only posted transfers go unrecorded")]
+fn a_hold_cannot_go_unrecorded() {
+    let mut ledger = ledger();
+    ledger.apply_unrecorded(secs(1), &[pending(1, WALLET, MERCHANT, 10, 0)]);
+}

@@ -50,6 +50,9 @@ struct Tracker {
     imported_transfers: HashSet<TransferId>,
     /// Transfer records made before the new ones.
     transfers_seen: usize,
+    /// Accounts that transfers without records moved (a payment's legs): the records show
+    /// the rest.
+    accounts_moved: Vec<AccountId>,
 }
 
 /// A cache's link to its disk, and what it made since its last checkpoint began.
@@ -539,7 +542,10 @@ impl State {
 
     fn pay(&mut self, now: Timestamp, pay: &PayCommand) -> Result<&Payment, Rejection> {
         let (fee_schedule, wallet) = self.new_payment_checked(pay)?;
-        if self.transfer_ids_taken(&pay.transfer_ids) {
+        // The legs go unrecorded (the payment's row says what they moved), so the ledger
+        // cannot tell that one repeats the other.
+        if self.transfer_ids_taken(&pay.transfer_ids) || pay.transfer_ids[0] == pay.transfer_ids[1]
+        {
             return Err(Rejection::IdCollision);
         }
         // Refused before anything is touched: a payment the wallet cannot cover makes no
@@ -558,10 +564,17 @@ impl State {
             [(wallet, merchant_account, net), (wallet, fees_account, fee)],
             pay.transfer_ids,
         );
-        if let Some(rejection) = chain_failure(&self.ledger.apply(now, &legs)) {
+        // A payment's legs leave no transfer records: its row holds what they moved, and
+        // they are two of every three rows a payment would otherwise keep.
+        if let Some(rejection) = chain_failure(&self.ledger.apply_unrecorded(now, &legs)) {
             return Err(ledger_rejection(rejection));
         }
         self.touched(&[wallet, merchant_account, fees_account]);
+        if let Some(tracker) = &mut self.tracker {
+            tracker
+                .accounts_moved
+                .extend(legs.iter().flat_map(|leg| [leg.debit, leg.credit]));
+        }
         let balance_after = self.posted_balance(wallet);
         let payment = pay.made(now, fee);
         self.add_payment(payment, Some(balance_after));
@@ -625,6 +638,11 @@ impl State {
             Some(rejection) => return Err(ledger_rejection(rejection)),
         }
         self.touched(&[wallet, merchant_account, fees_account]);
+        if let Some(tracker) = &mut self.tracker {
+            tracker
+                .accounts_moved
+                .extend(legs.iter().flat_map(|leg| [leg.debit, leg.credit]));
+        }
         let balance_after = self.posted_balance(wallet);
         let refund = Refund {
             id,

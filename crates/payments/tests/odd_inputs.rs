@@ -163,16 +163,33 @@ fn account_ids_depend_on_owner_and_currency_not_on_the_order_accounts_were_opene
 }
 
 #[test]
-fn a_payment_reusing_another_payments_transfer_ids_is_refused_and_moves_nothing() {
+fn a_payment_naming_a_recorded_transfer_id_or_one_id_twice_is_refused_and_moves_nothing() {
     let (mut state, payer, merchant) = setup(1_000);
+    // The top-up's transfer (id 4) is recorded: the ledger would answer "already done".
+    let reused = state.apply(&record(pay(payer, merchant, 600, [40, 41, 4])));
+    assert_eq!(reused, Outcome::Rejected(Rejection::IdCollision));
+    // A payment's legs leave no records, so the ledger could not tell its two legs apart.
+    let twice = state.apply(&record(pay(payer, merchant, 600, [43, 44, 44])));
+    assert_eq!(twice, Outcome::Rejected(Rejection::IdCollision));
+    assert_eq!(balance(&state, payer), 1_000);
+    assert_eq!(state.payment_count(), 0);
+}
+
+#[test]
+fn a_payments_legs_leave_no_transfer_records_and_its_ids_are_not_held_against_a_later_one() {
+    let (mut state, payer, merchant) = setup(1_000);
+    let records_before = state.ledger_transfer_count();
     let first = state.apply(&record(pay(payer, merchant, 600, [40, 41, 42])));
     assert!(matches!(first, Outcome::Paid(_)), "{first:?}");
-    // A new payment id, the same legs and the same transfer ids: the ledger would answer
-    // "already done" for both legs.
-    let second = state.apply(&record(pay(payer, merchant, 600, [43, 41, 42])));
-    assert_eq!(second, Outcome::Rejected(Rejection::IdCollision));
-    assert_eq!(balance(&state, payer), 400);
-    assert_eq!(state.payment_count(), 1);
+    assert_eq!(state.ledger_transfer_count(), records_before);
+    // A new payment (its own id) that names the same transfer ids is a payment of its own:
+    // it moves money, or is refused for want of it, like any other.
+    let second = state.apply(&record(pay(payer, merchant, 300, [43, 41, 42])));
+    assert!(matches!(second, Outcome::Paid(_)), "{second:?}");
+    let third = state.apply(&record(pay(payer, merchant, 300, [45, 41, 42])));
+    assert_eq!(third, Outcome::Rejected(Rejection::InsufficientFunds));
+    assert_eq!(balance(&state, payer), 100);
+    assert_eq!(state.payment_count(), 2);
 }
 
 #[test]

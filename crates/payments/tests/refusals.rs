@@ -137,16 +137,22 @@ fn a_hold_whose_settling_id_was_taken_refuses_capture_and_cancel_unchanged_and_s
         state.apply(&record_at(10, authorize)),
         Outcome::Room(RoomOutcome::Holds(HoldOutcome::Changed(_)))
     ));
-    // Ids are chosen at random and never meet; here a payment takes the two the hold keeps for
-    // settling.
-    let mut taking = pay(payer, merchant, 1_000, "USD", 31);
-    if let Command::Pay(pay) = &mut taking {
-        pay.transfer_ids = [TransferId(301), TransferId(302)];
+    // Ids are chosen at random and never meet; here two top-ups take the two the hold keeps
+    // for settling.
+    for (n, id) in [(31, 301), (32, 302)] {
+        let taking = Command::Topup {
+            id: TopupId::from_u128(n),
+            payer,
+            amount: Amount::from_micros(1_000),
+            currency: usd,
+            source: FundingSource::Sandbox,
+            transfer_id: TransferId(id),
+        };
+        assert!(matches!(
+            state.apply(&record_at(11, taking)),
+            Outcome::ToppedUp(_)
+        ));
     }
-    assert!(matches!(
-        state.apply(&record_at(11, taking)),
-        Outcome::Paid(_)
-    ));
     let before: Vec<Imported> = state.export().collect();
     let transfers_before = state.ledger_transfer_count();
     for command in [

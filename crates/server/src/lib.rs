@@ -160,7 +160,7 @@ pub struct Memory {
     /// About how many bytes of rows are kept in memory beyond what changed since the last
     /// checkpoint.
     pub cache_bytes: usize,
-    /// History rows made between checkpoints (a payment makes three); what changed since the
+    /// History rows made between checkpoints (a payment makes one); what changed since the
     /// last checkpoint stays in memory.
     pub checkpoint_rows: usize,
     /// The engine's own block cache, in bytes.

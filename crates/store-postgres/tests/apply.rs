@@ -534,9 +534,9 @@ fn pay_item(id: u128, payer: PayerId, merchant: MerchantId, amount: u64) -> PayC
 }
 
 /// Batches large enough that their payments, statement lines and transfers go in by `COPY`,
-/// with rejections, ids taken by earlier batches (among them a fee leg's id that a zero-fee
-/// payment names but does not use), descriptions and idempotency keys, read back as the
-/// in-memory state has them.
+/// with rejections, ids taken by earlier batches (among them a top-up's transfer id that a
+/// zero-fee payment names for the fee leg it does not use), descriptions and idempotency keys,
+/// read back as the in-memory state has them.
 #[tokio::test]
 async fn large_batches_read_back_as_the_in_memory_state() {
     let Some(db) = TestDatabase::create("large_batches_read_back").await else {
@@ -587,11 +587,12 @@ async fn large_batches_read_back_as_the_in_memory_state() {
             let payer = payers[n as usize % 30];
             let mut item = pay_item(20_000 + n, payer, merchant, 20);
             match n {
-                // A payment id and a first leg's id, taken in batch A.
+                // A payment id taken in batch A, and a first leg's id taken by a top-up.
                 5 => item.id = PaymentId::from_u128(10_001),
-                6 => item.transfer_ids[0] = TransferId(10_002),
-                // Batch A's first payment paid no fee: its second id is free.
-                9 => item.transfer_ids[1] = TransferId(10_000 + (1 << 64)),
+                6 => item.transfer_ids[0] = TransferId(300 + 4),
+                // A payment's legs leave no records: an id one of batch A's payments
+                // used is free.
+                9 => item.transfer_ids[1] = TransferId(10_002),
                 _ => {}
             }
             Record {
@@ -615,11 +616,11 @@ async fn large_batches_read_back_as_the_in_memory_state() {
             idempotency: Some(claim(100, 2)),
             ..record(3, pay(30_001, payers[10], merchant, 20))
         },
-        // A zero-fee payment whose unused second id is taken.
+        // A zero-fee payment whose unused second id a top-up took.
         record(
             3,
             Command::Pay(PayCommand {
-                transfer_ids: [TransferId(30_002), TransferId(10_003)],
+                transfer_ids: [TransferId(30_002), TransferId(300 + 7)],
                 ..pay_item(30_002, payers[3], merchant, 20)
             }),
         ),
@@ -635,7 +636,10 @@ async fn large_batches_read_back_as_the_in_memory_state() {
         [20_005, 20_006, 30_002].into_iter().all(rejected),
         "ids taken earlier are refused"
     );
-    assert!(!rejected(20_009), "an unused fee leg's id is free");
+    assert!(
+        !rejected(20_009),
+        "a payment's leg ids are not held against later ones"
+    );
     assert!(
         (10_000..10_600u128).any(rejected),
         "some payers run out of money"

@@ -214,6 +214,7 @@ impl State {
         });
         let changed: BTreeSet<AccountId> = net_changed(applied, &transfers_resolved)
             .into_iter()
+            .chain(taken.accounts_moved.iter().copied())
             .filter(|id| !created_ids.contains(id))
             .collect();
         let account_totals = changed.into_iter().map(|id| account(self, id)).collect();
