@@ -638,11 +638,6 @@ impl State {
             Some(rejection) => return Err(ledger_rejection(rejection)),
         }
         self.touched(&[wallet, merchant_account, fees_account]);
-        if let Some(tracker) = &mut self.tracker {
-            tracker
-                .accounts_moved
-                .extend(legs.iter().flat_map(|leg| [leg.debit, leg.credit]));
-        }
         let balance_after = self.posted_balance(wallet);
         let refund = Refund {
             id,
