@@ -545,6 +545,7 @@ async fn large_batches_read_back_as_the_in_memory_state() {
     let mut client = db.migrated().await;
     let payers: Vec<PayerId> = (11..41).map(PayerId::from_u128).collect();
     let (merchant, setup) = setup_records(&payers, 2_000_000);
+    // The top-ups' transfer ids are 300 to 329: no other transfer is recorded.
     // Below 50 micro-units the 2% fee is zero: one leg, and the second transfer id unused.
     let amount = |n: u128| {
         if n.is_multiple_of(7) {
@@ -616,11 +617,12 @@ async fn large_batches_read_back_as_the_in_memory_state() {
             idempotency: Some(claim(100, 2)),
             ..record(3, pay(30_001, payers[10], merchant, 20))
         },
-        // A zero-fee payment whose unused second id a top-up took.
+        // A zero-fee payment whose unused second id a top-up took: the largest transfer id
+        // recorded, the very bound of the commit's check.
         record(
             3,
             Command::Pay(PayCommand {
-                transfer_ids: [TransferId(30_002), TransferId(300 + 7)],
+                transfer_ids: [TransferId(30_002), TransferId(300 + 29)],
                 ..pay_item(30_002, payers[3], merchant, 20)
             }),
         ),
