@@ -573,7 +573,8 @@ impl Ledger {
     /// failed: the caller keeps what they moved (a payment's row says which accounts, how much
     /// and when) and answers for their ids, which the ledger then cannot hold against a later
     /// transfer. An id the ledger holds is still refused as in `apply`. A payment's two legs go
-    /// this way: a record of each would double what a payment keeps in memory and on disk.
+    /// this way: a record of each would make a payment three rows in memory and on disk
+    /// instead of one.
     pub fn apply_unrecorded(
         &mut self,
         now: Timestamp,
