@@ -97,6 +97,15 @@ pub(crate) fn line_key(object: EntryObject) -> [u8; 17] {
     }
 }
 
+/// A state key of a fixed length: a kind byte and a body of `N - 1` bytes.
+fn fixed_key<const N: usize, const B: usize>(kind: u8, body: [u8; B]) -> [u8; N] {
+    const { assert!(N == B + 1) };
+    let mut key = [0u8; N];
+    key[0] = kind;
+    key[1..].copy_from_slice(&body);
+    key
+}
+
 pub(crate) fn state_key(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + body.len());
     key.push(kind);
@@ -104,16 +113,16 @@ pub(crate) fn state_key(kind: u8, body: &[u8]) -> Vec<u8> {
     key
 }
 
-pub(crate) fn account_key(id: AccountId) -> Vec<u8> {
-    state_key(state_kind::ACCOUNT, &id.0.to_be_bytes())
+pub(crate) fn account_key(id: AccountId) -> [u8; 9] {
+    fixed_key(state_kind::ACCOUNT, id.0.to_be_bytes())
 }
 
-pub(crate) fn merchant_key(id: MerchantId) -> Vec<u8> {
-    state_key(state_kind::MERCHANT, &id.to_u128().to_be_bytes())
+pub(crate) fn merchant_key(id: MerchantId) -> [u8; 17] {
+    fixed_key(state_kind::MERCHANT, id.to_u128().to_be_bytes())
 }
 
-pub(crate) fn payer_key(id: PayerId) -> Vec<u8> {
-    state_key(state_kind::PAYER, &id.to_u128().to_be_bytes())
+pub(crate) fn payer_key(id: PayerId) -> [u8; 17] {
+    fixed_key(state_kind::PAYER, id.to_u128().to_be_bytes())
 }
 
 pub(crate) fn key_key(key_hash: &KeyHash) -> Vec<u8> {
@@ -139,12 +148,12 @@ pub(crate) fn pinned_of(key: &[u8]) -> Option<(u8, u128)> {
     Some((tag, history_key_id(id)?))
 }
 
-pub(crate) fn transfer_state_key(id: TransferId) -> Vec<u8> {
-    state_key(state_kind::TRANSFER, &id.0.to_be_bytes())
+pub(crate) fn transfer_state_key(id: TransferId) -> [u8; 17] {
+    fixed_key(state_kind::TRANSFER, id.0.to_be_bytes())
 }
 
-pub(crate) fn refunded_key(id: PaymentId) -> Vec<u8> {
-    state_key(state_kind::REFUNDED, &id.to_u128().to_be_bytes())
+pub(crate) fn refunded_key(id: PaymentId) -> [u8; 17] {
+    fixed_key(state_kind::REFUNDED, id.to_u128().to_be_bytes())
 }
 
 /// An idempotency key as key bytes: its principal's kind and id, then the key itself.
@@ -188,6 +197,119 @@ pub(crate) const GLOBALS_KEY: &[u8] = &[state_kind::GLOBALS];
 
 pub(crate) fn encode<T: Fields>(row: &T) -> Vec<u8> {
     Binary::encode(row)
+}
+
+/// State changes gathered for one checkpoint, in one buffer: each key and its encoded value
+/// written end to end as they come, then put in key order for the engine, which takes
+/// strictly increasing keys. A checkpoint changes hundreds of thousands of entries; held as
+/// two vectors each they cost two allocations an entry, freed in an order unlike the one they
+/// were made in, and a sort that moved them through pointers into memory long cold.
+#[derive(Default)]
+pub struct StateChanges {
+    bytes: Vec<u8>,
+    entries: Vec<ChangeAt>,
+}
+
+/// Where one change is in [`StateChanges`]' buffer: its key at `at`, its value just after.
+#[derive(Clone, Copy)]
+struct ChangeAt {
+    /// The key's first 16 bytes as one big-endian integer (shorter keys padded with zeros):
+    /// orders keys as their bytes do but for ties, without reading them.
+    leading: u128,
+    at: usize,
+    key_len: u32,
+    /// The value's length, or [`REMOVED`].
+    value_len: u32,
+}
+
+/// The value length of a change that removes its key.
+const REMOVED: u32 = u32::MAX;
+
+impl StateChanges {
+    /// Room for `entries` changes of `bytes` bytes in all, keys and values together.
+    pub fn with_capacity(entries: usize, bytes: usize) -> StateChanges {
+        StateChanges {
+            bytes: Vec::with_capacity(bytes),
+            entries: Vec::with_capacity(entries),
+        }
+    }
+
+    /// Changes given, a key given twice counted twice.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Puts the value `encode` appends under `key`.
+    pub fn put_with(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>)) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        encode(&mut self.bytes);
+        let value_len = u32::try_from(self.bytes.len() - at - key.len())
+            .ok()
+            .filter(|len| *len != REMOVED)
+            .expect("a state entry is smaller than 4 GiB");
+        self.push(key, at, value_len);
+    }
+
+    /// Puts the binary form of `row` under `key`.
+    pub fn put_row<T: Fields>(&mut self, key: &[u8], row: &T) {
+        self.put_with(key, |out| row.put(&mut Binary(out)));
+    }
+
+    /// Puts `value` under `key`.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        self.put_with(key, |out| out.extend_from_slice(value));
+    }
+
+    /// Removes `key`.
+    pub fn remove(&mut self, key: &[u8]) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        self.push(key, at, REMOVED);
+    }
+
+    fn push(&mut self, key: &[u8], at: usize, value_len: u32) {
+        assert!(!key.is_empty(), "a state key is never empty");
+        self.entries.push(ChangeAt {
+            leading: leading_u128(key),
+            at,
+            key_len: u32::try_from(key.len()).expect("a state key is short"),
+            value_len,
+        });
+    }
+
+    /// The changes in strictly increasing key order, each key once with the last change
+    /// given for it.
+    pub fn in_key_order(&mut self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> + '_ {
+        let bytes = &self.bytes;
+        let key = |change: &ChangeAt| &bytes[change.at..change.at + change.key_len as usize];
+        // Each key's last change first among its equals, so that `dedup` keeps it.
+        self.entries.sort_unstable_by(|a, b| {
+            a.leading
+                .cmp(&b.leading)
+                .then_with(|| key(a).cmp(key(b)))
+                .then(b.at.cmp(&a.at))
+        });
+        self.entries.dedup_by(|later, kept| key(later) == key(kept));
+        self.entries.iter().map(move |change| {
+            let key_end = change.at + change.key_len as usize;
+            let value = (change.value_len != REMOVED)
+                .then(|| &bytes[key_end..key_end + change.value_len as usize]);
+            (&bytes[change.at..key_end], value)
+        })
+    }
+}
+
+/// A key's first 16 bytes as one big-endian integer, shorter keys padded with zeros.
+fn leading_u128(key: &[u8]) -> u128 {
+    let mut leading = [0u8; 16];
+    let n = key.len().min(16);
+    leading[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(leading)
 }
 
 /// A stored row, decoded.

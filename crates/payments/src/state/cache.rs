@@ -23,7 +23,8 @@ use farthing_ledger::{Timestamp, TransferRecord};
 use super::queries::{read_history, read_state};
 use super::{Cache, State, account_id};
 use crate::disk::{
-    self, Disk, DiskError, GLOBALS_KEY, Globals, KeyOwner, MerchantState, PayerState, history_kind,
+    self, Disk, DiskError, GLOBALS_KEY, Globals, KeyOwner, MerchantState, PayerState, StateChanges,
+    history_kind,
 };
 use crate::history::{Generation, Line, PaymentRow, RefundRow, Refunded, TopupRow};
 use crate::ids::{PayerId, PaymentId};
@@ -106,9 +107,6 @@ pub(crate) struct Staged {
 /// Accounts the set of those changed since the last stage keeps room for, whatever it held.
 const STAGED_ACCOUNTS_ROOM: usize = 4_096;
 
-/// A state change for the disk: `None` removes the key.
-pub type StateRow = (Vec<u8>, Option<Vec<u8>>);
-
 impl Checkpoint {
     /// History rows made since the last checkpoint.
     pub fn history_len(&self) -> usize {
@@ -173,54 +171,57 @@ impl Checkpoint {
         })
     }
 
-    /// The state rows changed, with the globals last.
-    pub fn state_rows(&self) -> Vec<StateRow> {
-        let mut rows = Vec::with_capacity(
-            self.accounts.len()
-                + self.merchants.len()
-                + self.payers.len()
-                + self.keys.len()
-                + self.refunded.len()
-                + 2 * self.idempotency.len()
-                + 1,
-        );
+    /// How many state entries [`Checkpoint::state_changes`] gives.
+    pub fn state_entries(&self) -> usize {
+        self.accounts.len()
+            + self.merchants.len()
+            + self.payers.len()
+            + self.keys.len()
+            + self.refunded.len()
+            + 2 * self.rows.len()
+            + self.transfers_resolved.len()
+            + 2 * self.idempotency.len()
+            + 1
+    }
+
+    /// Puts the state rows changed into `out`, the globals last.
+    pub fn state_changes(&self, out: &mut StateChanges) {
         for row in &self.accounts {
-            rows.push((disk::account_key(row.account.id), Some(disk::encode(row))));
+            out.put_row(&disk::account_key(row.account.id), row);
         }
         for row in &self.merchants {
-            rows.push((disk::merchant_key(row.merchant.id), Some(disk::encode(row))));
+            out.put_row(&disk::merchant_key(row.merchant.id), row);
         }
         for row in &self.payers {
-            rows.push((disk::payer_key(row.payer.id), Some(disk::encode(row))));
+            out.put_row(&disk::payer_key(row.payer.id), row);
         }
         for (key_hash, principal) in &self.keys {
-            rows.push((
-                disk::key_key(key_hash),
-                principal.map(|principal| disk::encode(&KeyOwner(principal))),
-            ));
+            let key = disk::key_key(key_hash);
+            match principal {
+                Some(principal) => out.put_row(&key, &KeyOwner(*principal)),
+                None => out.remove(&key),
+            }
         }
         for (id, refunded) in &self.refunded {
-            rows.push((disk::refunded_key(*id), Some(disk::encode(refunded))));
+            out.put_row(&disk::refunded_key(*id), refunded);
         }
         for (row, pinned) in &self.rows {
-            rows.push((disk::row_key(row.tag, row.id), Some(row.bytes.clone())));
-            rows.push((disk::pinned_key(row.tag, row.id), pinned.then(Vec::new)));
+            out.put(&disk::row_key(row.tag, row.id), &row.bytes);
+            let marker = disk::pinned_key(row.tag, row.id);
+            if *pinned {
+                out.put(&marker, &[]);
+            } else {
+                out.remove(&marker);
+            }
         }
         for record in &self.transfers_resolved {
-            rows.push((
-                disk::transfer_state_key(record.transfer.id),
-                Some(disk::encode(record)),
-            ));
+            out.put_row(&disk::transfer_state_key(record.transfer.id), record);
         }
         for row in &self.idempotency {
-            rows.push((disk::idempotency_key(&row.key), Some(disk::encode(row))));
-            rows.push((
-                disk::idempotency_by_time_key(row.made, &row.key),
-                Some(Vec::new()),
-            ));
+            out.put_row(&disk::idempotency_key(&row.key), row);
+            out.put(&disk::idempotency_by_time_key(row.made, &row.key), &[]);
         }
-        rows.push((GLOBALS_KEY.to_vec(), Some(disk::encode(&self.globals))));
-        rows
+        out.put_row(GLOBALS_KEY, &self.globals);
     }
 }
 

@@ -328,6 +328,24 @@ fn a_state_key_starting_with_the_engines_own_byte_is_refused() {
 }
 
 #[test]
+#[should_panic(expected = "state changes come in strictly increasing key order")]
+fn state_changes_out_of_order_are_refused() {
+    let dir = TempDir::new("state-order");
+    let engine = open(&dir);
+    let changes: [(&[u8], Option<&[u8]>); 2] = [(b"a2", Some(b"two")), (b"a1", Some(b"one"))];
+    let _ = engine.checkpoint_in_order(Vec::<(Vec<u8>, Vec<u8>)>::new(), changes, 1);
+}
+
+#[test]
+#[should_panic(expected = "state changes come in strictly increasing key order")]
+fn a_state_key_given_twice_in_order_is_refused() {
+    let dir = TempDir::new("state-twice");
+    let engine = open(&dir);
+    let changes: [(&[u8], Option<&[u8]>); 2] = [(b"a1", Some(b"one")), (b"a1", None)];
+    let _ = engine.checkpoint_in_order(Vec::<(Vec<u8>, Vec<u8>)>::new(), changes, 1);
+}
+
+#[test]
 #[should_panic(expected = "a checkpoint never goes back")]
 fn a_checkpoint_behind_the_engines_position_is_refused() {
     let dir = TempDir::new("backwards");
