@@ -4,7 +4,8 @@
 //! Payers (funded) and merchants are made first; then batches of 8,190 payments among them go
 //! in one after another, while one client sends single payments one at a time beside them.
 //! Each tenth of the run reports its payments per second, the process's resident memory at
-//! its end, and the single payments' p99 and longest wait. At the end: bytes on disk per
+//! its end and the highest it was during the tenth (looked at every 50 ms), and the single
+//! payments' p99 and longest wait. At the end: bytes on disk per
 //! payment, and the time a restart takes to be ready.
 
 use std::sync::{Arc, Mutex};
@@ -161,6 +162,8 @@ async fn make_parties(
 
 /// The longest a single payment beside the batches should wait, at any moment.
 const LONG_WAIT_MICROS: u32 = 250_000;
+/// How often the soak looks at resident memory for each tenth's highest.
+const RESIDENT_SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 /// Latencies of the single payments, in microseconds, by tenth of the run.
 type Latencies = Arc<Mutex<Vec<Vec<u32>>>>;
@@ -218,6 +221,24 @@ pub(crate) async fn soak(
         })
     };
 
+    // Resident memory rises while a checkpoint is written and falls after: a look at the end
+    // of a tenth finds it wherever the cycle stands, so each tenth's highest is kept too.
+    let peaks: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new(
+        (0..tenths)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect(),
+    );
+    let sampler = {
+        let (window, peaks, running) = (window.clone(), peaks.clone(), running.clone());
+        std::thread::spawn(move || {
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = window.load(std::sync::atomic::Ordering::Relaxed);
+                peaks[at].fetch_max(resident_bytes(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(RESIDENT_SAMPLE_EVERY);
+            }
+        })
+    };
+
     let batches = (total / BATCH as u64).max(tenths as u64);
     let batches_started = Instant::now();
     let per_tenth = batches / tenths as u64;
@@ -247,10 +268,14 @@ pub(crate) async fn soak(
         waits.sort_unstable();
         let (p99, max) = (percentile(&waits, 0.99), waits.last().copied().unwrap_or(0));
         let resident = resident_bytes();
+        let highest = peaks[tenth]
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(resident);
         let (heap_in_use, heap_free) = crate::alloc::heap_figures().unwrap_or((0, 0));
         say(&format!(
-            "soak: {made} payments; this tenth {rate:.0} payments/s; resident {} MiB (heap in use {} MiB, freed and kept {} MiB); single payments p99 {:.1} ms, longest {:.1} ms ({} sent)",
+            "soak: {made} payments; this tenth {rate:.0} payments/s; resident {} MiB, highest {} MiB (heap in use {} MiB, freed and kept {} MiB); single payments p99 {:.1} ms, longest {:.1} ms ({} sent)",
             resident >> 20,
+            highest >> 20,
             heap_in_use >> 20,
             heap_free >> 20,
             f64::from(p99) / 1000.0,
@@ -261,6 +286,7 @@ pub(crate) async fn soak(
             "payments": made,
             "payments_per_sec": rate.round(),
             "resident_bytes": resident,
+            "resident_bytes_highest": highest,
             "heap_in_use_bytes": heap_in_use,
             "heap_freed_kept_bytes": heap_free,
             "single_p99_micros": p99,
@@ -270,6 +296,9 @@ pub(crate) async fn soak(
     }
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     single.await??;
+    sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("the memory sampler panicked"))?;
     let overall = made as f64 / batches_started.elapsed().as_secs_f64();
     stop(service).await?;
     let disk = disk_bytes(&dir);

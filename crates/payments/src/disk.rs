@@ -234,6 +234,26 @@ impl StateChanges {
         }
     }
 
+    /// Forgets every change and keeps the room they took, for the next checkpoint's; a room
+    /// more than twice what they took is given back first, so that one large checkpoint (an
+    /// import's, a long replay's) does not leave its size held for good.
+    pub fn clear(&mut self) {
+        if self.bytes.capacity() > 2 * self.bytes.len() {
+            self.bytes.shrink_to(self.bytes.len());
+        }
+        if self.entries.capacity() > 2 * self.entries.len() {
+            self.entries.shrink_to(self.entries.len());
+        }
+        self.bytes.clear();
+        self.entries.clear();
+    }
+
+    /// Makes room for `entries` more changes of `bytes` bytes in all.
+    pub fn reserve(&mut self, entries: usize, bytes: usize) {
+        self.entries.reserve(entries);
+        self.bytes.reserve(bytes);
+    }
+
     /// Changes given, a key given twice counted twice.
     pub fn len(&self) -> usize {
         self.entries.len()

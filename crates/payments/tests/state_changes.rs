@@ -30,26 +30,40 @@ fn change() -> impl Strategy<Value = (Vec<u8>, Option<Vec<u8>>)> {
     )
 }
 
+type Changes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// Gives `changes` to `gathered` and returns what comes out, with what a map holds after
+/// taking them one by one.
+fn gather(gathered: &mut StateChanges, changes: &Changes) -> (Changes, Changes) {
+    let mut model = BTreeMap::new();
+    for (key, value) in changes {
+        match value {
+            Some(value) => gathered.put(key, value),
+            None => gathered.remove(key),
+        }
+        model.insert(key.clone(), value.clone());
+    }
+    assert_eq!(gathered.len(), changes.len());
+    let out = gathered
+        .in_key_order()
+        .map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec)))
+        .collect();
+    (out, model.into_iter().collect())
+}
+
 proptest! {
     #[test]
     fn changes_come_out_in_key_order_with_the_last_of_each_key(
         changes in prop::collection::vec(change(), 0..60),
+        next in prop::collection::vec(change(), 0..60),
     ) {
         let mut gathered = StateChanges::default();
-        let mut model = BTreeMap::new();
-        for (key, value) in &changes {
-            match value {
-                Some(value) => gathered.put(key, value),
-                None => gathered.remove(key),
-            }
-            model.insert(key.clone(), value.clone());
-        }
-        prop_assert_eq!(gathered.len(), changes.len());
-        let out: Vec<(Vec<u8>, Option<Vec<u8>>)> = gathered
-            .in_key_order()
-            .map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec)))
-            .collect();
-        let expected: Vec<(Vec<u8>, Option<Vec<u8>>)> = model.into_iter().collect();
+        let (out, expected) = gather(&mut gathered, &changes);
+        prop_assert_eq!(out, expected);
+        // The buffer kept for the next checkpoint holds nothing of this one's.
+        gathered.clear();
+        prop_assert!(gathered.is_empty());
+        let (out, expected) = gather(&mut gathered, &next);
         prop_assert_eq!(out, expected);
     }
 }

@@ -12,8 +12,9 @@ use farthing_store::{Checkpoints, Journal, StoreError};
 
 use crate::{Engine, SegmentedJournal};
 
-/// Bytes a checkpoint's state entry takes, key and value, as most do (a payer's is about
-/// 90, an account's about 60): room made for them at once, so that the buffer rarely grows.
+/// Bytes a checkpoint's state entry takes, key and value, as most do (a payer's about 107, an
+/// account's about 81): room made for them at once, so that the first checkpoint's buffer
+/// rarely grows; later ones reuse it.
 const STATE_ENTRY_BYTES: usize = 96;
 
 /// The engine's directory inside the data directory.
@@ -52,11 +53,18 @@ impl disk::DiskScan for Engine {
 /// [`Checkpoints`] into an [`Engine`].
 pub struct EngineCheckpoints {
     engine: Arc<Engine>,
+    /// The buffer the last checkpoint gathered its state changes in, kept for the next: a
+    /// checkpoint's worth of memory made anew each time costs a page fault every 4 KiB, and
+    /// resident memory that rises and falls by that much with each checkpoint.
+    state: std::sync::Mutex<StateChanges>,
 }
 
 impl EngineCheckpoints {
     pub fn new(engine: Arc<Engine>) -> EngineCheckpoints {
-        EngineCheckpoints { engine }
+        EngineCheckpoints {
+            engine,
+            state: std::sync::Mutex::new(StateChanges::default()),
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -72,8 +80,10 @@ impl Checkpoints for EngineCheckpoints {
     fn write(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         // Pruned idempotency keys go first: a key pruned and made again since is among the
         // changes after them, and the last change of a key wins.
+        let mut state = self.state.lock().expect("state changes");
+        state.clear();
         let entries = checkpoint.state_entries();
-        let mut state = StateChanges::with_capacity(entries, entries * STATE_ENTRY_BYTES);
+        state.reserve(entries, entries * STATE_ENTRY_BYTES);
         if let Some(before) = checkpoint.prune_before {
             for entry in self.engine.state_prefix(disk::IDEMPOTENCY_BY_TIME_PREFIX) {
                 let (key, _) = entry?;
