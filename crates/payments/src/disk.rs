@@ -226,14 +226,6 @@ struct ChangeAt {
 const REMOVED: u32 = u32::MAX;
 
 impl StateChanges {
-    /// Room for `entries` changes of `bytes` bytes in all, keys and values together.
-    pub fn with_capacity(entries: usize, bytes: usize) -> StateChanges {
-        StateChanges {
-            bytes: Vec::with_capacity(bytes),
-            entries: Vec::with_capacity(entries),
-        }
-    }
-
     /// Forgets every change and keeps the room they took, for the next checkpoint's; a room
     /// more than twice what they took is given back first, so that one large checkpoint (an
     /// import's, a long replay's) does not leave its size held for good.
@@ -248,13 +240,8 @@ impl StateChanges {
         self.entries.clear();
     }
 
-    /// Makes room for `entries` more changes of `bytes` bytes in all.
-    pub fn reserve(&mut self, entries: usize, bytes: usize) {
-        self.entries.reserve(entries);
-        self.bytes.reserve(bytes);
-    }
-
-    /// Changes given, a key given twice counted twice.
+    /// Changes given since the last [`StateChanges::clear`], a key given twice counted twice
+    /// until [`StateChanges::in_key_order`] keeps its last.
     pub fn len(&self) -> usize {
         self.entries.len()
     }

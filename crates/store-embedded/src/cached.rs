@@ -12,11 +12,6 @@ use farthing_store::{Checkpoints, Journal, StoreError};
 
 use crate::{Engine, SegmentedJournal};
 
-/// Bytes a checkpoint's state entry takes, key and value, as most do (a payer's about 107, an
-/// account's about 81): room made for them at once, so that the first checkpoint's buffer
-/// rarely grows; later ones reuse it.
-const STATE_ENTRY_BYTES: usize = 96;
-
 /// The engine's directory inside the data directory.
 pub const ENGINE_DIR: &str = "engine";
 
@@ -82,8 +77,6 @@ impl Checkpoints for EngineCheckpoints {
         // changes after them, and the last change of a key wins.
         let mut state = self.state.lock().expect("state changes");
         state.clear();
-        let entries = checkpoint.state_entries();
-        state.reserve(entries, entries * STATE_ENTRY_BYTES);
         if let Some(before) = checkpoint.prune_before {
             for entry in self.engine.state_prefix(disk::IDEMPOTENCY_BY_TIME_PREFIX) {
                 let (key, _) = entry?;

@@ -171,19 +171,6 @@ impl Checkpoint {
         })
     }
 
-    /// How many state entries [`Checkpoint::state_changes`] gives.
-    pub fn state_entries(&self) -> usize {
-        self.accounts.len()
-            + self.merchants.len()
-            + self.payers.len()
-            + self.keys.len()
-            + self.refunded.len()
-            + 2 * self.rows.len()
-            + self.transfers_resolved.len()
-            + 2 * self.idempotency.len()
-            + 1
-    }
-
     /// Puts the state rows changed into `out`, the globals last.
     pub fn state_changes(&self, out: &mut StateChanges) {
         for row in &self.accounts {
