@@ -5,8 +5,9 @@
 //! in one after another, while one client sends single payments one at a time beside them.
 //! Each tenth of the run reports its payments per second, the process's resident memory at
 //! its end and the highest it was during the tenth (looked at every 50 ms), and the single
-//! payments' p99 and longest wait. At the end: bytes on disk per
-//! payment, and the time a restart takes to be ready.
+//! payments' p99 and longest wait. At the end: each kind of thread's processor time per
+//! payment, and its time waiting for a processor; bytes on disk per payment; and the time a
+//! restart takes to be ready.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,6 +101,57 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     }
     let rank = ((sorted.len() as f64) * p).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Processor time of each thread of this process alive when read, by thread id: its name,
+/// nanoseconds on a processor, and nanoseconds runnable but waiting for one
+/// (`/proc/self/task/*/schedstat`). Empty where the kernel does not keep them.
+type ThreadTimes = std::collections::BTreeMap<u32, (String, u64, u64)>;
+
+fn thread_times() -> ThreadTimes {
+    let mut times = ThreadTimes::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return times;
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let Some(tid) = task.file_name().to_str().and_then(|tid| tid.parse().ok()) else {
+            continue;
+        };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        if let Some((on_cpu, queued)) = parse_schedstat(&stat) {
+            times.insert(tid, (name.trim().to_string(), on_cpu, queued));
+        }
+    }
+    times
+}
+
+/// A `schedstat` line: nanoseconds on a processor, nanoseconds waiting for one, time slices.
+fn parse_schedstat(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace().map(str::parse::<u64>);
+    Some((fields.next()?.ok()?, fields.next()?.ok()?))
+}
+
+/// What each kind of thread (by name) spent between two readings, in nanoseconds on a
+/// processor and waiting for one, busiest first. A thread begun between them counts from 0;
+/// one ended between them is missing.
+fn thread_time_spent(before: &ThreadTimes, after: &ThreadTimes) -> Vec<(String, u64, u64)> {
+    let mut by_name: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    for (tid, (name, on_cpu, queued)) in after {
+        let (was_on, was_queued) = before
+            .get(tid)
+            .filter(|(was_name, _, _)| was_name == name)
+            .map_or((0, 0), |(_, on, queued)| (*on, *queued));
+        let spent = by_name.entry(name).or_default();
+        spent.0 += on_cpu.saturating_sub(was_on);
+        spent.1 += queued.saturating_sub(was_queued);
+    }
+    let mut spent: Vec<(String, u64, u64)> = by_name
+        .into_iter()
+        .map(|(name, (on_cpu, queued))| (name.to_string(), on_cpu, queued))
+        .collect();
+    spent.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    spent
 }
 
 /// Makes `payers` funded payers and the merchants, in rounds, and returns their ids.
@@ -241,6 +293,7 @@ pub(crate) async fn soak(
 
     let batches = (total / BATCH as u64).max(tenths as u64);
     let batches_started = Instant::now();
+    let threads_before = thread_times();
     let per_tenth = batches / tenths as u64;
     let mut rng = Rng(0x5EED_0002);
     let mut rows = Vec::new();
@@ -300,6 +353,32 @@ pub(crate) async fn soak(
         .join()
         .map_err(|_| anyhow::anyhow!("the memory sampler panicked"))?;
     let overall = made as f64 / batches_started.elapsed().as_secs_f64();
+    let threads = thread_time_spent(&threads_before, &thread_times());
+    let per_payment = |nanos: u64| nanos as f64 / made.max(1) as f64;
+    say(&format!(
+        "soak: processor time per payment by thread (ns on a processor / waiting for one): {}",
+        threads
+            .iter()
+            .filter(|(_, on_cpu, _)| *on_cpu > 0)
+            .map(|(name, on_cpu, queued)| format!(
+                "{name} {:.0} / {:.0}",
+                per_payment(*on_cpu),
+                per_payment(*queued)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let threads: Vec<Value> = threads
+        .iter()
+        .map(|(name, on_cpu, queued)| {
+            json!({
+                "name": name,
+                "on_cpu_secs": *on_cpu as f64 / 1e9,
+                "waiting_for_cpu_secs": *queued as f64 / 1e9,
+                "on_cpu_nanos_per_payment": per_payment(*on_cpu).round(),
+            })
+        })
+        .collect();
     stop(service).await?;
     let disk = disk_bytes(&dir);
     say(&format!(
@@ -324,10 +403,62 @@ pub(crate) async fn soak(
         "batch_payments": made,
         "tenths": rows,
         "payments_per_sec_overall": overall.round(),
+        "threads": threads,
         "disk_bytes": disk,
         "disk_bytes_per_payment": disk / made.max(1),
         "restart_secs": restart_secs,
         "restart_records_replayed": replayed,
         "resident_bytes_after_restart": resident_after_restart,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedstat_line_gives_time_on_a_processor_and_time_waiting_for_one() {
+        assert_eq!(
+            parse_schedstat("14520000000 3290000000 9160\n"),
+            Some((14_520_000_000, 3_290_000_000))
+        );
+        assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("12 x 3"), None);
+    }
+
+    #[test]
+    fn time_spent_is_summed_by_thread_name_from_the_first_reading_on() {
+        let reading = |threads: &[(u32, &str, u64, u64)]| -> ThreadTimes {
+            threads
+                .iter()
+                .map(|&(tid, name, on, queued)| (tid, (name.to_string(), on, queued)))
+                .collect()
+        };
+        let before = reading(&[
+            (1, "writer", 100, 10),
+            (2, "worker", 50, 5),
+            (3, "gone", 9, 9),
+        ]);
+        let after = reading(&[
+            (1, "writer", 400, 30),
+            (2, "worker", 80, 5),
+            // Begun between the readings: all of it counts.
+            (4, "worker", 20, 1),
+            // A reused id under another name is another thread.
+            (3, "new", 7, 2),
+        ]);
+        assert_eq!(
+            thread_time_spent(&before, &after),
+            vec![
+                ("writer".to_string(), 300, 20),
+                ("worker".to_string(), 50, 1),
+                ("new".to_string(), 7, 2),
+            ]
+        );
+        assert!(
+            thread_time_spent(&after, &after)
+                .iter()
+                .all(|(_, on, queued)| *on == 0 && *queued == 0)
+        );
+    }
 }
