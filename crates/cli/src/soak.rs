@@ -5,8 +5,8 @@
 //! in one after another, while one client sends single payments one at a time beside them.
 //! Each tenth of the run reports its payments per second, the process's resident memory at
 //! its end and the highest it was during the tenth (looked at every 50 ms), and the single
-//! payments' p99 and longest wait. At the end: each kind of thread's processor time per
-//! payment, and its time waiting for a processor; bytes on disk per payment; and the time a
+//! payments' p99 and longest wait. At the end: the process's processor time per payment, and
+//! each kind of thread's with its time waiting for a processor; bytes on disk per payment; and the time a
 //! restart takes to be ready.
 
 use std::sync::{Arc, Mutex};
@@ -130,6 +130,29 @@ fn thread_times() -> ThreadTimes {
 fn parse_schedstat(line: &str) -> Option<(u64, u64)> {
     let mut fields = line.split_whitespace().map(str::parse::<u64>);
     Some((fields.next()?.ok()?, fields.next()?.ok()?))
+}
+
+/// Processor time of the whole process so far, every thread counted, those ended too, in
+/// nanoseconds (`/proc/self/stat`; 0 where there is none).
+fn process_cpu_nanos() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| parse_stat_cpu_nanos(&stat))
+        .unwrap_or(0)
+}
+
+/// User and system time from a `/proc/PID/stat` line, in nanoseconds. The name in it (in
+/// parentheses) may hold spaces and parentheses, so fields are counted from the last `)`;
+/// times are in the kernel's fixed 100 ticks a second.
+fn parse_stat_cpu_nanos(line: &str) -> Option<u64> {
+    const NANOS_PER_TICK: u64 = 10_000_000;
+    let mut fields = line
+        .get(line.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) * NANOS_PER_TICK)
 }
 
 /// What each kind of thread (by name) spent between two readings, in nanoseconds on a
@@ -294,6 +317,7 @@ pub(crate) async fn soak(
     let batches = (total / BATCH as u64).max(tenths as u64);
     let batches_started = Instant::now();
     let threads_before = thread_times();
+    let process_before = process_cpu_nanos();
     let per_tenth = batches / tenths as u64;
     let mut rng = Rng(0x5EED_0002);
     let mut rows = Vec::new();
@@ -354,9 +378,11 @@ pub(crate) async fn soak(
         .map_err(|_| anyhow::anyhow!("the memory sampler panicked"))?;
     let overall = made as f64 / batches_started.elapsed().as_secs_f64();
     let threads = thread_time_spent(&threads_before, &thread_times());
+    let process_cpu = process_cpu_nanos().saturating_sub(process_before);
     let per_payment = |nanos: u64| nanos as f64 / made.max(1) as f64;
     say(&format!(
-        "soak: processor time per payment by thread (ns on a processor / waiting for one): {}",
+        "soak: processor time per payment, {:.0} ns in all threads (those ended too); by thread alive at the end (ns on a processor / waiting for one): {}",
+        per_payment(process_cpu),
         threads
             .iter()
             .filter(|(_, on_cpu, _)| *on_cpu > 0)
@@ -404,6 +430,7 @@ pub(crate) async fn soak(
         "tenths": rows,
         "payments_per_sec_overall": overall.round(),
         "threads": threads,
+        "process_on_cpu_nanos_per_payment": per_payment(process_cpu).round(),
         "disk_bytes": disk,
         "disk_bytes_per_payment": disk / made.max(1),
         "restart_secs": restart_secs,
@@ -424,6 +451,16 @@ mod tests {
         );
         assert_eq!(parse_schedstat(""), None);
         assert_eq!(parse_schedstat("12 x 3"), None);
+    }
+
+    #[test]
+    fn a_stat_line_gives_user_and_system_time_counted_after_the_name() {
+        // A name with a space and a parenthesis of its own; utime 1234, stime 66 ticks.
+        let line =
+            "4242 (farthing (x) y) R 1 4242 4242 0 -1 4194304 100 0 0 0 1234 66 0 0 20 0 9 0 5 6 7";
+        assert_eq!(parse_stat_cpu_nanos(line), Some(1_300 * 10_000_000));
+        assert_eq!(parse_stat_cpu_nanos("4242 (farthing) R 1"), None);
+        assert_eq!(parse_stat_cpu_nanos("no name here"), None);
     }
 
     #[test]
