@@ -14,6 +14,8 @@ pub enum DecodeError {
     /// A number outside what its field allows (a count beyond `usize`, a total beyond
     /// `i64::MAX`).
     OutOfRange,
+    /// Fields that each decode but do not agree with each other.
+    Inconsistent(&'static str),
 }
 
 impl std::fmt::Display for DecodeError {

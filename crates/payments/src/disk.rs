@@ -7,7 +7,7 @@
 //! **State** keys are a kind byte and the row's own key.
 
 use farthing_kernel::{Binary, BinaryReader, DecodeError, Fields, Get, Put};
-use farthing_ledger::{AccountId, Currency, Timestamp, TransferId};
+use farthing_ledger::{Account, AccountId, Currency, Timestamp, TransferId};
 use smallvec::SmallVec;
 
 use crate::ids::{MerchantId, PayerId, PaymentId};
@@ -74,6 +74,70 @@ pub mod state_kind {
     /// A transfer record whose hold state changed after its history row was written: read
     /// before the history row.
     pub const TRANSFER: u8 = b'x';
+    /// The format the state was written in ([`super::STATE_FORMAT`]): absent before format 2.
+    pub const FORMAT: u8 = b'v';
+}
+
+/// The stored form of the state this build reads and writes. Format 2 keeps a payer's
+/// accounts in the payer's row; format 1 kept them in account rows of their own.
+pub const STATE_FORMAT: u32 = 2;
+
+/// The key of the state's format.
+pub const FORMAT_KEY: &[u8] = &[state_kind::FORMAT];
+
+/// The state's format as stored: every checkpoint writes it.
+pub fn format_value() -> [u8; 4] {
+    STATE_FORMAT.to_le_bytes()
+}
+
+/// Whether `disk` holds a state written in a format before [`STATE_FORMAT`]. Refuses a
+/// format newer than this build reads.
+pub fn needs_upgrade(disk: &dyn Disk) -> Result<bool, DiskError> {
+    match disk.state(FORMAT_KEY)? {
+        Some(bytes) => {
+            let format = <[u8; 4]>::try_from(bytes.as_slice())
+                .map(u32::from_le_bytes)
+                .map_err(|_| DiskError("the state's format is not 4 bytes".to_string()))?;
+            if format == STATE_FORMAT {
+                Ok(false)
+            } else {
+                Err(DiskError(format!(
+                    "the state was written in format {format}; this build reads format {STATE_FORMAT}"
+                )))
+            }
+        }
+        // Nothing written yet, or written before formats were named (format 1).
+        None => Ok(disk.state(GLOBALS_KEY)?.is_some()),
+    }
+}
+
+/// Puts into `out` what brings a disk written in an earlier format to [`STATE_FORMAT`]:
+/// `false` (and nothing put) when it is there already, or holds nothing yet. Written as one
+/// state change at the disk's own position, it moves each payer's accounts into its row and
+/// removes their own rows. Refuses a format newer than this build reads.
+pub fn upgrade_state(disk: &dyn Disk, out: &mut StateChanges) -> Result<bool, DiskError> {
+    if !needs_upgrade(disk)? {
+        return Ok(false);
+    }
+    for entry in disk.scan_state(&[state_kind::PAYER]) {
+        let (key, value) = entry?;
+        let PayerStateV1(mut row) = decode(&value)?;
+        for (_, id) in &row.lists.accounts {
+            let account_key = account_key(*id);
+            let bytes = disk.state(&account_key)?.ok_or_else(|| {
+                DiskError(format!(
+                    "payer {}'s account {} is missing",
+                    row.payer.id, id.0
+                ))
+            })?;
+            let AccountRow { account, .. } = decode(&bytes)?;
+            row.accounts.push(account);
+            out.remove(&account_key);
+        }
+        out.put_row(&key, &row);
+    }
+    out.put(FORMAT_KEY, &format_value());
+    Ok(true)
 }
 
 /// A history key.
@@ -113,7 +177,7 @@ pub(crate) fn state_key(kind: u8, body: &[u8]) -> Vec<u8> {
     key
 }
 
-pub(crate) fn account_key(id: AccountId) -> [u8; 9] {
+pub fn account_key(id: AccountId) -> [u8; 9] {
     fixed_key(state_kind::ACCOUNT, id.0.to_be_bytes())
 }
 
@@ -121,7 +185,7 @@ pub(crate) fn merchant_key(id: MerchantId) -> [u8; 17] {
     fixed_key(state_kind::MERCHANT, id.to_u128().to_be_bytes())
 }
 
-pub(crate) fn payer_key(id: PayerId) -> [u8; 17] {
+pub fn payer_key(id: PayerId) -> [u8; 17] {
     fixed_key(state_kind::PAYER, id.to_u128().to_be_bytes())
 }
 
@@ -413,22 +477,26 @@ impl Fields for MerchantState {
     }
 }
 
-/// A payer as a cache keeps it on disk: the payer and its lists.
+/// A payer as a cache keeps it on disk: the payer, its lists and its accounts, in one row
+/// (format 2, [`STATE_FORMAT`]). A payment changes a payer's lists and its wallet together,
+/// so one row a payer rather than two halves what a checkpoint writes and the engine merges.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct PayerState {
     pub payer: std::sync::Arc<Payer>,
     pub lists: PartyLists,
+    /// The payer's accounts, in the order of `lists.accounts`.
+    pub accounts: SmallVec<[Account; 1]>,
 }
 
-impl Fields for PayerState {
-    fn put(&self, out: &mut impl Put) {
+impl PayerState {
+    fn put_payer_and_lists(&self, out: &mut impl Put) {
         out.id("id", self.payer.id.to_u128());
         out.text("name", &self.payer.name);
         out.int("created_at", self.payer.created_at.0);
         self.lists.put(out);
     }
 
-    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+    fn get_payer_and_lists(input: &mut impl Get) -> Result<Self, DecodeError> {
         let payer = Payer {
             id: PayerId::from_u128(input.id("id")?),
             name: input.text("name")?,
@@ -437,7 +505,60 @@ impl Fields for PayerState {
         Ok(PayerState {
             payer: std::sync::Arc::new(payer),
             lists: PartyLists::get(input)?,
+            accounts: SmallVec::new(),
         })
+    }
+
+    /// Each account with its owner, as the ledger holds it.
+    pub fn account_rows(&self) -> impl Iterator<Item = AccountRow> + '_ {
+        let owner = Owner::Payer(self.payer.id);
+        self.accounts.iter().map(move |account| AccountRow {
+            owner,
+            account: *account,
+        })
+    }
+}
+
+impl Fields for PayerState {
+    fn put(&self, out: &mut impl Put) {
+        assert_eq!(
+            self.accounts.len(),
+            self.lists.accounts.len(),
+            "a payer's row holds each account it lists"
+        );
+        self.put_payer_and_lists(out);
+        for account in &self.accounts {
+            account.put(out);
+        }
+    }
+
+    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+        let mut state = PayerState::get_payer_and_lists(input)?;
+        for (currency, id) in &state.lists.accounts {
+            let account = Account::get(input)?;
+            if account.id != *id || account.currency != *currency {
+                return Err(DecodeError::Inconsistent(
+                    "a payer's account is not the one it lists",
+                ));
+            }
+            state.accounts.push(account);
+        }
+        Ok(state)
+    }
+}
+
+/// A payer's row as format 1 kept it: the payer and its lists, its accounts in rows of their
+/// own. Read once, when an engine of format 1 is brought up to date ([`upgrade_state`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PayerStateV1(pub PayerState);
+
+impl Fields for PayerStateV1 {
+    fn put(&self, out: &mut impl Put) {
+        self.0.put_payer_and_lists(out);
+    }
+
+    fn get(input: &mut impl Get) -> Result<Self, DecodeError> {
+        PayerState::get_payer_and_lists(input).map(PayerStateV1)
     }
 }
 
@@ -530,4 +651,67 @@ pub type Rows<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), DiskError
 pub trait DiskScan: Disk {
     /// Every history row a finished checkpoint wrote.
     fn scan_history(&self) -> Rows<'_>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use farthing_ledger::AccountKind;
+
+    fn payer_with(accounts: &[(&str, u64)]) -> PayerState {
+        let mut state = PayerState {
+            payer: std::sync::Arc::new(Payer {
+                id: PayerId::from_u128(7),
+                name: "ada".into(),
+                created_at: Timestamp(3),
+            }),
+            lists: PartyLists::default(),
+            accounts: SmallVec::new(),
+        };
+        for (n, (code, credits)) in (1u64..).zip(accounts) {
+            let currency = Currency::parse(code).expect("a currency");
+            state.lists.accounts.push((currency, AccountId(n)));
+            state.accounts.push(Account {
+                id: AccountId(n),
+                kind: AccountKind::PayerWallet,
+                currency,
+                debits_posted: n,
+                credits_posted: *credits,
+                debits_pending: 0,
+                credits_pending: n * 2,
+            });
+        }
+        state
+    }
+
+    #[test]
+    fn a_payers_row_keeps_its_accounts_and_its_first_format_does_not() {
+        let state = payer_with(&[("USD", 500), ("EUR", 900)]);
+        let bytes = Binary::encode(&state);
+        assert_eq!(decode::<PayerState>(&bytes), Ok(state.clone()));
+
+        let first = Binary::encode(&PayerStateV1(state.clone()));
+        let PayerStateV1(read) = decode(&first).expect("decodes");
+        assert_eq!((read.payer, read.lists), (state.payer, state.lists));
+        assert!(read.accounts.is_empty());
+        // Either form read as the other is refused, never misread.
+        assert!(decode::<PayerState>(&first).is_err());
+        assert!(decode::<PayerStateV1>(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_payers_row_whose_account_is_not_the_one_it_lists_is_refused() {
+        let mut state = payer_with(&[("USD", 500)]);
+        state.accounts[0].id = AccountId(99);
+        let mut bytes = Vec::new();
+        state.put_payer_and_lists(&mut Binary(&mut bytes));
+        state.accounts[0].put(&mut Binary(&mut bytes));
+        assert_eq!(
+            decode::<PayerState>(&bytes),
+            Err(DiskError(
+                "a stored row does not decode: Inconsistent(\"a payer's account is not the one it lists\")"
+                    .into()
+            ))
+        );
+    }
 }

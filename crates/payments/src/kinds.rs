@@ -366,6 +366,7 @@ mod tests {
             state_kind::PAYER,
             state_kind::REFUNDED,
             state_kind::TRANSFER,
+            state_kind::FORMAT,
             PINNED,
         ];
         let mut seen = std::collections::HashSet::new();

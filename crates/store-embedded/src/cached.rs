@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use farthing_ledger::Currency;
-use farthing_payments::disk::{self, Disk, DiskError, StateChanges};
+use farthing_payments::disk::{self, Disk, DiskError, PayerState, StateChanges};
 use farthing_payments::{AccountRow, Checkpoint, Record, State};
 use farthing_store::{Checkpoints, Journal, StoreError};
 
@@ -115,7 +115,23 @@ pub fn open_with(
     // The journal first: it takes the data directory's lock.
     let journal = SegmentedJournal::open_with(data_dir, segment_bytes_max)?;
     let engine = Engine::open(&data_dir.join(ENGINE_DIR), engine_cache_bytes)?;
+    upgrade(&engine)?;
     Ok((journal, EngineCheckpoints::new(Arc::new(engine))))
+}
+
+/// Brings a state written in an earlier format up to this build's, in one state change at the
+/// engine's own position: a crash before it is durable leaves the old format whole, to be
+/// upgraded at the next open.
+fn upgrade(engine: &Engine) -> Result<(), StoreError> {
+    let mut changes = StateChanges::default();
+    if disk::upgrade_state(engine, &mut changes)? {
+        engine.checkpoint_in_order(
+            std::iter::empty::<(&[u8], &[u8])>(),
+            changes.in_key_order(),
+            engine.position(),
+        )?;
+    }
+    Ok(())
 }
 
 /// [`open_with`] as a server opens it: journal segments are made ahead of time, so that
@@ -166,13 +182,25 @@ pub fn verify(data_dir: &Path) -> Result<Verified, StoreError> {
     checkpoints.write(&checkpoint)?;
     state.checkpoint_written(checkpoint.position);
     let mut totals: std::collections::BTreeMap<Currency, (i128, i128)> = Default::default();
-    let accounts = [disk::state_kind::ACCOUNT];
-    for entry in checkpoints.engine().state_prefix(&accounts) {
-        let (_, value) = entry?;
-        let row: AccountRow = disk::decode(&value)?;
-        let sums = totals.entry(row.account.currency).or_default();
-        sums.0 += row.account.posted_balance();
-        sums.1 += i128::from(row.account.credits_pending) - i128::from(row.account.debits_pending);
+    let mut add = |account: &farthing_ledger::Account| {
+        let sums = totals.entry(account.currency).or_default();
+        sums.0 += account.posted_balance();
+        sums.1 += i128::from(account.credits_pending) - i128::from(account.debits_pending);
+    };
+    // Payers' accounts are in their rows; every other account in a row of its own.
+    for entry in checkpoints
+        .engine()
+        .state_prefix(&[disk::state_kind::PAYER])
+    {
+        let row: PayerState = disk::decode(&entry?.1)?;
+        row.accounts.iter().for_each(&mut add);
+    }
+    for entry in checkpoints
+        .engine()
+        .state_prefix(&[disk::state_kind::ACCOUNT])
+    {
+        let row: AccountRow = disk::decode(&entry?.1)?;
+        add(&row.account);
     }
     Ok(Verified {
         end_position: from + replayed,

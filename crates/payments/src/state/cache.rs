@@ -182,6 +182,7 @@ impl Checkpoint {
         for row in &self.payers {
             out.put_row(&disk::payer_key(row.payer.id), row);
         }
+        out.put(disk::FORMAT_KEY, &disk::format_value());
         for (key_hash, principal) in &self.keys {
             let key = disk::key_key(key_hash);
             match principal {
@@ -212,6 +213,20 @@ impl Checkpoint {
     }
 }
 
+/// An account of `payer` that memory does not hold: unchanged since the last checkpoint
+/// written, whose row for the payer holds it. A payer's account and its row go from memory
+/// each in their turn, so a payer paying in one currency may hold its row while another
+/// currency's account has gone: read then, under the lock, and only then.
+fn unchanged_account(disk: &dyn Disk, payer: PayerId, id: AccountId) -> farthing_ledger::Account {
+    let row = read_state::<PayerState>(disk, &disk::payer_key(payer))
+        .unwrap_or_else(|error| panic!("payer {payer}'s row cannot be read: {error}"))
+        .unwrap_or_else(|| panic!("payer {payer} holds account {} but has no row", id.0));
+    row.accounts
+        .into_iter()
+        .find(|account| account.id == id)
+        .unwrap_or_else(|| panic!("payer {payer}'s row lacks its account {}", id.0))
+}
+
 impl State {
     /// Loads a state row of a registered kind read from disk (`None`: there is none).
     pub(crate) fn load_row(
@@ -236,6 +251,12 @@ impl State {
     /// A cache over `disk`, standing where the disk's last checkpoint left it: replay the
     /// journal from [`State::records_applied`] on.
     pub fn cache_over(disk: Arc<dyn Disk>) -> Result<State, DiskError> {
+        if disk::needs_upgrade(&*disk)? {
+            return Err(DiskError(format!(
+                "the state on disk is in an earlier format: opening the store brings it to format {}",
+                disk::STATE_FORMAT
+            )));
+        }
         let globals: Globals = read_state(&*disk, GLOBALS_KEY)?.unwrap_or_default();
         let mut state = State::new();
         state.track_changes();
@@ -337,24 +358,31 @@ impl State {
                 }
             }
         }
+        // A payer's row holds its lists and its accounts: read once for either, and what
+        // memory lacks of it loaded, so that the payer of a changed account is held (staging
+        // copies the account into the payer's row).
         for id in &needs.payers {
             if self.payer_lists.get(id).is_none() {
-                let key = disk::payer_key(*id);
-                if first_time(&key)
-                    && let Some(row) = read_state::<PayerState>(disk, &key)?
-                {
-                    fetched.payers.push(row);
-                }
+                self.fetch_payer(disk, *id, &mut first_time, &mut fetched)?;
             }
         }
         for &(owner, currency) in &needs.accounts {
             let id = account_id(owner, currency);
-            if self.ledger.account(id).is_none() {
-                let key = disk::account_key(id);
-                if first_time(&key)
-                    && let Some(row) = read_state::<AccountRow>(disk, &key)?
-                {
-                    fetched.accounts.push(row);
+            match owner {
+                Owner::Payer(payer) => {
+                    if self.ledger.account(id).is_none() || !self.payer_lists.holds(&payer) {
+                        self.fetch_payer(disk, payer, &mut first_time, &mut fetched)?;
+                    }
+                }
+                _ => {
+                    if self.ledger.account(id).is_none() {
+                        let key = disk::account_key(id);
+                        if first_time(&key)
+                            && let Some(row) = read_state::<AccountRow>(disk, &key)?
+                        {
+                            fetched.accounts.push(row);
+                        }
+                    }
                 }
             }
         }
@@ -457,6 +485,32 @@ impl State {
             }
         }
         Ok(fetched)
+    }
+
+    /// Reads `payer`'s row, once a batch, and adds what memory lacks of it: the payer and its
+    /// lists, and each of its accounts.
+    fn fetch_payer(
+        &self,
+        disk: &dyn Disk,
+        payer: PayerId,
+        first_time: &mut impl FnMut(&[u8]) -> bool,
+        fetched: &mut Fetched,
+    ) -> Result<(), DiskError> {
+        let key = disk::payer_key(payer);
+        if !first_time(&key) {
+            return Ok(());
+        }
+        let Some(row) = read_state::<PayerState>(disk, &key)? else {
+            return Ok(());
+        };
+        fetched.accounts.extend(
+            row.account_rows()
+                .filter(|row| self.ledger.account(row.account.id).is_none()),
+        );
+        if !self.payer_lists.holds(&payer) {
+            fetched.payers.push(row);
+        }
+        Ok(())
     }
 
     /// Adds the line an import brought for `object` as a row of its own, if memory lacks
@@ -678,12 +732,21 @@ impl State {
         let (ledger, owners) = (&self.ledger, &self.owners);
         let unstaged = cache.accounts_unstaged.len();
         cache.accounts_staged += unstaged;
+        // A payer's accounts are written in its row: a changed one makes its payer's row a
+        // change (a payer whose account changes is held: loading either loads both).
+        let payer_lists = &mut self.payer_lists;
         cache
             .staged
             .accounts
             .extend(cache.accounts_unstaged.drain().filter_map(|id| {
-                let account = *ledger.account(id)?;
                 let owner = owners.get(&id)?.owner();
+                if let Owner::Payer(payer) = owner {
+                    payer_lists
+                        .update(&payer, |_| ())
+                        .expect("the payer of a changed account is held");
+                    return None;
+                }
+                let account = *ledger.account(id)?;
                 Some(AccountRow { owner, account })
             }));
         // Draining visits every bucket: a set grown by one large round (a replay, a set-up)
@@ -693,13 +756,24 @@ impl State {
             cache.accounts_unstaged.shrink_to(room);
         }
         let held = &self.parties;
+        let disk = &cache.disk;
         self.payer_lists
-            .stage_changes_map(&mut cache.staged.payers, |id, lists| PayerState {
-                payer: held.payer_shared(*id).expect("a changed payer is held"),
-                lists: match lists {
-                    Slot::Present(lists) => lists.clone(),
-                    Slot::Absent => unreachable!("lists are never removed"),
-                },
+            .stage_changes_map(&mut cache.staged.payers, |id, lists| {
+                let Slot::Present(lists) = lists else {
+                    unreachable!("lists are never removed")
+                };
+                PayerState {
+                    payer: held.payer_shared(*id).expect("a changed payer is held"),
+                    lists: lists.clone(),
+                    accounts: lists
+                        .accounts
+                        .iter()
+                        .map(|(_, account)| match ledger.account(*account) {
+                            Some(account) => *account,
+                            None => unchanged_account(&**disk, *id, *account),
+                        })
+                        .collect(),
+                }
             });
     }
 
@@ -794,6 +868,8 @@ impl State {
             self.frozen.is_none(),
             "rows are forgotten once their checkpoint is written"
         );
+        // What changed is copied before anything goes: a payer's row copies its accounts.
+        self.stage_changes();
         self.count_eviction();
         let round = self.round();
         let Some(cache) = &self.cache else {
@@ -897,6 +973,11 @@ impl State {
         }
         for entry in disk.scan_state(&[disk::state_kind::PAYER]) {
             let row: PayerState = disk::decode(&entry?.1)?;
+            for account in row.account_rows() {
+                state
+                    .insert_account_unlisted(account.owner, account.account)
+                    .map_err(|error| bad("an account", error))?;
+            }
             state
                 .insert_payer_with_lists(row.payer, row.lists)
                 .map_err(|error| bad("a payer", error))?;

@@ -178,7 +178,7 @@ impl State {
     /// Available balances of a payer's wallets, by currency.
     pub fn payer_balances(&self, id: PayerId) -> Result<Option<Vec<(Currency, i128)>>, DiskError> {
         match self.payer_lists_any(id)? {
-            Some(lists) => self.balances(&lists).map(Some),
+            Some(lists) => self.balances(Owner::Payer(id), &lists).map(Some),
             None => Ok(None),
         }
     }
@@ -189,16 +189,20 @@ impl State {
         id: MerchantId,
     ) -> Result<Option<Vec<(Currency, i128)>>, DiskError> {
         match self.merchant_lists_any(id)? {
-            Some(lists) => self.balances(&lists).map(Some),
+            Some(lists) => self.balances(Owner::Merchant(id), &lists).map(Some),
             None => Ok(None),
         }
     }
 
-    fn balances(&self, lists: &PartyLists) -> Result<Vec<(Currency, i128)>, DiskError> {
+    fn balances(
+        &self,
+        owner: Owner,
+        lists: &PartyLists,
+    ) -> Result<Vec<(Currency, i128)>, DiskError> {
         let mut out = Vec::with_capacity(lists.accounts.len());
         for (currency, id) in &lists.accounts {
             let account = self
-                .account_any(*id)?
+                .account_any(owner, *id)?
                 .ok_or_else(|| DiskError(format!("a listed account {} is missing", id.0)))?;
             out.push((*currency, account.available()));
         }
@@ -542,7 +546,12 @@ impl State {
         }
     }
 
-    pub(crate) fn account_any(&self, id: AccountId) -> Result<Option<Account>, DiskError> {
+    /// `owner`'s account `id`, from memory or else from disk (a payer's in the payer's row).
+    pub(crate) fn account_any(
+        &self,
+        owner: Owner,
+        id: AccountId,
+    ) -> Result<Option<Account>, DiskError> {
         if let Some(account) = self.ledger.account(id) {
             if let Some(owned) = self.owners.get(&id) {
                 owned.used.mark(self.round());
@@ -550,9 +559,14 @@ impl State {
             return Ok(Some(*account));
         }
         match self.disk() {
-            Some(disk) => {
-                Ok(read_state::<AccountRow>(disk, &disk::account_key(id))?.map(|row| row.account))
-            }
+            Some(disk) => match owner {
+                Owner::Payer(payer) => Ok(read_state::<PayerState>(disk, &disk::payer_key(payer))?
+                    .and_then(|row| row.accounts.into_iter().find(|account| account.id == id))),
+                _ => {
+                    Ok(read_state::<AccountRow>(disk, &disk::account_key(id))?
+                        .map(|row| row.account))
+                }
+            },
             None => Ok(None),
         }
     }

@@ -480,3 +480,205 @@ fn forgetting_by_use_keeps_the_payers_used_lately_and_lets_the_others_go() {
         assert_eq!(balances, Some(vec![(usd, expected)]), "payer {n}");
     }
 }
+
+/// A payer with wallets in two currencies, and a few more: set up, checkpointed.
+struct TwoWallets {
+    _dir: TempDir,
+    engine: Arc<Engine>,
+    checkpoints: EngineCheckpoints,
+    cache: State,
+    merchant: MerchantId,
+    payers: Vec<PayerId>,
+}
+
+const WALLET: u64 = 1_000_000;
+
+fn two_wallets(name: &str) -> TwoWallets {
+    use farthing_ledger::{Amount, TransferId};
+    use farthing_payments::{FeeSchedule, FundingSource, TopupId};
+    use farthing_testing::{currency, key_hash, record_at};
+
+    let dir = TempDir::new(name);
+    let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
+    let checkpoints = EngineCheckpoints::new(engine.clone());
+    let mut cache = State::cache_over(engine.clone()).expect("the cache opens");
+    let merchant = MerchantId::from_u128(1);
+    let payers: Vec<PayerId> = (0..40).map(|n| PayerId::from_u128(1_000 + n)).collect();
+    let mut records = vec![record_at(
+        0,
+        Command::CreateMerchant {
+            id: merchant,
+            name: "shop".into(),
+            key_hash: key_hash(1),
+            fee: FeeSchedule {
+                bps: 0,
+                fixed: Amount::ZERO,
+            },
+        },
+    )];
+    for (n, payer) in (0u128..).zip(&payers) {
+        records.push(record_at(
+            0,
+            Command::CreatePayer {
+                id: *payer,
+                name: format!("payer {n}"),
+                key_hash: key_hash(1_000 + n),
+            },
+        ));
+        for (c, code) in (0u128..).zip(["USD", "EUR"]) {
+            records.push(record_at(
+                0,
+                Command::Topup {
+                    id: TopupId::from_u128(10_000 + 2 * n + c),
+                    payer: *payer,
+                    amount: Amount::from_micros(WALLET),
+                    currency: currency(code),
+                    source: FundingSource::Sandbox,
+                    transfer_id: TransferId(20_000 + 2 * n + c),
+                },
+            ));
+        }
+    }
+    for record in &records {
+        apply(&mut cache, record);
+    }
+    let checkpoint = cache.freeze();
+    checkpoints.write(&checkpoint).expect("written");
+    cache.checkpoint_written(checkpoint.position);
+    TwoWallets {
+        _dir: dir,
+        engine,
+        checkpoints,
+        cache,
+        merchant,
+        payers,
+    }
+}
+
+/// A payer's accounts are kept in its row. One whose euro wallet left memory before its row
+/// did pays in dollars: its row, written again, still holds the euros, read from disk.
+#[test]
+fn a_payer_whose_other_wallet_left_memory_keeps_it_in_its_row() {
+    use farthing_ledger::{Amount, TransferId};
+    use farthing_payments::PayCommand;
+    use farthing_testing::{currency, record_at};
+
+    let (usd, eur) = (currency("USD"), currency("EUR"));
+    let TwoWallets {
+        engine,
+        checkpoints,
+        mut cache,
+        merchant,
+        payers,
+        _dir,
+    } = two_wallets("cache-payer-row");
+    // Memory lets rows go a shard at a time, until some payer is held with its dollars but
+    // not its euros.
+    let mut found = None;
+    for shard in 0..CACHE_SHARDS {
+        cache.forget_unused_in(shard..shard + 1, 0);
+        found = payers
+            .iter()
+            .find(|payer| cache.holds_payer(**payer, usd) && !cache.holds_payer(**payer, eur));
+        if found.is_some() {
+            break;
+        }
+    }
+    let payer = *found.expect("some payer's euro wallet goes before its row");
+    let paid = apply(
+        &mut cache,
+        &record_at(
+            1,
+            Command::Pay(PayCommand {
+                id: PaymentId::from_u128(30_000),
+                payer,
+                merchant,
+                amount: Amount::from_micros(1),
+                currency: usd,
+                description: None,
+                reference: None,
+                transfer_ids: [TransferId(40_000), TransferId(40_001)],
+            }),
+        ),
+    );
+    assert!(matches!(paid, Outcome::Paid(_)), "{paid:?}");
+    assert!(
+        !cache.holds_payer(payer, eur),
+        "paying in dollars reads no euros"
+    );
+    let checkpoint = cache.freeze();
+    checkpoints.write(&checkpoint).expect("written");
+    cache.checkpoint_written(checkpoint.position);
+    cache.forget_unchanged();
+    let expected = Some(vec![(eur, WALLET as i128), (usd, WALLET as i128 - 1)]);
+    assert_eq!(cache.payer_balances(payer).expect("reads"), expected);
+    let reopened = State::cache_over(engine).expect("reopens");
+    assert_eq!(reopened.payer_balances(payer).expect("reads"), expected);
+}
+
+/// An engine written in format 1 (a payer's accounts in rows of their own) is brought to
+/// format 2 when the store opens it, with the same answers; a cache refuses it before.
+#[test]
+fn a_state_in_the_first_format_is_upgraded_when_the_store_opens() {
+    use farthing_payments::disk::{PayerState, PayerStateV1, state_kind};
+    use farthing_testing::currency;
+
+    let TwoWallets {
+        engine,
+        cache,
+        payers,
+        _dir,
+        ..
+    } = two_wallets("cache-upgrade");
+    let balances: Vec<_> = payers
+        .iter()
+        .map(|payer| cache.payer_balances(*payer).expect("reads"))
+        .collect();
+    drop(cache);
+
+    // Written back as format 1 did: each payer's row without its accounts, which get rows
+    // of their own, and no format.
+    let mut old = StateChanges::default();
+    for entry in engine.state_prefix(&[state_kind::PAYER]) {
+        let (key, value) = entry.expect("scans");
+        let row: PayerState = disk::decode(&value).expect("decodes");
+        for account in row.account_rows() {
+            old.put_row(&disk::account_key(account.account.id), &account);
+        }
+        old.put_row(&key, &PayerStateV1(row));
+    }
+    old.remove(disk::FORMAT_KEY);
+    engine
+        .checkpoint_in_order(
+            std::iter::empty::<(&[u8], &[u8])>(),
+            old.in_key_order(),
+            engine.position(),
+        )
+        .expect("written");
+    let refused = State::cache_over(engine.clone()).map(|_| ());
+    assert!(
+        matches!(&refused, Err(error) if error.0.contains("earlier format")),
+        "{refused:?}"
+    );
+
+    upgrade(&engine).expect("upgrades");
+    let mut payer_accounts = 0;
+    for entry in engine.state_prefix(&[state_kind::ACCOUNT]) {
+        let row: AccountRow = disk::decode(&entry.expect("scans").1).expect("decodes");
+        payer_accounts += usize::from(matches!(row.owner, farthing_payments::Owner::Payer(_)));
+    }
+    assert_eq!(payer_accounts, 0, "a payer's accounts are in its row only");
+    let cache = State::cache_over(engine.clone()).expect("opens once upgraded");
+    for (payer, expected) in payers.iter().zip(&balances) {
+        assert_eq!(&cache.payer_balances(*payer).expect("reads"), expected);
+        assert!(
+            expected
+                .as_ref()
+                .is_some_and(|balances| balances.contains(&(currency("EUR"), WALLET as i128)))
+        );
+    }
+    // A second open finds nothing to do.
+    let mut again = StateChanges::default();
+    assert!(!disk::upgrade_state(&*engine, &mut again).expect("reads"));
+    assert!(again.is_empty());
+}
