@@ -885,14 +885,17 @@ impl State {
             .flat_map(|record| [record.transfer.debit, record.transfer.credit])
             .collect();
         // Only accounts with an owner are read back from disk, and the owner goes with them.
-        let owners = &self.owners;
+        // A payer's wallet changed since the checkpoint began makes its payer's row a change
+        // (`State::touched_wallet`) rather than joining `changed`.
+        let (owners, payer_lists) = (&self.owners, &self.payer_lists);
         let mut forgotten = Vec::new();
         self.ledger.forget_accounts_in(shards.clone(), |id| {
             let stays = changed.contains(id)
                 || held.contains(id)
-                || owners
-                    .get(id)
-                    .is_none_or(|owned| owned.used.rounds_since(round) < unused_for);
+                || owners.get(id).is_none_or(|owned| {
+                    owned.used.rounds_since(round) < unused_for
+                        || matches!(owned.owner(), Owner::Payer(payer) if payer_lists.is_changed(&payer))
+                });
             if !stays {
                 forgotten.push(*id);
             }
