@@ -375,14 +375,18 @@ fn staging_stops_once_most_staged_rows_change_again_and_starts_again_with_the_ne
 #[test]
 fn forgetting_by_use_keeps_the_payers_used_lately_and_lets_the_others_go() {
     use farthing_ledger::{Amount, TransferId};
-    use farthing_payments::{FeeSchedule, FundingSource, PayCommand, TopupId};
-    use farthing_testing::{currency, key_hash, record_at};
+    use farthing_payments::PayCommand;
+    use farthing_testing::{currency, record_at};
 
     let usd = currency("USD");
-    let dir = TempDir::new("cache-forget-by-use");
-    let engine = Arc::new(Engine::open(dir.path(), CACHE_BYTES).expect("the engine opens"));
-    let checkpoints = EngineCheckpoints::new(engine.clone());
-    let mut cache = State::cache_over(engine).expect("the cache opens");
+    let Shop {
+        checkpoints,
+        mut cache,
+        merchant,
+        payers,
+        _dir,
+        ..
+    } = shop("cache-forget-by-use", 300, &["USD"]);
     let checkpoint = |cache: &mut State| {
         let checkpoint = cache.freeze();
         checkpoints
@@ -390,45 +394,6 @@ fn forgetting_by_use_keeps_the_payers_used_lately_and_lets_the_others_go() {
             .expect("the checkpoint is written");
         cache.checkpoint_written(checkpoint.position);
     };
-    let merchant = MerchantId::from_u128(1);
-    let payers: Vec<PayerId> = (0..300).map(|n| PayerId::from_u128(1_000 + n)).collect();
-    let mut records = vec![record_at(
-        0,
-        Command::CreateMerchant {
-            id: merchant,
-            name: "shop".into(),
-            key_hash: key_hash(1),
-            fee: FeeSchedule {
-                bps: 0,
-                fixed: Amount::ZERO,
-            },
-        },
-    )];
-    for (n, payer) in (0u128..).zip(&payers) {
-        records.push(record_at(
-            0,
-            Command::CreatePayer {
-                id: *payer,
-                name: format!("payer {n}"),
-                key_hash: key_hash(1_000 + n),
-            },
-        ));
-        records.push(record_at(
-            0,
-            Command::Topup {
-                id: TopupId::from_u128(10_000 + n),
-                payer: *payer,
-                amount: Amount::from_micros(1_000_000),
-                currency: usd,
-                source: FundingSource::Sandbox,
-                transfer_id: TransferId(20_000 + n),
-            },
-        ));
-    }
-    for record in &records {
-        apply(&mut cache, record);
-    }
-    checkpoint(&mut cache);
 
     // The first hundred pay; the second hundred have their balances read; the rest rest.
     for (n, payer) in (0u128..).zip(&payers[..100]) {
@@ -481,8 +446,9 @@ fn forgetting_by_use_keeps_the_payers_used_lately_and_lets_the_others_go() {
     }
 }
 
-/// A payer with wallets in two currencies, and a few more: set up, checkpointed.
-struct TwoWallets {
+/// A merchant and payers, each topped up with [`WALLET`] in each of some currencies, in a
+/// cache over an engine: set up, checkpointed.
+struct Shop {
     _dir: TempDir,
     engine: Arc<Engine>,
     checkpoints: EngineCheckpoints,
@@ -493,7 +459,7 @@ struct TwoWallets {
 
 const WALLET: u64 = 1_000_000;
 
-fn two_wallets(name: &str) -> TwoWallets {
+fn shop(name: &str, payer_count: u128, currencies: &[&str]) -> Shop {
     use farthing_ledger::{Amount, TransferId};
     use farthing_payments::{FeeSchedule, FundingSource, TopupId};
     use farthing_testing::{currency, key_hash, record_at};
@@ -503,7 +469,9 @@ fn two_wallets(name: &str) -> TwoWallets {
     let checkpoints = EngineCheckpoints::new(engine.clone());
     let mut cache = State::cache_over(engine.clone()).expect("the cache opens");
     let merchant = MerchantId::from_u128(1);
-    let payers: Vec<PayerId> = (0..40).map(|n| PayerId::from_u128(1_000 + n)).collect();
+    let payers: Vec<PayerId> = (0..payer_count)
+        .map(|n| PayerId::from_u128(1_000 + n))
+        .collect();
     let mut records = vec![record_at(
         0,
         Command::CreateMerchant {
@@ -525,16 +493,17 @@ fn two_wallets(name: &str) -> TwoWallets {
                 key_hash: key_hash(1_000 + n),
             },
         ));
-        for (c, code) in (0u128..).zip(["USD", "EUR"]) {
+        for (c, code) in (0u128..).zip(currencies) {
+            let topup = n * currencies.len() as u128 + c;
             records.push(record_at(
                 0,
                 Command::Topup {
-                    id: TopupId::from_u128(10_000 + 2 * n + c),
+                    id: TopupId::from_u128(10_000 + topup),
                     payer: *payer,
                     amount: Amount::from_micros(WALLET),
                     currency: currency(code),
                     source: FundingSource::Sandbox,
-                    transfer_id: TransferId(20_000 + 2 * n + c),
+                    transfer_id: TransferId(20_000 + topup),
                 },
             ));
         }
@@ -545,7 +514,7 @@ fn two_wallets(name: &str) -> TwoWallets {
     let checkpoint = cache.freeze();
     checkpoints.write(&checkpoint).expect("written");
     cache.checkpoint_written(checkpoint.position);
-    TwoWallets {
+    Shop {
         _dir: dir,
         engine,
         checkpoints,
@@ -564,14 +533,14 @@ fn a_payer_whose_other_wallet_left_memory_keeps_it_in_its_row() {
     use farthing_testing::{currency, record_at};
 
     let (usd, eur) = (currency("USD"), currency("EUR"));
-    let TwoWallets {
+    let Shop {
         engine,
         checkpoints,
         mut cache,
         merchant,
         payers,
         _dir,
-    } = two_wallets("cache-payer-row");
+    } = shop("cache-payer-row", 40, &["USD", "EUR"]);
     // Memory lets rows go a shard at a time, until some payer is held with its dollars but
     // not its euros.
     let mut found = None;
@@ -623,13 +592,13 @@ fn a_state_in_the_first_format_is_upgraded_when_the_store_opens() {
     use farthing_payments::disk::{PayerState, PayerStateV1, state_kind};
     use farthing_testing::currency;
 
-    let TwoWallets {
+    let Shop {
         engine,
         cache,
         payers,
         _dir,
         ..
-    } = two_wallets("cache-upgrade");
+    } = shop("cache-upgrade", 40, &["USD", "EUR"]);
     let balances: Vec<_> = payers
         .iter()
         .map(|payer| cache.payer_balances(*payer).expect("reads"))
