@@ -385,6 +385,24 @@ impl<K: Eq + Hash + Clone, V, S: BuildHasher + Default> Table<K, V, S> {
         }
     }
 
+    /// Hands over the change of `key` at once, if `key` is the last key to have become
+    /// pending: for a writer that copies a row right after changing it, while the row is in
+    /// the processor's cache, rather than in a later stage. Counted as staged; a change after
+    /// it makes the key pending again. `None` (and nothing handed over) otherwise.
+    pub fn stage_one<T>(&mut self, key: &K, take: impl FnOnce(&K, &V) -> T) -> Option<T> {
+        if self.pending.last() != Some(key) {
+            return None;
+        }
+        let row = self.rows.get_mut(key).expect("a changed key is held");
+        let Slot::Present(value) = &row.slot else {
+            return None;
+        };
+        row.pending = false;
+        self.pending.pop();
+        self.staged += 1;
+        Some(take(key, value))
+    }
+
     /// How many keys changed that were not yet handed over.
     pub fn changes_pending(&self) -> usize {
         self.pending.len()
@@ -461,6 +479,38 @@ mod tests {
         );
         assert!(table.take_changes().is_empty());
         assert!(!table.has_changes());
+    }
+
+    #[test]
+    fn a_row_staged_as_it_changes_is_handed_over_once_and_again_only_if_changed_again() {
+        let mut table = tracked();
+        table.put(1, "one");
+        table.put(2, "two");
+        assert_eq!(
+            table.stage_one(&1, |key, value| (*key, *value)),
+            None,
+            "not the last"
+        );
+        assert_eq!(
+            table.stage_one(&2, |key, value| (*key, *value)),
+            Some((2, "two"))
+        );
+        assert_eq!(
+            table.stage_one(&2, |key, value| (*key, *value)),
+            None,
+            "handed over"
+        );
+        assert_eq!(table.changes_pending(), 1);
+        assert_eq!(table.update(&2, |value| *value = "deux"), Some(()));
+        assert_eq!(table.staged_and_again(), (1, 1));
+        assert_eq!(
+            table.stage_one(&2, |key, value| (*key, *value)),
+            Some((2, "deux"))
+        );
+        assert!(table.is_changed(&2));
+        assert_eq!(table.take_changes(), vec![(1, Slot::Present(&"one"))]);
+        assert!(!table.is_changed(&2));
+        assert_eq!(table.staged_and_again(), (0, 0));
     }
 
     #[test]

@@ -591,6 +591,7 @@ impl State {
         let balance_after = self.posted_balance(wallet);
         let payment = pay.made(now, fee);
         self.add_payment(payment, Some(balance_after));
+        self.stage_payer(pay.payer);
         Ok(&self.young.payments.last().expect("just added").payment)
     }
 

@@ -213,6 +213,28 @@ impl Checkpoint {
     }
 }
 
+/// A copy of `payer`'s row as it stands: the payer, its lists, and each account it lists.
+fn payer_row(
+    held: &crate::parties::Parties,
+    ledger: &farthing_ledger::Ledger,
+    disk: &dyn Disk,
+    payer: PayerId,
+    lists: &disk::PartyLists,
+) -> PayerState {
+    PayerState {
+        payer: held.payer_shared(payer).expect("a changed payer is held"),
+        lists: lists.clone(),
+        accounts: lists
+            .accounts
+            .iter()
+            .map(|(_, account)| match ledger.account(*account) {
+                Some(account) => *account,
+                None => unchanged_account(disk, payer, *account),
+            })
+            .collect(),
+    }
+}
+
 /// An account of `payer` that memory does not hold: unchanged since the last checkpoint
 /// written, whose row for the payer holds it. A payer's account and its row go from memory
 /// each in their turn, so a payer paying in one currency may hold its row while another
@@ -756,25 +778,34 @@ impl State {
             cache.accounts_unstaged.shrink_to(room);
         }
         let held = &self.parties;
-        let disk = &cache.disk;
+        let disk = &*cache.disk;
         self.payer_lists
             .stage_changes_map(&mut cache.staged.payers, |id, lists| {
                 let Slot::Present(lists) = lists else {
                     unreachable!("lists are never removed")
                 };
-                PayerState {
-                    payer: held.payer_shared(*id).expect("a changed payer is held"),
-                    lists: lists.clone(),
-                    accounts: lists
-                        .accounts
-                        .iter()
-                        .map(|(_, account)| match ledger.account(*account) {
-                            Some(account) => *account,
-                            None => unchanged_account(&**disk, *id, *account),
-                        })
-                        .collect(),
-                }
+                payer_row(held, ledger, disk, *id, lists)
             });
+    }
+
+    /// Copies `payer`'s row for the next checkpoint right after a command changed it, while
+    /// the payer, its lists and its accounts are in the processor's cache: a stage of one row
+    /// ([`State::stage_changes`] copies the rest), and only while staging pays. For a state
+    /// that is not a cache, nothing.
+    pub(crate) fn stage_payer(&mut self, payer: PayerId) {
+        if !self.staging_pays() {
+            return;
+        }
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let (held, ledger) = (&self.parties, &self.ledger);
+        let disk = &*cache.disk;
+        if let Some(row) = self.payer_lists.stage_one(&payer, |id, lists| {
+            payer_row(held, ledger, disk, *id, lists)
+        }) {
+            cache.staged.payers.push(row);
+        }
     }
 
     /// How many accounts and payers changed since their rows were last copied
